@@ -1,0 +1,43 @@
+# The few verbs people type. `make run` and `make test` are the README's quick start:
+# each builds .venv (installing what it needs) before doing its job.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed-stamp
+VAR     ?= var
+
+.PHONY: run test lint fmt proto bench clean
+
+$(STAMP): pyproject.toml
+	@python3 -m venv --help >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq python3-venv)
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+run: $(STAMP)
+	@mkdir -p $(VAR)
+	@echo "pasid-broker: simulator backend, database $(VAR)/broker.db"
+	@echo "listening on unix:$(CURDIR)/$(VAR)/broker.sock  (Ctrl-C stops it; PASIDs held with grace survive a restart)"
+	@echo "try:   $(VENV)/bin/pasidctl --socket $(VAR)/broker.sock info"
+	@exec $(VENV)/bin/pasid-broker --backend simulator --db $(VAR)/broker.db --socket $(VAR)/broker.sock
+
+test: $(STAMP) lint
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+fmt: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+proto: $(STAMP)
+	$(PY) tools/genproto.py
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) $(VAR) .pytest_cache .mypy_cache .ruff_cache

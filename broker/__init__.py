@@ -1,0 +1,12 @@
+"""pasid-broker: a host's PASID namespace, arbitrated over gRPC.
+
+Where things are:
+- core/      the allocator: ioasid_sets, namespace, quotas, errors (no gRPC, no SQL)
+- backends/  where requests go: simulator, vfio; `backends.create` picks one
+- store/     SQLite through SQLAlchemy; the only SQL
+- engine.py  allocator + backend + store; `Broker.end_session` frees a departed set
+- service/   gRPC: servicer, status table (core error -> gRPC status), server
+- config.py  flags and PASID_BROKER_* environment
+"""
+
+__version__ = "0.1.0"

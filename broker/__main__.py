@@ -1,0 +1,27 @@
+"""`pasid-broker`: the daemon's entry point. Exit 0 after a clean stop, 2 if it cannot start."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from broker import config, logs
+from broker.core import PasidError
+from broker.engine import RecoveryError
+from broker.service.server import StartupError, serve
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = config.load(argv)
+    logs.setup(cfg.log_format, cfg.log_level)
+    try:
+        return asyncio.run(serve(cfg))
+    except (StartupError, RecoveryError, PasidError) as exc:
+        logging.getLogger("pasid_broker").error("cannot start: %s", exc)
+        print(f"pasid-broker: cannot start: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

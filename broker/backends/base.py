@@ -1,0 +1,63 @@
+"""The backend interface: where a PASID request goes after the broker has decided it.
+
+Like httpx's BaseTransport, a deliberate cut between policy and mechanism: the core picks
+the PASID, the backend makes the platform agree (a VFIO ioctl, or the simulator's model of
+the kernel allocator). Plain ints in, plain ints out; failures as broker.core.errors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend reported at open()."""
+
+    name: str
+    pasid_bits: int
+    # Where pasid_bits came from (e.g. "config", "nesting capability", "sysfs ecap"),
+    # so that the start-up log can say it.
+    pasid_bits_source: str
+    detail: str = ""
+
+
+class Backend(Protocol):
+    """alloc/free PASIDs on the platform. Called from one thread at a time."""
+
+    name: str
+
+    def open(self) -> Capabilities:
+        """Probe and prepare; raise Unsupported with the reason when PASIDs cannot be served."""
+        ...
+
+    def alloc(self, lo: int, hi: int) -> int:
+        """Allocate one PASID in [lo, hi] (the broker always asks for [p, p])."""
+        ...
+
+    def free(self, lo: int, hi: int) -> None:
+        """Free the broker's PASIDs in [lo, hi]."""
+        ...
+
+    def close(self) -> None:
+        """Release everything; the kernel frees what is left when the set is destroyed."""
+        ...
+
+
+def replay(backend: Backend, pasids: Iterable[int]) -> int:
+    """Re-establish held PASIDs after a restart, one [p, p] alloc each; returns the count.
+
+    A backend may define a faster `replay(pasids)` of its own; this is the generic one.
+    """
+    own = getattr(backend, "replay", None)
+    if own is not None:
+        return int(own(pasids))
+    n = 0
+    for p in pasids:
+        got = backend.alloc(p, p)
+        if got != p:
+            raise RuntimeError(f"backend {backend.name} replayed PASID {p} as {got}")
+        n += 1
+    return n

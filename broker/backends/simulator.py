@@ -1,0 +1,82 @@
+"""A simulator of the patched kernel's PASID allocator (the v7 series' vfio_pasid.c).
+
+It models what the broker's own process would get from the kernel: one ioasid_set (the
+broker's mm), the module's pasid_quota, range checks and ENOSPC. It lets the whole broker
+run and be tested on a machine without VT-d, and documents by code what the VFIO backend
+expects of the kernel.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterable
+
+from broker.backends.base import Capabilities
+from broker.core.errors import BackendError, Exhausted, InvalidRange, QuotaExceeded
+from broker.core.namespace import Namespace
+
+
+class SimulatorBackend:
+    """In-memory kernel allocator. `quota` 0 = no limit (the kernel's default is 1000)."""
+
+    name = "simulator"
+
+    def __init__(self, pasid_bits: int = 20, quota: int = 0) -> None:
+        self.pasid_bits = pasid_bits
+        self.quota = quota
+        self._ns: Namespace | None = None
+        # Fault injection for tests of the broker's undo path: the next N calls fail.
+        self.fail_next: int = 0
+
+    def open(self) -> Capabilities:
+        self._ns = Namespace(self.pasid_bits)
+        return Capabilities(self.name, self.pasid_bits, "config (--pasid-bits)")
+
+    def _space(self) -> Namespace:
+        if self._ns is None:
+            raise BackendError(errno.EBADF, "simulator backend is not open")
+        return self._ns
+
+    def _maybe_fail(self, op: str) -> None:
+        if self.fail_next > 0:
+            self.fail_next -= 1
+            raise BackendError(errno.EIO, f"simulator: injected failure of {op}")
+
+    def alloc(self, lo: int, hi: int) -> int:
+        ns = self._space()
+        self._maybe_fail("alloc")
+        if lo > hi or hi >= ns.size:
+            raise InvalidRange(f"simulator: EINVAL for [{lo}, {hi}]")
+        if self.quota and ns.used >= self.quota:
+            raise QuotaExceeded("kernel", self.quota, f"kernel pasid_quota {self.quota} reached")
+        p = ns.lowest_free(lo, hi)
+        if p is None:
+            raise Exhausted(f"simulator: ENOSPC in [{lo}, {hi}]")
+        ns.take(p)
+        return p
+
+    def free(self, lo: int, hi: int) -> None:
+        ns = self._space()
+        self._maybe_fail("free")
+        hi = min(hi, ns.size - 1)
+        # The broker frees exact runs it holds, so walking the run is what it owns.
+        for p in range(lo, hi + 1):
+            if ns.is_used(p):
+                ns.release(p)
+
+    def replay(self, pasids: Iterable[int]) -> int:
+        ns = self._space()
+        n = 0
+        for p in pasids:
+            if ns.is_used(p):
+                raise BackendError(errno.EEXIST, f"simulator: PASID {p} replayed twice")
+            ns.take(p)
+            n += 1
+        return n
+
+    def close(self) -> None:
+        self._ns = None
+
+    @property
+    def in_use(self) -> int:
+        return self._ns.used if self._ns else 0

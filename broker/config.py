@@ -1,0 +1,198 @@
+"""Configuration: every setting is a flag, and every flag has a PASID_BROKER_* variable.
+
+Precedence: flag, then environment, then the default shown in --help.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+
+from broker.backends import NAMES as BACKENDS
+from broker.core import DEFAULT_SET_QUOTA, Quotas
+
+ENV_PREFIX = "PASID_BROKER_"
+DEFAULT_SOCKET = "/run/pasid-broker/broker.sock"
+DEFAULT_DB = "/var/lib/pasid-broker/broker.db"
+
+
+@dataclass(frozen=True)
+class Config:
+    backend: str = "simulator"
+    db: str = DEFAULT_DB
+    socket: str = DEFAULT_SOCKET
+    socket_mode: int = 0o660
+    listen: str = ""
+    pasid_bits: int = 20
+    reserved: tuple[tuple[int, int], ...] = ()
+    quotas: Quotas = field(default_factory=Quotas)
+    kernel_quota: int = 0
+    max_grace: int = 300
+    restart_grace: int = 10
+    drain_seconds: float = 5.0
+    log_format: str = "text"
+    log_level: str = "INFO"
+    keepalive_seconds: float = 10.0
+
+
+def parse_ranges(text: str) -> tuple[tuple[int, int], ...]:
+    """ "1-63,4096" -> ((1, 63), (4096, 4096))."""
+    out: list[tuple[int, int]] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        lo, _, hi = part.partition("-")
+        a, b = int(lo, 0), int(hi or lo, 0)
+        if a > b:
+            raise argparse.ArgumentTypeError(f"reserved range {part}: {a} > {b}")
+        out.append((a, b))
+    return tuple(out)
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(ENV_PREFIX + name, default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = Config()
+    p = argparse.ArgumentParser(
+        prog="pasid-broker",
+        description=(
+            "Arbitrate this host's system-wide PCIe PASID namespace over gRPC. Each client "
+            "session owns one ioasid_set; PASIDs it did not free are freed when the session "
+            "ends (set-destroy-on-exit). Every allocation is durable in SQLite before it is "
+            "acknowledged. Each flag can also be set by the environment variable shown."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    a = p.add_argument
+    a(
+        "--backend",
+        choices=BACKENDS,
+        default=_env("BACKEND", d.backend),
+        help="where PASID requests go: 'simulator' models the patched kernel's allocator; "
+        "'vfio' issues VFIO_IOMMU_PASID_REQUEST on a VFIO container [PASID_BROKER_BACKEND]",
+    )
+    a(
+        "--db",
+        default=_env("DB", d.db),
+        help="SQLite database file; a lock file PATH.lock keeps a second broker off it "
+        "[PASID_BROKER_DB]",
+    )
+    a(
+        "--socket",
+        default=_env("SOCKET", d.socket),
+        help="Unix socket to listen on; its permissions are the access control "
+        "[PASID_BROKER_SOCKET]",
+    )
+    a(
+        "--socket-mode",
+        type=lambda s: int(s, 8),
+        default=_env("SOCKET_MODE", oct(d.socket_mode)),
+        help="permissions of the socket file, octal [PASID_BROKER_SOCKET_MODE]",
+    )
+    a(
+        "--listen",
+        default=_env("LISTEN", d.listen),
+        help="also listen on TCP HOST:PORT (insecure; for trusted networks) [PASID_BROKER_LISTEN]",
+    )
+    a(
+        "--pasid-bits",
+        type=int,
+        default=int(_env("PASID_BITS", str(d.pasid_bits))),
+        help="simulator only: PASID width to model (PCIe allows 20) [PASID_BROKER_PASID_BITS]",
+    )
+    a(
+        "--reserved",
+        type=parse_ranges,
+        default=parse_ranges(_env("RESERVED", "")),
+        help="PASIDs never handed out besides 0, e.g. '1-63,4096' (a range the host kernel "
+        "keeps for its own SVA) [PASID_BROKER_RESERVED]",
+    )
+    a(
+        "--quota-per-set",
+        type=int,
+        default=int(_env("QUOTA_PER_SET", str(DEFAULT_SET_QUOTA))),
+        help="most PASIDs one set may hold, 0 = no limit; the default is the series' "
+        "VFIO_DEFAULT_PASID_QUOTA [PASID_BROKER_QUOTA_PER_SET]",
+    )
+    a(
+        "--quota-per-client",
+        type=int,
+        default=int(_env("QUOTA_PER_CLIENT", "0")),
+        help="most PASIDs one declared client may hold across its sets, 0 = no limit "
+        "[PASID_BROKER_QUOTA_PER_CLIENT]",
+    )
+    a(
+        "--quota-global",
+        type=int,
+        default=int(_env("QUOTA_GLOBAL", "0")),
+        help="most PASIDs held in all, 0 = the whole capacity; leaves headroom for users "
+        "outside the broker [PASID_BROKER_QUOTA_GLOBAL]",
+    )
+    a(
+        "--kernel-quota",
+        type=int,
+        default=int(_env("KERNEL_QUOTA", "0")),
+        help="simulator only: model vfio_pasid's pasid_quota module parameter, 0 = no limit "
+        "[PASID_BROKER_KERNEL_QUOTA]",
+    )
+    a(
+        "--max-grace",
+        type=int,
+        default=int(_env("MAX_GRACE", str(d.max_grace))),
+        help="cap, in seconds, on the grace a session may ask for [PASID_BROKER_MAX_GRACE]",
+    )
+    a(
+        "--restart-grace",
+        type=int,
+        default=int(_env("RESTART_GRACE", str(d.restart_grace))),
+        help="seconds after a restart during which clients may resume their sets before "
+        "they are reclaimed (a broker crash is not a client's exit) [PASID_BROKER_RESTART_GRACE]",
+    )
+    a(
+        "--drain-seconds",
+        type=float,
+        default=float(_env("DRAIN_SECONDS", str(d.drain_seconds))),
+        help="on SIGTERM, how long in-flight calls may finish [PASID_BROKER_DRAIN_SECONDS]",
+    )
+    a(
+        "--keepalive-seconds",
+        type=float,
+        default=float(_env("KEEPALIVE_SECONDS", str(d.keepalive_seconds))),
+        help="HTTP/2 ping interval; a silent peer is dropped (and its set destroyed) after "
+        "about twice this [PASID_BROKER_KEEPALIVE_SECONDS]",
+    )
+    a(
+        "--log-format",
+        choices=("text", "json"),
+        default=_env("LOG_FORMAT", d.log_format),
+        help="text for people, json for one object per line [PASID_BROKER_LOG_FORMAT]",
+    )
+    a(
+        "--log-level",
+        default=_env("LOG_LEVEL", d.log_level),
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="[PASID_BROKER_LOG_LEVEL]",
+    )
+    return p
+
+
+def load(argv: list[str] | None = None) -> Config:
+    ns = build_parser().parse_args(argv)
+    return Config(
+        backend=ns.backend,
+        db=ns.db,
+        socket=ns.socket,
+        socket_mode=ns.socket_mode,
+        listen=ns.listen,
+        pasid_bits=ns.pasid_bits,
+        reserved=ns.reserved,
+        quotas=Quotas(ns.quota_per_set, ns.quota_per_client, ns.quota_global),
+        kernel_quota=ns.kernel_quota,
+        max_grace=ns.max_grace,
+        restart_grace=ns.restart_grace,
+        drain_seconds=ns.drain_seconds,
+        log_format=ns.log_format,
+        log_level=ns.log_level,
+        keepalive_seconds=ns.keepalive_seconds,
+    )

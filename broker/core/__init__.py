@@ -1,0 +1,49 @@
+"""The allocator core: ioasid_sets in one PASID namespace, with the seed's checks.
+
+Knows nothing of gRPC, SQL or time. Start at allocator.Allocator.
+"""
+
+from broker.core.allocator import (
+    DEFAULT_SET_QUOTA,
+    WIRE_PASID_BITS,
+    Allocator,
+    Quotas,
+    check_alloc_range,
+    check_free_range,
+)
+from broker.core.errors import (
+    BackendError,
+    Conflict,
+    Exhausted,
+    InvalidArgument,
+    InvalidRange,
+    NotFound,
+    PasidError,
+    QuotaExceeded,
+    StoreError,
+    Unsupported,
+)
+from broker.core.ioasid_set import IoasidSet
+from broker.core.namespace import Namespace, runs
+
+__all__ = [
+    "DEFAULT_SET_QUOTA",
+    "WIRE_PASID_BITS",
+    "Allocator",
+    "BackendError",
+    "Conflict",
+    "Exhausted",
+    "InvalidArgument",
+    "InvalidRange",
+    "IoasidSet",
+    "Namespace",
+    "NotFound",
+    "PasidError",
+    "QuotaExceeded",
+    "Quotas",
+    "StoreError",
+    "Unsupported",
+    "check_alloc_range",
+    "check_free_range",
+    "runs",
+]

@@ -1,0 +1,91 @@
+"""The core's exceptions, one per way a request can fail.
+
+Each carries the kernel errno the seed's ioctl would have returned, so that the one table
+in broker/service/status.py can map them to gRPC and the ioctl-compatible call can return
+the errno itself. Messages name the bound that was crossed and its value.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+
+class PasidError(Exception):
+    """Base of every error the broker reports to a client."""
+
+    errno: int = _errno.EINVAL
+    reason: str = "ERROR"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(PasidError):
+    """Malformed request: unknown flags, both or neither of ALLOC/FREE, argsz too small."""
+
+    errno = _errno.EINVAL
+    reason = "INVALID_ARGUMENT"
+
+
+class InvalidRange(InvalidArgument):
+    """min > max, or a bound at or beyond 2^pasid_bits (the review's `>=`)."""
+
+    reason = "INVALID_RANGE"
+
+
+class Exhausted(PasidError):
+    """No free PASID in the requested range (the kernel's ENOSPC)."""
+
+    errno = _errno.ENOSPC
+    reason = "EXHAUSTED"
+
+
+class QuotaExceeded(PasidError):
+    """A quota would be crossed; `kind` is "set", "client" or "global"."""
+
+    errno = _errno.EDQUOT
+    reason = "QUOTA_EXCEEDED"
+
+    def __init__(self, kind: str, limit: int, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.limit = limit
+
+
+class NotFound(PasidError):
+    """Unknown session or set, or a token that does not match."""
+
+    errno = _errno.ENOENT
+    reason = "NOT_FOUND"
+
+
+class Conflict(PasidError):
+    """The request clashes with the object's state, e.g. resuming an attached session."""
+
+    errno = _errno.EBUSY
+    reason = "CONFLICT"
+
+
+class Unsupported(PasidError):
+    """The backend cannot serve PASID requests (the seed's EOPNOTSUPP / ENOTTY)."""
+
+    errno = _errno.EOPNOTSUPP
+    reason = "UNSUPPORTED"
+
+
+class BackendError(PasidError):
+    """The backend failed a call it should have served; `errno` is what it returned."""
+
+    reason = "BACKEND"
+
+    def __init__(self, err: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = err
+
+
+class StoreError(PasidError):
+    """The durable store could not commit; nothing was acknowledged or changed."""
+
+    errno = _errno.EIO
+    reason = "STORE"

@@ -1,0 +1,24 @@
+"""An ioasid_set: the PASIDs one client session holds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sortedcontainers import SortedList
+
+
+@dataclass(eq=False)
+class IoasidSet:
+    """PASIDs held by one set, kept sorted so a range free costs what is owned in it."""
+
+    set_id: int
+    client: str
+    quota: int
+    pasids: SortedList = field(default_factory=SortedList)
+
+    def __len__(self) -> int:
+        return len(self.pasids)
+
+    def owned_in(self, lo: int, hi: int) -> list[int]:
+        """The set's PASIDs in [lo, hi], ascending; O(log n + owned)."""
+        return list(self.pasids.irange(lo, hi))

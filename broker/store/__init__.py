@@ -1,0 +1,23 @@
+"""The durable store: records in, snapshot out. The only package that speaks SQL."""
+
+from broker.store.records import (
+    AddPasids,
+    CreateSet,
+    DestroySet,
+    Record,
+    RemovePasids,
+    SetRow,
+    Snapshot,
+)
+from broker.store.sqlite import SqliteStore
+
+__all__ = [
+    "AddPasids",
+    "CreateSet",
+    "DestroySet",
+    "Record",
+    "RemovePasids",
+    "SetRow",
+    "Snapshot",
+    "SqliteStore",
+]

@@ -1,0 +1,38 @@
+"""Client library for pasid-broker: AsyncClient/AsyncSession, and the Client/Session facade.
+
+A session is an ioasid_set: open it for as long as you need its PASIDs; closing it (or
+dying) frees them. Failures raise PasidClientError subclasses carrying the gRPC status.
+"""
+
+from pasid_client.aio import AsyncClient, AsyncSession
+from pasid_client.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    InvalidRange,
+    NotFound,
+    PasidClientError,
+    QuotaExceeded,
+    ResourceExhausted,
+    Unavailable,
+)
+from pasid_client.sync import Client, Session
+from pasid_client.types import ALL, Info, Quotas, SetView
+
+__all__ = [
+    "ALL",
+    "AsyncClient",
+    "AsyncSession",
+    "Client",
+    "FailedPrecondition",
+    "Info",
+    "InvalidArgument",
+    "InvalidRange",
+    "NotFound",
+    "PasidClientError",
+    "QuotaExceeded",
+    "Quotas",
+    "ResourceExhausted",
+    "Session",
+    "SetView",
+    "Unavailable",
+]

@@ -1,0 +1,258 @@
+"""The asyncio client. A VMM opens one AsyncSession for its lifetime:
+
+async with AsyncClient() as client:
+    async with client.session("qemu-vm42") as s:
+        pasid, = await s.alloc(1, 1023)
+        ...
+# leaving the session frees every PASID it still holds
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+from types import TracebackType
+from typing import Any
+
+import grpc
+from pasid.v1 import broker_pb2 as pb
+from pasid.v1 import broker_pb2_grpc as pb_grpc
+
+from pasid_client import address as _address
+from pasid_client.errors import (
+    PasidClientError,
+    Unavailable,
+    from_rpc_error,
+    from_status_code_int,
+    make_error,
+)
+from pasid_client.types import ALL, Info, SetView
+
+
+def _error_of(err: pb.Error) -> PasidClientError:
+    return make_error(from_status_code_int(err.code), err.message, err.reason, err.quota, err.limit)
+
+
+class AsyncSession:
+    """One ioasid_set, held while this session's stream is open.
+
+    Requests may be issued concurrently; they are pipelined on the stream and answered in
+    order. Every method raises a PasidClientError subclass on failure.
+    """
+
+    def __init__(self, call: Any, opened: pb.SessionOpened) -> None:
+        self._call = call
+        self.session_id: int = opened.session_id
+        self.set_id: int = opened.set_id
+        self.token: str = opened.token
+        self.pasid_bits: int = opened.pasid_bits
+        self.quota: int = opened.quota
+        self.resumed: bool = opened.resumed
+        self.grace_seconds: int = opened.grace_seconds
+        self._tags = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[pb.SessionResponse]] = {}
+        self._write_lock = asyncio.Lock()
+        self._reader = asyncio.create_task(self._read())
+        self._closed = False
+
+    async def _read(self) -> None:
+        err: PasidClientError
+        try:
+            while True:
+                resp = await self._call.read()
+                if resp is grpc.aio.EOF:
+                    err = Unavailable(grpc.StatusCode.UNAVAILABLE, "session stream ended")
+                    break
+                fut = self._waiting.pop(resp.tag, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(resp)
+        except grpc.RpcError as exc:
+            err = from_rpc_error(exc)
+        except asyncio.CancelledError:
+            err = Unavailable(grpc.StatusCode.CANCELLED, "session closed")
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.set_exception(err)
+        self._waiting.clear()
+
+    async def _request(self, **op: Any) -> pb.SessionResponse:
+        if self._closed or self._reader.done():
+            raise Unavailable(grpc.StatusCode.UNAVAILABLE, "session is closed")
+        tag = next(self._tags)
+        fut: asyncio.Future[pb.SessionResponse] = asyncio.get_running_loop().create_future()
+        self._waiting[tag] = fut
+        try:
+            async with self._write_lock:
+                await self._call.write(pb.SessionRequest(tag=tag, **op))
+        except (grpc.RpcError, asyncio.InvalidStateError) as exc:
+            self._waiting.pop(tag, None)
+            raise Unavailable(grpc.StatusCode.UNAVAILABLE, f"session stream broken: {exc}") from exc
+        resp = await fut
+        if resp.WhichOneof("result") == "error":
+            raise _error_of(resp.error)
+        return resp
+
+    async def alloc(self, min: int = 1, max: int | None = None, count: int = 1) -> list[int]:
+        """The `count` lowest free PASIDs in [min, max] (max defaults to the top of the
+        namespace). Raises InvalidRange, ResourceExhausted, QuotaExceeded, Unavailable."""
+        hi = (1 << self.pasid_bits) - 1 if max is None else max
+        resp = await self._request(alloc=pb.AllocRequest(min=min, max=hi, count=count))
+        return list(resp.alloc.pasids)
+
+    async def free(self, min: int = 0, max: int = ALL) -> int:
+        """Free this session's PASIDs in [min, max]; returns how many. Raises InvalidRange
+        (min > max) or Unavailable."""
+        resp = await self._request(free=pb.FreeRequest(min=min, max=max))
+        return resp.free.freed
+
+    async def list(self) -> SetView:
+        """This session's set. Raises Unavailable."""
+        resp = await self._request(list=pb.ListRequest())
+        return SetView.from_pb(resp.list.sets[0])
+
+    async def close(self) -> None:
+        """End the stream: the broker destroys the set (or keeps it for the grace)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._call.done_writing()
+            await asyncio.wait_for(asyncio.shield(self._reader), 5)
+        except (grpc.RpcError, TimeoutError, asyncio.InvalidStateError):
+            self._call.cancel()
+        self._reader.cancel()
+
+    async def __aenter__(self) -> AsyncSession:
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+
+class _SessionOpener:
+    """`await client.session(...)` or `async with client.session(...) as s`."""
+
+    def __init__(self, client: AsyncClient, open_req: pb.OpenSession) -> None:
+        self._client = client
+        self._open = open_req
+        self._session: AsyncSession | None = None
+
+    def __await__(self) -> Any:
+        return self._client._open_session(self._open).__await__()
+
+    async def __aenter__(self) -> AsyncSession:
+        self._session = await self._client._open_session(self._open)
+        return self._session
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+class AsyncClient:
+    """A connection to the broker. Unary calls for tools; `session()` for holders."""
+
+    def __init__(
+        self, address: str | None = None, *, socket: str | None = None, timeout: float = 10.0
+    ) -> None:
+        self.target = _address.resolve(address, socket)
+        self.timeout = timeout
+        self._channel = grpc.aio.insecure_channel(self.target, options=_address.KEEPALIVE_OPTIONS)
+        self._stub = pb_grpc.PasidBrokerStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def session(
+        self,
+        client: str = "",
+        *,
+        pid: int | None = None,
+        grace_seconds: int = 0,
+        resume_token: str = "",
+    ) -> _SessionOpener:
+        """Open (or with resume_token, resume) a session. Raises NotFound for an unknown
+        resume token, FailedPrecondition if it is attached elsewhere, Unavailable."""
+        return _SessionOpener(
+            self,
+            pb.OpenSession(
+                client=client,
+                pid=os.getpid() if pid is None else pid,
+                grace_seconds=grace_seconds,
+                resume_token=resume_token,
+            ),
+        )
+
+    async def _open_session(self, open_req: pb.OpenSession) -> AsyncSession:
+        call = self._stub.Session(wait_for_ready=False)
+        try:
+            await call.write(pb.SessionRequest(tag=0, open=open_req))
+            resp = await asyncio.wait_for(call.read(), self.timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        except TimeoutError:
+            call.cancel()
+            raise Unavailable(grpc.StatusCode.DEADLINE_EXCEEDED, "no answer to open") from None
+        if resp is grpc.aio.EOF:
+            raise from_rpc_error(await _finished(call))
+        if resp.WhichOneof("result") == "error":
+            raise _error_of(resp.error)
+        return AsyncSession(call, resp.opened)
+
+    async def _unary(self, method: Any, request: Any) -> Any:
+        try:
+            return await method(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    async def info(self) -> Info:
+        """Backend, pasid_bits, capacity, use and quotas. Raises Unavailable."""
+        return Info.from_pb(await self._unary(self._stub.GetInfo, pb.GetInfoRequest()))
+
+    async def list_all(self) -> list[SetView]:
+        """Every set on the broker. Raises Unavailable."""
+        resp = await self._unary(self._stub.List, pb.ListRequest(all_sets=True))
+        return [SetView.from_pb(s) for s in resp.sets]
+
+    async def alloc(
+        self, session_id: int, token: str, min: int, max: int, count: int = 1
+    ) -> list[int]:
+        """Allocate for a session held elsewhere. Raises NotFound (session/token) and as
+        AsyncSession.alloc."""
+        ref = pb.SessionRef(session_id=session_id, token=token)
+        resp = await self._unary(
+            self._stub.Alloc, pb.AllocRequest(session=ref, min=min, max=max, count=count)
+        )
+        return list(resp.pasids)
+
+    async def free(self, session_id: int, token: str, min: int = 0, max: int = ALL) -> int:
+        """Free for a session held elsewhere. Raises NotFound, InvalidRange."""
+        ref = pb.SessionRef(session_id=session_id, token=token)
+        resp = await self._unary(self._stub.Free, pb.FreeRequest(session=ref, min=min, max=max))
+        return int(resp.freed)
+
+    async def list_session(self, session_id: int, token: str) -> SetView:
+        """A session's set. Raises NotFound."""
+        ref = pb.SessionRef(session_id=session_id, token=token)
+        resp = await self._unary(self._stub.List, pb.ListRequest(session=ref))
+        return SetView.from_pb(resp.sets[0])
+
+
+async def _finished(call: Any) -> grpc.RpcError:
+    code = await call.code()
+    details = await call.details()
+    md = await call.trailing_metadata()
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), md or grpc.aio.Metadata(), details)

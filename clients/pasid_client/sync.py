@@ -1,0 +1,176 @@
+"""The blocking facade, for scripts and tools that do not run an event loop:
+
+with Client() as client, client.session("sidecar") as s:
+    pasids = s.alloc(1, 1023, count=4)
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+from collections.abc import Iterator
+from types import TracebackType
+from typing import Any
+
+import grpc
+from pasid.v1 import broker_pb2 as pb
+from pasid.v1 import broker_pb2_grpc as pb_grpc
+
+from pasid_client import address as _address
+from pasid_client.aio import _error_of
+from pasid_client.errors import Unavailable, from_rpc_error
+from pasid_client.types import ALL, Info, SetView
+
+
+class Session:
+    """One ioasid_set, held while this object is open. Not thread-safe: one caller."""
+
+    def __init__(
+        self, stub: pb_grpc.PasidBrokerStub, open_req: pb.OpenSession, timeout: float
+    ) -> None:
+        self._q: queue.SimpleQueue[pb.SessionRequest | None] = queue.SimpleQueue()
+        self._tags = itertools.count(1)
+        self._closed = False
+        self._q.put(pb.SessionRequest(tag=0, open=open_req))
+        self._call: Any = stub.Session(iter(self._q.get, None))
+        self._responses: Iterator[pb.SessionResponse] = self._call
+        resp = self._next()
+        if resp.WhichOneof("result") == "error":
+            raise _error_of(resp.error)
+        o = resp.opened
+        self.session_id: int = o.session_id
+        self.set_id: int = o.set_id
+        self.token: str = o.token
+        self.pasid_bits: int = o.pasid_bits
+        self.quota: int = o.quota
+        self.resumed: bool = o.resumed
+        self.grace_seconds: int = o.grace_seconds
+
+    def _next(self) -> pb.SessionResponse:
+        try:
+            return next(self._responses)
+        except StopIteration:
+            raise Unavailable(grpc.StatusCode.UNAVAILABLE, "session stream ended") from None
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    def _request(self, **op: Any) -> pb.SessionResponse:
+        if self._closed:
+            raise Unavailable(grpc.StatusCode.UNAVAILABLE, "session is closed")
+        self._q.put(pb.SessionRequest(tag=next(self._tags), **op))
+        resp = self._next()
+        if resp.WhichOneof("result") == "error":
+            raise _error_of(resp.error)
+        return resp
+
+    def alloc(self, min: int = 1, max: int | None = None, count: int = 1) -> list[int]:
+        """As AsyncSession.alloc. Raises InvalidRange, ResourceExhausted, QuotaExceeded."""
+        hi = (1 << self.pasid_bits) - 1 if max is None else max
+        return list(self._request(alloc=pb.AllocRequest(min=min, max=hi, count=count)).alloc.pasids)
+
+    def free(self, min: int = 0, max: int = ALL) -> int:
+        """As AsyncSession.free. Raises InvalidRange."""
+        return int(self._request(free=pb.FreeRequest(min=min, max=max)).free.freed)
+
+    def list(self) -> SetView:
+        """This session's set."""
+        return SetView.from_pb(self._request(list=pb.ListRequest()).list.sets[0])
+
+    def close(self) -> None:
+        """End the stream; the broker destroys the set (or keeps it for the grace)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._q.put(None)
+        try:
+            for _ in self._responses:
+                pass
+        except grpc.RpcError:
+            pass
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class Client:
+    """A blocking connection to the broker; see AsyncClient for each call's meaning."""
+
+    def __init__(
+        self, address: str | None = None, *, socket: str | None = None, timeout: float = 10.0
+    ) -> None:
+        self.target = _address.resolve(address, socket)
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(self.target, options=_address.KEEPALIVE_OPTIONS)
+        self._stub = pb_grpc.PasidBrokerStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _unary(self, method: Any, request: Any) -> Any:
+        try:
+            return method(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    def session(
+        self,
+        client: str = "",
+        *,
+        pid: int | None = None,
+        grace_seconds: int = 0,
+        resume_token: str = "",
+    ) -> Session:
+        """Open or resume a session. Raises NotFound, FailedPrecondition, Unavailable."""
+        return Session(
+            self._stub,
+            pb.OpenSession(
+                client=client,
+                pid=os.getpid() if pid is None else pid,
+                grace_seconds=grace_seconds,
+                resume_token=resume_token,
+            ),
+            self.timeout,
+        )
+
+    def info(self) -> Info:
+        """Raises Unavailable."""
+        return Info.from_pb(self._unary(self._stub.GetInfo, pb.GetInfoRequest()))
+
+    def list_all(self) -> list[SetView]:
+        """Raises Unavailable."""
+        resp = self._unary(self._stub.List, pb.ListRequest(all_sets=True))
+        return [SetView.from_pb(s) for s in resp.sets]
+
+    def alloc(self, session_id: int, token: str, min: int, max: int, count: int = 1) -> list[int]:
+        """Raises NotFound, InvalidRange, ResourceExhausted, QuotaExceeded."""
+        ref = pb.SessionRef(session_id=session_id, token=token)
+        resp = self._unary(
+            self._stub.Alloc, pb.AllocRequest(session=ref, min=min, max=max, count=count)
+        )
+        return list(resp.pasids)
+
+    def free(self, session_id: int, token: str, min: int = 0, max: int = ALL) -> int:
+        """Raises NotFound, InvalidRange."""
+        ref = pb.SessionRef(session_id=session_id, token=token)
+        return int(
+            self._unary(self._stub.Free, pb.FreeRequest(session=ref, min=min, max=max)).freed
+        )
+
+    def list_session(self, session_id: int, token: str) -> SetView:
+        """Raises NotFound."""
+        ref = pb.SessionRef(session_id=session_id, token=token)
+        return SetView.from_pb(self._unary(self._stub.List, pb.ListRequest(session=ref)).sets[0])

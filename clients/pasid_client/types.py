@@ -1,0 +1,74 @@
+"""Plain results, so callers need not touch protobuf messages."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from pasid.v1 import broker_pb2 as pb
+
+ALL = 2**32 - 1  # the widest free: "everything I hold", cheap by design
+
+
+@dataclass(frozen=True)
+class Quotas:
+    per_set: int
+    per_client: int
+    global_: int
+
+
+@dataclass(frozen=True)
+class Info:
+    backend: str
+    pasid_bits: int
+    capacity: int
+    in_use: int
+    reserved: int
+    sessions: int
+    sets: int
+    quotas: Quotas
+    version: str
+
+    @classmethod
+    def from_pb(cls, m: pb.GetInfoResponse) -> Info:
+        q = m.quotas
+        return cls(
+            m.backend,
+            m.pasid_bits,
+            m.capacity,
+            m.in_use,
+            m.reserved,
+            m.sessions,
+            m.sets,
+            Quotas(q.per_set, q.per_client, getattr(q, "global")),
+            m.version,
+        )
+
+
+@dataclass(frozen=True)
+class SetView:
+    set_id: int
+    session_id: int
+    client: str
+    pid: int
+    count: int
+    ranges: tuple[tuple[int, int], ...]
+    state: str
+    created_unix: float
+
+    @classmethod
+    def from_pb(cls, m: pb.SetInfo) -> SetView:
+        return cls(
+            m.set_id,
+            m.session_id,
+            m.client,
+            m.pid,
+            m.count,
+            tuple((r.min, r.max) for r in m.ranges),
+            m.state,
+            m.created_unix,
+        )
+
+    def pasids(self) -> Iterator[int]:
+        for lo, hi in self.ranges:
+            yield from range(lo, hi + 1)

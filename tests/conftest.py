@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from pasid_client import Client
+
+from tests.harness import BrokerProcess
+
+
+@pytest.fixture
+def broker() -> Iterator[BrokerProcess]:
+    """A running broker on the simulator (20 bits, set quota 1000)."""
+    b = BrokerProcess()
+    b.start()
+    yield b
+    b.cleanup()
+
+
+@pytest.fixture
+def make_broker() -> Iterator[object]:
+    """A factory for brokers with extra flags; all are cleaned up."""
+    made: list[BrokerProcess] = []
+
+    def make(*args: str, start: bool = True) -> BrokerProcess:
+        b = BrokerProcess(*args)
+        made.append(b)
+        return b.start() if start else b
+
+    yield make
+    for b in made:
+        b.cleanup()
+
+
+@pytest.fixture
+def client(broker: BrokerProcess) -> Iterator[Client]:
+    with Client(broker.address) as c:
+        yield c

@@ -1,0 +1,133 @@
+"""The allocator's rules, one by one (the property tests drive them at random)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from broker.core import (
+    Allocator,
+    Exhausted,
+    InvalidRange,
+    Namespace,
+    QuotaExceeded,
+    Quotas,
+    runs,
+)
+
+
+def test_namespace_lowest_free_crosses_full_words_and_levels() -> None:
+    ns = Namespace(20)
+    for p in range(0, 64 * 64 + 5):
+        ns.take(p)
+    assert ns.lowest_free(0, ns.size - 1) == 64 * 64 + 5
+    ns.release(7)
+    assert ns.lowest_free(0, ns.size - 1) == 7
+    assert ns.lowest_free(8, ns.size - 1) == 64 * 64 + 5
+    assert ns.lowest_free(0, 6) is None
+
+
+def test_namespace_full_returns_none_and_memory_is_sparse() -> None:
+    ns = Namespace(8)
+    ns.take_range(0, 255)
+    assert ns.lowest_free(0, 255) is None
+    assert ns.used == 256
+    ns.release(255)
+    assert ns.lowest_free(0, 255) == 255
+    assert list(Namespace(20).iter_used()) == []
+
+
+def test_pasid_zero_is_never_handed_out() -> None:
+    a = Allocator(20)
+    a.create_set(1, "vm")
+    assert a.alloc(1, 0, 10) == [1]
+    with pytest.raises(Exhausted):
+        a.alloc(1, 0, 0)
+
+
+def test_lowest_free_and_batch_all_or_nothing() -> None:
+    a = Allocator(4, quotas=Quotas(per_set=0))  # PASIDs 1..15
+    a.create_set(1, "a")
+    a.create_set(2, "b")
+    assert a.alloc(1, 1, 15, count=3) == [1, 2, 3]
+    assert a.alloc(2, 1, 15, count=2) == [4, 5]
+    a.free_range(1, 2, 2)
+    assert a.alloc(2, 1, 15) == [2]
+    before = a.in_use
+    with pytest.raises(Exhausted, match="no 20 free PASIDs"):
+        a.alloc(1, 1, 15, count=20)
+    assert a.in_use == before  # nothing taken
+
+
+@pytest.mark.parametrize(
+    ("lo", "hi", "msg"),
+    [
+        (5, 4, "min 5 > max 4"),
+        (1, 1 << 20, "max 1048576 >= 2^20"),
+        (1 << 20, 1 << 20, "max 1048576 >= 2^20"),
+    ],
+)
+def test_alloc_range_checks_use_ge(lo: int, hi: int, msg: str) -> None:
+    a = Allocator(20)
+    a.create_set(1, "a")
+    with pytest.raises(InvalidRange, match=re.escape(msg)):
+        a.alloc(1, lo, hi)
+    assert a.alloc(1, (1 << 20) - 1, (1 << 20) - 1) == [(1 << 20) - 1]
+
+
+def test_free_only_touches_own_pasids_and_any_32bit_range() -> None:
+    a = Allocator(20)
+    a.create_set(1, "a")
+    a.create_set(2, "b")
+    mine = a.alloc(1, 1, 100, count=10)
+    theirs = a.alloc(2, 1, 100, count=10)
+    assert a.free_range(1, 0, 2**32 - 1) == mine
+    assert list(a.sets[2].pasids) == theirs
+    with pytest.raises(InvalidRange):
+        a.free_range(1, 9, 8)
+
+
+def test_quotas_name_kind_and_limit() -> None:
+    a = Allocator(20, quotas=Quotas(per_set=3, per_client=5, global_=6))
+    a.create_set(1, "vm")
+    a.create_set(2, "vm")
+    a.create_set(3, "other")
+    a.alloc(1, 1, 1000, count=3)
+    with pytest.raises(QuotaExceeded) as e:
+        a.alloc(1, 1, 1000)
+    assert (e.value.kind, e.value.limit) == ("set", 3)
+    a.alloc(2, 1, 1000, count=2)
+    with pytest.raises(QuotaExceeded) as e:
+        a.alloc(2, 1, 1000)
+    assert (e.value.kind, e.value.limit) == ("client", 5)
+    a.alloc(3, 1, 1000)
+    with pytest.raises(QuotaExceeded) as e:
+        a.alloc(3, 1, 1000)
+    assert (e.value.kind, e.value.limit) == ("global", 6)
+
+
+def test_destroy_and_claim_restore_exact_state() -> None:
+    a = Allocator(20)
+    a.create_set(1, "a")
+    got = a.alloc(1, 1, 100, count=5)
+    freed = a.destroy_set(1)
+    assert freed == got and a.in_use == 0
+    a.create_set(1, "a")
+    a.claim(1, freed)
+    assert list(a.sets[1].pasids) == got and a.in_use == 5
+    a.create_set(2, "b")
+    with pytest.raises(ValueError, match="already held"):
+        a.claim(2, [got[0]])
+
+
+def test_reserved_ranges_are_never_handed_out() -> None:
+    a = Allocator(8, reserved=[(1, 63)], quotas=Quotas(per_set=0))
+    a.create_set(1, "a")
+    assert a.alloc(1, 0, 255) == [64]
+    assert a.capacity == 256 - 64
+
+
+def test_runs() -> None:
+    assert runs([1, 2, 3, 7, 9, 10]) == [(1, 3), (7, 7), (9, 10)]
+    assert runs([]) == []

@@ -1,0 +1,128 @@
+"""The daemon as an operator meets it: help, refusals at start, SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+
+import pytest
+from pasid_client import Client
+
+from broker.config import build_parser as broker_parser
+from tests.harness import ROOT, BrokerProcess, run_broker_once
+
+
+def _flags(parser: object) -> set[str]:
+    return {s for a in parser._actions for s in a.option_strings if s.startswith("--")}  # type: ignore[attr-defined]
+
+
+def test_broker_help_explains_every_flag() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "broker", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    ).stdout
+    for flag in _flags(broker_parser()) - {"--help"}:
+        m = re.search(re.escape(flag) + r"[ =A-Z_{},a-z-]*\n?\s+(\S.*)", out)
+        assert m, f"{flag} has no help text"
+        env = "PASID_BROKER_" + flag[2:].upper().replace("-", "_")
+        if flag not in ("--help",):
+            assert env in out, f"{flag}: its environment variable {env} is not documented"
+
+
+def test_pasidctl_help_covers_every_command() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "pasid_client.cli", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    ).stdout
+    for cmd in ("info", "alloc", "free", "list", "hold"):
+        assert re.search(rf"^\s+{cmd}\s+\S", out, re.M), f"pasidctl {cmd} undocumented"
+        sub = subprocess.run(
+            [sys.executable, "-m", "pasid_client.cli", cmd, "--help"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+        ).stdout
+        assert "--json" in sub and "--socket" in sub
+
+
+def test_env_configures_the_broker(monkeypatch: pytest.MonkeyPatch) -> None:
+    from broker import config
+
+    monkeypatch.setenv("PASID_BROKER_QUOTA_PER_SET", "7")
+    monkeypatch.setenv("PASID_BROKER_RESERVED", "1-63,100")
+    cfg = config.load([])
+    assert cfg.quotas.per_set == 7 and cfg.reserved == ((1, 63), (100, 100))
+    assert config.load(["--quota-per-set", "9"]).quotas.per_set == 9  # flag beats env
+
+
+def test_vfio_backend_without_vfio_refuses_clearly(tmp_path: object) -> None:
+    if os.path.exists("/dev/vfio/vfio"):
+        pytest.skip("this machine has /dev/vfio/vfio; the refusal is tested where it has not")
+    r = run_broker_once(
+        "--backend", "vfio", "--db", f"{tmp_path}/b.db", "--socket", f"{tmp_path}/b.sock"
+    )
+    assert r.returncode == 2
+    assert "cannot start: vfio backend: open(/dev/vfio/vfio) failed: ENOENT" in r.stderr
+    assert "--backend simulator" in r.stderr
+
+
+def test_second_broker_on_the_same_db_refuses(broker: BrokerProcess) -> None:
+    r = run_broker_once("--db", broker.db, "--socket", broker.socket + "2")
+    assert r.returncode == 2
+    assert f"{broker.db} is in use by pid {broker.proc.pid}" in r.stderr  # type: ignore[union-attr]
+    assert broker.health() == "SERVING"
+
+
+def test_pasidctl_json_and_errors(broker: BrokerProcess) -> None:
+    import json
+
+    def ctl(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "pasid_client.cli", *args, "--socket", broker.socket],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
+
+    with Client(broker.address) as c, c.session("vm") as s:
+        s.alloc(1, 10, count=3)
+        info = json.loads(ctl("info", "--json").stdout)
+        assert info["in_use"] == 3 and info["backend"] == "simulator"
+        env_args = ("--session", str(s.session_id), "--token", s.token)
+        got = json.loads(ctl("alloc", "--count", "2", "--json", *env_args).stdout)
+        assert got["pasids"] == [4, 5]
+        assert json.loads(ctl("free", "--min", "4", "--max", "4", "--json", *env_args).stdout) == {
+            "session_id": s.session_id,
+            "freed": 1,
+        }
+        listed = json.loads(ctl("list", "--all", "--json").stdout)
+        assert listed["sets"][0]["ranges"] == [[1, 3], [5, 5]]
+        bad = ctl("alloc", "--min", "9", "--max", "2", *env_args)
+        assert bad.returncode == 1 and "INVALID_ARGUMENT: min 9 > max 2" in bad.stderr
+
+
+def test_sigterm_drains_and_keeps_sets_for_restart(
+    make_broker: Callable[..., BrokerProcess],
+) -> None:
+    b = make_broker("--restart-grace", "30")
+    with Client(b.address) as c:
+        s = c.session("vmm", grace_seconds=0)
+        got = s.alloc(1, 10, count=2)
+        token = s.token
+        assert b.stop() == 0
+        b.start()
+        with Client(b.address) as c2:
+            # a broker restart is not the client's exit: the set waits for its resume
+            assert c2.info().in_use == 2
+            with c2.session(resume_token=token) as again:
+                assert list(again.list().pasids()) == got

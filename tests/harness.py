@@ -1,0 +1,135 @@
+"""Real broker processes for tests and benchmarks: start, wait for SERVING, kill, restart.
+
+Nothing here is mocked: a subprocess runs `python -m broker` on a Unix socket in a fresh
+directory with its own SQLite file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+T = TypeVar("T")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_until(
+    pred: Callable[[], T], timeout: float = 10.0, interval: float = 0.01, what: str = "condition"
+) -> T:
+    """Poll `pred` until it returns a truthy value; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+class BrokerProcess:
+    """One `pasid-broker` daemon in its own directory (socket path kept short)."""
+
+    def __init__(self, *args: str, workdir: str | None = None, env: dict[str, str] | None = None):
+        self.dir = Path(workdir or tempfile.mkdtemp(prefix="pb-", dir="/tmp"))
+        self.socket = str(self.dir / "broker.sock")
+        self.db = str(self.dir / "broker.db")
+        self.log = self.dir / "broker.log"
+        self.args = list(args)
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"unix:{self.socket}"
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "broker",
+            "--db",
+            self.db,
+            "--socket",
+            self.socket,
+            "--log-format",
+            "json",
+            *self.args,
+        ]
+
+    def start(self, wait: bool = True, timeout: float = 30.0) -> BrokerProcess:
+        logf = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            self.command(), stdout=logf, stderr=logf, env=self.env, cwd=ROOT
+        )
+        logf.close()
+        if wait:
+            self.wait_serving(timeout)
+        return self
+
+    def health(self) -> str:
+        """SERVING / NOT_SERVING / DOWN, via grpc.health.v1 as a probe would ask."""
+        try:
+            with grpc.insecure_channel(self.address) as ch:
+                resp = health_pb2_grpc.HealthStub(ch).Check(
+                    health_pb2.HealthCheckRequest(service=""), timeout=1.0
+                )
+                return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
+        except grpc.RpcError:
+            return "DOWN"
+
+    def wait_serving(self, timeout: float = 30.0) -> None:
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(
+                    f"broker exited with {self.proc.returncode}:\n{self.read_log()}"
+                )
+            return self.health() == "SERVING"
+
+        wait_until(ready, timeout, 0.02, "broker to serve")
+
+    def read_log(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def kill(self, sig: int = signal.SIGKILL) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        return self.proc.wait(30)
+
+    def stop(self) -> int:
+        """SIGTERM and wait; returns the exit status."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        return self.kill(signal.SIGTERM)
+
+    def restart(self, wait: bool = True) -> BrokerProcess:
+        self.stop()
+        return self.start(wait)
+
+    def cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def run_broker_once(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """Run the daemon to completion (for start-up failures): its exit status and stderr."""
+    return subprocess.run(
+        [sys.executable, "-m", "broker", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
