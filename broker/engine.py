@@ -40,6 +40,7 @@ from broker.store import (
     AddPasids,
     CreateSet,
     DestroySet,
+    Event,
     Record,
     RemovePasids,
     SetRow,
@@ -107,8 +108,11 @@ class Journal:
     with the StoreError; nothing of them was acknowledged.
     """
 
-    def __init__(self, store: SqliteStore) -> None:
+    def __init__(
+        self, store: SqliteStore, on_commit: Callable[[list[Event]], None] | None = None
+    ) -> None:
         self._store = store
+        self._on_commit = on_commit
         self._loop = asyncio.get_running_loop()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="pasid-store")
         self._pending: list[_Entry] = []
@@ -131,13 +135,15 @@ class Journal:
         cf = self._executor.submit(self._store.commit, records)
         cf.add_done_callback(lambda f: self._loop.call_soon_threadsafe(self._done, batch, f))
 
-    def _done(self, batch: list[_Entry], f: ThreadFuture[None]) -> None:
+    def _done(self, batch: list[_Entry], f: ThreadFuture[list[Event]]) -> None:
         self._inflight = None
         exc = f.exception()
         if exc is None:
             for e in batch:
                 if not e.future.done():
                     e.future.set_result(e.result)
+            if self._on_commit is not None:
+                self._on_commit(f.result())
         else:
             later, self._pending = self._pending, []
             err = exc if isinstance(exc, StoreError) else StoreError(f"store commit failed: {exc}")
@@ -212,6 +218,8 @@ class Broker:
         self._by_token: dict[str, Session] = {}
         self._timers: dict[int, asyncio.TimerHandle] = {}
         self._next_set_id = 1
+        self._watchers: set[asyncio.Queue[Event | None]] = set()
+        self.revision = 0  # last committed event revision
         self.stopping = False
         self.ready = False
 
@@ -271,10 +279,11 @@ class Broker:
         held.sort()
         replayed = replay(self.backend, held)
         self._next_set_id = snap.next_set_id
-        self._journal = Journal(self.store)
+        self.revision = snap.revision
+        self._journal = Journal(self.store, self._publish)
         for sess in list(self._sessions.values()):
             if not _pid_alive(sess.pid):
-                self._destroy(sess, "client exited before restart")
+                self._destroy(sess, "client exited before restart", "set_reclaimed")
             else:
                 self._schedule_reclaim(
                     sess, max(self.restart_grace, sess.grace_seconds), "grace expired after restart"
@@ -300,6 +309,25 @@ class Broker:
             self._journal.close()
         self.store.close()
         self.backend.close()
+
+    # -- events -------------------------------------------------------------------------
+
+    def _publish(self, events: list[Event]) -> None:
+        """Called on the loop after each commit, in revision order."""
+        if events:
+            self.revision = events[-1].revision
+        for q in self._watchers:
+            for ev in events:
+                q.put_nowait(ev)
+
+    def subscribe(self) -> asyncio.Queue[Event | None]:
+        """A queue that receives every event committed from now on."""
+        q: asyncio.Queue[Event | None] = asyncio.Queue()
+        self._watchers.add(q)
+        return q
+
+    def unsubscribe(self, q: asyncio.Queue[Event | None]) -> None:
+        self._watchers.discard(q)
 
     # -- sessions -----------------------------------------------------------------------
 
@@ -383,10 +411,15 @@ class Broker:
     def _reclaim(self, sess: Session, reason: str) -> None:
         self._timers.pop(sess.session_id, None)
         if not sess.attached and self._sessions.get(sess.session_id) is sess:
-            self._destroy(sess, reason)
+            self._destroy(sess, reason, "set_reclaimed")
 
-    def _destroy(self, sess: Session, reason: str) -> asyncio.Future[None]:
-        """Free the whole set: allocator, then backend, then store."""
+    def _destroy(
+        self, sess: Session, reason: str, kind: str = "set_destroyed"
+    ) -> asyncio.Future[None]:
+        """Free the whole set: allocator, then backend, then store.
+
+        kind "set_destroyed": its client ended it; "set_reclaimed": the broker took it.
+        """
         set_id = sess.session_id
         client = sess.client
         quota = sess.set.quota
@@ -407,7 +440,7 @@ class Broker:
             "set destroyed",
             extra={"session": set_id, "client": client, "freed": len(freed), "reason": reason},
         )
-        return self.journal.submit(DestroySet(set_id, reason), undo, None)
+        return self.journal.submit(DestroySet(set_id, reason, kind), undo, None)
 
     def _forget(self, sess: Session) -> None:
         self._sessions.pop(sess.session_id, None)

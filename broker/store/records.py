@@ -40,11 +40,30 @@ class RemovePasids:
 
 @dataclass(frozen=True)
 class DestroySet:
+    """The set is gone. `kind` is "set_destroyed" (its client ended it, the kernel's
+    exit) or "set_reclaimed" (the broker took it: grace expired, revoke, restart)."""
+
     set_id: int
     reason: str
+    kind: str = "set_destroyed"
 
 
 Record = CreateSet | AddPasids | RemovePasids | DestroySet
+
+
+EVENT_KINDS = ("set_created", "alloc", "free", "set_destroyed", "set_reclaimed")
+
+
+@dataclass(frozen=True)
+class Event:
+    """One entry of the append-only event log; `revision` increases by one per event."""
+
+    revision: int
+    ts: float
+    kind: str
+    set_id: int
+    pasids: tuple[int, ...]
+    reason: str = ""
 
 
 @dataclass
@@ -54,6 +73,7 @@ class Snapshot:
     sets: list[SetRow]
     holdings: dict[int, list[int]]
     meta: dict[str, str]
+    revision: int = 0
 
     @property
     def next_set_id(self) -> int:

@@ -11,6 +11,7 @@ SQLITE_BUSY at once in WAL mode, ignoring busy_timeout.
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,10 +36,12 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
 from broker.core.errors import StoreError
+from broker.core.namespace import runs
 from broker.store.records import (
     AddPasids,
     CreateSet,
     DestroySet,
+    Event,
     Record,
     RemovePasids,
     SetRow,
@@ -81,6 +84,33 @@ allocations = Table(
         index=True,
     ),
 )
+
+
+# Append-only log of every change, for Watch and audit. Written in the same transaction
+# as the change, so the log and the allocations never disagree. PASIDs as runs "1-3,7".
+events = Table(
+    "events",
+    metadata,
+    Column("revision", Integer, primary_key=True, autoincrement=True),
+    Column("ts", Float, nullable=False),
+    Column("kind", String, nullable=False),
+    Column("set_id", Integer, nullable=False),
+    Column("pasids", String, nullable=False),
+    Column("reason", String, nullable=False),
+    sqlite_autoincrement=True,
+)
+
+
+def encode_runs(pasids: Sequence[int]) -> str:
+    return ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in runs(pasids))
+
+
+def decode_runs(text: str) -> tuple[int, ...]:
+    out: list[int] = []
+    for part in filter(None, text.split(",")):
+        lo, _, hi = part.partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return tuple(out)
 
 
 def _describe(exc: BaseException) -> str:
@@ -146,7 +176,8 @@ class SqliteStore:
             cur = conn.exec_driver_sql("SELECT set_id, pasid FROM allocations ORDER BY pasid")
             for set_id, pasid in cur:
                 holdings[set_id].append(pasid)
-        return Snapshot(rows, holdings, m)
+            rev = conn.exec_driver_sql("SELECT COALESCE(MAX(revision), 0) FROM events").scalar()
+        return Snapshot(rows, holdings, m, int(rev or 0))
 
     def set_meta(self, key: str, value: str) -> None:
         conn = self._require()
@@ -168,28 +199,74 @@ class SqliteStore:
 
     # -- the write path -----------------------------------------------------------------
 
-    def commit(self, records: Sequence[Record]) -> None:
-        """Make every record durable in one transaction, or none of them (StoreError)."""
+    def commit(self, records: Sequence[Record]) -> list[Event]:
+        """Make every record durable in one transaction, or none of them (StoreError).
+
+        Returns the events logged for them, in order, with their revisions.
+        """
         conn = self._require()
+        now = time.time()
         try:
             with conn.begin():
-                for rec in records:
-                    self._apply(conn, rec)
+                logged = [self._apply(conn, rec) for rec in records]
+                conn.execute(
+                    insert(events),
+                    [
+                        {
+                            "ts": now,
+                            "kind": k,
+                            "set_id": sid,
+                            "pasids": encode_runs(ps),
+                            "reason": why,
+                        }
+                        for k, sid, ps, why in logged
+                    ],
+                )
+                last = conn.exec_driver_sql("SELECT last_insert_rowid()").scalar()
         except SQLAlchemyError as exc:
             raise StoreError(f"store commit failed: {_describe(exc)}") from exc
+        first = int(last or 0) - len(logged) + 1
+        return [
+            Event(first + i, now, k, sid, tuple(ps), why)
+            for i, (k, sid, ps, why) in enumerate(logged)
+        ]
+
+    def read_events(self, after: int, limit: int = 1000) -> list[Event]:
+        """Logged events with revision > after, oldest first (for Watch's replay)."""
+        conn = self._require()
+        with conn.begin():
+            rows = conn.execute(
+                select(events)
+                .where(events.c.revision > after)
+                .order_by(events.c.revision)
+                .limit(limit)
+            ).all()
+        return [
+            Event(r.revision, r.ts, r.kind, r.set_id, decode_runs(r.pasids), r.reason) for r in rows
+        ]
+
+    def oldest_revision(self) -> int:
+        """The first revision still in the log (0 when it is empty)."""
+        conn = self._require()
+        with conn.begin():
+            v = conn.exec_driver_sql("SELECT COALESCE(MIN(revision), 0) FROM events").scalar()
+        return int(v or 0)
 
     @staticmethod
-    def _apply(conn: Connection, rec: Record) -> None:
+    def _apply(conn: Connection, rec: Record) -> tuple[str, int, Sequence[int], str]:
+        """Write one record; returns its event (kind, set_id, pasids, reason)."""
         if isinstance(rec, AddPasids):
             conn.execute(
                 insert(allocations), [{"pasid": p, "set_id": rec.set_id} for p in rec.pasids]
             )
-        elif isinstance(rec, RemovePasids):
+            return ("alloc", rec.set_id, rec.pasids, "")
+        if isinstance(rec, RemovePasids):
             conn.execute(
                 delete(allocations).where(allocations.c.pasid == bindparam("p")),
                 [{"p": p} for p in rec.pasids],
             )
-        elif isinstance(rec, CreateSet):
+            return ("free", rec.set_id, rec.pasids, "")
+        if isinstance(rec, CreateSet):
             r = rec.row
             conn.execute(
                 insert(sets),
@@ -205,8 +282,17 @@ class SqliteStore:
                     }
                 ],
             )
-        elif isinstance(rec, DestroySet):
+            return ("set_created", r.set_id, (), r.client)
+        if isinstance(rec, DestroySet):
+            held = [
+                p
+                for (p,) in conn.execute(
+                    select(allocations.c.pasid)
+                    .where(allocations.c.set_id == rec.set_id)
+                    .order_by(allocations.c.pasid)
+                )
+            ]
             conn.execute(delete(allocations).where(allocations.c.set_id == rec.set_id))
             conn.execute(delete(sets).where(sets.c.set_id == rec.set_id))
-        else:  # pragma: no cover - exhaustive over Record
-            raise TypeError(f"unknown record {rec!r}")
+            return (rec.kind, rec.set_id, held, rec.reason)
+        raise TypeError(f"unknown record {rec!r}")  # pragma: no cover - exhaustive

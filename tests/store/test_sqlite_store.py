@@ -1,0 +1,48 @@
+"""The store on a real SQLite file: records in, snapshot and event log out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from broker.core import StoreError
+from broker.store import AddPasids, CreateSet, DestroySet, RemovePasids, SetRow, SqliteStore
+
+
+def row(set_id: int) -> SetRow:
+    return SetRow(set_id, f"c{set_id}", 100 + set_id, 1000, 0, "h" * 64, 1.0)
+
+
+def test_commit_load_and_event_log(tmp_path: Path) -> None:
+    st = SqliteStore(tmp_path / "b.db")
+    assert st.open().sets == []
+    evs = st.commit([CreateSet(row(1)), AddPasids(1, (1, 2, 3, 7))])
+    assert [(e.revision, e.kind, e.pasids) for e in evs] == [
+        (1, "set_created", ()),
+        (2, "alloc", (1, 2, 3, 7)),
+    ]
+    evs = st.commit([RemovePasids(1, (2,)), CreateSet(row(2)), AddPasids(2, (2,))])
+    assert [e.revision for e in evs] == [3, 4, 5]
+    st.close()
+    st = SqliteStore(tmp_path / "b.db")
+    snap = st.open()
+    assert snap.holdings == {1: [1, 3, 7], 2: [2]}
+    assert snap.revision == 5 and snap.next_set_id == 3
+    [ev] = st.commit([DestroySet(1, "client disconnected")])
+    assert (ev.kind, ev.pasids, ev.reason) == ("set_destroyed", (1, 3, 7), "client disconnected")
+    assert [e.revision for e in st.read_events(after=4)] == [5, 6]
+    assert st.read_events(after=0, limit=2)[1].pasids == (1, 2, 3, 7)
+    st.close()
+
+
+def test_database_refuses_a_pasid_in_two_sets(tmp_path: Path) -> None:
+    st = SqliteStore(tmp_path / "b.db")
+    st.open()
+    st.commit([CreateSet(row(1)), CreateSet(row(2)), AddPasids(1, (5,))])
+    with pytest.raises(StoreError, match=r"UNIQUE constraint failed: allocations\.pasid"):
+        st.commit([AddPasids(2, (9,)), AddPasids(2, (5,))])
+    st.close()
+    snap = SqliteStore(tmp_path / "b.db").open()
+    assert snap.holdings == {1: [5], 2: []}  # the failed batch left nothing behind
+    assert snap.revision == 3
