@@ -23,6 +23,8 @@ class Config:
     db: str = DEFAULT_DB
     socket: str = DEFAULT_SOCKET
     socket_mode: int = 0o660
+    admin_socket: str = ""
+    event_retention: int = 100_000
     listen: str = ""
     pasid_bits: int = 20
     reserved: tuple[tuple[int, int], ...] = ()
@@ -46,6 +48,13 @@ def parse_ranges(text: str) -> tuple[tuple[int, int], ...]:
             raise argparse.ArgumentTypeError(f"reserved range {part}: {a} > {b}")
         out.append((a, b))
     return tuple(out)
+
+
+def admin_socket_path(value: str, socket: str) -> str:
+    """'' -> admin.sock beside the clients' socket; 'off' -> '' (no admin socket)."""
+    if value == "off":
+        return ""
+    return value or os.path.join(os.path.dirname(socket) or ".", "admin.sock")
 
 
 def _env(name: str, default: str) -> str:
@@ -89,6 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=lambda s: int(s, 8),
         default=_env("SOCKET_MODE", oct(d.socket_mode)),
         help="permissions of the socket file, octal [PASID_BROKER_SOCKET_MODE]",
+    )
+    a(
+        "--admin-socket",
+        default=_env("ADMIN_SOCKET", ""),
+        help="Unix socket for PasidAdmin (list every set, revoke, quotas), mode 0600; "
+        "default: admin.sock beside --socket; 'off' disables [PASID_BROKER_ADMIN_SOCKET]",
+    )
+    a(
+        "--event-retention",
+        type=int,
+        default=int(_env("EVENT_RETENTION", str(d.event_retention))),
+        help="events kept in the log for Watch replay; a Watch from an older revision gets "
+        "OUT_OF_RANGE [PASID_BROKER_EVENT_RETENTION]",
     )
     a(
         "--listen",
@@ -184,6 +206,8 @@ def load(argv: list[str] | None = None) -> Config:
         db=ns.db,
         socket=ns.socket,
         socket_mode=ns.socket_mode,
+        admin_socket=admin_socket_path(ns.admin_socket, ns.socket),
+        event_retention=ns.event_retention,
         listen=ns.listen,
         pasid_bits=ns.pasid_bits,
         reserved=ns.reserved,

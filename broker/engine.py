@@ -16,7 +16,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import Future as ThreadFuture
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,15 +27,19 @@ from broker.core import (
     WIRE_PASID_BITS,
     Allocator,
     BackendError,
+    Compacted,
     Conflict,
+    InvalidArgument,
     IoasidSet,
     NotFound,
+    NotReady,
     PasidError,
     Quotas,
     StoreError,
     Unsupported,
     runs,
 )
+from broker.core.ioctl import PasidOp, check_pasid_request
 from broker.store import (
     AddPasids,
     CreateSet,
@@ -44,10 +48,13 @@ from broker.store import (
     Record,
     RemovePasids,
     SetRow,
+    Snapshot,
     SqliteStore,
 )
 
 log = logging.getLogger("pasid_broker")
+
+WATCH_BACKLOG = 100_000  # events queued for one watcher before it is cut loose
 
 T = TypeVar("T")
 
@@ -70,6 +77,10 @@ class Session:
     token_hash: str
     created_unix: float
     attached: bool = True
+    peer: str = ""
+    # Set by the stream that holds the session: ends it with the given message when the
+    # broker takes the set (revoke, the declared process exited).
+    on_revoke: Callable[[str], None] | None = None
 
     @property
     def session_id(self) -> int:
@@ -90,6 +101,7 @@ class Info:
     sessions: int
     sets: int
     quotas: Quotas
+    revision: int
 
 
 @dataclass
@@ -219,6 +231,7 @@ class Broker:
         self._timers: dict[int, asyncio.TimerHandle] = {}
         self._next_set_id = 1
         self._watchers: set[asyncio.Queue[Event | None]] = set()
+        self._pidfds: dict[int, int] = {}  # set_id -> pidfd watched for the holder's exit
         self.revision = 0  # last committed event revision
         self.stopping = False
         self.ready = False
@@ -238,8 +251,35 @@ class Broker:
         return self._journal
 
     async def start(self) -> None:
-        """Open the backend, load and check the store, replay, and reclaim the departed."""
+        """Open the backend, load and check the store, replay, and reclaim the departed.
+
+        The heavy part runs in a worker thread so that the loop keeps answering health
+        checks (NOT_SERVING) meanwhile; requests get UNAVAILABLE until `ready`.
+        """
         t0 = time.perf_counter()
+        snap, replayed = await asyncio.to_thread(self._recover)
+        self._journal = Journal(self.store, self._publish)
+        for sess in list(self._sessions.values()):
+            if not _pid_alive(sess.pid):
+                self._destroy(sess, "client exited before restart", "set_reclaimed")
+            else:
+                self._schedule_reclaim(
+                    sess, max(self.restart_grace, sess.grace_seconds), "grace expired after restart"
+                )
+                self._watch_pid(sess)
+        self.ready = True
+        assert self.caps is not None
+        log.info(
+            "recovered %d sets, %d PASIDs replayed into %s in %.3f s",
+            len(snap.sets),
+            replayed,
+            self.caps.name,
+            time.perf_counter() - t0,
+        )
+
+    def _recover(self) -> tuple[Snapshot, int]:
+        """Backend, allocator and sessions from the store; runs before anything else may
+        touch them."""
         caps = self.backend.open()
         if caps.pasid_bits > WIRE_PASID_BITS:
             raise Unsupported(
@@ -253,18 +293,16 @@ class Broker:
             caps.pasid_bits,
             caps.pasid_bits_source,
         )
-        self._allocator = Allocator(
-            caps.pasid_bits, reserved=self.reserved_ranges, quotas=self.quotas
-        )
+        allocator = Allocator(caps.pasid_bits, reserved=self.reserved_ranges, quotas=self.quotas)
         snap = self.store.open()
         stored_bits = snap.meta.get("pasid_bits")
         if stored_bits != str(caps.pasid_bits):
             self.store.set_meta("pasid_bits", str(caps.pasid_bits))
         held: list[int] = []
         for row in snap.sets:
-            s = self._allocator.create_set(row.set_id, row.client, row.quota)
+            s = allocator.create_set(row.set_id, row.client, row.quota)
             try:
-                self._allocator.claim(row.set_id, snap.holdings[row.set_id])
+                allocator.claim(row.set_id, snap.holdings[row.set_id])
             except ValueError as exc:
                 raise RecoveryError(
                     f"store {self.store.path}: set {row.set_id} ({row.client}) cannot be"
@@ -280,22 +318,13 @@ class Broker:
         replayed = replay(self.backend, held)
         self._next_set_id = snap.next_set_id
         self.revision = snap.revision
-        self._journal = Journal(self.store, self._publish)
-        for sess in list(self._sessions.values()):
-            if not _pid_alive(sess.pid):
-                self._destroy(sess, "client exited before restart", "set_reclaimed")
-            else:
-                self._schedule_reclaim(
-                    sess, max(self.restart_grace, sess.grace_seconds), "grace expired after restart"
-                )
-        self.ready = True
-        log.info(
-            "recovered %d sets, %d PASIDs replayed into %s in %.3f s",
-            len(snap.sets),
-            replayed,
-            caps.name,
-            time.perf_counter() - t0,
-        )
+        self._allocator = allocator
+        return snap, replayed
+
+    def require_ready(self) -> None:
+        """Requests before recovery has finished (or while stopping) are UNAVAILABLE."""
+        if not self.ready:
+            raise NotReady("broker is recovering its store; retry shortly")
 
     async def stop(self) -> None:
         """Keep every set (restored with its grace at the next start) and close cleanly."""
@@ -304,6 +333,11 @@ class Broker:
         for h in self._timers.values():
             h.cancel()
         self._timers.clear()
+        for set_id in list(self._pidfds):
+            self._unwatch_pid(set_id)
+        for q in self._watchers:
+            q.put_nowait(None)
+        self._watchers.clear()
         if self._journal is not None:
             await self._journal.drain()
             self._journal.close()
@@ -316,7 +350,13 @@ class Broker:
         """Called on the loop after each commit, in revision order."""
         if events:
             self.revision = events[-1].revision
-        for q in self._watchers:
+        for q in list(self._watchers):
+            if q.qsize() + len(events) > WATCH_BACKLOG:
+                # A watcher this far behind is cut loose (it gets told to Watch again from
+                # its last revision) rather than letting its backlog grow without bound.
+                self._watchers.discard(q)
+                q.put_nowait(None)
+                continue
             for ev in events:
                 q.put_nowait(ev)
 
@@ -332,10 +372,20 @@ class Broker:
     # -- sessions -----------------------------------------------------------------------
 
     async def open_session(
-        self, client: str, pid: int = 0, grace_seconds: int = 0, resume_token: str = ""
+        self,
+        client: str,
+        pid: int = 0,
+        grace_seconds: int = 0,
+        resume_token: str = "",
+        peer: str = "",
     ) -> tuple[Session, str, bool]:
         """A new session with a new set, or the one `resume_token` names; (session, token,
-        resumed). Raises NotFound for an unknown token, Conflict if it is attached."""
+        resumed). Raises NotFound for an unknown token, Conflict if it is attached, and
+        InvalidArgument when a local client declares a pid that does not exist."""
+        self.require_ready()
+        local = peer.startswith("unix") or peer == ""
+        if local and pid > 0 and not _pid_alive(pid):
+            raise InvalidArgument(f"declared pid {pid} does not exist on this host")
         if resume_token:
             sess = self._by_token.get(hash_token(resume_token))
             if sess is None:
@@ -348,7 +398,11 @@ class Broker:
             if timer is not None:
                 timer.cancel()
             sess.attached = True
-            log.info("session resumed", extra={"session": sess.session_id, "held": len(sess.set)})
+            sess.peer = peer
+            log.info(
+                "session resumed",
+                extra={"session": sess.session_id, "set": sess.session_id, "held": len(sess.set)},
+            )
             return sess, resume_token, True
 
         grace = min(max(grace_seconds, 0), self.max_grace)
@@ -358,7 +412,7 @@ class Broker:
         th = hash_token(token)
         now = self.clock()
         s = self.allocator.create_set(set_id, client)
-        sess = Session(s, pid, grace, th, now)
+        sess = Session(s, pid, grace, th, now, peer=peer)
         self._sessions[set_id] = sess
         self._by_token[th] = sess
 
@@ -368,14 +422,85 @@ class Broker:
 
         row = SetRow(set_id, client, pid, s.quota, grace, th, now)
         await self.journal.submit(CreateSet(row), undo, None)
+        if local:
+            self._watch_pid(sess)
         log.info(
             "session opened",
-            extra={"session": set_id, "client": client, "pid": pid, "grace": grace},
+            extra={
+                "session": set_id,
+                "set": set_id,
+                "client": client,
+                "pid": pid,
+                "grace": grace,
+                "peer": peer,
+            },
         )
         return sess, token, False
 
+    # -- the holder's process -------------------------------------------------------------
+
+    def _watch_pid(self, sess: Session) -> None:
+        """Reclaim the set when its declared local process exits, even if a connection
+        lingers (e.g. held by a helper). pidfd: no polling, no pid-reuse race."""
+        if sess.pid <= 0 or sess.session_id in self._pidfds:
+            return
+        try:
+            fd = os.pidfd_open(sess.pid)
+        except (OSError, AttributeError):
+            return  # gone already (recovery handles it), or no pidfd: the stream still tells
+        self._pidfds[sess.session_id] = fd
+        asyncio.get_running_loop().add_reader(fd, self._pid_exited, sess)
+
+    def _unwatch_pid(self, set_id: int) -> None:
+        fd = self._pidfds.pop(set_id, None)
+        if fd is not None:
+            asyncio.get_running_loop().remove_reader(fd)
+            os.close(fd)
+
+    def _pid_exited(self, sess: Session) -> None:
+        self._unwatch_pid(sess.session_id)
+        if self._sessions.get(sess.session_id) is sess and not self.stopping:
+            self.reclaim(sess, f"client process {sess.pid} exited")
+
+    def reclaim(self, sess: Session, reason: str) -> asyncio.Future[None]:
+        """The broker takes a set now, whatever its grace: its stream, if any, ends."""
+        was_attached = sess.attached
+        sess.attached = False
+        timer = self._timers.pop(sess.session_id, None)
+        if timer is not None:
+            timer.cancel()
+        if was_attached and sess.on_revoke is not None:
+            sess.on_revoke(f"set {sess.session_id} reclaimed: {reason}")
+        return self._destroy(sess, reason, "set_reclaimed")
+
+    async def revoke(self, set_id: int, reason: str) -> int:
+        """Admin: destroy a set now; returns how many PASIDs it held."""
+        sess = self._sessions.get(set_id)
+        if sess is None:
+            raise NotFound(f"no set {set_id}")
+        held = len(sess.set)
+        await self.reclaim(sess, f"revoked: {reason or 'by admin'}")
+        return held
+
+    def set_quotas(self, set_id: int, per_set: int, per_client: int, global_: int) -> None:
+        """Admin: change quotas until the next restart (flags rule at start)."""
+        if set_id:
+            sess = self._sessions.get(set_id)
+            if sess is None:
+                raise NotFound(f"no set {set_id}")
+            sess.set.quota = per_set
+            log.info("set quota changed", extra={"set": set_id, "quota": per_set})
+            return
+        self.quotas = Quotas(per_set, per_client, global_)
+        self.allocator.quotas = self.quotas
+        log.info(
+            "quotas changed",
+            extra={"per_set": per_set, "per_client": per_client, "global": global_},
+        )
+
     def authenticate(self, session_id: int, token: str) -> Session:
         """The live session that (session_id, token) names; NotFound otherwise."""
+        self.require_ready()
         sess = self._sessions.get(session_id)
         if sess is None or not secrets.compare_digest(sess.token_hash, hash_token(token)):
             raise NotFound(f"no session {session_id} with that token")
@@ -425,6 +550,7 @@ class Broker:
         quota = sess.set.quota
         freed = self.allocator.destroy_set(set_id)
         self._forget(sess)
+        self._unwatch_pid(set_id)
         self._backend_free(freed)
 
         def undo() -> None:
@@ -437,8 +563,14 @@ class Broker:
             self._schedule_reclaim(sess, 1.0, reason)  # retry: the store may recover
 
         log.info(
-            "set destroyed",
-            extra={"session": set_id, "client": client, "freed": len(freed), "reason": reason},
+            "set destroyed" if kind == "set_destroyed" else "set reclaimed",
+            extra={
+                "session": set_id,
+                "set": set_id,
+                "client": client,
+                "freed": len(freed),
+                "reason": reason,
+            },
         )
         return self.journal.submit(DestroySet(set_id, reason, kind), undo, None)
 
@@ -480,11 +612,76 @@ class Broker:
 
         return self.journal.submit(RemovePasids(set_id, tuple(freed)), undo, len(freed))
 
+    def pasid_request(
+        self, sess: Session, argsz: int, flags: int, lo: int, hi: int
+    ) -> asyncio.Future[int]:
+        """VFIO_IOMMU_PASID_REQUEST semantics: the PASID for ALLOC, 0 for FREE."""
+        op = check_pasid_request(argsz, flags, lo, hi, self.allocator.pasid_bits)
+        if op is PasidOp.ALLOC:
+            got = self.alloc(sess, lo, hi, 1)
+            out: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+            def done(f: asyncio.Future[list[int]]) -> None:
+                if (exc := f.exception()) is not None:
+                    out.set_exception(exc)
+                else:
+                    out.set_result(f.result()[0])
+
+            got.add_done_callback(done)
+            return out
+        freed = self.free(sess, lo, hi)
+        zero: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        freed.add_done_callback(
+            lambda f: zero.set_exception(e) if (e := f.exception()) else zero.set_result(0)
+        )
+        return zero
+
+    async def watch(self, from_revision: int) -> AsyncIterator[Event]:
+        """Events from `from_revision` (0: from now on), replayed then live, each once.
+
+        Subscribing before reading the log closes the gap: an event committed meanwhile is
+        in both, and the revision check drops the second copy.
+        """
+        q = self.subscribe()
+        try:
+            last = self.revision if from_revision == 0 else from_revision - 1
+            if from_revision:
+                oldest = await asyncio.to_thread(self.store.oldest_revision)
+                if oldest == 0:
+                    oldest = self.revision + 1  # empty log: everything before is gone
+                if from_revision < oldest and from_revision <= self.revision:
+                    raise Compacted(
+                        oldest,
+                        f"revision {from_revision} is compacted; the oldest"
+                        f" in the event log is {oldest}",
+                    )
+                while True:
+                    batch = await asyncio.to_thread(self.store.read_events, last, 1000)
+                    for ev in batch:
+                        yield ev
+                        last = ev.revision
+                    if len(batch) < 1000:
+                        break
+            while True:
+                live = await q.get()
+                if live is None:
+                    if self.stopping:
+                        return
+                    raise Unsupported(
+                        f"watcher fell more than {WATCH_BACKLOG} events behind;"
+                        f" Watch again from revision {last + 1}"
+                    )
+                if live.revision > last:
+                    yield live
+                    last = live.revision
+        finally:
+            self.unsubscribe(q)
+
     def _require_attached(self, sess: Session) -> None:
         if self._sessions.get(sess.session_id) is not sess:
             raise NotFound(f"session {sess.session_id} has ended")
         if self.stopping:
-            raise Unsupported("broker is shutting down")
+            raise NotReady("broker is shutting down; resume the session once it is back")
 
     def _backend_alloc_exact(self, pasids: Iterable[int]) -> None:
         """Make the backend hold exactly these PASIDs, all or none."""
@@ -517,9 +714,11 @@ class Broker:
         return self._sessions.get(set_id)
 
     def sessions(self) -> list[Session]:
+        self.require_ready()
         return list(self._sessions.values())
 
     def info(self) -> Info:
+        self.require_ready()
         a = self.allocator
         caps = self.caps
         assert caps is not None
@@ -532,4 +731,5 @@ class Broker:
             sessions=sum(1 for s in self._sessions.values() if s.attached),
             sets=len(self._sessions),
             quotas=self.quotas,
+            revision=self.revision,
         )

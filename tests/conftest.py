@@ -36,3 +36,10 @@ def make_broker() -> Iterator[object]:
 def client(broker: BrokerProcess) -> Iterator[Client]:
     with Client(broker.address) as c:
         yield c
+
+
+@pytest.fixture
+def admin(broker: BrokerProcess) -> Iterator[Client]:
+    """A client on the broker's admin socket."""
+    with Client(broker.address.replace("broker.sock", "admin.sock")) as c:
+        yield c

@@ -44,6 +44,7 @@ class BrokerProcess:
     def __init__(self, *args: str, workdir: str | None = None, env: dict[str, str] | None = None):
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="pb-", dir="/tmp"))
         self.socket = str(self.dir / "broker.sock")
+        self.admin_socket = str(self.dir / "admin.sock")  # the daemon's default: beside socket
         self.db = str(self.dir / "broker.db")
         self.log = self.dir / "broker.log"
         self.args = list(args)
@@ -53,6 +54,10 @@ class BrokerProcess:
     @property
     def address(self) -> str:
         return f"unix:{self.socket}"
+
+    @property
+    def admin_address(self) -> str:
+        return f"unix:{self.admin_socket}"
 
     def command(self) -> list[str]:
         return [

@@ -67,11 +67,29 @@ class Conflict(PasidError):
     reason = "CONFLICT"
 
 
+class Compacted(PasidError):
+    """A Watch asked for a revision the event log no longer holds."""
+
+    errno = _errno.ERANGE
+    reason = "COMPACTED"
+
+    def __init__(self, oldest: int, message: str) -> None:
+        super().__init__(message)
+        self.oldest = oldest
+
+
 class Unsupported(PasidError):
     """The backend cannot serve PASID requests (the seed's EOPNOTSUPP / ENOTTY)."""
 
     errno = _errno.EOPNOTSUPP
     reason = "UNSUPPORTED"
+
+
+class NotReady(PasidError):
+    """The broker cannot serve yet (recovering) or any more (stopping); retry."""
+
+    errno = _errno.EAGAIN
+    reason = "NOT_READY"
 
 
 class BackendError(PasidError):

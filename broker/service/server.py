@@ -20,7 +20,7 @@ from pasid.v1 import broker_pb2_grpc as pb_grpc
 from broker import backends
 from broker.config import Config
 from broker.engine import Broker
-from broker.service.servicer import PasidBrokerServicer
+from broker.service.servicer import PasidAdminServicer, PasidBrokerServicer
 from broker.store import SqliteStore
 
 log = logging.getLogger("pasid_broker")
@@ -66,10 +66,25 @@ def server_options(config: Config) -> list[tuple[str, int]]:
         ("grpc.keepalive_timeout_ms", max(ka // 2, 1000)),
         ("grpc.http2.ping_timeout_ms", max(ka // 2, 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
-        # Let clients ping as often as every ka/2 without a too_many_pings GOAWAY.
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", max(ka // 2, 1000)),
+        # Accept client pings as often as every ka/2 on idle streams (a VMM's session is
+        # idle for hours): with grpc's default (5 min) an idle client pinging every 10 s
+        # is sent GOAWAY too_many_pings after two strikes, and its set would be destroyed.
+        ("grpc.http2.min_ping_interval_without_data_ms", max(ka // 2, 500)),
         ("grpc.http2.max_pings_without_data", 0),
     ]
+
+
+def _grpc_server(
+    config: Config, servicer: PasidBrokerServicer, health_servicer: health.aio.HealthServicer
+) -> grpc.aio.Server:
+    server = grpc.aio.server(options=server_options(config))
+    pb_grpc.add_PasidBrokerServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME]
+    if servicer.admin:
+        names.append(pb.DESCRIPTOR.services_by_name["PasidAdmin"].full_name)
+    reflection.enable_server_reflection(names, server)
+    return server
 
 
 async def serve(config: Config) -> int:
@@ -79,33 +94,38 @@ async def serve(config: Config) -> int:
     )
     broker = Broker(
         backend,
-        SqliteStore(config.db),
+        SqliteStore(config.db, event_retention=config.event_retention),
         quotas=config.quotas,
         reserved=config.reserved,
         max_grace=config.max_grace,
         restart_grace=config.restart_grace,
     )
-    server = grpc.aio.server(options=server_options(config))
-    pb_grpc.add_PasidBrokerServicer_to_server(PasidBrokerServicer(broker), server)
+    servicer = PasidBrokerServicer(broker)
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    server = _grpc_server(config, servicer, health_servicer)
+    sock = Path(config.socket)
+    addresses = [f"unix:{sock}"] + ([config.listen] if config.listen else [])
+    servers = [(server, addresses, [(sock, config.socket_mode)])]
+    admin_servicer: PasidBrokerServicer | None = None
+    if config.admin_socket:
+        admin_servicer = PasidBrokerServicer(broker, admin=True)
+        admin = _grpc_server(config, admin_servicer, health_servicer)
+        pb_grpc.add_PasidAdminServicer_to_server(PasidAdminServicer(broker, admin_servicer), admin)
+        admin_sock = Path(config.admin_socket)
+        servers.append((admin, [f"unix:{admin_sock}"], [(admin_sock, 0o600)]))
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, not_serving)
 
-    sock = Path(config.socket)
-    sock.parent.mkdir(parents=True, exist_ok=True)
-    addresses = [f"unix:{sock}"]
-    if config.listen:
-        addresses.append(config.listen)
-    for addr in addresses:
-        if server.add_insecure_port(addr) == 0:
-            raise StartupError(f"cannot listen on {addr}")
-    await server.start()
-    os.chmod(sock, config.socket_mode)
+    for srv, addrs, socks in servers:
+        for path, _mode in socks:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        for addr in addrs:
+            if srv.add_insecure_port(addr) == 0:
+                raise StartupError(f"cannot listen on {addr}")
+        await srv.start()
+        for path, mode in socks:
+            os.chmod(path, mode)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -118,18 +138,29 @@ async def serve(config: Config) -> int:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "serving",
-            extra={"addresses": ",".join(addresses), "backend": config.backend, "db": config.db},
+            extra={
+                "addresses": ",".join(addresses),
+                "admin": config.admin_socket or "off",
+                "backend": config.backend,
+                "db": config.db,
+            },
         )
         await stop.wait()
         log.info("draining", extra={"seconds": config.drain_seconds})
         broker.stopping = True
         await health_servicer.enter_graceful_shutdown()
-        await server.stop(config.drain_seconds)
+        for s in (servicer, admin_servicer):
+            if s is not None:
+                s.shutdown()
+        await asyncio.gather(*(srv.stop(config.drain_seconds) for srv, _, _ in servers))
     finally:
-        await server.stop(0)
+        for srv, _, _ in servers:
+            await srv.stop(0)
         await broker.stop()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(sock)
+        for _, _, socks in servers:
+            for path, _mode in socks:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
         lock.close()
     log.info("stopped")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -12,14 +13,31 @@ from pasid.v1 import broker_pb2 as pb
 from pasid.v1 import broker_pb2_grpc as pb_grpc
 
 from broker import __version__
-from broker.core import InvalidArgument, PasidError, runs
+from broker.core import Compacted, InvalidArgument, PasidError, runs
 from broker.engine import Broker
 from broker.engine import Session as BrokerSession
-from broker.service.status import error_message, status_of, trailing_metadata
+from broker.service.status import (
+    ADMIN_ONLY,
+    PermissionDenied,
+    error_message,
+    status_of,
+    trailing_metadata,
+)
 
 log = logging.getLogger("pasid_broker.service")
 
 T = TypeVar("T")
+
+
+# What the Session writer loop reads: a reply to await, or the end of the stream with a
+# status (revoke: ABORTED; broker shutdown: UNAVAILABLE).
+@dataclass(frozen=True)
+class _End:
+    code: grpc.StatusCode
+    message: str
+
+
+_Item = tuple[int, "asyncio.Future[pb.SessionResponse]"] | _End | None
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: PasidError) -> NoReturn:
@@ -37,6 +55,9 @@ def _set_info(sess: BrokerSession, with_ranges: bool = True) -> pb.SetInfo:
         count=len(sess.set),
         created_unix=sess.created_unix,
         state="attached" if sess.attached else "detached",
+        peer=sess.peer,
+        quota=sess.set.quota,
+        grace_seconds=sess.grace_seconds,
     )
     if with_ranges:
         info.ranges.extend(pb.PasidRange(min=lo, max=hi) for lo, hi in runs(sess.set.pasids))
@@ -44,8 +65,23 @@ def _set_info(sess: BrokerSession, with_ranges: bool = True) -> pb.SetInfo:
 
 
 class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
-    def __init__(self, broker: Broker) -> None:
+    """PasidBroker. On the admin socket (`admin=True`) List may list every set."""
+
+    def __init__(self, broker: Broker, *, admin: bool = False) -> None:
         self.broker = broker
+        self.admin = admin
+        self._streams: set[asyncio.Queue[_Item]] = set()
+
+    def shutdown(self) -> None:
+        """End every session stream once its in-flight requests are answered; the sets
+        stay (a broker restart is not the client's exit) for the client to resume."""
+        for q in self._streams:
+            q.put_nowait(
+                _End(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "broker is shutting down; resume the session with its token",
+                )
+            )
 
     # -- the session stream -------------------------------------------------------------
 
@@ -62,15 +98,17 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
         o = first.open
         try:
             sess, token, resumed = await self.broker.open_session(
-                o.client, o.pid, o.grace_seconds, o.resume_token
+                o.client, o.pid, o.grace_seconds, o.resume_token, context.peer()
             )
         except PasidError as exc:
             await _abort(context, exc)
         # Replies wait for their commits, in request order; reading goes on meanwhile so
         # that a pipelining client's requests share group commits.
-        replies: asyncio.Queue[tuple[int, asyncio.Future[pb.SessionResponse]] | None]
-        replies = asyncio.Queue()
+        replies: asyncio.Queue[_Item] = asyncio.Queue()
+        sess.on_revoke = lambda why: replies.put_nowait(_End(grpc.StatusCode.ABORTED, why))
+        self._streams.add(replies)
         reader = asyncio.create_task(self._read(sess, request_iterator, replies))
+        end: _End | None = None
         try:
             yield pb.SessionResponse(
                 tag=first.tag,
@@ -85,6 +123,12 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
                 ),
             )
             while (item := await replies.get()) is not None:
+                if isinstance(item, _End):
+                    end = item
+                    if end.code is grpc.StatusCode.ABORTED:
+                        break
+                    reader.cancel()  # shutdown: answer what was asked, then end
+                    continue
                 tag, fut = item
                 try:
                     resp = await fut
@@ -94,20 +138,26 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
                 yield resp
         finally:
             reader.cancel()
+            self._streams.discard(replies)
+            sess.on_revoke = None
             self.broker.end_session(sess, "client disconnected")
+        if end is not None:
+            await context.abort(end.code, end.message)
 
     async def _read(
         self,
         sess: BrokerSession,
         requests: AsyncIterator[pb.SessionRequest],
-        replies: asyncio.Queue[tuple[int, asyncio.Future[pb.SessionResponse]] | None],
+        replies: asyncio.Queue[_Item],
     ) -> None:
         loop = asyncio.get_running_loop()
         try:
             async for req in requests:
                 op = req.WhichOneof("op")
                 try:
-                    if op in ("alloc", "free", "list") and getattr(req, op).HasField("session"):
+                    if op in ("alloc", "free", "list", "request") and getattr(req, op).HasField(
+                        "session"
+                    ):
                         raise InvalidArgument(f"{op} on a Session stream must not name a session")
                     fut = self._dispatch(sess, req, op)
                 except PasidError as exc:
@@ -135,8 +185,16 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
                 b.free(sess, f.min, f.max),
                 lambda n: pb.SessionResponse(free=pb.FreeResponse(freed=n)),
             )
+        if op == "request":
+            r = req.request
+            return _map(
+                b.pasid_request(sess, r.argsz, r.flags, r.min, r.max),
+                lambda ret: pb.SessionResponse(request=pb.PasidRequestReply(ret=ret)),
+            )
         if op == "list":
             done: asyncio.Future[pb.SessionResponse] = asyncio.get_running_loop().create_future()
+            if req.list.all_sets and not self.admin:
+                raise PermissionDenied(ADMIN_ONLY)
             done.set_result(pb.SessionResponse(list=self._list(sess, req.list.all_sets)))
             return done
         if op == "open":
@@ -179,7 +237,12 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
         self, request: pb.ListRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListResponse:
         if request.all_sets:
-            return self._list(None, True)
+            if not self.admin:
+                await _abort(context, PermissionDenied(ADMIN_ONLY))
+            try:
+                return self._list(None, True)
+            except PasidError as exc:
+                await _abort(context, exc)
 
         async def one(s: BrokerSession) -> pb.ListResponse:
             return self._list(s, False)
@@ -189,7 +252,10 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
     async def GetInfo(
         self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetInfoResponse:
-        i = self.broker.info()
+        try:
+            i = self.broker.info()
+        except PasidError as exc:
+            await _abort(context, exc)
         return pb.GetInfoResponse(
             backend=i.backend,
             pasid_bits=i.pasid_bits,
@@ -204,13 +270,82 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
                 **{"global": i.quotas.global_},
             ),
             version=__version__,
+            revision=i.revision,
         )
+
+    async def PasidRequest(
+        self, request: pb.PasidRequestMessage, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.PasidRequestReply:
+        r = request
+        ret = await self._unary(
+            context,
+            r.session,
+            lambda s: self.broker.pasid_request(s, r.argsz, r.flags, r.min, r.max),
+        )
+        return pb.PasidRequestReply(ret=ret)
+
+    async def Watch(
+        self, request: pb.WatchRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.WatchEvent]:
+        try:
+            async for ev in self.broker.watch(request.from_revision):
+                yield pb.WatchEvent(
+                    revision=ev.revision,
+                    ts_unix=ev.ts,
+                    kind=ev.kind,
+                    set_id=ev.set_id,
+                    pasids=[pb.PasidRange(min=lo, max=hi) for lo, hi in runs(ev.pasids)],
+                    reason=ev.reason,
+                )
+        except Compacted as exc:
+            context.set_trailing_metadata(
+                (*trailing_metadata(exc), ("pasid-oldest-revision", str(exc.oldest)))
+            )
+            await context.abort(grpc.StatusCode.OUT_OF_RANGE, exc.message)
+        except PasidError as exc:
+            await _abort(context, exc)
 
     def _list(self, sess: BrokerSession | None, all_sets: bool) -> pb.ListResponse:
         if all_sets:
             return pb.ListResponse(sets=[_set_info(s) for s in self.broker.sessions()])
         assert sess is not None
         return pb.ListResponse(sets=[_set_info(sess)])
+
+
+class PasidAdminServicer(pb_grpc.PasidAdminServicer):
+    """Operators' calls; registered only on the admin socket."""
+
+    def __init__(self, broker: Broker, main: PasidBrokerServicer) -> None:
+        self.broker = broker
+        self.main = main
+
+    async def ListSets(
+        self, request: pb.ListSetsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListResponse:
+        try:
+            sessions = self.broker.sessions()
+        except PasidError as exc:
+            await _abort(context, exc)
+        return pb.ListResponse(sets=[_set_info(s, request.with_ranges) for s in sessions])
+
+    async def RevokeSet(
+        self, request: pb.RevokeSetRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.RevokeSetResponse:
+        try:
+            freed = await self.broker.revoke(request.set_id, request.reason)
+        except PasidError as exc:
+            await _abort(context, exc)
+        return pb.RevokeSetResponse(freed=freed)
+
+    async def SetQuotas(
+        self, request: pb.SetQuotasRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetInfoResponse:
+        q = request.quotas
+        try:
+            self.broker.set_quotas(request.set_id, q.per_set, q.per_client, getattr(q, "global"))
+        except PasidError as exc:
+            await _abort(context, exc)
+        return await self.main.GetInfo(pb.GetInfoRequest(), context)
 
 
 def _map(

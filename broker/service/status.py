@@ -11,24 +11,41 @@
 | Unsupported     | EOPNOTSUPP / ENOTTY  | FAILED_PRECONDITION  |
 | BackendError    | other errno          | UNAVAILABLE          |
 | StoreError      | EIO                  | UNAVAILABLE          |
+| NotReady        | EAGAIN               | UNAVAILABLE          |
+| Compacted       | ERANGE               | OUT_OF_RANGE         |
+| PermissionDenied| EPERM                | PERMISSION_DENIED    |
 """
 
 from __future__ import annotations
+
+import errno as _errno
 
 import grpc
 from pasid.v1 import broker_pb2 as pb
 
 from broker.core.errors import (
     BackendError,
+    Compacted,
     Conflict,
     Exhausted,
     InvalidArgument,
     NotFound,
+    NotReady,
     PasidError,
     QuotaExceeded,
     StoreError,
     Unsupported,
 )
+
+ADMIN_ONLY = "listing every set is an admin call: use the admin socket"
+
+
+class PermissionDenied(PasidError):
+    """A call this socket does not serve (admin calls on the clients' socket)."""
+
+    errno = _errno.EPERM
+    reason = "PERMISSION_DENIED"
+
 
 STATUS: dict[type[PasidError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,  # InvalidRange is a subclass
@@ -39,6 +56,9 @@ STATUS: dict[type[PasidError], grpc.StatusCode] = {
     Unsupported: grpc.StatusCode.FAILED_PRECONDITION,
     BackendError: grpc.StatusCode.UNAVAILABLE,
     StoreError: grpc.StatusCode.UNAVAILABLE,
+    NotReady: grpc.StatusCode.UNAVAILABLE,
+    Compacted: grpc.StatusCode.OUT_OF_RANGE,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
 
 
@@ -52,7 +72,9 @@ def status_of(exc: PasidError) -> grpc.StatusCode:
 
 def error_message(exc: PasidError) -> pb.Error:
     """The stream form of an error (the stream stays open)."""
-    err = pb.Error(code=status_of(exc).value[0], message=exc.message, reason=exc.reason)
+    err = pb.Error(
+        code=status_of(exc).value[0], message=exc.message, reason=exc.reason, errno=exc.errno
+    )
     if isinstance(exc, QuotaExceeded):
         err.quota = exc.kind
         err.limit = exc.limit
@@ -61,7 +83,10 @@ def error_message(exc: PasidError) -> pb.Error:
 
 def trailing_metadata(exc: PasidError) -> tuple[tuple[str, str], ...]:
     """The unary form's machine-readable part, mirrored by the client library."""
-    md: tuple[tuple[str, str], ...] = (("pasid-reason", exc.reason),)
+    md: tuple[tuple[str, str], ...] = (
+        ("pasid-reason", exc.reason),
+        ("pasid-errno", str(exc.errno)),
+    )
     if isinstance(exc, QuotaExceeded):
         md += (("pasid-quota", exc.kind), ("pasid-limit", str(exc.limit)))
     return md

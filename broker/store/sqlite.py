@@ -33,7 +33,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.pool import NullPool, StaticPool
 
 from broker.core.errors import StoreError
 from broker.core.namespace import runs
@@ -122,11 +122,19 @@ def _describe(exc: BaseException) -> str:
 class SqliteStore:
     """The allocations on disk. commit() runs on the broker's single writer thread."""
 
-    def __init__(self, path: str | Path, *, synchronous: str = "NORMAL") -> None:
+    def __init__(
+        self, path: str | Path, *, synchronous: str = "NORMAL", event_retention: int = 100_000
+    ) -> None:
         self.path = Path(path)
         self.synchronous = synchronous
+        # Keep at least this many events; older ones are compacted away in chunks.
+        self.event_retention = event_retention
         self._engine: Engine | None = None
         self._conn: Connection | None = None
+        # Readers (Watch replay) use their own connections: WAL lets them run beside the
+        # writer, and the writer's connection belongs to the writer thread.
+        self._readers: Engine | None = None
+        self._last_batch = 0
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -154,6 +162,11 @@ class SqliteStore:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         self._engine = engine
+        self._readers = create_engine(
+            f"sqlite+pysqlite:///{self.path}",
+            poolclass=NullPool,
+            connect_args={"check_same_thread": False},
+        )
         try:
             self._conn = engine.connect()
             with self._conn.begin():
@@ -191,6 +204,9 @@ class SqliteStore:
         if self._engine is not None:
             self._engine.dispose()
             self._engine = None
+        if self._readers is not None:
+            self._readers.dispose()
+            self._readers = None
 
     def _require(self) -> Connection:
         if self._conn is None:
@@ -223,6 +239,8 @@ class SqliteStore:
                     ],
                 )
                 last = conn.exec_driver_sql("SELECT last_insert_rowid()").scalar()
+                self._last_batch = len(logged)
+                self._compact(conn, int(last or 0))
         except SQLAlchemyError as exc:
             raise StoreError(f"store commit failed: {_describe(exc)}") from exc
         first = int(last or 0) - len(logged) + 1
@@ -233,8 +251,7 @@ class SqliteStore:
 
     def read_events(self, after: int, limit: int = 1000) -> list[Event]:
         """Logged events with revision > after, oldest first (for Watch's replay)."""
-        conn = self._require()
-        with conn.begin():
+        with self._reader().connect() as conn:
             rows = conn.execute(
                 select(events)
                 .where(events.c.revision > after)
@@ -247,10 +264,20 @@ class SqliteStore:
 
     def oldest_revision(self) -> int:
         """The first revision still in the log (0 when it is empty)."""
-        conn = self._require()
-        with conn.begin():
+        with self._reader().connect() as conn:
             v = conn.exec_driver_sql("SELECT COALESCE(MIN(revision), 0) FROM events").scalar()
         return int(v or 0)
+
+    def _reader(self) -> Engine:
+        if self._readers is None:
+            raise StoreError("store is not open")
+        return self._readers
+
+    def _compact(self, conn: Connection, last: int) -> None:
+        """Drop events older than the retention, in chunks so that it is rare and cheap."""
+        cut = last - self.event_retention
+        if cut > 0 and cut % 1024 < self._last_batch:
+            conn.execute(delete(events).where(events.c.revision <= cut))
 
     @staticmethod
     def _apply(conn: Connection, rec: Record) -> tuple[str, int, Sequence[int], str]:

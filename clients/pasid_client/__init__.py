@@ -6,29 +6,36 @@ dying) frees them. Failures raise PasidClientError subclasses carrying the gRPC 
 
 from pasid_client.aio import AsyncClient, AsyncSession
 from pasid_client.errors import (
+    Aborted,
     FailedPrecondition,
     InvalidArgument,
     InvalidRange,
     NotFound,
+    OutOfRange,
     PasidClientError,
+    PermissionDenied,
     QuotaExceeded,
     ResourceExhausted,
     Unavailable,
 )
 from pasid_client.sync import Client, Session
-from pasid_client.types import ALL, Info, Quotas, SetView
+from pasid_client.types import ALL, Event, Info, Quotas, SetView
 
 __all__ = [
     "ALL",
+    "Aborted",
     "AsyncClient",
     "AsyncSession",
     "Client",
+    "Event",
     "FailedPrecondition",
     "Info",
     "InvalidArgument",
     "InvalidRange",
     "NotFound",
+    "OutOfRange",
     "PasidClientError",
+    "PermissionDenied",
     "QuotaExceeded",
     "Quotas",
     "ResourceExhausted",

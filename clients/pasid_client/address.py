@@ -6,14 +6,18 @@ import os
 
 DEFAULT_SOCKET = "/run/pasid-broker/broker.sock"
 
-KEEPALIVE_OPTIONS: list[tuple[str, int]] = [
-    # Ping the broker so that a half-open TCP connection is noticed on both sides.
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.http2.ping_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-]
+
+def keepalive_options(seconds: float = 10.0) -> list[tuple[str, int]]:
+    """Ping the broker every `seconds` so that a half-open TCP connection is noticed on
+    both sides. The broker accepts pings down to half its own --keepalive-seconds."""
+    ms = int(seconds * 1000)
+    return [
+        ("grpc.keepalive_time_ms", ms),
+        ("grpc.keepalive_timeout_ms", max(ms // 2, 1000)),
+        ("grpc.http2.ping_timeout_ms", max(ms // 2, 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
 
 
 def resolve(address: str | None = None, socket: str | None = None) -> str:
@@ -28,3 +32,15 @@ def resolve(address: str | None = None, socket: str | None = None) -> str:
         return env
     sock = os.environ.get("PASID_BROKER_SOCKET", DEFAULT_SOCKET)
     return f"unix:{os.path.abspath(sock)}"
+
+
+def resolve_admin(admin_socket: str | None = None, socket: str | None = None) -> str:
+    """The admin socket: `admin_socket`, else $PASID_BROKER_ADMIN_SOCKET, else admin.sock
+    beside the clients' socket (as the daemon places it by default)."""
+    if admin_socket:
+        return f"unix:{os.path.abspath(admin_socket)}"
+    env = os.environ.get("PASID_BROKER_ADMIN_SOCKET")
+    if env:
+        return f"unix:{os.path.abspath(env)}"
+    sock = socket or os.environ.get("PASID_BROKER_SOCKET", DEFAULT_SOCKET)
+    return f"unix:{os.path.join(os.path.dirname(os.path.abspath(sock)), 'admin.sock')}"

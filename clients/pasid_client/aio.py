@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
 
@@ -23,11 +24,12 @@ from pasid_client import address as _address
 from pasid_client.errors import (
     PasidClientError,
     Unavailable,
+    from_admin_rpc_error,
     from_rpc_error,
     from_status_code_int,
     make_error,
 )
-from pasid_client.types import ALL, Info, SetView
+from pasid_client.types import ALL, Event, Info, SetView
 
 
 def _error_of(err: pb.Error) -> PasidClientError:
@@ -106,6 +108,13 @@ class AsyncSession:
         resp = await self._request(free=pb.FreeRequest(min=min, max=max))
         return resp.free.freed
 
+    async def pasid_request(self, argsz: int, flags: int, min: int, max: int) -> int:
+        """VFIO_IOMMU_PASID_REQUEST on this session: the PASID for ALLOC, 0 for FREE. Raises
+        as the ioctl fails, with `.errno` set (InvalidArgument EINVAL, ResourceExhausted
+        ENOSPC, QuotaExceeded EDQUOT)."""
+        req = pb.PasidRequestMessage(argsz=argsz, flags=flags, min=min, max=max)
+        return int((await self._request(request=req)).request.ret)
+
     async def list(self) -> SetView:
         """This session's set. Raises Unavailable."""
         resp = await self._request(list=pb.ListRequest())
@@ -158,12 +167,20 @@ class AsyncClient:
     """A connection to the broker. Unary calls for tools; `session()` for holders."""
 
     def __init__(
-        self, address: str | None = None, *, socket: str | None = None, timeout: float = 10.0
+        self,
+        address: str | None = None,
+        *,
+        socket: str | None = None,
+        timeout: float = 10.0,
+        keepalive_seconds: float = 10.0,
     ) -> None:
         self.target = _address.resolve(address, socket)
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(self.target, options=_address.KEEPALIVE_OPTIONS)
+        self._channel = grpc.aio.insecure_channel(
+            self.target, options=_address.keepalive_options(keepalive_seconds)
+        )
         self._stub = pb_grpc.PasidBrokerStub(self._channel)
+        self._admin = pb_grpc.PasidAdminStub(self._channel)
 
     async def close(self) -> None:
         await self._channel.close()
@@ -218,14 +235,15 @@ class AsyncClient:
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 
+    async def _admin_unary(self, method: Any, request: Any) -> Any:
+        try:
+            return await method(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise from_admin_rpc_error(exc) from None
+
     async def info(self) -> Info:
         """Backend, pasid_bits, capacity, use and quotas. Raises Unavailable."""
         return Info.from_pb(await self._unary(self._stub.GetInfo, pb.GetInfoRequest()))
-
-    async def list_all(self) -> list[SetView]:
-        """Every set on the broker. Raises Unavailable."""
-        resp = await self._unary(self._stub.List, pb.ListRequest(all_sets=True))
-        return [SetView.from_pb(s) for s in resp.sets]
 
     async def alloc(
         self, session_id: int, token: str, min: int, max: int, count: int = 1
@@ -249,6 +267,54 @@ class AsyncClient:
         ref = pb.SessionRef(session_id=session_id, token=token)
         resp = await self._unary(self._stub.List, pb.ListRequest(session=ref))
         return SetView.from_pb(resp.sets[0])
+
+    async def pasid_request(
+        self, session_id: int, token: str, argsz: int, flags: int, min: int, max: int
+    ) -> int:
+        """VFIO_IOMMU_PASID_REQUEST for a session held elsewhere; as AsyncSession's."""
+        ref = pb.SessionRef(session_id=session_id, token=token)
+        req = pb.PasidRequestMessage(session=ref, argsz=argsz, flags=flags, min=min, max=max)
+        return int((await self._unary(self._stub.PasidRequest, req)).ret)
+
+    async def watch(self, from_revision: int = 0) -> AsyncIterator[Event]:
+        """Events from `from_revision` (0: from now on), replayed then live. Raises
+        OutOfRange (with .oldest_revision) for a compacted revision, Unavailable."""
+        call = self._stub.Watch(pb.WatchRequest(from_revision=from_revision))
+        try:
+            async for m in call:
+                yield Event.from_pb(m)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        finally:
+            call.cancel()
+
+    # -- admin (on the admin socket) --------------------------------------------------
+
+    async def list_sets(self, with_ranges: bool = True) -> list[SetView]:
+        """Every set with owner, peer, counts. Admin socket; else PermissionDenied."""
+        resp = await self._admin_unary(
+            self._admin.ListSets, pb.ListSetsRequest(with_ranges=with_ranges)
+        )
+        return [SetView.from_pb(s) for s in resp.sets]
+
+    async def revoke(self, set_id: int, reason: str = "") -> int:
+        """Destroy a set now; returns how many PASIDs it held. Raises NotFound,
+        PermissionDenied."""
+        resp = await self._admin_unary(
+            self._admin.RevokeSet, pb.RevokeSetRequest(set_id=set_id, reason=reason)
+        )
+        return int(resp.freed)
+
+    async def set_quotas(
+        self, per_set: int, per_client: int = 0, global_: int = 0, set_id: int = 0
+    ) -> Info:
+        """Change quotas until restart (all sets, or one with set_id). Raises NotFound,
+        PermissionDenied."""
+        q = pb.Quotas(per_set=per_set, per_client=per_client, **{"global": global_})
+        resp = await self._admin_unary(
+            self._admin.SetQuotas, pb.SetQuotasRequest(set_id=set_id, quotas=q)
+        )
+        return Info.from_pb(resp)
 
 
 async def _finished(call: Any) -> grpc.RpcError:

@@ -8,10 +8,12 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
 
+from pasid_client import address
 from pasid_client.errors import PasidClientError
 from pasid_client.sync import Client
 from pasid_client.types import ALL, SetView
@@ -91,9 +93,14 @@ def cmd_free(c: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin(args: argparse.Namespace) -> Client:
+    return Client(address.resolve_admin(args.admin_socket, args.socket), timeout=args.timeout)
+
+
 def cmd_list(c: Client, args: argparse.Namespace) -> int:
     if args.all or not (args.session or os.environ.get("PASID_SESSION_ID")):
-        sets = c.list_all()
+        with _admin(args) as a:
+            sets = a.list_sets()
     else:
         sid, token = _session_ref(args)
         sets = [c.list_session(sid, token)]
@@ -108,6 +115,103 @@ def cmd_list(c: Client, args: argparse.Namespace) -> int:
         return "\n".join(lines)
 
     _emit(args, {"sets": [_set_dict(s) for s in sets]}, text)
+    return 0
+
+
+def _sets_table(sets: Sequence[SetView]) -> str:
+    lines = [
+        f"{'SET':>6} {'STATE':9} {'CLIENT':20} {'PID':>7} {'PEER':14} {'COUNT':>7}"
+        f" {'QUOTA':>6}  PASIDS"
+    ]
+    for s in sets:
+        lines.append(
+            f"{s.set_id:>6} {s.state:9} {s.client[:20]:20} {s.pid:>7} {s.peer[:14]:14}"
+            f" {s.count:>7} {s.quota:>6}  {_fmt_ranges(s.ranges)}"
+        )
+    return "\n".join(lines)
+
+
+def cmd_sets(c: Client, args: argparse.Namespace) -> int:
+    with _admin(args) as a:
+        sets = sorted(a.list_sets(), key=lambda v: -v.count)
+    _emit(args, {"sets": [_set_dict(s) for s in sets]}, lambda: _sets_table(sets))
+    return 0
+
+
+def cmd_revoke(c: Client, args: argparse.Namespace) -> int:
+    with _admin(args) as a:
+        n = a.revoke(args.set_id, args.reason)
+    _emit(
+        args,
+        {"set_id": args.set_id, "freed": n},
+        lambda: f"revoked set {args.set_id}: {n} PASIDs freed",
+    )
+    return 0
+
+
+def cmd_quota(c: Client, args: argparse.Namespace) -> int:
+    with _admin(args) as a:
+        cur = c.info().quotas if args.set_id == 0 else None
+        per_client = (
+            args.per_client if args.per_client is not None else (cur.per_client if cur else 0)
+        )
+        global_ = args.global_ if args.global_ is not None else (cur.global_ if cur else 0)
+        per_set = args.per_set if args.per_set is not None else (cur.per_set if cur else 0)
+        info = a.set_quotas(per_set, per_client, global_, args.set_id)
+    q = info.quotas
+    data = {
+        "set_id": args.set_id,
+        "quotas": {"per_set": q.per_set, "per_client": q.per_client, "global": q.global_},
+    }
+    _emit(
+        args,
+        data,
+        lambda: (
+            f"quotas: per set {q.per_set}, per client {q.per_client},"
+            f" global {q.global_}" + (f" (set {args.set_id}: {per_set})" if args.set_id else "")
+        ),
+    )
+    return 0
+
+
+def cmd_request(c: Client, args: argparse.Namespace) -> int:
+    sid, token = _session_ref(args)
+    ret = c.pasid_request(sid, token, args.argsz, args.flags, args.min, args.max)
+    _emit(args, {"ret": ret}, lambda: str(ret))
+    return 0
+
+
+def cmd_watch(c: Client, args: argparse.Namespace) -> int:
+    n = 0
+    try:
+        for ev in c.watch(args.from_revision):
+            if args.json:
+                print(
+                    json.dumps(
+                        {
+                            "revision": ev.revision,
+                            "ts": ev.ts_unix,
+                            "kind": ev.kind,
+                            "set_id": ev.set_id,
+                            "ranges": [list(r) for r in ev.ranges],
+                            "reason": ev.reason,
+                        }
+                    ),
+                    flush=True,
+                )
+            else:
+                when = time.strftime("%H:%M:%S", time.localtime(ev.ts_unix))
+                extra = f"  ({ev.reason})" if ev.reason else ""
+                print(
+                    f"{ev.revision:>8} {when} {ev.kind:14} set {ev.set_id:<6}"
+                    f" {_fmt_ranges(ev.ranges)}{extra}",
+                    flush=True,
+                )
+            n += 1
+            if args.count and n >= args.count:
+                break
+    except KeyboardInterrupt:
+        pass
     return 0
 
 
@@ -150,6 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--address", help="gRPC target instead, e.g. unix:/path or host:port [PASID_BROKER_ADDRESS]"
     )
+    common.add_argument(
+        "--admin-socket",
+        help="the broker's admin socket, for sets, revoke, "
+        "quota and list --all [PASID_BROKER_ADMIN_SOCKET; default admin.sock "
+        "beside the socket]",
+    )
     common.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
     sess = argparse.ArgumentParser(add_help=False)
     sess.add_argument("--session", help="session id [PASID_SESSION_ID]")
@@ -186,6 +296,49 @@ def build_parser() -> argparse.ArgumentParser:
         help="a session's set, or every set (the default without a session)",
     )
     li.add_argument("--all", action="store_true", help="every set on the broker")
+    w = sub.add_parser(
+        "watch",
+        parents=[common],
+        help="follow the event log (alloc, free, sets created and destroyed)",
+    )
+    w.add_argument(
+        "--from",
+        dest="from_revision",
+        type=int,
+        default=0,
+        help="replay from this revision first (0: only new events)",
+    )
+    w.add_argument("--count", type=int, default=0, help="stop after this many events")
+    sub.add_parser(
+        "sets", parents=[common], help="every set with owner, pid, peer and counts (admin socket)"
+    )
+    r = sub.add_parser(
+        "revoke",
+        parents=[common],
+        help="destroy a set now; its holder's stream ends (admin socket)",
+    )
+    r.add_argument("set_id", type=int)
+    r.add_argument("--reason", default="", help="recorded in the event log")
+    qp = sub.add_parser(
+        "quota",
+        parents=[common],
+        help="change quotas until restart, for all sets or one (admin socket)",
+    )
+    qp.add_argument("--set", dest="set_id", type=int, default=0, help="only this set")
+    qp.add_argument("--per-set", type=int, default=None)
+    qp.add_argument("--per-client", type=int, default=None)
+    qp.add_argument("--global", dest="global_", type=int, default=None)
+    rq = sub.add_parser(
+        "request",
+        parents=[common, sess],
+        help="VFIO_IOMMU_PASID_REQUEST as the ioctl: prints the PASID (ALLOC) or 0 (FREE)",
+    )
+    rq.add_argument(
+        "--flags", type=lambda v: int(v, 0), required=True, help="1 = ALLOC_PASID, 2 = FREE_PASID"
+    )
+    rq.add_argument("--min", type=int, required=True)
+    rq.add_argument("--max", type=int, required=True)
+    rq.add_argument("--argsz", type=int, default=16, help="the struct size the caller passes")
     h = sub.add_parser(
         "hold",
         parents=[common, rng],
@@ -208,6 +361,11 @@ COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "free": cmd_free,
     "list": cmd_list,
     "hold": cmd_hold,
+    "watch": cmd_watch,
+    "sets": cmd_sets,
+    "revoke": cmd_revoke,
+    "quota": cmd_quota,
+    "request": cmd_request,
 }
 
 

@@ -12,11 +12,15 @@ import grpc
 class PasidClientError(Exception):
     """Any failure the broker reported (or the transport, as Unavailable)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, reason: str = "") -> None:
+    def __init__(
+        self, code: grpc.StatusCode, message: str, reason: str = "", errno: int = 0
+    ) -> None:
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
         self.reason = reason
+        # The errno VFIO_IOMMU_PASID_REQUEST would have returned (0 when not known).
+        self.errno = errno
 
 
 class InvalidArgument(PasidClientError):
@@ -35,9 +39,15 @@ class QuotaExceeded(ResourceExhausted):
     """RESOURCE_EXHAUSTED: a quota; `quota` is "set", "client" or "global"."""
 
     def __init__(
-        self, code: grpc.StatusCode, message: str, reason: str, quota: str, limit: int
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        reason: str,
+        quota: str,
+        limit: int,
+        errno: int = 0,
     ) -> None:
-        super().__init__(code, message, reason)
+        super().__init__(code, message, reason, errno)
         self.quota = quota
         self.limit = limit
 
@@ -48,6 +58,20 @@ class NotFound(PasidClientError):
 
 class FailedPrecondition(PasidClientError):
     """FAILED_PRECONDITION: unsupported by the backend, or a conflicting state."""
+
+
+class OutOfRange(PasidClientError):
+    """OUT_OF_RANGE: a Watch from a compacted revision; `oldest_revision` is available."""
+
+    oldest_revision: int = 0
+
+
+class PermissionDenied(PasidClientError):
+    """PERMISSION_DENIED (or UNIMPLEMENTED admin calls): use the admin socket."""
+
+
+class Aborted(PasidClientError):
+    """ABORTED: the broker took the session's set (revoked, or its process exited)."""
 
 
 class Unavailable(PasidClientError):
@@ -65,16 +89,24 @@ _BY_CODE: dict[grpc.StatusCode, type[PasidClientError]] = {
     grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.OUT_OF_RANGE: OutOfRange,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.ABORTED: Aborted,
 }
 
 
 def make_error(
-    code: grpc.StatusCode, message: str, reason: str = "", quota: str = "", limit: int = 0
+    code: grpc.StatusCode,
+    message: str,
+    reason: str = "",
+    quota: str = "",
+    limit: int = 0,
+    errno: int = 0,
 ) -> PasidClientError:
     if reason == "QUOTA_EXCEEDED":
-        return QuotaExceeded(code, message, reason, quota, limit)
+        return QuotaExceeded(code, message, reason, quota, limit, errno)
     cls = _BY_REASON.get(reason) or _BY_CODE.get(code, PasidClientError)
-    return cls(code, message, reason)
+    return cls(code, message, reason, errno)
 
 
 def from_rpc_error(exc: grpc.RpcError) -> PasidClientError:
@@ -82,13 +114,17 @@ def from_rpc_error(exc: grpc.RpcError) -> PasidClientError:
     code: grpc.StatusCode = exc.code()
     details: str = exc.details() or ""
     md = dict(exc.trailing_metadata() or ())
-    return make_error(
+    err = make_error(
         code,
         details,
         str(md.get("pasid-reason", "")),
         str(md.get("pasid-quota", "")),
         int(md.get("pasid-limit", 0) or 0),
+        int(md.get("pasid-errno", 0) or 0),
     )
+    if isinstance(err, OutOfRange):
+        err.oldest_revision = int(md.get("pasid-oldest-revision", 0) or 0)
+    return err
 
 
 def from_status_code_int(code: int) -> grpc.StatusCode:
@@ -96,3 +132,12 @@ def from_status_code_int(code: int) -> grpc.StatusCode:
         if c.value[0] == code:
             return c
     return grpc.StatusCode.UNKNOWN
+
+
+def from_admin_rpc_error(exc: grpc.RpcError) -> PasidClientError:
+    """As from_rpc_error; UNIMPLEMENTED means the admin service is not on this socket."""
+    if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+        return PermissionDenied(
+            grpc.StatusCode.UNIMPLEMENTED, "admin calls are served only on the admin socket"
+        )
+    return from_rpc_error(exc)

@@ -19,8 +19,8 @@ from pasid.v1 import broker_pb2_grpc as pb_grpc
 
 from pasid_client import address as _address
 from pasid_client.aio import _error_of
-from pasid_client.errors import Unavailable, from_rpc_error
-from pasid_client.types import ALL, Info, SetView
+from pasid_client.errors import Unavailable, from_admin_rpc_error, from_rpc_error
+from pasid_client.types import ALL, Event, Info, SetView
 
 
 class Session:
@@ -73,6 +73,12 @@ class Session:
         """As AsyncSession.free. Raises InvalidRange."""
         return int(self._request(free=pb.FreeRequest(min=min, max=max)).free.freed)
 
+    def pasid_request(self, argsz: int, flags: int, min: int, max: int) -> int:
+        """VFIO_IOMMU_PASID_REQUEST on this session: the PASID for ALLOC, 0 for FREE.
+        Raises InvalidArgument (errno EINVAL), ResourceExhausted, QuotaExceeded."""
+        req = pb.PasidRequestMessage(argsz=argsz, flags=flags, min=min, max=max)
+        return int(self._request(request=req).request.ret)
+
     def list(self) -> SetView:
         """This session's set."""
         return SetView.from_pb(self._request(list=pb.ListRequest()).list.sets[0])
@@ -102,12 +108,20 @@ class Client:
     """A blocking connection to the broker; see AsyncClient for each call's meaning."""
 
     def __init__(
-        self, address: str | None = None, *, socket: str | None = None, timeout: float = 10.0
+        self,
+        address: str | None = None,
+        *,
+        socket: str | None = None,
+        timeout: float = 10.0,
+        keepalive_seconds: float = 10.0,
     ) -> None:
         self.target = _address.resolve(address, socket)
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(self.target, options=_address.KEEPALIVE_OPTIONS)
+        self._channel = grpc.insecure_channel(
+            self.target, options=_address.keepalive_options(keepalive_seconds)
+        )
         self._stub = pb_grpc.PasidBrokerStub(self._channel)
+        self._admin = pb_grpc.PasidAdminStub(self._channel)
 
     def close(self) -> None:
         self._channel.close()
@@ -125,6 +139,12 @@ class Client:
             return method(request, timeout=self.timeout)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
+
+    def _admin_unary(self, method: Any, request: Any) -> Any:
+        try:
+            return method(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise from_admin_rpc_error(exc) from None
 
     def session(
         self,
@@ -150,11 +170,6 @@ class Client:
         """Raises Unavailable."""
         return Info.from_pb(self._unary(self._stub.GetInfo, pb.GetInfoRequest()))
 
-    def list_all(self) -> list[SetView]:
-        """Raises Unavailable."""
-        resp = self._unary(self._stub.List, pb.ListRequest(all_sets=True))
-        return [SetView.from_pb(s) for s in resp.sets]
-
     def alloc(self, session_id: int, token: str, min: int, max: int, count: int = 1) -> list[int]:
         """Raises NotFound, InvalidRange, ResourceExhausted, QuotaExceeded."""
         ref = pb.SessionRef(session_id=session_id, token=token)
@@ -174,3 +189,47 @@ class Client:
         """Raises NotFound."""
         ref = pb.SessionRef(session_id=session_id, token=token)
         return SetView.from_pb(self._unary(self._stub.List, pb.ListRequest(session=ref)).sets[0])
+
+    def pasid_request(
+        self, session_id: int, token: str, argsz: int, flags: int, min: int, max: int
+    ) -> int:
+        """VFIO_IOMMU_PASID_REQUEST for a session held elsewhere. Raises as the ioctl
+        fails, with `.errno`; NotFound for a wrong session or token."""
+        ref = pb.SessionRef(session_id=session_id, token=token)
+        req = pb.PasidRequestMessage(session=ref, argsz=argsz, flags=flags, min=min, max=max)
+        return int(self._unary(self._stub.PasidRequest, req).ret)
+
+    def watch(self, from_revision: int = 0) -> Iterator[Event]:
+        """Events from `from_revision` (0: from now on), replayed then live; iterate, and
+        close the iterator to stop. Raises OutOfRange for a compacted revision."""
+        call = self._stub.Watch(pb.WatchRequest(from_revision=from_revision))
+        try:
+            for m in call:
+                yield Event.from_pb(m)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                raise from_rpc_error(exc) from None
+        finally:
+            call.cancel()
+
+    def list_sets(self, with_ranges: bool = True) -> list[SetView]:
+        """Every set (admin socket). Raises PermissionDenied elsewhere."""
+        resp = self._admin_unary(self._admin.ListSets, pb.ListSetsRequest(with_ranges=with_ranges))
+        return [SetView.from_pb(s) for s in resp.sets]
+
+    def revoke(self, set_id: int, reason: str = "") -> int:
+        """Destroy a set now (admin socket); returns how many PASIDs it held. Raises
+        NotFound, PermissionDenied."""
+        resp = self._admin_unary(
+            self._admin.RevokeSet, pb.RevokeSetRequest(set_id=set_id, reason=reason)
+        )
+        return int(resp.freed)
+
+    def set_quotas(
+        self, per_set: int, per_client: int = 0, global_: int = 0, set_id: int = 0
+    ) -> Info:
+        """Change quotas until restart (admin socket). Raises NotFound, PermissionDenied."""
+        q = pb.Quotas(per_set=per_set, per_client=per_client, **{"global": global_})
+        return Info.from_pb(
+            self._admin_unary(self._admin.SetQuotas, pb.SetQuotasRequest(set_id=set_id, quotas=q))
+        )

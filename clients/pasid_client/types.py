@@ -55,6 +55,9 @@ class SetView:
     ranges: tuple[tuple[int, int], ...]
     state: str
     created_unix: float
+    peer: str = ""
+    quota: int = 0
+    grace_seconds: int = 0
 
     @classmethod
     def from_pb(cls, m: pb.SetInfo) -> SetView:
@@ -67,6 +70,36 @@ class SetView:
             tuple((r.min, r.max) for r in m.ranges),
             m.state,
             m.created_unix,
+            m.peer,
+            m.quota,
+            m.grace_seconds,
+        )
+
+    def pasids(self) -> Iterator[int]:
+        for lo, hi in self.ranges:
+            yield from range(lo, hi + 1)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One entry of the broker's event log (see PasidBroker.Watch)."""
+
+    revision: int
+    ts_unix: float
+    kind: str
+    set_id: int
+    ranges: tuple[tuple[int, int], ...]
+    reason: str
+
+    @classmethod
+    def from_pb(cls, m: pb.WatchEvent) -> Event:
+        return cls(
+            m.revision,
+            m.ts_unix,
+            m.kind,
+            m.set_id,
+            tuple((r.min, r.max) for r in m.pasids),
+            m.reason,
         )
 
     def pasids(self) -> Iterator[int]:

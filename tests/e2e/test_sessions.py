@@ -59,12 +59,12 @@ def test_unary_calls_act_on_a_session_held_elsewhere(client: Client) -> None:
         client.alloc(s.session_id, s.token, 1, 5)
 
 
-def test_closing_a_session_frees_its_set(client: Client) -> None:
+def test_closing_a_session_frees_its_set(client: Client, admin: Client) -> None:
     with client.session("vm1") as s:
         s.alloc(1, 1000, count=50)
         assert client.info().in_use == 50
     wait_until(lambda: client.info().in_use == 0, 5, what="set destroyed on close")
-    assert client.list_all() == []
+    assert admin.list_sets() == []
 
 
 def test_async_client_pipelines_in_order(broker: BrokerProcess) -> None:
@@ -93,8 +93,8 @@ def test_two_sessions_never_share_a_pasid(broker: BrokerProcess) -> None:
         for i in range(len(held)):
             for j in range(i + 1, len(held)):
                 assert not held[i] & held[j]
-        with Client(broker.address) as c:
-            sets = c.list_all()
+        with Client(broker.address) as c, Client(broker.admin_address) as a:
+            sets = a.list_sets()
             assert sorted(len(list(s.pasids())) for s in sets) == [40] * 4
             every = [p for s in sets for p in s.pasids()]
             assert len(every) == len(set(every)) == c.info().in_use
@@ -104,25 +104,25 @@ def test_two_sessions_never_share_a_pasid(broker: BrokerProcess) -> None:
             p.wait()
 
 
-def test_sigkilled_client_pasids_are_released(broker: BrokerProcess) -> None:
+def test_sigkilled_client_pasids_are_released(broker: BrokerProcess, admin: Client) -> None:
     proc, info = spawn_holder(broker, 25)
     with Client(broker.address) as c:
         assert c.info().in_use == 25
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         wait_until(lambda: c.info().in_use == 0, 5, what="release after SIGKILL")
-        assert c.list_all() == []
+        assert admin.list_sets() == []
         with c.session("next") as s:  # the freed PASIDs are handed out again
             assert s.alloc(1, 100, count=25) == info["pasids"]
 
 
-def test_grace_session_survives_its_stream_and_resumes(client: Client) -> None:
+def test_grace_session_survives_its_stream_and_resumes(client: Client, admin: Client) -> None:
     s = client.session("vmm", grace_seconds=30)
     got = s.alloc(1, 100, count=3)
     token = s.token
     s.close()
     assert client.info().in_use == 3
-    [view] = client.list_all()
+    [view] = admin.list_sets()
     assert view.state == "detached"
     with client.session(resume_token=token) as again:
         assert again.resumed and again.session_id == s.session_id

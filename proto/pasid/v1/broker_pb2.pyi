@@ -294,6 +294,9 @@ class SetInfo(_message.Message):
     RANGES_FIELD_NUMBER: _builtins.int
     CREATED_UNIX_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    PEER_FIELD_NUMBER: _builtins.int
+    QUOTA_FIELD_NUMBER: _builtins.int
+    GRACE_SECONDS_FIELD_NUMBER: _builtins.int
     set_id: _builtins.int
     session_id: _builtins.int
     client: _builtins.str
@@ -302,6 +305,11 @@ class SetInfo(_message.Message):
     created_unix: _builtins.float
     state: _builtins.str
     """"attached" (a stream holds it) or "detached" (in its grace period)."""
+    peer: _builtins.str
+    """Where the holder connected from ("unix:" for the local socket, or ip:port)."""
+    quota: _builtins.int
+    """The set's own quota."""
+    grace_seconds: _builtins.int
     @_builtins.property
     def ranges(self) -> _containers.RepeatedCompositeFieldContainer[Global___PasidRange]: ...
     def __init__(
@@ -315,10 +323,13 @@ class SetInfo(_message.Message):
         ranges: _abc.Iterable[Global___PasidRange] | None = ...,
         created_unix: _builtins.float = ...,
         state: _builtins.str = ...,
+        peer: _builtins.str = ...,
+        quota: _builtins.int = ...,
+        grace_seconds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client", b"client", "count", b"count", "created_unix", b"created_unix", "pid", b"pid", "ranges", b"ranges", "session_id", b"session_id", "set_id", b"set_id", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client", b"client", "count", b"count", "created_unix", b"created_unix", "grace_seconds", b"grace_seconds", "peer", b"peer", "pid", b"pid", "quota", b"quota", "ranges", b"ranges", "session_id", b"session_id", "set_id", b"set_id", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -397,6 +408,7 @@ class GetInfoResponse(_message.Message):
     SETS_FIELD_NUMBER: _builtins.int
     QUOTAS_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
     backend: _builtins.str
     pasid_bits: _builtins.int
     capacity: _builtins.int
@@ -406,6 +418,8 @@ class GetInfoResponse(_message.Message):
     sessions: _builtins.int
     sets: _builtins.int
     version: _builtins.str
+    revision: _builtins.int
+    """The last committed event revision (Watch from revision + 1 to follow from here)."""
     @_builtins.property
     def quotas(self) -> Global___Quotas: ...
     def __init__(
@@ -420,14 +434,219 @@ class GetInfoResponse(_message.Message):
         sets: _builtins.int = ...,
         quotas: Global___Quotas | None = ...,
         version: _builtins.str = ...,
+        revision: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["quotas", b"quotas"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "capacity", b"capacity", "in_use", b"in_use", "pasid_bits", b"pasid_bits", "quotas", b"quotas", "reserved", b"reserved", "sessions", b"sessions", "sets", b"sets", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "capacity", b"capacity", "in_use", b"in_use", "pasid_bits", b"pasid_bits", "quotas", b"quotas", "reserved", b"reserved", "revision", b"revision", "sessions", b"sessions", "sets", b"sets", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetInfoResponse: _TypeAlias = GetInfoResponse  # noqa: Y015
+
+@_typing.final
+class WatchRequest(_message.Message):
+    """WatchRequest: `from_revision` 0 means "only what commits from now on"."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FROM_REVISION_FIELD_NUMBER: _builtins.int
+    from_revision: _builtins.int
+    def __init__(
+        self,
+        *,
+        from_revision: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_revision", b"from_revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchRequest: _TypeAlias = WatchRequest  # noqa: Y015
+
+@_typing.final
+class WatchEvent(_message.Message):
+    """WatchEvent is one entry of the event log."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVISION_FIELD_NUMBER: _builtins.int
+    TS_UNIX_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    SET_ID_FIELD_NUMBER: _builtins.int
+    PASIDS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    revision: _builtins.int
+    ts_unix: _builtins.float
+    kind: _builtins.str
+    """set_created, alloc, free, set_destroyed (its client ended it), set_reclaimed (the
+    broker took it: grace expired, revoked, client process gone, restart).
+    """
+    set_id: _builtins.int
+    reason: _builtins.str
+    """For set_created the client's name; for set_destroyed/set_reclaimed why."""
+    @_builtins.property
+    def pasids(self) -> _containers.RepeatedCompositeFieldContainer[Global___PasidRange]: ...
+    def __init__(
+        self,
+        *,
+        revision: _builtins.int = ...,
+        ts_unix: _builtins.float = ...,
+        kind: _builtins.str = ...,
+        set_id: _builtins.int = ...,
+        pasids: _abc.Iterable[Global___PasidRange] | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "pasids", b"pasids", "reason", b"reason", "revision", b"revision", "set_id", b"set_id", "ts_unix", b"ts_unix"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchEvent: _TypeAlias = WatchEvent  # noqa: Y015
+
+@_typing.final
+class PasidRequestMessage(_message.Message):
+    """The seed's struct vfio_iommu_type1_pasid_request, field for field."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    ARGSZ_FIELD_NUMBER: _builtins.int
+    FLAGS_FIELD_NUMBER: _builtins.int
+    MIN_FIELD_NUMBER: _builtins.int
+    MAX_FIELD_NUMBER: _builtins.int
+    argsz: _builtins.int
+    flags: _builtins.int
+    """VFIO_IOMMU_FLAG_ALLOC_PASID (1 << 0) or VFIO_IOMMU_FLAG_FREE_PASID (1 << 1)."""
+    min: _builtins.int
+    max: _builtins.int
+    @_builtins.property
+    def session(self) -> Global___SessionRef: ...
+    def __init__(
+        self,
+        *,
+        session: Global___SessionRef | None = ...,
+        argsz: _builtins.int = ...,
+        flags: _builtins.int = ...,
+        min: _builtins.int = ...,
+        max: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["argsz", b"argsz", "flags", b"flags", "max", b"max", "min", b"min", "session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PasidRequestMessage: _TypeAlias = PasidRequestMessage  # noqa: Y015
+
+@_typing.final
+class PasidRequestReply(_message.Message):
+    """PasidRequestReply: what the ioctl would have returned on success."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RET_FIELD_NUMBER: _builtins.int
+    ret: _builtins.int
+    def __init__(
+        self,
+        *,
+        ret: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ret", b"ret"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PasidRequestReply: _TypeAlias = PasidRequestReply  # noqa: Y015
+
+@_typing.final
+class ListSetsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WITH_RANGES_FIELD_NUMBER: _builtins.int
+    with_ranges: _builtins.bool
+    def __init__(
+        self,
+        *,
+        with_ranges: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["with_ranges", b"with_ranges"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSetsRequest: _TypeAlias = ListSetsRequest  # noqa: Y015
+
+@_typing.final
+class RevokeSetRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SET_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    set_id: _builtins.int
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        set_id: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "set_id", b"set_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeSetRequest: _TypeAlias = RevokeSetRequest  # noqa: Y015
+
+@_typing.final
+class RevokeSetResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FREED_FIELD_NUMBER: _builtins.int
+    freed: _builtins.int
+    def __init__(
+        self,
+        *,
+        freed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["freed", b"freed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeSetResponse: _TypeAlias = RevokeSetResponse  # noqa: Y015
+
+@_typing.final
+class SetQuotasRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SET_ID_FIELD_NUMBER: _builtins.int
+    QUOTAS_FIELD_NUMBER: _builtins.int
+    set_id: _builtins.int
+    """0 changes the defaults (per_set for new sets, per_client, global); otherwise only
+    this set's quota (quotas.per_set).
+    """
+    @_builtins.property
+    def quotas(self) -> Global___Quotas: ...
+    def __init__(
+        self,
+        *,
+        set_id: _builtins.int = ...,
+        quotas: Global___Quotas | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["quotas", b"quotas"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["quotas", b"quotas", "set_id", b"set_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetQuotasRequest: _TypeAlias = SetQuotasRequest  # noqa: Y015
 
 @_typing.final
 class SessionRequest(_message.Message):
@@ -440,6 +659,7 @@ class SessionRequest(_message.Message):
     ALLOC_FIELD_NUMBER: _builtins.int
     FREE_FIELD_NUMBER: _builtins.int
     LIST_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
     tag: _builtins.int
     @_builtins.property
     def open(self) -> Global___OpenSession: ...
@@ -449,6 +669,8 @@ class SessionRequest(_message.Message):
     def free(self) -> Global___FreeRequest: ...
     @_builtins.property
     def list(self) -> Global___ListRequest: ...
+    @_builtins.property
+    def request(self) -> Global___PasidRequestMessage: ...
     def __init__(
         self,
         *,
@@ -457,12 +679,13 @@ class SessionRequest(_message.Message):
         alloc: Global___AllocRequest | None = ...,
         free: Global___FreeRequest | None = ...,
         list: Global___ListRequest | None = ...,
+        request: Global___PasidRequestMessage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["alloc", b"alloc", "free", b"free", "list", b"list", "op", b"op", "open", b"open"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["alloc", b"alloc", "free", b"free", "list", b"list", "op", b"op", "open", b"open", "request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alloc", b"alloc", "free", b"free", "list", b"list", "op", b"op", "open", b"open", "tag", b"tag"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alloc", b"alloc", "free", b"free", "list", b"list", "op", b"op", "open", b"open", "request", b"request", "tag", b"tag"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["open", "alloc", "free", "list"]  # noqa: Y015
+    _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["open", "alloc", "free", "list", "request"]  # noqa: Y015
     _WhichOneofArgType_op: _TypeAlias = _typing.Literal["op", b"op"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_op) -> _WhichOneofReturnType_op | None: ...
 
@@ -481,16 +704,19 @@ class Error(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     QUOTA_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
+    ERRNO_FIELD_NUMBER: _builtins.int
     code: _builtins.int
     """A google.rpc.Code / grpc.StatusCode value, e.g. 3 INVALID_ARGUMENT."""
     message: _builtins.str
     reason: _builtins.str
     """Machine-readable cause: INVALID_RANGE, INVALID_ARGUMENT, EXHAUSTED, QUOTA_EXCEEDED,
-    UNSUPPORTED, NOT_FOUND, BACKEND, STORE.
+    UNSUPPORTED, NOT_FOUND, CONFLICT, BACKEND, STORE.
     """
     quota: _builtins.str
     """For QUOTA_EXCEEDED: which quota ("set", "client", "global") and its limit."""
     limit: _builtins.int
+    errno: _builtins.int
+    """The seed's errno for this failure (EINVAL 22, ENOSPC 28, EDQUOT 122, ...)."""
     def __init__(
         self,
         *,
@@ -499,10 +725,11 @@ class Error(_message.Message):
         reason: _builtins.str = ...,
         quota: _builtins.str = ...,
         limit: _builtins.int = ...,
+        errno: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "limit", b"limit", "message", b"message", "quota", b"quota", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "errno", b"errno", "limit", b"limit", "message", b"message", "quota", b"quota", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -518,6 +745,7 @@ class SessionResponse(_message.Message):
     FREE_FIELD_NUMBER: _builtins.int
     LIST_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
     tag: _builtins.int
     @_builtins.property
     def opened(self) -> Global___SessionOpened: ...
@@ -529,6 +757,8 @@ class SessionResponse(_message.Message):
     def list(self) -> Global___ListResponse: ...
     @_builtins.property
     def error(self) -> Global___Error: ...
+    @_builtins.property
+    def request(self) -> Global___PasidRequestReply: ...
     def __init__(
         self,
         *,
@@ -538,12 +768,13 @@ class SessionResponse(_message.Message):
         free: Global___FreeResponse | None = ...,
         list: Global___ListResponse | None = ...,
         error: Global___Error | None = ...,
+        request: Global___PasidRequestReply | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["alloc", b"alloc", "error", b"error", "free", b"free", "list", b"list", "opened", b"opened", "result", b"result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["alloc", b"alloc", "error", b"error", "free", b"free", "list", b"list", "opened", b"opened", "request", b"request", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alloc", b"alloc", "error", b"error", "free", b"free", "list", b"list", "opened", b"opened", "result", b"result", "tag", b"tag"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alloc", b"alloc", "error", b"error", "free", b"free", "list", b"list", "opened", b"opened", "request", b"request", "result", b"result", "tag", b"tag"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["opened", "alloc", "free", "list", "error"]  # noqa: Y015
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["opened", "alloc", "free", "list", "error", "request"]  # noqa: Y015
     _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
 

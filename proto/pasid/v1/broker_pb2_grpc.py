@@ -62,6 +62,16 @@ class PasidBrokerStub:
                 request_serializer=pasid_dot_v1_dot_broker__pb2.GetInfoRequest.SerializeToString,
                 response_deserializer=pasid_dot_v1_dot_broker__pb2.GetInfoResponse.FromString,
                 _registered_method=True)
+        self.Watch = channel.unary_stream(
+                '/pasid.v1.PasidBroker/Watch',
+                request_serializer=pasid_dot_v1_dot_broker__pb2.WatchRequest.SerializeToString,
+                response_deserializer=pasid_dot_v1_dot_broker__pb2.WatchEvent.FromString,
+                _registered_method=True)
+        self.PasidRequest = channel.unary_unary(
+                '/pasid.v1.PasidBroker/PasidRequest',
+                request_serializer=pasid_dot_v1_dot_broker__pb2.PasidRequestMessage.SerializeToString,
+                response_deserializer=pasid_dot_v1_dot_broker__pb2.PasidRequestReply.FromString,
+                _registered_method=True)
 
 
 class PasidBrokerServicer:
@@ -112,6 +122,26 @@ class PasidBrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Watch(self, request, context):
+        """Watch streams the event log: first every retained event from `from_revision` on,
+        then new ones as they commit, without gap or duplicate across the switch. Asking
+        for a revision older than the log retains is OUT_OF_RANGE (its message and the
+        `pasid-oldest-revision` trailing metadata give the oldest one available).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PasidRequest(self, request, context):
+        """PasidRequest is VFIO_IOMMU_PASID_REQUEST line for line, on a session held elsewhere
+        (the same request travels on the Session stream too). The seed's checks apply as
+        they are: argsz >= 16, flags within ALLOC|FREE and exactly one of them, min <= max,
+        both < 2^pasid_bits (for FREE too). Returns the PASID for ALLOC and 0 for FREE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PasidBrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -139,6 +169,16 @@ def add_PasidBrokerServicer_to_server(servicer, server):
                     servicer.GetInfo,
                     request_deserializer=pasid_dot_v1_dot_broker__pb2.GetInfoRequest.FromString,
                     response_serializer=pasid_dot_v1_dot_broker__pb2.GetInfoResponse.SerializeToString,
+            ),
+            'Watch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Watch,
+                    request_deserializer=pasid_dot_v1_dot_broker__pb2.WatchRequest.FromString,
+                    response_serializer=pasid_dot_v1_dot_broker__pb2.WatchEvent.SerializeToString,
+            ),
+            'PasidRequest': grpc.unary_unary_rpc_method_handler(
+                    servicer.PasidRequest,
+                    request_deserializer=pasid_dot_v1_dot_broker__pb2.PasidRequestMessage.FromString,
+                    response_serializer=pasid_dot_v1_dot_broker__pb2.PasidRequestReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -278,6 +318,229 @@ class PasidBroker:
             target,
             '/pasid.v1.PasidBroker/GetInfo',
             pasid_dot_v1_dot_broker__pb2.GetInfoRequest.SerializeToString,
+            pasid_dot_v1_dot_broker__pb2.GetInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Watch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pasid.v1.PasidBroker/Watch',
+            pasid_dot_v1_dot_broker__pb2.WatchRequest.SerializeToString,
+            pasid_dot_v1_dot_broker__pb2.WatchEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PasidRequest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pasid.v1.PasidBroker/PasidRequest',
+            pasid_dot_v1_dot_broker__pb2.PasidRequestMessage.SerializeToString,
+            pasid_dot_v1_dot_broker__pb2.PasidRequestReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class PasidAdminStub:
+    """PasidAdmin is for operators. It is served only on the broker's admin socket
+    (--admin-socket, mode 0600 by default): socket permissions are the credential.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListSets = channel.unary_unary(
+                '/pasid.v1.PasidAdmin/ListSets',
+                request_serializer=pasid_dot_v1_dot_broker__pb2.ListSetsRequest.SerializeToString,
+                response_deserializer=pasid_dot_v1_dot_broker__pb2.ListResponse.FromString,
+                _registered_method=True)
+        self.RevokeSet = channel.unary_unary(
+                '/pasid.v1.PasidAdmin/RevokeSet',
+                request_serializer=pasid_dot_v1_dot_broker__pb2.RevokeSetRequest.SerializeToString,
+                response_deserializer=pasid_dot_v1_dot_broker__pb2.RevokeSetResponse.FromString,
+                _registered_method=True)
+        self.SetQuotas = channel.unary_unary(
+                '/pasid.v1.PasidAdmin/SetQuotas',
+                request_serializer=pasid_dot_v1_dot_broker__pb2.SetQuotasRequest.SerializeToString,
+                response_deserializer=pasid_dot_v1_dot_broker__pb2.GetInfoResponse.FromString,
+                _registered_method=True)
+
+
+class PasidAdminServicer:
+    """PasidAdmin is for operators. It is served only on the broker's admin socket
+    (--admin-socket, mode 0600 by default): socket permissions are the credential.
+    """
+
+    def ListSets(self, request, context):
+        """ListSets lists every set with its owner, counts and (optionally) ranges.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeSet(self, request, context):
+        """RevokeSet destroys a set now, whatever its grace; the holder's stream ends with
+        ABORTED and the reason.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetQuotas(self, request, context):
+        """SetQuotas changes quotas at run time (until the next restart, where flags rule):
+        the defaults for all sets, or with `set_id` one set's quota.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_PasidAdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListSets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSets,
+                    request_deserializer=pasid_dot_v1_dot_broker__pb2.ListSetsRequest.FromString,
+                    response_serializer=pasid_dot_v1_dot_broker__pb2.ListResponse.SerializeToString,
+            ),
+            'RevokeSet': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeSet,
+                    request_deserializer=pasid_dot_v1_dot_broker__pb2.RevokeSetRequest.FromString,
+                    response_serializer=pasid_dot_v1_dot_broker__pb2.RevokeSetResponse.SerializeToString,
+            ),
+            'SetQuotas': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetQuotas,
+                    request_deserializer=pasid_dot_v1_dot_broker__pb2.SetQuotasRequest.FromString,
+                    response_serializer=pasid_dot_v1_dot_broker__pb2.GetInfoResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'pasid.v1.PasidAdmin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('pasid.v1.PasidAdmin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class PasidAdmin:
+    """PasidAdmin is for operators. It is served only on the broker's admin socket
+    (--admin-socket, mode 0600 by default): socket permissions are the credential.
+    """
+
+    @staticmethod
+    def ListSets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pasid.v1.PasidAdmin/ListSets',
+            pasid_dot_v1_dot_broker__pb2.ListSetsRequest.SerializeToString,
+            pasid_dot_v1_dot_broker__pb2.ListResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeSet(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pasid.v1.PasidAdmin/RevokeSet',
+            pasid_dot_v1_dot_broker__pb2.RevokeSetRequest.SerializeToString,
+            pasid_dot_v1_dot_broker__pb2.RevokeSetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetQuotas(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pasid.v1.PasidAdmin/SetQuotas',
+            pasid_dot_v1_dot_broker__pb2.SetQuotasRequest.SerializeToString,
             pasid_dot_v1_dot_broker__pb2.GetInfoResponse.FromString,
             options,
             channel_credentials,

@@ -61,6 +61,18 @@ class PasidBrokerStub:
     """List returns the named session's set, or with `all_sets` a listing of every set."""
     GetInfo: _grpc.UnaryUnaryMultiCallable[_broker_pb2.GetInfoRequest, _broker_pb2.GetInfoResponse]
     """GetInfo describes the namespace: backend, pasid_bits, capacity, use and quotas."""
+    Watch: _grpc.UnaryStreamMultiCallable[_broker_pb2.WatchRequest, _broker_pb2.WatchEvent]
+    """Watch streams the event log: first every retained event from `from_revision` on,
+    then new ones as they commit, without gap or duplicate across the switch. Asking
+    for a revision older than the log retains is OUT_OF_RANGE (its message and the
+    `pasid-oldest-revision` trailing metadata give the oldest one available).
+    """
+    PasidRequest: _grpc.UnaryUnaryMultiCallable[_broker_pb2.PasidRequestMessage, _broker_pb2.PasidRequestReply]
+    """PasidRequest is VFIO_IOMMU_PASID_REQUEST line for line, on a session held elsewhere
+    (the same request travels on the Session stream too). The seed's checks apply as
+    they are: argsz >= 16, flags within ALLOC|FREE and exactly one of them, min <= max,
+    both < 2^pasid_bits (for FREE too). Returns the PASID for ALLOC and 0 for FREE.
+    """
 
 @_typing.type_check_only
 class PasidBrokerAsyncStub(PasidBrokerStub):
@@ -90,6 +102,18 @@ class PasidBrokerAsyncStub(PasidBrokerStub):
     """List returns the named session's set, or with `all_sets` a listing of every set."""
     GetInfo: _aio.UnaryUnaryMultiCallable[_broker_pb2.GetInfoRequest, _broker_pb2.GetInfoResponse]  # type: ignore[assignment]
     """GetInfo describes the namespace: backend, pasid_bits, capacity, use and quotas."""
+    Watch: _aio.UnaryStreamMultiCallable[_broker_pb2.WatchRequest, _broker_pb2.WatchEvent]  # type: ignore[assignment]
+    """Watch streams the event log: first every retained event from `from_revision` on,
+    then new ones as they commit, without gap or duplicate across the switch. Asking
+    for a revision older than the log retains is OUT_OF_RANGE (its message and the
+    `pasid-oldest-revision` trailing metadata give the oldest one available).
+    """
+    PasidRequest: _aio.UnaryUnaryMultiCallable[_broker_pb2.PasidRequestMessage, _broker_pb2.PasidRequestReply]  # type: ignore[assignment]
+    """PasidRequest is VFIO_IOMMU_PASID_REQUEST line for line, on a session held elsewhere
+    (the same request travels on the Session stream too). The seed's checks apply as
+    they are: argsz >= 16, flags within ALLOC|FREE and exactly one of them, min <= max,
+    both < 2^pasid_bits (for FREE too). Returns the PASID for ALLOC and 0 for FREE.
+    """
 
 class PasidBrokerServicer(metaclass=_abc_1.ABCMeta):
     """PasidBroker arbitrates the namespace. The Session stream is the primary API: a VMM holds
@@ -147,4 +171,101 @@ class PasidBrokerServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_broker_pb2.GetInfoResponse, _abc.Awaitable[_broker_pb2.GetInfoResponse]]:
         """GetInfo describes the namespace: backend, pasid_bits, capacity, use and quotas."""
 
+    @_abc_1.abstractmethod
+    def Watch(
+        self,
+        request: _broker_pb2.WatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_broker_pb2.WatchEvent], _abc.AsyncIterator[_broker_pb2.WatchEvent]]:
+        """Watch streams the event log: first every retained event from `from_revision` on,
+        then new ones as they commit, without gap or duplicate across the switch. Asking
+        for a revision older than the log retains is OUT_OF_RANGE (its message and the
+        `pasid-oldest-revision` trailing metadata give the oldest one available).
+        """
+
+    @_abc_1.abstractmethod
+    def PasidRequest(
+        self,
+        request: _broker_pb2.PasidRequestMessage,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.PasidRequestReply, _abc.Awaitable[_broker_pb2.PasidRequestReply]]:
+        """PasidRequest is VFIO_IOMMU_PASID_REQUEST line for line, on a session held elsewhere
+        (the same request travels on the Session stream too). The seed's checks apply as
+        they are: argsz >= 16, flags within ALLOC|FREE and exactly one of them, min <= max,
+        both < 2^pasid_bits (for FREE too). Returns the PASID for ALLOC and 0 for FREE.
+        """
+
 def add_PasidBrokerServicer_to_server(servicer: PasidBrokerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class PasidAdminStub:
+    """PasidAdmin is for operators. It is served only on the broker's admin socket
+    (--admin-socket, mode 0600 by default): socket permissions are the credential.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> PasidAdminAsyncStub: ...
+    ListSets: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ListSetsRequest, _broker_pb2.ListResponse]
+    """ListSets lists every set with its owner, counts and (optionally) ranges."""
+    RevokeSet: _grpc.UnaryUnaryMultiCallable[_broker_pb2.RevokeSetRequest, _broker_pb2.RevokeSetResponse]
+    """RevokeSet destroys a set now, whatever its grace; the holder's stream ends with
+    ABORTED and the reason.
+    """
+    SetQuotas: _grpc.UnaryUnaryMultiCallable[_broker_pb2.SetQuotasRequest, _broker_pb2.GetInfoResponse]
+    """SetQuotas changes quotas at run time (until the next restart, where flags rule):
+    the defaults for all sets, or with `set_id` one set's quota.
+    """
+
+@_typing.type_check_only
+class PasidAdminAsyncStub(PasidAdminStub):
+    """PasidAdmin is for operators. It is served only on the broker's admin socket
+    (--admin-socket, mode 0600 by default): socket permissions are the credential.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    ListSets: _aio.UnaryUnaryMultiCallable[_broker_pb2.ListSetsRequest, _broker_pb2.ListResponse]  # type: ignore[assignment]
+    """ListSets lists every set with its owner, counts and (optionally) ranges."""
+    RevokeSet: _aio.UnaryUnaryMultiCallable[_broker_pb2.RevokeSetRequest, _broker_pb2.RevokeSetResponse]  # type: ignore[assignment]
+    """RevokeSet destroys a set now, whatever its grace; the holder's stream ends with
+    ABORTED and the reason.
+    """
+    SetQuotas: _aio.UnaryUnaryMultiCallable[_broker_pb2.SetQuotasRequest, _broker_pb2.GetInfoResponse]  # type: ignore[assignment]
+    """SetQuotas changes quotas at run time (until the next restart, where flags rule):
+    the defaults for all sets, or with `set_id` one set's quota.
+    """
+
+class PasidAdminServicer(metaclass=_abc_1.ABCMeta):
+    """PasidAdmin is for operators. It is served only on the broker's admin socket
+    (--admin-socket, mode 0600 by default): socket permissions are the credential.
+    """
+
+    @_abc_1.abstractmethod
+    def ListSets(
+        self,
+        request: _broker_pb2.ListSetsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.ListResponse, _abc.Awaitable[_broker_pb2.ListResponse]]:
+        """ListSets lists every set with its owner, counts and (optionally) ranges."""
+
+    @_abc_1.abstractmethod
+    def RevokeSet(
+        self,
+        request: _broker_pb2.RevokeSetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.RevokeSetResponse, _abc.Awaitable[_broker_pb2.RevokeSetResponse]]:
+        """RevokeSet destroys a set now, whatever its grace; the holder's stream ends with
+        ABORTED and the reason.
+        """
+
+    @_abc_1.abstractmethod
+    def SetQuotas(
+        self,
+        request: _broker_pb2.SetQuotasRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.GetInfoResponse, _abc.Awaitable[_broker_pb2.GetInfoResponse]]:
+        """SetQuotas changes quotas at run time (until the next restart, where flags rule):
+        the defaults for all sets, or with `set_id` one set's quota.
+        """
+
+def add_PasidAdminServicer_to_server(servicer: PasidAdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
