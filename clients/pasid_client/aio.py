@@ -33,7 +33,9 @@ from pasid_client.types import ALL, Event, Info, SetView
 
 
 def _error_of(err: pb.Error) -> PasidClientError:
-    return make_error(from_status_code_int(err.code), err.message, err.reason, err.quota, err.limit)
+    return make_error(
+        from_status_code_int(err.code), err.message, err.reason, err.quota, err.limit, err.errno
+    )
 
 
 class AsyncSession:

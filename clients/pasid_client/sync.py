@@ -104,6 +104,37 @@ class Session:
         self.close()
 
 
+class WatchStream:
+    """A Watch in progress: an iterator of Events that any thread may close."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+        self._closed = False
+
+    def __iter__(self) -> Iterator[Event]:
+        return self
+
+    def __next__(self) -> Event:
+        try:
+            return Event.from_pb(next(self._call))
+        except grpc.RpcError as exc:
+            if self._closed and exc.code() == grpc.StatusCode.CANCELLED:
+                raise StopIteration from None
+            raise from_rpc_error(exc) from None
+
+    def close(self) -> None:
+        self._closed = True
+        self._call.cancel()
+
+    def __enter__(self) -> WatchStream:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
 class Client:
     """A blocking connection to the broker; see AsyncClient for each call's meaning."""
 
@@ -199,18 +230,11 @@ class Client:
         req = pb.PasidRequestMessage(session=ref, argsz=argsz, flags=flags, min=min, max=max)
         return int(self._unary(self._stub.PasidRequest, req).ret)
 
-    def watch(self, from_revision: int = 0) -> Iterator[Event]:
-        """Events from `from_revision` (0: from now on), replayed then live; iterate, and
-        close the iterator to stop. Raises OutOfRange for a compacted revision."""
-        call = self._stub.Watch(pb.WatchRequest(from_revision=from_revision))
-        try:
-            for m in call:
-                yield Event.from_pb(m)
-        except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.CANCELLED:
-                raise from_rpc_error(exc) from None
-        finally:
-            call.cancel()
+    def watch(self, from_revision: int = 0) -> WatchStream:
+        """Events from `from_revision` (0: from now on), replayed then live. Iterate it;
+        `close()` (from any thread) ends it. Iterating raises OutOfRange for a compacted
+        revision, Unavailable when the broker goes away."""
+        return WatchStream(self._stub.Watch(pb.WatchRequest(from_revision=from_revision)))
 
     def list_sets(self, with_ranges: bool = True) -> list[SetView]:
         """Every set (admin socket). Raises PermissionDenied elsewhere."""

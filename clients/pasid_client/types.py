@@ -28,6 +28,8 @@ class Info:
     sets: int
     quotas: Quotas
     version: str
+    # The last committed event revision: Watch(revision + 1) follows from here.
+    revision: int = 0
 
     @classmethod
     def from_pb(cls, m: pb.GetInfoResponse) -> Info:
@@ -42,6 +44,7 @@ class Info:
             m.sets,
             Quotas(q.per_set, q.per_client, getattr(q, "global")),
             m.version,
+            m.revision,
         )
 
 

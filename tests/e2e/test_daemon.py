@@ -43,7 +43,18 @@ def test_pasidctl_help_covers_every_command() -> None:
         check=True,
         cwd=ROOT,
     ).stdout
-    for cmd in ("info", "alloc", "free", "list", "hold"):
+    for cmd in (
+        "info",
+        "alloc",
+        "free",
+        "list",
+        "hold",
+        "watch",
+        "sets",
+        "revoke",
+        "quota",
+        "request",
+    ):
         assert re.search(rf"^\s+{cmd}\s+\S", out, re.M), f"pasidctl {cmd} undocumented"
         sub = subprocess.run(
             [sys.executable, "-m", "pasid_client.cli", cmd, "--help"],
@@ -126,3 +137,49 @@ def test_sigterm_drains_and_keeps_sets_for_restart(
             assert c2.info().in_use == 2
             with c2.session(resume_token=token) as again:
                 assert list(again.list().pasids()) == got
+
+
+def test_pasidctl_admin_watch_and_request(broker: BrokerProcess) -> None:
+    import json
+
+    def ctl(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "pasid_client.cli", *args, "--socket", broker.socket],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
+
+    with Client(broker.address) as c:
+        s = c.session("vmm", grace_seconds=30)
+        ref = ("--session", str(s.session_id), "--token", s.token)
+        assert ctl("request", "--flags", "1", "--min", "7", "--max", "9", *ref).stdout == "7\n"
+        bad = ctl("request", "--flags", "3", "--min", "7", "--max", "9", "--json", *ref)
+        assert bad.returncode == 1
+        assert json.loads(bad.stdout)["error"]["code"] == "INVALID_ARGUMENT"
+        sets = json.loads(ctl("sets", "--json").stdout)["sets"]
+        assert [(x["client"], x["count"], x["peer"]) for x in sets] == [("vmm", 1, "unix:")]
+        q = json.loads(ctl("quota", "--set", str(s.session_id), "--per-set", "5", "--json").stdout)
+        assert q["set_id"] == s.session_id
+        events = [
+            json.loads(line)
+            for line in ctl("watch", "--from", "1", "--count", "2", "--json").stdout.splitlines()
+        ]
+        assert [(e["revision"], e["kind"]) for e in events] == [(1, "set_created"), (2, "alloc")]
+        assert events[1]["ranges"] == [[7, 7]]
+        out = ctl("revoke", str(s.session_id), "--reason", "test")
+        assert out.returncode == 0 and "1 PASIDs freed" in out.stdout
+        assert c.info().in_use == 0
+
+
+def test_tokens_never_reach_the_log(broker: BrokerProcess, client: Client) -> None:
+    s = client.session("vmm", grace_seconds=30)
+    s.alloc(1, 3)
+    token = s.token
+    s.close()
+    with client.session(resume_token=token) as again:
+        again.free()
+    broker.stop()
+    log = broker.read_log()
+    assert "session resumed" in log and "session opened" in log
+    assert token not in log
