@@ -231,3 +231,27 @@ def test_health_transitions_and_sigterm_drain(
         asyncio.run(drain())
     finally:
         sleeper.kill()
+
+
+def test_reflection_lists_the_services_as_grpcurl_would(broker: BrokerProcess) -> None:
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    with grpc.insecure_channel(broker.address) as ch:
+        services = set(ProtoReflectionDescriptorDatabase(ch).get_services())
+        assert {"pasid.v1.PasidBroker", "grpc.health.v1.Health"} <= services
+        assert "pasid.v1.PasidAdmin" not in services  # only on the admin socket
+    with grpc.insecure_channel(broker.admin_address) as ch:
+        db = ProtoReflectionDescriptorDatabase(ch)
+        assert "pasid.v1.PasidAdmin" in set(db.get_services())
+        desc = db.FindFileContainingSymbol("pasid.v1.PasidAdmin")
+        assert desc.package == "pasid.v1"
+
+
+def test_requested_grace_is_capped_by_the_broker(make_broker: Callable[..., BrokerProcess]) -> None:
+    b = make_broker("--max-grace", "7")
+    with Client(b.address) as c, c.session("vmm", grace_seconds=3600) as s:
+        assert s.grace_seconds == 7
+        with Client(b.admin_address) as a:
+            assert [v.grace_seconds for v in a.list_sets()] == [7]
