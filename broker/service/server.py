@@ -75,7 +75,12 @@ def server_options(config: Config) -> list[tuple[str, int]]:
 async def serve(config: Config) -> int:
     lock = acquire_lock(config.db)
     backend = backends.create(
-        config.backend, pasid_bits=config.pasid_bits, kernel_quota=config.kernel_quota
+        config.backend,
+        pasid_bits=config.pasid_bits,
+        kernel_quota=config.kernel_quota,
+        vfio_groups=config.vfio_groups,
+        vfio_pasid_bits=config.vfio_pasid_bits,
+        vfio_fallback=config.vfio_fallback,
     )
     broker = Broker(
         backend,
@@ -118,7 +123,12 @@ async def serve(config: Config) -> int:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "serving",
-            extra={"addresses": ",".join(addresses), "backend": config.backend, "db": config.db},
+            extra={
+                "addresses": ",".join(addresses),
+                # The backend actually serving: a --vfio-fallback may have replaced vfio.
+                "backend": broker.caps.name if broker.caps else config.backend,
+                "db": config.db,
+            },
         )
         await stop.wait()
         log.info("draining", extra={"seconds": config.drain_seconds})
