@@ -314,6 +314,13 @@ class VfioBackend:
 
     def _pasid_bits(self, nesting_bits: int) -> tuple[int, str]:
         if nesting_bits:
+            if self.pasid_bits_override and self.pasid_bits_override != nesting_bits:
+                log.warning(
+                    "vfio backend: --vfio-pasid-bits %d ignored: the kernel's nesting"
+                    " capability says %d",
+                    self.pasid_bits_override,
+                    nesting_bits,
+                )
             return nesting_bits, "nesting capability (VFIO_IOMMU_GET_INFO)"
         if self.pasid_bits_override:
             return self.pasid_bits_override, "config (--vfio-pasid-bits)"

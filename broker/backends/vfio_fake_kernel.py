@@ -126,6 +126,8 @@ class FakePatchedKernel:
                 del self.sets[pid]  # the set is destroyed with its last user
 
     def read_text(self, path: str) -> str:
+        if self.patched and path == "/sys/module/vfio_pasid/parameters/pasid_quota":
+            return f"{self.quota}\n"
         if self.ecap is not None and path == "/sys/class/iommu/dmar0/intel-iommu/ecap":
             return f"{self.ecap:x}\n"
         raise _fail(errno.ENOENT)

@@ -13,6 +13,7 @@ import grpc
 import pytest
 
 from broker.backends import FallbackBackend, SimulatorBackend, create, error_from_errno
+from broker.backends import vfio_uapi as uapi
 from broker.backends.base import errno_name
 from broker.backends.vfio import VfioBackend, pasid_bits_from_ecap
 from broker.backends.vfio_fake_kernel import FakePatchedKernel
@@ -63,6 +64,7 @@ def test_kernel_quota_is_edquot_and_names_the_module_parameter_limit() -> None:
     with pytest.raises(QuotaExceeded) as exc:
         b.alloc(3, 3)
     assert exc.value.kind == "kernel" and "EDQUOT" in exc.value.message
+    assert exc.value.limit == 2  # read from vfio_pasid's pasid_quota parameter
 
 
 def test_range_checks_are_the_kernels_einval() -> None:
@@ -176,3 +178,24 @@ def test_fallback_not_taken_when_the_kernel_serves() -> None:
     b = create("vfio-fake", vfio_fallback="simulator")
     assert b.open().name == "vfio-fake"
     b.close()
+
+
+class _BadChainKernel(FakePatchedKernel):
+    """GET_INFO whose first capability points back at itself."""
+
+    def ioctl(self, fd: int, request: int, arg: int | bytearray) -> int:
+        ret = super().ioctl(fd, request, arg)
+        if request == uapi.VFIO_IOMMU_GET_INFO and isinstance(arg, bytearray) and len(arg) > 24:
+            uapi.vfio_info_cap_header.from_buffer(arg, 24).next = 24
+        return ret
+
+
+def test_a_looping_capability_chain_is_an_error_not_a_hang() -> None:
+    with pytest.raises(BackendError, match="capability chain is malformed at offset 24"):
+        VfioBackend(kernel=_BadChainKernel()).open()
+
+
+def test_argsz_protocol_first_call_too_small() -> None:
+    k = FakePatchedKernel()
+    b = opened(k)
+    assert b.probe["iommu_info"]["argsz"] == 24 + 32 + 64  # asked for, then walked
