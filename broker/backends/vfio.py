@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from broker.backends import vfio_uapi as uapi
 from broker.backends.base import Capabilities, errno_name, error_from_errno
-from broker.core.errors import BackendError, Unsupported
+from broker.core.errors import BackendError, Exhausted, QuotaExceeded, Unsupported
 
 log = logging.getLogger("pasid_broker.vfio")
 
@@ -111,6 +111,9 @@ class VfioBackend:
         self.sysfs_iommu = sysfs_iommu
         self.container_path = f"{vfio_dir}/vfio"
         self.kernel_quota = 0
+        # PASIDs this container holds: the series answers ENOSPC at its pasid_quota too,
+        # and this count is how a refusal is told to be the quota's.
+        self.held = 0
         self.probe: dict[str, Any] = {}
         self._container = -1
         self._group_fds: list[int] = []
@@ -363,10 +366,25 @@ class VfioBackend:
             ) from exc
 
     def alloc(self, lo: int, hi: int) -> int:
-        return self._request(uapi.VFIO_IOMMU_FLAG_ALLOC_PASID, lo, hi, "ALLOC")
+        try:
+            pasid = self._request(uapi.VFIO_IOMMU_FLAG_ALLOC_PASID, lo, hi, "ALLOC")
+        except Exhausted as exc:
+            if self.kernel_quota and self.held >= self.kernel_quota:
+                raise QuotaExceeded(
+                    "kernel",
+                    self.kernel_quota,
+                    f"{exc.message}: the broker holds {self.held}, vfio_pasid's pasid_quota"
+                    f" is {self.kernel_quota} (the kernel counts the broker as one process;"
+                    " raise vfio_pasid.pasid_quota)",
+                ) from exc
+            raise
+        self.held += 1
+        return pasid
 
     def free(self, lo: int, hi: int) -> None:
         self._request(uapi.VFIO_IOMMU_FLAG_FREE_PASID, lo, hi, "FREE")
+        # The broker frees only runs it holds whole (engine._backend_free).
+        self.held = max(0, self.held - (hi - lo + 1))
 
     def replay(self, pasids: Iterable[int]) -> int:
         """After a restart the kernel's set died with the old process: allocate each again."""
@@ -394,3 +412,4 @@ class VfioBackend:
             except OSError as exc:
                 log.warning("vfio backend: close(container) failed: %s", exc)
             self._container = -1
+        self.held = 0

@@ -9,8 +9,9 @@ This models what the series' kernel would answer, from its patches 03, 04 and 07
   chain) plus the series' nesting capability on a TYPE1_NESTING container;
 - VFIO_IOMMU_PASID_REQUEST: argsz/flags -> EINVAL; min > max or a bound >= 2^pasid_bits
   -> EINVAL (the review's `>=`); no nesting -> EOPNOTSUPP; ALLOC gives the lowest free
-  PASID of the range in the caller's per-process set (one vfio_mm per mm), EDQUOT at the
-  pasid_quota, ENOSPC when the range is full; FREE frees what the set owns in the range;
+  PASID of the range in the caller's per-process set (one vfio_mm per mm); ENOSPC when
+  the range is full AND at the pasid_quota (the series' vfio_pasid_alloc() turns any
+  ioasid_alloc() failure, quota included, into -ENOSPC); FREE frees what the set owns in the range;
 - the set is destroyed when the process's last container closes (the series frees a
   process's PASIDs at exit).
 
@@ -256,7 +257,7 @@ class FakePatchedKernel:
         flags = req.flags & uapi.VFIO_PASID_REQUEST_MASK
         if flags == uapi.VFIO_IOMMU_FLAG_ALLOC_PASID:
             if self.quota and ns.used >= self.quota:
-                raise _fail(errno.EDQUOT)
+                raise _fail(errno.ENOSPC)  # INVALID_IOASID from the set's quota
             p = ns.lowest_free(lo, hi)
             if p is None:
                 raise _fail(errno.ENOSPC)

@@ -58,13 +58,20 @@ def test_alloc_free_and_enospc() -> None:
     assert b.alloc(5, 5) == 5
 
 
-def test_kernel_quota_is_edquot_and_names_the_module_parameter_limit() -> None:
-    b = opened(FakePatchedKernel(quota=2))
+def test_kernel_quota_enospc_is_told_apart_from_a_taken_pasid() -> None:
+    k = FakePatchedKernel(quota=2)
+    b = opened(k)
     b.alloc(1, 1), b.alloc(2, 2)
     with pytest.raises(QuotaExceeded) as exc:
         b.alloc(3, 3)
-    assert exc.value.kind == "kernel" and "EDQUOT" in exc.value.message
+    # The series answers ENOSPC at its quota; the backend knows it holds pasid_quota.
+    assert exc.value.kind == "kernel" and "ENOSPC" in exc.value.message
     assert exc.value.limit == 2  # read from vfio_pasid's pasid_quota parameter
+    assert "raise vfio_pasid.pasid_quota" in exc.value.message
+    b.free(2, 2)
+    with pytest.raises(Exhausted):
+        b.alloc(1, 1)  # held by us already: ENOSPC, and not the quota
+    assert b.alloc(3, 3) == 3
 
 
 def test_range_checks_are_the_kernels_einval() -> None:
