@@ -9,6 +9,7 @@ import argparse
 import os
 from dataclasses import dataclass, field
 
+from broker.backends import FALLBACKS
 from broker.backends import NAMES as BACKENDS
 from broker.core import DEFAULT_SET_QUOTA, Quotas
 
@@ -36,6 +37,9 @@ class Config:
     log_format: str = "text"
     log_level: str = "INFO"
     keepalive_seconds: float = 10.0
+    vfio_groups: tuple[str, ...] = ()
+    vfio_pasid_bits: int = 0
+    vfio_fallback: str = "none"
 
 
 def parse_ranges(text: str) -> tuple[tuple[int, int], ...]:
@@ -55,6 +59,15 @@ def admin_socket_path(value: str, socket: str) -> str:
     if value == "off":
         return ""
     return value or os.path.join(os.path.dirname(socket) or ".", "admin.sock")
+
+
+def parse_groups(text: str) -> tuple[str, ...]:
+    """ "5,7" -> ("5", "7"): IOMMU group numbers as /dev/vfio names them."""
+    groups = tuple(filter(None, (g.strip() for g in text.split(","))))
+    for g in groups:
+        if not g.isdigit():
+            raise argparse.ArgumentTypeError(f"IOMMU group {g!r} is not a number")
+    return groups
 
 
 def _env(name: str, default: str) -> str:
@@ -79,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=BACKENDS,
         default=_env("BACKEND", d.backend),
         help="where PASID requests go: 'simulator' models the patched kernel's allocator; "
-        "'vfio' issues VFIO_IOMMU_PASID_REQUEST on a VFIO container [PASID_BROKER_BACKEND]",
+        "'vfio' issues VFIO_IOMMU_PASID_REQUEST on a VFIO container (docs/vfio.md); "
+        "'vfio-fake' is TEST ONLY: the vfio backend over a fake of the patched kernel's ioctls, "
+        "no real PASIDs [PASID_BROKER_BACKEND]",
     )
     a(
         "--db",
@@ -121,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--pasid-bits",
         type=int,
         default=int(_env("PASID_BITS", str(d.pasid_bits))),
-        help="simulator only: PASID width to model (PCIe allows 20) [PASID_BROKER_PASID_BITS]",
+        help="simulator (and the test-only vfio-fake kernel): PASID width to model (PCIe "
+        "allows 20) [PASID_BROKER_PASID_BITS]",
     )
     a(
         "--reserved",
@@ -155,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--kernel-quota",
         type=int,
         default=int(_env("KERNEL_QUOTA", "0")),
-        help="simulator only: model vfio_pasid's pasid_quota module parameter, 0 = no limit "
+        help="simulator and vfio-fake: model vfio_pasid's pasid_quota module parameter, "
+        "0 = no limit "
         "[PASID_BROKER_KERNEL_QUOTA]",
     )
     a(
@@ -183,6 +200,29 @@ def build_parser() -> argparse.ArgumentParser:
         default=float(_env("KEEPALIVE_SECONDS", str(d.keepalive_seconds))),
         help="HTTP/2 ping interval; a silent peer is dropped (and its set destroyed) after "
         "about twice this [PASID_BROKER_KEEPALIVE_SECONDS]",
+    )
+    a(
+        "--vfio-group",
+        type=parse_groups,
+        default=parse_groups(_env("VFIO_GROUP", "")),
+        help="vfio only: IOMMU group number(s) to attach to the container, e.g. '5' or '5,7' "
+        "(/dev/vfio/N; each group's devices bound to vfio-pci); empty = every group in "
+        "/dev/vfio [PASID_BROKER_VFIO_GROUP]",
+    )
+    a(
+        "--vfio-pasid-bits",
+        type=int,
+        default=int(_env("VFIO_PASID_BITS", "0")),
+        help="vfio only: PASID width when the kernel reports no nesting capability, instead "
+        "of the VT-d ecap's PSS+1 from sysfs; 0 = from the kernel [PASID_BROKER_VFIO_PASID_BITS]",
+    )
+    a(
+        "--vfio-fallback",
+        choices=FALLBACKS,
+        default=_env("VFIO_FALLBACK", d.vfio_fallback),
+        help="vfio only: what to do when the kernel cannot serve PASID requests: 'none' "
+        "refuses to start (exit 2); 'simulator' logs a warning and serves from the simulator, "
+        "so PASIDs are arbitrated but NOT allocated in the kernel [PASID_BROKER_VFIO_FALLBACK]",
     )
     a(
         "--log-format",
@@ -219,4 +259,7 @@ def load(argv: list[str] | None = None) -> Config:
         log_format=ns.log_format,
         log_level=ns.log_level,
         keepalive_seconds=ns.keepalive_seconds,
+        vfio_groups=ns.vfio_group,
+        vfio_pasid_bits=ns.vfio_pasid_bits,
+        vfio_fallback=ns.vfio_fallback,
     )

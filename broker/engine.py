@@ -288,10 +288,11 @@ class Broker:
             )
         self.caps = caps
         log.info(
-            "backend %s open: pasid_bits %d from %s",
+            "backend %s open: pasid_bits %d from %s%s",
             caps.name,
             caps.pasid_bits,
             caps.pasid_bits_source,
+            f" ({caps.detail})" if caps.detail else "",
         )
         allocator = Allocator(caps.pasid_bits, reserved=self.reserved_ranges, quotas=self.quotas)
         snap = self.store.open()

@@ -22,6 +22,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
+# The backend the daemons under test use: the daemon reads PASID_BROKER_BACKEND itself, so
+# `PASID_BROKER_BACKEND=vfio-fake pytest tests/e2e` runs the whole suite on the VFIO
+# backend over the test-only fake of the patched kernel (`make test` does both).
+BACKEND = os.environ.get("PASID_BROKER_BACKEND", "simulator")
 
 
 def wait_until(

@@ -7,9 +7,20 @@ the kernel allocator). Plain ints in, plain ints out; failures as broker.core.er
 
 from __future__ import annotations
 
+import errno as _errno
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
+
+from broker.core.errors import (
+    BackendError,
+    Exhausted,
+    InvalidRange,
+    PasidError,
+    QuotaExceeded,
+    Unsupported,
+)
 
 
 @dataclass(frozen=True)
@@ -61,3 +72,30 @@ def replay(backend: Backend, pasids: Iterable[int]) -> int:
             raise RuntimeError(f"backend {backend.name} replayed PASID {p} as {got}")
         n += 1
     return n
+
+
+def errno_name(err: int | None) -> str:
+    """The kernel's name for an errno (Linux's 95 is EOPNOTSUPP in the kernel, not ENOTSUP)."""
+    if err == _errno.EOPNOTSUPP:
+        return "EOPNOTSUPP"
+    return _errno.errorcode.get(err or 0, str(err))
+
+
+def error_from_errno(err: int, what: str, quota: int = 0) -> PasidError:
+    """A kernel errno as the core's exception: the backend half of README's errno table.
+
+    broker/service/status.py maps these exceptions to gRPC; this maps the errno to them,
+    so that a backend never picks a gRPC status itself. `what` names the call and range.
+    """
+    message = f"{what}: {errno_name(err)} ({os.strerror(err)})"
+    if err == _errno.EINVAL:
+        return InvalidRange(message)
+    if err == _errno.ENOSPC:
+        return Exhausted(message)
+    if err == _errno.EDQUOT:
+        return QuotaExceeded("kernel", quota, message)
+    if err in (_errno.EOPNOTSUPP, _errno.ENOTTY):
+        exc = Unsupported(message)
+        exc.errno = err
+        return exc
+    return BackendError(err, message)

@@ -90,7 +90,12 @@ def _grpc_server(
 async def serve(config: Config) -> int:
     lock = acquire_lock(config.db)
     backend = backends.create(
-        config.backend, pasid_bits=config.pasid_bits, kernel_quota=config.kernel_quota
+        config.backend,
+        pasid_bits=config.pasid_bits,
+        kernel_quota=config.kernel_quota,
+        vfio_groups=config.vfio_groups,
+        vfio_pasid_bits=config.vfio_pasid_bits,
+        vfio_fallback=config.vfio_fallback,
     )
     broker = Broker(
         backend,
@@ -141,7 +146,8 @@ async def serve(config: Config) -> int:
             extra={
                 "addresses": ",".join(addresses),
                 "admin": config.admin_socket or "off",
-                "backend": config.backend,
+                # The backend actually serving: a --vfio-fallback may have replaced vfio.
+                "backend": broker.caps.name if broker.caps else config.backend,
                 "db": config.db,
             },
         )

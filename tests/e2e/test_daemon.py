@@ -12,7 +12,7 @@ import pytest
 from pasid_client import Client
 
 from broker.config import build_parser as broker_parser
-from tests.harness import ROOT, BrokerProcess, run_broker_once
+from tests.harness import BACKEND, ROOT, BrokerProcess, run_broker_once
 
 
 def _flags(parser: object) -> set[str]:
@@ -84,7 +84,21 @@ def test_vfio_backend_without_vfio_refuses_clearly(tmp_path: object) -> None:
     )
     assert r.returncode == 2
     assert "cannot start: vfio backend: open(/dev/vfio/vfio) failed: ENOENT" in r.stderr
-    assert "--backend simulator" in r.stderr
+    assert "VFIO_IOMMU_PASID_REQUEST" in r.stderr  # what kernel support is needed
+    assert "--vfio-fallback simulator" in r.stderr and "--backend simulator" in r.stderr
+
+
+def test_vfio_backend_fallback_serves_with_the_simulator(
+    make_broker: Callable[..., BrokerProcess],
+) -> None:
+    if os.path.exists("/dev/vfio/vfio"):
+        pytest.skip("this machine has /dev/vfio/vfio; the fallback is tested where it has not")
+    b = make_broker("--backend", "vfio", "--vfio-fallback", "simulator")
+    with Client(b.address) as c, c.session("vm") as s:
+        assert s.alloc(1, 10) == [1]
+        assert c.info().backend == "simulator"
+    log = b.read_log()
+    assert "backend vfio refused" in log and "NOT allocated in the kernel" in log
 
 
 def test_second_broker_on_the_same_db_refuses(broker: BrokerProcess) -> None:
@@ -108,7 +122,7 @@ def test_pasidctl_json_and_errors(broker: BrokerProcess) -> None:
     with Client(broker.address) as c, c.session("vm") as s:
         s.alloc(1, 10, count=3)
         info = json.loads(ctl("info", "--json").stdout)
-        assert info["in_use"] == 3 and info["backend"] == "simulator"
+        assert info["in_use"] == 3 and info["backend"] == BACKEND
         env_args = ("--session", str(s.session_id), "--token", s.token)
         got = json.loads(ctl("alloc", "--count", "2", "--json", *env_args).stdout)
         assert got["pasids"] == [4, 5]
