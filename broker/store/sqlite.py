@@ -169,8 +169,7 @@ class SqliteStore:
             if before != after:
                 log.info("store schema migrated", extra={"from": before or "empty", "to": after})
             self._check_foreign_keys(conn)
-            # Refuse a store that cannot persist: nothing could be acknowledged.
-            self.set_meta("opened_unix", repr(time.time()))
+            self._check_writable(conn)
             return self._load()
         except SQLAlchemyError as exc:
             self.close()
@@ -187,6 +186,15 @@ class SqliteStore:
             raise StoreError(
                 "SQLITE_CORRUPT: quick_check reports " + "; ".join(str(b) for b in bad)
             )
+
+    def _check_writable(self, conn: Connection) -> None:
+        """Refuse a store that cannot persist: nothing could be acknowledged. The probe
+        write is rolled back, so the file is left as it was."""
+        tx = conn.begin()
+        try:
+            conn.execute(insert(meta).prefix_with("OR REPLACE"), [{"key": "probe", "value": ""}])
+        finally:
+            tx.rollback()
 
     def _check_foreign_keys(self, conn: Connection) -> None:
         """Every allocation belongs to a stored set (foreign_keys=ON only guards writes)."""
