@@ -23,11 +23,26 @@ def test_short_crash_run_finds_nothing_lost_or_held_twice() -> None:
 
 
 @pytest.mark.timeout(300)
+def test_slow_commits_alone_break_no_rule() -> None:
+    """The control for the test below: a slow disk puts more work in flight at each kill,
+    but a broker that waits for its commits still loses nothing."""
+    rep = run(
+        kills=3,
+        workers=4,
+        broker_env={"PASID_BROKER_TEST_FAULTS": "commit_delay_ms=20"},
+        keep=False,
+    )
+    print(rep.summary())
+    assert rep.violations == []
+    assert rep.acked_allocs > 20
+
+
+@pytest.mark.timeout(300)
 def test_crash_test_catches_a_broker_that_acknowledges_before_committing() -> None:
     rep = run(
         kills=6,
         workers=4,
-        broker_env={"PASID_BROKER_TEST_FAULTS": "ack_before_commit"},
+        broker_env={"PASID_BROKER_TEST_FAULTS": "ack_before_commit,commit_delay_ms=20"},
         stop_on_violation=True,
         keep=False,
     )

@@ -14,7 +14,7 @@ from pasid_client import Client
 from sqlalchemy import create_engine
 
 from broker.core import StoreError
-from broker.store import SqliteStore, migrations
+from broker.store import AddPasids, SqliteStore, migrations
 from broker.store.sqlite import metadata
 from tests.harness import BrokerProcess
 
@@ -84,3 +84,26 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     c.close()
     with pytest.raises(StoreError, match=r"schema revision '0099' is unknown"):
         SqliteStore(db).open()
+
+
+def test_a_pre_alembic_database_with_events_is_stamped_0002(tmp_path: Path) -> None:
+    """Databases written by the event-log commit (create_all, no alembic_version)."""
+    db = tmp_path / "b.db"
+    engine = create_engine(f"sqlite:///{db}")
+    metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO sets VALUES (1, 'vm', 0, 1000, 0, 'h', 1.0)")
+        conn.exec_driver_sql("INSERT INTO allocations VALUES (5, 1)")
+        conn.exec_driver_sql(
+            "INSERT INTO events (ts, kind, set_id, pasids, reason) VALUES (1, 'alloc', 1, '5', '')"
+        )
+    engine.dispose()
+    st = SqliteStore(db)
+    snap = st.open()
+    assert snap.holdings == {1: [5]} and snap.revision == 1
+    [ev] = st.commit([AddPasids(1, (6,))])
+    assert ev.revision == 2
+    st.close()
+    with sqlite3.connect(db) as c:
+        assert c.execute("SELECT version_num FROM alembic_version").fetchall() == [("0002",)]
+    c.close()
