@@ -78,7 +78,10 @@ async def serve(config: Config) -> int:
         config.backend, pasid_bits=config.pasid_bits, kernel_quota=config.kernel_quota
     )
     store = SqliteStore(config.db)
-    faults = testfaults.load()
+    try:
+        faults = testfaults.load()
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
     if faults.active:
         log.warning(
             "TEST FAULTS ACTIVE (%s): not for production", testfaults.ENV, extra=vars(faults)
