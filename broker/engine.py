@@ -482,7 +482,11 @@ class Broker:
         freed = self.allocator.free_range(set_id, lo, hi)
         if not freed:
             return _done_future(0)
-        self._backend_free(freed)
+        try:
+            self._backend_free_exact(freed)
+        except BaseException:
+            self.allocator.claim(set_id, freed)
+            raise
 
         def undo() -> None:
             self._backend_alloc_exact(freed)
@@ -511,6 +515,22 @@ class Broker:
         except PasidError:
             self._backend_free(done)
             raise
+
+    def _backend_free_exact(self, pasids: Sequence[int]) -> None:
+        """Make the backend release exactly these PASIDs, all or none (a client's free).
+
+        Unlike _backend_free, a failure is the request's: the runs already released are
+        taken back and the error raised, so the client's set is as it was (a PASID the
+        backend kept must not look free, or the next alloc would be refused for it).
+        """
+        done: list[int] = []
+        for lo, hi in runs(pasids):
+            try:
+                self.backend.free(lo, hi)
+            except PasidError:
+                self._backend_alloc_exact(done)
+                raise
+            done.extend(range(lo, hi + 1))
 
     def _backend_free(self, pasids: Iterable[int]) -> None:
         for lo, hi in runs(pasids):

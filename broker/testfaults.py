@@ -12,6 +12,7 @@ the broker logs a warning naming every active fault. Comma-separated items:
                            holds a number N, the next N allocs succeed first (so that a
                            multi-PASID request fails in its middle). Free is not failed:
                            the undo of a failed request must be able to give PASIDs back
+  backend_free_fail_file=PATH  the same for backend free (alloc then still works)
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class TestFaults:
     ack_before_commit: bool = False
     commit_delay_ms: int = 0
     backend_fail_file: str = ""
+    backend_free_fail_file: str = ""
 
     @property
     def active(self) -> bool:
@@ -50,7 +52,7 @@ def load(environ: dict[str, str] | None = None) -> TestFaults:
             kw[key] = True
         elif key == "commit_delay_ms":
             kw[key] = int(value)
-        elif key == "backend_fail_file":
+        elif key in ("backend_fail_file", "backend_free_fail_file"):
             kw[key] = value
         else:
             raise ValueError(f"{ENV}: unknown fault {key!r}")
@@ -58,20 +60,23 @@ def load(environ: dict[str, str] | None = None) -> TestFaults:
 
 
 class FailingBackend:
-    """Wraps a backend; alloc fails with EIO while the trigger file exists."""
+    """Wraps a backend; alloc (free) fails with EIO while its trigger file exists."""
 
-    def __init__(self, inner: Backend, trigger: str) -> None:
+    def __init__(self, inner: Backend, alloc_trigger: str, free_trigger: str = "") -> None:
         self.inner = inner
         self.name = inner.name
-        self.trigger = Path(trigger)
+        self.triggers = {"alloc": alloc_trigger, "free": free_trigger}
 
     def _maybe_fail(self, op: str, lo: int, hi: int) -> None:
+        if not self.triggers[op]:
+            return
+        trigger = Path(self.triggers[op])
         try:
-            text = self.trigger.read_text().strip()
+            text = trigger.read_text().strip()
         except FileNotFoundError:
             return
         if text.isdigit() and int(text) > 0:
-            self.trigger.write_text(str(int(text) - 1))
+            trigger.write_text(str(int(text) - 1))
             return
         raise BackendError(
             errno.EIO, f"backend {self.name}: {op} [{lo}, {hi}] failed: EIO (injected)"
@@ -85,6 +90,7 @@ class FailingBackend:
         return self.inner.alloc(lo, hi)
 
     def free(self, lo: int, hi: int) -> None:
+        self._maybe_fail("free", lo, hi)
         self.inner.free(lo, hi)
 
     def close(self) -> None:

@@ -86,8 +86,10 @@ async def serve(config: Config) -> int:
         log.warning(
             "TEST FAULTS ACTIVE (%s): not for production", testfaults.ENV, extra=vars(faults)
         )
-        if faults.backend_fail_file:
-            backend = testfaults.FailingBackend(backend, faults.backend_fail_file)
+        if faults.backend_fail_file or faults.backend_free_fail_file:
+            backend = testfaults.FailingBackend(
+                backend, faults.backend_fail_file, faults.backend_free_fail_file
+            )
         if faults.commit_delay_ms:
             store = testfaults.SlowStore(config.db, faults.commit_delay_ms / 1000)
     broker = Broker(

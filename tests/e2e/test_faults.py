@@ -286,3 +286,28 @@ def test_backend_error_mid_request_changes_nothing(tmp_path: Path) -> None:
             assert assert_memory_matches_disk(b) == {s.session_id: [1, 2, 3, 4, 5, 6]}
     finally:
         b.cleanup()
+
+
+def test_backend_error_on_free_changes_nothing(tmp_path: Path) -> None:
+    trigger = tmp_path / "backend-free-fails"
+    b = BrokerProcess(env={FAULTS: f"backend_free_fail_file={trigger}"})
+    try:
+        b.start()
+        with Client(b.address) as c, c.session("vm") as s:
+            assert s.alloc(1, 100, 5) == [1, 2, 3, 4, 5]
+            assert s.free(2, 2) == 1
+            before = assert_memory_matches_disk(b)
+            trigger.write_text("1")  # runs [1, 1] then [3, 5]: the second fails
+            with pytest.raises(Unavailable) as ei:
+                s.free(1, 5)
+            assert ei.value.reason == "BACKEND"
+            assert "free [3, 5] failed: EIO (injected)" in ei.value.message, ei.value
+            assert assert_memory_matches_disk(b) == before  # [1] was taken back
+            assert b.health() == "SERVING"
+            assert s.alloc(1, 100, 1) == [2]  # the allocator and the backend agree
+            trigger.unlink()
+            assert s.free(1, 5) == 5
+            assert s.alloc(1, 100, 2) == [1, 2]  # really released in the backend
+            assert assert_memory_matches_disk(b) == {s.session_id: [1, 2]}
+    finally:
+        b.cleanup()
