@@ -121,6 +121,7 @@ class Ledger:
     allocs: int = 0
     frees: int = 0
     uncertain: int = 0
+    committed_unacked: int = 0  # uncertain ops found committed (the kill beat the answer)
     problems: list[str] = field(default_factory=list)
     _offset: int = 0
 
@@ -154,11 +155,17 @@ class Ledger:
             self.acked.difference_update(self.pending_free.pop(n, set()))
             self.frees += 1
         elif op == "resync":
-            # The broker's answer after a restart settles every uncertain op.
+            # The broker's answer after a restart settles every uncertain op: an alloc
+            # committed if the set gained PASIDs, a free if its targets are gone.
+            now = set(e["pasids"])  # type: ignore[arg-type]
             self.uncertain += len(self.pending_alloc) + len(self.pending_free)
+            if self.pending_alloc and now - self.acked:
+                self.committed_unacked += 1
+            if any(t and not (t & now) for t in self.pending_free.values()):
+                self.committed_unacked += 1
             self.pending_alloc.clear()
             self.pending_free.clear()
-            self.acked = set(e["pasids"])  # type: ignore[arg-type]
+            self.acked = now
             self.connected = True
         elif op == "fail":
             self.connected = False
@@ -199,6 +206,7 @@ class Report:
     acked_allocs: int = 0
     acked_frees: int = 0
     uncertain: int = 0
+    committed_unacked: int = 0
     checks: int = 0
     max_held: int = 0
     restart_seconds: list[float] = field(default_factory=list)
@@ -210,7 +218,8 @@ class Report:
         return (
             f"crash test: {self.kills} broker kills (SIGKILL), {self.worker_kills} worker kills,"
             f" {self.acked_allocs} acknowledged allocs, {self.acked_frees} acknowledged frees,"
-            f" {self.uncertain} uncertain ops resolved, {self.checks} checks,"
+            f" {self.uncertain} in flight at a kill ({self.committed_unacked} of them found"
+            f" committed), {self.checks} checks,"
             f" max {self.max_held} PASIDs held, restart to SERVING median"
             f" {rs[len(rs) // 2]:.2f} s max {rs[-1]:.2f} s, {len(self.violations)} violations,"
             f" {self.elapsed:.1f} s"
@@ -227,7 +236,6 @@ class Workers:
         self.gen_file.write_text("1")
         self.live: dict[int, tuple[subprocess.Popen[bytes], Ledger]] = {}
         self.dead: list[Ledger] = []  # killed on purpose: their sets must go
-        self.retired: list[Ledger] = []
         self._count = 0
 
     def spawn(self) -> None:
@@ -402,17 +410,17 @@ def run(
             ws.wait_started()
     finally:
         ws.stop()
+        b.stop()
         for led in [led for _, led in ws.live.values()] + ws.dead:
             led.update()
             rep.acked_allocs += led.allocs
             rep.acked_frees += led.frees
             rep.uncertain += led.uncertain
+            rep.committed_unacked += led.committed_unacked
         if not (rep.violations and keep):
             b.cleanup()
-        else:
-            b.stop()
-            if log:
-                print(f"kept {b.dir} for inspection")
+        elif log:
+            print(f"kept {b.dir} for inspection")
     rep.elapsed = time.monotonic() - t0
     if log:
         for v in rep.violations[:20]:
