@@ -5,7 +5,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 VAR     ?= var
 
-.PHONY: run test kernel-test lint fmt proto bench clean
+.PHONY: run test kernel-test lint fmt proto bench crash-test clean
 
 $(STAMP): pyproject.toml
 	@python3 -m venv --help >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq python3-venv)
@@ -43,6 +43,12 @@ fmt: $(STAMP)
 
 proto: $(STAMP)
 	$(PY) tools/genproto.py
+
+# The long form of the crash test (the suite runs a short one): 100 SIGKILLs of a broker
+# under 4 clients allocating and freeing at full speed. KILLS=N to change.
+KILLS ?= 100
+crash-test: $(STAMP)
+	$(PY) -m tests.crash.crashtest --kills $(KILLS)
 
 bench: $(STAMP)
 	$(PY) -m bench

@@ -121,10 +121,16 @@ class Journal:
     """
 
     def __init__(
-        self, store: SqliteStore, on_commit: Callable[[list[Event]], None] | None = None
+        self,
+        store: SqliteStore,
+        on_commit: Callable[[list[Event]], None] | None = None,
+        *,
+        ack_before_commit: bool = False,
     ) -> None:
         self._store = store
         self._on_commit = on_commit
+        # A deliberate bug, only for testing the crash test (broker.testfaults).
+        self._ack_before_commit = ack_before_commit
         self._loop = asyncio.get_running_loop()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="pasid-store")
         self._pending: list[_Entry] = []
@@ -134,6 +140,8 @@ class Journal:
 
     def submit(self, record: Record, undo: Callable[[], None], result: T) -> asyncio.Future[T]:
         fut: asyncio.Future[T] = self._loop.create_future()
+        if self._ack_before_commit:
+            fut.set_result(result)
         self._pending.append(_Entry(record, undo, fut, result))
         self._idle.clear()
         if self._inflight is None:
@@ -215,6 +223,7 @@ class Broker:
         max_grace: int = 300,
         restart_grace: int = 10,
         clock: Callable[[], float] = time.time,
+        ack_before_commit: bool = False,
     ) -> None:
         self.backend = backend
         self.store = store
@@ -223,6 +232,7 @@ class Broker:
         self.max_grace = max_grace
         self.restart_grace = restart_grace
         self.clock = clock
+        self.ack_before_commit = ack_before_commit
         self.caps: Capabilities | None = None
         self._allocator: Allocator | None = None
         self._journal: Journal | None = None
@@ -258,7 +268,7 @@ class Broker:
         """
         t0 = time.perf_counter()
         snap, replayed = await asyncio.to_thread(self._recover)
-        self._journal = Journal(self.store, self._publish)
+        self._journal = Journal(self.store, self._publish, ack_before_commit=self.ack_before_commit)
         for sess in list(self._sessions.values()):
             if not _pid_alive(sess.pid):
                 self._destroy(sess, "client exited before restart", "set_reclaimed")
@@ -296,9 +306,6 @@ class Broker:
         )
         allocator = Allocator(caps.pasid_bits, reserved=self.reserved_ranges, quotas=self.quotas)
         snap = self.store.open()
-        stored_bits = snap.meta.get("pasid_bits")
-        if stored_bits != str(caps.pasid_bits):
-            self.store.set_meta("pasid_bits", str(caps.pasid_bits))
         held: list[int] = []
         for row in snap.sets:
             s = allocator.create_set(row.set_id, row.client, row.quota)
@@ -315,6 +322,9 @@ class Broker:
             )
             self._sessions[row.set_id] = sess
             self._by_token[row.token_hash] = sess
+        # Written only once every stored set is known to fit: a refusal changes nothing.
+        if snap.meta.get("pasid_bits") != str(caps.pasid_bits):
+            self.store.set_meta("pasid_bits", str(caps.pasid_bits))
         held.sort()
         replayed = replay(self.backend, held)
         self._next_set_id = snap.next_set_id
@@ -605,7 +615,11 @@ class Broker:
         freed = self.allocator.free_range(set_id, lo, hi)
         if not freed:
             return _done_future(0)
-        self._backend_free(freed)
+        try:
+            self._backend_free_exact(freed)
+        except BaseException:
+            self.allocator.claim(set_id, freed)
+            raise
 
         def undo() -> None:
             self._backend_alloc_exact(freed)
@@ -699,6 +713,22 @@ class Broker:
         except PasidError:
             self._backend_free(done)
             raise
+
+    def _backend_free_exact(self, pasids: Sequence[int]) -> None:
+        """Make the backend release exactly these PASIDs, all or none (a client's free).
+
+        Unlike _backend_free, a failure is the request's: the runs already released are
+        taken back and the error raised, so the client's set is as it was (a PASID the
+        backend kept must not look free, or the next alloc would be refused for it).
+        """
+        done: list[int] = []
+        for lo, hi in runs(pasids):
+            try:
+                self.backend.free(lo, hi)
+            except PasidError:
+                self._backend_alloc_exact(done)
+                raise
+            done.extend(range(lo, hi + 1))
 
     def _backend_free(self, pasids: Iterable[int]) -> None:
         for lo, hi in runs(pasids):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -142,3 +143,41 @@ def run_broker_once(*args: str, timeout: float = 30.0) -> subprocess.CompletedPr
         timeout=timeout,
         cwd=ROOT,
     )
+
+
+def db_holdings(db: str | Path) -> dict[int, list[int]]:
+    """Who holds what, read straight from the SQLite file (not through the broker)."""
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    try:
+        out: dict[int, list[int]] = {s: [] for (s,) in con.execute("SELECT set_id FROM sets")}
+        for set_id, pasid in con.execute("SELECT set_id, pasid FROM allocations ORDER BY pasid"):
+            out.setdefault(set_id, []).append(pasid)
+        return out
+    finally:
+        con.close()
+
+
+def admin_address_of(address: str) -> str:
+    """The admin socket the daemon places beside its clients' socket by default."""
+    return address.rsplit("/", 1)[0] + "/admin.sock"
+
+
+def api_holdings(address: str) -> dict[int, list[int]]:
+    """Who holds what, as the broker serves it (PasidAdmin.ListSets on the admin socket
+    beside `address`)."""
+    from pasid_client import Client
+
+    with Client(admin_address_of(address)) as c:
+        return {s.set_id: sorted(s.pasids()) for s in c.list_sets()}
+
+
+def assert_memory_matches_disk(b: BrokerProcess) -> dict[int, list[int]]:
+    """The broker's answer and its file agree, and GetInfo counts the same PASIDs."""
+    from pasid_client import Client
+
+    api = api_holdings(b.address)
+    disk = db_holdings(b.db)
+    assert api == disk, f"memory {api} != disk {disk}"
+    with Client(b.address) as c:
+        assert c.info().in_use == sum(len(v) for v in api.values())
+    return api

@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from pasid.v1 import broker_pb2 as pb
 from pasid.v1 import broker_pb2_grpc as pb_grpc
 
-from broker import backends
+from broker import backends, testfaults
 from broker.config import Config
 from broker.engine import Broker
 from broker.service.servicer import PasidAdminServicer, PasidBrokerServicer
@@ -89,7 +89,7 @@ def _grpc_server(
 
 async def serve(config: Config) -> int:
     lock = acquire_lock(config.db)
-    backend = backends.create(
+    backend: backends.Backend = backends.create(
         config.backend,
         pasid_bits=config.pasid_bits,
         kernel_quota=config.kernel_quota,
@@ -97,9 +97,27 @@ async def serve(config: Config) -> int:
         vfio_pasid_bits=config.vfio_pasid_bits,
         vfio_fallback=config.vfio_fallback,
     )
+    store = SqliteStore(config.db, event_retention=config.event_retention)
+    try:
+        faults = testfaults.load()
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
+    if faults.active:
+        log.warning(
+            "TEST FAULTS ACTIVE (%s): not for production", testfaults.ENV, extra=vars(faults)
+        )
+        if faults.backend_fail_file or faults.backend_free_fail_file:
+            backend = testfaults.FailingBackend(
+                backend, faults.backend_fail_file, faults.backend_free_fail_file
+            )
+        if faults.commit_delay_ms:
+            store = testfaults.SlowStore(
+                config.db, faults.commit_delay_ms / 1000, event_retention=config.event_retention
+            )
     broker = Broker(
         backend,
-        SqliteStore(config.db, event_retention=config.event_retention),
+        store,
+        ack_before_commit=faults.ack_before_commit,
         quotas=config.quotas,
         reserved=config.reserved,
         max_grace=config.max_grace,

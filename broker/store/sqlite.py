@@ -10,6 +10,7 @@ SQLITE_BUSY at once in WAL mode, ignoring busy_timeout.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -37,6 +38,7 @@ from sqlalchemy.pool import NullPool, StaticPool
 
 from broker.core.errors import StoreError
 from broker.core.namespace import runs
+from broker.store import migrations
 from broker.store.records import (
     AddPasids,
     CreateSet,
@@ -48,8 +50,10 @@ from broker.store.records import (
     Snapshot,
 )
 
-SCHEMA_VERSION = "1"
+log = logging.getLogger("pasid_broker")
 
+# The tables as the code uses them. Their history lives in broker/store/migrations (the
+# schema on disk is made only by migrations); test_migrations checks the two agree.
 metadata = MetaData()
 
 meta = Table(
@@ -139,7 +143,11 @@ class SqliteStore:
     # -- lifecycle ----------------------------------------------------------------------
 
     def open(self) -> Snapshot:
-        """Create or load the database and return its state; StoreError if unusable."""
+        """Create or load the database, migrate it, check it, and return its state.
+
+        StoreError (never a repair) if the file is not a database, fails SQLite's
+        quick_check or a foreign-key check, has an unknown schema, or cannot be written.
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
             f"sqlite+pysqlite:///{self.path}",
@@ -168,17 +176,46 @@ class SqliteStore:
             connect_args={"check_same_thread": False},
         )
         try:
-            self._conn = engine.connect()
-            with self._conn.begin():
-                metadata.create_all(self._conn)
-                self._conn.execute(
-                    insert(meta).prefix_with("OR IGNORE"),
-                    [{"key": "schema_version", "value": SCHEMA_VERSION}],
-                )
+            self._conn = conn = engine.connect()
+            self._check_file(conn)
+            before, after = migrations.upgrade(conn)
+            if before != after:
+                log.info("store schema migrated", extra={"from": before or "empty", "to": after})
+            self._check_foreign_keys(conn)
+            self._check_writable(conn)
             return self._load()
         except SQLAlchemyError as exc:
             self.close()
             raise StoreError(f"cannot open store {self.path}: {_describe(exc)}") from exc
+        except (migrations.SchemaError, StoreError) as exc:
+            self.close()
+            raise StoreError(f"cannot open store {self.path}: {exc}") from exc
+
+    def _check_file(self, conn: Connection) -> None:
+        """SQLite's own structural check (pages, b-trees, NOT NULL, UNIQUE); read only."""
+        with conn.begin():
+            bad = [r for (r,) in conn.exec_driver_sql("PRAGMA quick_check(20)")]
+        if bad != ["ok"]:
+            raise StoreError(
+                "SQLITE_CORRUPT: quick_check reports " + "; ".join(str(b) for b in bad)
+            )
+
+    def _check_writable(self, conn: Connection) -> None:
+        """Refuse a store that cannot persist: nothing could be acknowledged. The probe
+        write is rolled back, so the file is left as it was."""
+        tx = conn.begin()
+        try:
+            conn.execute(insert(meta).prefix_with("OR REPLACE"), [{"key": "probe", "value": ""}])
+        finally:
+            tx.rollback()
+
+    def _check_foreign_keys(self, conn: Connection) -> None:
+        """Every allocation belongs to a stored set (foreign_keys=ON only guards writes)."""
+        with conn.begin():
+            bad = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchmany(5)
+        if bad:
+            rows = ", ".join(f"{t} rowid {r} -> {p}" for t, r, p, _ in bad)
+            raise StoreError(f"foreign key check failed: {rows}")
 
     def _load(self) -> Snapshot:
         conn = self._require()

@@ -10,6 +10,7 @@ async with AsyncClient() as client:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 from collections.abc import AsyncIterator
@@ -57,10 +58,13 @@ class AsyncSession:
         self._tags = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[pb.SessionResponse]] = {}
         self._write_lock = asyncio.Lock()
+        self._final: PasidClientError | None = None
         self._reader = asyncio.create_task(self._read())
         self._closed = False
 
     async def _read(self) -> None:
+        """Route replies by tag; when the stream ends, fail what is still waiting with the
+        stream's own final status (ABORTED for a revoke, UNAVAILABLE for a shutdown)."""
         err: PasidClientError
         try:
             while True:
@@ -73,8 +77,13 @@ class AsyncSession:
                     fut.set_result(resp)
         except grpc.RpcError as exc:
             err = from_rpc_error(exc)
+            if err.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+                # The broker never ends a stream with these: grpc reports them when a
+                # write races the broker's end of the stream. The stream is just gone.
+                err = Unavailable(grpc.StatusCode.UNAVAILABLE, f"session stream ended ({err})")
         except asyncio.CancelledError:
             err = Unavailable(grpc.StatusCode.CANCELLED, "session closed")
+        self._final = err
         for fut in self._waiting.values():
             if not fut.done():
                 fut.set_exception(err)
@@ -82,16 +91,21 @@ class AsyncSession:
 
     async def _request(self, **op: Any) -> pb.SessionResponse:
         if self._closed or self._reader.done():
-            raise Unavailable(grpc.StatusCode.UNAVAILABLE, "session is closed")
+            raise self._final or Unavailable(grpc.StatusCode.UNAVAILABLE, "session is closed")
         tag = next(self._tags)
         fut: asyncio.Future[pb.SessionResponse] = asyncio.get_running_loop().create_future()
         self._waiting[tag] = fut
         try:
             async with self._write_lock:
                 await self._call.write(pb.SessionRequest(tag=tag, **op))
-        except (grpc.RpcError, asyncio.InvalidStateError) as exc:
+        except (grpc.RpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
+            # The stream ended under the write: report how it ended, not the write.
             self._waiting.pop(tag, None)
-            raise Unavailable(grpc.StatusCode.UNAVAILABLE, f"session stream broken: {exc}") from exc
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._reader), 5)
+            raise self._final or Unavailable(
+                grpc.StatusCode.UNAVAILABLE, "session stream ended"
+            ) from None
         resp = await fut
         if resp.WhichOneof("result") == "error":
             raise _error_of(resp.error)

@@ -219,7 +219,9 @@ def test_health_transitions_and_sigterm_drain(
                 await ch.close()
                 acked = sorted(p for r in got if isinstance(r, list) for p in r)
                 failed = [r for r in got if not isinstance(r, list)]
-                assert all(isinstance(f, Unavailable) for f in failed), failed
+                assert all(isinstance(f, Unavailable) for f in failed), {
+                    type(f).__name__ + ": " + str(f) for f in failed
+                }
                 assert b.proc.wait(30) == 0
                 b.start()
                 async with AsyncClient(b.address) as c2:

@@ -1,0 +1,67 @@
+"""Schema migrations (Alembic), run by the store at every start; no alembic.ini needed.
+
+Revision 0001 is the first released schema (meta, sets, allocations); 0002 adds the
+append-only event log. A database made before Alembic (no alembic_version table) is
+stamped with the revision its tables show, then upgraded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import inspect
+from sqlalchemy.engine import Connection
+
+HERE = Path(__file__).resolve().parent
+
+
+class SchemaError(Exception):
+    """The database's schema revision is not one this broker knows."""
+
+
+def _config(conn: Connection) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(HERE))
+    cfg.attributes["connection"] = conn
+    return cfg
+
+
+def head() -> str:
+    head = ScriptDirectory(str(HERE)).get_current_head()
+    assert head is not None
+    return head
+
+
+def current(conn: Connection) -> str | None:
+    return MigrationContext.configure(conn).get_current_revision()
+
+
+def upgrade(conn: Connection) -> tuple[str | None, str]:
+    """Bring the schema to head; returns (revision before, revision after).
+
+    Raises SchemaError for a revision newer than this broker (a downgrade of the daemon).
+    """
+    cfg = _config(conn)
+    script = ScriptDirectory.from_config(cfg)
+    before = current(conn)
+    if before is None:
+        tables = set(inspect(conn).get_table_names())
+        if "sets" in tables:  # made by create_all before migrations existed
+            before = "0002" if "events" in tables else "0001"
+            command.stamp(cfg, before)
+    if before is not None:
+        try:
+            script.get_revision(before)
+        except Exception as exc:
+            raise SchemaError(
+                f"schema revision {before!r} is unknown to this broker (its newest is"
+                f" {head()!r}): was the database written by a newer version?"
+            ) from exc
+    command.upgrade(cfg, "head")
+    if conn.in_transaction():
+        conn.commit()
+    return before, head()

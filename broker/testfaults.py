@@ -1,0 +1,109 @@
+"""Test-only fault injection: PASID_BROKER_TEST_FAULTS, read here and nowhere else.
+
+Tests of the durability rules need a real broker process that misbehaves on purpose,
+and a subprocess cannot be reached by monkeypatching. Never set this in production:
+the broker logs a warning naming every active fault. Comma-separated items:
+
+  ack_before_commit        the deliberate bug the crash test must catch: each change is
+                           acknowledged as soon as it is queued, before its commit
+  commit_delay_ms=N        sleep N ms inside every store commit (a slow disk; widens the
+                           window in which a crash meets queued work)
+  backend_fail_file=PATH   while PATH exists, backend alloc fails with EIO; if PATH
+                           holds a number N, the next N allocs succeed first (so that a
+                           multi-PASID request fails in its middle). Free is not failed:
+                           the undo of a failed request must be able to give PASIDs back
+  backend_free_fail_file=PATH  the same for backend free (alloc then still works)
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from broker.backends.base import Backend, Capabilities
+from broker.core.errors import BackendError
+from broker.store import Event, Record, SqliteStore
+
+ENV = "PASID_BROKER_TEST_FAULTS"
+
+
+@dataclass(frozen=True)
+class TestFaults:
+    ack_before_commit: bool = False
+    commit_delay_ms: int = 0
+    backend_fail_file: str = ""
+    backend_free_fail_file: str = ""
+
+    @property
+    def active(self) -> bool:
+        return self != TestFaults()
+
+
+def load(environ: dict[str, str] | None = None) -> TestFaults:
+    text = (os.environ if environ is None else environ).get(ENV, "")
+    kw: dict[str, object] = {}
+    for item in filter(None, (i.strip() for i in text.split(","))):
+        key, _, value = item.partition("=")
+        if key == "ack_before_commit":
+            kw[key] = True
+        elif key == "commit_delay_ms":
+            kw[key] = int(value)
+        elif key in ("backend_fail_file", "backend_free_fail_file"):
+            kw[key] = value
+        else:
+            raise ValueError(f"{ENV}: unknown fault {key!r}")
+    return TestFaults(**kw)  # type: ignore[arg-type]
+
+
+class FailingBackend:
+    """Wraps a backend; alloc (free) fails with EIO while its trigger file exists."""
+
+    def __init__(self, inner: Backend, alloc_trigger: str, free_trigger: str = "") -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.triggers = {"alloc": alloc_trigger, "free": free_trigger}
+
+    def _maybe_fail(self, op: str, lo: int, hi: int) -> None:
+        if not self.triggers[op]:
+            return
+        trigger = Path(self.triggers[op])
+        try:
+            text = trigger.read_text().strip()
+        except FileNotFoundError:
+            return
+        if text.isdigit() and int(text) > 0:
+            trigger.write_text(str(int(text) - 1))
+            return
+        raise BackendError(
+            errno.EIO, f"backend {self.name}: {op} [{lo}, {hi}] failed: EIO (injected)"
+        )
+
+    def open(self) -> Capabilities:
+        return self.inner.open()
+
+    def alloc(self, lo: int, hi: int) -> int:
+        self._maybe_fail("alloc", lo, hi)
+        return self.inner.alloc(lo, hi)
+
+    def free(self, lo: int, hi: int) -> None:
+        self._maybe_fail("free", lo, hi)
+        self.inner.free(lo, hi)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class SlowStore(SqliteStore):
+    """A store whose every commit takes `delay` seconds longer."""
+
+    def __init__(self, path: str | Path, delay: float, event_retention: int = 100_000) -> None:
+        super().__init__(path, event_retention=event_retention)
+        self.delay = delay
+
+    def commit(self, records: Sequence[Record]) -> list[Event]:
+        time.sleep(self.delay)
+        return super().commit(records)

@@ -1,0 +1,313 @@
+"""Faults of the store and the backend, each on a real broker process.
+
+After each: a precise status and message, the daemon still SERVING, a further request
+works once the fault is gone, and memory (List, GetInfo) equals disk (a direct read of
+the SQLite file). Root is needed for tmpfs mounts and chattr; those tests skip otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from pasid_client import Client, Unavailable
+
+from broker.store import AddPasids, CreateSet, SetRow, SqliteStore
+from tests.harness import (
+    BrokerProcess,
+    assert_memory_matches_disk,
+    db_holdings,
+    run_broker_once,
+    wait_until,
+)
+
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (tmpfs mount, chattr)")
+FAULTS = "PASID_BROKER_TEST_FAULTS"
+
+
+def sha(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@contextlib.contextmanager
+def tmpfs(size_kb: int) -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="pbfs-", dir="/tmp"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(d)], check=True)
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", str(d)], check=False)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def fill(fs: Path) -> Path:
+    """Write a file until the filesystem is full; returns it (delete it to make room)."""
+    filler = fs / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(fd, b"\0" * 4096)
+    finally:
+        os.close(fd)
+    return filler
+
+
+# -- at start: the file is refused, untouched, with the reason -------------------------
+
+
+def test_corrupt_file_refused_at_start_untouched(tmp_path: Path) -> None:
+    db = tmp_path / "b.db"
+    db.write_bytes(b"this is not an SQLite database, it is garbage\n" * 200)
+    before = sha(db)
+    r = run_broker_once("--db", str(db), "--socket", str(tmp_path / "s.sock"))
+    assert r.returncode == 2, r.stderr
+    assert f"cannot open store {db}: SQLITE_NOTADB: file is not a database" in r.stderr
+    assert sha(db) == before
+    assert not Path(f"{db}-wal").exists()
+
+
+def _wal_store(db: Path) -> None:
+    st = SqliteStore(db)
+    st.open()
+    st.commit([CreateSet(SetRow(1, "vm", 0, 1000, 0, "h", 1.0)), AddPasids(1, (5, 6))])
+    st.close()
+
+
+@pytest.mark.parametrize(
+    ("sql", "message"),
+    [
+        (
+            "INSERT INTO allocations VALUES (9, 42)",
+            "foreign key check failed: allocations rowid 9 -> sets",
+        ),
+        (
+            f"INSERT INTO allocations VALUES ({1 << 20}, 1)",
+            f"set 1 (vm) cannot be restored: PASID {1 << 20} outside the 20-bit namespace",
+        ),
+        ("INSERT INTO allocations VALUES (0, 1)", "PASID 0 is already held or reserved"),
+    ],
+    ids=["orphan-allocation", "beyond-pasid-bits", "pasid-zero"],
+)
+def test_broken_invariant_refused_at_start_untouched(
+    tmp_path: Path, sql: str, message: str
+) -> None:
+    db = tmp_path / "b.db"
+    _wal_store(db)
+    con = sqlite3.connect(db, isolation_level=None)
+    con.execute("PRAGMA foreign_keys=OFF")
+    con.execute(sql)
+    con.close()
+    before = sha(db)
+    r = run_broker_once("--db", str(db), "--socket", str(tmp_path / "s.sock"))
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr
+    assert "refusing to start" in r.stderr or "cannot open store" in r.stderr
+    assert sha(db) == before
+
+
+def test_corrupt_page_refused_at_start(tmp_path: Path) -> None:
+    db = tmp_path / "b.db"
+    st = SqliteStore(db)
+    st.open()
+    st.commit(
+        [CreateSet(SetRow(1, "vm", 0, 1000, 0, "h", 1.0)), AddPasids(1, tuple(range(1, 900)))]
+    )
+    st.close()
+    con = sqlite3.connect(db)
+    (root,) = con.execute("SELECT rootpage FROM sqlite_master WHERE name='allocations'").fetchone()
+    (page,) = con.execute("PRAGMA page_size").fetchone()
+    con.close()
+    data = bytearray(db.read_bytes())
+    at = (root - 1) * page
+    data[at : at + 8] = b"\xff" * 8  # the b-tree page header of the allocations table
+    db.write_bytes(bytes(data))
+    before = sha(db)
+    r = run_broker_once("--db", str(db), "--socket", str(tmp_path / "s.sock"))
+    assert r.returncode == 2, r.stderr
+    assert f"cannot open store {db}:" in r.stderr
+    assert "SQLITE_CORRUPT" in r.stderr or "malformed" in r.stderr
+    assert sha(db) == before
+
+
+@root_only
+def test_read_only_file_refused_at_start(tmp_path: Path) -> None:
+    db = tmp_path / "b.db"
+    _wal_store(db)
+    before = sha(db)
+    # Root ignores file modes; the immutable attribute binds root too.
+    subprocess.run(["chattr", "+i", str(db)], check=True)
+    try:
+        r = run_broker_once("--db", str(db), "--socket", str(tmp_path / "s.sock"))
+    finally:
+        subprocess.run(["chattr", "-i", str(db)], check=True)
+    assert r.returncode == 2, r.stderr
+    assert "SQLITE_READONLY: attempt to write a readonly database" in r.stderr
+    assert sha(db) == before
+
+
+# -- while serving ------------------------------------------------------------------------
+
+
+def _expect_store_unavailable(exc: Unavailable, code_name: str) -> None:
+    assert exc.code == grpc.StatusCode.UNAVAILABLE
+    assert exc.reason == "STORE", exc
+    assert exc.message.startswith(f"store commit failed: {code_name}"), exc.message
+
+
+@root_only
+def test_disk_full_then_recovers() -> None:
+    with tmpfs(1024) as fs:
+        b = BrokerProcess("--restart-grace", "1", workdir=str(fs))
+        try:
+            b.start()
+            with Client(b.address) as c:
+                keep = c.session("keeper", grace_seconds=60)
+                kept = keep.alloc(1, 1000, 10)
+                doomed = c.session("doomed")
+                doomed.alloc(2000, 3000, 5)
+                filler = fill(fs)
+                with pytest.raises(Unavailable) as ei:
+                    for _ in range(200):  # the WAL grows until the disk refuses
+                        keep.alloc(10_000, 1 << 19, 500)
+                _expect_store_unavailable(ei.value, "SQLITE_FULL")
+                assert b.health() == "SERVING"
+                state = assert_memory_matches_disk(b)
+                assert state[keep.session_id][:10] == kept
+                # A session's end cannot be committed either: its set stays, detached,
+                # and the broker retries the reclaim every second.
+                doomed.close()
+                time.sleep(1.5)
+                assert doomed.session_id in assert_memory_matches_disk(b)
+                filler.unlink()
+                wait_until(
+                    lambda: doomed.session_id not in db_holdings(b.db), 10, 0.1, "reclaim retry"
+                )
+                assert keep.alloc(1, 1000, 1) == [11]
+                state = assert_memory_matches_disk(b)
+                assert set(state) == {keep.session_id}
+                keep.close()
+        finally:
+            b.cleanup()
+
+
+def test_database_locked_by_another_process() -> None:
+    b = BrokerProcess()
+    try:
+        b.start()
+        with Client(b.address) as c, c.session("vm") as s:
+            assert s.alloc(1, 100, 2) == [1, 2]
+            locker = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    "import sqlite3, sys\n"
+                    f"c = sqlite3.connect({b.db!r}, isolation_level=None)\n"
+                    "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True)\n"
+                    "sys.stdin.read(); c.execute('ROLLBACK')\n",
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            try:
+                assert locker.stdout is not None and locker.stdout.readline() == "locked\n"
+                t0 = time.monotonic()
+                with pytest.raises(Unavailable) as ei:
+                    s.alloc(1, 100, 1)
+                waited = time.monotonic() - t0
+                _expect_store_unavailable(ei.value, "SQLITE_BUSY: database is locked")
+                assert waited >= 4.5  # busy_timeout: it waited for the lock, then gave up
+                assert b.health() == "SERVING"
+                assert list(s.list().pasids()) == [1, 2]  # reads are served meanwhile
+            finally:
+                assert locker.stdin is not None
+                locker.stdin.close()
+                locker.wait(10)
+            assert s.alloc(1, 100, 1) == [3]
+            assert assert_memory_matches_disk(b) == {s.session_id: [1, 2, 3]}
+    finally:
+        b.cleanup()
+
+
+@root_only
+def test_read_only_files_while_serving() -> None:
+    b = BrokerProcess()
+    try:
+        b.start()
+        with Client(b.address) as c, c.session("vm") as s:
+            assert s.alloc(1, 100, 2) == [1, 2]
+            files = [b.db, b.db + "-wal"]
+            subprocess.run(["chattr", "+i", *files], check=True)
+            try:
+                with pytest.raises(Unavailable) as ei:
+                    s.alloc(1, 100, 1)
+                assert ei.value.reason == "STORE"
+                assert ei.value.message.startswith("store commit failed: SQLITE_"), ei.value
+                assert b.health() == "SERVING"
+                assert list(s.list().pasids()) == [1, 2]
+            finally:
+                subprocess.run(["chattr", "-i", *files], check=True)
+            assert s.alloc(1, 100, 1) == [3]
+            assert assert_memory_matches_disk(b) == {s.session_id: [1, 2, 3]}
+    finally:
+        b.cleanup()
+
+
+def test_backend_error_mid_request_changes_nothing(tmp_path: Path) -> None:
+    trigger = tmp_path / "backend-fails"
+    b = BrokerProcess(env={FAULTS: f"backend_fail_file={trigger}"})
+    try:
+        b.start()
+        with Client(b.address) as c, c.session("vm") as s:
+            assert s.alloc(1, 100, 2) == [1, 2]
+            before = assert_memory_matches_disk(b)
+            trigger.write_text("2")  # the 3rd and later backend calls fail
+            with pytest.raises(Unavailable) as ei:
+                s.alloc(1, 100, 4)
+            assert ei.value.reason == "BACKEND"
+            assert "alloc [5, 5] failed: EIO (injected)" in ei.value.message, ei.value
+            assert assert_memory_matches_disk(b) == before
+            assert b.health() == "SERVING"
+            trigger.unlink()
+            # The same lowest PASIDs again: the two the backend had given were given back.
+            assert s.alloc(1, 100, 4) == [3, 4, 5, 6]
+            assert assert_memory_matches_disk(b) == {s.session_id: [1, 2, 3, 4, 5, 6]}
+    finally:
+        b.cleanup()
+
+
+def test_backend_error_on_free_changes_nothing(tmp_path: Path) -> None:
+    trigger = tmp_path / "backend-free-fails"
+    b = BrokerProcess(env={FAULTS: f"backend_free_fail_file={trigger}"})
+    try:
+        b.start()
+        with Client(b.address) as c, c.session("vm") as s:
+            assert s.alloc(1, 100, 5) == [1, 2, 3, 4, 5]
+            assert s.free(2, 2) == 1
+            before = assert_memory_matches_disk(b)
+            trigger.write_text("1")  # runs [1, 1] then [3, 5]: the second fails
+            with pytest.raises(Unavailable) as ei:
+                s.free(1, 5)
+            assert ei.value.reason == "BACKEND"
+            assert "free [3, 5] failed: EIO (injected)" in ei.value.message, ei.value
+            assert assert_memory_matches_disk(b) == before  # [1] was taken back
+            assert b.health() == "SERVING"
+            assert s.alloc(1, 100, 1) == [2]  # the allocator and the backend agree
+            trigger.unlink()
+            assert s.free(1, 5) == 5
+            assert s.alloc(1, 100, 2) == [1, 2]  # really released in the backend
+            assert assert_memory_matches_disk(b) == {s.session_id: [1, 2]}
+    finally:
+        b.cleanup()

@@ -1,0 +1,109 @@
+"""Migrations: the schema on disk is made by Alembic, and an old database is upgraded."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from pasid_client import Client
+from sqlalchemy import create_engine
+
+from broker.core import StoreError
+from broker.store import AddPasids, SqliteStore, migrations
+from broker.store.sqlite import metadata
+from tests.harness import BrokerProcess
+
+V1_SQL = Path(__file__).parent / "fixtures" / "schema_v1.sql"
+TOKEN = "resume-me-1"
+
+
+def make_v1_db(path: Path) -> None:
+    """A database as the first release left it, with data."""
+    sql = V1_SQL.read_text()
+    sql = sql.replace(":live_pid", str(os.getpid()))
+    sql = sql.replace(":token_hash", f"'{hashlib.sha256(TOKEN.encode()).hexdigest()}'")
+    with sqlite3.connect(path) as c:
+        c.executescript(sql)
+    c.close()
+
+
+def test_migrations_build_exactly_the_tables_the_code_uses(tmp_path: Path) -> None:
+    st = SqliteStore(tmp_path / "b.db")
+    st.open()
+    st.close()
+    engine = create_engine(f"sqlite:///{tmp_path / 'b.db'}")
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), metadata)
+        assert diff == []
+        assert migrations.current(conn) == migrations.head()
+    engine.dispose()
+
+
+def test_store_upgrades_a_v1_database_in_place(tmp_path: Path) -> None:
+    db = tmp_path / "b.db"
+    make_v1_db(db)
+    snap = SqliteStore(db).open()
+    assert snap.holdings == {1: [1, 2, 7], 2: [3, 4]}
+    with sqlite3.connect(db) as c:
+        assert c.execute("SELECT version_num FROM alembic_version").fetchall() == [("0002",)]
+        assert c.execute("SELECT count(*) FROM events").fetchone() == (0,)
+        assert c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("2",)
+    c.close()
+
+
+def test_broker_serves_a_v1_database(tmp_path: Path) -> None:
+    b = BrokerProcess()
+    try:
+        make_v1_db(Path(b.db))
+        b.start()
+        with Client(b.admin_address) as c:
+            # set 2's pid is gone: reclaimed at start; set 1 waits for its client.
+            held = {s.set_id: list(s.pasids()) for s in c.list_sets()}
+            assert held == {1: [1, 2, 7]}
+            with c.session(resume_token=TOKEN) as s:
+                assert s.resumed and list(s.list().pasids()) == [1, 2, 7]
+                assert s.alloc(1, 10, 2) == [3, 4]  # set 2's PASIDs were freed
+        with sqlite3.connect(b.db) as con:
+            kinds = [k for (k,) in con.execute("SELECT kind FROM events ORDER BY revision")]
+        con.close()
+        assert kinds[:2] == ["set_reclaimed", "alloc"]
+    finally:
+        b.cleanup()
+
+
+def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "b.db"
+    SqliteStore(db).open()
+    with sqlite3.connect(db) as c:
+        c.execute("UPDATE alembic_version SET version_num = '0099'")
+    c.close()
+    with pytest.raises(StoreError, match=r"schema revision '0099' is unknown"):
+        SqliteStore(db).open()
+
+
+def test_a_pre_alembic_database_with_events_is_stamped_0002(tmp_path: Path) -> None:
+    """Databases written by the event-log commit (create_all, no alembic_version)."""
+    db = tmp_path / "b.db"
+    engine = create_engine(f"sqlite:///{db}")
+    metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO sets VALUES (1, 'vm', 0, 1000, 0, 'h', 1.0)")
+        conn.exec_driver_sql("INSERT INTO allocations VALUES (5, 1)")
+        conn.exec_driver_sql(
+            "INSERT INTO events (ts, kind, set_id, pasids, reason) VALUES (1, 'alloc', 1, '5', '')"
+        )
+    engine.dispose()
+    st = SqliteStore(db)
+    snap = st.open()
+    assert snap.holdings == {1: [5]} and snap.revision == 1
+    [ev] = st.commit([AddPasids(1, (6,))])
+    assert ev.revision == 2
+    st.close()
+    with sqlite3.connect(db) as c:
+        assert c.execute("SELECT version_num FROM alembic_version").fetchall() == [("0002",)]
+    c.close()
