@@ -34,6 +34,7 @@ class Config:
     log_format: str = "text"
     log_level: str = "INFO"
     keepalive_seconds: float = 10.0
+    metrics_address: str = "127.0.0.1:9464"
 
 
 def parse_ranges(text: str) -> tuple[tuple[int, int], ...]:
@@ -174,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("DEBUG", "INFO", "WARNING", "ERROR"),
         help="[PASID_BROKER_LOG_LEVEL]",
     )
+    a(
+        "--metrics-address",
+        default=_env("METRICS_ADDRESS", d.metrics_address),
+        help="serve Prometheus metrics at http://HOST:PORT/metrics; loopback by default, as "
+        "they name clients; port 0 picks a free one (logged), 'off' disables "
+        "[PASID_BROKER_METRICS_ADDRESS]",
+    )
     return p
 
 
@@ -195,4 +203,5 @@ def load(argv: list[str] | None = None) -> Config:
         log_format=ns.log_format,
         log_level=ns.log_level,
         keepalive_seconds=ns.keepalive_seconds,
+        metrics_address=ns.metrics_address,
     )

@@ -36,6 +36,7 @@ from broker.core import (
     Unsupported,
     runs,
 )
+from broker.metrics import Metrics
 from broker.store import (
     AddPasids,
     CreateSet,
@@ -107,8 +108,10 @@ class Journal:
     with the StoreError; nothing of them was acknowledged.
     """
 
-    def __init__(self, store: SqliteStore) -> None:
+    def __init__(self, store: SqliteStore, metrics: Metrics) -> None:
         self._store = store
+        self._metrics = metrics  # observability: commit latency, what became durable
+        self._commit = metrics.commit_timed(store.commit)
         self._loop = asyncio.get_running_loop()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="pasid-store")
         self._pending: list[_Entry] = []
@@ -128,18 +131,21 @@ class Journal:
         batch, self._pending = self._pending, []
         self._inflight = batch
         records = [e.record for e in batch]
-        cf = self._executor.submit(self._store.commit, records)
+        cf = self._executor.submit(self._commit, records)
         cf.add_done_callback(lambda f: self._loop.call_soon_threadsafe(self._done, batch, f))
 
     def _done(self, batch: list[_Entry], f: ThreadFuture[None]) -> None:
         self._inflight = None
         exc = f.exception()
+        records = [e.record for e in batch]
         if exc is None:
+            self._metrics.committed(records)
             for e in batch:
                 if not e.future.done():
                     e.future.set_result(e.result)
         else:
             later, self._pending = self._pending, []
+            self._metrics.commit_failed(records + [e.record for e in later])
             err = exc if isinstance(exc, StoreError) else StoreError(f"store commit failed: {exc}")
             log.error(
                 "store commit failed; undoing %d changes",
@@ -197,7 +203,9 @@ class Broker:
         max_grace: int = 300,
         restart_grace: int = 10,
         clock: Callable[[], float] = time.time,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics if metrics is not None else Metrics()
         self.backend = backend
         self.store = store
         self.quotas = quotas or Quotas()
@@ -271,7 +279,7 @@ class Broker:
         held.sort()
         replayed = replay(self.backend, held)
         self._next_set_id = snap.next_set_id
-        self._journal = Journal(self.store)
+        self._journal = Journal(self.store, self.metrics)
         for sess in list(self._sessions.values()):
             if not _pid_alive(sess.pid):
                 self._destroy(sess, "client exited before restart")
@@ -280,12 +288,15 @@ class Broker:
                     sess, max(self.restart_grace, sess.grace_seconds), "grace expired after restart"
                 )
         self.ready = True
+        took = time.perf_counter() - t0
+        self.metrics.recovered(took, replayed, len(snap.sets))
         log.info(
             "recovered %d sets, %d PASIDs replayed into %s in %.3f s",
             len(snap.sets),
             replayed,
             caps.name,
-            time.perf_counter() - t0,
+            took,
+            extra={"sets": len(snap.sets), "replayed": replayed, "seconds": round(took, 6)},
         )
 
     async def stop(self) -> None:
@@ -320,7 +331,11 @@ class Broker:
             if timer is not None:
                 timer.cancel()
             sess.attached = True
-            log.info("session resumed", extra={"session": sess.session_id, "held": len(sess.set)})
+            self.metrics.session_opened(resumed=True)
+            log.info(
+                "session resumed",
+                extra={"session": sess.session_id, "set": sess.session_id, "held": len(sess.set)},
+            )
             return sess, resume_token, True
 
         grace = min(max(grace_seconds, 0), self.max_grace)
@@ -340,9 +355,10 @@ class Broker:
 
         row = SetRow(set_id, client, pid, s.quota, grace, th, now)
         await self.journal.submit(CreateSet(row), undo, None)
+        self.metrics.session_opened(resumed=False)
         log.info(
             "session opened",
-            extra={"session": set_id, "client": client, "pid": pid, "grace": grace},
+            extra={"session": set_id, "set": set_id, "client": client, "pid": pid, "grace": grace},
         )
         return sess, token, False
 
@@ -367,7 +383,12 @@ class Broker:
         if sess.grace_seconds > 0:
             log.info(
                 "session detached",
-                extra={"session": sess.session_id, "reason": reason, "grace": sess.grace_seconds},
+                extra={
+                    "session": sess.session_id,
+                    "set": sess.session_id,
+                    "reason": reason,
+                    "grace": sess.grace_seconds,
+                },
             )
             self._schedule_reclaim(sess, sess.grace_seconds, "grace expired")
         else:
@@ -405,9 +426,22 @@ class Broker:
 
         log.info(
             "set destroyed",
-            extra={"session": set_id, "client": client, "freed": len(freed), "reason": reason},
+            extra={
+                "session": set_id,
+                "set": set_id,
+                "client": client,
+                "freed": len(freed),
+                "reason": reason,
+            },
         )
-        return self.journal.submit(DestroySet(set_id, reason), undo, None)
+        fut = self.journal.submit(DestroySet(set_id, reason), undo, None)
+
+        def count(f: asyncio.Future[None]) -> None:
+            if not f.cancelled() and f.exception() is None:
+                self.metrics.set_reclaimed(reason, len(freed))
+
+        fut.add_done_callback(count)
+        return fut
 
     def _forget(self, sess: Session) -> None:
         self._sessions.pop(sess.session_id, None)
@@ -417,13 +451,17 @@ class Broker:
 
     def alloc(self, sess: Session, lo: int, hi: int, count: int = 1) -> asyncio.Future[list[int]]:
         """Allocate and queue the commit; the future resolves once durable. Checks raise."""
-        self._require_attached(sess)
         set_id = sess.session_id
-        got = self.allocator.alloc(set_id, lo, hi, count)
         try:
-            self._backend_alloc_exact(got)
-        except BaseException:
-            self.allocator.release(set_id, got)
+            self._require_attached(sess)
+            got = self.allocator.alloc(set_id, lo, hi, count)
+            try:
+                self._backend_alloc_exact(got)
+            except BaseException:
+                self.allocator.release(set_id, got)
+                raise
+        except PasidError as exc:
+            self.metrics.alloc_refused(exc)  # success is counted when the commit lands
             raise
 
         def undo() -> None:
@@ -434,10 +472,15 @@ class Broker:
 
     def free(self, sess: Session, lo: int, hi: int) -> asyncio.Future[int]:
         """Free the session's PASIDs in [lo, hi]; resolves to the count once durable."""
-        self._require_attached(sess)
         set_id = sess.session_id
-        freed = self.allocator.free_range(set_id, lo, hi)
+        try:
+            self._require_attached(sess)
+            freed = self.allocator.free_range(set_id, lo, hi)
+        except PasidError as exc:
+            self.metrics.free_refused(exc)
+            raise
         if not freed:
+            self.metrics.free_nothing()
             return _done_future(0)
         self._backend_free(freed)
 

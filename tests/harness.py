@@ -6,6 +6,7 @@ directory with its own SQLite file.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -65,6 +66,13 @@ class BrokerProcess:
             self.socket,
             "--log-format",
             "json",
+            # Metrics on a free loopback port (read back with metrics_url), so that brokers
+            # run side by side do not fight over the default one.
+            *(
+                []
+                if any(a.startswith("--metrics-address") for a in self.args)
+                else ["--metrics-address", "127.0.0.1:0"]
+            ),
             *self.args,
         ]
 
@@ -98,6 +106,17 @@ class BrokerProcess:
             return self.health() == "SERVING"
 
         wait_until(ready, timeout, 0.02, "broker to serve")
+
+    @property
+    def metrics_url(self) -> str:
+        """http://HOST:PORT/metrics of the current run, from its "serving" log line."""
+        url = ""
+        for line in self.read_log().splitlines():
+            if '"metrics_url"' in line:
+                url = json.loads(line)["metrics_url"]
+        if not url or url == "off":
+            raise AssertionError(f"broker logged no metrics endpoint:\n{self.read_log()}")
+        return str(url)
 
     def read_log(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""

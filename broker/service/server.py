@@ -20,6 +20,7 @@ from pasid.v1 import broker_pb2_grpc as pb_grpc
 from broker import backends
 from broker.config import Config
 from broker.engine import Broker
+from broker.metrics import Metrics
 from broker.service.servicer import PasidBrokerServicer
 from broker.store import SqliteStore
 
@@ -74,17 +75,29 @@ def server_options(config: Config) -> list[tuple[str, int]]:
 
 async def serve(config: Config) -> int:
     lock = acquire_lock(config.db)
+    metrics = Metrics()
     backend = backends.create(
         config.backend, pasid_bits=config.pasid_bits, kernel_quota=config.kernel_quota
     )
     broker = Broker(
-        backend,
+        metrics.instrument(backend),
         SqliteStore(config.db),
         quotas=config.quotas,
         reserved=config.reserved,
         max_grace=config.max_grace,
         restart_grace=config.restart_grace,
+        metrics=metrics,
     )
+    # Metrics: bound before gRPC so that a taken port refuses the start cleanly.
+    metrics.bind(broker, asyncio.get_running_loop())
+    try:
+        metrics_url = metrics.serve(config.metrics_address)
+    except (OSError, ValueError) as exc:
+        lock.close()
+        raise StartupError(
+            f"cannot serve metrics on {config.metrics_address}: {exc}"
+            " (choose another --metrics-address, or 'off')"
+        ) from None
     server = grpc.aio.server(options=server_options(config))
     pb_grpc.add_PasidBrokerServicer_to_server(PasidBrokerServicer(broker), server)
     health_servicer = health.aio.HealthServicer()
@@ -118,7 +131,12 @@ async def serve(config: Config) -> int:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "serving",
-            extra={"addresses": ",".join(addresses), "backend": config.backend, "db": config.db},
+            extra={
+                "addresses": ",".join(addresses),
+                "backend": config.backend,
+                "db": config.db,
+                "metrics_url": metrics_url or "off",
+            },
         )
         await stop.wait()
         log.info("draining", extra={"seconds": config.drain_seconds})
@@ -128,6 +146,7 @@ async def serve(config: Config) -> int:
     finally:
         await server.stop(0)
         await broker.stop()
+        metrics.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(sock)
         lock.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
@@ -15,11 +16,14 @@ from broker import __version__
 from broker.core import InvalidArgument, PasidError, runs
 from broker.engine import Broker
 from broker.engine import Session as BrokerSession
+from broker.metrics import timed_rpc
 from broker.service.status import error_message, status_of, trailing_metadata
 
 log = logging.getLogger("pasid_broker.service")
 
 T = TypeVar("T")
+# A session-stream request awaiting its reply: tag, reply, op, arrival (perf_counter).
+_Pending = tuple[int, asyncio.Future[pb.SessionResponse], str | None, float]
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: PasidError) -> NoReturn:
@@ -46,6 +50,7 @@ def _set_info(sess: BrokerSession, with_ranges: bool = True) -> pb.SetInfo:
 class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
+        self.metrics = broker.metrics  # request latency, per RPC (broker/metrics.py)
 
     # -- the session stream -------------------------------------------------------------
 
@@ -60,15 +65,17 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
         if first.WhichOneof("op") != "open":
             await _abort(context, InvalidArgument("the first message of a Session must be open"))
         o = first.open
+        t_open = time.perf_counter()
         try:
             sess, token, resumed = await self.broker.open_session(
                 o.client, o.pid, o.grace_seconds, o.resume_token
             )
         except PasidError as exc:
             await _abort(context, exc)
+        self.metrics.session_op_done("open", t_open)
         # Replies wait for their commits, in request order; reading goes on meanwhile so
         # that a pipelining client's requests share group commits.
-        replies: asyncio.Queue[tuple[int, asyncio.Future[pb.SessionResponse]] | None]
+        replies: asyncio.Queue[_Pending | None]
         replies = asyncio.Queue()
         reader = asyncio.create_task(self._read(sess, request_iterator, replies))
         try:
@@ -85,11 +92,12 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
                 ),
             )
             while (item := await replies.get()) is not None:
-                tag, fut = item
+                tag, fut, op, t0 = item
                 try:
                     resp = await fut
                 except PasidError as exc:
                     resp = pb.SessionResponse(error=error_message(exc))
+                self.metrics.session_op_done(op, t0)
                 resp.tag = tag
                 yield resp
         finally:
@@ -100,11 +108,12 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
         self,
         sess: BrokerSession,
         requests: AsyncIterator[pb.SessionRequest],
-        replies: asyncio.Queue[tuple[int, asyncio.Future[pb.SessionResponse]] | None],
+        replies: asyncio.Queue[_Pending | None],
     ) -> None:
         loop = asyncio.get_running_loop()
         try:
             async for req in requests:
+                t0 = time.perf_counter()
                 op = req.WhichOneof("op")
                 try:
                     if op in ("alloc", "free", "list") and getattr(req, op).HasField("session"):
@@ -113,7 +122,7 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
                 except PasidError as exc:
                     fut = loop.create_future()
                     fut.set_exception(exc)
-                replies.put_nowait((req.tag, fut))
+                replies.put_nowait((req.tag, fut, op, t0))
         except (asyncio.CancelledError, grpc.aio.AioRpcError):
             pass
         finally:
@@ -157,6 +166,7 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
         except PasidError as exc:
             await _abort(context, exc)
 
+    @timed_rpc("Alloc")
     async def Alloc(
         self, request: pb.AllocRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.AllocResponse:
@@ -167,6 +177,7 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
         )
         return pb.AllocResponse(pasids=got)
 
+    @timed_rpc("Free")
     async def Free(
         self, request: pb.FreeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.FreeResponse:
@@ -175,6 +186,7 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
         )
         return pb.FreeResponse(freed=n)
 
+    @timed_rpc("List")
     async def List(
         self, request: pb.ListRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListResponse:
@@ -186,6 +198,7 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
 
         return await self._unary(context, request.session, one)
 
+    @timed_rpc("GetInfo")
     async def GetInfo(
         self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetInfoResponse:
