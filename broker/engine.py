@@ -150,13 +150,21 @@ class Journal:
             log.error(
                 "store commit failed; undoing %d changes",
                 len(batch) + len(later),
-                extra={"error": str(err)},
+                extra={
+                    "error": str(err),
+                    "sets": sorted({_set_of(e.record) for e in batch + later}),
+                },
             )
             for e in reversed(batch + later):
                 try:
                     e.undo()
                 except Exception:  # an undo must not stop the others
-                    log.exception("undo failed for %r", e.record)
+                    # Not %r: a CreateSet carries the token's hash, which logs never need.
+                    log.exception(
+                        "undo failed for %s",
+                        type(e.record).__name__,
+                        extra={"session": _set_of(e.record), "set": _set_of(e.record)},
+                    )
                 if not e.future.done():
                     e.future.set_exception(StoreError(err.message))
         if self._pending:
@@ -169,6 +177,10 @@ class Journal:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
+
+
+def _set_of(rec: Record) -> int:
+    return rec.row.set_id if isinstance(rec, CreateSet) else rec.set_id
 
 
 def _done_future(value: T) -> asyncio.Future[T]:
