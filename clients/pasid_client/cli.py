@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
 
+from pasid_client import top
 from pasid_client.errors import PasidClientError
 from pasid_client.sync import Client
 from pasid_client.types import ALL, SetView
@@ -140,6 +141,17 @@ def cmd_hold(c: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_top(c: Client, args: argparse.Namespace) -> int:
+    return top.run(
+        c,
+        interval=args.interval,
+        count=args.count,
+        once=args.once,
+        as_json=args.json,
+        top=args.top,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print one JSON document")
@@ -199,6 +211,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="seconds the set outlives this process (0: freed at once)",
     )
+    t = sub.add_parser(
+        "top",
+        parents=[common],
+        help="live view: utilisation, alloc/free rates, top holders (refreshed from the broker)",
+        description=top.__doc__,
+    )
+    t.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    t.add_argument("--count", type=int, default=0, help="stop after N screens (0: never)")
+    t.add_argument("--once", action="store_true", help="one screen, with rates over one --interval")
+    t.add_argument("--top", type=int, default=10, help="how many holders to show")
     return p
 
 
@@ -208,6 +230,7 @@ COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "free": cmd_free,
     "list": cmd_list,
     "hold": cmd_hold,
+    "top": cmd_top,
 }
 
 
