@@ -108,10 +108,11 @@ class Journal:
     with the StoreError; nothing of them was acknowledged.
     """
 
-    def __init__(self, store: SqliteStore, metrics: Metrics) -> None:
+    def __init__(self, store: SqliteStore, metrics: Metrics | None = None) -> None:
         self._store = store
-        self._metrics = metrics  # observability: commit latency, what became durable
-        self._commit = metrics.commit_timed(store.commit)
+        # observability: commit latency, and what became durable (broker/metrics.py)
+        self._metrics = metrics if metrics is not None else Metrics()
+        self._commit = self._metrics.commit_timed(store.commit)
         self._loop = asyncio.get_running_loop()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="pasid-store")
         self._pending: list[_Entry] = []

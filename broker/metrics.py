@@ -166,7 +166,7 @@ def take_state(broker: Broker, top: int = TOP_CLIENTS) -> State | None:
     rest = sum(n for _, n in ranked[top:])
     q = i.quotas
     return State(
-        ready=broker.ready,
+        ready=broker.ready and not broker.stopping,  # draining is not serving
         backend=i.backend,
         pasid_bits=i.pasid_bits,
         capacity=i.capacity,
@@ -539,6 +539,10 @@ class InstrumentedBackend:
 
     def close(self) -> None:
         self.inner.close()
+
+    def __getattr__(self, name: str) -> Any:
+        # Anything else a backend offers (capabilities, test hooks) is the inner one's.
+        return getattr(self.inner, name)
 
 
 P = ParamSpec("P")

@@ -4,6 +4,7 @@ text parser: names, types, buckets, and that each counter moves with what it cou
 from __future__ import annotations
 
 import re
+import signal
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -278,3 +279,17 @@ def test_metrics_off_and_taken_port(
     assert r.returncode == 2
     assert f"cannot serve metrics on 127.0.0.1:{port}" in r.stderr
     assert "--metrics-address" in r.stderr
+
+
+def test_ready_drops_while_draining(make_broker: Callable[..., BrokerProcess]) -> None:
+    b = make_broker("--drain-seconds", "5")
+    url = b.metrics_url
+    assert scrape(url).value("pasid_broker_ready") == 1
+    with Client(b.address) as c, c.session("vm") as s:
+        s.alloc()
+        assert b.proc is not None
+        b.proc.send_signal(signal.SIGTERM)  # the open stream keeps it draining
+        wait_until(
+            lambda: scrape(url).value("pasid_broker_ready") == 0, what="ready 0 while draining"
+        )
+    assert b.proc.wait(30) == 0
