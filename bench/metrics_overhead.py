@@ -13,16 +13,25 @@ share the machine's state:
    trust the CPU ratio and the hook cost.
 2. The hooks alone: what one alloc adds (backend timing, commit accounting, stream-op
    latency), in microseconds per alloc.
+3. `--rpc`: the real thing. A broker daemon (subprocess, Unix socket, SQLite) serves
+   alloc + free on a session stream, once with metrics and once with every hook a
+   no-op; the ratio is of the daemon's CPU time per pair (from /proc), and of wall time.
+   The same run with no-op against no-op is printed first: a ratio inside that noise
+   floor is no measurable overhead.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from broker.backends import SimulatorBackend
@@ -129,11 +138,95 @@ def hooks_per_alloc(n: int) -> float:
     return (best(loop_hooked) - best(loop_raw)) / n * 1e6
 
 
+def _serve(mode: str, socket: str, db: str) -> None:
+    """The daemon side of --rpc: `none` swaps in NoMetrics before serve() builds its own."""
+    from broker.config import Config
+    from broker.service import server
+
+    if mode == "none":
+        server.Metrics = NoMetrics  # type: ignore[misc]
+    asyncio.run(server.serve(Config(db=db, socket=socket, metrics_address="off")))
+
+
+def _cpu_seconds(pid: int) -> float:
+    # utime and stime, fields 14 and 15 of /proc/PID/stat (after the "(comm)")
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _rpc_run(mode: str, pairs: int, workdir: str) -> tuple[float, float]:
+    """(daemon CPU, wall) seconds per alloc+free pair on a session stream."""
+    from pasid_client import Client
+
+    sock, db = f"{workdir}/{mode}.sock", f"{workdir}/{mode}-{time.monotonic_ns()}.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.metrics_overhead", "--serve", mode, sock, db],
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(sock):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"bench daemon ({mode}) did not start")
+            time.sleep(0.05)
+        with Client(f"unix:{sock}") as c, c.session("bench") as s:
+            for _ in range(200):  # warm up
+                p = s.alloc()[0]
+                s.free(p, p)
+            c0, t0 = _cpu_seconds(proc.pid), time.perf_counter()
+            for _ in range(pairs):
+                p = s.alloc()[0]
+                s.free(p, p)
+            wall = time.perf_counter() - t0
+            cpu = _cpu_seconds(proc.pid) - c0
+        return cpu / pairs, wall / pairs
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def rpc_ratio(
+    pairs: int, rounds: int, modes: tuple[str, str] = ("none", "full")
+) -> tuple[float, float, float, float]:
+    """(baseline CPU µs/pair, CPU ratio, baseline wall µs/pair, wall ratio), medians of
+    paired rounds, alternating which side goes first. modes ("none", "none") measures the
+    noise floor: the same code against itself."""
+    runs: tuple[list[tuple[float, float]], list[tuple[float, float]]] = ([], [])
+    with tempfile.TemporaryDirectory(prefix="pb-bench-") as d:
+        for r in range(rounds):
+            for side in (0, 1) if r % 2 == 0 else (1, 0):
+                runs[side].append(_rpc_run(modes[side], pairs, d))
+    base, full = runs
+    cpu_ratio = statistics.median(f[0] / b[0] for f, b in zip(full, base, strict=True))
+    wall_ratio = statistics.median(f[1] / b[1] for f, b in zip(full, base, strict=True))
+    return (
+        statistics.median(b[0] for b in base) * 1e6,
+        cpu_ratio,
+        statistics.median(b[1] for b in base) * 1e6,
+        wall_ratio,
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pairs", type=int, default=1000, help="alloc+free pairs per round")
     p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--rpc", action="store_true", help="also measure a real daemon over gRPC")
+    p.add_argument("--serve", nargs=3, metavar=("MODE", "SOCKET", "DB"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.serve:
+        _serve(*a.serve)
+        return
+    if a.rpc:
+        for modes, what in (
+            (("none", "none"), "noise floor, no-op vs no-op"),
+            (("none", "full"), "metrics vs no-op"),
+        ):
+            b_cpu, r_cpu, b_wall, r_wall = rpc_ratio(a.pairs, a.rounds, modes)
+            print(
+                f"alloc+free RPC pair on a session stream ({what}): daemon CPU"
+                f" {b_cpu:.1f} us, ratio {r_cpu:.3f}; wall {b_wall:.1f} us, ratio {r_wall:.3f}"
+            )
     hooks = hooks_per_alloc(20000)
     print(f"hooks per alloc (backend timing + commit count + latency observe): {hooks:.2f} us")
     for which, what in ((1, "CPU"), (0, "wall")):
