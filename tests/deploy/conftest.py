@@ -40,14 +40,21 @@ def _apt_install(package: str) -> str:
     return f"apt-get install {package} failed: {last[-300:]}"
 
 
-@pytest.fixture(scope="session")
-def prometheus_tools() -> PrometheusTools:
+def find_or_install() -> PrometheusTools | str:
+    """The tools, installing Debian's package if needed; else the reason they are missing."""
     prom, tool = shutil.which("prometheus"), shutil.which("promtool")
     if prom is None or tool is None:
         why = _apt_install("prometheus")
         prom, tool = shutil.which("prometheus"), shutil.which("promtool")
         if prom is None or tool is None:
-            reason = f"Debian's prometheus is not available: {why or 'not on PATH after install'}"
-            print(f"\nSKIP: {reason}")
-            pytest.skip(reason)
+            return f"Debian's prometheus is not available: {why or 'not on PATH after install'}"
     return PrometheusTools(prom, tool)
+
+
+@pytest.fixture(scope="session")
+def prometheus_tools() -> PrometheusTools:
+    found = find_or_install()
+    if isinstance(found, str):
+        print(f"\nSKIP: {found}")
+        pytest.skip(found)
+    return found
