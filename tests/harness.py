@@ -145,8 +145,10 @@ class BrokerProcess:
 
 def run_broker_once(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
     """Run the daemon to completion (for start-up failures): its exit status and stderr."""
+    # Metrics off unless asked for (a later flag wins): a start-up failure under test must
+    # not turn into "port 9464 in use" on a machine where a broker already runs.
     return subprocess.run(
-        [sys.executable, "-m", "broker", *args],
+        [sys.executable, "-m", "broker", "--metrics-address", "off", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
