@@ -21,7 +21,7 @@ import concurrent.futures
 import functools
 import platform
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
@@ -579,8 +579,3 @@ def _metrics_of(obj: Any) -> Metrics:
     m = obj.metrics
     assert isinstance(m, Metrics)
     return m
-
-
-def metric_names(families: Iterator[Metric]) -> set[str]:
-    """Every sample name a scrape exposes (for checking dashboards against the broker)."""
-    return {s.name for f in families for s in f.samples}
