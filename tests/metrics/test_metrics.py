@@ -56,6 +56,7 @@ def test_names_types_and_buckets_follow_prometheus_conventions(
     with client.session("vm") as s:
         s.alloc(count=3)
         s.free()
+        client.info()
         m = scrape(broker.metrics_url)
     types = {name: f.type for name, f in m.families.items()}
     for name in COUNTERS:
@@ -83,6 +84,7 @@ def test_names_types_and_buckets_follow_prometheus_conventions(
     assert les[:-1] == sorted(LATENCY_BUCKETS)
     # A stream alloc took well under a second, so it is in a finite bucket.
     assert m.value("pasid_broker_request_duration_seconds_count", rpc="Session/alloc") == 1
+    assert m.value("pasid_broker_request_duration_seconds_count", rpc="GetInfo") == 1
     assert (
         m.value("pasid_broker_request_duration_seconds_bucket", rpc="Session/alloc", le="1.0") == 1
     )
@@ -108,10 +110,12 @@ def test_gauges_match_what_the_broker_reports(broker: BrokerProcess, client: Cli
         assert m.value("pasid_broker_quota_limit_pasids", quota="set") == info.quotas.per_set
         assert m.value("pasid_broker_top_client_pasids", client="a") == 5
         assert m.value("pasid_broker_top_client_pasids", client="b") == 2
-    # b has grace: detached, still holding
-    m = scrape(broker.metrics_url)
+    # a's set is destroyed as its stream ends; b has grace: detached, still holding
+    m = wait_until(
+        lambda: (s := scrape(broker.metrics_url)).value("pasid_broker_pasids_in_use") == 2 and s,
+        what="a's set to be destroyed",
+    )
     assert m.value("pasid_broker_sets", state="detached") == 1
-    assert m.value("pasid_broker_pasids_in_use") == 2
     assert m.value("pasid_broker_backend_info", backend="simulator", pasid_bits="20") == 1
 
 
