@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import subprocess
 
+from pasid_client import Client
+
 from tests.deploy.conftest import PrometheusTools
-from tests.harness import ROOT
+from tests.harness import ROOT, BrokerProcess
+from tests.metrics.scrape import scrape
 
 PROM = ROOT / "deploy" / "prometheus"
 
@@ -52,3 +55,30 @@ def test_rule_tests_can_fail(prometheus_tools: PrometheusTools, tmp_path: object
         timeout=120,
     )
     assert r.returncode != 0 and "PasidUtilisationHigh" in r.stdout + r.stderr
+
+
+def test_promtool_check_metrics_on_a_live_scrape(
+    prometheus_tools: PrometheusTools, broker: BrokerProcess, client: Client
+) -> None:
+    # promtool's linter: naming conventions (_total, base units), HELP text, types.
+    with client.session("vm") as s:
+        s.alloc(count=2)
+        text = scrape(broker.metrics_url).text
+    r = subprocess.run(
+        [prometheus_tools.promtool, "check", "metrics"],
+        input=text,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0 and not (r.stdout + r.stderr).strip(), r.stdout + r.stderr
+    # and the linter does complain about a badly named counter
+    bad = "# HELP x_seconds_count c\n# TYPE x_seconds_count counter\nx_seconds_count 1\n"
+    r = subprocess.run(
+        [prometheus_tools.promtool, "check", "metrics"],
+        input=bad,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode != 0 and '"_total" suffix' in r.stdout + r.stderr
