@@ -8,5 +8,9 @@ COPY clients clients
 COPY proto proto
 RUN pip install --no-cache-dir .
 VOLUME ["/var/lib/pasid-broker", "/run/pasid-broker"]
+# Metrics: loopback by default on a host; inside the container's own network namespace,
+# on all its addresses so that a published port (-p 9464:9464) reaches them.
+ENV PASID_BROKER_METRICS_ADDRESS=0.0.0.0:9464
+EXPOSE 9464
 ENTRYPOINT ["pasid-broker"]
 CMD ["--backend", "simulator", "--log-format", "json"]

@@ -7,6 +7,7 @@ Where things are:
 - engine.py  allocator + backend + store; `Broker.end_session` frees a departed set
 - service/   gRPC: servicer, status table (core error -> gRPC status), server
 - config.py  flags and PASID_BROKER_* environment
+- metrics.py Prometheus metrics: names, hooks, scrape-time gauges, /metrics endpoint
 """
 
 __version__ = "0.1.0"

@@ -40,6 +40,7 @@ class Config:
     vfio_groups: tuple[str, ...] = ()
     vfio_pasid_bits: int = 0
     vfio_fallback: str = "none"
+    metrics_address: str = "127.0.0.1:9464"
 
 
 def parse_ranges(text: str) -> tuple[tuple[int, int], ...]:
@@ -236,6 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("DEBUG", "INFO", "WARNING", "ERROR"),
         help="[PASID_BROKER_LOG_LEVEL]",
     )
+    a(
+        "--metrics-address",
+        default=_env("METRICS_ADDRESS", d.metrics_address),
+        help="serve Prometheus metrics at http://HOST:PORT/metrics; loopback by default, as "
+        "they name clients; port 0 picks a free one (logged), 'off' disables "
+        "[PASID_BROKER_METRICS_ADDRESS]",
+    )
     return p
 
 
@@ -262,4 +270,5 @@ def load(argv: list[str] | None = None) -> Config:
         vfio_groups=ns.vfio_group,
         vfio_pasid_bits=ns.vfio_pasid_bits,
         vfio_fallback=ns.vfio_fallback,
+        metrics_address=ns.metrics_address,
     )

@@ -40,6 +40,7 @@ from broker.core import (
     runs,
 )
 from broker.core.ioctl import PasidOp, check_pasid_request
+from broker.metrics import Metrics
 from broker.store import (
     AddPasids,
     CreateSet,
@@ -125,10 +126,14 @@ class Journal:
         store: SqliteStore,
         on_commit: Callable[[list[Event]], None] | None = None,
         *,
+        metrics: Metrics | None = None,
         ack_before_commit: bool = False,
     ) -> None:
         self._store = store
         self._on_commit = on_commit
+        # observability: commit latency, and what became durable (broker/metrics.py)
+        self._metrics = metrics if metrics is not None else Metrics()
+        self._commit = self._metrics.commit_timed(store.commit)
         # A deliberate bug, only for testing the crash test (broker.testfaults).
         self._ack_before_commit = ack_before_commit
         self._loop = asyncio.get_running_loop()
@@ -152,13 +157,15 @@ class Journal:
         batch, self._pending = self._pending, []
         self._inflight = batch
         records = [e.record for e in batch]
-        cf = self._executor.submit(self._store.commit, records)
+        cf = self._executor.submit(self._commit, records)
         cf.add_done_callback(lambda f: self._loop.call_soon_threadsafe(self._done, batch, f))
 
     def _done(self, batch: list[_Entry], f: ThreadFuture[list[Event]]) -> None:
         self._inflight = None
         exc = f.exception()
+        records = [e.record for e in batch]
         if exc is None:
+            self._metrics.committed(records)
             for e in batch:
                 if not e.future.done():
                     e.future.set_result(e.result)
@@ -166,17 +173,26 @@ class Journal:
                 self._on_commit(f.result())
         else:
             later, self._pending = self._pending, []
+            self._metrics.commit_failed(records + [e.record for e in later])
             err = exc if isinstance(exc, StoreError) else StoreError(f"store commit failed: {exc}")
             log.error(
                 "store commit failed; undoing %d changes",
                 len(batch) + len(later),
-                extra={"error": str(err)},
+                extra={
+                    "error": str(err),
+                    "sets": sorted({_set_of(e.record) for e in batch + later}),
+                },
             )
             for e in reversed(batch + later):
                 try:
                     e.undo()
                 except Exception:  # an undo must not stop the others
-                    log.exception("undo failed for %r", e.record)
+                    # Not %r: a CreateSet carries the token's hash, which logs never need.
+                    log.exception(
+                        "undo failed for %s",
+                        type(e.record).__name__,
+                        extra={"session": _set_of(e.record), "set": _set_of(e.record)},
+                    )
                 if not e.future.done():
                     e.future.set_exception(StoreError(err.message))
         if self._pending:
@@ -189,6 +205,10 @@ class Journal:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
+
+
+def _set_of(rec: Record) -> int:
+    return rec.row.set_id if isinstance(rec, CreateSet) else rec.set_id
 
 
 def _done_future(value: T) -> asyncio.Future[T]:
@@ -224,7 +244,9 @@ class Broker:
         restart_grace: int = 10,
         clock: Callable[[], float] = time.time,
         ack_before_commit: bool = False,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics if metrics is not None else Metrics()
         self.backend = backend
         self.store = store
         self.quotas = quotas or Quotas()
@@ -268,7 +290,12 @@ class Broker:
         """
         t0 = time.perf_counter()
         snap, replayed = await asyncio.to_thread(self._recover)
-        self._journal = Journal(self.store, self._publish, ack_before_commit=self.ack_before_commit)
+        self._journal = Journal(
+            self.store,
+            self._publish,
+            metrics=self.metrics,
+            ack_before_commit=self.ack_before_commit,
+        )
         for sess in list(self._sessions.values()):
             if not _pid_alive(sess.pid):
                 self._destroy(sess, "client exited before restart", "set_reclaimed")
@@ -279,12 +306,15 @@ class Broker:
                 self._watch_pid(sess)
         self.ready = True
         assert self.caps is not None
+        took = time.perf_counter() - t0
+        self.metrics.recovered(took, replayed, len(snap.sets))
         log.info(
             "recovered %d sets, %d PASIDs replayed into %s in %.3f s",
             len(snap.sets),
             replayed,
             self.caps.name,
-            time.perf_counter() - t0,
+            took,
+            extra={"sets": len(snap.sets), "replayed": replayed, "seconds": round(took, 6)},
         )
 
     def _recover(self) -> tuple[Snapshot, int]:
@@ -410,6 +440,7 @@ class Broker:
                 timer.cancel()
             sess.attached = True
             sess.peer = peer
+            self.metrics.session_opened(resumed=True)
             log.info(
                 "session resumed",
                 extra={"session": sess.session_id, "set": sess.session_id, "held": len(sess.set)},
@@ -433,6 +464,7 @@ class Broker:
 
         row = SetRow(set_id, client, pid, s.quota, grace, th, now)
         await self.journal.submit(CreateSet(row), undo, None)
+        self.metrics.session_opened(resumed=False)
         if local:
             self._watch_pid(sess)
         log.info(
@@ -531,7 +563,12 @@ class Broker:
         if sess.grace_seconds > 0:
             log.info(
                 "session detached",
-                extra={"session": sess.session_id, "reason": reason, "grace": sess.grace_seconds},
+                extra={
+                    "session": sess.session_id,
+                    "set": sess.session_id,
+                    "reason": reason,
+                    "grace": sess.grace_seconds,
+                },
             )
             self._schedule_reclaim(sess, sess.grace_seconds, "grace expired")
         else:
@@ -583,7 +620,14 @@ class Broker:
                 "reason": reason,
             },
         )
-        return self.journal.submit(DestroySet(set_id, reason, kind), undo, None)
+        fut = self.journal.submit(DestroySet(set_id, reason, kind), undo, None)
+
+        def count(f: asyncio.Future[None]) -> None:
+            if not f.cancelled() and f.exception() is None:
+                self.metrics.set_reclaimed(reason, len(freed))
+
+        fut.add_done_callback(count)
+        return fut
 
     def _forget(self, sess: Session) -> None:
         self._sessions.pop(sess.session_id, None)
@@ -593,13 +637,17 @@ class Broker:
 
     def alloc(self, sess: Session, lo: int, hi: int, count: int = 1) -> asyncio.Future[list[int]]:
         """Allocate and queue the commit; the future resolves once durable. Checks raise."""
-        self._require_attached(sess)
         set_id = sess.session_id
-        got = self.allocator.alloc(set_id, lo, hi, count)
         try:
-            self._backend_alloc_exact(got)
-        except BaseException:
-            self.allocator.release(set_id, got)
+            self._require_attached(sess)
+            got = self.allocator.alloc(set_id, lo, hi, count)
+            try:
+                self._backend_alloc_exact(got)
+            except BaseException:
+                self.allocator.release(set_id, got)
+                raise
+        except PasidError as exc:
+            self.metrics.alloc_refused(exc)  # success is counted when the commit lands
             raise
 
         def undo() -> None:
@@ -610,10 +658,15 @@ class Broker:
 
     def free(self, sess: Session, lo: int, hi: int) -> asyncio.Future[int]:
         """Free the session's PASIDs in [lo, hi]; resolves to the count once durable."""
-        self._require_attached(sess)
         set_id = sess.session_id
-        freed = self.allocator.free_range(set_id, lo, hi)
+        try:
+            self._require_attached(sess)
+            freed = self.allocator.free_range(set_id, lo, hi)
+        except PasidError as exc:
+            self.metrics.free_refused(exc)
+            raise
         if not freed:
+            self.metrics.free_nothing()
             return _done_future(0)
         try:
             self._backend_free_exact(freed)

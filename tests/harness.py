@@ -6,6 +6,7 @@ directory with its own SQLite file.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -75,6 +76,13 @@ class BrokerProcess:
             self.socket,
             "--log-format",
             "json",
+            # Metrics on a free loopback port (read back with metrics_url), so that brokers
+            # run side by side do not fight over the default one.
+            *(
+                []
+                if any(a.startswith("--metrics-address") for a in self.args)
+                else ["--metrics-address", "127.0.0.1:0"]
+            ),
             *self.args,
         ]
 
@@ -109,6 +117,17 @@ class BrokerProcess:
 
         wait_until(ready, timeout, 0.02, "broker to serve")
 
+    @property
+    def metrics_url(self) -> str:
+        """http://HOST:PORT/metrics of the current run, from its "serving" log line."""
+        url = ""
+        for line in self.read_log().splitlines():
+            if '"metrics_url"' in line:
+                url = json.loads(line)["metrics_url"]
+        if not url or url == "off":
+            raise AssertionError(f"broker logged no metrics endpoint:\n{self.read_log()}")
+        return str(url)
+
     def read_log(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
@@ -136,8 +155,10 @@ class BrokerProcess:
 
 def run_broker_once(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
     """Run the daemon to completion (for start-up failures): its exit status and stderr."""
+    # Metrics off unless asked for (a later flag wins): a start-up failure under test must
+    # not turn into "port 9464 in use" on a machine where a broker already runs.
     return subprocess.run(
-        [sys.executable, "-m", "broker", *args],
+        [sys.executable, "-m", "broker", "--metrics-address", "off", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -20,6 +20,7 @@ from pasid.v1 import broker_pb2_grpc as pb_grpc
 from broker import backends, testfaults
 from broker.config import Config
 from broker.engine import Broker
+from broker.metrics import Metrics
 from broker.service.servicer import PasidAdminServicer, PasidBrokerServicer
 from broker.store import SqliteStore
 
@@ -89,6 +90,7 @@ def _grpc_server(
 
 async def serve(config: Config) -> int:
     lock = acquire_lock(config.db)
+    metrics = Metrics()
     backend: backends.Backend = backends.create(
         config.backend,
         pasid_bits=config.pasid_bits,
@@ -115,14 +117,25 @@ async def serve(config: Config) -> int:
                 config.db, faults.commit_delay_ms / 1000, event_retention=config.event_retention
             )
     broker = Broker(
-        backend,
+        metrics.instrument(backend),
         store,
         ack_before_commit=faults.ack_before_commit,
         quotas=config.quotas,
         reserved=config.reserved,
         max_grace=config.max_grace,
         restart_grace=config.restart_grace,
+        metrics=metrics,
     )
+    # Metrics: bound before gRPC so that a taken port refuses the start cleanly.
+    metrics.bind(broker, asyncio.get_running_loop())
+    try:
+        metrics_url = metrics.serve(config.metrics_address)
+    except (OSError, ValueError) as exc:
+        lock.close()
+        raise StartupError(
+            f"cannot serve metrics on {config.metrics_address}: {exc}"
+            " (choose another --metrics-address, or 'off')"
+        ) from None
     servicer = PasidBrokerServicer(broker)
     health_servicer = health.aio.HealthServicer()
     server = _grpc_server(config, servicer, health_servicer)
@@ -167,6 +180,7 @@ async def serve(config: Config) -> int:
                 # The backend actually serving: a --vfio-fallback may have replaced vfio.
                 "backend": broker.caps.name if broker.caps else config.backend,
                 "db": config.db,
+                "metrics_url": metrics_url or "off",
             },
         )
         await stop.wait()
@@ -181,6 +195,7 @@ async def serve(config: Config) -> int:
         for srv, _, _ in servers:
             await srv.stop(0)
         await broker.stop()
+        metrics.close()
         for _, _, socks in servers:
             for path, _mode in socks:
                 with contextlib.suppress(FileNotFoundError):

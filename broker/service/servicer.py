@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
@@ -16,6 +17,7 @@ from broker import __version__
 from broker.core import Compacted, InvalidArgument, PasidError, runs
 from broker.engine import Broker
 from broker.engine import Session as BrokerSession
+from broker.metrics import timed_rpc
 from broker.service.status import (
     ADMIN_ONLY,
     PermissionDenied,
@@ -27,6 +29,8 @@ from broker.service.status import (
 log = logging.getLogger("pasid_broker.service")
 
 T = TypeVar("T")
+# A session-stream request awaiting its reply: tag, reply, op, arrival (perf_counter).
+_Pending = tuple[int, asyncio.Future[pb.SessionResponse], str | None, float]
 
 
 # What the Session writer loop reads: a reply to await, or the end of the stream with a
@@ -37,7 +41,7 @@ class _End:
     message: str
 
 
-_Item = tuple[int, "asyncio.Future[pb.SessionResponse]"] | _End | None
+_Item = _Pending | _End | None
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: PasidError) -> NoReturn:
@@ -70,6 +74,7 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
     def __init__(self, broker: Broker, *, admin: bool = False) -> None:
         self.broker = broker
         self.admin = admin
+        self.metrics = broker.metrics  # request latency, per RPC (broker/metrics.py)
         self._streams: set[asyncio.Queue[_Item]] = set()
 
     def shutdown(self) -> None:
@@ -96,12 +101,14 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
         if first.WhichOneof("op") != "open":
             await _abort(context, InvalidArgument("the first message of a Session must be open"))
         o = first.open
+        t_open = time.perf_counter()
         try:
             sess, token, resumed = await self.broker.open_session(
                 o.client, o.pid, o.grace_seconds, o.resume_token, context.peer()
             )
         except PasidError as exc:
             await _abort(context, exc)
+        self.metrics.session_op_done("open", t_open)
         # Replies wait for their commits, in request order; reading goes on meanwhile so
         # that a pipelining client's requests share group commits.
         replies: asyncio.Queue[_Item] = asyncio.Queue()
@@ -129,11 +136,12 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
                         break
                     reader.cancel()  # shutdown: answer what was asked, then end
                     continue
-                tag, fut = item
+                tag, fut, op, t0 = item
                 try:
                     resp = await fut
                 except PasidError as exc:
                     resp = pb.SessionResponse(error=error_message(exc))
+                self.metrics.session_op_done(op, t0)
                 resp.tag = tag
                 yield resp
         finally:
@@ -153,6 +161,7 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
         loop = asyncio.get_running_loop()
         try:
             async for req in requests:
+                t0 = time.perf_counter()
                 op = req.WhichOneof("op")
                 try:
                     if op in ("alloc", "free", "list", "request") and getattr(req, op).HasField(
@@ -163,7 +172,7 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
                 except PasidError as exc:
                     fut = loop.create_future()
                     fut.set_exception(exc)
-                replies.put_nowait((req.tag, fut))
+                replies.put_nowait((req.tag, fut, op, t0))
         except (asyncio.CancelledError, grpc.aio.AioRpcError):
             pass
         finally:
@@ -215,6 +224,7 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
         except PasidError as exc:
             await _abort(context, exc)
 
+    @timed_rpc("Alloc")
     async def Alloc(
         self, request: pb.AllocRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.AllocResponse:
@@ -225,6 +235,7 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
         )
         return pb.AllocResponse(pasids=got)
 
+    @timed_rpc("Free")
     async def Free(
         self, request: pb.FreeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.FreeResponse:
@@ -233,6 +244,7 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
         )
         return pb.FreeResponse(freed=n)
 
+    @timed_rpc("List")
     async def List(
         self, request: pb.ListRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListResponse:
@@ -249,6 +261,7 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
 
         return await self._unary(context, request.session, one)
 
+    @timed_rpc("GetInfo")
     async def GetInfo(
         self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetInfoResponse:
@@ -273,6 +286,7 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
             revision=i.revision,
         )
 
+    @timed_rpc("PasidRequest")
     async def PasidRequest(
         self, request: pb.PasidRequestMessage, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.PasidRequestReply:
@@ -318,7 +332,9 @@ class PasidAdminServicer(pb_grpc.PasidAdminServicer):
     def __init__(self, broker: Broker, main: PasidBrokerServicer) -> None:
         self.broker = broker
         self.main = main
+        self.metrics = broker.metrics
 
+    @timed_rpc("ListSets")
     async def ListSets(
         self, request: pb.ListSetsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListResponse:
@@ -328,6 +344,7 @@ class PasidAdminServicer(pb_grpc.PasidAdminServicer):
             await _abort(context, exc)
         return pb.ListResponse(sets=[_set_info(s, request.with_ranges) for s in sessions])
 
+    @timed_rpc("RevokeSet")
     async def RevokeSet(
         self, request: pb.RevokeSetRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.RevokeSetResponse:
@@ -337,6 +354,7 @@ class PasidAdminServicer(pb_grpc.PasidAdminServicer):
             await _abort(context, exc)
         return pb.RevokeSetResponse(freed=freed)
 
+    @timed_rpc("SetQuotas")
     async def SetQuotas(
         self, request: pb.SetQuotasRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetInfoResponse:

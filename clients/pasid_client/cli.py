@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
 
-from pasid_client import address
+from pasid_client import address, top
 from pasid_client.errors import PasidClientError
 from pasid_client.sync import Client
 from pasid_client.types import ALL, SetView
@@ -244,23 +244,52 @@ def cmd_hold(c: Client, args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def cmd_top(c: Client, args: argparse.Namespace) -> int:
+    with _admin(args) as a:
+        return top.run(
+            a,
+            interval=args.interval,
+            count=args.count,
+            once=args.once,
+            as_json=args.json,
+            top=args.top,
+        )
+
+
+def _common_options(suppress: bool) -> argparse.ArgumentParser:
+    """The options every command takes. They may stand before or after the command; the
+    subcommands' copies default to SUPPRESS, or their defaults would overwrite a value
+    given before the command (`pasidctl --socket X info`)."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", help="print one JSON document")
+
+    def d(value: object) -> object:
+        return argparse.SUPPRESS if suppress else value
+
+    common.add_argument(
+        "--json", action="store_true", default=d(False), help="print one JSON document"
+    )
     common.add_argument(
         "--socket",
+        default=d(None),
         help="broker's Unix socket [PASID_BROKER_SOCKET; default /run/pasid-broker/broker.sock]",
     )
     common.add_argument(
-        "--address", help="gRPC target instead, e.g. unix:/path or host:port [PASID_BROKER_ADDRESS]"
+        "--address",
+        default=d(None),
+        help="gRPC target instead, e.g. unix:/path or host:port [PASID_BROKER_ADDRESS]",
     )
     common.add_argument(
         "--admin-socket",
-        help="the broker's admin socket, for sets, revoke, "
-        "quota and list --all [PASID_BROKER_ADMIN_SOCKET; default admin.sock "
-        "beside the socket]",
+        default=d(None),
+        help="the broker's admin socket, for sets, revoke, quota, top and list --all "
+        "[PASID_BROKER_ADMIN_SOCKET; default admin.sock beside the socket]",
     )
-    common.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
+    common.add_argument("--timeout", type=float, default=d(10.0), help="seconds per call")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common_options(suppress=True)
     sess = argparse.ArgumentParser(add_help=False)
     sess.add_argument("--session", help="session id [PASID_SESSION_ID]")
     sess.add_argument("--token", help="session token [PASID_SESSION_TOKEN]")
@@ -272,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog="pasidctl",
-        parents=[common],
+        parents=[_common_options(suppress=False)],
         description="Talk to a pasid-broker: inspect the PASID namespace, hold a session, "
         "allocate and free. Exit status: 0 ok, 1 the broker refused (message on stderr), "
         "2 usage.",
@@ -352,6 +381,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="seconds the set outlives this process (0: freed at once)",
     )
+    t = sub.add_parser(
+        "top",
+        parents=[common],
+        help="live view: utilisation, alloc/free rates, top holders (refreshed from the broker)",
+        description=top.__doc__,
+    )
+    t.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    t.add_argument("--count", type=int, default=0, help="stop after N screens (0: never)")
+    t.add_argument("--once", action="store_true", help="one screen, with rates over one --interval")
+    t.add_argument("--top", type=int, default=10, help="how many holders to show")
     return p
 
 
@@ -366,6 +405,7 @@ COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "revoke": cmd_revoke,
     "quota": cmd_quota,
     "request": cmd_request,
+    "top": cmd_top,
 }
 
 

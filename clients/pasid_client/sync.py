@@ -9,11 +9,13 @@ from __future__ import annotations
 import itertools
 import os
 import queue
+import time
 from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pasid.v1 import broker_pb2 as pb
 from pasid.v1 import broker_pb2_grpc as pb_grpc
 
@@ -176,6 +178,24 @@ class Client:
             return method(request, timeout=self.timeout)
         except grpc.RpcError as exc:
             raise from_admin_rpc_error(exc) from None
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Block until the broker says SERVING (grpc.health.v1): it listens before its
+        recovery is done, and answers UNAVAILABLE until then. Raises Unavailable."""
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                req = health_pb2.HealthCheckRequest()
+                if stub.Check(req, timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise Unavailable(
+                    grpc.StatusCode.UNAVAILABLE, f"broker at {self.target} not serving"
+                )
+            time.sleep(0.05)
 
     def session(
         self,

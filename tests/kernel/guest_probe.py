@@ -124,23 +124,9 @@ def run_fallback(group: str) -> None:
         if not os.path.exists(sock):
             result["error"] = "the daemon never listened"
             return
-        # Listening comes before recovery: wait for health SERVING, as a probe would.
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        with grpc.insecure_channel(f"unix:{sock}") as ch:
-            health = health_pb2_grpc.HealthStub(ch)
-            serving = health_pb2.HealthCheckResponse.SERVING
-            while time.monotonic() < deadline:
-                try:
-                    req = health_pb2.HealthCheckRequest()
-                    if health.Check(req, timeout=5).status == serving:
-                        break
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.1)
         try:
             with Client(f"unix:{sock}") as c:
+                c.wait_ready(60)  # it listens before recovery is done
                 info = c.info()
                 with c.session("guest-vm") as s:
                     result["pasids"] = list(s.alloc(1, 1023, count=2))

@@ -1,0 +1,304 @@
+"""The /metrics endpoint of a real broker, scraped over HTTP and read with the official
+text parser: names, types, buckets, and that each counter moves with what it counts."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from pasid_client import Client, QuotaExceeded
+
+from broker.metrics import LATENCY_BUCKETS, RECLAIM_REASONS, TOP_CLIENTS, reclaim_reason
+from tests.harness import ROOT, BrokerProcess, run_broker_once, wait_until
+from tests.metrics.scrape import scrape
+
+COUNTERS = {
+    "pasid_broker_allocations",
+    "pasid_broker_frees",
+    "pasid_broker_pasids_allocated",
+    "pasid_broker_pasids_freed",
+    "pasid_broker_pasids_reclaimed",
+    "pasid_broker_sets_reclaimed",
+    "pasid_broker_quota_rejections",
+    "pasid_broker_sessions_opened",
+    "pasid_broker_store_commit_errors",
+    "pasid_broker_backend_errors",
+}
+HISTOGRAMS = {
+    "pasid_broker_request_duration_seconds",
+    "pasid_broker_store_commit_duration_seconds",
+    "pasid_broker_backend_call_duration_seconds",
+}
+GAUGES = {
+    "pasid_broker_ready",
+    "pasid_broker_pasids_in_use",
+    "pasid_broker_pasids_capacity",
+    "pasid_broker_pasids_reserved",
+    "pasid_broker_sessions",
+    "pasid_broker_sets",
+    "pasid_broker_quota_limit_pasids",
+    "pasid_broker_top_client_pasids",
+    "pasid_broker_recovery_duration_seconds",
+    "pasid_broker_recovery_replayed_pasids",
+    "pasid_broker_recovery_sets",
+}
+# Info metrics: a gauge named *_info, always 1, in the text format Prometheus reads.
+INFOS = {"pasid_broker_build_info", "pasid_broker_backend_info"}
+
+
+def test_names_types_and_buckets_follow_prometheus_conventions(
+    broker: BrokerProcess, client: Client
+) -> None:
+    with client.session("vm") as s:
+        s.alloc(count=3)
+        s.free()
+        client.info()
+        m = scrape(broker.metrics_url)
+    types = {name: f.type for name, f in m.families.items()}
+    for name in COUNTERS:
+        assert types.get(name) == "counter", name
+        assert any(s.name == name + "_total" for s in m.samples), f"{name}_total missing"
+    for name in HISTOGRAMS:
+        assert types.get(name) == "histogram", name
+    for name in GAUGES:
+        assert types.get(name) == "gauge", name
+    for name in INFOS:
+        assert types.get(name) == "gauge" and m.value(name) == 1.0, name
+    assert m.value("pasid_broker_build_info") == 1.0
+    # Units in the name, base units only.
+    for name in m.names():
+        assert not re.search(r"_(ms|milliseconds|us|microseconds)(_|$)", name), name
+    # Buckets resolve 50 µs .. 1 s, and no default 5 ms floor.
+    les = sorted(
+        {
+            float(s.labels["le"])
+            for s in m.samples
+            if s.name == "pasid_broker_request_duration_seconds_bucket"
+        }
+    )
+    assert les[0] == 0.00005 and les[-2] == 1.0 and les[-1] == float("inf")
+    assert les[:-1] == sorted(LATENCY_BUCKETS)
+    # A stream alloc took well under a second, so it is in a finite bucket.
+    assert m.value("pasid_broker_request_duration_seconds_count", rpc="Session/alloc") == 1
+    assert m.value("pasid_broker_request_duration_seconds_count", rpc="GetInfo") == 1
+    assert (
+        m.value("pasid_broker_request_duration_seconds_bucket", rpc="Session/alloc", le="1.0") == 1
+    )
+    # No per-session label anywhere; `client` only on the bounded top-holders gauge.
+    for s in m.samples:
+        assert not {"session", "set", "set_id", "token", "pid"} & set(s.labels), s
+        if "client" in s.labels:
+            assert s.name == "pasid_broker_top_client_pasids", s
+
+
+def test_gauges_match_what_the_broker_reports(broker: BrokerProcess, client: Client) -> None:
+    with client.session("a") as a, client.session("b", grace_seconds=30) as b:
+        a.alloc(count=5)
+        b.alloc(count=2)
+        info = client.info()
+        m = scrape(broker.metrics_url)
+        assert m.value("pasid_broker_pasids_in_use") == info.in_use == 7
+        assert m.value("pasid_broker_pasids_capacity") == info.capacity
+        assert m.value("pasid_broker_pasids_reserved") == info.reserved
+        assert m.value("pasid_broker_sessions") == info.sessions == 2
+        assert m.value("pasid_broker_sets", state="attached") == 2
+        assert m.value("pasid_broker_ready") == 1
+        assert m.value("pasid_broker_quota_limit_pasids", quota="set") == info.quotas.per_set
+        assert m.value("pasid_broker_top_client_pasids", client="a") == 5
+        assert m.value("pasid_broker_top_client_pasids", client="b") == 2
+    # a's set is destroyed as its stream ends; b has grace: detached, still holding
+    m = wait_until(
+        lambda: (s := scrape(broker.metrics_url)).value("pasid_broker_pasids_in_use") == 2 and s,
+        what="a's set to be destroyed",
+    )
+    assert m.value("pasid_broker_sets", state="detached") == 1
+    assert m.value("pasid_broker_backend_info", backend="simulator", pasid_bits="20") == 1
+
+
+def test_counters_move_with_what_they_count(
+    make_broker: Callable[..., BrokerProcess],
+) -> None:
+    b = make_broker(
+        "--quota-per-set",
+        "5",
+        "--quota-per-client",
+        "6",
+        "--quota-global",
+        "8",
+        "--kernel-quota",
+        "100",
+    )
+    with Client(b.address) as c, c.session("x") as x:
+        x.alloc(count=4)
+        assert x.free(1, 2) == 2
+        assert x.free(1, 2) == 0  # nothing of ours there: ok, without a commit
+        with pytest.raises(QuotaExceeded) as e:
+            x.alloc(count=4)  # the set would hold 6 > 5
+        assert e.value.quota == "set"
+        with c.session("x") as x2:
+            with pytest.raises(QuotaExceeded) as e:
+                x2.alloc(count=5)  # client x would hold 7 > 6
+            assert e.value.quota == "client"
+        with c.session("y") as y:
+            y.alloc(count=5)  # 7 in use
+            with pytest.raises(QuotaExceeded) as e:
+                c.session("z").alloc(count=2)  # 9 > 8
+            assert e.value.quota == "global"
+    m = scrape(b.metrics_url)
+    assert m.value("pasid_broker_allocations_total", result="ok") == 2
+    assert m.value("pasid_broker_allocations_total", result="quota_exceeded") == 3
+    for kind in ("set", "client", "global"):
+        assert m.value("pasid_broker_quota_rejections_total", quota=kind) == 1, kind
+    assert m.value("pasid_broker_quota_rejections_total", quota="kernel") == 0
+    assert m.value("pasid_broker_frees_total", result="ok") == 2
+    assert m.value("pasid_broker_pasids_allocated_total") == 9
+    assert m.value("pasid_broker_pasids_freed_total") == 2
+    # x (2 left), x2 (0), y (5), z (0): every set ended with its stream
+    wait_until(
+        lambda: (
+            scrape(b.metrics_url).value("pasid_broker_sets_reclaimed_total", reason="client_exit")
+            == 4
+        ),
+        what="4 sets reclaimed",
+    )
+    m = scrape(b.metrics_url)
+    assert m.value("pasid_broker_pasids_reclaimed_total", reason="client_exit") == 7
+    assert m.value("pasid_broker_sessions_opened_total", kind="new") == 4
+    assert m.value("pasid_broker_pasids_in_use") == 0
+    assert m.value("pasid_broker_request_duration_seconds_count", rpc="Session/open") == 4
+
+
+def test_backend_errors_and_kernel_quota(make_broker: Callable[..., BrokerProcess]) -> None:
+    b = make_broker("--kernel-quota", "2")
+    with Client(b.address) as c, c.session("vm") as s:
+        s.alloc(count=2)
+        with pytest.raises(QuotaExceeded) as e:
+            s.alloc()
+        assert e.value.quota == "kernel"
+        m = scrape(b.metrics_url)
+    assert m.value("pasid_broker_quota_rejections_total", quota="kernel") == 1
+    assert m.value("pasid_broker_backend_errors_total", op="alloc", error="quota_exceeded") == 1
+    assert m.value("pasid_broker_backend_errors_total", op="alloc", error="backend") == 0
+    assert m.value("pasid_broker_backend_call_duration_seconds_count", op="alloc") == 3
+
+
+def test_reclaims_by_grace_and_restart_and_recovery_figures(
+    make_broker: Callable[..., BrokerProcess],
+) -> None:
+    b = make_broker("--restart-grace", "1")
+    with Client(b.address) as c:
+        with c.session("short", grace_seconds=1) as s:
+            s.alloc(count=2)
+        wait_until(
+            lambda: (
+                scrape(b.metrics_url).value(
+                    "pasid_broker_sets_reclaimed_total", reason="grace_expired"
+                )
+                == 1
+            ),
+            what="grace expiry",
+        )
+        held = c.session("held", grace_seconds=2)
+        held.alloc(count=3)
+        b.kill()  # its client is alive: after the restart the set waits, then is reclaimed
+        held.close()
+    b.start()
+    m = scrape(b.metrics_url)
+    assert m.value("pasid_broker_recovery_sets") == 1
+    assert m.value("pasid_broker_recovery_replayed_pasids") == 3
+    assert 0 < m.value("pasid_broker_recovery_duration_seconds") < 60
+    assert m.value("pasid_broker_sets", state="detached") == 1
+    wait_until(
+        lambda: (
+            scrape(b.metrics_url).value("pasid_broker_sets_reclaimed_total", reason="restart") == 1
+        ),
+        what="the unresumed set to be reclaimed after the restart",
+    )
+    assert scrape(b.metrics_url).value("pasid_broker_pasids_in_use") == 0
+
+
+def test_engine_reasons_map_into_the_bounded_set() -> None:
+    # Every reason string the engine and servicer pass for a set's end, read from the
+    # source so that a new one cannot silently land in "other".
+    src = (ROOT / "broker" / "engine.py").read_text() + (
+        ROOT / "broker" / "service" / "servicer.py"
+    ).read_text()
+    reasons = set(
+        re.findall(
+            r"(?:_destroy|_schedule_reclaim|end_session|reclaim)\([^\"\n]*f?\"([^\"]+)\"", src
+        )
+    )
+    reasons -= {"set_destroyed", "set_reclaimed"}  # the event kind, not a reason
+    reasons |= set(re.findall(r"\"(grace expired[^\"]*)\"", src))
+    assert {"client disconnected", "grace expired", "client exited before restart"} <= reasons
+    for r in reasons:
+        assert reclaim_reason(r) in RECLAIM_REASONS and reclaim_reason(r) != "other", r
+    assert reclaim_reason("client disconnected") == "client_exit"
+    assert reclaim_reason("grace expired") == "grace_expired"
+    assert reclaim_reason("grace expired after restart") == "restart"
+    assert reclaim_reason("client exited before restart") == "client_exit"
+    assert reclaim_reason("revoked by admin") == "revoke"
+    assert reclaim_reason("client process 4242 exited") == "client_exit"
+    assert any(r.startswith("client process") for r in reasons)
+    assert reclaim_reason("something new") == "other"
+
+
+def test_top_holders_are_bounded(broker: BrokerProcess, client: Client) -> None:
+    sessions = [client.session(f"vm{i:02d}") for i in range(TOP_CLIENTS + 3)]
+    try:
+        for i, s in enumerate(sessions):
+            s.alloc(count=i + 1)
+        m = scrape(broker.metrics_url)
+        top = {
+            s.labels["client"]: s.value
+            for s in m.samples
+            if s.name == "pasid_broker_top_client_pasids"
+        }
+        assert len(top) == TOP_CLIENTS + 1
+        # the largest holders by name, the 3 smallest summed as (other)
+        assert top["vm12"] == 13 and "vm00" not in top
+        assert top["(other)"] == 1 + 2 + 3
+        assert sum(top.values()) == m.value("pasid_broker_pasids_in_use")
+    finally:
+        for s in sessions:
+            s.close()
+
+
+def test_metrics_off_and_taken_port(
+    make_broker: Callable[..., BrokerProcess], tmp_path: Path
+) -> None:
+    b = make_broker("--metrics-address", "off")
+    assert '"metrics_url": "off"' in b.read_log()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = run_broker_once(
+            "--db",
+            f"{tmp_path}/b.db",
+            "--socket",
+            f"{tmp_path}/b.sock",
+            "--metrics-address",
+            f"127.0.0.1:{port}",
+        )
+    assert r.returncode == 2
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in r.stderr
+    assert "--metrics-address" in r.stderr
+
+
+def test_ready_drops_while_draining(make_broker: Callable[..., BrokerProcess]) -> None:
+    b = make_broker("--drain-seconds", "5")
+    url = b.metrics_url
+    assert scrape(url).value("pasid_broker_ready") == 1
+    with Client(b.address) as c, c.session("vm") as s:
+        s.alloc()
+        assert b.proc is not None
+        b.proc.send_signal(signal.SIGTERM)  # the open stream keeps it draining
+        wait_until(
+            lambda: scrape(url).value("pasid_broker_ready") == 0, what="ready 0 while draining"
+        )
+    assert b.proc.wait(30) == 0
