@@ -38,6 +38,39 @@ def test_namespace_full_returns_none_and_memory_is_sparse() -> None:
     assert list(Namespace(20).iter_used()) == []
 
 
+def test_namespace_take_range_sets_whole_words_and_keeps_invariants() -> None:
+    ns = Namespace(20)
+    assert ns.take_range(1, (1 << 19) - 1) == (1 << 19) - 1
+    assert ns.words_held() < (1 << 19) // 64 + 200  # words, not bits
+    ns.check()
+    assert ns.lowest_free(0, ns.size - 1) == 0
+    ns.take(0)
+    assert ns.lowest_free(0, ns.size - 1) == 1 << 19
+    assert ns.take_range(100, 1 << 19) == 1  # only the one still free
+    ns.check()
+    with pytest.raises(ValueError, match="outside"):
+        ns.take_range(5, ns.size)
+
+
+def test_namespace_release_many_clears_words_and_full_marks() -> None:
+    ns = Namespace(13)
+    ns.take_range(0, ns.size - 1)
+    assert ns.lowest_free(0, ns.size - 1) is None
+    gone = [3, 64, 65, 4095, 4096, 8191]
+    assert ns.release_many(gone) == len(gone)
+    ns.check()
+    assert ns.used == ns.size - len(gone)
+    assert [ns.lowest_free(p, ns.size - 1) for p in (0, 4, 66, 4097)] == [3, 64, 4095, 8191]
+
+
+def test_namespace_check_catches_a_broken_invariant() -> None:
+    ns = Namespace(12)
+    ns.take_range(0, 63)
+    ns.used += 1
+    with pytest.raises(AssertionError, match="used"):
+        ns.check()
+
+
 def test_pasid_zero_is_never_handed_out() -> None:
     a = Allocator(20)
     a.create_set(1, "vm")
