@@ -11,6 +11,7 @@ from broker.core import (
     Exhausted,
     InvalidRange,
     Namespace,
+    Quarantine,
     QuotaExceeded,
     Quotas,
     runs,
@@ -164,3 +165,83 @@ def test_reserved_ranges_are_never_handed_out() -> None:
 def test_runs() -> None:
     assert runs([1, 2, 3, 7, 9, 10]) == [(1, 3), (7, 7), (9, 10)]
     assert runs([]) == []
+
+
+class FakeClock:
+    """A clock the test moves by hand (the core reads no clock of its own)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_quarantine_by_time_holds_a_freed_pasid_back() -> None:
+    clock = FakeClock()
+    a = Allocator(8, quotas=Quotas(per_set=0), quarantine=Quarantine(seconds=5), clock=clock)
+    a.create_set(1, "a")
+    a.create_set(2, "b")
+    assert a.alloc(1, 1, 255, count=3) == [1, 2, 3]
+    assert a.free_range(1, 0, 2**32 - 1) == [1, 2, 3]
+    assert (a.in_use, a.quarantined, a.available) == (0, 3, a.capacity - 3)
+    assert a.alloc(2, 1, 255) == [4]  # not 1: still quarantined
+    clock.now += 4.9
+    assert a.alloc(2, 1, 255) == [5]
+    clock.now += 0.1
+    assert a.alloc(2, 1, 255) == [1]
+    assert a.quarantined == 0
+    a.check()
+
+
+def test_quarantine_by_allocs_counts_pasids_handed_out_since() -> None:
+    a = Allocator(8, quotas=Quotas(per_set=0), quarantine=Quarantine(allocs=2))
+    a.create_set(1, "a")
+    assert a.alloc(1, 1, 255) == [1]
+    a.destroy_set(1)
+    a.create_set(2, "b")
+    assert a.alloc(2, 1, 255) == [2]  # 0 allocs since the free
+    assert a.alloc(2, 1, 255) == [3]  # 1
+    assert a.alloc(2, 1, 255) == [1]  # 2: back in the pool
+    a.check()
+
+
+def test_quarantine_with_both_conditions_needs_both() -> None:
+    clock = FakeClock()
+    q = Quarantine(seconds=1, allocs=1)
+    a = Allocator(8, quotas=Quotas(per_set=0), quarantine=q, clock=clock)
+    a.create_set(1, "a")
+    a.alloc(1, 1, 1)
+    a.free_range(1, 1, 1)
+    clock.now += 10
+    assert a.alloc(1, 1, 255) == [2]  # time is up, but no alloc since
+    assert a.alloc(1, 1, 255) == [1]
+
+
+def test_quarantine_exhaustion_names_it_and_undo_claims_back() -> None:
+    a = Allocator(4, quotas=Quotas(per_set=0), quarantine=Quarantine(allocs=100))
+    a.create_set(1, "a")
+    a.create_set(2, "b")
+    got = a.alloc(1, 1, 15, count=15)
+    a.free_range(1, 1, 15)
+    with pytest.raises(Exhausted, match="15 quarantined"):
+        a.alloc(2, 1, 15)
+    with pytest.raises(ValueError, match="quarantined"):
+        a.claim(2, [1])  # another set cannot take it
+    a.claim(1, got)  # the freeing set can (undo of a failed commit)
+    assert (a.in_use, a.quarantined) == (15, 0)
+    a.check()
+
+
+def test_release_undoing_an_alloc_skips_quarantine() -> None:
+    a = Allocator(8, quarantine=Quarantine(allocs=100))
+    a.create_set(1, "a")
+    got = a.alloc(1, 1, 255, count=2)
+    a.release(1, got)
+    assert a.quarantined == 0
+    assert a.alloc(1, 1, 255, count=2) == got
+
+
+def test_quarantine_in_seconds_needs_a_clock() -> None:
+    with pytest.raises(ValueError, match="clock"):
+        Allocator(8, quarantine=Quarantine(seconds=1))
