@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from broker.backends import NAMES as BACKENDS
-from broker.core import DEFAULT_SET_QUOTA, Quotas
+from broker.core import DEFAULT_SET_QUOTA, Quarantine, Quotas
 
 ENV_PREFIX = "PASID_BROKER_"
 DEFAULT_SOCKET = "/run/pasid-broker/broker.sock"
@@ -27,6 +28,7 @@ class Config:
     pasid_bits: int = 20
     reserved: tuple[tuple[int, int], ...] = ()
     quotas: Quotas = field(default_factory=Quotas)
+    quarantine: Quarantine = field(default_factory=Quarantine)
     kernel_quota: int = 0
     max_grace: int = 300
     restart_grace: int = 10
@@ -46,6 +48,18 @@ def parse_ranges(text: str) -> tuple[tuple[int, int], ...]:
             raise argparse.ArgumentTypeError(f"reserved range {part}: {a} > {b}")
         out.append((a, b))
     return tuple(out)
+
+
+def _non_negative(kind: Callable[[str], float]) -> Callable[[str], float]:
+    """An argparse type: `kind` (int or float) of the text, refusing negative values."""
+
+    def parse(text: str) -> float:
+        v = kind(text)
+        if v < 0:
+            raise argparse.ArgumentTypeError(f"{text} < 0")
+        return v
+
+    return parse
 
 
 def _env(name: str, default: str) -> str:
@@ -130,6 +144,22 @@ def build_parser() -> argparse.ArgumentParser:
         "outside the broker [PASID_BROKER_QUOTA_GLOBAL]",
     )
     a(
+        "--quarantine-seconds",
+        type=_non_negative(float),
+        default=_env("QUARANTINE_SECONDS", str(d.quarantine.seconds)),
+        help="keep a freed PASID out of the pool for this long, in case a device still has "
+        "DMA in flight tagged with it; 0 = reuse at once, as the kernel does (see "
+        "docs/quarantine.md); in memory only, so a restart ends it "
+        "[PASID_BROKER_QUARANTINE_SECONDS]",
+    )
+    a(
+        "--quarantine-allocs",
+        type=_non_negative(int),
+        default=_env("QUARANTINE_ALLOCS", str(d.quarantine.allocs)),
+        help="and until this many PASIDs have been handed out since; with both set, both "
+        "must hold; 0 = no such condition [PASID_BROKER_QUARANTINE_ALLOCS]",
+    )
+    a(
         "--kernel-quota",
         type=int,
         default=int(_env("KERNEL_QUOTA", "0")),
@@ -188,6 +218,7 @@ def load(argv: list[str] | None = None) -> Config:
         pasid_bits=ns.pasid_bits,
         reserved=ns.reserved,
         quotas=Quotas(ns.quota_per_set, ns.quota_per_client, ns.quota_global),
+        quarantine=Quarantine(float(ns.quarantine_seconds), int(ns.quarantine_allocs)),
         kernel_quota=ns.kernel_quota,
         max_grace=ns.max_grace,
         restart_grace=ns.restart_grace,

@@ -31,6 +31,7 @@ from broker.core import (
     IoasidSet,
     NotFound,
     PasidError,
+    Quarantine,
     Quotas,
     StoreError,
     Unsupported,
@@ -89,6 +90,8 @@ class Info:
     sessions: int
     sets: int
     quotas: Quotas
+    # Freed PASIDs not yet back in the pool: in neither in_use nor free.
+    quarantined: int = 0
 
 
 @dataclass
@@ -194,6 +197,7 @@ class Broker:
         *,
         quotas: Quotas | None = None,
         reserved: Sequence[tuple[int, int]] = (),
+        quarantine: Quarantine | None = None,
         max_grace: int = 300,
         restart_grace: int = 10,
         clock: Callable[[], float] = time.time,
@@ -202,6 +206,7 @@ class Broker:
         self.store = store
         self.quotas = quotas or Quotas()
         self.reserved_ranges = tuple(reserved)
+        self.quarantine = quarantine or Quarantine()
         self.max_grace = max_grace
         self.restart_grace = restart_grace
         self.clock = clock
@@ -245,8 +250,14 @@ class Broker:
             caps.pasid_bits,
             caps.pasid_bits_source,
         )
+        # The quarantine measures time on the monotonic clock: a wall-clock step must not
+        # release a PASID early. It lives in memory only (docs/quarantine.md).
         self._allocator = Allocator(
-            caps.pasid_bits, reserved=self.reserved_ranges, quotas=self.quotas
+            caps.pasid_bits,
+            reserved=self.reserved_ranges,
+            quotas=self.quotas,
+            quarantine=self.quarantine,
+            clock=time.monotonic,
         )
         snap = self.store.open()
         stored_bits = snap.meta.get("pasid_bits")
@@ -499,4 +510,5 @@ class Broker:
             sessions=sum(1 for s in self._sessions.values() if s.attached),
             sets=len(self._sessions),
             quotas=self.quotas,
+            quarantined=a.quarantined,
         )

@@ -82,6 +82,7 @@ async def serve(config: Config) -> int:
         SqliteStore(config.db),
         quotas=config.quotas,
         reserved=config.reserved,
+        quarantine=config.quarantine,
         max_grace=config.max_grace,
         restart_grace=config.restart_grace,
     )

@@ -28,6 +28,7 @@ class Info:
     sets: int
     quotas: Quotas
     version: str
+    quarantined: int = 0
 
     @classmethod
     def from_pb(cls, m: pb.GetInfoResponse) -> Info:
@@ -42,6 +43,7 @@ class Info:
             m.sets,
             Quotas(q.per_set, q.per_client, getattr(q, "global")),
             m.version,
+            m.quarantined,
         )
 
 

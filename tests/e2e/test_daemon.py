@@ -63,6 +63,11 @@ def test_env_configures_the_broker(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = config.load([])
     assert cfg.quotas.per_set == 7 and cfg.reserved == ((1, 63), (100, 100))
     assert config.load(["--quota-per-set", "9"]).quotas.per_set == 9  # flag beats env
+    assert cfg.quarantine.seconds == 0 and cfg.quarantine.allocs == 0  # off by default
+    monkeypatch.setenv("PASID_BROKER_QUARANTINE_SECONDS", "2.5")
+    monkeypatch.setenv("PASID_BROKER_QUARANTINE_ALLOCS", "64")
+    q = config.load([]).quarantine
+    assert (q.seconds, q.allocs) == (2.5, 64)
 
 
 def test_vfio_backend_without_vfio_refuses_clearly(tmp_path: object) -> None:

@@ -397,6 +397,7 @@ class GetInfoResponse(_message.Message):
     SETS_FIELD_NUMBER: _builtins.int
     QUOTAS_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    QUARANTINED_FIELD_NUMBER: _builtins.int
     backend: _builtins.str
     pasid_bits: _builtins.int
     capacity: _builtins.int
@@ -406,6 +407,10 @@ class GetInfoResponse(_message.Message):
     sessions: _builtins.int
     sets: _builtins.int
     version: _builtins.str
+    quarantined: _builtins.int
+    """Freed PASIDs held back by --quarantine-seconds/--quarantine-allocs: counted in
+    neither in_use nor free (free = capacity - in_use - quarantined).
+    """
     @_builtins.property
     def quotas(self) -> Global___Quotas: ...
     def __init__(
@@ -420,10 +425,11 @@ class GetInfoResponse(_message.Message):
         sets: _builtins.int = ...,
         quotas: Global___Quotas | None = ...,
         version: _builtins.str = ...,
+        quarantined: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["quotas", b"quotas"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "capacity", b"capacity", "in_use", b"in_use", "pasid_bits", b"pasid_bits", "quotas", b"quotas", "reserved", b"reserved", "sessions", b"sessions", "sets", b"sets", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "capacity", b"capacity", "in_use", b"in_use", "pasid_bits", b"pasid_bits", "quarantined", b"quarantined", "quotas", b"quotas", "reserved", b"reserved", "sessions", b"sessions", "sets", b"sets", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
