@@ -1,0 +1,29 @@
+"""`python -m bench [NAME ...]`: run the named benchmarks (default: all), print results."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+# name -> module under bench/ with main(quick: bool) -> int
+BENCHMARKS = {
+    "core": "bench.core",
+}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("names", nargs="*", metavar="NAME", help=f"one of {', '.join(BENCHMARKS)}")
+    p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    args = p.parse_args()
+    unknown = [n for n in args.names if n not in BENCHMARKS]
+    if unknown:
+        p.error(f"unknown benchmark {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
+    rc = 0
+    for name in args.names or list(BENCHMARKS):
+        rc |= importlib.import_module(BENCHMARKS[name]).main(quick=args.quick)
+    return rc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
