@@ -62,6 +62,13 @@ def _non_negative(kind: Callable[[str], float]) -> Callable[[str], float]:
     return parse
 
 
+def _pasid_bits(text: str) -> int:
+    v = int(text)
+    if not 1 <= v <= 64:
+        raise argparse.ArgumentTypeError(f"{text} outside 1..64 (PCIe PASIDs are 20 bits)")
+    return v
+
+
 def _env(name: str, default: str) -> str:
     return os.environ.get(ENV_PREFIX + name, default)
 
@@ -111,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a(
         "--pasid-bits",
-        type=int,
+        type=_pasid_bits,
         default=int(_env("PASID_BITS", str(d.pasid_bits))),
         help="simulator only: PASID width to model (PCIe allows 20) [PASID_BROKER_PASID_BITS]",
     )

@@ -118,7 +118,10 @@ class Allocator:
         # PASID 0 is RID2PASID on VT-d: requests without a PASID use it. Never hand it out.
         self.namespace.take(0)
         for lo, hi in reserved:
-            check_alloc_range(lo, hi, pasid_bits)
+            try:
+                check_alloc_range(lo, hi, pasid_bits)
+            except InvalidRange as exc:
+                raise InvalidRange(f"reserved range [{lo}, {hi}]: {exc.message}") from None
             self.namespace.take_range(lo, hi)
         self.reserved = self.namespace.used
         self.capacity = self.namespace.size - self.reserved

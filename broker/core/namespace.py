@@ -26,8 +26,10 @@ class Namespace:
     __slots__ = ("_levels", "pasid_bits", "size", "used")
 
     def __init__(self, pasid_bits: int) -> None:
-        if not 1 <= pasid_bits <= 32:
-            raise ValueError(f"pasid_bits {pasid_bits} outside 1..32")
+        # Up to 64 so that a backend reporting too wide a space can be opened and then
+        # refused with a clear message (the allocator's bound is WIRE_PASID_BITS).
+        if not 1 <= pasid_bits <= 64:
+            raise ValueError(f"pasid_bits {pasid_bits} outside 1..64")
         self.pasid_bits = pasid_bits
         self.size = 1 << pasid_bits
         self.used = 0

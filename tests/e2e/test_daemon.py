@@ -131,3 +131,19 @@ def test_sigterm_drains_and_keeps_sets_for_restart(
             assert c2.info().in_use == 2
             with c2.session(resume_token=token) as again:
                 assert list(again.list().pasids()) == got
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--pasid-bits", "32"), "reports pasid_bits 32 > 31, the most the wire"),
+        (("--pasid-bits", "40"), "reports pasid_bits 40 > 31, the most the wire"),
+        (("--reserved", "1-2000000"), "reserved range [1, 2000000]: max 2000000 >= 2^20"),
+    ],
+)
+def test_too_wide_a_backend_or_reserved_range_refuses_to_start(
+    tmp_path: object, args: tuple[str, ...], message: str
+) -> None:
+    r = run_broker_once("--db", f"{tmp_path}/b.db", "--socket", f"{tmp_path}/b.sock", *args)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr
