@@ -257,6 +257,7 @@ class Allocator:
         """
         s = self.get_set(set_id)
         want = sorted(set(pasids))
+        self.expire_quarantine()  # what is due is free, whoever freed it
         fresh: list[int] = []
         back: list[int] = []
         for p in want:

@@ -15,6 +15,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -286,6 +287,24 @@ class AllocatorMachine(RuleBasedStateMachine):
         freed = self.a.free_range(set_id, lo, hi)
         self.a.claim(set_id, freed)
         assert self.a.sets[set_id].owned_in(0, U32) == self.m.held(set_id)
+
+    @rule(set_id=sets, data=st.data())
+    def claim_one(self, set_id: int, data: st.DataObject) -> None:
+        """Recovery and undo give a set exact PASIDs: only free ones, or its own from
+        quarantine; anything held, reserved or quarantined by another set is refused."""
+        m = self.m
+        m.expire()
+        known = sorted({*m.owner, *m.parked, *(b for _, b in m.reserved)})
+        pick = st.integers(0, m.size - 1)
+        p = data.draw(st.sampled_from(known) | pick if known else pick, label="pasid")
+        parked = m.parked.get(p)
+        if m.is_reserved(p) or p in m.owner or (parked is not None and parked[0] != set_id):
+            with pytest.raises(ValueError, match="already held, reserved or quarantined"):
+                self.a.claim(set_id, [p])
+            return
+        self.a.claim(set_id, [p])
+        m.owner[p] = set_id
+        m.parked.pop(p, None)
 
     @precondition(lambda self: self.a.quarantine.seconds > 0)
     @rule(dt=st.sampled_from([0.25, 0.5, 1.0, 3.0]))
