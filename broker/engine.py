@@ -258,6 +258,7 @@ class Broker:
             quotas=self.quotas,
             quarantine=self.quarantine,
             clock=time.monotonic,
+            report_expired=True,
         )
         snap = self.store.open()
         stored_bits = snap.meta.get("pasid_bits")
@@ -403,12 +404,11 @@ class Broker:
         quota = sess.set.quota
         freed = self.allocator.destroy_set(set_id)
         self._forget(sess)
-        self._backend_free(freed)
+        self._backend_release(freed)
 
         def undo() -> None:
             s = self.allocator.create_set(set_id, client, quota)
-            self.allocator.claim(set_id, freed)
-            self._backend_alloc_exact(freed)
+            self._backend_alloc_exact(self.allocator.claim(set_id, freed))
             sess.set = s
             self._sessions[set_id] = sess
             self._by_token[sess.token_hash] = sess
@@ -431,6 +431,9 @@ class Broker:
         self._require_attached(sess)
         set_id = sess.session_id
         got = self.allocator.alloc(set_id, lo, hi, count)
+        # Quarantine over: the backend may let go of them now (before it is asked for
+        # `got`, which may include some of them).
+        self._backend_free(self.allocator.take_expired())
         try:
             self._backend_alloc_exact(got)
         except BaseException:
@@ -450,11 +453,14 @@ class Broker:
         freed = self.allocator.free_range(set_id, lo, hi)
         if not freed:
             return _done_future(0)
-        self._backend_free(freed)
+        held_back = self._backend_release(freed)
 
         def undo() -> None:
-            self._backend_alloc_exact(freed)
-            self.allocator.claim(set_id, freed)
+            if held_back:  # the backend still holds what is still quarantined
+                self._backend_alloc_exact(self.allocator.claim(set_id, freed))
+            else:
+                self._backend_alloc_exact(freed)
+                self.allocator.claim(set_id, freed)
 
         return self.journal.submit(RemovePasids(set_id, tuple(freed)), undo, len(freed))
 
@@ -479,6 +485,18 @@ class Broker:
         except PasidError:
             self._backend_free(done)
             raise
+
+    def _backend_release(self, freed: list[int]) -> bool:
+        """A set gave these up: free them in the backend, unless they went to quarantine.
+
+        Quarantined PASIDs stay held in the backend (so the kernel cannot give them to
+        anyone either) until they leave it; the allocator reports them then
+        (take_expired). Returns True when they were kept.
+        """
+        if self.allocator.quarantine.enabled:
+            return True
+        self._backend_free(freed)
+        return False
 
     def _backend_free(self, pasids: Iterable[int]) -> None:
         for lo, hi in runs(pasids):

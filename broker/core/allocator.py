@@ -101,6 +101,7 @@ class Allocator:
         quotas: Quotas | None = None,
         quarantine: Quarantine | None = None,
         clock: Callable[[], float] | None = None,
+        report_expired: bool = False,
     ) -> None:
         if not 1 <= pasid_bits <= WIRE_PASID_BITS:
             raise ValueError(
@@ -135,6 +136,10 @@ class Allocator:
         # front; `_quarantined[pasid] is entry` tells the live ones.
         self._quarantine_order: deque[_Held] = deque()
         self._quarantined: dict[int, _Held] = {}
+        # With report_expired, PASIDs that left quarantine since take_expired(): a caller
+        # whose backend still holds quarantined PASIDs frees them there (see the engine).
+        self._report_expired = report_expired
+        self._expired: set[int] = set()
 
     @property
     def in_use(self) -> int:
@@ -248,12 +253,14 @@ class Allocator:
         self._held -= len(gone)
         self._charge(s.client, -len(gone))
 
-    def claim(self, set_id: int, pasids: Iterable[int]) -> None:
+    def claim(self, set_id: int, pasids: Iterable[int]) -> list[int]:
         """Give the set these exact PASIDs (recovery, and undoing a free or a destroy).
 
         Quotas are not checked: the PASIDs were held before. A PASID the same set freed
         into quarantine is taken back from it. A PASID otherwise in use is a broken
-        invariant, and raises before anything changes.
+        invariant, and raises before anything changes. Returns the PASIDs that were free
+        (neither quarantined nor expired-but-unreported), ascending: what a backend that
+        holds quarantined PASIDs must be asked to hold again.
         """
         s = self.get_set(set_id)
         want = sorted(set(pasids))
@@ -277,6 +284,11 @@ class Allocator:
         s.pasids.update(want)
         self._held += len(want)
         self._charge(s.client, len(want))
+        if self._expired:
+            kept = self._expired.intersection(fresh)
+            self._expired -= kept
+            return [p for p in fresh if p not in kept]
+        return fresh
 
     # -- quarantine ---------------------------------------------------------------------
 
@@ -315,6 +327,14 @@ class Allocator:
             order.popleft()
         out.sort()
         self.namespace.release_many(out)
+        if self._report_expired:
+            self._expired.update(out)
+        return out
+
+    def take_expired(self) -> list[int]:
+        """PASIDs that left quarantine since the last call, ascending (report_expired)."""
+        out = sorted(self._expired)
+        self._expired.clear()
         return out
 
     def quarantined_pasids(self) -> list[int]:

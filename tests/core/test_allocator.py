@@ -245,3 +245,19 @@ def test_release_undoing_an_alloc_skips_quarantine() -> None:
 def test_quarantine_in_seconds_needs_a_clock() -> None:
     with pytest.raises(ValueError, match="clock"):
         Allocator(8, quarantine=Quarantine(seconds=1))
+
+
+def test_claim_says_what_a_backend_must_hold_again() -> None:
+    """With report_expired, a PASID that left quarantine but was not yet reported is still
+    held by the backend: claiming it back must not ask the backend for it again."""
+    a = Allocator(8, quarantine=Quarantine(allocs=1), report_expired=True)
+    a.create_set(1, "a")
+    a.create_set(2, "b")
+    assert a.alloc(1, 1, 255, count=3) == [1, 2, 3]
+    a.free_range(1, 1, 3)
+    a.alloc(2, 10, 10)
+    assert a.expire_quarantine() == [1, 2, 3]  # due now; not yet taken by the caller
+    assert a.claim(1, [1, 2]) == []  # the backend never let go of them
+    assert a.take_expired() == [3]
+    assert a.claim(1, [3, 20]) == [3, 20]  # 3 was reported (so freed there); 20 was free
+    a.check()
