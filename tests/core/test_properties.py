@@ -59,6 +59,8 @@ class Model:
     parked: dict[int, tuple[int, float, int]] = field(default_factory=dict)
     allocs: int = 0
     now: float = 0.0
+    # Left quarantine since the last take_expired() (the engine's backend still holds them).
+    pending: set[int] = field(default_factory=set)
 
     @property
     def size(self) -> int:
@@ -82,6 +84,7 @@ class Model:
         return self.now - t >= q.seconds and self.allocs - n >= q.allocs
 
     def expire(self) -> None:
+        self.pending.update(p for p, e in self.parked.items() if self.expired(e))
         self.parked = {p: e for p, e in self.parked.items() if not self.expired(e)}
 
     def held(self, set_id: int) -> list[int]:
@@ -200,7 +203,12 @@ class AllocatorMachine(RuleBasedStateMachine):
         quotas = Quotas(per_set, per_client, global_)
         self.clock = 100.0
         self.a = Allocator(
-            bits, reserved=reserved, quotas=quotas, quarantine=quarantine, clock=self._now
+            bits,
+            reserved=reserved,
+            quotas=quotas,
+            quarantine=quarantine,
+            clock=self._now,
+            report_expired=True,
         )
         self.m = Model(bits, reserved, quotas, quarantine, now=self.clock)
         return multiple(*(self._create(c) for c in CLIENTS[:2]))
@@ -285,7 +293,8 @@ class AllocatorMachine(RuleBasedStateMachine):
         if set_id not in self.m.sets or lo > hi:
             return
         freed = self.a.free_range(set_id, lo, hi)
-        self.a.claim(set_id, freed)
+        # Just quarantined, they are still held by the backend; else it must re-take them.
+        assert self.a.claim(set_id, freed) == ([] if self.a.quarantine.enabled else freed)
         assert self.a.sets[set_id].owned_in(0, U32) == self.m.held(set_id)
 
     @rule(set_id=sets, data=st.data())
@@ -294,7 +303,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         quarantine; anything held, reserved or quarantined by another set is refused."""
         m = self.m
         m.expire()
-        known = sorted({*m.owner, *m.parked, *(b for _, b in m.reserved)})
+        known = sorted({*m.owner, *m.parked, *m.pending, *(b for _, b in m.reserved)})
         pick = st.integers(0, m.size - 1)
         p = data.draw(st.sampled_from(known) | pick if known else pick, label="pasid")
         parked = m.parked.get(p)
@@ -302,9 +311,18 @@ class AllocatorMachine(RuleBasedStateMachine):
             with pytest.raises(ValueError, match="already held, reserved or quarantined"):
                 self.a.claim(set_id, [p])
             return
-        self.a.claim(set_id, [p])
+        backend_must_hold = [] if p in m.parked or p in m.pending else [p]
+        assert self.a.claim(set_id, [p]) == backend_must_hold
         m.owner[p] = set_id
         m.parked.pop(p, None)
+        m.pending.discard(p)
+
+    @rule()
+    def take_expired(self) -> None:
+        """What the engine frees in the backend after each alloc."""
+        self.m.expire()
+        assert self.a.take_expired() == sorted(self.m.pending)
+        self.m.pending.clear()
 
     @precondition(lambda self: self.a.quarantine.seconds > 0)
     @rule(dt=st.sampled_from([0.25, 0.5, 1.0, 3.0]))
