@@ -5,7 +5,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 VAR     ?= var
 
-.PHONY: run test kernel-test lint fmt proto bench crash-test clean
+.PHONY: run test kernel-test lint fmt proto bench bench-core crash-test clean
 
 $(STAMP): pyproject.toml
 	@python3 -m venv --help >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq python3-venv)
@@ -52,6 +52,10 @@ crash-test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench
+
+# The allocator core alone at 2^20 (docs/performance.md): prints ratios, asserts nothing.
+bench-core: $(STAMP)
+	$(PY) -m bench core
 
 clean:
 	rm -rf $(VENV) $(VAR) .pytest_cache .mypy_cache .ruff_cache

@@ -1,7 +1,10 @@
-"""Benchmarks: each prints figures as ratios against a baseline measured in the same run.
+"""Benchmarks: `python -m bench [NAME ...]` (`make bench`); each prints ratios, asserts nothing.
 
+Speed is measured, not asserted by a timer (DEVELOPERS.md): each benchmark prints
+figures and their ratios against a baseline measured in the same run.
+
+    python -m bench core      the allocator at 2^20: empty vs 99 %-full, free-all, memory
     python -m bench rpc       alloc RPC rate vs a bare grpc.aio echo on a Unix socket
     python -m bench release   release latency after a client's SIGKILL (target p99 <= 50 ms)
-
-Nothing here asserts a time; tests never depend on these numbers.
+    python -m bench.metrics_overhead [--rpc]   the cost of the metrics on the alloc path
 """

@@ -1,27 +1,32 @@
-"""`python -m bench [NAME ...]`: run the named benchmarks (default: all)."""
+"""`python -m bench [NAME ...]`: run the named benchmarks (default: all), print results."""
 
 from __future__ import annotations
 
+import argparse
 import importlib
-import sys
 
-BENCHES = {
+# name -> module under bench/ with main(quick: bool) -> int
+BENCHMARKS = {
+    "core": "bench.core",
     "rpc": "bench.rpc",
     "release": "bench.release",
 }
 
 
-def main(argv: list[str]) -> int:
-    names = argv or list(BENCHES)
-    unknown = [n for n in names if n not in BENCHES]
+def main() -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("names", nargs="*", metavar="NAME", help=f"one of {', '.join(BENCHMARKS)}")
+    p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    args = p.parse_args()
+    unknown = [n for n in args.names if n not in BENCHMARKS]
     if unknown:
-        print(f"unknown benchmark(s) {unknown}; choose from {sorted(BENCHES)}", file=sys.stderr)
-        return 2
-    for name in names:
+        p.error(f"unknown benchmark {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
+    rc = 0
+    for name in args.names or list(BENCHMARKS):
         print(f"== {name} ==", flush=True)
-        importlib.import_module(BENCHES[name]).main()
-    return 0
+        rc |= importlib.import_module(BENCHMARKS[name]).main(quick=args.quick)
+    return rc
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    raise SystemExit(main())

@@ -37,7 +37,7 @@ from typing import Any
 from broker.backends import SimulatorBackend
 from broker.backends.base import Backend
 from broker.engine import Broker
-from broker.metrics import Metrics
+from broker.metrics import CommitResult, Metrics
 from broker.store import AddPasids, Record, SqliteStore
 
 
@@ -50,7 +50,9 @@ class NoMetrics(Metrics):
     def commit_failed(self, records: Sequence[Record]) -> None:
         pass
 
-    def commit_timed(self, commit: Callable[[Sequence[Record]], None]) -> Callable[..., None]:
+    def commit_timed(
+        self, commit: Callable[[Sequence[Record]], CommitResult]
+    ) -> Callable[[Sequence[Record]], CommitResult]:
         return commit
 
     def alloc_refused(self, exc: BaseException) -> None:
@@ -144,7 +146,7 @@ def _serve(mode: str, socket: str, db: str) -> None:
     from broker.service import server
 
     if mode == "none":
-        server.Metrics = NoMetrics  # type: ignore[misc]
+        server.Metrics = NoMetrics  # type: ignore[attr-defined]
     asyncio.run(server.serve(Config(db=db, socket=socket, metrics_address="off")))
 
 

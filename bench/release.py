@@ -44,8 +44,8 @@ def wait_seen(cond: threading.Condition, seen: dict[int, float], key: int) -> fl
         return seen[key]
 
 
-def main(rounds: int | None = None, held: int = 100) -> None:
-    rounds = rounds or int(os.environ.get("BENCH_RELEASE_ROUNDS", "40"))
+def main(quick: bool = False, held: int = 100) -> int:
+    rounds = 5 if quick else int(os.environ.get("BENCH_RELEASE_ROUNDS", "40"))
     b = BrokerProcess("--quota-per-set", "0")
     b.start()
     seen: dict[int, float] = {}
@@ -106,6 +106,7 @@ def main(rounds: int | None = None, held: int = 100) -> None:
         )
     finally:
         b.cleanup()
+    return 0
 
 
 if __name__ == "__main__":

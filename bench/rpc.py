@@ -28,10 +28,10 @@ SECONDS = float(os.environ.get("BENCH_RPC_SECONDS", "4"))
 CONCURRENCY = int(os.environ.get("BENCH_RPC_CONCURRENCY", "16"))
 
 
-async def drive(call: Callable[[int], Awaitable[None]]) -> float:
-    """Calls per second with CONCURRENCY workers for SECONDS."""
+async def drive(call: Callable[[int], Awaitable[None]], seconds: float) -> float:
+    """Calls per second with CONCURRENCY workers for `seconds`."""
     done = 0
-    stop = time.perf_counter() + SECONDS
+    stop = time.perf_counter() + seconds
 
     async def worker(w: int) -> None:
         nonlocal done
@@ -44,7 +44,7 @@ async def drive(call: Callable[[int], Awaitable[None]]) -> float:
     return done / (time.perf_counter() - t0)
 
 
-async def echo_rates(path: str) -> tuple[float, float]:
+async def echo_rates(path: str, seconds: float) -> tuple[float, float]:
     async with grpc.aio.insecure_channel(f"unix:{path}") as ch:
         unary = ch.unary_unary("/bench.Echo/Unary")
         payload = pb.AllocRequest(min=1, max=1 << 19, count=1).SerializeToString()
@@ -52,20 +52,20 @@ async def echo_rates(path: str) -> tuple[float, float]:
         async def one(_: int) -> None:
             await unary(payload)
 
-        u = await drive(one)
+        u = await drive(one, seconds)
         streams = [ch.stream_stream("/bench.Echo/Stream")() for _ in range(CONCURRENCY)]
 
         async def ping(w: int) -> None:
             await streams[w].write(payload)
             await streams[w].read()
 
-        s = await drive(ping)
+        s = await drive(ping, seconds)
         for st in streams:
             st.cancel()
         return u, s
 
 
-async def broker_rates(address: str) -> tuple[float, float]:
+async def broker_rates(address: str, seconds: float) -> tuple[float, float]:
     async with AsyncClient(address) as c:
         sessions = [await c.session(f"bench{w}") for w in range(CONCURRENCY)]
         count = [0] * CONCURRENCY
@@ -80,7 +80,7 @@ async def broker_rates(address: str) -> tuple[float, float]:
                 if count[w] % 500 == 0:  # stay clear of exhausting the space
                     await s.free()
 
-            u = await drive(unary_alloc)
+            u = await drive(unary_alloc, seconds)
 
         async def stream_alloc(w: int) -> None:
             await sessions[w].alloc(1, (1 << 20) - 1)
@@ -88,13 +88,14 @@ async def broker_rates(address: str) -> tuple[float, float]:
             if count[w] % 500 == 0:
                 await sessions[w].free()
 
-        s = await drive(stream_alloc)
+        s = await drive(stream_alloc, seconds)
         for sess in sessions:
             await sess.close()
         return u, s
 
 
-def main() -> None:
+def main(quick: bool = False) -> int:
+    seconds = 1.0 if quick else SECONDS
     d = tempfile.mkdtemp(prefix="pb-bench-", dir="/tmp")
     echo_path = os.path.join(d, "echo.sock")
     echo = subprocess.Popen(
@@ -108,10 +109,10 @@ def main() -> None:
         assert echo.stdout is not None and echo.stdout.readline().strip() == "ready"
         b.start()
         wait_until(lambda: b.health() == "SERVING", 10)
-        eu, es = asyncio.run(echo_rates(echo_path))
-        au, as_ = asyncio.run(broker_rates(b.address))
+        eu, es = asyncio.run(echo_rates(echo_path, seconds))
+        au, as_ = asyncio.run(broker_rates(b.address, seconds))
         print(
-            f"{CONCURRENCY} concurrent callers, {SECONDS:.0f} s each, Unix socket, "
+            f"{CONCURRENCY} concurrent callers, {seconds:.0f} s each, Unix socket, "
             f"grpcio {grpc.__version__}"
         )
         print(f"  unary : echo {eu:8.0f}/s   Alloc {au:8.0f}/s   ratio {au / eu:.2f}")
@@ -122,6 +123,7 @@ def main() -> None:
     finally:
         echo.kill()
         b.cleanup()
+    return 0
 
 
 if __name__ == "__main__":

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from broker.backends import FALLBACKS
 from broker.backends import NAMES as BACKENDS
-from broker.core import DEFAULT_SET_QUOTA, Quotas
+from broker.core import DEFAULT_SET_QUOTA, Quarantine, Quotas
 
 ENV_PREFIX = "PASID_BROKER_"
 DEFAULT_SOCKET = "/run/pasid-broker/broker.sock"
@@ -30,6 +31,7 @@ class Config:
     pasid_bits: int = 20
     reserved: tuple[tuple[int, int], ...] = ()
     quotas: Quotas = field(default_factory=Quotas)
+    quarantine: Quarantine = field(default_factory=Quarantine)
     kernel_quota: int = 0
     max_grace: int = 300
     restart_grace: int = 10
@@ -69,6 +71,25 @@ def parse_groups(text: str) -> tuple[str, ...]:
         if not g.isdigit():
             raise argparse.ArgumentTypeError(f"IOMMU group {g!r} is not a number")
     return groups
+
+
+def _non_negative(kind: Callable[[str], float]) -> Callable[[str], float]:
+    """An argparse type: `kind` (int or float) of the text, refusing negative values."""
+
+    def parse(text: str) -> float:
+        v = kind(text)
+        if v < 0:
+            raise argparse.ArgumentTypeError(f"{text} < 0")
+        return v
+
+    return parse
+
+
+def _pasid_bits(text: str) -> int:
+    v = int(text)
+    if not 1 <= v <= 64:
+        raise argparse.ArgumentTypeError(f"{text} outside 1..64 (PCIe PASIDs are 20 bits)")
+    return v
 
 
 def _env(name: str, default: str) -> str:
@@ -135,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a(
         "--pasid-bits",
-        type=int,
+        type=_pasid_bits,
         default=int(_env("PASID_BITS", str(d.pasid_bits))),
         help="simulator (and the test-only vfio-fake kernel): PASID width to model (PCIe "
         "allows 20) [PASID_BROKER_PASID_BITS]",
@@ -167,6 +188,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=int(_env("QUOTA_GLOBAL", "0")),
         help="most PASIDs held in all, 0 = the whole capacity; leaves headroom for users "
         "outside the broker [PASID_BROKER_QUOTA_GLOBAL]",
+    )
+    a(
+        "--quarantine-seconds",
+        type=_non_negative(float),
+        default=_env("QUARANTINE_SECONDS", str(d.quarantine.seconds)),
+        help="keep a freed PASID out of the pool for this long, in case a device still has "
+        "DMA in flight tagged with it; 0 = reuse at once, as the kernel does (see "
+        "docs/quarantine.md); in memory only, so a restart ends it "
+        "[PASID_BROKER_QUARANTINE_SECONDS]",
+    )
+    a(
+        "--quarantine-allocs",
+        type=_non_negative(int),
+        default=_env("QUARANTINE_ALLOCS", str(d.quarantine.allocs)),
+        help="and until this many PASIDs have been handed out since; with both set, both "
+        "must hold; 0 = no such condition [PASID_BROKER_QUARANTINE_ALLOCS]",
     )
     a(
         "--kernel-quota",
@@ -260,6 +297,7 @@ def load(argv: list[str] | None = None) -> Config:
         pasid_bits=ns.pasid_bits,
         reserved=ns.reserved,
         quotas=Quotas(ns.quota_per_set, ns.quota_per_client, ns.quota_global),
+        quarantine=Quarantine(float(ns.quarantine_seconds), int(ns.quarantine_allocs)),
         kernel_quota=ns.kernel_quota,
         max_grace=ns.max_grace,
         restart_grace=ns.restart_grace,

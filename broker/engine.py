@@ -34,6 +34,7 @@ from broker.core import (
     NotFound,
     NotReady,
     PasidError,
+    Quarantine,
     Quotas,
     StoreError,
     Unsupported,
@@ -103,6 +104,8 @@ class Info:
     sets: int
     quotas: Quotas
     revision: int
+    # Freed PASIDs not yet back in the pool: in neither in_use nor free.
+    quarantined: int = 0
 
 
 @dataclass
@@ -240,6 +243,7 @@ class Broker:
         *,
         quotas: Quotas | None = None,
         reserved: Sequence[tuple[int, int]] = (),
+        quarantine: Quarantine | None = None,
         max_grace: int = 300,
         restart_grace: int = 10,
         clock: Callable[[], float] = time.time,
@@ -251,6 +255,7 @@ class Broker:
         self.store = store
         self.quotas = quotas or Quotas()
         self.reserved_ranges = tuple(reserved)
+        self.quarantine = quarantine or Quarantine()
         self.max_grace = max_grace
         self.restart_grace = restart_grace
         self.clock = clock
@@ -334,7 +339,16 @@ class Broker:
             caps.pasid_bits_source,
             f" ({caps.detail})" if caps.detail else "",
         )
-        allocator = Allocator(caps.pasid_bits, reserved=self.reserved_ranges, quotas=self.quotas)
+        # The quarantine measures time on the monotonic clock: a wall-clock step must not
+        # release a PASID early. It lives in memory only (docs/quarantine.md).
+        allocator = Allocator(
+            caps.pasid_bits,
+            reserved=self.reserved_ranges,
+            quotas=self.quotas,
+            quarantine=self.quarantine,
+            clock=time.monotonic,
+            report_expired=True,
+        )
         snap = self.store.open()
         held: list[int] = []
         for row in snap.sets:
@@ -376,9 +390,7 @@ class Broker:
         self._timers.clear()
         for set_id in list(self._pidfds):
             self._unwatch_pid(set_id)
-        for q in self._watchers:
-            q.put_nowait(None)
-        self._watchers.clear()
+        self.end_watches()
         if self._journal is not None:
             await self._journal.drain()
             self._journal.close()
@@ -409,6 +421,13 @@ class Broker:
 
     def unsubscribe(self, q: asyncio.Queue[Event | None]) -> None:
         self._watchers.discard(q)
+
+    def end_watches(self) -> None:
+        """Shutdown: every Watch ends now (UNAVAILABLE, with the revision to resume from)
+        instead of holding the drain open until its deadline."""
+        for q in self._watchers:
+            q.put_nowait(None)
+        self._watchers.clear()
 
     # -- sessions -----------------------------------------------------------------------
 
@@ -599,12 +618,11 @@ class Broker:
         freed = self.allocator.destroy_set(set_id)
         self._forget(sess)
         self._unwatch_pid(set_id)
-        self._backend_free(freed)
+        self._backend_release(freed)
 
         def undo() -> None:
             s = self.allocator.create_set(set_id, client, quota)
-            self.allocator.claim(set_id, freed)
-            self._backend_alloc_exact(freed)
+            self._backend_alloc_exact(self.allocator.claim(set_id, freed))
             sess.set = s
             self._sessions[set_id] = sess
             self._by_token[sess.token_hash] = sess
@@ -641,6 +659,9 @@ class Broker:
         try:
             self._require_attached(sess)
             got = self.allocator.alloc(set_id, lo, hi, count)
+            # Quarantine over: the backend may let go of them now (before it is asked for
+            # `got`, which may include some of them).
+            self._backend_free(self.allocator.take_expired())
             try:
                 self._backend_alloc_exact(got)
             except BaseException:
@@ -669,14 +690,17 @@ class Broker:
             self.metrics.free_nothing()
             return _done_future(0)
         try:
-            self._backend_free_exact(freed)
+            held_back = self._backend_release(freed, exact=True)
         except BaseException:
             self.allocator.claim(set_id, freed)
             raise
 
         def undo() -> None:
-            self._backend_alloc_exact(freed)
-            self.allocator.claim(set_id, freed)
+            if held_back:  # the backend still holds what is still quarantined
+                self._backend_alloc_exact(self.allocator.claim(set_id, freed))
+            else:
+                self._backend_alloc_exact(freed)
+                self.allocator.claim(set_id, freed)
 
         return self.journal.submit(RemovePasids(set_id, tuple(freed)), undo, len(freed))
 
@@ -734,7 +758,9 @@ class Broker:
                 live = await q.get()
                 if live is None:
                     if self.stopping:
-                        return
+                        raise NotReady(
+                            f"broker is shutting down; Watch again from revision {last + 1}"
+                        )
                     raise Unsupported(
                         f"watcher fell more than {WATCH_BACKLOG} events behind;"
                         f" Watch again from revision {last + 1}"
@@ -783,6 +809,21 @@ class Broker:
                 raise
             done.extend(range(lo, hi + 1))
 
+    def _backend_release(self, freed: list[int], *, exact: bool = False) -> bool:
+        """A set gave these up: free them in the backend, unless they went to quarantine.
+
+        Quarantined PASIDs stay held in the backend (so the kernel cannot give them to
+        anyone either) until they leave it; the allocator reports them then
+        (take_expired). Returns True when they were kept.
+        """
+        if self.allocator.quarantine.enabled:
+            return True
+        if exact:  # a client's free: all or nothing, its error is the request's
+            self._backend_free_exact(freed)
+        else:  # a set's end: best effort, never undoes the destroy
+            self._backend_free(freed)
+        return False
+
     def _backend_free(self, pasids: Iterable[int]) -> None:
         for lo, hi in runs(pasids):
             try:
@@ -816,4 +857,5 @@ class Broker:
             sets=len(self._sessions),
             quotas=self.quotas,
             revision=self.revision,
+            quarantined=a.quarantined,
         )

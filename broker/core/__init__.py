@@ -1,12 +1,14 @@
 """The allocator core: ioasid_sets in one PASID namespace, with the seed's checks.
 
-Knows nothing of gRPC, SQL or time. Start at allocator.Allocator.
+Knows nothing of gRPC, SQL or time (a time-based quarantine is handed a clock).
+Start at allocator.Allocator.
 """
 
 from broker.core.allocator import (
     DEFAULT_SET_QUOTA,
     WIRE_PASID_BITS,
     Allocator,
+    Quarantine,
     Quotas,
     check_alloc_range,
     check_free_range,
@@ -43,6 +45,7 @@ __all__ = [
     "NotFound",
     "NotReady",
     "PasidError",
+    "Quarantine",
     "QuotaExceeded",
     "Quotas",
     "StoreError",

@@ -1,14 +1,17 @@
-"""The allocator: who holds which PASID, with the seed's checks and quotas.
+"""The allocator: who holds which PASID, with the seed's checks, quotas and quarantine.
 
-Pure and synchronous: no I/O, no clock, no locks (the broker drives it from one thread).
-Every mutation is all-or-nothing, so a caller that must undo (a failed commit, a failed
-backend call) can use the inverse operation and get the state back exactly.
+Pure and synchronous: no I/O, no clock reads of its own (a time-based quarantine is given
+a clock), no locks (the broker drives it from one thread). Every mutation is
+all-or-nothing, so a caller that must undo (a failed commit, a failed backend call) can
+use the inverse operation and get the state back exactly.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from broker.core.errors import Exhausted, InvalidRange, NotFound, QuotaExceeded
 from broker.core.ioasid_set import IoasidSet
@@ -31,13 +34,49 @@ class Quotas:
     global_: int = 0
 
 
+@dataclass(frozen=True)
+class Quarantine:
+    """How long a freed PASID stays out of the pool; 0 and 0 (the default) = reuse at once.
+
+    A device may still have DMA in flight tagged with a PASID its owner just freed. A
+    quarantined PASID belongs to no set and is not handed out until every configured
+    condition holds: `seconds` have passed since the free, and `allocs` PASIDs have been
+    handed out since. The default is off, the seed's semantics: the kernel reissues a
+    freed ioasid at once, and it is the kernel's unbind (which drains page requests and
+    flushes the IOTLB and device TLB) that makes a PASID safe to free. See
+    docs/quarantine.md.
+    """
+
+    seconds: float = 0.0
+    allocs: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.seconds > 0 or self.allocs > 0
+
+
+class _Held(NamedTuple):
+    """A quarantined PASID: who freed it, when, and the alloc count at that moment."""
+
+    pasid: int
+    set_id: int
+    freed_at: float
+    allocs_at: int
+
+
 def check_alloc_range(lo: int, hi: int, pasid_bits: int) -> None:
     """The review's checks: min <= max, and both below 2^pasid_bits (`>=`, not `>`)."""
     if lo > hi:
         raise InvalidRange(f"min {lo} > max {hi}")
+    if lo < 0:
+        raise InvalidRange(f"min {lo} < 0")
     limit = 1 << pasid_bits
     if hi >= limit:
         raise InvalidRange(f"max {hi} >= 2^{pasid_bits} ({limit}): beyond the backend's pasid_bits")
+
+
+def _no(count: int, lo: int, hi: int) -> str:
+    return f"no {count} free PASID{'s' if count > 1 else ''} in [{lo}, {hi}]"
 
 
 def check_free_range(lo: int, hi: int) -> None:
@@ -47,7 +86,12 @@ def check_free_range(lo: int, hi: int) -> None:
 
 
 class Allocator:
-    """The namespace, the sets in it, and the quotas that bound them."""
+    """The namespace, the sets in it, the quotas that bound them, and the quarantine.
+
+    Every PASID is in exactly one of: reserved, held by one set, quarantined, free. The
+    namespace bitmap marks all but the free ones used, so the lowest-free search skips
+    reserved and quarantined PASIDs at no extra cost.
+    """
 
     def __init__(
         self,
@@ -55,27 +99,63 @@ class Allocator:
         *,
         reserved: Sequence[tuple[int, int]] = (),
         quotas: Quotas | None = None,
+        quarantine: Quarantine | None = None,
+        clock: Callable[[], float] | None = None,
+        report_expired: bool = False,
     ) -> None:
         if not 1 <= pasid_bits <= WIRE_PASID_BITS:
             raise ValueError(
                 f"pasid_bits {pasid_bits} outside 1..{WIRE_PASID_BITS} (the wire carries 31 bits)"
             )
+        self.quarantine = quarantine or Quarantine()
+        if self.quarantine.seconds < 0 or self.quarantine.allocs < 0:
+            raise ValueError(f"negative quarantine {self.quarantine}")
+        if self.quarantine.seconds > 0 and clock is None:
+            raise ValueError("a quarantine in seconds needs a clock (the core reads none)")
+        self._clock = clock
         self.pasid_bits = pasid_bits
         self.namespace = Namespace(pasid_bits)
         self.quotas = quotas or Quotas()
         # PASID 0 is RID2PASID on VT-d: requests without a PASID use it. Never hand it out.
         self.namespace.take(0)
         for lo, hi in reserved:
-            check_alloc_range(lo, hi, pasid_bits)
+            try:
+                check_alloc_range(lo, hi, pasid_bits)
+            except InvalidRange as exc:
+                raise InvalidRange(f"reserved range [{lo}, {hi}]: {exc.message}") from None
             self.namespace.take_range(lo, hi)
         self.reserved = self.namespace.used
         self.capacity = self.namespace.size - self.reserved
         self.sets: dict[int, IoasidSet] = {}
         self._by_client: dict[str, int] = {}
+        self._held = 0
+        # PASIDs handed out by alloc since start (the quarantine's "M other allocations").
+        self.allocs = 0
+        # The quarantine in free order (so expiry pops from the left), and by PASID.
+        # An entry whose PASID was claimed back stays in the deque until it reaches the
+        # front; `_quarantined[pasid] is entry` tells the live ones.
+        self._quarantine_order: deque[_Held] = deque()
+        self._quarantined: dict[int, _Held] = {}
+        # With report_expired, PASIDs that left quarantine since take_expired(): a caller
+        # whose backend still holds quarantined PASIDs frees them there (see the engine).
+        self._report_expired = report_expired
+        self._expired: set[int] = set()
 
     @property
     def in_use(self) -> int:
-        return self.namespace.used - self.reserved
+        """PASIDs held by sets (not reserved, not quarantined)."""
+        return self._held
+
+    @property
+    def quarantined(self) -> int:
+        """PASIDs freed but not yet back in the pool (after expiring what is due)."""
+        self.expire_quarantine()
+        return len(self._quarantined)
+
+    @property
+    def available(self) -> int:
+        """PASIDs an alloc could get now: capacity minus held minus quarantined."""
+        return self.capacity - self._held - self.quarantined
 
     # -- sets ---------------------------------------------------------------------------
 
@@ -93,11 +173,13 @@ class Allocator:
             raise NotFound(f"no ioasid_set {set_id}") from None
 
     def destroy_set(self, set_id: int) -> list[int]:
-        """Free everything the set holds and forget it; returns what was freed."""
+        """Free everything the set holds and forget it; returns what was freed, ascending.
+
+        Cost: what the set holds, freed a bitmap word at a time.
+        """
         s = self.get_set(set_id)
         freed = list(s.pasids)
-        for p in freed:
-            self.namespace.release(p)
+        self._retire(set_id, freed)
         self._charge(s.client, -len(freed))
         del self.sets[set_id]
         return freed
@@ -105,13 +187,23 @@ class Allocator:
     # -- alloc / free -------------------------------------------------------------------
 
     def alloc(self, set_id: int, lo: int, hi: int, count: int = 1) -> list[int]:
-        """The `count` lowest free PASIDs in [lo, hi] for the set, all or nothing."""
+        """The `count` lowest free PASIDs in [lo, hi] for the set, all or nothing.
+
+        Raises InvalidRange, NotFound, QuotaExceeded (set, then client, then global) or
+        Exhausted. Cost: O(count * levels) whatever the fill level.
+        """
         check_alloc_range(lo, hi, self.pasid_bits)
         if count < 1:
             raise InvalidRange(f"count {count} < 1")
         s = self.get_set(set_id)
         self._check_quotas(s, count)
+        self.expire_quarantine()
         ns = self.namespace
+        free_total = ns.size - ns.used
+        if count > free_total or count > hi - lo + 1:
+            raise Exhausted(
+                f"{_no(count, lo, hi)} ({free_total} free in all{self._quarantine_note()})"
+            )
         got: list[int] = []
         p = ns.lowest_free(lo, hi)
         while p is not None:
@@ -121,17 +213,20 @@ class Allocator:
                 break
             p = ns.lowest_free(p + 1, hi)
         if len(got) < count:
-            for q in got:
-                ns.release(q)
-            raise Exhausted(
-                f"no {count} free PASID{'s' if count > 1 else ''} in [{lo}, {hi}] ({len(got)} free)"
-            )
+            ns.release_many(got)
+            raise Exhausted(f"{_no(count, lo, hi)} ({len(got)} free{self._quarantine_note()})")
         s.pasids.update(got)
+        self._held += count
+        self.allocs += count
         self._charge(s.client, count)
         return got
 
     def free_range(self, set_id: int, lo: int, hi: int) -> list[int]:
-        """Free the set's own PASIDs in [lo, hi]; cost O(log n + owned in range)."""
+        """Free the set's own PASIDs in [lo, hi]; cost O(log n + owned in range).
+
+        The width of the range costs nothing: [0, 2^32 - 1] is as cheap as what the set
+        holds (the v3->v4 review point). Returns what was freed, ascending.
+        """
         check_free_range(lo, hi)
         s = self.get_set(set_id)
         held = s.pasids
@@ -141,37 +236,118 @@ class Allocator:
             return []
         freed = list(held.islice(i, j))
         del held[i:j]
-        for p in freed:
-            self.namespace.release(p)
+        self._retire(set_id, freed)
         self._charge(s.client, -len(freed))
         return freed
 
     def release(self, set_id: int, pasids: Iterable[int]) -> None:
-        """Take exact PASIDs back from the set (undoing an alloc); each must be held by it."""
-        s = self.get_set(set_id)
-        gone = list(pasids)
-        for p in gone:
-            s.pasids.remove(p)
-            self.namespace.release(p)
-        self._charge(s.client, -len(gone))
+        """Take exact PASIDs back from the set (undoing an alloc); each must be held by it.
 
-    def claim(self, set_id: int, pasids: Iterable[int]) -> None:
-        """Give the set these exact PASIDs (recovery, and undoing a free).
-
-        Quotas are not checked: the PASIDs were held before. A PASID already in use is a
-        broken invariant, and raises before anything changes.
+        They go straight back to the pool, not to quarantine: the client never had them.
         """
         s = self.get_set(set_id)
-        want = sorted(pasids)
+        gone = sorted(pasids)
+        for p in gone:
+            s.pasids.remove(p)
+        self.namespace.release_many(gone)
+        self._held -= len(gone)
+        self._charge(s.client, -len(gone))
+
+    def claim(self, set_id: int, pasids: Iterable[int]) -> list[int]:
+        """Give the set these exact PASIDs (recovery, and undoing a free or a destroy).
+
+        Quotas are not checked: the PASIDs were held before. A PASID the same set freed
+        into quarantine is taken back from it. A PASID otherwise in use is a broken
+        invariant, and raises before anything changes. Returns the PASIDs that were free
+        (neither quarantined nor expired-but-unreported), ascending: what a backend that
+        holds quarantined PASIDs must be asked to hold again.
+        """
+        s = self.get_set(set_id)
+        want = sorted(set(pasids))
+        self.expire_quarantine()  # what is due is free, whoever freed it
+        fresh: list[int] = []
+        back: list[int] = []
         for p in want:
             if not 0 <= p < self.namespace.size:
                 raise ValueError(f"PASID {p} outside the {self.pasid_bits}-bit namespace")
-            if self.namespace.is_used(p):
-                raise ValueError(f"PASID {p} is already held or reserved")
-        for p in want:
+            q = self._quarantined.get(p)
+            if q is not None and q.set_id == set_id:
+                back.append(p)
+            elif self.namespace.is_used(p):
+                raise ValueError(f"PASID {p} is already held, reserved or quarantined")
+            else:
+                fresh.append(p)
+        for p in back:
+            del self._quarantined[p]
+        for p in fresh:
             self.namespace.take(p)
         s.pasids.update(want)
+        self._held += len(want)
         self._charge(s.client, len(want))
+        if self._expired:
+            kept = self._expired.intersection(fresh)
+            self._expired -= kept
+            return [p for p in fresh if p not in kept]
+        return fresh
+
+    # -- quarantine ---------------------------------------------------------------------
+
+    def _retire(self, set_id: int, freed: list[int]) -> None:
+        """PASIDs a set gave up: into quarantine, or straight back to the pool."""
+        self._held -= len(freed)
+        if not self.quarantine.enabled:
+            self.namespace.release_many(freed)
+            return
+        now = self._now()
+        for p in freed:
+            e = _Held(p, set_id, now, self.allocs)
+            self._quarantine_order.append(e)
+            self._quarantined[p] = e
+
+    def expire_quarantine(self) -> list[int]:
+        """Return to the pool every quarantined PASID whose conditions now hold.
+
+        Called before each alloc; the caller may call it too (e.g. to report counts).
+        Returns the PASIDs released, ascending. Cost: what leaves, amortized.
+        """
+        order = self._quarantine_order
+        if not order:
+            return []
+        live = self._quarantined
+        q = self.quarantine
+        now = self._now()
+        out: list[int] = []
+        while order:
+            e = order[0]
+            if live.get(e.pasid) is e:
+                if now - e.freed_at < q.seconds or self.allocs - e.allocs_at < q.allocs:
+                    break
+                del live[e.pasid]
+                out.append(e.pasid)
+            order.popleft()
+        out.sort()
+        self.namespace.release_many(out)
+        if self._report_expired:
+            self._expired.update(out)
+        return out
+
+    def take_expired(self) -> list[int]:
+        """PASIDs that left quarantine since the last call, ascending (report_expired)."""
+        out = sorted(self._expired)
+        self._expired.clear()
+        return out
+
+    def quarantined_pasids(self) -> list[int]:
+        """The PASIDs in quarantine now, ascending (for listings and checks)."""
+        self.expire_quarantine()
+        return sorted(self._quarantined)
+
+    def _now(self) -> float:
+        return self._clock() if self._clock is not None and self.quarantine.seconds else 0.0
+
+    def _quarantine_note(self) -> str:
+        n = len(self._quarantined)
+        return f"; {n} quarantined" if n else ""
 
     # -- quotas -------------------------------------------------------------------------
 
@@ -203,3 +379,36 @@ class Allocator:
 
     def client_held(self, client: str) -> int:
         return self._by_client.get(client, 0)
+
+    # -- checks -------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Raise AssertionError if the bookkeeping disagrees with itself (for tests).
+
+        O(everything held): sets are disjoint, each PASID of a set is marked used, the
+        counts add up, per-client counts match the sets.
+        """
+        self.namespace.check()
+        seen: dict[int, int] = {}
+        by_client: dict[str, int] = {}
+        for sid, s in self.sets.items():
+            for p in s.pasids:
+                if p in seen:
+                    raise AssertionError(f"PASID {p} in sets {seen[p]} and {sid}")
+                if p in self._quarantined:
+                    raise AssertionError(f"PASID {p} held by set {sid} and quarantined")
+                if not self.namespace.is_used(p):
+                    raise AssertionError(f"PASID {p} held by set {sid} but marked free")
+                seen[p] = sid
+            if len(s):
+                by_client[s.client] = by_client.get(s.client, 0) + len(s)
+        if len(seen) != self._held:
+            raise AssertionError(f"in_use {self._held}, sets hold {len(seen)}")
+        if by_client != self._by_client:
+            raise AssertionError(f"per-client counts {self._by_client} != {by_client}")
+        for p in self._quarantined:
+            if not self.namespace.is_used(p):
+                raise AssertionError(f"quarantined PASID {p} marked free")
+        total = self.reserved + self._held + len(self._quarantined)
+        if self.namespace.used != total:
+            raise AssertionError(f"namespace has {self.namespace.used} used, expected {total}")

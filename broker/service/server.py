@@ -122,6 +122,7 @@ async def serve(config: Config) -> int:
         ack_before_commit=faults.ack_before_commit,
         quotas=config.quotas,
         reserved=config.reserved,
+        quarantine=config.quarantine,
         max_grace=config.max_grace,
         restart_grace=config.restart_grace,
         metrics=metrics,
@@ -186,6 +187,7 @@ async def serve(config: Config) -> int:
         await stop.wait()
         log.info("draining", extra={"seconds": config.drain_seconds})
         broker.stopping = True
+        broker.end_watches()
         await health_servicer.enter_graceful_shutdown()
         for s in (servicer, admin_servicer):
             if s is not None:

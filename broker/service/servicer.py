@@ -275,6 +275,7 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
             capacity=i.capacity,
             in_use=i.in_use,
             reserved=i.reserved,
+            quarantined=i.quarantined,
             sessions=i.sessions,
             sets=i.sets,
             quotas=pb.Quotas(

@@ -67,7 +67,7 @@ def cmd_info(c: Client, args: argparse.Namespace) -> int:
                 f"backend     {i.backend} (pasid-broker {i.version})",
                 f"pasid_bits  {i.pasid_bits}",
                 f"capacity    {i.capacity} ({i.reserved} reserved)",
-                f"in use      {i.in_use} ({pct:.2f} %)",
+                f"in use      {i.in_use} ({pct:.2f} %), {i.quarantined} quarantined",
                 f"sessions    {i.sessions} attached, {i.sets} sets",
                 f"quotas      per set {q.per_set or 'none'}, per client {q.per_client or 'none'},"
                 f" global {q.global_ or 'none'}",

@@ -30,6 +30,7 @@ class Info:
     version: str
     # The last committed event revision: Watch(revision + 1) follows from here.
     revision: int = 0
+    quarantined: int = 0
 
     @classmethod
     def from_pb(cls, m: pb.GetInfoResponse) -> Info:
@@ -45,6 +46,7 @@ class Info:
             Quotas(q.per_set, q.per_client, getattr(q, "global")),
             m.version,
             m.revision,
+            m.quarantined,
         )
 
 

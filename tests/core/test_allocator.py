@@ -11,6 +11,7 @@ from broker.core import (
     Exhausted,
     InvalidRange,
     Namespace,
+    Quarantine,
     QuotaExceeded,
     Quotas,
     runs,
@@ -36,6 +37,39 @@ def test_namespace_full_returns_none_and_memory_is_sparse() -> None:
     ns.release(255)
     assert ns.lowest_free(0, 255) == 255
     assert list(Namespace(20).iter_used()) == []
+
+
+def test_namespace_take_range_sets_whole_words_and_keeps_invariants() -> None:
+    ns = Namespace(20)
+    assert ns.take_range(1, (1 << 19) - 1) == (1 << 19) - 1
+    assert ns.words_held() < (1 << 19) // 64 + 200  # words, not bits
+    ns.check()
+    assert ns.lowest_free(0, ns.size - 1) == 0
+    ns.take(0)
+    assert ns.lowest_free(0, ns.size - 1) == 1 << 19
+    assert ns.take_range(100, 1 << 19) == 1  # only the one still free
+    ns.check()
+    with pytest.raises(ValueError, match="outside"):
+        ns.take_range(5, ns.size)
+
+
+def test_namespace_release_many_clears_words_and_full_marks() -> None:
+    ns = Namespace(13)
+    ns.take_range(0, ns.size - 1)
+    assert ns.lowest_free(0, ns.size - 1) is None
+    gone = [3, 64, 65, 4095, 4096, 8191]
+    assert ns.release_many(gone) == len(gone)
+    ns.check()
+    assert ns.used == ns.size - len(gone)
+    assert [ns.lowest_free(p, ns.size - 1) for p in (0, 4, 66, 4097)] == [3, 64, 4095, 8191]
+
+
+def test_namespace_check_catches_a_broken_invariant() -> None:
+    ns = Namespace(12)
+    ns.take_range(0, 63)
+    ns.used += 1
+    with pytest.raises(AssertionError, match="used"):
+        ns.check()
 
 
 def test_pasid_zero_is_never_handed_out() -> None:
@@ -131,3 +165,99 @@ def test_reserved_ranges_are_never_handed_out() -> None:
 def test_runs() -> None:
     assert runs([1, 2, 3, 7, 9, 10]) == [(1, 3), (7, 7), (9, 10)]
     assert runs([]) == []
+
+
+class FakeClock:
+    """A clock the test moves by hand (the core reads no clock of its own)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_quarantine_by_time_holds_a_freed_pasid_back() -> None:
+    clock = FakeClock()
+    a = Allocator(8, quotas=Quotas(per_set=0), quarantine=Quarantine(seconds=5), clock=clock)
+    a.create_set(1, "a")
+    a.create_set(2, "b")
+    assert a.alloc(1, 1, 255, count=3) == [1, 2, 3]
+    assert a.free_range(1, 0, 2**32 - 1) == [1, 2, 3]
+    assert (a.in_use, a.quarantined, a.available) == (0, 3, a.capacity - 3)
+    assert a.alloc(2, 1, 255) == [4]  # not 1: still quarantined
+    clock.now += 4.9
+    assert a.alloc(2, 1, 255) == [5]
+    clock.now += 0.1
+    assert a.alloc(2, 1, 255) == [1]
+    assert a.quarantined == 0
+    a.check()
+
+
+def test_quarantine_by_allocs_counts_pasids_handed_out_since() -> None:
+    a = Allocator(8, quotas=Quotas(per_set=0), quarantine=Quarantine(allocs=2))
+    a.create_set(1, "a")
+    assert a.alloc(1, 1, 255) == [1]
+    a.destroy_set(1)
+    a.create_set(2, "b")
+    assert a.alloc(2, 1, 255) == [2]  # 0 allocs since the free
+    assert a.alloc(2, 1, 255) == [3]  # 1
+    assert a.alloc(2, 1, 255) == [1]  # 2: back in the pool
+    a.check()
+
+
+def test_quarantine_with_both_conditions_needs_both() -> None:
+    clock = FakeClock()
+    q = Quarantine(seconds=1, allocs=1)
+    a = Allocator(8, quotas=Quotas(per_set=0), quarantine=q, clock=clock)
+    a.create_set(1, "a")
+    a.alloc(1, 1, 1)
+    a.free_range(1, 1, 1)
+    clock.now += 10
+    assert a.alloc(1, 1, 255) == [2]  # time is up, but no alloc since
+    assert a.alloc(1, 1, 255) == [1]
+
+
+def test_quarantine_exhaustion_names_it_and_undo_claims_back() -> None:
+    a = Allocator(4, quotas=Quotas(per_set=0), quarantine=Quarantine(allocs=100))
+    a.create_set(1, "a")
+    a.create_set(2, "b")
+    got = a.alloc(1, 1, 15, count=15)
+    a.free_range(1, 1, 15)
+    with pytest.raises(Exhausted, match="15 quarantined"):
+        a.alloc(2, 1, 15)
+    with pytest.raises(ValueError, match="quarantined"):
+        a.claim(2, [1])  # another set cannot take it
+    a.claim(1, got)  # the freeing set can (undo of a failed commit)
+    assert (a.in_use, a.quarantined) == (15, 0)
+    a.check()
+
+
+def test_release_undoing_an_alloc_skips_quarantine() -> None:
+    a = Allocator(8, quarantine=Quarantine(allocs=100))
+    a.create_set(1, "a")
+    got = a.alloc(1, 1, 255, count=2)
+    a.release(1, got)
+    assert a.quarantined == 0
+    assert a.alloc(1, 1, 255, count=2) == got
+
+
+def test_quarantine_in_seconds_needs_a_clock() -> None:
+    with pytest.raises(ValueError, match="clock"):
+        Allocator(8, quarantine=Quarantine(seconds=1))
+
+
+def test_claim_says_what_a_backend_must_hold_again() -> None:
+    """With report_expired, a PASID that left quarantine but was not yet reported is still
+    held by the backend: claiming it back must not ask the backend for it again."""
+    a = Allocator(8, quarantine=Quarantine(allocs=1), report_expired=True)
+    a.create_set(1, "a")
+    a.create_set(2, "b")
+    assert a.alloc(1, 1, 255, count=3) == [1, 2, 3]
+    a.free_range(1, 1, 3)
+    a.alloc(2, 10, 10)
+    assert a.expire_quarantine() == [1, 2, 3]  # due now; not yet taken by the caller
+    assert a.claim(1, [1, 2]) == []  # the backend never let go of them
+    assert a.take_expired() == [3]
+    assert a.claim(1, [3, 20]) == [3, 20]  # 3 was reported (so freed there); 20 was free
+    a.check()

@@ -74,6 +74,11 @@ def test_env_configures_the_broker(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = config.load([])
     assert cfg.quotas.per_set == 7 and cfg.reserved == ((1, 63), (100, 100))
     assert config.load(["--quota-per-set", "9"]).quotas.per_set == 9  # flag beats env
+    assert cfg.quarantine.seconds == 0 and cfg.quarantine.allocs == 0  # off by default
+    monkeypatch.setenv("PASID_BROKER_QUARANTINE_SECONDS", "2.5")
+    monkeypatch.setenv("PASID_BROKER_QUARANTINE_ALLOCS", "64")
+    q = config.load([]).quarantine
+    assert (q.seconds, q.allocs) == (2.5, 64)
 
 
 def test_vfio_backend_without_vfio_refuses_clearly(tmp_path: object) -> None:
@@ -197,3 +202,19 @@ def test_tokens_never_reach_the_log(broker: BrokerProcess, client: Client) -> No
     log = broker.read_log()
     assert "session resumed" in log and "session opened" in log
     assert token not in log
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--pasid-bits", "32"), "reports pasid_bits 32 > 31, the most the wire"),
+        (("--pasid-bits", "40"), "reports pasid_bits 40 > 31, the most the wire"),
+        (("--reserved", "1-2000000"), "reserved range [1, 2000000]: max 2000000 >= 2^20"),
+    ],
+)
+def test_too_wide_a_backend_or_reserved_range_refuses_to_start(
+    tmp_path: object, args: tuple[str, ...], message: str
+) -> None:
+    r = run_broker_once("--db", f"{tmp_path}/b.db", "--socket", f"{tmp_path}/b.sock", *args)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr

@@ -96,7 +96,10 @@ def _wal_store(db: Path) -> None:
             f"INSERT INTO allocations VALUES ({1 << 20}, 1)",
             f"set 1 (vm) cannot be restored: PASID {1 << 20} outside the 20-bit namespace",
         ),
-        ("INSERT INTO allocations VALUES (0, 1)", "PASID 0 is already held or reserved"),
+        (
+            "INSERT INTO allocations VALUES (0, 1)",
+            "PASID 0 is already held, reserved or quarantined",
+        ),
     ],
     ids=["orphan-allocation", "beyond-pasid-bits", "pasid-zero"],
 )

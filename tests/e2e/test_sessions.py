@@ -169,3 +169,15 @@ def test_db_file_is_real_sqlite(broker: BrokerProcess, client: Client) -> None:
         con.close()
         assert [r[0] for r in rows] == got
     assert Path(broker.db).exists()
+
+
+def test_quarantined_pasid_is_not_reissued_and_is_counted(make_broker: object) -> None:
+    b = make_broker("--quarantine-allocs", "2")  # type: ignore[operator]
+    with Client(b.address) as c, c.session("vm1") as s, c.session("vm2") as t:
+        assert s.alloc(1, 100) == [1]
+        assert s.free(1, 1) == 1
+        info = c.info()
+        assert (info.in_use, info.quarantined) == (0, 1)
+        assert t.alloc(1, 100, count=2) == [2, 3]  # 1 is held back for 2 allocs
+        assert t.alloc(1, 100) == [1]
+        assert c.info().quarantined == 0

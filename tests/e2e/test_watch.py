@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import threading
 from collections.abc import Callable
 
 import pytest
-from pasid_client import Client, Event, OutOfRange
+from pasid_client import Client, Event, OutOfRange, Unavailable
 
 from tests.harness import ROOT, BrokerProcess, wait_until
 
@@ -107,3 +108,20 @@ def test_compacted_revision_is_out_of_range(make_broker: Callable[..., BrokerPro
         first = next(stream)
         stream.close()
         assert first.revision == oldest
+
+
+def test_sigterm_ends_watches_at_once_with_the_revision_to_resume(
+    make_broker: Callable[..., BrokerProcess],
+) -> None:
+    """An open Watch must not hold the drain open until --drain-seconds."""
+    b = make_broker("--drain-seconds", "60")
+    with Client(b.address) as c, c.session("vm") as s:
+        s.alloc()
+        stream = c.watch(1)
+        assert next(stream).kind == "set_created"
+        assert next(stream).kind == "alloc"
+        assert b.proc is not None
+        b.proc.send_signal(signal.SIGTERM)
+        with pytest.raises(Unavailable, match="Watch again from revision 3"):
+            next(stream)
+        assert b.proc.wait(30) == 0  # well inside the 60 s drain

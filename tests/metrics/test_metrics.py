@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 import signal
 import socket
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -290,15 +292,32 @@ def test_metrics_off_and_taken_port(
     assert "--metrics-address" in r.stderr
 
 
-def test_ready_drops_while_draining(make_broker: Callable[..., BrokerProcess]) -> None:
-    b = make_broker("--drain-seconds", "5")
-    url = b.metrics_url
-    assert scrape(url).value("pasid_broker_ready") == 1
-    with Client(b.address) as c, c.session("vm") as s:
-        s.alloc()
-        assert b.proc is not None
-        b.proc.send_signal(signal.SIGTERM)  # the open stream keeps it draining
-        wait_until(
-            lambda: scrape(url).value("pasid_broker_ready") == 0, what="ready 0 while draining"
-        )
-    assert b.proc.wait(30) == 0
+def test_ready_drops_while_draining() -> None:
+    """A request in flight at SIGTERM keeps the broker draining (its commit is slowed by
+    the test-only fault hook); meanwhile the scrape says ready 0."""
+    b = BrokerProcess(
+        "--drain-seconds",
+        "20",
+        "--metrics-address",
+        "127.0.0.1:0",
+        env={"PASID_BROKER_TEST_FAULTS": "commit_delay_ms=1500"},
+    )
+    try:
+        b.start()
+        url = b.metrics_url
+        assert scrape(url).value("pasid_broker_ready") == 1
+        with Client(b.address) as c, c.session("vm") as s:
+            done: list[object] = []
+            t = threading.Thread(target=lambda: done.append(s.alloc()), daemon=True)
+            t.start()
+            time.sleep(0.2)  # the alloc is now waiting for its slow commit
+            assert b.proc is not None
+            b.proc.send_signal(signal.SIGTERM)
+            wait_until(
+                lambda: scrape(url).value("pasid_broker_ready") == 0, what="ready 0 while draining"
+            )
+            t.join(30)
+            assert done and done[0] == [1]  # answered before the broker went
+        assert b.proc.wait(30) == 0
+    finally:
+        b.cleanup()

@@ -409,6 +409,7 @@ class GetInfoResponse(_message.Message):
     QUOTAS_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
+    QUARANTINED_FIELD_NUMBER: _builtins.int
     backend: _builtins.str
     pasid_bits: _builtins.int
     capacity: _builtins.int
@@ -420,6 +421,10 @@ class GetInfoResponse(_message.Message):
     version: _builtins.str
     revision: _builtins.int
     """The last committed event revision (Watch from revision + 1 to follow from here)."""
+    quarantined: _builtins.int
+    """Freed PASIDs held back by --quarantine-seconds/--quarantine-allocs: counted in
+    neither in_use nor free (free = capacity - in_use - quarantined).
+    """
     @_builtins.property
     def quotas(self) -> Global___Quotas: ...
     def __init__(
@@ -435,10 +440,11 @@ class GetInfoResponse(_message.Message):
         quotas: Global___Quotas | None = ...,
         version: _builtins.str = ...,
         revision: _builtins.int = ...,
+        quarantined: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["quotas", b"quotas"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "capacity", b"capacity", "in_use", b"in_use", "pasid_bits", b"pasid_bits", "quotas", b"quotas", "reserved", b"reserved", "revision", b"revision", "sessions", b"sessions", "sets", b"sets", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "capacity", b"capacity", "in_use", b"in_use", "pasid_bits", b"pasid_bits", "quarantined", b"quarantined", "quotas", b"quotas", "reserved", b"reserved", "revision", b"revision", "sessions", b"sessions", "sets", b"sets", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

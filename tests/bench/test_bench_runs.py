@@ -1,0 +1,28 @@
+"""The benchmark must keep running (it is not a timed test: no figure is checked)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.harness import ROOT
+
+
+def test_core_benchmark_runs_and_prints_its_ratios() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "bench", "core", "--quick"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=110,
+    )
+    assert r.returncode == 0, r.stderr
+    for line in ("worst full/empty ratio", "free [0, 2^32 - 1]", "bytes/PASID", "machine:"):
+        assert line in r.stdout
+
+
+def test_unknown_benchmark_is_refused() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "bench", "nope"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert r.returncode == 2 and "unknown benchmark nope" in r.stderr
