@@ -15,6 +15,16 @@ from broker.config import build_parser as broker_parser
 from tests.harness import BACKEND, ROOT, BrokerProcess, run_broker_once
 
 
+def pasidctl(b: BrokerProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the real pasidctl against `b`, as an operator at a shell would."""
+    return subprocess.run(
+        [sys.executable, "-m", "pasid_client.cli", *args, "--socket", b.socket],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+
+
 def _flags(parser: object) -> set[str]:
     return {s for a in parser._actions for s in a.option_strings if s.startswith("--")}  # type: ignore[attr-defined]
 
@@ -116,28 +126,22 @@ def test_second_broker_on_the_same_db_refuses(broker: BrokerProcess) -> None:
 def test_pasidctl_json_and_errors(broker: BrokerProcess) -> None:
     import json
 
-    def ctl(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "pasid_client.cli", *args, "--socket", broker.socket],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-        )
-
     with Client(broker.address) as c, c.session("vm") as s:
         s.alloc(1, 10, count=3)
-        info = json.loads(ctl("info", "--json").stdout)
+        info = json.loads(pasidctl(broker, "info", "--json").stdout)
         assert info["in_use"] == 3 and info["backend"] == BACKEND
         env_args = ("--session", str(s.session_id), "--token", s.token)
-        got = json.loads(ctl("alloc", "--count", "2", "--json", *env_args).stdout)
+        got = json.loads(pasidctl(broker, "alloc", "--count", "2", "--json", *env_args).stdout)
         assert got["pasids"] == [4, 5]
-        assert json.loads(ctl("free", "--min", "4", "--max", "4", "--json", *env_args).stdout) == {
+        assert json.loads(
+            pasidctl(broker, "free", "--min", "4", "--max", "4", "--json", *env_args).stdout
+        ) == {
             "session_id": s.session_id,
             "freed": 1,
         }
-        listed = json.loads(ctl("list", "--all", "--json").stdout)
+        listed = json.loads(pasidctl(broker, "list", "--all", "--json").stdout)
         assert listed["sets"][0]["ranges"] == [[1, 3], [5, 5]]
-        bad = ctl("alloc", "--min", "9", "--max", "2", *env_args)
+        bad = pasidctl(broker, "alloc", "--min", "9", "--max", "2", *env_args)
         assert bad.returncode == 1 and "INVALID_ARGUMENT: min 9 > max 2" in bad.stderr
 
 
@@ -161,32 +165,33 @@ def test_sigterm_drains_and_keeps_sets_for_restart(
 def test_pasidctl_admin_watch_and_request(broker: BrokerProcess) -> None:
     import json
 
-    def ctl(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "pasid_client.cli", *args, "--socket", broker.socket],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-        )
-
     with Client(broker.address) as c:
         s = c.session("vmm", grace_seconds=30)
         ref = ("--session", str(s.session_id), "--token", s.token)
-        assert ctl("request", "--flags", "1", "--min", "7", "--max", "9", *ref).stdout == "7\n"
-        bad = ctl("request", "--flags", "3", "--min", "7", "--max", "9", "--json", *ref)
+        assert (
+            pasidctl(broker, "request", "--flags", "1", "--min", "7", "--max", "9", *ref).stdout
+            == "7\n"
+        )
+        bad = pasidctl(
+            broker, "request", "--flags", "3", "--min", "7", "--max", "9", "--json", *ref
+        )
         assert bad.returncode == 1
         assert json.loads(bad.stdout)["error"]["code"] == "INVALID_ARGUMENT"
-        sets = json.loads(ctl("sets", "--json").stdout)["sets"]
+        sets = json.loads(pasidctl(broker, "sets", "--json").stdout)["sets"]
         assert [(x["client"], x["count"], x["peer"]) for x in sets] == [("vmm", 1, "unix:")]
-        q = json.loads(ctl("quota", "--set", str(s.session_id), "--per-set", "5", "--json").stdout)
+        q = json.loads(
+            pasidctl(broker, "quota", "--set", str(s.session_id), "--per-set", "5", "--json").stdout
+        )
         assert q["set_id"] == s.session_id
         events = [
             json.loads(line)
-            for line in ctl("watch", "--from", "1", "--count", "2", "--json").stdout.splitlines()
+            for line in pasidctl(
+                broker, "watch", "--from", "1", "--count", "2", "--json"
+            ).stdout.splitlines()
         ]
         assert [(e["revision"], e["kind"]) for e in events] == [(1, "set_created"), (2, "alloc")]
         assert events[1]["ranges"] == [[7, 7]]
-        out = ctl("revoke", str(s.session_id), "--reason", "test")
+        out = pasidctl(broker, "revoke", str(s.session_id), "--reason", "test")
         assert out.returncode == 0 and "1 PASIDs freed" in out.stdout
         assert c.info().in_use == 0
 
@@ -218,3 +223,21 @@ def test_too_wide_a_backend_or_reserved_range_refuses_to_start(
     r = run_broker_once("--db", f"{tmp_path}/b.db", "--socket", f"{tmp_path}/b.sock", *args)
     assert r.returncode == 2, r.stderr
     assert message in r.stderr
+
+
+def test_common_options_work_before_and_after_the_command(broker: BrokerProcess) -> None:
+    """`pasidctl --socket X info` and `pasidctl info --socket X` both reach X (the
+    subcommand's default used to overwrite a value given before the command)."""
+    import json
+
+    before = subprocess.run(
+        [sys.executable, "-m", "pasid_client.cli", "--socket", broker.socket, "--json", "info"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PASID_BROKER_SOCKET": ""},
+    )
+    assert before.returncode == 0, before.stderr
+    assert json.loads(before.stdout)["backend"] == "simulator"
+    after = pasidctl(broker, "info", "--json")
+    assert json.loads(after.stdout)["capacity"] == json.loads(before.stdout)["capacity"]
