@@ -10,6 +10,7 @@ BENCHMARKS = {
     "core": "bench.core",
     "rpc": "bench.rpc",
     "release": "bench.release",
+    "restart": "bench.restart",
 }
 
 

@@ -26,3 +26,18 @@ def test_unknown_benchmark_is_refused() -> None:
         [sys.executable, "-m", "bench", "nope"], capture_output=True, text=True, cwd=ROOT
     )
     assert r.returncode == 2 and "unknown benchmark nope" in r.stderr
+
+
+def test_daemon_benchmarks_run_and_print_their_ratios() -> None:
+    """rpc, release and restart in --quick mode: they still run end to end against real
+    processes and print the ratios the docs quote (no figure is checked)."""
+    r = subprocess.run(
+        [sys.executable, "-m", "bench", "rpc", "release", "restart", "--quick"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=240,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    for line in ("(target >= 0.85)", "p99 / target 50 ms", "exec -> SERVING", "VmRSS:"):
+        assert line in r.stdout, r.stdout
