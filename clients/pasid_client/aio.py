@@ -46,8 +46,11 @@ class AsyncSession:
     order. Every method raises a PasidClientError subclass on failure.
     """
 
-    def __init__(self, call: Any, opened: pb.SessionOpened) -> None:
+    def __init__(
+        self, call: Any, responses: AsyncIterator[pb.SessionResponse], opened: pb.SessionOpened
+    ) -> None:
         self._call = call
+        self._responses = responses
         self.session_id: int = opened.session_id
         self.set_id: int = opened.set_id
         self.token: str = opened.token
@@ -67,14 +70,15 @@ class AsyncSession:
         stream's own final status (ABORTED for a revoke, UNAVAILABLE for a shutdown)."""
         err: PasidClientError
         try:
-            while True:
-                resp = await self._call.read()
-                if resp is grpc.aio.EOF:
-                    err = Unavailable(grpc.StatusCode.UNAVAILABLE, "session stream ended")
-                    break
+            # The iterator, not call.read(): read() on a call whose status has arrived
+            # raises at once and drops replies still buffered (grpc.aio _call.py), so a
+            # request the broker answered just before ending the stream (SIGTERM drain)
+            # would look failed although it was committed.
+            async for resp in self._responses:
                 fut = self._waiting.pop(resp.tag, None)
                 if fut is not None and not fut.done():
                     fut.set_result(resp)
+            err = Unavailable(grpc.StatusCode.UNAVAILABLE, "session stream ended")
         except grpc.RpcError as exc:
             err = from_rpc_error(exc)
             if err.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
@@ -101,6 +105,8 @@ class AsyncSession:
         except (grpc.RpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
             # The stream ended under the write: report how it ended, not the write.
             self._waiting.pop(tag, None)
+            if fut.done():
+                fut.exception()  # the reader failed it already; nobody else awaits it
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._reader), 5)
             raise self._final or Unavailable(
@@ -231,19 +237,20 @@ class AsyncClient:
 
     async def _open_session(self, open_req: pb.OpenSession) -> AsyncSession:
         call = self._stub.Session(wait_for_ready=False)
+        responses = call.__aiter__()
         try:
             await call.write(pb.SessionRequest(tag=0, open=open_req))
-            resp = await asyncio.wait_for(call.read(), self.timeout)
+            resp = await asyncio.wait_for(anext(responses, None), self.timeout)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
         except TimeoutError:
             call.cancel()
             raise Unavailable(grpc.StatusCode.DEADLINE_EXCEEDED, "no answer to open") from None
-        if resp is grpc.aio.EOF:
+        if resp is None:
             raise from_rpc_error(await _finished(call))
         if resp.WhichOneof("result") == "error":
             raise _error_of(resp.error)
-        return AsyncSession(call, resp.opened)
+        return AsyncSession(call, responses, resp.opened)
 
     async def _unary(self, method: Any, request: Any) -> Any:
         try:
