@@ -1,8 +1,9 @@
 """deploy/grafana: the dashboard loads in Grafana (structure, datasource as a variable), and
 every expression in it and in the alert rules names only metrics the broker exports.
 
-No Grafana server here: the schema is checked structurally, and the PromQL is run against
-a real Prometheus in test_prometheus_server.py.
+No Grafana server here: the structure is checked here, the model against Grafana's own
+schema in test_grafana_schema.py, and the PromQL is run against a real Prometheus in
+test_prometheus_server.py.
 """
 
 from __future__ import annotations
