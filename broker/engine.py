@@ -214,6 +214,25 @@ def _set_of(rec: Record) -> int:
     return rec.row.set_id if isinstance(rec, CreateSet) else rec.set_id
 
 
+U = TypeVar("U")
+
+
+def then(fut: asyncio.Future[T], fn: Callable[[T], U]) -> asyncio.Future[U]:
+    """A future of fn(fut's result): errors and cancellation pass through unchanged."""
+    out: asyncio.Future[U] = asyncio.get_running_loop().create_future()
+
+    def done(f: asyncio.Future[T]) -> None:
+        if f.cancelled():
+            out.cancel()
+        elif (exc := f.exception()) is not None:
+            out.set_exception(exc)
+        else:
+            out.set_result(fn(f.result()))
+
+    fut.add_done_callback(done)
+    return out
+
+
 def _done_future(value: T) -> asyncio.Future[T]:
     fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
     fut.set_result(value)
@@ -710,23 +729,8 @@ class Broker:
         """VFIO_IOMMU_PASID_REQUEST semantics: the PASID for ALLOC, 0 for FREE."""
         op = check_pasid_request(argsz, flags, lo, hi, self.allocator.pasid_bits)
         if op is PasidOp.ALLOC:
-            got = self.alloc(sess, lo, hi, 1)
-            out: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-
-            def done(f: asyncio.Future[list[int]]) -> None:
-                if (exc := f.exception()) is not None:
-                    out.set_exception(exc)
-                else:
-                    out.set_result(f.result()[0])
-
-            got.add_done_callback(done)
-            return out
-        freed = self.free(sess, lo, hi)
-        zero: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        freed.add_done_callback(
-            lambda f: zero.set_exception(e) if (e := f.exception()) else zero.set_result(0)
-        )
-        return zero
+            return then(self.alloc(sess, lo, hi, 1), lambda got: got[0])
+        return then(self.free(sess, lo, hi), lambda _freed: 0)
 
     async def watch(self, from_revision: int) -> AsyncIterator[Event]:
         """Events from `from_revision` (0: from now on), replayed then live, each once.

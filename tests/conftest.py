@@ -41,5 +41,5 @@ def client(broker: BrokerProcess) -> Iterator[Client]:
 @pytest.fixture
 def admin(broker: BrokerProcess) -> Iterator[Client]:
     """A client on the broker's admin socket."""
-    with Client(broker.address.replace("broker.sock", "admin.sock")) as c:
+    with Client(broker.admin_address) as c:
         yield c

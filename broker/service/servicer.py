@@ -15,7 +15,7 @@ from pasid.v1 import broker_pb2_grpc as pb_grpc
 
 from broker import __version__
 from broker.core import Compacted, InvalidArgument, PasidError, runs
-from broker.engine import Broker
+from broker.engine import Broker, then
 from broker.engine import Session as BrokerSession
 from broker.metrics import timed_rpc
 from broker.service.status import (
@@ -184,19 +184,19 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
         b = self.broker
         if op == "alloc":
             a = req.alloc
-            return _map(
+            return then(
                 b.alloc(sess, a.min, a.max, a.count or 1),
                 lambda got: pb.SessionResponse(alloc=pb.AllocResponse(pasids=got)),
             )
         if op == "free":
             f = req.free
-            return _map(
+            return then(
                 b.free(sess, f.min, f.max),
                 lambda n: pb.SessionResponse(free=pb.FreeResponse(freed=n)),
             )
         if op == "request":
             r = req.request
-            return _map(
+            return then(
                 b.pasid_request(sess, r.argsz, r.flags, r.min, r.max),
                 lambda ret: pb.SessionResponse(request=pb.PasidRequestReply(ret=ret)),
             )
@@ -365,20 +365,3 @@ class PasidAdminServicer(pb_grpc.PasidAdminServicer):
         except PasidError as exc:
             await _abort(context, exc)
         return await self.main.GetInfo(pb.GetInfoRequest(), context)
-
-
-def _map(
-    fut: asyncio.Future[T], fn: Callable[[T], pb.SessionResponse]
-) -> asyncio.Future[pb.SessionResponse]:
-    out: asyncio.Future[pb.SessionResponse] = asyncio.get_running_loop().create_future()
-
-    def done(f: asyncio.Future[T]) -> None:
-        if f.cancelled():
-            out.cancel()
-        elif (exc := f.exception()) is not None:
-            out.set_exception(exc)
-        else:
-            out.set_result(fn(f.result()))
-
-    fut.add_done_callback(done)
-    return out

@@ -17,14 +17,14 @@ from pasid_client import (
     Session,
 )
 
-from tests.harness import BrokerProcess
+from tests.harness import BrokerProcess, admin_address_of
 
 TOP = (1 << 20) - 1
 
 
 def snapshot(c: Client) -> tuple[int, list[tuple[int, tuple[tuple[int, int], ...]]]]:
     """What is held, read through the admin socket beside c's."""
-    with Client(c.target.replace("broker.sock", "admin.sock")) as a:
+    with Client(admin_address_of(c.target)) as a:
         return c.info().in_use, [(s.set_id, s.ranges) for s in a.list_sets()]
 
 
