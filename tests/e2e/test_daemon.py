@@ -131,7 +131,9 @@ def test_pasidctl_json_and_errors(broker: BrokerProcess) -> None:
         info = json.loads(pasidctl(broker, "info", "--json").stdout)
         assert info["in_use"] == 3 and info["backend"] == BACKEND
         env_args = ("--session", str(s.session_id), "--token", s.token)
-        got = json.loads(pasidctl(broker, "alloc", "--count", "2", "--json", *env_args).stdout)
+        r = pasidctl(broker, "alloc", "--count", "2", "--json", *env_args)
+        assert r.returncode == 0, r.stderr
+        got = json.loads(r.stdout)
         assert got["pasids"] == [4, 5]
         assert json.loads(
             pasidctl(broker, "free", "--min", "4", "--max", "4", "--json", *env_args).stdout
