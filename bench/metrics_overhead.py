@@ -37,31 +37,28 @@ from typing import Any
 from broker.backends import SimulatorBackend
 from broker.backends.base import Backend
 from broker.engine import Broker
-from broker.metrics import CommitResult, Metrics
-from broker.store import AddPasids, Record, SqliteStore
+from broker.metrics import Metrics
+from broker.store import AddPasids, Event, Record, SqliteStore
 
 
 class NoMetrics(Metrics):
     """The baseline: same object shape, every hook a no-op, the backend unwrapped."""
 
-    def committed(self, records: Sequence[Record]) -> None:
+    def commit_done(
+        self, records: Sequence[Record], events: Sequence[Event], seconds: float
+    ) -> None:
         pass
 
-    def commit_failed(self, records: Sequence[Record]) -> None:
+    def commit_failed(self, records: Sequence[Record], seconds: float) -> None:
         pass
-
-    def commit_timed(
-        self, commit: Callable[[Sequence[Record]], CommitResult]
-    ) -> Callable[[Sequence[Record]], CommitResult]:
-        return commit
 
     def alloc_refused(self, exc: BaseException) -> None:
         pass
 
-    def set_reclaimed(self, reason: str, pasids: int) -> None:
+    def set_destroyed(self, set_id: int, reason: str, kind: str, pasids: int) -> None:
         pass
 
-    def session_opened(self, resumed: bool) -> None:
+    def session_opened(self, set_id: int, resumed: bool) -> None:
         pass
 
     def session_op_done(self, op: str | None, t0: float) -> None:
@@ -75,7 +72,8 @@ async def _engine_run(metrics: Metrics, pairs: int, workdir: str, tag: str) -> t
     """(wall, CPU) seconds per alloc+free pair. CPU counts both threads (loop and writer)
     and is what the hooks really cost; wall also carries thread hand-offs and noise."""
     backend = metrics.instrument(SimulatorBackend(pasid_bits=20))
-    broker = Broker(backend, SqliteStore(f"{workdir}/{tag}.db"), metrics=metrics)
+    broker = Broker(backend, SqliteStore(f"{workdir}/{tag}.db"))
+    broker.observers.subscribe(metrics)
     await broker.start()
     sess, _, _ = await broker.open_session("bench")
     hi = (1 << 20) - 1
@@ -126,7 +124,7 @@ def hooks_per_alloc(n: int) -> float:
         for _ in range(n):
             t = time.perf_counter()
             wrapped.free(wrapped.alloc(1, 1), 1)
-            m.committed(rec)
+            m.commit_done(rec, (), 0.0001)
             m.session_op_done("alloc", t)
 
     def best(fn: Callable[[], None]) -> float:

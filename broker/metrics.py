@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import functools
 import platform
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any
 
+import grpc
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -40,7 +40,8 @@ from broker import __version__
 from broker.backends.base import Backend, Capabilities
 from broker.backends.base import replay as generic_replay
 from broker.core import PasidError, QuotaExceeded
-from broker.store.records import AddPasids, Record, RemovePasids
+from broker.engine.observers import Observer
+from broker.store.records import AddPasids, Event, Record, RemovePasids
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -252,8 +253,11 @@ class _StateCollector(Collector):
         yield top
 
 
-class Metrics:
-    """The broker's metrics on a registry of its own (no process-global state)."""
+class Metrics(Observer):
+    """The broker's metrics on a registry of its own (no process-global state).
+
+    It observes the engine (subscribe it to Broker.observers), times RPCs as a server
+    interceptor (rpc_timer()), and times session-stream operations (session_op_done)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         # `_created` series double the exposition and no dashboard here reads them.
@@ -367,45 +371,32 @@ class Metrics:
         )
         r.register(_StateCollector(self._snapshot))
 
-    # -- hooks called by the engine (event loop thread unless noted) ----------------
+    # -- engine observer hooks (broker/engine/observers.py; event loop thread) --------
 
-    def committed(self, records: Sequence[Record]) -> None:
-        """A group commit landed: count what became durable."""
+    def commit_done(
+        self, records: Sequence[Record], events: Sequence[Event], seconds: float
+    ) -> None:
+        """A group commit landed: its duration, and what became durable."""
+        self._commit.observe(seconds)
+        alloc_ok = self._alloc_result["ok"]
+        free_ok = self._free_result["ok"]
         for rec in records:
             if type(rec) is AddPasids:
-                self._alloc_result["ok"].inc()
+                alloc_ok.inc()
                 self._pasids_allocated.inc(len(rec.pasids))
             elif type(rec) is RemovePasids:
-                self._free_result["ok"].inc()
+                free_ok.inc()
                 self._pasids_freed.inc(len(rec.pasids))
 
-    def commit_failed(self, records: Sequence[Record]) -> None:
+    def commit_failed(self, records: Sequence[Record], seconds: float) -> None:
         """A group commit failed: its allocs and frees were refused with STORE."""
+        self._commit.observe(seconds)
+        self._commit_errors.inc()
         for rec in records:
             if type(rec) is AddPasids:
                 self._alloc_result["store"].inc()
             elif type(rec) is RemovePasids:
                 self._free_result["store"].inc()
-
-    def commit_timed(
-        self, commit: Callable[[Sequence[Record]], CommitResult]
-    ) -> Callable[[Sequence[Record]], CommitResult]:
-        """Wrap the store's commit (runs on the writer thread) with its histogram; what
-        the commit returns (the events it logged) passes through."""
-        observe = self._commit.observe
-        errors = self._commit_errors
-
-        def timed(records: Sequence[Record]) -> CommitResult:
-            t0 = time.perf_counter()
-            try:
-                return commit(records)
-            except BaseException:
-                errors.inc()
-                raise
-            finally:
-                observe(time.perf_counter() - t0)
-
-        return timed
 
     def alloc_refused(self, exc: BaseException) -> None:
         self._alloc_result[result_of(exc)].inc()
@@ -420,12 +411,12 @@ class Metrics:
         """A Free that found nothing of the caller's in its range (no commit needed)."""
         self._free_result["ok"].inc()
 
-    def set_reclaimed(self, reason: str, pasids: int) -> None:
+    def set_destroyed(self, set_id: int, reason: str, kind: str, pasids: int) -> None:
         r = reclaim_reason(reason)
         self._reclaimed_sets[r].inc()
         self._reclaimed_pasids[r].inc(pasids)
 
-    def session_opened(self, resumed: bool) -> None:
+    def session_opened(self, set_id: int, resumed: bool) -> None:
         (self._opened_resumed if resumed else self._opened_new).inc()
 
     def recovered(self, seconds: float, replayed: int, sets: int) -> None:
@@ -433,7 +424,7 @@ class Metrics:
         self._recovery_replayed.set(replayed)
         self._recovery_sets.set(sets)
 
-    # -- hooks called by the servicer -----------------------------------------------
+    # -- request latency: the servicer's stream ops, and the RPC interceptor -----------
 
     def session_op_done(self, op: str | None, t0: float) -> None:
         """A session-stream request's reply is ready; `t0` is perf_counter() at arrival."""
@@ -445,6 +436,10 @@ class Metrics:
         if child is None:
             child = self._unary[rpc] = self._rpc.labels(rpc)
         return child
+
+    def rpc_timer(self) -> RpcTimer:
+        """A grpc.aio server interceptor that times the unary RPCs of UNARY_RPCS."""
+        return RpcTimer(self)
 
     # -- the backend ------------------------------------------------------------------
 
@@ -557,38 +552,54 @@ class InstrumentedBackend:
         return getattr(self.inner, name)
 
 
-P = ParamSpec("P")
-CommitResult = TypeVar("CommitResult")
-S = TypeVar("S")
-R = TypeVar("R")
+class RpcTimer(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Times each unary pasid.v1 RPC named in UNARY_RPCS, from the handler's start to its
+    reply being ready (aborted calls too). Streams are not timed here: the Session
+    stream's operations are timed one by one (Metrics.session_op_done).
 
+    Wrapped handlers are built once per method and reused: no per-call `.labels()` or
+    handler construction on the hot path.
+    """
 
-def timed_rpc(
-    rpc: str,
-) -> Callable[
-    [Callable[Concatenate[S, P], Awaitable[R]]], Callable[Concatenate[S, P], Awaitable[R]]
-]:
-    """Decorate a servicer's unary method (whose `self.metrics` is a Metrics) with its
-    latency histogram; aborted calls are observed too."""
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
-    def deco(
-        fn: Callable[Concatenate[S, P], Awaitable[R]],
-    ) -> Callable[Concatenate[S, P], Awaitable[R]]:
-        async def wrapper(self: S, /, *args: P.args, **kwargs: P.kwargs) -> R:
-            hist = _metrics_of(self).unary(rpc)
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(method, handler)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        service, _, rpc = method.lstrip("/").rpartition("/")
+        if (
+            handler is None
+            or not service.startswith("pasid.v1.")
+            or rpc not in UNARY_RPCS
+            or handler.unary_unary is None
+        ):
+            return handler
+        inner = handler.unary_unary
+        observe = self._metrics.unary(rpc).observe
+
+        async def timed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             t0 = time.perf_counter()
             try:
-                return await fn(self, *args, **kwargs)
+                return await inner(request, context)
             finally:
-                hist.observe(time.perf_counter() - t0)
+                observe(time.perf_counter() - t0)
 
-        functools.update_wrapper(wrapper, fn)
-        return wrapper
-
-    return deco
-
-
-def _metrics_of(obj: Any) -> Metrics:
-    m = obj.metrics
-    assert isinstance(m, Metrics)
-    return m
+        return grpc.unary_unary_rpc_method_handler(
+            timed,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from pasid.v1 import broker_pb2 as pb
 from pasid.v1 import broker_pb2_grpc as pb_grpc
 
-from broker import backends, testfaults
+from broker import backends
 from broker.config import Config
 from broker.engine import Broker
 from broker.metrics import Metrics
@@ -76,9 +76,12 @@ def server_options(config: Config) -> list[tuple[str, int]]:
 
 
 def _grpc_server(
-    config: Config, servicer: PasidBrokerServicer, health_servicer: health.aio.HealthServicer
+    config: Config,
+    servicer: PasidBrokerServicer,
+    health_servicer: health.aio.HealthServicer,
+    metrics: Metrics,
 ) -> grpc.aio.Server:
-    server = grpc.aio.server(options=server_options(config))
+    server = grpc.aio.server(options=server_options(config), interceptors=[metrics.rpc_timer()])
     pb_grpc.add_PasidBrokerServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME]
@@ -100,33 +103,18 @@ async def serve(config: Config) -> int:
         vfio_fallback=config.vfio_fallback,
     )
     store = SqliteStore(config.db, event_retention=config.event_retention)
-    try:
-        faults = testfaults.load()
-    except ValueError as exc:
-        raise StartupError(str(exc)) from None
-    if faults.active:
-        log.warning(
-            "TEST FAULTS ACTIVE (%s): not for production", testfaults.ENV, extra=vars(faults)
-        )
-        if faults.backend_fail_file or faults.backend_free_fail_file:
-            backend = testfaults.FailingBackend(
-                backend, faults.backend_fail_file, faults.backend_free_fail_file
-            )
-        if faults.commit_delay_ms:
-            store = testfaults.SlowStore(
-                config.db, faults.commit_delay_ms / 1000, event_retention=config.event_retention
-            )
     broker = Broker(
         metrics.instrument(backend),
         store,
-        ack_before_commit=faults.ack_before_commit,
         quotas=config.quotas,
         reserved=config.reserved,
         quarantine=config.quarantine,
         max_grace=config.max_grace,
         restart_grace=config.restart_grace,
-        metrics=metrics,
     )
+    # Metrics observe the engine (commits, set ends, recovery); the engine knows no
+    # metric names. RPCs are timed by the interceptor, stream ops by the servicer's hook.
+    broker.observers.subscribe(metrics)
     # Metrics: bound before gRPC so that a taken port refuses the start cleanly.
     metrics.bind(broker, asyncio.get_running_loop())
     try:
@@ -137,16 +125,18 @@ async def serve(config: Config) -> int:
             f"cannot serve metrics on {config.metrics_address}: {exc}"
             " (choose another --metrics-address, or 'off')"
         ) from None
-    servicer = PasidBrokerServicer(broker)
+    servicer = PasidBrokerServicer(broker, session_op_done=metrics.session_op_done)
     health_servicer = health.aio.HealthServicer()
-    server = _grpc_server(config, servicer, health_servicer)
+    server = _grpc_server(config, servicer, health_servicer, metrics)
     sock = Path(config.socket)
     addresses = [f"unix:{sock}"] + ([config.listen] if config.listen else [])
     servers = [(server, addresses, [(sock, config.socket_mode)])]
     admin_servicer: PasidBrokerServicer | None = None
     if config.admin_socket:
-        admin_servicer = PasidBrokerServicer(broker, admin=True)
-        admin = _grpc_server(config, admin_servicer, health_servicer)
+        admin_servicer = PasidBrokerServicer(
+            broker, admin=True, session_op_done=metrics.session_op_done
+        )
+        admin = _grpc_server(config, admin_servicer, health_servicer, metrics)
         pb_grpc.add_PasidAdminServicer_to_server(PasidAdminServicer(broker, admin_servicer), admin)
         admin_sock = Path(config.admin_socket)
         servers.append((admin, [f"unix:{admin_sock}"], [(admin_sock, 0o600)]))

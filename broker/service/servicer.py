@@ -1,23 +1,30 @@
-"""The gRPC adapter: decode, call the engine, encode. No rules live here."""
+"""The gRPC adapter: decode, call the engine, encode. No rules live here.
+
+Errors: methods raise PasidError; `boundary` (every RPC method wears it) is the one place
+where one becomes a gRPC status, through broker/service/status.py's table. A Session
+stream's per-request errors are replies (status.error_message), not statuses.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar, cast
 
 import grpc
 from pasid.v1 import broker_pb2 as pb
 from pasid.v1 import broker_pb2_grpc as pb_grpc
 
 from broker import __version__
-from broker.core import Compacted, InvalidArgument, PasidError, runs
+from broker.core import InvalidArgument, PasidError, runs
 from broker.engine import Broker, then
 from broker.engine import Session as BrokerSession
-from broker.metrics import timed_rpc
 from broker.service.status import (
     ADMIN_ONLY,
     PermissionDenied,
@@ -50,6 +57,38 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: PasidError) -
     raise AssertionError("unreachable")  # abort raises
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def boundary(method: F) -> F:
+    """The error boundary: a PasidError raised by an RPC method (a coroutine or an async
+    generator taking (self, request, context)) ends the call with its gRPC status and
+    trailing metadata. The one place this happens."""
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def stream(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
+            try:
+                # aclosing: a client gone mid-stream closes the method's generator now
+                # (its finally ends the session), not whenever it is collected.
+                async with contextlib.aclosing(method(self, request, context)) as items:
+                    async for item in items:
+                        yield item
+            except PasidError as exc:
+                await _abort(context, exc)
+
+        return cast(F, stream)
+
+    @functools.wraps(method)
+    async def unary(self: Any, request: Any, context: Any) -> Any:
+        try:
+            return await method(self, request, context)
+        except PasidError as exc:
+            await _abort(context, exc)
+
+    return cast(F, unary)
+
+
 def _set_info(sess: BrokerSession, with_ranges: bool = True) -> pb.SetInfo:
     info = pb.SetInfo(
         set_id=sess.session_id,
@@ -68,13 +107,25 @@ def _set_info(sess: BrokerSession, with_ranges: bool = True) -> pb.SetInfo:
     return info
 
 
+def _ignore_op(op: str | None, t0: float) -> None:
+    pass
+
+
 class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
     """PasidBroker. On the admin socket (`admin=True`) List may list every set."""
 
-    def __init__(self, broker: Broker, *, admin: bool = False) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        *,
+        admin: bool = False,
+        session_op_done: Callable[[str | None, float], None] | None = None,
+    ) -> None:
         self.broker = broker
         self.admin = admin
-        self.metrics = broker.metrics  # request latency, per RPC (broker/metrics.py)
+        # Told when a stream request's reply is ready: (op, perf_counter() at arrival).
+        # The metrics' request latency for Session/<op> (broker/metrics.py).
+        self._op_done = session_op_done or _ignore_op
         self._streams: set[asyncio.Queue[_Item]] = set()
 
     def shutdown(self) -> None:
@@ -90,6 +141,7 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
 
     # -- the session stream -------------------------------------------------------------
 
+    @boundary
     async def Session(
         self,
         request_iterator: AsyncIterator[pb.SessionRequest],
@@ -99,16 +151,13 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
         if first is None:
             return
         if first.WhichOneof("op") != "open":
-            await _abort(context, InvalidArgument("the first message of a Session must be open"))
+            raise InvalidArgument("the first message of a Session must be open")
         o = first.open
         t_open = time.perf_counter()
-        try:
-            sess, token, resumed = await self.broker.open_session(
-                o.client, o.pid, o.grace_seconds, o.resume_token, context.peer()
-            )
-        except PasidError as exc:
-            await _abort(context, exc)
-        self.metrics.session_op_done("open", t_open)
+        sess, token, resumed = await self.broker.open_session(
+            o.client, o.pid, o.grace_seconds, o.resume_token, context.peer()
+        )
+        self._op_done("open", t_open)
         # Replies wait for their commits, in request order; reading goes on meanwhile so
         # that a pipelining client's requests share group commits.
         replies: asyncio.Queue[_Item] = asyncio.Queue()
@@ -141,7 +190,7 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
                     resp = await fut
                 except PasidError as exc:
                     resp = pb.SessionResponse(error=error_message(exc))
-                self.metrics.session_op_done(op, t0)
+                self._op_done(op, t0)
                 resp.tag = tag
                 yield resp
         finally:
@@ -212,63 +261,48 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
 
     # -- unary calls --------------------------------------------------------------------
 
-    async def _unary(
-        self,
-        context: grpc.aio.ServicerContext[Any, Any],
-        ref: pb.SessionRef,
-        call: Callable[[BrokerSession], Awaitable[T]],
-    ) -> T:
-        try:
-            sess = self.broker.authenticate(ref.session_id, ref.token)
-            return await call(sess)
-        except PasidError as exc:
-            await _abort(context, exc)
+    async def _unary(self, ref: pb.SessionRef, call: Callable[[BrokerSession], Awaitable[T]]) -> T:
+        sess = self.broker.authenticate(ref.session_id, ref.token)
+        return await call(sess)
 
-    @timed_rpc("Alloc")
+    @boundary
     async def Alloc(
         self, request: pb.AllocRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.AllocResponse:
         got = await self._unary(
-            context,
             request.session,
             lambda s: self.broker.alloc(s, request.min, request.max, request.count or 1),
         )
         return pb.AllocResponse(pasids=got)
 
-    @timed_rpc("Free")
+    @boundary
     async def Free(
         self, request: pb.FreeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.FreeResponse:
         n = await self._unary(
-            context, request.session, lambda s: self.broker.free(s, request.min, request.max)
+            request.session, lambda s: self.broker.free(s, request.min, request.max)
         )
         return pb.FreeResponse(freed=n)
 
-    @timed_rpc("List")
+    @boundary
     async def List(
         self, request: pb.ListRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListResponse:
         if request.all_sets:
             if not self.admin:
-                await _abort(context, PermissionDenied(ADMIN_ONLY))
-            try:
-                return self._list(None, True)
-            except PasidError as exc:
-                await _abort(context, exc)
+                raise PermissionDenied(ADMIN_ONLY)
+            return self._list(None, True)
 
         async def one(s: BrokerSession) -> pb.ListResponse:
             return self._list(s, False)
 
-        return await self._unary(context, request.session, one)
+        return await self._unary(request.session, one)
 
-    @timed_rpc("GetInfo")
+    @boundary
     async def GetInfo(
         self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetInfoResponse:
-        try:
-            i = self.broker.info()
-        except PasidError as exc:
-            await _abort(context, exc)
+        i = self.broker.info()
         return pb.GetInfoResponse(
             backend=i.backend,
             pasid_bits=i.pasid_bits,
@@ -287,38 +321,30 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
             revision=i.revision,
         )
 
-    @timed_rpc("PasidRequest")
+    @boundary
     async def PasidRequest(
         self, request: pb.PasidRequestMessage, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.PasidRequestReply:
         r = request
         ret = await self._unary(
-            context,
             r.session,
             lambda s: self.broker.pasid_request(s, r.argsz, r.flags, r.min, r.max),
         )
         return pb.PasidRequestReply(ret=ret)
 
+    @boundary
     async def Watch(
         self, request: pb.WatchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.WatchEvent]:
-        try:
-            async for ev in self.broker.watch(request.from_revision):
-                yield pb.WatchEvent(
-                    revision=ev.revision,
-                    ts_unix=ev.ts,
-                    kind=ev.kind,
-                    set_id=ev.set_id,
-                    pasids=[pb.PasidRange(min=lo, max=hi) for lo, hi in runs(ev.pasids)],
-                    reason=ev.reason,
-                )
-        except Compacted as exc:
-            context.set_trailing_metadata(
-                (*trailing_metadata(exc), ("pasid-oldest-revision", str(exc.oldest)))
+        async for ev in self.broker.watch(request.from_revision):
+            yield pb.WatchEvent(
+                revision=ev.revision,
+                ts_unix=ev.ts,
+                kind=ev.kind,
+                set_id=ev.set_id,
+                pasids=[pb.PasidRange(min=lo, max=hi) for lo, hi in runs(ev.pasids)],
+                reason=ev.reason,
             )
-            await context.abort(grpc.StatusCode.OUT_OF_RANGE, exc.message)
-        except PasidError as exc:
-            await _abort(context, exc)
 
     def _list(self, sess: BrokerSession | None, all_sets: bool) -> pb.ListResponse:
         if all_sets:
@@ -333,35 +359,25 @@ class PasidAdminServicer(pb_grpc.PasidAdminServicer):
     def __init__(self, broker: Broker, main: PasidBrokerServicer) -> None:
         self.broker = broker
         self.main = main
-        self.metrics = broker.metrics
 
-    @timed_rpc("ListSets")
+    @boundary
     async def ListSets(
         self, request: pb.ListSetsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListResponse:
-        try:
-            sessions = self.broker.sessions()
-        except PasidError as exc:
-            await _abort(context, exc)
+        sessions = self.broker.sessions()
         return pb.ListResponse(sets=[_set_info(s, request.with_ranges) for s in sessions])
 
-    @timed_rpc("RevokeSet")
+    @boundary
     async def RevokeSet(
         self, request: pb.RevokeSetRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.RevokeSetResponse:
-        try:
-            freed = await self.broker.revoke(request.set_id, request.reason)
-        except PasidError as exc:
-            await _abort(context, exc)
+        freed = await self.broker.revoke(request.set_id, request.reason)
         return pb.RevokeSetResponse(freed=freed)
 
-    @timed_rpc("SetQuotas")
+    @boundary
     async def SetQuotas(
         self, request: pb.SetQuotasRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetInfoResponse:
         q = request.quotas
-        try:
-            self.broker.set_quotas(request.set_id, q.per_set, q.per_client, getattr(q, "global"))
-        except PasidError as exc:
-            await _abort(context, exc)
+        self.broker.set_quotas(request.set_id, q.per_set, q.per_client, getattr(q, "global"))
         return await self.main.GetInfo(pb.GetInfoRequest(), context)

@@ -89,4 +89,6 @@ def trailing_metadata(exc: PasidError) -> tuple[tuple[str, str], ...]:
     )
     if isinstance(exc, QuotaExceeded):
         md += (("pasid-quota", exc.kind), ("pasid-limit", str(exc.limit)))
+    if isinstance(exc, Compacted):
+        md += (("pasid-oldest-revision", str(exc.oldest)),)
     return md

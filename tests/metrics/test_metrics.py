@@ -226,12 +226,11 @@ def test_reclaims_by_grace_and_restart_and_recovery_figures(
 def test_engine_reasons_map_into_the_bounded_set() -> None:
     # Every reason string the engine and servicer pass for a set's end, read from the
     # source so that a new one cannot silently land in "other".
-    src = (ROOT / "broker" / "engine.py").read_text() + (
-        ROOT / "broker" / "service" / "servicer.py"
-    ).read_text()
+    src = "".join(p.read_text() for p in sorted((ROOT / "broker" / "engine").glob("*.py")))
+    src += (ROOT / "broker" / "service" / "servicer.py").read_text()
     reasons = set(
         re.findall(
-            r"(?:_destroy|_schedule_reclaim|end_session|reclaim)\([^\"\n]*f?\"([^\"]+)\"", src
+            r"(?:destroy_set|_schedule_reclaim|end_session|reclaim)\([^\"\n]*f?\"([^\"]+)\"", src
         )
     )
     reasons -= {"set_destroyed", "set_reclaimed"}  # the event kind, not a reason

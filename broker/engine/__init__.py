@@ -1,0 +1,35 @@
+"""The engine: the broker's state and rules, with no knowledge of gRPC or metrics.
+
+One job per module:
+
+- broker.py        Broker: composes the parts; alloc, free, PASID_REQUEST, quotas, info
+- sessions.py      Session, Sessions: open, resume, grace, reclaim, pid watching, and
+                   Sessions.destroy_set, the one function through which every set dies
+- journal.py       Journal: group commit with exact undo; `then`
+- events.py        EventFanout: committed events to watchers; Watch (replay, then live)
+- recovery.py      recover(): backend, allocator and sessions from the store at start
+- backend_calls.py BackendCalls: the backend made to agree with the allocator
+- observers.py     Observer, Observers: the hooks metrics (or anyone) subscribe to
+"""
+
+from broker.engine.broker import Broker, Info
+from broker.engine.events import WATCH_BACKLOG, EventFanout
+from broker.engine.journal import Journal, then
+from broker.engine.observers import Observer, Observers
+from broker.engine.recovery import RecoveryError
+from broker.engine.sessions import Session, Sessions, hash_token
+
+__all__ = [
+    "WATCH_BACKLOG",
+    "Broker",
+    "EventFanout",
+    "Info",
+    "Journal",
+    "Observer",
+    "Observers",
+    "RecoveryError",
+    "Session",
+    "Sessions",
+    "hash_token",
+    "then",
+]

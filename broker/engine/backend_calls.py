@@ -1,0 +1,77 @@
+"""Making the backend agree with the allocator: exact alloc/free, all or none."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+
+from broker.backends.base import Backend
+from broker.core import BackendError, PasidError, runs
+
+log = logging.getLogger("pasid_broker")
+
+
+class BackendCalls:
+    """The engine's only way to the backend. `quarantining()` says whether freed PASIDs
+    go to quarantine (then the backend keeps holding them until they leave it)."""
+
+    def __init__(self, backend: Backend, quarantining: Callable[[], bool]) -> None:
+        self.backend = backend
+        self._quarantining = quarantining
+
+    def alloc_exact(self, pasids: Iterable[int]) -> None:
+        """Make the backend hold exactly these PASIDs, all or none."""
+        done: list[int] = []
+        try:
+            for p in pasids:
+                got = self.backend.alloc(p, p)
+                if got != p:
+                    done.append(got)
+                    raise BackendError(
+                        5, f"backend {self.backend.name} returned {got} for [{p}, {p}]"
+                    )
+                done.append(p)
+        except PasidError:
+            self.free(done)
+            raise
+
+    def free_exact(self, pasids: Sequence[int]) -> None:
+        """Make the backend release exactly these PASIDs, all or none (a client's free).
+
+        Unlike free, a failure is the request's: the runs already released are taken back
+        and the error raised, so the client's set is as it was (a PASID the backend kept
+        must not look free, or the next alloc would be refused for it).
+        """
+        done: list[int] = []
+        for lo, hi in runs(pasids):
+            try:
+                self.backend.free(lo, hi)
+            except PasidError:
+                self.alloc_exact(done)
+                raise
+            done.extend(range(lo, hi + 1))
+
+    def release(self, freed: list[int], *, exact: bool = False) -> bool:
+        """A set gave these up: free them in the backend, unless they went to quarantine.
+
+        Quarantined PASIDs stay held in the backend (so the kernel cannot give them to
+        anyone either) until they leave it; the allocator reports them then
+        (take_expired). Returns True when they were kept.
+        """
+        if self._quarantining():
+            return True
+        if exact:  # a client's free: all or nothing, its error is the request's
+            self.free_exact(freed)
+        else:  # a set's end: best effort, never undoes the destroy
+            self.free(freed)
+        return False
+
+    def free(self, pasids: Iterable[int]) -> None:
+        """Best effort: a failure is logged, never raised."""
+        for lo, hi in runs(pasids):
+            try:
+                self.backend.free(lo, hi)
+            except PasidError as exc:
+                # The kernel's free returns nothing; a failure here leaves the backend
+                # holding more than we do, never less, so no PASID is handed out twice.
+                log.error("backend free [%d, %d] failed: %s", lo, hi, exc)

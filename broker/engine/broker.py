@@ -1,0 +1,307 @@
+"""The broker: allocator, backend and store composed; the requests a session makes.
+
+Every state change runs on the event loop thread in three steps: the allocator decides,
+the backend agrees (backend_calls.py), the journal makes it durable (journal.py). A reply
+is sent only after its commit (acknowledged = durable). If a step fails, the earlier ones
+are undone in reverse, so memory, backend and disk never disagree.
+
+Sessions and the end of sets are in sessions.py, Watch in events.py, start-up in
+recovery.py; what the engine reports to metrics goes through observers.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+
+from broker.backends.base import Backend, Capabilities
+from broker.core import Allocator, NotFound, NotReady, PasidError, Quarantine, Quotas
+from broker.core.ioctl import PasidOp, check_pasid_request
+from broker.engine.backend_calls import BackendCalls
+from broker.engine.events import EventFanout
+from broker.engine.journal import Journal, done_future, then
+from broker.engine.observers import Observers
+from broker.engine.recovery import recover
+from broker.engine.sessions import Session, Sessions
+from broker.store import AddPasids, Event, RemovePasids, SqliteStore
+
+log = logging.getLogger("pasid_broker")
+
+
+@dataclass(frozen=True)
+class Info:
+    backend: str
+    pasid_bits: int
+    capacity: int
+    in_use: int
+    reserved: int
+    sessions: int
+    sets: int
+    quotas: Quotas
+    revision: int
+    # Freed PASIDs not yet back in the pool: in neither in_use nor free.
+    quarantined: int = 0
+
+
+class Broker:
+    """The daemon's state and rules, with no knowledge of gRPC."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        store: SqliteStore,
+        *,
+        quotas: Quotas | None = None,
+        reserved: Sequence[tuple[int, int]] = (),
+        quarantine: Quarantine | None = None,
+        max_grace: int = 300,
+        restart_grace: int = 10,
+        clock: Callable[[], float] = time.time,
+        observers: Observers | None = None,
+    ) -> None:
+        # Whoever watches the engine (metrics) subscribes here at wiring time.
+        self.observers = observers if observers is not None else Observers()
+        self.backend = backend
+        self.store = store
+        self.quotas = quotas or Quotas()
+        self.reserved_ranges = tuple(reserved)
+        self.quarantine = quarantine or Quarantine()
+        self.max_grace = max_grace
+        self.restart_grace = restart_grace
+        self.clock = clock
+        self.caps: Capabilities | None = None
+        self._allocator: Allocator | None = None
+        self._journal: Journal | None = None
+        self.backend_calls = BackendCalls(backend, lambda: self.allocator.quarantine.enabled)
+        self.sets = Sessions(self)
+        self.events = EventFanout(store, lambda: self.stopping)
+        self.stopping = False
+        self.ready = False
+
+    # -- start / stop -------------------------------------------------------------------
+
+    @property
+    def allocator(self) -> Allocator:
+        if self._allocator is None:
+            raise RuntimeError("broker not started")
+        return self._allocator
+
+    @property
+    def journal(self) -> Journal:
+        if self._journal is None:
+            raise RuntimeError("broker not started")
+        return self._journal
+
+    @property
+    def revision(self) -> int:
+        """The last committed event revision."""
+        return self.events.revision
+
+    async def start(self) -> None:
+        """Open the backend, load and check the store, replay, and reclaim the departed.
+
+        The heavy part runs in a worker thread so that the loop keeps answering health
+        checks (NOT_SERVING) meanwhile; requests get UNAVAILABLE until `ready`.
+        """
+        t0 = time.perf_counter()
+        r = await asyncio.to_thread(
+            recover,
+            self.backend,
+            self.store,
+            reserved=self.reserved_ranges,
+            quotas=self.quotas,
+            quarantine=self.quarantine,
+        )
+        self.caps = r.caps
+        self._allocator = r.allocator
+        self.events.revision = r.snapshot.revision
+        self.sets.restore(r.sessions, r.snapshot.next_set_id)
+        self._journal = Journal(self.store, self.events.publish, observer=self.observers)
+        self.sets.reclaim_departed(self.restart_grace)
+        self.ready = True
+        took = time.perf_counter() - t0
+        sets = len(r.snapshot.sets)
+        self.observers.recovered(took, r.replayed, sets)
+        log.info(
+            "recovered %d sets, %d PASIDs replayed into %s in %.3f s",
+            sets,
+            r.replayed,
+            r.caps.name,
+            took,
+            extra={"sets": sets, "replayed": r.replayed, "seconds": round(took, 6)},
+        )
+
+    def require_ready(self) -> None:
+        """Requests before recovery has finished (or while stopping) are UNAVAILABLE."""
+        if not self.ready:
+            raise NotReady("broker is recovering its store; retry shortly")
+
+    async def stop(self) -> None:
+        """Keep every set (restored with its grace at the next start) and close cleanly."""
+        self.stopping = True
+        self.ready = False
+        self.sets.close()
+        self.end_watches()
+        if self._journal is not None:
+            await self._journal.drain()
+            self._journal.close()
+        self.store.close()
+        self.backend.close()
+
+    # -- events (events.py) ---------------------------------------------------------------
+
+    def subscribe(self) -> asyncio.Queue[Event | None]:
+        return self.events.subscribe()
+
+    def unsubscribe(self, q: asyncio.Queue[Event | None]) -> None:
+        self.events.unsubscribe(q)
+
+    def end_watches(self) -> None:
+        self.events.end_watches()
+
+    def watch(self, from_revision: int) -> AsyncIterator[Event]:
+        """Events from `from_revision` (0: from now on), replayed then live, each once."""
+        return self.events.watch(from_revision)
+
+    # -- sessions (sessions.py) -----------------------------------------------------------
+
+    async def open_session(
+        self,
+        client: str,
+        pid: int = 0,
+        grace_seconds: int = 0,
+        resume_token: str = "",
+        peer: str = "",
+    ) -> tuple[Session, str, bool]:
+        """A new session with a new set, or the one `resume_token` names; (session, token,
+        resumed). Raises NotFound for an unknown token, Conflict if it is attached, and
+        InvalidArgument when a local client declares a pid that does not exist."""
+        self.require_ready()
+        return await self.sets.open(client, pid, grace_seconds, resume_token, peer)
+
+    def authenticate(self, session_id: int, token: str) -> Session:
+        """The live session that (session_id, token) names; NotFound otherwise."""
+        self.require_ready()
+        return self.sets.authenticate(session_id, token)
+
+    def end_session(self, sess: Session, reason: str) -> None:
+        """A session's stream is over: destroy its set now, or after its grace."""
+        self.sets.end(sess, reason)
+
+    def reclaim(self, sess: Session, reason: str) -> asyncio.Future[None]:
+        """The broker takes a set now, whatever its grace: its stream, if any, ends."""
+        return self.sets.reclaim(sess, reason)
+
+    async def revoke(self, set_id: int, reason: str) -> int:
+        """Admin: destroy a set now; returns how many PASIDs it held."""
+        return await self.sets.revoke(set_id, reason)
+
+    def set_quotas(self, set_id: int, per_set: int, per_client: int, global_: int) -> None:
+        """Admin: change quotas until the next restart (flags rule at start)."""
+        if set_id:
+            sess = self.sets.get(set_id)
+            if sess is None:
+                raise NotFound(f"no set {set_id}")
+            sess.set.quota = per_set
+            log.info("set quota changed", extra={"set": set_id, "quota": per_set})
+            return
+        self.quotas = Quotas(per_set, per_client, global_)
+        self.allocator.quotas = self.quotas
+        log.info(
+            "quotas changed",
+            extra={"per_set": per_set, "per_client": per_client, "global": global_},
+        )
+
+    # -- requests -----------------------------------------------------------------------
+
+    def alloc(self, sess: Session, lo: int, hi: int, count: int = 1) -> asyncio.Future[list[int]]:
+        """Allocate and queue the commit; the future resolves once durable. Checks raise."""
+        set_id = sess.session_id
+        bc = self.backend_calls
+        try:
+            self.sets.require_attached(sess)
+            got = self.allocator.alloc(set_id, lo, hi, count)
+            # Quarantine over: the backend may let go of them now (before it is asked for
+            # `got`, which may include some of them).
+            bc.free(self.allocator.take_expired())
+            try:
+                bc.alloc_exact(got)
+            except BaseException:
+                self.allocator.release(set_id, got)
+                raise
+        except PasidError as exc:
+            self.observers.alloc_refused(exc)  # success is counted when the commit lands
+            raise
+
+        def undo() -> None:
+            bc.free(got)
+            self.allocator.release(set_id, got)
+
+        return self.journal.submit(AddPasids(set_id, tuple(got)), undo, got)
+
+    def free(self, sess: Session, lo: int, hi: int) -> asyncio.Future[int]:
+        """Free the session's PASIDs in [lo, hi]; resolves to the count once durable."""
+        set_id = sess.session_id
+        bc = self.backend_calls
+        try:
+            self.sets.require_attached(sess)
+            freed = self.allocator.free_range(set_id, lo, hi)
+        except PasidError as exc:
+            self.observers.free_refused(exc)
+            raise
+        if not freed:
+            self.observers.free_nothing()
+            return done_future(0)
+        try:
+            held_back = bc.release(freed, exact=True)
+        except BaseException:
+            self.allocator.claim(set_id, freed)
+            raise
+
+        def undo() -> None:
+            if held_back:  # the backend still holds what is still quarantined
+                bc.alloc_exact(self.allocator.claim(set_id, freed))
+            else:
+                bc.alloc_exact(freed)
+                self.allocator.claim(set_id, freed)
+
+        return self.journal.submit(RemovePasids(set_id, tuple(freed)), undo, len(freed))
+
+    def pasid_request(
+        self, sess: Session, argsz: int, flags: int, lo: int, hi: int
+    ) -> asyncio.Future[int]:
+        """VFIO_IOMMU_PASID_REQUEST semantics: the PASID for ALLOC, 0 for FREE."""
+        op = check_pasid_request(argsz, flags, lo, hi, self.allocator.pasid_bits)
+        if op is PasidOp.ALLOC:
+            return then(self.alloc(sess, lo, hi, 1), lambda got: got[0])
+        return then(self.free(sess, lo, hi), lambda _freed: 0)
+
+    # -- queries ------------------------------------------------------------------------
+
+    def session_of(self, set_id: int) -> Session | None:
+        return self.sets.get(set_id)
+
+    def sessions(self) -> list[Session]:
+        self.require_ready()
+        return self.sets.all()
+
+    def info(self) -> Info:
+        self.require_ready()
+        a = self.allocator
+        caps = self.caps
+        assert caps is not None
+        return Info(
+            backend=caps.name,
+            pasid_bits=a.pasid_bits,
+            capacity=a.capacity,
+            in_use=a.in_use,
+            reserved=a.reserved,
+            sessions=self.sets.attached(),
+            sets=len(self.sets),
+            quotas=self.quotas,
+            revision=self.revision,
+            quarantined=a.quarantined,
+        )

@@ -1,0 +1,164 @@
+"""The journal: group commit to the store, and exact undo when a commit fails.
+
+Every state change is applied in memory first, then queued here with the undo that
+reverses it. A change's future resolves only once its batch is durable (acknowledged =
+durable); a failed batch is undone newest first and nothing in it is acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future as ThreadFuture
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from broker.core import StoreError
+from broker.engine.observers import Observer
+from broker.store import CreateSet, Event, Record, SqliteStore
+
+log = logging.getLogger("pasid_broker")
+
+T = TypeVar("T")
+U = TypeVar("U")
+
+
+@dataclass
+class _Entry:
+    record: Record
+    undo: Callable[[], None]
+    future: asyncio.Future[Any]
+    result: Any
+
+
+class Journal:
+    """Group commit: records queued while one batch commits go together in the next.
+
+    At most one batch is in flight, on one writer thread. When a batch fails, it and
+    everything queued after it (which may depend on it) are undone newest first and fail
+    with the StoreError; nothing of them was acknowledged. `observer` hears every
+    commit_done / commit_failed, on the event loop thread.
+    """
+
+    def __init__(
+        self,
+        store: SqliteStore,
+        on_commit: Callable[[list[Event]], None] | None = None,
+        *,
+        observer: Observer | None = None,
+    ) -> None:
+        self._store = store
+        self._on_commit = on_commit
+        self._observer = observer if observer is not None else Observer()
+        self._loop = asyncio.get_running_loop()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="pasid-store")
+        self._pending: list[_Entry] = []
+        self._inflight: list[_Entry] | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def submit(self, record: Record, undo: Callable[[], None], result: T) -> asyncio.Future[T]:
+        """Queue `record`; the future resolves to `result` once it is durable."""
+        fut: asyncio.Future[T] = self._loop.create_future()
+        self._pending.append(_Entry(record, undo, fut, result))
+        self._idle.clear()
+        if self._inflight is None:
+            self._kick()
+        return fut
+
+    def _kick(self) -> None:
+        batch, self._pending = self._pending, []
+        self._inflight = batch
+        records = [e.record for e in batch]
+        cf = self._executor.submit(_timed_commit, self._store, records)
+        cf.add_done_callback(lambda f: self._loop.call_soon_threadsafe(self._done, batch, f))
+
+    def _done(
+        self, batch: list[_Entry], f: ThreadFuture[tuple[float, list[Event] | BaseException]]
+    ) -> None:
+        self._inflight = None
+        seconds, outcome = f.result()
+        records = [e.record for e in batch]
+        if not isinstance(outcome, BaseException):
+            self._observer.commit_done(records, outcome, seconds)
+            for e in batch:
+                if not e.future.done():
+                    e.future.set_result(e.result)
+            if self._on_commit is not None:
+                self._on_commit(outcome)
+        else:
+            exc = outcome
+            later, self._pending = self._pending, []
+            self._observer.commit_failed(records + [e.record for e in later], seconds)
+            err = exc if isinstance(exc, StoreError) else StoreError(f"store commit failed: {exc}")
+            log.error(
+                "store commit failed; undoing %d changes",
+                len(batch) + len(later),
+                extra={
+                    "error": str(err),
+                    "sets": sorted({set_of(e.record) for e in batch + later}),
+                },
+            )
+            for e in reversed(batch + later):
+                try:
+                    e.undo()
+                except Exception:  # an undo must not stop the others
+                    # Not %r: a CreateSet carries the token's hash, which logs never need.
+                    log.exception(
+                        "undo failed for %s",
+                        type(e.record).__name__,
+                        extra={"session": set_of(e.record), "set": set_of(e.record)},
+                    )
+                if not e.future.done():
+                    e.future.set_exception(StoreError(err.message))
+        if self._pending:
+            self._kick()
+        else:
+            self._idle.set()
+
+    async def drain(self) -> None:
+        await self._idle.wait()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+def _timed_commit(
+    store: SqliteStore, records: Sequence[Record]
+) -> tuple[float, list[Event] | BaseException]:
+    """On the writer thread: commit, and how long it took (the observers' histogram)."""
+    t0 = time.perf_counter()
+    try:
+        out: list[Event] | BaseException = store.commit(records)
+    except BaseException as exc:  # reported on the loop, with its duration
+        out = exc
+    return time.perf_counter() - t0, out
+
+
+def set_of(rec: Record) -> int:
+    return rec.row.set_id if isinstance(rec, CreateSet) else rec.set_id
+
+
+def then(fut: asyncio.Future[T], fn: Callable[[T], U]) -> asyncio.Future[U]:
+    """A future of fn(fut's result): errors and cancellation pass through unchanged."""
+    out: asyncio.Future[U] = asyncio.get_running_loop().create_future()
+
+    def done(f: asyncio.Future[T]) -> None:
+        if f.cancelled():
+            out.cancel()
+        elif (exc := f.exception()) is not None:
+            out.set_exception(exc)
+        else:
+            out.set_result(fn(f.result()))
+
+    fut.add_done_callback(done)
+    return out
+
+
+def done_future(value: T) -> asyncio.Future[T]:
+    fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+    fut.set_result(value)
+    return fut

@@ -1,0 +1,88 @@
+"""Recovery at start: open the backend, load and check the store, replay what it holds.
+
+Runs in a worker thread before anything else may touch the state it builds. It refuses
+(RecoveryError) rather than repairs: a store that does not fit changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from broker.backends.base import Backend, Capabilities, replay
+from broker.core import WIRE_PASID_BITS, Allocator, Quarantine, Quotas, Unsupported
+from broker.engine.sessions import Session
+from broker.store import Snapshot, SqliteStore
+
+log = logging.getLogger("pasid_broker")
+
+
+class RecoveryError(Exception):
+    """The store cannot be loaded as it is; the broker refuses to start (never repairs)."""
+
+
+@dataclass(frozen=True)
+class Recovered:
+    caps: Capabilities
+    allocator: Allocator
+    snapshot: Snapshot
+    sessions: list[Session]  # every stored set, detached
+    replayed: int
+
+
+def recover(
+    backend: Backend,
+    store: SqliteStore,
+    *,
+    reserved: Sequence[tuple[int, int]],
+    quotas: Quotas,
+    quarantine: Quarantine,
+) -> Recovered:
+    """Backend, allocator and sessions from the store."""
+    caps = backend.open()
+    if caps.pasid_bits > WIRE_PASID_BITS:
+        raise Unsupported(
+            f"backend {caps.name} reports pasid_bits {caps.pasid_bits} > {WIRE_PASID_BITS},"
+            " the most the wire (and the seed's int return) can carry"
+        )
+    log.info(
+        "backend %s open: pasid_bits %d from %s%s",
+        caps.name,
+        caps.pasid_bits,
+        caps.pasid_bits_source,
+        f" ({caps.detail})" if caps.detail else "",
+    )
+    # The quarantine measures time on the monotonic clock: a wall-clock step must not
+    # release a PASID early. It lives in memory only (docs/quarantine.md).
+    allocator = Allocator(
+        caps.pasid_bits,
+        reserved=reserved,
+        quotas=quotas,
+        quarantine=quarantine,
+        clock=time.monotonic,
+        report_expired=True,
+    )
+    snap = store.open()
+    held: list[int] = []
+    sessions: list[Session] = []
+    for row in snap.sets:
+        s = allocator.create_set(row.set_id, row.client, row.quota)
+        try:
+            allocator.claim(row.set_id, snap.holdings[row.set_id])
+        except ValueError as exc:
+            raise RecoveryError(
+                f"store {store.path}: set {row.set_id} ({row.client}) cannot be"
+                f" restored: {exc}; refusing to start (nothing was changed)"
+            ) from exc
+        held.extend(s.pasids)
+        sessions.append(
+            Session(s, row.pid, row.grace_seconds, row.token_hash, row.created_unix, attached=False)
+        )
+    # Written only once every stored set is known to fit: a refusal changes nothing.
+    if snap.meta.get("pasid_bits") != str(caps.pasid_bits):
+        store.set_meta("pasid_bits", str(caps.pasid_bits))
+    held.sort()
+    replayed = replay(backend, held)
+    return Recovered(caps, allocator, snap, sessions, replayed)
