@@ -10,8 +10,8 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from broker import backends
 from broker.backends import FALLBACKS
-from broker.backends import NAMES as BACKENDS
 from broker.core import DEFAULT_SET_QUOTA, Quarantine, Quotas
 
 ENV_PREFIX = "PASID_BROKER_"
@@ -111,12 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a(
         "--backend",
-        choices=BACKENDS,
+        choices=backends.names(),
         default=_env("BACKEND", d.backend),
         help="where PASID requests go: 'simulator' models the patched kernel's allocator; "
-        "'vfio' issues VFIO_IOMMU_PASID_REQUEST on a VFIO container (docs/vfio.md); "
-        "'vfio-fake' is TEST ONLY: the vfio backend over a fake of the patched kernel's ioctls, "
-        "no real PASIDs [PASID_BROKER_BACKEND]",
+        "'vfio' issues VFIO_IOMMU_PASID_REQUEST on a VFIO container (docs/vfio.md) "
+        "[PASID_BROKER_BACKEND]",
     )
     a(
         "--db",
@@ -158,8 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--pasid-bits",
         type=_pasid_bits,
         default=int(_env("PASID_BITS", str(d.pasid_bits))),
-        help="simulator (and the test-only vfio-fake kernel): PASID width to model (PCIe "
-        "allows 20) [PASID_BROKER_PASID_BITS]",
+        help="simulator: PASID width to model (PCIe allows 20) [PASID_BROKER_PASID_BITS]",
     )
     a(
         "--reserved",
@@ -209,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--kernel-quota",
         type=int,
         default=int(_env("KERNEL_QUOTA", "0")),
-        help="simulator and vfio-fake: model vfio_pasid's pasid_quota module parameter, "
+        help="simulator: model vfio_pasid's pasid_quota module parameter, "
         "0 = no limit "
         "[PASID_BROKER_KERNEL_QUOTA]",
     )

@@ -1,7 +1,9 @@
 """Real broker processes for tests and benchmarks: start, wait for SERVING, kill, restart.
 
-Nothing here is mocked: a subprocess runs `python -m broker` on a Unix socket in a fresh
-directory with its own SQLite file.
+Nothing here is mocked: a subprocess runs the broker's main on a Unix socket in a fresh
+directory with its own SQLite file, through the test launcher (`python -m
+tests.faults.launch`, which adds the test-only vfio-fake backend and PASID_BROKER_TEST_FAULTS
+and changes nothing else).
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
 # The backend the daemons under test use: the daemon reads PASID_BROKER_BACKEND itself, so
 # `PASID_BROKER_BACKEND=vfio-fake pytest tests/e2e` runs the whole suite on the VFIO
-# backend over the test-only fake of the patched kernel (`make test` does both).
+# backend over the test-only fake of the patched kernel (`make test` does both); the
+# launcher registers that backend.
+LAUNCHER = "tests.faults.launch"
 BACKEND = os.environ.get("PASID_BROKER_BACKEND", "simulator")
 
 
@@ -69,7 +73,7 @@ class BrokerProcess:
         return [
             sys.executable,
             "-m",
-            "broker",
+            LAUNCHER,
             "--db",
             self.db,
             "--socket",
@@ -158,7 +162,7 @@ def run_broker_once(*args: str, timeout: float = 30.0) -> subprocess.CompletedPr
     # Metrics off unless asked for (a later flag wins): a start-up failure under test must
     # not turn into "port 9464 in use" on a machine where a broker already runs.
     return subprocess.run(
-        [sys.executable, "-m", "broker", "--metrics-address", "off", *args],
+        [sys.executable, "-m", LAUNCHER, "--metrics-address", "off", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -1,9 +1,15 @@
-"""Backends: where PASID requests go. `create(name, ...)` is the one place that picks."""
+"""Backends: where PASID requests go. `create(name, ...)` is the one place that picks.
+
+Backends are registered by name (register_backend); the daemon's --backend choices are
+the registered names. The built-in ones are "simulator" and "vfio"; a test launcher may
+register more (tests/faults/launch.py registers a fake kernel).
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 from broker.backends.base import Backend, Capabilities, error_from_errno, replay
 from broker.backends.simulator import SimulatorBackend
@@ -11,9 +17,6 @@ from broker.core.errors import PasidError
 
 log = logging.getLogger("pasid_broker")
 
-# "vfio-fake" is TEST ONLY: the real VFIO backend over a fake of the patched kernel's
-# ioctls (broker/backends/vfio_fake_kernel.py), so the e2e suite covers its success path.
-NAMES = ("simulator", "vfio", "vfio-fake")
 FALLBACKS = ("none", "simulator")
 
 
@@ -61,6 +64,65 @@ class FallbackBackend:
         self.current.close()
 
 
+@dataclass(frozen=True)
+class BackendOptions:
+    """What configuration tells a backend factory (the --backend family of flags)."""
+
+    pasid_bits: int = 20
+    kernel_quota: int = 0
+    vfio_groups: Sequence[str] = ()
+    vfio_pasid_bits: int = 0
+    vfio_fallback: str = "none"
+
+
+BackendFactory = Callable[[BackendOptions], Backend]
+_REGISTRY: dict[str, BackendFactory] = {}
+
+
+def register_backend(name: str, factory: BackendFactory) -> None:
+    """Make `--backend NAME` build its backend with `factory` (replacing any earlier one)."""
+    _REGISTRY[name] = factory
+
+
+def names() -> tuple[str, ...]:
+    """The registered backend names, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def factory_of(name: str) -> BackendFactory:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown backend {name!r}; choose one of {', '.join(_REGISTRY)}"
+        ) from None
+
+
+def with_fallback(backend: Backend, opts: BackendOptions) -> Backend:
+    """`backend`, or the simulator should it refuse at open(), as --vfio-fallback asks."""
+    if opts.vfio_fallback == "simulator":
+        return FallbackBackend(backend, SimulatorBackend(opts.pasid_bits, opts.kernel_quota))
+    if opts.vfio_fallback != "none":
+        raise ValueError(f"unknown --vfio-fallback {opts.vfio_fallback!r}")
+    return backend
+
+
+def _simulator(opts: BackendOptions) -> Backend:
+    return SimulatorBackend(pasid_bits=opts.pasid_bits, quota=opts.kernel_quota)
+
+
+def _vfio(opts: BackendOptions) -> Backend:
+    from broker.backends.vfio import VfioBackend
+
+    return with_fallback(
+        VfioBackend(groups=opts.vfio_groups, pasid_bits=opts.vfio_pasid_bits), opts
+    )
+
+
+register_backend("simulator", _simulator)
+register_backend("vfio", _vfio)
+
+
 def create(
     name: str,
     *,
@@ -71,36 +133,24 @@ def create(
     vfio_fallback: str = "none",
 ) -> Backend:
     """Build the backend named by configuration."""
-    if name == "simulator":
-        return SimulatorBackend(pasid_bits=pasid_bits, quota=kernel_quota)
-    if name in ("vfio", "vfio-fake"):
-        from broker.backends.vfio import VfioBackend
-
-        if name == "vfio":
-            backend: Backend = VfioBackend(groups=vfio_groups, pasid_bits=vfio_pasid_bits)
-        else:
-            from broker.backends.vfio_fake_kernel import FakePatchedKernel
-
-            # The fake kernel reports --pasid-bits in its nesting capability and models
-            # --kernel-quota as vfio_pasid's pasid_quota, as the simulator does.
-            fake = FakePatchedKernel(pasid_bits=pasid_bits, quota=kernel_quota)
-            backend = VfioBackend(groups=vfio_groups, kernel=fake, name="vfio-fake")
-        if vfio_fallback == "simulator":
-            return FallbackBackend(backend, SimulatorBackend(pasid_bits, kernel_quota))
-        if vfio_fallback != "none":
-            raise ValueError(f"unknown --vfio-fallback {vfio_fallback!r}")
-        return backend
-    raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)}")
+    return factory_of(name)(
+        BackendOptions(pasid_bits, kernel_quota, tuple(vfio_groups), vfio_pasid_bits, vfio_fallback)
+    )
 
 
 __all__ = [
     "FALLBACKS",
-    "NAMES",
     "Backend",
+    "BackendFactory",
+    "BackendOptions",
     "Capabilities",
     "FallbackBackend",
     "SimulatorBackend",
     "create",
     "error_from_errno",
+    "factory_of",
+    "names",
+    "register_backend",
     "replay",
+    "with_fallback",
 ]

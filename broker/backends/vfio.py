@@ -8,7 +8,7 @@ mainline one. Every step's answer is kept in `probe` so that logs and tests can 
 the kernel answered.
 
 All system calls go through a `Kernel` (open/ioctl/close/read/glob): `OsKernel` is the
-real one; broker/backends/vfio_fake_kernel.py is a test-only model of the patched kernel.
+real one; tests/faults/vfio_fake_kernel.py is a test-only model of the patched kernel.
 """
 
 from __future__ import annotations

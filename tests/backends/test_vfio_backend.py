@@ -16,7 +16,6 @@ from broker.backends import FallbackBackend, SimulatorBackend, create, error_fro
 from broker.backends import vfio_uapi as uapi
 from broker.backends.base import errno_name
 from broker.backends.vfio import VfioBackend, pasid_bits_from_ecap
-from broker.backends.vfio_fake_kernel import FakePatchedKernel
 from broker.core.errors import (
     BackendError,
     Exhausted,
@@ -25,6 +24,8 @@ from broker.core.errors import (
     Unsupported,
 )
 from broker.service.status import status_of
+from tests.faults.launch import register_fake_backend
+from tests.faults.vfio_fake_kernel import FakePatchedKernel
 
 
 def opened(kernel: FakePatchedKernel | None = None, **kw: object) -> VfioBackend:
@@ -182,6 +183,7 @@ def test_fallback_serves_from_the_simulator_and_says_why() -> None:
 
 
 def test_fallback_not_taken_when_the_kernel_serves() -> None:
+    register_fake_backend()  # test-only: the daemon has no vfio-fake of its own
     b = create("vfio-fake", vfio_fallback="simulator")
     assert b.open().name == "vfio-fake"
     b.close()

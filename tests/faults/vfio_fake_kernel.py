@@ -15,8 +15,9 @@ This models what the series' kernel would answer, from its patches 03, 04 and 07
 - the set is destroyed when the process's last container closes (the series frees a
   process's PASIDs at exit).
 
-The backend name `vfio-fake` runs the daemon on it, so the e2e suite exercises the real
-VfioBackend code against it. It never touches a device and is not for production.
+The backend name `vfio-fake`, registered by the test launcher (tests/faults/launch.py),
+runs the daemon on it, so the e2e suite exercises the real VfioBackend code against it.
+It never touches a device and is not for production.
 """
 
 from __future__ import annotations

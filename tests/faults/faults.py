@@ -1,8 +1,9 @@
 """Test-only fault injection: PASID_BROKER_TEST_FAULTS, read here and nowhere else.
 
-Tests of the durability rules need a real broker process that misbehaves on purpose,
-and a subprocess cannot be reached by monkeypatching. Never set this in production:
-the broker logs a warning naming every active fault. Comma-separated items:
+Tests of the durability rules need a real broker process that misbehaves on purpose.
+The daemon knows nothing of this: the test launcher (tests/faults/launch.py) reads the
+variable, installs the faults in its own process, then runs the broker's main. It
+warns on stderr naming every active fault. Comma-separated items:
 
   ack_before_commit        the deliberate bug the crash test must catch: each change is
                            acknowledged as soon as it is queued, before its commit
@@ -19,14 +20,11 @@ from __future__ import annotations
 
 import errno
 import os
-import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from broker.backends.base import Backend, Capabilities
 from broker.core.errors import BackendError
-from broker.store import Event, Record, SqliteStore
 
 ENV = "PASID_BROKER_TEST_FAULTS"
 
@@ -95,15 +93,3 @@ class FailingBackend:
 
     def close(self) -> None:
         self.inner.close()
-
-
-class SlowStore(SqliteStore):
-    """A store whose every commit takes `delay` seconds longer."""
-
-    def __init__(self, path: str | Path, delay: float, event_retention: int = 100_000) -> None:
-        super().__init__(path, event_retention=event_retention)
-        self.delay = delay
-
-    def commit(self, records: Sequence[Record]) -> list[Event]:
-        time.sleep(self.delay)
-        return super().commit(records)

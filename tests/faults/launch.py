@@ -1,0 +1,109 @@
+"""The test-only way to run a broker daemon: `python -m tests.faults.launch <broker args>`.
+
+It installs what tests need in this process, then calls broker's own main, so that the
+daemon's code, flags and --help stay free of test hooks:
+
+- the `vfio-fake` backend: the real VfioBackend over the fake patched kernel
+  (tests/faults/vfio_fake_kernel.py), registered with broker.backends.register_backend;
+- the faults named by PASID_BROKER_TEST_FAULTS (tests/faults/faults.py): a failing
+  backend (every registered factory wrapped), a slow store (its commit delayed), and
+  ack_before_commit, the deliberate bug the crash test must catch (the journal resolves
+  each change's future as soon as it is queued).
+
+tests/harness.py starts every daemon under test this way.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from broker import backends
+from broker.backends import Backend, BackendOptions
+from broker.engine.journal import Journal
+from broker.store import Event, Record, SqliteStore
+from tests.faults.faults import ENV, FailingBackend, TestFaults, load
+
+T = TypeVar("T")
+
+
+def _vfio_fake(opts: BackendOptions) -> Backend:
+    from broker.backends.vfio import VfioBackend
+    from tests.faults.vfio_fake_kernel import FakePatchedKernel
+
+    # The fake kernel reports --pasid-bits in its nesting capability and models
+    # --kernel-quota as vfio_pasid's pasid_quota, as the simulator does.
+    fake = FakePatchedKernel(pasid_bits=opts.pasid_bits, quota=opts.kernel_quota)
+    backend = VfioBackend(groups=opts.vfio_groups, kernel=fake, name="vfio-fake")
+    return backends.with_fallback(backend, opts)
+
+
+def register_fake_backend() -> None:
+    """`--backend vfio-fake` (and backends.create("vfio-fake")) in this process."""
+    backends.register_backend("vfio-fake", _vfio_fake)
+
+
+def _failing(factory: backends.BackendFactory, faults: TestFaults) -> backends.BackendFactory:
+    def build(opts: BackendOptions) -> Backend:
+        return FailingBackend(
+            factory(opts), faults.backend_fail_file, faults.backend_free_fail_file
+        )
+
+    return build
+
+
+def _slow_commit(delay: float) -> None:
+    commit = SqliteStore.commit
+
+    def slow(self: SqliteStore, records: Sequence[Record]) -> list[Event]:
+        time.sleep(delay)
+        return commit(self, records)
+
+    SqliteStore.commit = slow  # type: ignore[method-assign]
+
+
+def _ack_before_commit() -> None:
+    submit = Journal.submit
+
+    def acked_now(self: Journal, record: Record, undo: Callable[[], None], result: Any) -> Any:
+        fut = submit(self, record, undo, result)
+        fut.set_result(result)  # THE BUG: acknowledged before its commit
+        return fut
+
+    Journal.submit = acked_now  # type: ignore[method-assign]
+
+
+def install(faults: TestFaults) -> None:
+    register_fake_backend()
+    if not faults.active:
+        return
+    print(
+        f"pasid-broker: TEST FAULTS ACTIVE ({ENV}): not for production: {faults}",
+        file=sys.stderr,
+        flush=True,
+    )
+    if faults.backend_fail_file or faults.backend_free_fail_file:
+        for name in backends.names():
+            backends.register_backend(name, _failing(backends.factory_of(name), faults))
+    if faults.commit_delay_ms:
+        _slow_commit(faults.commit_delay_ms / 1000)
+    if faults.ack_before_commit:
+        _ack_before_commit()
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        faults = load()
+    except ValueError as exc:
+        print(f"pasid-broker: cannot start: {exc}", file=sys.stderr)
+        return 2
+    install(faults)
+    from broker.__main__ import main as broker_main
+
+    return broker_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
