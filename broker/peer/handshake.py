@@ -1,0 +1,313 @@
+"""The peer socket: one SOCK_SEQPACKET exchange that turns kernel credentials into a ticket.
+
+grpcio never shows the broker a peer's socket, so identity is learned here, on a socket the
+broker accepts itself (docs/peer-identity.md). Wire format (HANDSHAKE.md): the client sends
+one JSON object, optionally with SCM_RIGHTS fds whose roles `"fds"` lists in order; the
+broker answers one JSON object with a one-time ticket, or with a code and an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from broker.peer import credentials as cred
+from broker.peer.tickets import DelegatedFd, PeerIdentity, TicketBook, TooManyTickets
+
+log = logging.getLogger("pasid_broker.peer")
+
+VERSION = 1
+MAX_MESSAGE = 4096
+MAX_FDS = 16
+RECV_TIMEOUT = 5.0  # a peer that connects and says nothing is dropped after this
+MAX_CONCURRENT = 64
+
+# A check for an extra fd role ("iommufd", "device": issue 14). It gets the fd, the
+# request object and the identity's facts, and raises Refused to turn the client away;
+# accepted fds travel with the ticket (PeerIdentity.fds) to the session that takes it.
+FdCheck = Callable[[int, Mapping[str, Any], cred.ProcessFacts], None]
+
+
+class Refused(Exception):
+    """The handshake's answer is no: `code` is a gRPC status name, `message` says why."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class _Request:
+    claim: int | None
+    roles: tuple[str, ...]
+    devices: tuple[dict[str, Any], ...]
+    raw: Mapping[str, Any]
+
+
+def parse_request(data: bytes, nfds: int, roles_known: frozenset[str]) -> _Request:
+    """Decode and check the client's message against the fds that came with it."""
+    try:
+        msg = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise Refused("INVALID_ARGUMENT", f"handshake is not a UTF-8 JSON object: {exc}") from None
+    if not isinstance(msg, dict):
+        raise Refused("INVALID_ARGUMENT", "handshake must be a JSON object")
+    if msg.get("v") != VERSION:
+        raise Refused(
+            "INVALID_ARGUMENT", f"handshake version {msg.get('v')!r}; this broker speaks 1"
+        )
+    claim = msg.get("pid")
+    if claim is not None and (not isinstance(claim, int) or isinstance(claim, bool) or claim <= 0):
+        raise Refused("INVALID_ARGUMENT", f"pid must be a positive integer, got {claim!r}")
+    roles = msg.get("fds", [])
+    if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+        raise Refused("INVALID_ARGUMENT", "fds must be a list of role names")
+    if len(roles) != nfds:
+        raise Refused(
+            "INVALID_ARGUMENT", f"fds names {len(roles)} roles but {nfds} fds were attached"
+        )
+    for r in roles:
+        if r not in roles_known:
+            raise Refused(
+                "INVALID_ARGUMENT",
+                f"fd role {r!r} is not accepted by this broker (accepted: {sorted(roles_known)})",
+            )
+    if roles.count("pidfd") > 1:
+        raise Refused("INVALID_ARGUMENT", "at most one pidfd may be delegated")
+    devices = msg.get("devices", [])
+    if not isinstance(devices, list) or not all(_is_device(d) for d in devices):
+        raise Refused(
+            "INVALID_ARGUMENT",
+            'devices must be a list of {"name": str, "pt_id": int, "dev_id": int}',
+        )
+    return _Request(claim, tuple(roles), tuple(devices), msg)
+
+
+def _is_device(d: object) -> bool:
+    return (
+        isinstance(d, dict)
+        and isinstance(d.get("name"), str)
+        and all(isinstance(d.get(k), int) for k in ("pt_id", "dev_id"))
+    )
+
+
+def identify(
+    conn: socket.socket,
+    accepted_ticks: int,
+    request: _Request,
+    fds: list[int],
+    fd_checks: Mapping[str, FdCheck],
+) -> PeerIdentity:
+    """The holder the kernel vouches for. Takes ownership of `fds` (closes them on error)."""
+    owned = list(fds)
+    peer_fd = -1
+    try:
+        c = cred.peer_cred(conn)
+        peer_fd = cred.peer_pidfd(conn, c, accepted_ticks)
+        me = cred.process_facts(peer_fd)
+        if request.claim is not None and request.claim not in (me.ns_pid, me.pid):
+            raise Refused(
+                "PERMISSION_DENIED",
+                f"declared pid {request.claim} is not this process: the kernel says pid"
+                f" {me.pid} (pid {me.ns_pid} in its own namespace)",
+            )
+        holder_fd, holder, delegated_by = peer_fd, me, None
+        uid, gid = c.uid, c.gid
+        extra: list[DelegatedFd] = []
+        for role, fd in zip(request.roles, fds, strict=True):
+            if role == "pidfd":
+                if not cred.is_pidfd(fd):
+                    raise Refused("INVALID_ARGUMENT", "the fd sent as pidfd is not a pidfd")
+                target = cred.process_facts(fd)
+                if not cred.may_signal(c.uid, target):
+                    raise Refused(
+                        "PERMISSION_DENIED",
+                        f"uid {c.uid} may not delegate process {target.pid} (uid"
+                        f" {target.real_uid}): only its own uid or root could signal it",
+                    )
+                holder_fd, holder, delegated_by = fd, target, (c.pid, c.uid)
+                uid, gid = target.uid, target.gid
+            else:
+                fd_checks[role](fd, request.raw, me)
+                extra.append(DelegatedFd(role, fd))
+        if holder_fd != peer_fd:
+            os.close(peer_fd)
+            peer_fd = -1
+        identity = PeerIdentity(
+            pid=holder.pid,
+            uid=uid,
+            gid=gid,
+            ns_pid=holder.ns_pid,
+            start_time=holder.start_time,
+            pidfd=holder_fd,
+            delegated_by=delegated_by,
+            fds=tuple(extra),
+            devices=request.devices,
+        )
+        owned, peer_fd = [], -1  # the identity owns them now
+        return identity
+    except cred.CredentialError as exc:
+        raise Refused(exc.code, exc.message) from None
+    finally:
+        for fd in owned + ([peer_fd] if peer_fd >= 0 else []):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _recv(conn: socket.socket) -> tuple[bytes, list[int], int]:
+    data, anc, flags, _ = conn.recvmsg(
+        MAX_MESSAGE + 1, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC
+    )
+    fds: list[int] = []
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            n = len(payload) // 4
+            fds.extend(int.from_bytes(payload[i * 4 : i * 4 + 4], "little") for i in range(n))
+    return data, fds, flags
+
+
+class PeerServer:
+    """Accepts handshakes on `path` and issues tickets into `book`."""
+
+    def __init__(
+        self,
+        path: str,
+        book: TicketBook,
+        *,
+        mode: int = 0o660,
+        fd_checks: Mapping[str, FdCheck] | None = None,
+    ) -> None:
+        self.path = path
+        self.book = book
+        self.mode = mode
+        # Roles besides "pidfd" are accepted only where a check for them is registered.
+        self.fd_checks: dict[str, FdCheck] = dict(fd_checks or {})
+        self._sock: socket.socket | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._conns: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(MAX_CONCURRENT)
+
+    @property
+    def roles(self) -> frozenset[str]:
+        return frozenset(("pidfd", *self.fd_checks))
+
+    def start(self) -> None:
+        """Bind (replacing a stale socket file), listen and serve in the background."""
+        p = Path(self.path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        s.setblocking(False)
+        s.bind(self.path)
+        os.chmod(self.path, self.mode)
+        s.listen(128)
+        self._sock = s
+        self._task = asyncio.get_running_loop().create_task(self._accept_loop(s))
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for t in list(self._conns):
+            t.cancel()
+        if self._sock is not None:
+            self._sock.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+        self.book.close()
+
+    async def _accept_loop(self, s: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._slots.acquire()
+            try:
+                conn, _ = await loop.sock_accept(s)
+            except OSError as exc:
+                self._slots.release()
+                log.warning("peer socket accept failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            except BaseException:
+                self._slots.release()
+                raise
+            accepted = cred.boot_ticks()
+            t = loop.create_task(self._serve(conn, accepted))
+            self._conns.add(t)
+            t.add_done_callback(self._conns.discard)
+
+    async def _serve(self, conn: socket.socket, accepted_ticks: int) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            conn.setblocking(False)
+            ready: asyncio.Future[None] = loop.create_future()
+
+            def readable() -> None:
+                if not ready.done():
+                    ready.set_result(None)
+
+            loop.add_reader(conn.fileno(), readable)
+            try:
+                await asyncio.wait_for(ready, RECV_TIMEOUT)
+            finally:
+                loop.remove_reader(conn.fileno())
+            data, fds, flags = _recv(conn)
+            reply = self.answer(conn, accepted_ticks, data, fds, flags)
+            await loop.sock_sendall(conn, json.dumps(reply).encode())
+        except (TimeoutError, OSError):
+            pass  # a silent or vanished peer: nothing to answer
+        finally:
+            conn.close()
+            self._slots.release()
+
+    def answer(
+        self, conn: socket.socket, accepted_ticks: int, data: bytes, fds: list[int], flags: int
+    ) -> dict[str, Any]:
+        """The reply to one message: a ticket, or why not. Owns `fds`."""
+        try:
+            if flags & socket.MSG_CTRUNC:
+                raise Refused("INVALID_ARGUMENT", f"at most {MAX_FDS} fds per handshake")
+            if flags & socket.MSG_TRUNC or len(data) > MAX_MESSAGE:
+                raise Refused("INVALID_ARGUMENT", f"handshake longer than {MAX_MESSAGE} bytes")
+            if not data:
+                raise Refused("INVALID_ARGUMENT", "empty handshake")
+            request = parse_request(data, len(fds), self.roles)
+        except Refused as exc:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            return {"ok": False, "code": exc.code, "error": exc.message}
+        try:
+            identity = identify(conn, accepted_ticks, request, fds, self.fd_checks)
+        except Refused as exc:
+            log.info("handshake refused", extra={"code": exc.code, "error": exc.message})
+            return {"ok": False, "code": exc.code, "error": exc.message}
+        try:
+            ticket = self.book.issue(identity)
+        except TooManyTickets as exc:
+            identity.close()
+            return {"ok": False, "code": "RESOURCE_EXHAUSTED", "error": str(exc)}
+        log.debug(
+            "ticket issued",
+            extra={"pid": identity.pid, "uid": identity.uid, "ns_pid": identity.ns_pid},
+        )
+        return {
+            "ok": True,
+            "ticket": ticket,
+            "expires_in": self.book.ttl,
+            "pid": identity.pid,
+            "uid": identity.uid,
+            "gid": identity.gid,
+            "ns_pid": identity.ns_pid,
+            "delegated": identity.delegated,
+        }

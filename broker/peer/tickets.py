@@ -1,0 +1,141 @@
+"""One-time tickets: what the handshake learned about a peer, until OpenSession uses it.
+
+A ticket is a bearer secret valid once and briefly; the book keeps only its hash, in
+memory (a broker restart invalidates every ticket; clients just handshake again). Each
+ticket owns the pidfd (and any delegated fds) of its identity until it is taken or
+expires; then whoever took it owns them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+TICKET_BYTES = 32
+# Each outstanding ticket holds an fd: bound them so a loop of handshakes cannot exhaust
+# the broker's descriptors before the tickets expire.
+MAX_PER_UID = 256
+MAX_TOTAL = 4096
+MAX_SPENT = 65536  # used/expired hashes remembered for a clearer error, then forgotten
+
+
+class TicketError(Exception):
+    """A ticket that is not (or no longer) valid; the message says which case."""
+
+
+class TooManyTickets(Exception):
+    """A uid holds too many unused tickets."""
+
+
+@dataclass(frozen=True)
+class DelegatedFd:
+    """An fd a client handed over besides the pidfd (issue 14: "iommufd", "device")."""
+
+    role: str
+    fd: int
+
+
+@dataclass(eq=False)
+class PeerIdentity:
+    """The holder of a set, as the kernel vouched for it during the handshake.
+
+    `pidfd` is held for the process's life: it becomes readable when the process exits,
+    and no other process can ever be mistaken for it.
+    """
+
+    pid: int  # broker's pid namespace
+    uid: int
+    gid: int
+    ns_pid: int  # the holder's pid in its own innermost pid namespace
+    start_time: int  # /proc/<pid>/stat field 22: with pid, names the process across restarts
+    pidfd: int
+    delegated_by: tuple[int, int] | None = None  # (pid, uid) of the client that delegated
+    fds: tuple[DelegatedFd, ...] = ()
+    devices: tuple[dict[str, Any], ...] = ()
+    _closed: bool = field(default=False, repr=False)
+
+    @property
+    def delegated(self) -> bool:
+        return self.delegated_by is not None
+
+    def close(self) -> None:
+        """Close every fd this identity holds (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        for fd in (self.pidfd, *(d.fd for d in self.fds)):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def hash_ticket(ticket: str) -> str:
+    return hashlib.sha256(ticket.encode()).hexdigest()
+
+
+class TicketBook:
+    """Tickets issued and not yet used, by hash, each with its deadline."""
+
+    def __init__(self, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl = ttl
+        self._clock = clock
+        self._live: dict[str, tuple[float, PeerIdentity]] = {}
+        # Recently used or expired hashes, to tell a replay from a typo; pruned by age.
+        self._spent: dict[str, tuple[float, str]] = {}
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def issue(self, identity: PeerIdentity) -> str:
+        """A fresh ticket for `identity`; the book owns its fds until taken or expired."""
+        self.expire()
+        if len(self._live) >= MAX_TOTAL or (
+            sum(1 for _, i in self._live.values() if i.uid == identity.uid) >= MAX_PER_UID
+        ):
+            raise TooManyTickets(
+                f"too many unused tickets (at most {MAX_PER_UID} per uid, {MAX_TOTAL} in all);"
+                f" they expire after {self.ttl:g} s"
+            )
+        ticket = secrets.token_urlsafe(TICKET_BYTES)
+        self._live[hash_ticket(ticket)] = (self._clock() + self.ttl, identity)
+        return ticket
+
+    def take(self, ticket: str) -> PeerIdentity:
+        """The ticket's identity, once; the caller now owns its fds. Raises TicketError."""
+        self.expire()
+        h = hash_ticket(ticket)
+        entry = self._live.pop(h, None)
+        if entry is None:
+            spent = self._spent.get(h)
+            if spent is not None:
+                raise TicketError(f"ticket {spent[1]}; do the handshake again")
+            raise TicketError("unknown ticket (a broker restart voids tickets; handshake again)")
+        self._remember(h, "already used")
+        return entry[1]
+
+    def _remember(self, h: str, why: str) -> None:
+        if len(self._spent) >= MAX_SPENT:
+            del self._spent[next(iter(self._spent))]  # the oldest
+        self._spent[h] = (self._clock() + self.ttl, why)
+
+    def expire(self) -> int:
+        """Drop what is past its deadline, closing its fds; returns how many."""
+        now = self._clock()
+        due = [h for h, (deadline, _) in self._live.items() if deadline <= now]
+        for h in due:
+            _, identity = self._live.pop(h)
+            identity.close()
+            self._remember(h, f"expired (valid {self.ttl:g} s)")
+        for h in [h for h, (until, _) in self._spent.items() if until <= now]:
+            del self._spent[h]
+        return len(due)
+
+    def close(self) -> None:
+        for _, identity in self._live.values():
+            identity.close()
+        self._live.clear()

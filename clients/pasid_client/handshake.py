@@ -1,0 +1,107 @@
+"""The peer handshake: prove who we are to the broker, get a one-time ticket.
+
+The broker learns our pid, uid and gid from the kernel on its peer socket (beside the
+gRPC socket) and hands back a ticket that OpenSession presents. AsyncClient and Client
+do this by themselves; call obtain_ticket directly only to delegate (a sidecar handing
+over a VMM's pidfd) or to pass extra fds (issue 14: "iommufd", "device").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from pasid_client.errors import PasidClientError, Unavailable, make_error
+
+PEER_SOCKET = "peer.sock"
+MAX_REPLY = 4096
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """A ticket and what the kernel said about its holder."""
+
+    ticket: str
+    expires_in: float
+    pid: int  # the holder, in the broker's pid namespace
+    uid: int
+    gid: int
+    ns_pid: int  # the holder's pid in its own namespace
+    delegated: bool
+
+
+def peer_socket_for(target: str) -> str | None:
+    """The peer socket beside a "unix:" gRPC target, if there is one; None for TCP."""
+    if not target.startswith("unix:"):
+        return None
+    path = target[len("unix:") :]
+    if path.startswith("//"):
+        path = path[2:]
+    peer = os.environ.get("PASID_BROKER_PEER_SOCKET") or os.path.join(
+        os.path.dirname(path) or ".", PEER_SOCKET
+    )
+    return peer if os.path.exists(peer) else None
+
+
+def obtain_ticket(
+    path: str,
+    *,
+    delegate_pidfd: int | None = None,
+    fds: Sequence[tuple[str, int]] = (),
+    meta: Mapping[str, Any] | None = None,
+    timeout: float = 5.0,
+) -> Ticket:
+    """One handshake on the peer socket at `path`.
+
+    `delegate_pidfd`: a pidfd (os.pidfd_open) of the process that will hold the set, e.g.
+    the VMM a sidecar allocates for; allowed if we could signal it. `fds`: extra
+    (role, fd) pairs sent with SCM_RIGHTS; `meta`: extra fields of the message (e.g.
+    "devices"). Our fds stay ours (the kernel gives the broker copies).
+    Raises PermissionDenied (delegation not allowed, pid mismatch), InvalidArgument,
+    ResourceExhausted, Unavailable (no broker on `path`).
+    """
+    roles = [r for r, _ in fds]
+    send = [fd for _, fd in fds]
+    if delegate_pidfd is not None:
+        roles.insert(0, "pidfd")
+        send.insert(0, delegate_pidfd)
+    msg: dict[str, Any] = {**(meta or {}), "v": 1, "pid": os.getpid(), "fds": roles}
+    data = json.dumps(msg).encode()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect(path)
+            if send:
+                socket.send_fds(s, [data], send)
+            else:
+                s.send(data)
+            reply = s.recv(MAX_REPLY)
+        except OSError as exc:
+            raise Unavailable(
+                grpc.StatusCode.UNAVAILABLE, f"peer handshake on {path} failed: {exc}"
+            ) from None
+    if not reply:
+        raise Unavailable(grpc.StatusCode.UNAVAILABLE, f"peer socket {path} closed unanswered")
+    ans = json.loads(reply)
+    if not ans.get("ok"):
+        raise _refused(ans)
+    return Ticket(
+        ticket=ans["ticket"],
+        expires_in=float(ans["expires_in"]),
+        pid=int(ans["pid"]),
+        uid=int(ans["uid"]),
+        gid=int(ans["gid"]),
+        ns_pid=int(ans["ns_pid"]),
+        delegated=bool(ans["delegated"]),
+    )
+
+
+def _refused(ans: Mapping[str, Any]) -> PasidClientError:
+    code = getattr(grpc.StatusCode, str(ans.get("code", "UNKNOWN")), grpc.StatusCode.UNKNOWN)
+    return make_error(code, str(ans.get("error", "handshake refused")), "HANDSHAKE")
