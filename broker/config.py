@@ -26,6 +26,9 @@ class Config:
     socket: str = DEFAULT_SOCKET
     socket_mode: int = 0o660
     admin_socket: str = ""
+    peer_socket: str = ""
+    ticket_seconds: float = 30.0
+    anonymous: str = "allow"
     event_retention: int = 100_000
     listen: str = ""
     pasid_bits: int = 20
@@ -62,6 +65,11 @@ def admin_socket_path(value: str, socket: str) -> str:
     if value == "off":
         return ""
     return value or os.path.join(os.path.dirname(socket) or ".", "admin.sock")
+
+
+def peer_socket_path(value: str, socket: str) -> str:
+    """'' -> peer.sock beside the clients' socket (where the client library looks)."""
+    return value or os.path.join(os.path.dirname(socket) or ".", "peer.sock")
 
 
 def parse_groups(text: str) -> tuple[str, ...]:
@@ -140,6 +148,30 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("ADMIN_SOCKET", ""),
         help="Unix socket for PasidAdmin (list every set, revoke, quotas), mode 0600; "
         "default: admin.sock beside --socket; 'off' disables [PASID_BROKER_ADMIN_SOCKET]",
+    )
+    a(
+        "--peer-socket",
+        default=_env("PEER_SOCKET", ""),
+        help="Unix SOCK_SEQPACKET socket for the peer handshake: the kernel tells the broker "
+        "each local client's pid, uid and gid and a one-time ticket names them in "
+        "OpenSession (docs/peer-identity.md); same mode as --socket; default: peer.sock "
+        "beside --socket [PASID_BROKER_PEER_SOCKET]",
+    )
+    a(
+        "--ticket-seconds",
+        type=_non_negative(float),
+        default=_env("TICKET_SECONDS", str(d.ticket_seconds)),
+        help="how long a handshake's one-time ticket stays valid; tickets live in memory "
+        "only [PASID_BROKER_TICKET_SECONDS]",
+    )
+    a(
+        "--anonymous",
+        choices=("allow", "refuse"),
+        default=_env("ANONYMOUS", d.anonymous),
+        help="sessions opened on the Unix socket without a handshake ticket (grpcurl, stock "
+        "gRPC clients): 'allow' binds their set to the stream and grace only, as for TCP "
+        "clients; 'refuse' answers UNAUTHENTICATED. TCP sessions are always bound to "
+        "stream and grace [PASID_BROKER_ANONYMOUS]",
     )
     a(
         "--event-retention",
@@ -234,8 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--keepalive-seconds",
         type=float,
         default=float(_env("KEEPALIVE_SECONDS", str(d.keepalive_seconds))),
-        help="HTTP/2 ping interval; a silent peer is dropped (and its set destroyed) after "
-        "about twice this [PASID_BROKER_KEEPALIVE_SECONDS]",
+        help="TCP (--listen) only: HTTP/2 ping interval; a silent remote peer is dropped (and "
+        "its stream ends) after about 1.5x this. The Unix socket sends no keepalive pings: "
+        "a stopped local client keeps its set (docs/peer-identity.md, the liveness rule) "
+        "[PASID_BROKER_KEEPALIVE_SECONDS]",
     )
     a(
         "--vfio-group",
@@ -290,6 +324,9 @@ def load(argv: list[str] | None = None) -> Config:
         socket=ns.socket,
         socket_mode=ns.socket_mode,
         admin_socket=admin_socket_path(ns.admin_socket, ns.socket),
+        peer_socket=peer_socket_path(ns.peer_socket, ns.socket),
+        ticket_seconds=float(ns.ticket_seconds),
+        anonymous=ns.anonymous,
         event_retention=ns.event_retention,
         listen=ns.listen,
         pasid_bits=ns.pasid_bits,

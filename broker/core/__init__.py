@@ -25,6 +25,7 @@ from broker.core.errors import (
     PasidError,
     QuotaExceeded,
     StoreError,
+    Unauthenticated,
     Unsupported,
 )
 from broker.core.ioasid_set import IoasidSet
@@ -49,6 +50,7 @@ __all__ = [
     "QuotaExceeded",
     "Quotas",
     "StoreError",
+    "Unauthenticated",
     "Unsupported",
     "check_alloc_range",
     "check_free_range",

@@ -53,6 +53,18 @@ class QuotaExceeded(PasidError):
         self.limit = limit
 
 
+class Unauthenticated(PasidError):
+    """No acceptable identity: a ticket unknown, replayed or expired (reason TICKET), or
+    none where --anonymous refuse wants one (reason ANONYMOUS)."""
+
+    errno = _errno.EACCES
+    reason = "TICKET"
+
+    def __init__(self, message: str, reason: str = "TICKET") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class NotFound(PasidError):
     """Unknown session or set, or a token that does not match."""
 

@@ -14,6 +14,7 @@
 | NotReady        | EAGAIN               | UNAVAILABLE          |
 | Compacted       | ERANGE               | OUT_OF_RANGE         |
 | PermissionDenied| EPERM                | PERMISSION_DENIED    |
+| Unauthenticated | EACCES               | UNAUTHENTICATED      |
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from broker.core.errors import (
     PasidError,
     QuotaExceeded,
     StoreError,
+    Unauthenticated,
     Unsupported,
 )
 
@@ -59,6 +61,7 @@ STATUS: dict[type[PasidError], grpc.StatusCode] = {
     NotReady: grpc.StatusCode.UNAVAILABLE,
     Compacted: grpc.StatusCode.OUT_OF_RANGE,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
 }
 
 

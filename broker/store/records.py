@@ -19,6 +19,16 @@ class SetRow:
     grace_seconds: int
     token_hash: str
     created_unix: float
+    # The kernel-verified holder (docs/peer-identity.md); None when unverified, and
+    # then pid is 0. pid + start_time name the process across a broker restart.
+    start_time: int | None = None
+    uid: int | None = None
+    ns_pid: int | None = None
+    delegated_by_pid: int | None = None
+
+    @property
+    def verified(self) -> bool:
+        return self.start_time is not None
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,10 @@ class Event:
     set_id: int
     pasids: tuple[int, ...]
     reason: str = ""
+    # set_created: the verified holder (broker-namespace pid, uid, ns_pid), if any.
+    pid: int | None = None
+    uid: int | None = None
+    ns_pid: int | None = None
 
 
 @dataclass

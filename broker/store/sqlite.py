@@ -73,6 +73,11 @@ sets = Table(
     Column("grace_seconds", Integer, nullable=False),
     Column("token_hash", String, nullable=False),
     Column("created_unix", Float, nullable=False),
+    # The kernel-verified holder (migration 0003); NULL for an unverified one.
+    Column("holder_start_time", Integer, nullable=True),
+    Column("holder_uid", Integer, nullable=True),
+    Column("holder_ns_pid", Integer, nullable=True),
+    Column("delegated_by_pid", Integer, nullable=True),
 )
 
 # The PASID is the primary key: the database itself refuses a PASID in two sets.
@@ -101,6 +106,10 @@ events = Table(
     Column("set_id", Integer, nullable=False),
     Column("pasids", String, nullable=False),
     Column("reason", String, nullable=False),
+    # set_created: the verified holder (pid in the broker's namespace, uid, ns_pid).
+    Column("holder_pid", Integer, nullable=True),
+    Column("holder_uid", Integer, nullable=True),
+    Column("holder_ns_pid", Integer, nullable=True),
     sqlite_autoincrement=True,
 )
 
@@ -115,6 +124,13 @@ def decode_runs(text: str) -> tuple[int, ...]:
         lo, _, hi = part.partition("-")
         out.extend(range(int(lo), int(hi or lo) + 1))
     return tuple(out)
+
+
+def _holder_of(rec: Record) -> tuple[int | None, int | None, int | None]:
+    """A set_created event names its verified holder: (pid, uid, ns_pid), or NULLs."""
+    if isinstance(rec, CreateSet) and rec.row.uid is not None:
+        return (rec.row.pid, rec.row.uid, rec.row.ns_pid)
+    return (None, None, None)
 
 
 def _describe(exc: BaseException) -> str:
@@ -262,6 +278,7 @@ class SqliteStore:
         try:
             with conn.begin():
                 logged = [self._apply(conn, rec) for rec in records]
+                holders = [_holder_of(rec) for rec in records]
                 conn.execute(
                     insert(events),
                     [
@@ -271,8 +288,11 @@ class SqliteStore:
                             "set_id": sid,
                             "pasids": encode_runs(ps),
                             "reason": why,
+                            "holder_pid": h[0],
+                            "holder_uid": h[1],
+                            "holder_ns_pid": h[2],
                         }
-                        for k, sid, ps, why in logged
+                        for (k, sid, ps, why), h in zip(logged, holders, strict=True)
                     ],
                 )
                 last = conn.exec_driver_sql("SELECT last_insert_rowid()").scalar()
@@ -282,8 +302,8 @@ class SqliteStore:
             raise StoreError(f"store commit failed: {_describe(exc)}") from exc
         first = int(last or 0) - len(logged) + 1
         return [
-            Event(first + i, now, k, sid, tuple(ps), why)
-            for i, (k, sid, ps, why) in enumerate(logged)
+            Event(first + i, now, k, sid, tuple(ps), why, *h)
+            for i, ((k, sid, ps, why), h) in enumerate(zip(logged, holders, strict=True))
         ]
 
     def read_events(self, after: int, limit: int = 1000) -> list[Event]:
@@ -296,7 +316,18 @@ class SqliteStore:
                 .limit(limit)
             ).all()
         return [
-            Event(r.revision, r.ts, r.kind, r.set_id, decode_runs(r.pasids), r.reason) for r in rows
+            Event(
+                r.revision,
+                r.ts,
+                r.kind,
+                r.set_id,
+                decode_runs(r.pasids),
+                r.reason,
+                r.holder_pid,
+                r.holder_uid,
+                r.holder_ns_pid,
+            )
+            for r in rows
         ]
 
     def oldest_revision(self) -> int:
@@ -343,6 +374,10 @@ class SqliteStore:
                         "grace_seconds": r.grace_seconds,
                         "token_hash": r.token_hash,
                         "created_unix": r.created_unix,
+                        "holder_start_time": r.start_time,
+                        "holder_uid": r.uid,
+                        "holder_ns_pid": r.ns_pid,
+                        "delegated_by_pid": r.delegated_by_pid,
                     }
                 ],
             )

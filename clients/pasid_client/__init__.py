@@ -16,8 +16,10 @@ from pasid_client.errors import (
     PermissionDenied,
     QuotaExceeded,
     ResourceExhausted,
+    Unauthenticated,
     Unavailable,
 )
+from pasid_client.handshake import Ticket, obtain_ticket
 from pasid_client.sync import Client, Session
 from pasid_client.types import ALL, Event, Info, Quotas, SetView
 
@@ -41,5 +43,8 @@ __all__ = [
     "ResourceExhausted",
     "Session",
     "SetView",
+    "Ticket",
+    "Unauthenticated",
     "Unavailable",
+    "obtain_ticket",
 ]

@@ -12,8 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 from typing import Any
 
@@ -30,6 +29,7 @@ from pasid_client.errors import (
     from_status_code_int,
     make_error,
 )
+from pasid_client.handshake import open_request, ticket_for
 from pasid_client.types import ALL, Event, Info, SetView
 
 
@@ -58,6 +58,8 @@ class AsyncSession:
         self.quota: int = opened.quota
         self.resumed: bool = opened.resumed
         self.grace_seconds: int = opened.grace_seconds
+        # The broker knows this set's holder from the kernel (the handshake ran).
+        self.verified: bool = opened.verified
         self._tags = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[pb.SessionResponse]] = {}
         self._write_lock = asyncio.Lock()
@@ -166,7 +168,9 @@ class AsyncSession:
 class _SessionOpener:
     """`await client.session(...)` or `async with client.session(...) as s`."""
 
-    def __init__(self, client: AsyncClient, open_req: pb.OpenSession) -> None:
+    def __init__(
+        self, client: AsyncClient, open_req: Callable[[], Awaitable[pb.OpenSession]]
+    ) -> None:
         self._client = client
         self._open = open_req
         self._session: AsyncSession | None = None
@@ -195,9 +199,12 @@ class AsyncClient:
         socket: str | None = None,
         timeout: float = 10.0,
         keepalive_seconds: float = 10.0,
+        peer_socket: str | None = None,
     ) -> None:
         self.target = _address.resolve(address, socket)
         self.timeout = timeout
+        # Where sessions do the peer handshake (None: beside a Unix socket target).
+        self.peer_socket = peer_socket
         self._channel = grpc.aio.insecure_channel(
             self.target, options=_address.keepalive_options(keepalive_seconds)
         )
@@ -222,20 +229,33 @@ class AsyncClient:
         pid: int | None = None,
         grace_seconds: int = 0,
         resume_token: str = "",
+        delegate_pid: int | None = None,
+        delegate_pidfd: int | None = None,
     ) -> _SessionOpener:
-        """Open (or with resume_token, resume) a session. Raises NotFound for an unknown
-        resume token, FailedPrecondition if it is attached elsewhere, Unavailable."""
-        return _SessionOpener(
-            self,
-            pb.OpenSession(
-                client=client,
-                pid=os.getpid() if pid is None else pid,
-                grace_seconds=grace_seconds,
-                resume_token=resume_token,
-            ),
-        )
+        """Open (or with resume_token, resume) a session. On a Unix socket the peer
+        handshake runs first (docs/peer-identity.md): the set then dies exactly with this
+        process. A sidecar passes `delegate_pid` or `delegate_pidfd` of the process that
+        should hold the set (its VMM). Raises NotFound for an unknown resume token,
+        FailedPrecondition if it is attached elsewhere, PermissionDenied (delegation
+        refused), Unauthenticated, Unavailable."""
 
-    async def _open_session(self, open_req: pb.OpenSession) -> AsyncSession:
+        async def request() -> pb.OpenSession:
+            t = await asyncio.to_thread(
+                ticket_for,
+                self.target,
+                peer_socket=self.peer_socket,
+                delegate_pid=delegate_pid,
+                delegate_pidfd=delegate_pidfd,
+                timeout=self.timeout,
+            )
+            return open_request(client, pid, grace_seconds, resume_token, t)
+
+        return _SessionOpener(self, request)
+
+    async def _open_session(
+        self, make_request: Callable[[], Awaitable[pb.OpenSession]]
+    ) -> AsyncSession:
+        open_req = await make_request()
         call = self._stub.Session(wait_for_ready=False)
         responses = call.__aiter__()
         try:

@@ -106,11 +106,14 @@ def cmd_list(c: Client, args: argparse.Namespace) -> int:
         sets = [c.list_session(sid, token)]
 
     def text() -> str:
-        lines = [f"{'SET':>6} {'STATE':9} {'CLIENT':20} {'PID':>7} {'COUNT':>7}  PASIDS"]
+        lines = [
+            f"{'SET':>6} {'STATE':9} {'CLIENT':20} {'PID':>7} {'UID':>6} {'NS_PID':>7}"
+            f" {'COUNT':>7}  PASIDS"
+        ]
         for s in sets:
             lines.append(
-                f"{s.set_id:>6} {s.state:9} {s.client[:20]:20} {s.pid:>7} {s.count:>7}"
-                f"  {_fmt_ranges(s.ranges)}"
+                f"{s.set_id:>6} {s.state:9} {s.client[:20]:20} {_holder(s)}"
+                f" {s.count:>7}  {_fmt_ranges(s.ranges)}"
             )
         return "\n".join(lines)
 
@@ -118,14 +121,21 @@ def cmd_list(c: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def _holder(s: SetView) -> str:
+    """PID UID NS_PID of the kernel-verified holder; '-' for an anonymous or TCP one."""
+    if not s.verified:
+        return f"{'-':>7} {'-':>6} {'-':>7}"
+    return f"{s.pid:>7} {s.uid:>6} {s.ns_pid:>7}"
+
+
 def _sets_table(sets: Sequence[SetView]) -> str:
     lines = [
-        f"{'SET':>6} {'STATE':9} {'CLIENT':20} {'PID':>7} {'PEER':14} {'COUNT':>7}"
-        f" {'QUOTA':>6}  PASIDS"
+        f"{'SET':>6} {'STATE':9} {'CLIENT':20} {'PID':>7} {'UID':>6} {'NS_PID':>7}"
+        f" {'PEER':14} {'COUNT':>7} {'QUOTA':>6}  PASIDS"
     ]
     for s in sets:
         lines.append(
-            f"{s.set_id:>6} {s.state:9} {s.client[:20]:20} {s.pid:>7} {s.peer[:14]:14}"
+            f"{s.set_id:>6} {s.state:9} {s.client[:20]:20} {_holder(s)} {s.peer[:14]:14}"
             f" {s.count:>7} {s.quota:>6}  {_fmt_ranges(s.ranges)}"
         )
     return "\n".join(lines)
@@ -195,6 +205,11 @@ def cmd_watch(c: Client, args: argparse.Namespace) -> int:
                             "set_id": ev.set_id,
                             "ranges": [list(r) for r in ev.ranges],
                             "reason": ev.reason,
+                            **(
+                                {"pid": ev.pid, "uid": ev.uid, "ns_pid": ev.ns_pid}
+                                if ev.verified
+                                else {}
+                            ),
                         }
                     ),
                     flush=True,
@@ -202,6 +217,8 @@ def cmd_watch(c: Client, args: argparse.Namespace) -> int:
             else:
                 when = time.strftime("%H:%M:%S", time.localtime(ev.ts_unix))
                 extra = f"  ({ev.reason})" if ev.reason else ""
+                if ev.verified:
+                    extra += f"  pid {ev.pid} uid {ev.uid} ns_pid {ev.ns_pid}"
                 print(
                     f"{ev.revision:>8} {when} {ev.kind:14} set {ev.set_id:<6}"
                     f" {_fmt_ranges(ev.ranges)}{extra}",
@@ -219,12 +236,13 @@ def cmd_hold(c: Client, args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with c.session(args.client, grace_seconds=args.grace) as s:
+    with c.session(args.client, grace_seconds=args.grace, delegate_pid=args.delegate_pid) as s:
         hi = args.max if args.max is not None else (1 << s.pasid_bits) - 1
         got = s.alloc(args.min, hi, args.count) if args.count else []
         data = {
             "session_id": s.session_id,
             "token": s.token,
+            "verified": s.verified,
             "pasids": got,
             "ranges": [list(r) for r in s.list().ranges],
         }
@@ -283,6 +301,12 @@ def _common_options(suppress: bool) -> argparse.ArgumentParser:
         default=d(None),
         help="the broker's admin socket, for sets, revoke, quota, top and list --all "
         "[PASID_BROKER_ADMIN_SOCKET; default admin.sock beside the socket]",
+    )
+    common.add_argument(
+        "--peer-socket",
+        default=d(None),
+        help="the broker's peer-handshake socket, through which hold proves who it is "
+        "[PASID_BROKER_PEER_SOCKET; default peer.sock beside the socket]",
     )
     common.add_argument("--timeout", type=float, default=d(10.0), help="seconds per call")
     return common
@@ -381,6 +405,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="seconds the set outlives this process (0: freed at once)",
     )
+    h.add_argument(
+        "--delegate-pid",
+        type=int,
+        default=None,
+        help="hold the set for this process instead (a sidecar for its VMM): the set dies "
+        "with it; allowed if this user could signal it. The pid as this process sees it",
+    )
     t = sub.add_parser(
         "top",
         parents=[common],
@@ -412,7 +443,9 @@ COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with Client(args.address, socket=args.socket, timeout=args.timeout) as c:
+        with Client(
+            args.address, socket=args.socket, timeout=args.timeout, peer_socket=args.peer_socket
+        ) as c:
             return COMMANDS[args.command](c, args)
     except PasidClientError as exc:
         if args.json:

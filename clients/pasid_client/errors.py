@@ -70,6 +70,11 @@ class PermissionDenied(PasidClientError):
     """PERMISSION_DENIED (or UNIMPLEMENTED admin calls): use the admin socket."""
 
 
+class Unauthenticated(PasidClientError):
+    """UNAUTHENTICATED: a ticket unknown, replayed or expired (reason TICKET; handshake
+    again), or an anonymous open on a broker run with --anonymous refuse (ANONYMOUS)."""
+
+
 class Aborted(PasidClientError):
     """ABORTED: the broker took the session's set (revoked, or its process exited)."""
 
@@ -92,6 +97,7 @@ _BY_CODE: dict[grpc.StatusCode, type[PasidClientError]] = {
     grpc.StatusCode.OUT_OF_RANGE: OutOfRange,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
     grpc.StatusCode.ABORTED: Aborted,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
 }
 
 

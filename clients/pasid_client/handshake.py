@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from pasid.v1 import broker_pb2 as pb
 
 from pasid_client.errors import PasidClientError, Unavailable, make_error
 
@@ -36,17 +37,61 @@ class Ticket:
     delegated: bool
 
 
-def peer_socket_for(target: str) -> str | None:
-    """The peer socket beside a "unix:" gRPC target, if there is one; None for TCP."""
+def peer_socket_for(target: str, peer_socket: str | None = None) -> str | None:
+    """Where to handshake for a gRPC target: `peer_socket`, else $PASID_BROKER_PEER_SOCKET,
+    else peer.sock beside a "unix:" target; None for TCP or when no such socket exists
+    (a broker without the handshake: the session is anonymous)."""
     if not target.startswith("unix:"):
         return None
     path = target[len("unix:") :]
     if path.startswith("//"):
         path = path[2:]
-    peer = os.environ.get("PASID_BROKER_PEER_SOCKET") or os.path.join(
-        os.path.dirname(path) or ".", PEER_SOCKET
+    peer = (
+        peer_socket
+        or os.environ.get("PASID_BROKER_PEER_SOCKET")
+        or os.path.join(os.path.dirname(path) or ".", PEER_SOCKET)
     )
     return peer if os.path.exists(peer) else None
+
+
+def ticket_for(
+    target: str,
+    *,
+    peer_socket: str | None = None,
+    delegate_pid: int | None = None,
+    delegate_pidfd: int | None = None,
+    timeout: float = 5.0,
+) -> Ticket | None:
+    """The handshake the client library does before each open: a ticket, or None where
+    the target has no peer socket (TCP, an older broker). `delegate_pid` is opened with
+    pidfd_open here, in our own pid namespace, and closed after the handshake.
+    Raises as obtain_ticket; FailedPrecondition for delegation without a peer socket,
+    NotFound for a delegate_pid that does not exist."""
+    path = peer_socket_for(target, peer_socket)
+    delegating = delegate_pid is not None or delegate_pidfd is not None
+    if path is None:
+        if delegating:
+            raise make_error(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"delegation needs the broker's peer socket; none found for {target}",
+                "HANDSHAKE",
+            )
+        return None
+    own = -1
+    if delegate_pid is not None:
+        try:
+            own = os.pidfd_open(delegate_pid)
+        except ProcessLookupError:
+            raise make_error(
+                grpc.StatusCode.NOT_FOUND, f"no process {delegate_pid} to delegate", "HANDSHAKE"
+            ) from None
+    try:
+        return obtain_ticket(
+            path, delegate_pidfd=own if own >= 0 else delegate_pidfd, timeout=timeout
+        )
+    finally:
+        if own >= 0:
+            os.close(own)
 
 
 def obtain_ticket(
@@ -99,6 +144,22 @@ def obtain_ticket(
         gid=int(ans["gid"]),
         ns_pid=int(ans["ns_pid"]),
         delegated=bool(ans["delegated"]),
+    )
+
+
+def open_request(
+    client: str, pid: int | None, grace_seconds: int, resume_token: str, ticket: Ticket | None
+) -> pb.OpenSession:
+    """OpenSession with the ticket, if any. The pid is only a claim the broker checks: our
+    own for our own ticket, none when the holder is a delegated process."""
+    if pid is None:
+        pid = 0 if ticket is not None and ticket.delegated else os.getpid()
+    return pb.OpenSession(
+        client=client,
+        pid=pid,
+        grace_seconds=grace_seconds,
+        resume_token=resume_token,
+        ticket=ticket.ticket if ticket is not None else "",
     )
 
 

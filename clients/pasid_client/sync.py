@@ -7,7 +7,6 @@ with Client() as client, client.session("sidecar") as s:
 from __future__ import annotations
 
 import itertools
-import os
 import queue
 import time
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from pasid.v1 import broker_pb2_grpc as pb_grpc
 from pasid_client import address as _address
 from pasid_client.aio import _error_of
 from pasid_client.errors import Unavailable, from_admin_rpc_error, from_rpc_error
+from pasid_client.handshake import open_request, ticket_for
 from pasid_client.types import ALL, Event, Info, SetView
 
 
@@ -48,6 +48,8 @@ class Session:
         self.quota: int = o.quota
         self.resumed: bool = o.resumed
         self.grace_seconds: int = o.grace_seconds
+        # The broker knows this set's holder from the kernel (the handshake ran).
+        self.verified: bool = o.verified
 
     def _next(self) -> pb.SessionResponse:
         try:
@@ -147,9 +149,12 @@ class Client:
         socket: str | None = None,
         timeout: float = 10.0,
         keepalive_seconds: float = 10.0,
+        peer_socket: str | None = None,
     ) -> None:
         self.target = _address.resolve(address, socket)
         self.timeout = timeout
+        # Where sessions do the peer handshake (None: beside a Unix socket target).
+        self.peer_socket = peer_socket
         self._channel = grpc.insecure_channel(
             self.target, options=_address.keepalive_options(keepalive_seconds)
         )
@@ -204,16 +209,25 @@ class Client:
         pid: int | None = None,
         grace_seconds: int = 0,
         resume_token: str = "",
+        delegate_pid: int | None = None,
+        delegate_pidfd: int | None = None,
     ) -> Session:
-        """Open or resume a session. Raises NotFound, FailedPrecondition, Unavailable."""
+        """Open or resume a session. On a Unix socket the peer handshake runs first, so
+        the broker knows this process from the kernel and destroys the set when it exits.
+        A sidecar passes `delegate_pid` (or a pidfd it holds, `delegate_pidfd`) of the
+        process that should hold the set, e.g. its VMM; it must be allowed to signal it.
+        Raises NotFound, FailedPrecondition, PermissionDenied (delegation refused),
+        Unauthenticated, Unavailable."""
+        t = ticket_for(
+            self.target,
+            peer_socket=self.peer_socket,
+            delegate_pid=delegate_pid,
+            delegate_pidfd=delegate_pidfd,
+            timeout=self.timeout,
+        )
         return Session(
             self._stub,
-            pb.OpenSession(
-                client=client,
-                pid=os.getpid() if pid is None else pid,
-                grace_seconds=grace_seconds,
-                resume_token=resume_token,
-            ),
+            open_request(client, pid, grace_seconds, resume_token, t),
             self.timeout,
         )
 

@@ -63,6 +63,12 @@ class SetView:
     peer: str = ""
     quota: int = 0
     grace_seconds: int = 0
+    # The kernel-verified holder: pid (above; broker's pid namespace), uid, and the pid
+    # it sees for itself. Unverified (anonymous, TCP): verified False and zeros.
+    verified: bool = False
+    uid: int = 0
+    ns_pid: int = 0
+    delegated_by_pid: int = 0
 
     @classmethod
     def from_pb(cls, m: pb.SetInfo) -> SetView:
@@ -78,6 +84,10 @@ class SetView:
             m.peer,
             m.quota,
             m.grace_seconds,
+            m.verified,
+            m.uid,
+            m.ns_pid,
+            m.delegated_by_pid,
         )
 
     def pasids(self) -> Iterator[int]:
@@ -95,6 +105,11 @@ class Event:
     set_id: int
     ranges: tuple[tuple[int, int], ...]
     reason: str
+    # set_created with a verified holder: its pid (broker's namespace), uid, ns_pid.
+    verified: bool = False
+    pid: int = 0
+    uid: int = 0
+    ns_pid: int = 0
 
     @classmethod
     def from_pb(cls, m: pb.WatchEvent) -> Event:
@@ -105,6 +120,10 @@ class Event:
             m.set_id,
             tuple((r.min, r.max) for r in m.pasids),
             m.reason,
+            m.verified,
+            m.pid,
+            m.uid,
+            m.ns_pid,
         )
 
     def pasids(self) -> Iterator[int]:

@@ -16,7 +16,7 @@ from sqlalchemy import create_engine
 from broker.core import StoreError
 from broker.store import AddPasids, SqliteStore, migrations
 from broker.store.sqlite import metadata
-from tests.harness import BrokerProcess
+from tests.harness import BrokerProcess, wait_until
 
 V1_SQL = Path(__file__).parent / "fixtures" / "schema_v1.sql"
 TOKEN = "resume-me-1"
@@ -50,9 +50,11 @@ def test_store_upgrades_a_v1_database_in_place(tmp_path: Path) -> None:
     snap = SqliteStore(db).open()
     assert snap.holdings == {1: [1, 2, 7], 2: [3, 4]}
     with sqlite3.connect(db) as c:
-        assert c.execute("SELECT version_num FROM alembic_version").fetchall() == [("0002",)]
+        assert c.execute("SELECT version_num FROM alembic_version").fetchall() == [("0003",)]
         assert c.execute("SELECT count(*) FROM events").fetchone() == (0,)
-        assert c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("2",)
+        assert c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("3",)
+        # declared pids of 0.1 were never verified: no holder to recognise after restart
+        assert c.execute("SELECT pid, holder_start_time FROM sets").fetchall() == [(0, None)] * 2
     c.close()
 
 
@@ -60,11 +62,15 @@ def test_broker_serves_a_v1_database(tmp_path: Path) -> None:
     b = BrokerProcess()
     try:
         make_v1_db(Path(b.db))
+        b.args += ["--restart-grace", "1"]
         b.start()
         with Client(b.admin_address) as c:
-            # set 2's pid is gone: reclaimed at start; set 1 waits for its client.
-            held = {s.set_id: list(s.pasids()) for s in c.list_sets()}
-            assert held == {1: [1, 2, 7]}
+            # 0.1 pids were only declared, so neither set has a holder to recognise: set 2
+            # (grace 0) is reclaimed after --restart-grace, set 1 waits its own 60 s.
+            def held() -> dict[int, list[int]]:
+                return {s.set_id: list(s.pasids()) for s in c.list_sets()}
+
+            wait_until(lambda: held() == {1: [1, 2, 7]}, what="set 2 reclaimed")
             with c.session(resume_token=TOKEN) as s:
                 assert s.resumed and list(s.list().pasids()) == [1, 2, 7]
                 assert s.alloc(1, 10, 2) == [3, 4]  # set 2's PASIDs were freed
@@ -90,8 +96,15 @@ def test_a_pre_alembic_database_with_events_is_stamped_0002(tmp_path: Path) -> N
     """Databases written by the event-log commit (create_all, no alembic_version)."""
     db = tmp_path / "b.db"
     engine = create_engine(f"sqlite:///{db}")
-    metadata.create_all(engine)
-    with engine.begin() as conn:
+    with engine.begin() as conn:  # the v2 tables as create_all made them then
+        for stmt in V1_SQL.read_text().split(";"):
+            if "CREATE" in stmt:
+                conn.exec_driver_sql(stmt)
+        conn.exec_driver_sql(
+            "CREATE TABLE events (revision INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT,"
+            " ts FLOAT NOT NULL, kind VARCHAR NOT NULL, set_id INTEGER NOT NULL,"
+            " pasids VARCHAR NOT NULL, reason VARCHAR NOT NULL)"
+        )
         conn.exec_driver_sql("INSERT INTO sets VALUES (1, 'vm', 0, 1000, 0, 'h', 1.0)")
         conn.exec_driver_sql("INSERT INTO allocations VALUES (5, 1)")
         conn.exec_driver_sql(
@@ -104,6 +117,6 @@ def test_a_pre_alembic_database_with_events_is_stamped_0002(tmp_path: Path) -> N
     [ev] = st.commit([AddPasids(1, (6,))])
     assert ev.revision == 2
     st.close()
-    with sqlite3.connect(db) as c:
-        assert c.execute("SELECT version_num FROM alembic_version").fetchall() == [("0002",)]
+    with sqlite3.connect(db) as c:  # stamped 0002, then upgraded
+        assert c.execute("SELECT version_num FROM alembic_version").fetchall() == [("0003",)]
     c.close()

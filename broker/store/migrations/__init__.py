@@ -1,8 +1,9 @@
 """Schema migrations (Alembic), run by the store at every start; no alembic.ini needed.
 
 Revision 0001 is the first released schema (meta, sets, allocations); 0002 adds the
-append-only event log. A database made before Alembic (no alembic_version table) is
-stamped with the revision its tables show, then upgraded.
+append-only event log; 0003 the kernel-verified holder of each set. A database made
+before Alembic (no alembic_version table) is stamped with the revision its tables show,
+then upgraded.
 """
 
 from __future__ import annotations

@@ -59,12 +59,16 @@ class OpenSession(_message.Message):
     PID_FIELD_NUMBER: _builtins.int
     GRACE_SECONDS_FIELD_NUMBER: _builtins.int
     RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    TICKET_FIELD_NUMBER: _builtins.int
     client: _builtins.str
     """Who the client says it is (e.g. "qemu-vm42"): the key of the per-client quota and
     what operators see in listings. Not authenticated: socket permissions are.
     """
     pid: _builtins.int
-    """The client's pid, declared (the broker cannot read peer credentials through grpcio)."""
+    """A claim, never used as an identity: with a ticket, a non-zero pid must be the
+    verified holder's ns_pid or pid (else INVALID_ARGUMENT); without one it is ignored.
+    Identity comes from the kernel via the peer handshake (docs/peer-identity.md).
+    """
     grace_seconds: _builtins.int
     """Seconds the set outlives the stream, waiting for a resume; 0 (default) gives the
     kernel's semantics: the set is destroyed as soon as the stream ends. Capped by the
@@ -72,6 +76,12 @@ class OpenSession(_message.Message):
     """
     resume_token: _builtins.str
     """Resume a session that ended within its grace period: its set comes back intact."""
+    ticket: _builtins.str
+    """A one-time ticket from the peer socket's handshake: the set's holder is the process
+    the kernel named there, and the set is destroyed when it exits. Empty: an anonymous
+    session (bound to its stream and grace only; --anonymous). Unknown, replayed or
+    expired: UNAUTHENTICATED (pasid-reason TICKET), nothing created.
+    """
     def __init__(
         self,
         *,
@@ -79,10 +89,11 @@ class OpenSession(_message.Message):
         pid: _builtins.int = ...,
         grace_seconds: _builtins.int = ...,
         resume_token: _builtins.str = ...,
+        ticket: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client", b"client", "grace_seconds", b"grace_seconds", "pid", b"pid", "resume_token", b"resume_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client", b"client", "grace_seconds", b"grace_seconds", "pid", b"pid", "resume_token", b"resume_token", "ticket", b"ticket"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -101,6 +112,7 @@ class SessionOpened(_message.Message):
     QUOTA_FIELD_NUMBER: _builtins.int
     RESUMED_FIELD_NUMBER: _builtins.int
     GRACE_SECONDS_FIELD_NUMBER: _builtins.int
+    VERIFIED_FIELD_NUMBER: _builtins.int
     session_id: _builtins.int
     set_id: _builtins.int
     token: _builtins.str
@@ -112,6 +124,8 @@ class SessionOpened(_message.Message):
     """True when this open resumed an earlier session (same set, same PASIDs)."""
     grace_seconds: _builtins.int
     """Granted grace, after capping."""
+    verified: _builtins.bool
+    """True when the set's holder is a kernel-verified process (a ticket was presented)."""
     def __init__(
         self,
         *,
@@ -122,10 +136,11 @@ class SessionOpened(_message.Message):
         quota: _builtins.int = ...,
         resumed: _builtins.bool = ...,
         grace_seconds: _builtins.int = ...,
+        verified: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["grace_seconds", b"grace_seconds", "pasid_bits", b"pasid_bits", "quota", b"quota", "resumed", b"resumed", "session_id", b"session_id", "set_id", b"set_id", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grace_seconds", b"grace_seconds", "pasid_bits", b"pasid_bits", "quota", b"quota", "resumed", b"resumed", "session_id", b"session_id", "set_id", b"set_id", "token", b"token", "verified", b"verified"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -297,6 +312,10 @@ class SetInfo(_message.Message):
     PEER_FIELD_NUMBER: _builtins.int
     QUOTA_FIELD_NUMBER: _builtins.int
     GRACE_SECONDS_FIELD_NUMBER: _builtins.int
+    VERIFIED_FIELD_NUMBER: _builtins.int
+    UID_FIELD_NUMBER: _builtins.int
+    NS_PID_FIELD_NUMBER: _builtins.int
+    DELEGATED_BY_PID_FIELD_NUMBER: _builtins.int
     set_id: _builtins.int
     session_id: _builtins.int
     client: _builtins.str
@@ -310,6 +329,15 @@ class SetInfo(_message.Message):
     quota: _builtins.int
     """The set's own quota."""
     grace_seconds: _builtins.int
+    verified: _builtins.bool
+    """The kernel-verified holder (verified = true): pid above is its pid in the broker's
+    pid namespace, uid its effective uid, ns_pid the pid it sees for itself.
+    Unverified (anonymous or TCP): pid, uid and ns_pid are 0.
+    """
+    uid: _builtins.int
+    ns_pid: _builtins.int
+    delegated_by_pid: _builtins.int
+    """Set when a sidecar delegated the holder: the delegating process's pid."""
     @_builtins.property
     def ranges(self) -> _containers.RepeatedCompositeFieldContainer[Global___PasidRange]: ...
     def __init__(
@@ -326,10 +354,14 @@ class SetInfo(_message.Message):
         peer: _builtins.str = ...,
         quota: _builtins.int = ...,
         grace_seconds: _builtins.int = ...,
+        verified: _builtins.bool = ...,
+        uid: _builtins.int = ...,
+        ns_pid: _builtins.int = ...,
+        delegated_by_pid: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client", b"client", "count", b"count", "created_unix", b"created_unix", "grace_seconds", b"grace_seconds", "peer", b"peer", "pid", b"pid", "quota", b"quota", "ranges", b"ranges", "session_id", b"session_id", "set_id", b"set_id", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client", b"client", "count", b"count", "created_unix", b"created_unix", "delegated_by_pid", b"delegated_by_pid", "grace_seconds", b"grace_seconds", "ns_pid", b"ns_pid", "peer", b"peer", "pid", b"pid", "quota", b"quota", "ranges", b"ranges", "session_id", b"session_id", "set_id", b"set_id", "state", b"state", "uid", b"uid", "verified", b"verified"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -483,6 +515,10 @@ class WatchEvent(_message.Message):
     SET_ID_FIELD_NUMBER: _builtins.int
     PASIDS_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    VERIFIED_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    UID_FIELD_NUMBER: _builtins.int
+    NS_PID_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
     ts_unix: _builtins.float
     kind: _builtins.str
@@ -492,6 +528,11 @@ class WatchEvent(_message.Message):
     set_id: _builtins.int
     reason: _builtins.str
     """For set_created the client's name; for set_destroyed/set_reclaimed why."""
+    verified: _builtins.bool
+    """set_created with a verified holder: its pid (broker's namespace), uid and ns_pid."""
+    pid: _builtins.int
+    uid: _builtins.int
+    ns_pid: _builtins.int
     @_builtins.property
     def pasids(self) -> _containers.RepeatedCompositeFieldContainer[Global___PasidRange]: ...
     def __init__(
@@ -503,10 +544,14 @@ class WatchEvent(_message.Message):
         set_id: _builtins.int = ...,
         pasids: _abc.Iterable[Global___PasidRange] | None = ...,
         reason: _builtins.str = ...,
+        verified: _builtins.bool = ...,
+        pid: _builtins.int = ...,
+        uid: _builtins.int = ...,
+        ns_pid: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "pasids", b"pasids", "reason", b"reason", "revision", b"revision", "set_id", b"set_id", "ts_unix", b"ts_unix"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "ns_pid", b"ns_pid", "pasids", b"pasids", "pid", b"pid", "reason", b"reason", "revision", b"revision", "set_id", b"set_id", "ts_unix", b"ts_unix", "uid", b"uid", "verified", b"verified"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
