@@ -75,7 +75,8 @@ async def _engine_run(metrics: Metrics, pairs: int, workdir: str, tag: str) -> t
     broker = Broker(backend, SqliteStore(f"{workdir}/{tag}.db"))
     broker.observers.subscribe(metrics)
     await broker.start()
-    sess, _, _ = await broker.open_session("bench")
+    sess, _, _, created = broker.open_session("bench")
+    await created
     hi = (1 << 20) - 1
     t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(pairs):

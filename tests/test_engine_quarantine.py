@@ -27,8 +27,10 @@ def test_backend_holds_quarantined_pasids_until_they_leave(tmp_path: Path) -> No
         broker = Broker(backend, SqliteStore(tmp_path / "b.db"), quarantine=Quarantine(allocs=2))
         await broker.start()
         try:
-            s1, _, _ = await broker.open_session("vm1")
-            s2, _, _ = await broker.open_session("vm2")
+            s1, _, _, created1 = broker.open_session("vm1")
+            s2, _, _, created2 = broker.open_session("vm2")
+            await created1
+            await created2
             assert await broker.alloc(s1, 1, 255, 3) == [1, 2, 3]
             assert await broker.free(s1, 1, 2) == 2
             assert broker.info().quarantined == 2

@@ -26,6 +26,7 @@ from broker.engine.journal import Journal, done_future, then
 from broker.engine.observers import Observers
 from broker.engine.recovery import recover
 from broker.engine.sessions import Session, Sessions
+from broker.peer.tickets import TicketBook
 from broker.store import AddPasids, Event, RemovePasids, SqliteStore
 
 log = logging.getLogger("pasid_broker")
@@ -61,6 +62,8 @@ class Broker:
         restart_grace: int = 10,
         clock: Callable[[], float] = time.time,
         observers: Observers | None = None,
+        tickets: TicketBook | None = None,
+        anonymous: str = "allow",
     ) -> None:
         # Whoever watches the engine (metrics) subscribes here at wiring time.
         self.observers = observers if observers is not None else Observers()
@@ -76,7 +79,8 @@ class Broker:
         self._allocator: Allocator | None = None
         self._journal: Journal | None = None
         self.backend_calls = BackendCalls(backend, lambda: self.allocator.quarantine.enabled)
-        self.sets = Sessions(self)
+        # tickets: the peer socket's handshakes (broker/peer); anonymous: --anonymous.
+        self.sets = Sessions(self, tickets, anonymous)
         self.events = EventFanout(store, lambda: self.stopping)
         self.stopping = False
         self.ready = False
@@ -168,19 +172,27 @@ class Broker:
 
     # -- sessions (sessions.py) -----------------------------------------------------------
 
-    async def open_session(
+    def open_session(
         self,
         client: str,
         pid: int = 0,
         grace_seconds: int = 0,
         resume_token: str = "",
         peer: str = "",
-    ) -> tuple[Session, str, bool]:
-        """A new session with a new set, or the one `resume_token` names; (session, token,
-        resumed). Raises NotFound for an unknown token, Conflict if it is attached, and
-        InvalidArgument when a local client declares a pid that does not exist."""
+        ticket: str = "",
+    ) -> tuple[Session, str, bool, asyncio.Future[None]]:
+        """A new session with a new set, or the one `resume_token` names: (session, token,
+        resumed, created), `created` resolving once the new set is durable.
+
+        Synchronous: the set exists when this returns, so the caller must own it at once
+        (end_session in a finally that covers the wait for `created`): no await between
+        the two can leave a set that no stream owns. `ticket` (from the peer handshake)
+        makes its holder the set's; `pid` is then only a claim that must match it.
+        Raises Unauthenticated (ticket unknown, replayed or expired; anonymous refused),
+        InvalidArgument (a pid claim that is not the holder), NotFound for an unknown
+        resume token, Conflict if it is attached or the holder has exited."""
         self.require_ready()
-        return await self.sets.open(client, pid, grace_seconds, resume_token, peer)
+        return self.sets.open(client, pid, grace_seconds, resume_token, peer, ticket)
 
     def authenticate(self, session_id: int, token: str) -> Session:
         """The live session that (session_id, token) names; NotFound otherwise."""

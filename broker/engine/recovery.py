@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from broker.backends.base import Backend, Capabilities, replay
 from broker.core import WIRE_PASID_BITS, Allocator, Quarantine, Quotas, Unsupported
-from broker.engine.sessions import Session
+from broker.engine.sessions import Holder, Session
 from broker.store import Snapshot, SqliteStore
 
 log = logging.getLogger("pasid_broker")
@@ -78,7 +78,14 @@ def recover(
             ) from exc
         held.extend(s.pasids)
         sessions.append(
-            Session(s, row.pid, row.grace_seconds, row.token_hash, row.created_unix, attached=False)
+            Session(
+                s,
+                Holder.of_row(row),
+                row.grace_seconds,
+                row.token_hash,
+                row.created_unix,
+                attached=False,
+            )
         )
     # Written only once every stored set is known to fit: a refusal changes nothing.
     if snap.meta.get("pasid_bits") != str(caps.pasid_bits):

@@ -1,14 +1,20 @@
 """Sessions: open, resume, grace, reclaim, the holder's process, and the end of a set.
 
 `Sessions.destroy_set` is the one function through which every set is destroyed,
-whoever destroys it: its client (end with no grace), its grace expiring, its declared
+whoever destroys it: its client (end with no grace), its grace expiring, its holder
 process exiting, an admin's revoke, or recovery finding its holder gone (the seed's
 vfio_mm_put funnel).
+
+The liveness rule (docs/peer-identity.md): a set with a kernel-verified holder ends when
+that process exits (its pidfd polls readable) or its stream ends (then at once, or after
+its grace); never because pings went unanswered. Anonymous and remote sets are bound to
+their stream and grace only. No pid a client wrote is ever opened, signalled or read.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -17,7 +23,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from broker.core import Conflict, InvalidArgument, IoasidSet, NotFound, NotReady
+from broker.core import (
+    Conflict,
+    InvalidArgument,
+    IoasidSet,
+    NotFound,
+    NotReady,
+    Unauthenticated,
+)
+from broker.peer import credentials
+from broker.peer.tickets import PeerIdentity, TicketBook, TicketError
 from broker.store import CreateSet, DestroySet, SetRow
 
 if TYPE_CHECKING:
@@ -25,22 +40,58 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pasid_broker")
 
+ANONYMOUS_POLICIES = ("allow", "refuse")
+
 
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def pid_alive(pid: int) -> bool:
-    """False only when the declared local pid certainly no longer exists."""
-    if pid <= 0:
-        return True
+@dataclass(frozen=True)
+class Holder:
+    """The kernel-verified process a set belongs to; stored with the set.
+
+    pid is in the broker's pid namespace; pid + start_time name the process across a
+    broker restart (a reused pid has another start time)."""
+
+    pid: int
+    uid: int
+    ns_pid: int
+    start_time: int
+    delegated_by_pid: int = 0
+
+    @classmethod
+    def of(cls, identity: PeerIdentity) -> Holder:
+        by = identity.delegated_by[0] if identity.delegated_by is not None else 0
+        return cls(identity.pid, identity.uid, identity.ns_pid, identity.start_time, by)
+
+    @classmethod
+    def of_row(cls, row: SetRow) -> Holder | None:
+        if row.start_time is None or row.uid is None or row.ns_pid is None or row.pid <= 0:
+            return None
+        return cls(row.pid, row.uid, row.ns_pid, row.start_time, row.delegated_by_pid or 0)
+
+
+def reopen_holder(h: Holder) -> int | None:
+    """After a restart: a pidfd for the stored holder if that very process still runs.
+
+    The pid was the kernel's (SO_PEERCRED / a pidfd), never a client's. The start time is
+    compared before and after pidfd_open, and the pidfd must be live at the second look:
+    then the pidfd is the process that started at start_time, and no reused pid slips in.
+    """
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        if credentials.start_time(h.pid) != h.start_time:
+            return None
+        fd = os.pidfd_open(h.pid)
+    except (OSError, ValueError):
+        return None
+    try:
+        if credentials.start_time(h.pid) == h.start_time and credentials.pidfd_alive(fd):
+            return fd
+    except (OSError, ValueError):
+        pass
+    os.close(fd)
+    return None
 
 
 @dataclass(eq=False)
@@ -48,19 +99,24 @@ class Session:
     """A client's hold on one ioasid_set. `attached` while a stream carries it."""
 
     set: IoasidSet
-    pid: int
+    holder: Holder | None  # None: anonymous (or remote): bound to stream and grace only
     grace_seconds: int
     token_hash: str
     created_unix: float
     attached: bool = True
     peer: str = ""
     # Set by the stream that holds the session: ends it with the given message when the
-    # broker takes the set (revoke, the declared process exited).
+    # broker takes the set (revoke, the holder process exited).
     on_revoke: Callable[[str], None] | None = None
 
     @property
     def session_id(self) -> int:
         return self.set.set_id
+
+    @property
+    def pid(self) -> int:
+        """The verified holder's pid in the broker's namespace; 0 when unverified."""
+        return self.holder.pid if self.holder is not None else 0
 
     @property
     def client(self) -> str:
@@ -70,12 +126,20 @@ class Session:
 class Sessions:
     """Every live session (attached, or detached in its grace), by set id and by token."""
 
-    def __init__(self, engine: Broker) -> None:
+    def __init__(
+        self, engine: Broker, tickets: TicketBook | None = None, anonymous: str = "allow"
+    ) -> None:
+        if anonymous not in ANONYMOUS_POLICIES:
+            raise ValueError(f"anonymous policy {anonymous!r} not in {ANONYMOUS_POLICIES}")
         self._engine = engine
+        # Where the peer socket's handshakes leave their tickets (broker/peer).
+        self.tickets = tickets if tickets is not None else TicketBook(30.0)
+        self.anonymous = anonymous
         self._sessions: dict[int, Session] = {}
         self._by_token: dict[str, Session] = {}
         self._timers: dict[int, asyncio.TimerHandle] = {}
-        self._pidfds: dict[int, int] = {}  # set_id -> pidfd watched for the holder's exit
+        # set_id -> the holder's pidfd (and any fds delegated with it), watched for exit
+        self._held: dict[int, PeerIdentity] = {}
         self.next_set_id = 1
 
     # -- lookups ------------------------------------------------------------------------
@@ -115,35 +179,95 @@ class Sessions:
         self.next_set_id = next_set_id
 
     def reclaim_departed(self, restart_grace: int) -> None:
-        """After recovery: destroy the sets whose holder died meanwhile; give the others
-        their grace (at least `restart_grace`) to resume."""
+        """After recovery: destroy the sets whose verified holder is gone (pid plus start
+        time no longer match a live process); give the others their grace (at least
+        `restart_grace`) to resume, and watch the live holders again."""
         for sess in list(self._sessions.values()):
-            if not pid_alive(sess.pid):
-                self.destroy_set(sess, "client exited before restart", "set_reclaimed")
-            else:
-                self._schedule_reclaim(
-                    sess, max(restart_grace, sess.grace_seconds), "grace expired after restart"
+            h = sess.holder
+            fd = reopen_holder(h) if h is not None else None
+            if h is not None and fd is None:
+                self.destroy_set(
+                    sess, f"holder process {h.pid} exited before restart", "set_reclaimed"
                 )
-                self._watch_pid(sess)
+                continue
+            self._schedule_reclaim(
+                sess, max(restart_grace, sess.grace_seconds), "grace expired after restart"
+            )
+            if h is not None and fd is not None:
+                self._watch(sess, PeerIdentity(h.pid, h.uid, -1, h.ns_pid, h.start_time, fd))
 
     def close(self) -> None:
-        """Stop: keep every set, cancel every timer and pid watch."""
+        """Stop: keep every set, cancel every timer and pidfd watch."""
         for h in self._timers.values():
             h.cancel()
         self._timers.clear()
-        for set_id in list(self._pidfds):
-            self._unwatch_pid(set_id)
+        for set_id in list(self._held):
+            self._unwatch(set_id)
 
     # -- open / resume ------------------------------------------------------------------
 
-    async def open(
-        self, client: str, pid: int, grace_seconds: int, resume_token: str, peer: str
-    ) -> tuple[Session, str, bool]:
-        """See Broker.open_session."""
-        e = self._engine
+    def take_identity(self, ticket: str, peer: str) -> PeerIdentity | None:
+        """The identity a ticket carries (now owned by the caller), or None without one.
+
+        Raises Unauthenticated for a ticket unknown, replayed or expired, or for no ticket
+        on the Unix socket under --anonymous refuse; InvalidArgument for a ticket over TCP.
+        """
         local = peer.startswith("unix") or peer == ""
-        if local and pid > 0 and not pid_alive(pid):
-            raise InvalidArgument(f"declared pid {pid} does not exist on this host")
+        if not ticket:
+            if local and self.anonymous == "refuse":
+                raise Unauthenticated(
+                    "this broker refuses anonymous sessions (--anonymous refuse): do the peer"
+                    " handshake (pasid_client does it by itself) and present its ticket",
+                    "ANONYMOUS",
+                )
+            return None
+        if not local:
+            raise InvalidArgument(
+                "a ticket proves a local process and is only accepted on the Unix socket"
+            )
+        try:
+            return self.tickets.take(ticket)
+        except TicketError as exc:
+            raise Unauthenticated(str(exc)) from None
+
+    def open(
+        self,
+        client: str,
+        pid: int,
+        grace_seconds: int,
+        resume_token: str,
+        peer: str,
+        ticket: str = "",
+    ) -> tuple[Session, str, bool, asyncio.Future[None]]:
+        """See Broker.open_session. Synchronous on purpose: the set exists from here on,
+        and the caller owns it (ends it in its finally) before it awaits anything."""
+        identity = self.take_identity(ticket, peer)
+        try:
+            return self._open(client, pid, grace_seconds, resume_token, peer, identity)
+        except BaseException:
+            if identity is not None:
+                identity.close()
+            raise
+
+    def _open(
+        self,
+        client: str,
+        pid: int,
+        grace_seconds: int,
+        resume_token: str,
+        peer: str,
+        identity: PeerIdentity | None,
+    ) -> tuple[Session, str, bool, asyncio.Future[None]]:
+        e = self._engine
+        loop = asyncio.get_running_loop()
+        if identity is not None:
+            if pid and pid not in (identity.ns_pid, identity.pid):
+                raise InvalidArgument(
+                    f"declared pid {pid} is not the verified holder: the kernel says pid"
+                    f" {identity.pid} (pid {identity.ns_pid} in its own namespace)"
+                )
+            if not credentials.pidfd_alive(identity.pidfd):
+                raise Conflict(f"holder process {identity.pid} has already exited")
         if resume_token:
             sess = self._by_token.get(hash_token(resume_token))
             if sess is None:
@@ -157,12 +281,16 @@ class Sessions:
                 timer.cancel()
             sess.attached = True
             sess.peer = peer
+            if identity is not None:
+                identity.close()  # the set keeps the holder it was created for
             e.observers.session_opened(sess.session_id, True)
             log.info(
                 "session resumed",
                 extra={"session": sess.session_id, "set": sess.session_id, "held": len(sess.set)},
             )
-            return sess, resume_token, True
+            done: asyncio.Future[None] = loop.create_future()
+            done.set_result(None)
+            return sess, resume_token, True, done
 
         grace = min(max(grace_seconds, 0), e.max_grace)
         set_id = self.next_set_id
@@ -171,56 +299,76 @@ class Sessions:
         th = hash_token(token)
         now = e.clock()
         s = e.allocator.create_set(set_id, client)
-        sess = Session(s, pid, grace, th, now, peer=peer)
+        holder = Holder.of(identity) if identity is not None else None
+        sess = Session(s, holder, grace, th, now, peer=peer)
         self._sessions[set_id] = sess
         self._by_token[th] = sess
+        if identity is not None:
+            self._watch(sess, identity)
 
         def undo() -> None:
             e.allocator.destroy_set(set_id)
             self._forget(sess)
+            self._unwatch(set_id)
 
-        row = SetRow(set_id, client, pid, s.quota, grace, th, now)
-        await e.journal.submit(CreateSet(row), undo, None)
-        e.observers.session_opened(set_id, False)
-        if local:
-            self._watch_pid(sess)
-        log.info(
-            "session opened",
-            extra={
-                "session": set_id,
-                "set": set_id,
-                "client": client,
-                "pid": pid,
-                "grace": grace,
-                "peer": peer,
-            },
+        h = holder
+        row = SetRow(
+            set_id,
+            client,
+            sess.pid,
+            s.quota,
+            grace,
+            th,
+            now,
+            h.start_time if h else None,
+            h.uid if h else None,
+            h.ns_pid if h else None,
+            (h.delegated_by_pid or None) if h else None,
         )
-        return sess, token, False
+        created = e.journal.submit(CreateSet(row), undo, None)
+
+        def opened(f: asyncio.Future[None]) -> None:
+            if f.cancelled() or f.exception() is not None:
+                return
+            e.observers.session_opened(set_id, False)
+            log.info(
+                "session opened",
+                extra={
+                    "session": set_id,
+                    "set": set_id,
+                    "client": client,
+                    "pid": sess.pid,
+                    "uid": h.uid if h else None,
+                    "ns_pid": h.ns_pid if h else None,
+                    "delegated_by": h.delegated_by_pid if h else None,
+                    "verified": h is not None,
+                    "grace": grace,
+                    "peer": peer,
+                },
+            )
+
+        created.add_done_callback(opened)
+        return sess, token, False, created
 
     # -- the holder's process -------------------------------------------------------------
 
-    def _watch_pid(self, sess: Session) -> None:
-        """Reclaim the set when its declared local process exits, even if a connection
-        lingers (e.g. held by a helper). pidfd: no polling, no pid-reuse race."""
-        if sess.pid <= 0 or sess.session_id in self._pidfds:
-            return
-        try:
-            fd = os.pidfd_open(sess.pid)
-        except (OSError, AttributeError):
-            return  # gone already (recovery handles it), or no pidfd: the stream still tells
-        self._pidfds[sess.session_id] = fd
-        asyncio.get_running_loop().add_reader(fd, self._pid_exited, sess)
+    def _watch(self, sess: Session, identity: PeerIdentity) -> None:
+        """Own the holder's pidfd and reclaim the set the moment it polls readable (the
+        process exited), even if a connection lingers (an fd inherited by a child)."""
+        self._held[sess.session_id] = identity
+        asyncio.get_running_loop().add_reader(identity.pidfd, self._holder_exited, sess)
 
-    def _unwatch_pid(self, set_id: int) -> None:
-        fd = self._pidfds.pop(set_id, None)
-        if fd is not None:
-            asyncio.get_running_loop().remove_reader(fd)
-            os.close(fd)
+    def _unwatch(self, set_id: int) -> None:
+        identity = self._held.pop(set_id, None)
+        if identity is not None:
+            with contextlib.suppress(ValueError, OSError):
+                asyncio.get_running_loop().remove_reader(identity.pidfd)
+            identity.close()
 
-    def _pid_exited(self, sess: Session) -> None:
-        self._unwatch_pid(sess.session_id)
+    def _holder_exited(self, sess: Session) -> None:
+        self._unwatch(sess.session_id)
         if self._sessions.get(sess.session_id) is sess and not self._engine.stopping:
-            self.reclaim(sess, f"client process {sess.pid} exited")
+            self.reclaim(sess, f"holder process {sess.pid} exited")
 
     # -- ends -----------------------------------------------------------------------------
 
@@ -253,8 +401,8 @@ class Sessions:
         if not sess.attached:
             return
         sess.attached = False
-        if self._engine.stopping:
-            return
+        if self._engine.stopping or self._sessions.get(sess.session_id) is not sess:
+            return  # kept for a restart; or its creation was undone (a failed commit)
         if sess.grace_seconds > 0:
             log.info(
                 "session detached",
@@ -296,7 +444,7 @@ class Sessions:
         quota = sess.set.quota
         freed = e.allocator.destroy_set(set_id)
         self._forget(sess)
-        self._unwatch_pid(set_id)
+        self._unwatch(set_id)
         e.backend_calls.release(freed)
 
         def undo() -> None:

@@ -21,6 +21,7 @@ from broker import backends
 from broker.config import Config
 from broker.engine import Broker
 from broker.metrics import Metrics
+from broker.peer import PeerServer, TicketBook
 from broker.service.servicer import PasidAdminServicer, PasidBrokerServicer
 from broker.store import SqliteStore
 
@@ -55,24 +56,39 @@ def acquire_lock(db: str) -> IO[str]:
     return f
 
 
-def server_options(config: Config) -> list[tuple[str, int]]:
+def server_options(config: Config, *, remote: bool) -> list[tuple[str, int]]:
+    """gRPC server options. Keepalive pings only where the peer is remote (TCP).
+
+    The liveness rule (docs/peer-identity.md): a local client ends with its process or
+    its stream, never because it stopped answering pings. A SIGSTOPped VMM (paused,
+    under a debugger, frozen by CRIU) answers nothing, yet the kernel keeps its set; so
+    the Unix socket's server sends no pings. Remote peers have no pidfd, and a half-open
+    TCP connection is only found by pinging: that server pings.
+    """
     ka = int(config.keepalive_seconds * 1000)
-    return [
+    opts = [
         # A second daemon must not silently share a TCP port.
         ("grpc.so_reuseport", 0),
-        # Find silent peers: ping every ka, drop after ka/2 without an answer. The ping
-        # timeout defaults to 60 s once keepalive is on; set it, or a frozen client holds
-        # its set for over a minute.
-        ("grpc.keepalive_time_ms", ka),
-        ("grpc.keepalive_timeout_ms", max(ka // 2, 1000)),
-        ("grpc.http2.ping_timeout_ms", max(ka // 2, 1000)),
-        ("grpc.keepalive_permit_without_calls", 1),
         # Accept client pings as often as every ka/2 on idle streams (a VMM's session is
         # idle for hours): with grpc's default (5 min) an idle client pinging every 10 s
         # is sent GOAWAY too_many_pings after two strikes, and its set would be destroyed.
         ("grpc.http2.min_ping_interval_without_data_ms", max(ka // 2, 500)),
         ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
     ]
+    if remote:
+        # Find silent peers: ping every ka, drop after ka/2 without an answer. The ping
+        # timeout defaults to 60 s once keepalive is on; set it, or a dead remote client
+        # holds its set for over a minute.
+        opts += [
+            ("grpc.keepalive_time_ms", ka),
+            ("grpc.keepalive_timeout_ms", max(ka // 2, 1000)),
+            ("grpc.http2.ping_timeout_ms", max(ka // 2, 1000)),
+        ]
+    else:
+        # grpc's default keepalive_time for servers is 2 h: make "never" explicit.
+        opts += [("grpc.keepalive_time_ms", 2**31 - 1)]
+    return opts
 
 
 def _grpc_server(
@@ -80,8 +96,12 @@ def _grpc_server(
     servicer: PasidBrokerServicer,
     health_servicer: health.aio.HealthServicer,
     metrics: Metrics,
+    *,
+    remote: bool = False,
 ) -> grpc.aio.Server:
-    server = grpc.aio.server(options=server_options(config), interceptors=[metrics.rpc_timer()])
+    server = grpc.aio.server(
+        options=server_options(config, remote=remote), interceptors=[metrics.rpc_timer()]
+    )
     pb_grpc.add_PasidBrokerServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME]
@@ -103,6 +123,8 @@ async def serve(config: Config) -> int:
         vfio_fallback=config.vfio_fallback,
     )
     store = SqliteStore(config.db, event_retention=config.event_retention)
+    # Handshakes on the peer socket leave tickets here; OpenSession takes them.
+    tickets = TicketBook(config.ticket_seconds)
     broker = Broker(
         metrics.instrument(backend),
         store,
@@ -111,6 +133,8 @@ async def serve(config: Config) -> int:
         quarantine=config.quarantine,
         max_grace=config.max_grace,
         restart_grace=config.restart_grace,
+        tickets=tickets,
+        anonymous=config.anonymous,
     )
     # Metrics observe the engine (commits, set ends, recovery); the engine knows no
     # metric names. RPCs are timed by the interceptor, stream ops by the servicer's hook.
@@ -130,7 +154,10 @@ async def serve(config: Config) -> int:
     server = _grpc_server(config, servicer, health_servicer, metrics)
     sock = Path(config.socket)
     addresses = [f"unix:{sock}"] + ([config.listen] if config.listen else [])
-    servers = [(server, addresses, [(sock, config.socket_mode)])]
+    servers = [(server, [f"unix:{sock}"], [(sock, config.socket_mode)])]
+    if config.listen:  # its own server: keepalive pings for remote peers only
+        tcp = _grpc_server(config, servicer, health_servicer, metrics, remote=True)
+        servers.append((tcp, [config.listen], []))
     admin_servicer: PasidBrokerServicer | None = None
     if config.admin_socket:
         admin_servicer = PasidBrokerServicer(
@@ -140,6 +167,7 @@ async def serve(config: Config) -> int:
         pb_grpc.add_PasidAdminServicer_to_server(PasidAdminServicer(broker, admin_servicer), admin)
         admin_sock = Path(config.admin_socket)
         servers.append((admin, [f"unix:{admin_sock}"], [(admin_sock, 0o600)]))
+    peer = PeerServer(config.peer_socket, tickets, mode=config.socket_mode)
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, not_serving)
@@ -153,6 +181,10 @@ async def serve(config: Config) -> int:
         await srv.start()
         for path, mode in socks:
             os.chmod(path, mode)
+    try:
+        peer.start()
+    except OSError as exc:
+        raise StartupError(f"cannot listen on peer socket {config.peer_socket}: {exc}") from None
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -168,6 +200,8 @@ async def serve(config: Config) -> int:
             extra={
                 "addresses": ",".join(addresses),
                 "admin": config.admin_socket or "off",
+                "peer_socket": config.peer_socket,
+                "anonymous": config.anonymous,
                 # The backend actually serving: a --vfio-fallback may have replaced vfio.
                 "backend": broker.caps.name if broker.caps else config.backend,
                 "db": config.db,
@@ -186,6 +220,7 @@ async def serve(config: Config) -> int:
     finally:
         for srv, _, _ in servers:
             await srv.stop(0)
+        await peer.close()
         await broker.stop()
         metrics.close()
         for _, _, socks in servers:

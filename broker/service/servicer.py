@@ -102,6 +102,12 @@ def _set_info(sess: BrokerSession, with_ranges: bool = True) -> pb.SetInfo:
         quota=sess.set.quota,
         grace_seconds=sess.grace_seconds,
     )
+    h = sess.holder
+    if h is not None:
+        info.verified = True
+        info.uid = h.uid
+        info.ns_pid = h.ns_pid
+        info.delegated_by_pid = h.delegated_by_pid
     if with_ranges:
         info.ranges.extend(pb.PasidRange(min=lo, max=hi) for lo, hi in runs(sess.set.pasids))
     return info
@@ -154,18 +160,22 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
             raise InvalidArgument("the first message of a Session must be open")
         o = first.open
         t_open = time.perf_counter()
-        sess, token, resumed = await self.broker.open_session(
-            o.client, o.pid, o.grace_seconds, o.resume_token, context.peer()
+        # Atomic open: the set exists once open_session returns, and this stream owns it
+        # from that instant: no await until the try whose finally ends the session.
+        sess, token, resumed, created = self.broker.open_session(
+            o.client, o.pid, o.grace_seconds, o.resume_token, context.peer(), o.ticket
         )
-        self._op_done("open", t_open)
         # Replies wait for their commits, in request order; reading goes on meanwhile so
         # that a pipelining client's requests share group commits.
         replies: asyncio.Queue[_Item] = asyncio.Queue()
         sess.on_revoke = lambda why: replies.put_nowait(_End(grpc.StatusCode.ABORTED, why))
         self._streams.add(replies)
-        reader = asyncio.create_task(self._read(sess, request_iterator, replies))
+        reader: asyncio.Task[None] | None = None
         end: _End | None = None
         try:
+            await created  # durable before it is acknowledged
+            self._op_done("open", t_open)
+            reader = asyncio.create_task(self._read(sess, request_iterator, replies))
             yield pb.SessionResponse(
                 tag=first.tag,
                 opened=pb.SessionOpened(
@@ -176,6 +186,7 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
                     quota=sess.set.quota,
                     resumed=resumed,
                     grace_seconds=sess.grace_seconds,
+                    verified=sess.holder is not None,
                 ),
             )
             while (item := await replies.get()) is not None:
@@ -194,7 +205,8 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
                 resp.tag = tag
                 yield resp
         finally:
-            reader.cancel()
+            if reader is not None:
+                reader.cancel()
             self._streams.discard(replies)
             sess.on_revoke = None
             self.broker.end_session(sess, "client disconnected")
@@ -344,6 +356,10 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
                 set_id=ev.set_id,
                 pasids=[pb.PasidRange(min=lo, max=hi) for lo, hi in runs(ev.pasids)],
                 reason=ev.reason,
+                verified=ev.uid is not None,
+                pid=ev.pid or 0,
+                uid=ev.uid or 0,
+                ns_pid=ev.ns_pid or 0,
             )
 
     def _list(self, sess: BrokerSession | None, all_sets: bool) -> pb.ListResponse:
