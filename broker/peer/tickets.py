@@ -20,8 +20,8 @@ from typing import Any
 TICKET_BYTES = 32
 # Each outstanding ticket holds an fd: bound them so a loop of handshakes cannot exhaust
 # the broker's descriptors before the tickets expire.
-MAX_PER_UID = 256
-MAX_TOTAL = 4096
+MAX_PER_UID = 1024
+MAX_TOTAL = 8192
 MAX_SPENT = 65536  # used/expired hashes remembered for a clearer error, then forgotten
 
 

@@ -7,6 +7,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import resource
 import signal
 from pathlib import Path
 from typing import IO
@@ -18,7 +19,7 @@ from pasid.v1 import broker_pb2 as pb
 from pasid.v1 import broker_pb2_grpc as pb_grpc
 
 from broker import backends
-from broker.config import Config
+from broker.config import Config, peer_socket_path
 from broker.engine import Broker
 from broker.metrics import Metrics
 from broker.peer import PeerServer, TicketBook
@@ -111,8 +112,17 @@ def _grpc_server(
     return server
 
 
+def raise_fd_limit() -> None:
+    """Each verified session holds its holder's pidfd (and each unused ticket one): lift
+    the soft RLIMIT_NOFILE to the hard one, as daemons holding many fds do."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 async def serve(config: Config) -> int:
     lock = acquire_lock(config.db)
+    raise_fd_limit()
     metrics = Metrics()
     backend: backends.Backend = backends.create(
         config.backend,
@@ -167,7 +177,8 @@ async def serve(config: Config) -> int:
         pb_grpc.add_PasidAdminServicer_to_server(PasidAdminServicer(broker, admin_servicer), admin)
         admin_sock = Path(config.admin_socket)
         servers.append((admin, [f"unix:{admin_sock}"], [(admin_sock, 0o600)]))
-    peer = PeerServer(config.peer_socket, tickets, mode=config.socket_mode)
+    peer_path = peer_socket_path(config.peer_socket, config.socket)
+    peer = PeerServer(peer_path, tickets, mode=config.socket_mode)
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, not_serving)
@@ -176,15 +187,18 @@ async def serve(config: Config) -> int:
         for path, _mode in socks:
             path.parent.mkdir(parents=True, exist_ok=True)
         for addr in addrs:
-            if srv.add_insecure_port(addr) == 0:
+            port = srv.add_insecure_port(addr)
+            if port == 0:
                 raise StartupError(f"cannot listen on {addr}")
+            if addr == config.listen and addr.endswith(":0"):  # log the port it picked
+                addresses[addresses.index(addr)] = f"{addr[:-2]}:{port}"
         await srv.start()
         for path, mode in socks:
             os.chmod(path, mode)
     try:
         peer.start()
     except OSError as exc:
-        raise StartupError(f"cannot listen on peer socket {config.peer_socket}: {exc}") from None
+        raise StartupError(f"cannot listen on peer socket {peer_path}: {exc}") from None
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -200,7 +214,7 @@ async def serve(config: Config) -> int:
             extra={
                 "addresses": ",".join(addresses),
                 "admin": config.admin_socket or "off",
-                "peer_socket": config.peer_socket,
+                "peer_socket": peer_path,
                 "anonymous": config.anonymous,
                 # The backend actually serving: a --vfio-fallback may have replaced vfio.
                 "backend": broker.caps.name if broker.caps else config.backend,

@@ -72,31 +72,33 @@ def test_half_open_tcp_client_is_dropped_by_keepalive(
         proc.wait()
 
 
-def test_declared_process_exit_reclaims_even_if_connection_lingers(
+def test_delegated_process_exit_reclaims_even_if_connection_lingers(
     broker: BrokerProcess, admin: Client
 ) -> None:
-    """A sidecar holds the stream for a VMM and declares the VMM's pid: the VMM's exit
+    """A sidecar holds the stream for a VMM and delegates the VMM's pidfd: the VMM's exit
     reclaims the set, and the sidecar's stream ends with ABORTED."""
     vmm = subprocess.Popen(["sleep", "60"])
     try:
-        with Client(broker.address) as c, c.session("sidecar", pid=vmm.pid) as s:
+        with Client(broker.address) as c, c.session("sidecar", delegate_pid=vmm.pid) as s:
             s.alloc(1, 100, count=3)
             [view] = admin.list_sets()
-            assert (view.pid, view.peer) == (vmm.pid, "unix:")
+            assert (view.pid, view.peer, view.verified) == (vmm.pid, "unix:", True)
             vmm.kill()
             vmm.wait()
-            wait_until(lambda: c.info().in_use == 0, 5, what="reclaim on the pid's exit")
+            wait_until(lambda: c.info().in_use == 0, 5, what="reclaim on the holder's exit")
             with pytest.raises((Aborted, Unavailable)):
                 s.alloc(1, 100)
     finally:
         vmm.kill()
 
 
-def test_declaring_a_dead_pid_is_refused(client: Client) -> None:
+def test_declaring_a_pid_that_is_not_the_caller_is_refused(client: Client) -> None:
+    """The declared pid is a claim checked against the kernel's answer, never opened."""
     p = subprocess.Popen(["true"])
     p.wait()
-    with pytest.raises(InvalidArgument, match=f"declared pid {p.pid} does not exist"):
+    with pytest.raises(InvalidArgument, match=f"declared pid {p.pid} is not the verified holder"):
         client.session("x", pid=p.pid)
+    assert client.info().sets == 0
 
 
 def test_grace_expiry_reclaims_and_the_token_dies(
