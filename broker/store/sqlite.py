@@ -126,6 +126,11 @@ def decode_runs(text: str) -> tuple[int, ...]:
     return tuple(out)
 
 
+_SET_PASIDS = "SELECT pasid FROM allocations WHERE set_id = ? ORDER BY pasid"
+_DELETE_SET_PASIDS = "DELETE FROM allocations WHERE set_id = ?"
+_DELETE_SET = "DELETE FROM sets WHERE set_id = ?"
+
+
 def _holder_of(rec: Record) -> tuple[int | None, int | None, int | None]:
     """A set_created event names its verified holder: (pid, uid, ns_pid), or NULLs."""
     if isinstance(rec, CreateSet) and rec.row.uid is not None:
@@ -383,15 +388,11 @@ class SqliteStore:
             )
             return ("set_created", r.set_id, (), r.client)
         if isinstance(rec, DestroySet):
-            held = [
-                p
-                for (p,) in conn.execute(
-                    select(allocations.c.pasid)
-                    .where(allocations.c.set_id == rec.set_id)
-                    .order_by(allocations.c.pasid)
-                )
-            ]
-            conn.execute(delete(allocations).where(allocations.c.set_id == rec.set_id))
-            conn.execute(delete(sets).where(sets.c.set_id == rec.set_id))
+            # Driver SQL, not Core expressions: building and compiling three statements
+            # per set cost ~1 ms, and 30 clients dying at once wait for one another's.
+            sid = (rec.set_id,)
+            held = [p for (p,) in conn.exec_driver_sql(_SET_PASIDS, sid)]
+            conn.exec_driver_sql(_DELETE_SET_PASIDS, sid)
+            conn.exec_driver_sql(_DELETE_SET, sid)
             return (rec.kind, rec.set_id, held, rec.reason)
         raise TypeError(f"unknown record {rec!r}")  # pragma: no cover - exhaustive
