@@ -11,7 +11,8 @@ servicer call a few cheap hooks; everything else is read at scrape time:
 
 Cardinality: no label takes a per-client or per-session value except
 `pasid_broker_top_client_pasids{client}`, which exposes at most TOP_CLIENTS clients (the
-largest holders) plus one `client="(other)"` series for the rest.
+largest holders) plus one `client="(other)"` series for the rest, and
+`pasid_broker_top_holder_pasids{set_id,client,pid,uid,ns_pid}`, at most TOP_CLIENTS sets.
 """
 
 from __future__ import annotations
@@ -159,6 +160,11 @@ class State:
     sets_detached: int
     quotas: tuple[tuple[str, int], ...]
     top_clients: tuple[tuple[str, int], ...]
+    # Sets by holder identity: kernel-verified (peer handshake) or anonymous.
+    sets_verified: int = 0
+    sets_anonymous: int = 0
+    # The largest verified sets: (set_id, client, pid, uid, ns_pid, PASIDs held).
+    top_holders: tuple[tuple[int, str, int, int, int, int], ...] = ()
 
 
 def take_state(broker: Broker, top: int = TOP_CLIENTS) -> State | None:
@@ -168,9 +174,13 @@ def take_state(broker: Broker, top: int = TOP_CLIENTS) -> State | None:
     i = broker.info()
     per_client: dict[str, int] = {}
     detached = 0
+    holders: list[tuple[int, str, int, int, int, int]] = []
     for s in broker.sessions():
         per_client[s.client] = per_client.get(s.client, 0) + len(s.set)
         detached += not s.attached
+        h = s.holder
+        if h is not None:
+            holders.append((s.session_id, s.client, h.pid, h.uid, h.ns_pid, len(s.set)))
     ranked = sorted(per_client.items(), key=lambda kv: (-kv[1], kv[0]))
     shown = ranked[:top]
     rest = sum(n for _, n in ranked[top:])
@@ -187,6 +197,9 @@ def take_state(broker: Broker, top: int = TOP_CLIENTS) -> State | None:
         sets_detached=detached,
         quotas=(("set", q.per_set), ("client", q.per_client), ("global", q.global_)),
         top_clients=(*shown, (OTHER, rest)),
+        sets_verified=len(holders),
+        sets_anonymous=i.sets - len(holders),
+        top_holders=tuple(sorted(holders, key=lambda h: (-h[5], h[0]))[:top]),
     )
 
 
@@ -251,6 +264,25 @@ class _StateCollector(Collector):
         for client, n in st.top_clients:
             top.add_metric([client], float(n))
         yield top
+        ident = GaugeMetricFamily(
+            "pasid_broker_sets_by_identity",
+            "ioasid_sets by holder: 'verified' (the kernel named the process in the peer"
+            " handshake) or 'anonymous' (bound to stream and grace only).",
+            labels=["identity"],
+        )
+        ident.add_metric(["verified"], float(st.sets_verified))
+        ident.add_metric(["anonymous"], float(st.sets_anonymous))
+        yield ident
+        holders = GaugeMetricFamily(
+            "pasid_broker_top_holder_pasids",
+            f"PASIDs held by the {TOP_CLIENTS} largest sets with a kernel-verified holder:"
+            " its pid (broker's pid namespace), uid, and ns_pid (its pid in its own"
+            " namespace).",
+            labels=["set_id", "client", "pid", "uid", "ns_pid"],
+        )
+        for set_id, client, pid, uid, ns_pid, n in st.top_holders:
+            holders.add_metric([str(set_id), client, str(pid), str(uid), str(ns_pid)], float(n))
+        yield holders
 
 
 class Metrics(Observer):

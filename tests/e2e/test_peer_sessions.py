@@ -29,6 +29,7 @@ from tests.harness import (
     db_holdings,
     wait_until,
 )
+from tests.metrics.scrape import scrape
 from tests.peer.conftest import need
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -157,6 +158,16 @@ def test_sidecar_delegation_binds_the_set_to_the_vmm(
     ans, sidecar = holder(procs, broker.address, "--delegate-pid", str(vmm.pid), "--grace", "60")
     view = sets(broker)[ans["session_id"]]
     assert view.verified and view.pid == vmm.pid and view.delegated_by_pid == sidecar.pid
+    m = scrape(broker.metrics_url)  # metrics name the verified holder too
+    assert m.value("pasid_broker_sets_by_identity", identity="verified") == 1
+    held = m.value(
+        "pasid_broker_top_holder_pasids",
+        set_id=str(view.set_id),
+        pid=str(vmm.pid),
+        uid=str(os.getuid()),
+        ns_pid=str(vmm.pid),
+    )
+    assert held == 3
     sidecar.kill()  # the sidecar goes: its stream ends, the set waits its grace
     sidecar.wait()
     wait_until(lambda: sets(broker)[ans["session_id"]].state == "detached", what="detach")

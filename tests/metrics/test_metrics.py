@@ -44,6 +44,8 @@ GAUGES = {
     "pasid_broker_sets",
     "pasid_broker_quota_limit_pasids",
     "pasid_broker_top_client_pasids",
+    "pasid_broker_sets_by_identity",
+    "pasid_broker_top_holder_pasids",
     "pasid_broker_recovery_duration_seconds",
     "pasid_broker_recovery_replayed_pasids",
     "pasid_broker_recovery_sets",
@@ -90,11 +92,14 @@ def test_names_types_and_buckets_follow_prometheus_conventions(
     assert (
         m.value("pasid_broker_request_duration_seconds_bucket", rpc="Session/alloc", le="1.0") == 1
     )
-    # No per-session label anywhere; `client` only on the bounded top-holders gauge.
+    # No per-session label anywhere but on the two bounded top-N gauges: `client` on
+    # both, the verified holder's set_id, pid, uid and ns_pid on the top holders.
+    top_n = {"pasid_broker_top_client_pasids", "pasid_broker_top_holder_pasids"}
+    assert m.value("pasid_broker_top_holder_pasids") == 0  # this test's set, emptied by free
     for s in m.samples:
-        assert not {"session", "set", "set_id", "token", "pid"} & set(s.labels), s
-        if "client" in s.labels:
-            assert s.name == "pasid_broker_top_client_pasids", s
+        assert "session" not in s.labels and "token" not in s.labels, s
+        if {"client", "set_id", "pid", "uid", "ns_pid"} & set(s.labels):
+            assert s.name in top_n, s
 
 
 def test_gauges_match_what_the_broker_reports(broker: BrokerProcess, client: Client) -> None:
