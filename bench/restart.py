@@ -1,10 +1,11 @@
 """Restart with 1 M PASIDs held: time to SERVING and resident memory.
 
 Targets: serving again <= 5 s after a restart with 1 M PASIDs held; <= 250 MB RSS at 1 M
-held. A database with HELD PASIDs in SETS sets (whose declared pid is alive, so recovery
-keeps them) is written through the store, then a real broker process is started on it
-and timed from exec to health SERVING; its VmRSS is read from /proc. The baseline is the
-same start on an empty database, in the same run.
+held. A database with HELD PASIDs in SETS sets (whose verified holder, pid plus start
+time, is alive, so recovery checks and watches each one and keeps them) is written
+through the store, then a real broker process is started on it and timed from exec to
+health SERVING; its VmRSS is read from /proc. The baseline is the same start on an empty
+database, in the same run.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import subprocess
 import time
 
+from broker.peer import credentials
 from broker.store import AddPasids, CreateSet, SetRow, SqliteStore
 from tests.harness import BrokerProcess
 
@@ -29,11 +31,12 @@ def fill(db: str, held: int, sets: int, pid: int) -> None:
     st = SqliteStore(db)
     st.open()
     per = held // sets
+    started = credentials.start_time(pid)
     for i in range(sets):
         lo = 1 + i * per
         st.commit(
             [
-                CreateSet(SetRow(i + 1, f"vm{i}", pid, 0, 60, f"{i:064x}", 0.0)),
+                CreateSet(SetRow(i + 1, f"vm{i}", pid, 0, 60, f"{i:064x}", 0.0, started, 0, pid)),
                 AddPasids(i + 1, tuple(range(lo, lo + per))),
             ]
         )
@@ -51,7 +54,7 @@ def start_to_serving(b: BrokerProcess) -> tuple[float, float]:
 def main(quick: bool = False) -> int:
     held = 100_000 if quick else int(os.environ.get("BENCH_RESTART_HELD", "1000000"))
     sets = 100 if quick else 1000
-    keeper = subprocess.Popen(["sleep", "3600"])  # the sets' declared pid: alive
+    keeper = subprocess.Popen(["sleep", "3600"])  # the sets' holder: alive
     args = (
         "--quota-per-set",
         "0",
