@@ -193,6 +193,7 @@ class PeerServer:
         self.fd_checks: dict[str, FdCheck] = dict(fd_checks or {})
         self._sock: socket.socket | None = None
         self._task: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self._conns: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(MAX_CONCURRENT)
 
@@ -212,13 +213,23 @@ class PeerServer:
         os.chmod(self.path, self.mode)
         s.listen(128)
         self._sock = s
-        self._task = asyncio.get_running_loop().create_task(self._accept_loop(s))
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._accept_loop(s))
+        self._sweeper = loop.create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        """Close the fds of tickets nobody used, soon after they expire, even when no
+        handshake or open comes along to prune the book."""
+        while True:
+            await asyncio.sleep(max(self.book.ttl / 2, 0.5))
+            self.book.expire()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._sweeper):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for t in list(self._conns):
             t.cancel()
         if self._sock is not None:

@@ -256,7 +256,17 @@ def cmd_hold(c: Client, args: argparse.Namespace) -> int:
             )
 
         _emit(args, data, text)
+        ended: list[PasidClientError] = []
+
+        def watch_end() -> None:  # the broker may end the session first
+            ended.append(s.wait_ended())
+            stop.set()
+
+        threading.Thread(target=watch_end, daemon=True).start()
         stop.wait()
+        if ended:
+            print(f"pasidctl: session ended by the broker: {ended[0]}", file=sys.stderr)
+            return 1
     if not args.json:
         print("released", flush=True)
     return 0

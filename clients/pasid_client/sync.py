@@ -20,7 +20,12 @@ from pasid.v1 import broker_pb2_grpc as pb_grpc
 
 from pasid_client import address as _address
 from pasid_client.aio import _error_of
-from pasid_client.errors import Unavailable, from_admin_rpc_error, from_rpc_error
+from pasid_client.errors import (
+    PasidClientError,
+    Unavailable,
+    from_admin_rpc_error,
+    from_rpc_error,
+)
 from pasid_client.handshake import open_request, ticket_for
 from pasid_client.types import ALL, Event, Info, SetView
 
@@ -86,6 +91,16 @@ class Session:
     def list(self) -> SetView:
         """This session's set."""
         return SetView.from_pb(self._request(list=pb.ListRequest()).list.sets[0])
+
+    def wait_ended(self) -> PasidClientError:
+        """Block until the broker ends this session's stream (its holder exited, a revoke,
+        a shutdown) and return how it ended (Aborted, Unavailable, ...). Call it only with
+        no request in flight: the session is not thread-safe."""
+        try:
+            while True:
+                self._next()
+        except PasidClientError as exc:
+            return exc
 
     def close(self) -> None:
         """End the stream; the broker destroys the set (or keeps it for the grace)."""

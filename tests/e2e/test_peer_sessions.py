@@ -309,3 +309,55 @@ def test_restart_recognises_the_holder_by_pid_and_start_time(
     p.kill()  # the holder, watched again after the restart, exits: reclaimed now
     wait_until(lambda: not sets(broker), 5, 0.02, "set reclaimed on holder exit")
     assert p2.poll() is None  # the other holder lived all along
+
+
+# -- the client library and pasidctl -------------------------------------------------------
+
+
+def test_async_client_handshakes_and_delegates_by_pidfd(
+    broker: BrokerProcess, procs: list[subprocess.Popen[str]]
+) -> None:
+    import asyncio
+
+    from pasid_client import AsyncClient
+
+    vmm = start(procs, ["sleep", "60"])
+
+    async def run() -> None:
+        async with AsyncClient(broker.address) as c:
+            async with c.session("own") as s:
+                assert s.verified
+                assert sets(broker)[s.set_id].pid == os.getpid()
+            fd = os.pidfd_open(vmm.pid)
+            try:
+                async with c.session("for-vmm", delegate_pidfd=fd) as s:
+                    view = sets(broker)[s.set_id]
+                    assert (view.pid, view.delegated_by_pid) == (vmm.pid, os.getpid())
+            finally:
+                os.close(fd)
+
+    asyncio.run(run())
+
+
+def test_without_a_peer_socket_the_library_opens_anonymously(broker: BrokerProcess) -> None:
+    """An older broker has no peer socket: the library still works, anonymously."""
+    with Client(broker.address, peer_socket="/nonexistent/peer.sock") as c, c.session() as s:
+        assert not s.verified and not sets(broker)[s.set_id].verified
+
+
+def test_pasidctl_hold_delegates_and_sets_shows_the_holder(
+    broker: BrokerProcess, procs: list[subprocess.Popen[str]]
+) -> None:
+    vmm = start(procs, ["sleep", "60"])
+    ctl = [sys.executable, "-m", "pasid_client.cli", "--socket", broker.socket]
+    hold = start(procs, [*ctl, "hold", "--json", "--count", "2", "--delegate-pid", str(vmm.pid)])
+    ans = read(hold)
+    assert ans["verified"] is True and ans["pasids"] == [1, 2]
+    out = subprocess.run([*ctl, "sets"], capture_output=True, text=True, env=ENV, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    header, row = out.stdout.splitlines()[:2]
+    assert header.split()[3:6] == ["PID", "UID", "NS_PID"]
+    assert row.split()[3:6] == [str(vmm.pid), str(os.getuid()), str(vmm.pid)]
+    vmm.kill()  # the VMM's exit takes the set (and ends the hold)
+    wait_until(lambda: not sets(broker), what="set reclaimed with the VMM")
+    assert hold.wait(10) == 1  # hold ends, saying the broker ended the session

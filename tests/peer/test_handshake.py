@@ -61,6 +61,16 @@ def test_stale_ticket_is_refused_and_its_pidfd_closed() -> None:
         f.close()
 
 
+def test_unused_tickets_are_swept_without_further_traffic() -> None:
+    f = PeerFixture(ttl=0.2)
+    try:
+        f.client()
+        assert len(f.book) == 1
+        wait_until(lambda: len(f.book) == 0, 5, 0.05, "the sweeper closes the unused ticket")
+    finally:
+        f.close()
+
+
 def test_namespace_client_gets_its_host_pid(peer: PeerFixture) -> None:
     need("unshare", "--pid", "--fork", "--mount-proc")
     ans, proc = peer.client(prefix=("unshare", "--pid", "--fork", "--mount-proc"), linger=True)
