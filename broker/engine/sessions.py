@@ -153,6 +153,12 @@ class Sessions:
     def __len__(self) -> int:
         return len(self._sessions)
 
+    def identity_of(self, set_id: int) -> PeerIdentity | None:
+        """The verified holder's live identity: its pidfd, and the fds delegated with it
+        (PeerIdentity.fds, .devices: issue 14's iommufd/device fds), owned by the set and
+        closed when it is destroyed. None for an anonymous set."""
+        return self._held.get(set_id)
+
     def attached(self) -> int:
         return sum(1 for s in self._sessions.values() if s.attached)
 

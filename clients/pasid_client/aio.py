@@ -29,7 +29,7 @@ from pasid_client.errors import (
     from_status_code_int,
     make_error,
 )
-from pasid_client.handshake import open_request, ticket_for
+from pasid_client.handshake import Ticket, open_request, ticket_for
 from pasid_client.types import ALL, Event, Info, SetView
 
 
@@ -231,16 +231,18 @@ class AsyncClient:
         resume_token: str = "",
         delegate_pid: int | None = None,
         delegate_pidfd: int | None = None,
+        ticket: Ticket | None = None,
     ) -> _SessionOpener:
         """Open (or with resume_token, resume) a session. On a Unix socket the peer
         handshake runs first (docs/peer-identity.md): the set then dies exactly with this
         process. A sidecar passes `delegate_pid` or `delegate_pidfd` of the process that
-        should hold the set (its VMM). Raises NotFound for an unknown resume token,
-        FailedPrecondition if it is attached elsewhere, PermissionDenied (delegation
-        refused), Unauthenticated, Unavailable."""
+        should hold the set (its VMM), or `ticket` one obtained with obtain_ticket
+        (e.g. carrying extra fds) instead of the automatic handshake. Raises NotFound for
+        an unknown resume token, FailedPrecondition if it is attached elsewhere,
+        PermissionDenied (delegation refused), Unauthenticated, Unavailable."""
 
         async def request() -> pb.OpenSession:
-            t = await asyncio.to_thread(
+            t = ticket or await asyncio.to_thread(
                 ticket_for,
                 self.target,
                 peer_socket=self.peer_socket,

@@ -26,7 +26,7 @@ from pasid_client.errors import (
     from_admin_rpc_error,
     from_rpc_error,
 )
-from pasid_client.handshake import open_request, ticket_for
+from pasid_client.handshake import Ticket, open_request, ticket_for
 from pasid_client.types import ALL, Event, Info, SetView
 
 
@@ -226,14 +226,17 @@ class Client:
         resume_token: str = "",
         delegate_pid: int | None = None,
         delegate_pidfd: int | None = None,
+        ticket: Ticket | None = None,
     ) -> Session:
         """Open or resume a session. On a Unix socket the peer handshake runs first, so
         the broker knows this process from the kernel and destroys the set when it exits.
         A sidecar passes `delegate_pid` (or a pidfd it holds, `delegate_pidfd`) of the
         process that should hold the set, e.g. its VMM; it must be allowed to signal it.
+        `ticket`: one obtained with pasid_client.obtain_ticket (e.g. carrying extra fds)
+        instead of the automatic handshake.
         Raises NotFound, FailedPrecondition, PermissionDenied (delegation refused),
         Unauthenticated, Unavailable."""
-        t = ticket_for(
+        t = ticket or ticket_for(
             self.target,
             peer_socket=self.peer_socket,
             delegate_pid=delegate_pid,

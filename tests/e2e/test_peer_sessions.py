@@ -19,7 +19,7 @@ import grpc
 import pytest
 from pasid.v1 import broker_pb2 as pb
 from pasid.v1 import broker_pb2_grpc as pb_grpc
-from pasid_client import Client, SetView
+from pasid_client import Client, SetView, Unauthenticated
 from pasid_client.handshake import obtain_ticket
 
 from tests.harness import (
@@ -361,3 +361,12 @@ def test_pasidctl_hold_delegates_and_sets_shows_the_holder(
     vmm.kill()  # the VMM's exit takes the set (and ends the hold)
     wait_until(lambda: not sets(broker), what="set reclaimed with the VMM")
     assert hold.wait(10) == 1  # hold ends, saying the broker ended the session
+
+
+def test_session_with_a_ticket_obtained_beforehand(broker: BrokerProcess) -> None:
+    """How a caller passing extra fds over the handshake (issue 14) opens its session."""
+    t = obtain_ticket(os.path.join(broker.dir, "peer.sock"))
+    with Client(broker.address) as c, c.session("pre", ticket=t) as s:
+        assert s.verified and sets(broker)[s.set_id].pid == os.getpid()
+    with Client(broker.address) as c, pytest.raises(Unauthenticated, match="already used"):
+        c.session("again", ticket=t)
