@@ -271,14 +271,14 @@ def test_abandoned_and_killed_opens_leave_no_set(
 ) -> None:
     rnd = random.Random(10)
     storm = [sys.executable, "-m", "tests.e2e.open_storm", broker.address]
-    finite = [start(procs, [*storm, "700", str(i)]) for i in range(2)]
+    finite = [start(procs, [*storm, "1000", str(i)]) for i in range(2)]
     for round_ in range(3):  # clients killed in the middle of opening
         doomed = [start(procs, [*storm, "0", str(100 + round_ * 10 + i)]) for i in range(3)]
         for p in doomed:
             time.sleep(rnd.uniform(0.05, 0.25))
             p.kill()
     opens = sum(read(p)["opens"] for p in finite)
-    assert opens == 1400
+    assert opens == 2000
     # gone from memory, then durably (a destroy commits a moment after it is decided)
     wait_until(lambda: not sets(broker) and not db_holdings(broker.db), 10, 0.05, "no sets")
     assert assert_memory_matches_disk(broker) == {}
