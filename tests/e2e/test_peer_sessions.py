@@ -204,8 +204,14 @@ def test_anonymous_refuse(make_broker: Any, procs: list[subprocess.Popen[str]]) 
 # -- tickets -----------------------------------------------------------------------------
 
 
+def tcp_address(b: BrokerProcess) -> str:
+    """The --listen address the broker logged (port 0 resolved)."""
+    serving = [json.loads(x) for x in b.read_log().splitlines() if '"serving"' in x][-1]
+    return next(a for a in serving["addresses"].split(",") if not a.startswith("unix:"))
+
+
 def test_ticket_replayed_stale_or_mismatched_changes_nothing(make_broker: Any) -> None:
-    b = make_broker("--ticket-seconds", "1")
+    b = make_broker("--ticket-seconds", "1", "--listen", "127.0.0.1:0")
     peer = os.path.join(b.dir, "peer.sock")
     t = obtain_ticket(peer)
     assert (t.pid, t.ns_pid, t.uid) == (os.getpid(), os.getpid(), os.getuid())
@@ -225,6 +231,9 @@ def test_ticket_replayed_stale_or_mismatched_changes_nothing(make_broker: Any) -
     assert f"declared pid 1 is not the verified holder: the kernel says pid {os.getpid()}" in (
         err.details() or ""
     )
+    err = open_raw(tcp_address(b), ticket=obtain_ticket(peer).ticket)
+    assert isinstance(err, grpc.RpcError) and err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "only accepted on the Unix socket" in (err.details() or "")
     stale = obtain_ticket(peer).ticket
     time.sleep(1.2)
     err = open_raw(b.address, ticket=stale)
@@ -243,9 +252,7 @@ def test_sigstopped_local_client_keeps_its_set_past_the_keepalive(
     TCP client stopped at the same moment is dropped by keepalive, which shows that the
     freeze lasted well past what keepalive would have allowed."""
     b = make_broker("--keepalive-seconds", "1", "--listen", "127.0.0.1:0")
-    tcp_addr = next(
-        a for a in json.loads(b.read_log().splitlines()[-1])["addresses"].split(",") if "127." in a
-    )
+    tcp_addr = tcp_address(b)
     local, lp = holder(procs, b.address, "--keepalive", "1")
     remote, rp = holder(procs, tcp_addr, "--keepalive", "1")
     assert local["verified"] and not remote["verified"]
