@@ -471,7 +471,7 @@ class Sessions:
                 "reason": reason,
             },
         )
-        fut = e.journal.submit(DestroySet(set_id, reason, kind), undo, None)
+        fut = e.journal.submit(DestroySet(set_id, reason, kind, tuple(freed)), undo, None)
 
         def durable(f: asyncio.Future[None]) -> None:
             if not f.cancelled() and f.exception() is None:

@@ -56,6 +56,9 @@ class DestroySet:
     set_id: int
     reason: str
     kind: str = "set_destroyed"
+    # What the set held, as the engine knew it: spares the store a query per set when
+    # many die at once. None: the store reads it.
+    pasids: tuple[int, ...] | None = None
 
 
 Record = CreateSet | AddPasids | RemovePasids | DestroySet

@@ -391,7 +391,10 @@ class SqliteStore:
             # Driver SQL, not Core expressions: building and compiling three statements
             # per set cost ~1 ms, and 30 clients dying at once wait for one another's.
             sid = (rec.set_id,)
-            held = [p for (p,) in conn.exec_driver_sql(_SET_PASIDS, sid)]
+            if rec.pasids is not None:
+                held = sorted(rec.pasids)
+            else:
+                held = [p for (p,) in conn.exec_driver_sql(_SET_PASIDS, sid)]
             conn.exec_driver_sql(_DELETE_SET_PASIDS, sid)
             conn.exec_driver_sql(_DELETE_SET, sid)
             return (rec.kind, rec.set_id, held, rec.reason)

@@ -46,3 +46,25 @@ def test_database_refuses_a_pasid_in_two_sets(tmp_path: Path) -> None:
     snap = SqliteStore(tmp_path / "b.db").open()
     assert snap.holdings == {1: [5], 2: []}  # the failed batch left nothing behind
     assert snap.revision == 3
+
+
+def test_destroy_with_the_engines_pasids_and_the_holder_in_the_log(tmp_path: Path) -> None:
+    """A DestroySet may carry what the set held (no query per set when many die at once);
+    a set_created event names a verified holder (migration 0003)."""
+    st = SqliteStore(tmp_path / "b.db")
+    st.open()
+    verified = SetRow(1, "vm", 4242, 1000, 0, "h" * 64, 1.0, 777, 1000, 1, 99)
+    [created, _, _] = st.commit([CreateSet(verified), AddPasids(1, (5, 6)), CreateSet(row(2))])
+    assert (created.pid, created.uid, created.ns_pid) == (4242, 1000, 1)
+    [ev] = st.commit([DestroySet(1, "holder process 4242 exited", "set_reclaimed", (6, 5))])
+    assert ev.pasids == (5, 6)
+    st.close()
+    st = SqliteStore(tmp_path / "b.db")
+    snap = st.open()
+    assert snap.holdings == {2: []}
+    [r2] = snap.sets
+    assert not r2.verified and r2.start_time is None
+    replayed = st.read_events(0)
+    assert (replayed[0].pid, replayed[0].uid, replayed[0].ns_pid) == (4242, 1000, 1)
+    assert replayed[2].uid is None  # set 2 had no verified holder
+    st.close()
