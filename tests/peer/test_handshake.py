@@ -219,3 +219,20 @@ def test_silent_peer_does_not_block_others(peer: PeerFixture) -> None:
         assert peer.client()["ok"]
     finally:
         silent.close()
+
+
+def test_whole_handshake_on_the_pre_6_5_path(
+    peer: PeerFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As on a kernel without SO_PEERPIDFD: getsockopt refuses the option (here an
+    unknown option number, ENOPROTOOPT as on Linux < 6.5), so pidfd_open + checks run."""
+    monkeypatch.setattr(cred, "SO_PEERPIDFD", 0x7FFF)
+    ans, proc = peer.client(linger=True)
+    try:
+        assert ans["ok"] and ans["pid"] == proc.pid, ans
+        ident = peer.on_loop(lambda: peer.book.take(ans["ticket"]))
+        assert cred.pidfd_pid(ident.pidfd) == proc.pid
+        ident.close()
+    finally:
+        proc.kill()
+        proc.wait()
