@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from sqlalchemy import create_engine
 
 from broker.core import StoreError
 from broker.store import AddPasids, SqliteStore, migrations
-from broker.store.sqlite import metadata
+from broker.store.schema import metadata
 from tests.harness import BrokerProcess, wait_until
 
 V1_SQL = Path(__file__).parent / "fixtures" / "schema_v1.sql"
@@ -120,3 +122,26 @@ def test_a_pre_alembic_database_with_events_is_stamped_0002(tmp_path: Path) -> N
     with sqlite3.connect(db) as c:  # stamped 0002, then upgraded
         assert c.execute("SELECT version_num FROM alembic_version").fetchall() == [("0003",)]
     c.close()
+
+
+def test_head_names_the_newest_migration() -> None:
+    """The store skips Alembic when the database is at HEAD: HEAD must be the newest."""
+    assert migrations.head() == migrations.HEAD
+
+
+def test_an_up_to_date_store_opens_without_alembic(tmp_path: Path) -> None:
+    """Alembic and SQLAlchemy are a third of the daemon's start: loaded only to migrate."""
+    db = tmp_path / "b.db"
+    st = SqliteStore(db)
+    st.open()  # creates (and migrates) the database
+    st.close()
+    code = (
+        "import sys\n"
+        "from broker.store import SqliteStore\n"
+        f"SqliteStore({str(db)!r}).open()\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('alembic', 'sqlalchemy')))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"

@@ -4,27 +4,47 @@ Revision 0001 is the first released schema (meta, sets, allocations); 0002 adds 
 append-only event log; 0003 the kernel-verified holder of each set. A database made
 before Alembic (no alembic_version table) is stamped with the revision its tables show,
 then upgraded.
+
+Alembic and SQLAlchemy are imported only when a migration is due: `is_current` reads the
+revision with plain sqlite3, so a broker starting on an up-to-date database never loads
+them (a third of its start-up time otherwise). HEAD must name the newest revision
+(test_migrations checks it against the scripts).
 """
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import inspect
-from sqlalchemy.engine import Connection
+if TYPE_CHECKING:
+    from alembic.config import Config
+    from sqlalchemy.engine import Connection
 
 HERE = Path(__file__).resolve().parent
+
+# The newest revision in versions/; a database at it needs no migration.
+HEAD = "0003"
 
 
 class SchemaError(Exception):
     """The database's schema revision is not one this broker knows."""
 
 
+def is_current(conn: sqlite3.Connection) -> bool:
+    """True when the database is at HEAD (plain sqlite3: no Alembic import)."""
+    has = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'alembic_version'"
+    ).fetchone()
+    if has is None:
+        return False
+    rows = conn.execute("SELECT version_num FROM alembic_version").fetchall()
+    return rows == [(HEAD,)]
+
+
 def _config(conn: Connection) -> Config:
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(HERE))
     cfg.attributes["connection"] = conn
@@ -32,12 +52,16 @@ def _config(conn: Connection) -> Config:
 
 
 def head() -> str:
+    from alembic.script import ScriptDirectory
+
     head = ScriptDirectory(str(HERE)).get_current_head()
     assert head is not None
     return head
 
 
 def current(conn: Connection) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
     return MigrationContext.configure(conn).get_current_revision()
 
 
@@ -46,6 +70,10 @@ def upgrade(conn: Connection) -> tuple[str | None, str]:
 
     Raises SchemaError for a revision newer than this broker (a downgrade of the daemon).
     """
+    from alembic import command
+    from alembic.script import ScriptDirectory
+    from sqlalchemy import inspect
+
     cfg = _config(conn)
     script = ScriptDirectory.from_config(cfg)
     before = current(conn)

@@ -1,0 +1,71 @@
+"""The tables as SQLAlchemy sees them, for the migrations and their test only.
+
+The store itself speaks plain sqlite3 (broker/store/sqlite.py): SQLAlchemy and Alembic
+cost a third of a second to import and several times raw sqlite3 per statement, so they
+are loaded only when a schema must be created or migrated. test_migrations checks that
+the migrations build exactly these tables, and these are the columns the store's SQL
+names.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Column, Float, ForeignKey, Integer, MetaData, String, Table
+
+metadata = MetaData()
+
+meta = Table(
+    "meta",
+    metadata,
+    Column("key", String, primary_key=True),
+    Column("value", String, nullable=False),
+)
+
+sets = Table(
+    "sets",
+    metadata,
+    Column("set_id", Integer, primary_key=True, autoincrement=False),
+    Column("client", String, nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("quota", Integer, nullable=False),
+    Column("grace_seconds", Integer, nullable=False),
+    Column("token_hash", String, nullable=False),
+    Column("created_unix", Float, nullable=False),
+    # The kernel-verified holder (migration 0003); NULL for an unverified one.
+    Column("holder_start_time", Integer, nullable=True),
+    Column("holder_uid", Integer, nullable=True),
+    Column("holder_ns_pid", Integer, nullable=True),
+    Column("delegated_by_pid", Integer, nullable=True),
+)
+
+# The PASID is the primary key: the database itself refuses a PASID in two sets.
+allocations = Table(
+    "allocations",
+    metadata,
+    Column("pasid", Integer, primary_key=True, autoincrement=False),
+    Column(
+        "set_id",
+        Integer,
+        ForeignKey("sets.set_id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+)
+
+
+# Append-only log of every change, for Watch and audit. Written in the same transaction
+# as the change, so the log and the allocations never disagree. PASIDs as runs "1-3,7".
+events = Table(
+    "events",
+    metadata,
+    Column("revision", Integer, primary_key=True, autoincrement=True),
+    Column("ts", Float, nullable=False),
+    Column("kind", String, nullable=False),
+    Column("set_id", Integer, nullable=False),
+    Column("pasids", String, nullable=False),
+    Column("reason", String, nullable=False),
+    # set_created: the verified holder (pid in the broker's namespace, uid, ns_pid).
+    Column("holder_pid", Integer, nullable=True),
+    Column("holder_uid", Integer, nullable=True),
+    Column("holder_ns_pid", Integer, nullable=True),
+    sqlite_autoincrement=True,
+)
