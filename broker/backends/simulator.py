@@ -58,21 +58,15 @@ class SimulatorBackend:
     def free(self, lo: int, hi: int) -> None:
         ns = self._space()
         self._maybe_fail("free")
-        hi = min(hi, ns.size - 1)
-        # The broker frees exact runs it holds, so walking the run is what it owns.
-        for p in range(lo, hi + 1):
-            if ns.is_used(p):
-                ns.release(p)
+        # The broker frees exact runs it holds, so what is used in the run is what it owns.
+        ns.release_range(lo, hi)
 
     def replay(self, pasids: Iterable[int]) -> int:
         ns = self._space()
-        n = 0
-        for p in pasids:
-            if ns.is_used(p):
-                raise BackendError(errno.EEXIST, f"simulator: PASID {p} replayed twice")
-            ns.take(p)
-            n += 1
-        return n
+        try:
+            return ns.take_many(pasids)
+        except ValueError as exc:
+            raise BackendError(errno.EEXIST, f"simulator: replay refused: {exc}") from None
 
     def close(self) -> None:
         self._ns = None

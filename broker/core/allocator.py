@@ -265,6 +265,18 @@ class Allocator:
         s = self.get_set(set_id)
         want = sorted(set(pasids))
         self.expire_quarantine()  # what is due is free, whoever freed it
+        if not self._quarantined and not self._expired:
+            # Nothing is in quarantine (a restart: it lives in memory only): every PASID
+            # must be free, and the namespace checks and takes them a word at a time.
+            try:
+                self.namespace.take_many(want)
+            except ValueError:
+                pass  # nothing was taken; the check below names the PASID and why
+            else:
+                s.pasids.update(want)
+                self._held += len(want)
+                self._charge(s.client, len(want))
+                return want
         fresh: list[int] = []
         back: list[int] = []
         for p in want:

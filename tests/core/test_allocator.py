@@ -64,6 +64,47 @@ def test_namespace_release_many_clears_words_and_full_marks() -> None:
     assert [ns.lowest_free(p, ns.size - 1) for p in (0, 4, 66, 4097)] == [3, 64, 4095, 8191]
 
 
+def test_namespace_take_many_is_all_or_nothing_and_matches_take() -> None:
+    want = [0, 1, 63, 64, *range(4096, 4096 + 64 * 63), 8191]  # whole words, and more
+    bulk, one = Namespace(13), Namespace(13)
+    assert bulk.take_many(want) == len(want)
+    for p in want:
+        one.take(p)
+    bulk.check()
+    assert list(bulk.iter_used()) == list(one.iter_used())
+    assert bulk.lowest_free(4096, bulk.size - 1) == one.lowest_free(4096, one.size - 1)
+    before = list(bulk.iter_used())
+    for bad, why in (([5, 64], "64 in use"), ([7, 7], "listed twice"), ([9, 8192], "outside")):
+        with pytest.raises(ValueError, match=why):
+            bulk.take_many(bad)
+        assert list(bulk.iter_used()) == before and bulk.used == len(before)
+
+
+def test_namespace_release_range_frees_only_what_is_used() -> None:
+    ns = Namespace(13)
+    ns.take_range(0, ns.size - 1)
+    ns.release(100)
+    assert ns.release_range(64, 4160) == 4160 - 64 + 1 - 1
+    ns.check()
+    assert ns.used == ns.size - (4160 - 64 + 1)
+    assert ns.lowest_free(0, ns.size - 1) == 64
+    assert ns.lowest_free(4161, ns.size - 1) is None
+    assert ns.release_range(8000, 1 << 40) == 192  # past the end: bounded by the space
+    ns.check()
+
+
+def test_claim_after_restart_takes_words_and_names_a_conflict() -> None:
+    a = Allocator(20)
+    a.create_set(1, "vm")
+    a.create_set(2, "vm")
+    assert a.claim(1, range(1, 5000)) == list(range(1, 5000))
+    assert a.in_use == 4999
+    with pytest.raises(ValueError, match="PASID 4999 is already held"):
+        a.claim(2, [6000, 4999])
+    assert a.in_use == 4999 and list(a.get_set(2).pasids) == []
+    assert a.alloc(2, 6000, 6000) == [6000]  # nothing of the refused claim was taken
+
+
 def test_namespace_check_catches_a_broken_invariant() -> None:
     ns = Namespace(12)
     ns.take_range(0, 63)
