@@ -1,22 +1,31 @@
-"""Restart with 1 M PASIDs held: time to SERVING and resident memory.
+"""Restart with 1 M PASIDs held: time from exec to the first answered RPC, and memory.
 
-Targets: serving again <= 5 s after a restart with 1 M PASIDs held; <= 250 MB RSS at 1 M
-held. A database with HELD PASIDs in SETS sets (whose verified holder, pid plus start
-time, is alive, so recovery checks and watches each one and keeps them) is written
-through the store, then a real broker process is started on it and timed from exec to
-health SERVING; its VmRSS is read from /proc. The baseline is the same start on an empty
-database, in the same run.
+Targets: the first RPC answered <= 2 s after exec with 1 M PASIDs held (issue 12; the
+first target was 5 s to SERVING); <= 250 MB RSS at 1 M held. A database with HELD PASIDs
+in SETS sets (whose verified holder, pid plus start time, is alive, so recovery checks
+and watches each one and keeps them) is written through the store, then a real broker
+process is started on it and a GetInfo is sent every 5 ms from exec until one is
+answered (UNAVAILABLE while it recovers); its VmRSS is read from /proc. The baselines,
+in the same run: the same start on an empty database, and the daemon's imports alone
+(`python -c "import broker.__main__"`).
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
+
+import grpc
+from pasid.v1 import broker_pb2 as pb
+from pasid.v1 import broker_pb2_grpc as pb_grpc
 
 from broker.peer import credentials
 from broker.store import AddPasids, CreateSet, SetRow, SqliteStore
-from tests.harness import BrokerProcess
+from tests.harness import ROOT, BrokerProcess
+
+TARGET_S = 2.0
 
 
 def rss_mb(pid: int) -> float:
@@ -43,12 +52,35 @@ def fill(db: str, held: int, sets: int, pid: int) -> None:
     st.close()
 
 
-def start_to_serving(b: BrokerProcess) -> tuple[float, float]:
+def start_to_first_rpc(b: BrokerProcess) -> tuple[float, float]:
+    """Seconds from exec until a GetInfo is answered, and the daemon's VmRSS then."""
     t0 = time.perf_counter()
-    b.start()
-    took = time.perf_counter() - t0
+    b.start(wait=False)
     assert b.proc is not None
+    with grpc.insecure_channel(b.address) as ch:
+        stub = pb_grpc.PasidBrokerStub(ch)
+        while True:
+            try:
+                stub.GetInfo(pb.GetInfoRequest(), timeout=1.0)
+                break
+            except grpc.RpcError:
+                if b.proc.poll() is not None:
+                    raise AssertionError(f"broker exited:\n{b.read_log()}") from None
+                if time.perf_counter() - t0 > 60:
+                    raise AssertionError("no answer within 60 s") from None
+                time.sleep(0.005)
+    took = time.perf_counter() - t0
     return took, rss_mb(b.proc.pid)
+
+
+def import_seconds() -> float:
+    """The daemon's imports alone, in a fresh interpreter (best of 3)."""
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import broker.__main__"], check=True, cwd=ROOT)
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def main(quick: bool = False) -> int:
@@ -70,8 +102,11 @@ def main(quick: bool = False) -> int:
         t_fill = time.perf_counter()
         fill(full.db, held, sets, keeper.pid)
         t_fill = time.perf_counter() - t_fill
-        base_t, base_rss = start_to_serving(empty)
-        t, rss = start_to_serving(full)
+        imports = import_seconds()
+        start_to_first_rpc(empty)  # creates the database (a migration: not a restart)
+        empty.stop()
+        base_t, base_rss = start_to_first_rpc(empty)
+        t, rss = start_to_first_rpc(full)
         from pasid_client import Client
 
         with Client(full.address) as c:
@@ -81,11 +116,12 @@ def main(quick: bool = False) -> int:
             f"(database written in {t_fill:.1f} s)"
         )
         print(
-            f"  exec -> SERVING: {t:6.2f} s   (empty database: {base_t:.2f} s;"
-            f" ratio {t / base_t:.1f}x)   target <= 5 s: {t / 5:.2f} of it"
+            f"  exec -> first RPC: {t:5.2f} s   (empty database: {base_t:.2f} s;"
+            f" imports alone: {imports:.2f} s)   target <= {TARGET_S:g} s:"
+            f" {t / TARGET_S:.2f} of it"
         )
         print(
-            f"  VmRSS:           {rss:6.1f} MB (empty database: {base_rss:.1f} MB;"
+            f"  VmRSS:             {rss:6.1f} MB (empty database: {base_rss:.1f} MB;"
             f" {(rss - base_rss) * 2**20 / max(in_use, 1):.0f} B per held PASID)"
             f"   target <= 250 MB: {rss / 250:.2f} of it"
         )
