@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from pathlib import Path
 
 import pytest
 
 from broker.core import StoreError
-from broker.store import AddPasids, CreateSet, DestroySet, RemovePasids, SetRow, SqliteStore
+from broker.store import (
+    AddPasids,
+    CreateSet,
+    DestroySet,
+    RemovePasids,
+    SetRow,
+    SqliteStore,
+    WouldBlock,
+)
 
 
 def row(set_id: int) -> SetRow:
@@ -68,3 +78,25 @@ def test_destroy_with_the_engines_pasids_and_the_holder_in_the_log(tmp_path: Pat
     assert (replayed[0].pid, replayed[0].uid, replayed[0].ns_pid) == (4242, 1000, 1)
     assert replayed[2].uid is None  # set 2 had no verified holder
     st.close()
+
+
+def test_commit_without_waiting_refuses_a_held_lock_and_writes_nothing(tmp_path: Path) -> None:
+    """The event loop's commit (wait=False) must never sleep on another process's lock:
+    it raises WouldBlock at once, and the same batch then commits with wait=True."""
+    db = tmp_path / "b.db"
+    st = SqliteStore(db)
+    st.open()
+    st.commit([CreateSet(row(1))], wait=False)
+    other = sqlite3.connect(db, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    t0 = time.monotonic()
+    with pytest.raises(WouldBlock):
+        st.commit([AddPasids(1, (5,))], wait=False)
+    assert time.monotonic() - t0 < 1.0  # not the 5 s busy_timeout
+    other.execute("ROLLBACK")
+    [ev] = st.commit([AddPasids(1, (5,))])  # the retry, as the writer thread does it
+    assert ev.revision == 2  # the refused attempt logged nothing
+    st.checkpoint()
+    st.close()
+    other.close()
+    assert SqliteStore(db).open().holdings == {1: [5]}
