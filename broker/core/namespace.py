@@ -266,9 +266,18 @@ class Namespace:
 def runs(pasids: Iterable[int]) -> list[tuple[int, int]]:
     """Compress ascending PASIDs into inclusive runs [(lo, hi), ...]."""
     out: list[tuple[int, int]] = []
-    for p in pasids:
-        if out and out[-1][1] + 1 == p:
-            out[-1] = (out[-1][0], p)
+    it = iter(pasids)
+    for lo in it:
+        break
+    else:
+        return out
+    hi = lo
+    # One comparison per PASID, one tuple per run (this is on every commit's path).
+    for p in it:
+        if p == hi + 1:
+            hi = p
         else:
-            out.append((p, p))
+            out.append((lo, hi))
+            lo = hi = p
+    out.append((lo, hi))
     return out
