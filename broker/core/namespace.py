@@ -267,11 +267,10 @@ def runs(pasids: Iterable[int]) -> list[tuple[int, int]]:
     """Compress ascending PASIDs into inclusive runs [(lo, hi), ...]."""
     out: list[tuple[int, int]] = []
     it = iter(pasids)
-    for lo in it:
-        break
-    else:
+    first = next(it, None)
+    if first is None:
         return out
-    hi = lo
+    lo = hi = first
     # One comparison per PASID, one tuple per run (this is on every commit's path).
     for p in it:
         if p == hi + 1:
