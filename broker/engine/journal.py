@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from broker.core import StoreError
 from broker.engine.observers import Observer
-from broker.store import CreateSet, Event, Record, SqliteStore
+from broker.store import CreateSet, Event, Record, SqliteStore, WouldBlock
 
 log = logging.getLogger("pasid_broker")
 
@@ -35,12 +35,19 @@ class _Entry:
 
 
 class Journal:
-    """Group commit: records queued while one batch commits go together in the next.
+    """Group commit in the event loop's own turn.
 
-    At most one batch is in flight, on one writer thread. When a batch fails, it and
-    everything queued after it (which may depend on it) are undone newest first and fail
-    with the StoreError; nothing of them was acknowledged. `observer` hears every
-    commit_done / commit_failed, on the event loop thread.
+    A record submitted while no batch is in flight schedules a flush for the loop's next
+    turn, so everything queued in this turn (all the requests grpc delivered in one
+    wakeup) commits in one transaction. The commit runs on the loop itself: with WAL and
+    synchronous=NORMAL it is an append to the page cache, and handing it to a writer
+    thread cost more in GIL hand-offs and wakeups than the commit (docs/performance.md).
+    It never waits there: when another process holds the write lock (WouldBlock), that
+    batch goes to the writer thread, which waits with busy_timeout; WAL checkpoints
+    (they fsync) run on that thread too. At most one batch is in flight, so batches
+    commit in order. When a batch fails, it and everything queued after it (which may
+    depend on it) are undone newest first and fail with the StoreError; nothing of them
+    was acknowledged. `observer` hears every commit_done / commit_failed, on the loop.
     """
 
     def __init__(
@@ -64,23 +71,42 @@ class Journal:
         """Queue `record`; the future resolves to `result` once it is durable."""
         fut: asyncio.Future[T] = self._loop.create_future()
         self._pending.append(_Entry(record, undo, fut, result))
-        self._idle.clear()
         if self._inflight is None:
-            self._kick()
+            self._schedule()
         return fut
 
-    def _kick(self) -> None:
+    def _schedule(self) -> None:
+        self._idle.clear()
+        self._inflight = []  # taken: submits until the flush join its batch
+        self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
         batch, self._pending = self._pending, []
         self._inflight = batch
         records = [e.record for e in batch]
-        cf = self._executor.submit(_timed_commit, self._store, records)
-        cf.add_done_callback(lambda f: self._loop.call_soon_threadsafe(self._done, batch, f))
+        t0 = time.perf_counter()
+        try:
+            events = self._store.commit(records, wait=False)
+        except WouldBlock:
+            cf = self._executor.submit(_timed_commit, self._store, records)
+            cf.add_done_callback(lambda f: self._loop.call_soon_threadsafe(self._done, batch, f))
+            return
+        except Exception as exc:  # StoreError, or a bug: either way the batch is undone
+            self._finish(batch, time.perf_counter() - t0, exc)
+            return
+        self._finish(batch, time.perf_counter() - t0, events)
+        if self._store.checkpoint_due():
+            self._executor.submit(self._store.checkpoint)
 
     def _done(
         self, batch: list[_Entry], f: ThreadFuture[tuple[float, list[Event] | BaseException]]
     ) -> None:
+        self._finish(batch, *f.result())
+
+    def _finish(
+        self, batch: list[_Entry], seconds: float, outcome: list[Event] | BaseException
+    ) -> None:
         self._inflight = None
-        seconds, outcome = f.result()
         records = [e.record for e in batch]
         if not isinstance(outcome, BaseException):
             self._observer.commit_done(records, outcome, seconds)
@@ -115,7 +141,7 @@ class Journal:
                 if not e.future.done():
                     e.future.set_exception(StoreError(err.message))
         if self._pending:
-            self._kick()
+            self._schedule()
         else:
             self._idle.set()
 
@@ -129,7 +155,7 @@ class Journal:
 def _timed_commit(
     store: SqliteStore, records: Sequence[Record]
 ) -> tuple[float, list[Event] | BaseException]:
-    """On the writer thread: commit, and how long it took (the observers' histogram)."""
+    """On the writer thread: commit (waiting for the lock), and how long it took."""
     t0 = time.perf_counter()
     try:
         out: list[Event] | BaseException = store.commit(records)

@@ -10,7 +10,7 @@ from broker.store.records import (
     SetRow,
     Snapshot,
 )
-from broker.store.sqlite import SqliteStore
+from broker.store.sqlite import SqliteStore, WouldBlock
 
 __all__ = [
     "AddPasids",
@@ -22,4 +22,5 @@ __all__ = [
     "SetRow",
     "Snapshot",
     "SqliteStore",
+    "WouldBlock",
 ]

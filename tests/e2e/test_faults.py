@@ -15,6 +15,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -240,6 +241,65 @@ def test_database_locked_by_another_process() -> None:
                 locker.wait(10)
             assert s.alloc(1, 100, 1) == [3]
             assert assert_memory_matches_disk(b) == {s.session_id: [1, 2, 3]}
+    finally:
+        b.cleanup()
+
+
+def test_a_commit_waiting_for_the_lock_does_not_stall_other_requests() -> None:
+    """The journal commits on the event loop but never waits there: while one alloc
+    waits out busy_timeout for a lock another process holds, other calls are answered."""
+    b = BrokerProcess()
+    try:
+        b.start()
+        with Client(b.address) as c, c.session("vm") as s:
+            assert s.alloc(1, 100, 1) == [1]
+            locker = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    "import sqlite3, sys\n"
+                    f"c = sqlite3.connect({b.db!r}, isolation_level=None)\n"
+                    "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True)\n"
+                    "sys.stdin.read(); c.execute('ROLLBACK')\n",
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            try:
+                assert locker.stdout is not None and locker.stdout.readline() == "locked\n"
+                outcome: list[object] = []
+
+                def blocked_alloc() -> None:
+                    try:
+                        outcome.append(s.alloc(1, 100, 1))
+                    except Unavailable as exc:
+                        outcome.append(exc)
+
+                t = threading.Thread(target=blocked_alloc, daemon=True)
+                t.start()
+                time.sleep(0.5)  # the alloc now waits for the lock on the writer thread
+                answered = []
+                while t.is_alive() and len(answered) < 5:
+                    t0 = time.monotonic()
+                    assert c.info().in_use == 2  # the waiting alloc holds its PASID
+                    answered.append(time.monotonic() - t0)
+                    time.sleep(0.3)
+                assert len(answered) == 5, "the alloc ended before the calls were made"
+                assert max(answered) < 1.0, answered  # not the 5 s the alloc waits
+            finally:
+                assert locker.stdin is not None
+                locker.stdin.close()
+                locker.wait(10)
+            t.join(15)
+            [out] = outcome
+            if isinstance(out, Unavailable):  # the lock outlived busy_timeout: undone
+                assert out.reason == "STORE", out
+                assert s.alloc(1, 100, 1) == [2]
+            else:  # the usual case: the lock went first, and the waiting commit landed
+                assert out == [2]
+                assert s.alloc(1, 100, 1) == [3]
+            assert assert_memory_matches_disk(b) == {s.session_id: list(s.list().pasids())}
     finally:
         b.cleanup()
 

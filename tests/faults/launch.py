@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from broker import backends
 from broker.backends import Backend, BackendOptions
 from broker.engine.journal import Journal
-from broker.store import Event, Record, SqliteStore
+from broker.store import Event, Record, SqliteStore, WouldBlock
 from tests.faults.faults import ENV, FailingBackend, TestFaults, load
 
 T = TypeVar("T")
@@ -57,7 +57,9 @@ def _failing(factory: backends.BackendFactory, faults: TestFaults) -> backends.B
 def _slow_commit(delay: float) -> None:
     commit = SqliteStore.commit
 
-    def slow(self: SqliteStore, records: Sequence[Record]) -> list[Event]:
+    def slow(self: SqliteStore, records: Sequence[Record], *, wait: bool = True) -> list[Event]:
+        if not wait:  # a slow disk would block the event loop: to the writer thread
+            raise WouldBlock("slow store (test fault)")
         time.sleep(delay)
         return commit(self, records)
 
