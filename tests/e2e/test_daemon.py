@@ -170,10 +170,8 @@ def test_pasidctl_admin_watch_and_request(broker: BrokerProcess) -> None:
     with Client(broker.address) as c:
         s = c.session("vmm", grace_seconds=30)
         ref = ("--session", str(s.session_id), "--token", s.token)
-        assert (
-            pasidctl(broker, "request", "--flags", "1", "--min", "7", "--max", "9", *ref).stdout
-            == "7\n"
-        )
+        r = pasidctl(broker, "request", "--flags", "1", "--min", "7", "--max", "9", *ref)
+        assert (r.returncode, r.stdout) == (0, "7\n"), r.stderr
         bad = pasidctl(
             broker, "request", "--flags", "3", "--min", "7", "--max", "9", "--json", *ref
         )
