@@ -57,7 +57,14 @@ def start_to_first_rpc(b: BrokerProcess) -> tuple[float, float]:
     t0 = time.perf_counter()
     b.start(wait=False)
     assert b.proc is not None
-    with grpc.insecure_channel(b.address) as ch:
+    # Reconnect within 5-20 ms: grpc's default backoff after the first refused connect
+    # (the socket is not there yet) is a second, which would be timed as the broker's.
+    backoff = [
+        ("grpc.initial_reconnect_backoff_ms", 5),
+        ("grpc.min_reconnect_backoff_ms", 5),
+        ("grpc.max_reconnect_backoff_ms", 20),
+    ]
+    with grpc.insecure_channel(b.address, options=backoff) as ch:
         stub = pb_grpc.PasidBrokerStub(ch)
         while True:
             try:
