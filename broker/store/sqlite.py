@@ -108,6 +108,9 @@ class SqliteStore:
         conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         # No checkpoint inside COMMIT (it fsyncs): checkpoint() does it, see above.
         conn.execute("PRAGMA wal_autocheckpoint=0")
+        # After a checkpoint the WAL restarts from its beginning; truncate it then, so
+        # that its size keeps measuring what is not yet checkpointed (checkpoint_due).
+        conn.execute("PRAGMA journal_size_limit=0")
         return conn
 
     def open(self) -> Snapshot:
