@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -349,6 +350,7 @@ def main(quick: bool = False) -> int:
         echo.kill()
         sync_echo.kill()
         b.cleanup()
+        shutil.rmtree(d, ignore_errors=True)
     return 0
 
 
