@@ -30,6 +30,8 @@ class Quotas:
     """Limits on holdings; 0 means no limit (for per_set too, though the default is 1000)."""
 
     per_set: int = DEFAULT_SET_QUOTA
+    # Per verified identity (a set's owner): renaming or opening more sessions does not
+    # escape it. Named per_client on the wire and in flags for compatibility.
     per_client: int = 0
     global_: int = 0
 
@@ -159,10 +161,13 @@ class Allocator:
 
     # -- sets ---------------------------------------------------------------------------
 
-    def create_set(self, set_id: int, client: str, quota: int | None = None) -> IoasidSet:
+    def create_set(
+        self, set_id: int, client: str, quota: int | None = None, owner: str = ""
+    ) -> IoasidSet:
+        """A new empty set; `owner` (default: the client name) keys the identity quota."""
         if set_id in self.sets:
             raise ValueError(f"set {set_id} exists")
-        s = IoasidSet(set_id, client, self.quotas.per_set if quota is None else quota)
+        s = IoasidSet(set_id, client, self.quotas.per_set if quota is None else quota, owner=owner)
         self.sets[set_id] = s
         return s
 
@@ -180,7 +185,7 @@ class Allocator:
         s = self.get_set(set_id)
         freed = list(s.pasids)
         self._retire(set_id, freed)
-        self._charge(s.client, -len(freed))
+        self._charge(s.quota_key, -len(freed))
         del self.sets[set_id]
         return freed
 
@@ -218,7 +223,7 @@ class Allocator:
         s.pasids.update(got)
         self._held += count
         self.allocs += count
-        self._charge(s.client, count)
+        self._charge(s.quota_key, count)
         return got
 
     def free_range(self, set_id: int, lo: int, hi: int) -> list[int]:
@@ -237,7 +242,7 @@ class Allocator:
         freed = list(held.islice(i, j))
         del held[i:j]
         self._retire(set_id, freed)
-        self._charge(s.client, -len(freed))
+        self._charge(s.quota_key, -len(freed))
         return freed
 
     def release(self, set_id: int, pasids: Iterable[int]) -> None:
@@ -251,7 +256,7 @@ class Allocator:
             s.pasids.remove(p)
         self.namespace.release_many(gone)
         self._held -= len(gone)
-        self._charge(s.client, -len(gone))
+        self._charge(s.quota_key, -len(gone))
 
     def claim(self, set_id: int, pasids: Iterable[int]) -> list[int]:
         """Give the set these exact PASIDs (recovery, and undoing a free or a destroy).
@@ -275,7 +280,7 @@ class Allocator:
             else:
                 s.pasids.update(want)
                 self._held += len(want)
-                self._charge(s.client, len(want))
+                self._charge(s.quota_key, len(want))
                 return want
         fresh: list[int] = []
         back: list[int] = []
@@ -295,7 +300,7 @@ class Allocator:
             self.namespace.take(p)
         s.pasids.update(want)
         self._held += len(want)
-        self._charge(s.client, len(want))
+        self._charge(s.quota_key, len(want))
         if self._expired:
             kept = self._expired.intersection(fresh)
             self._expired -= kept
@@ -370,12 +375,13 @@ class Allocator:
             )
         q = self.quotas
         if q.per_client:
-            held = self._by_client.get(s.client, 0)
+            held = self._by_client.get(s.quota_key, 0)
             if held + count > q.per_client:
                 raise QuotaExceeded(
                     "client",
                     q.per_client,
-                    f"client quota {q.per_client} exceeded: client {s.client!r} holds {held}",
+                    f"client quota {q.per_client} (per identity) exceeded:"
+                    f" {s.quota_key} holds {held} across its sets",
                 )
         if q.global_ and self.in_use + count > q.global_:
             raise QuotaExceeded(
@@ -413,7 +419,7 @@ class Allocator:
                     raise AssertionError(f"PASID {p} held by set {sid} but marked free")
                 seen[p] = sid
             if len(s):
-                by_client[s.client] = by_client.get(s.client, 0) + len(s)
+                by_client[s.quota_key] = by_client.get(s.quota_key, 0) + len(s)
         if len(seen) != self._held:
             raise AssertionError(f"in_use {self._held}, sets hold {len(seen)}")
         if by_client != self._by_client:

@@ -15,6 +15,14 @@ class IoasidSet:
     client: str
     quota: int
     pasids: SortedList = field(default_factory=SortedList)
+    # Who the broker verified the holder to be ("uid:1000", "x509:CN=..", "anonymous"):
+    # the key of the per-identity quota. `client` is a name the client chose.
+    owner: str = ""
+
+    @property
+    def quota_key(self) -> str:
+        """What the per-identity quota counts by: the owner, else the declared name."""
+        return self.owner or self.client
 
     def __len__(self) -> int:
         return len(self.pasids)

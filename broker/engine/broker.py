@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from broker.backends.base import Backend, Capabilities
 from broker.core import Allocator, NotFound, NotReady, PasidError, Quarantine, Quotas
@@ -27,7 +27,7 @@ from broker.engine.observers import Observers
 from broker.engine.recovery import recover
 from broker.engine.sessions import Session, Sessions
 from broker.peer.tickets import TicketBook
-from broker.store import AddPasids, Event, RemovePasids, SqliteStore
+from broker.store import AddPasids, Event, RemovePasids, SaveQuotas, SaveSetQuota, SqliteStore
 
 log = logging.getLogger("pasid_broker")
 
@@ -60,6 +60,7 @@ class Broker:
         quarantine: Quarantine | None = None,
         max_grace: int = 300,
         restart_grace: int = 10,
+        identity_share: float = 0.0,
         clock: Callable[[], float] = time.time,
         observers: Observers | None = None,
         tickets: TicketBook | None = None,
@@ -73,6 +74,8 @@ class Broker:
         self.reserved_ranges = tuple(reserved)
         self.quarantine = quarantine or Quarantine()
         self.max_grace = max_grace
+        # With no per-identity quota given: this fraction of the capacity (set at start).
+        self.identity_share = identity_share
         self.restart_grace = restart_grace
         self.clock = clock
         self.caps: Capabilities | None = None
@@ -121,6 +124,7 @@ class Broker:
         )
         self.caps = r.caps
         self._allocator = r.allocator
+        self._apply_quotas(self._starting_quotas(r.snapshot.quotas, r.allocator.capacity))
         self.events.revision = r.snapshot.revision
         self.sets.restore(r.sessions, r.snapshot.next_set_id)
         self._journal = Journal(self.store, self.events.publish, observer=self.observers)
@@ -137,6 +141,21 @@ class Broker:
             took,
             extra={"sets": sets, "replayed": r.replayed, "seconds": round(took, 6)},
         )
+
+    def _starting_quotas(self, saved: tuple[int, int, int] | None, capacity: int) -> Quotas:
+        """What SetQuotas saved, else the flags, with a per-identity share of the
+        namespace (--quota-per-identity N%) worked out now that capacity is known."""
+        if saved is not None:
+            q = Quotas(*saved)
+            if q != self.quotas:
+                log.info(
+                    "quotas from the store (saved by SetQuotas) replace the flags' values",
+                    extra={"per_set": q.per_set, "per_client": q.per_client, "global": q.global_},
+                )
+            return q
+        if self.identity_share and not self.quotas.per_client:
+            return replace(self.quotas, per_client=max(1, int(capacity * self.identity_share)))
+        return self.quotas
 
     def require_ready(self) -> None:
         """Requests before recovery has finished (or while stopping) are UNAVAILABLE."""
@@ -180,9 +199,12 @@ class Broker:
         resume_token: str = "",
         peer: str = "",
         ticket: str = "",
+        owner: str = "anonymous",
     ) -> tuple[Session, str, bool, asyncio.Future[None]]:
         """A new session with a new set, or the one `resume_token` names: (session, token,
-        resumed, created), `created` resolving once the new set is durable.
+        resumed, created), `created` resolving once the new set is durable. The set's
+        owner (the per-identity quota's key) is the ticket holder's uid, else `owner`
+        (the transport's identity); a set resumes only for its owner.
 
         Synchronous: the set exists when this returns, so the caller must own it at once
         (end_session in a finally that covers the wait for `created`): no await between
@@ -192,7 +214,7 @@ class Broker:
         InvalidArgument (a pid claim that is not the holder), NotFound for an unknown
         resume token, Conflict if it is attached or the holder has exited."""
         self.require_ready()
-        return self.sets.open(client, pid, grace_seconds, resume_token, peer, ticket)
+        return self.sets.open(client, pid, grace_seconds, resume_token, peer, ticket, owner)
 
     def authenticate(self, session_id: int, token: str) -> Session:
         """The live session that (session_id, token) names; NotFound otherwise."""
@@ -211,21 +233,39 @@ class Broker:
         """Admin: destroy a set now; returns how many PASIDs it held."""
         return await self.sets.revoke(set_id, reason)
 
-    def set_quotas(self, set_id: int, per_set: int, per_client: int, global_: int) -> None:
-        """Admin: change quotas until the next restart (flags rule at start)."""
+    async def set_quotas(self, set_id: int, per_set: int, per_client: int, global_: int) -> None:
+        """Admin: change quotas, durably (the store's values win over flags at start).
+
+        Answered after the commit, like any change; a failed commit restores the old ones.
+        """
         if set_id:
             sess = self.sets.get(set_id)
             if sess is None:
                 raise NotFound(f"no set {set_id}")
+            old_quota = sess.set.quota
             sess.set.quota = per_set
+
+            def undo_set() -> None:
+                sess.set.quota = old_quota
+
+            await self.journal.submit(SaveSetQuota(set_id, per_set), undo_set, None)
             log.info("set quota changed", extra={"set": set_id, "quota": per_set})
             return
-        self.quotas = Quotas(per_set, per_client, global_)
-        self.allocator.quotas = self.quotas
+        old = self.quotas
+        self._apply_quotas(Quotas(per_set, per_client, global_))
+
+        def undo() -> None:
+            self._apply_quotas(old)
+
+        await self.journal.submit(SaveQuotas(per_set, per_client, global_), undo, None)
         log.info(
             "quotas changed",
             extra={"per_set": per_set, "per_client": per_client, "global": global_},
         )
+
+    def _apply_quotas(self, quotas: Quotas) -> None:
+        self.quotas = quotas
+        self.allocator.quotas = quotas
 
     # -- requests -----------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from broker.core import StoreError
 from broker.engine.observers import Observer
-from broker.store import CreateSet, Event, Record, SqliteStore, WouldBlock
+from broker.store import CreateSet, Event, Record, SaveQuotas, SqliteStore, WouldBlock
 
 log = logging.getLogger("pasid_broker")
 
@@ -165,7 +165,12 @@ def _timed_commit(
 
 
 def set_of(rec: Record) -> int:
-    return rec.row.set_id if isinstance(rec, CreateSet) else rec.set_id
+    """The set a record is about; 0 for broker-wide ones (the default quotas)."""
+    if isinstance(rec, CreateSet):
+        return rec.row.set_id
+    if isinstance(rec, SaveQuotas):
+        return 0
+    return rec.set_id
 
 
 def then(fut: asyncio.Future[T], fn: Callable[[T], U]) -> asyncio.Future[U]:

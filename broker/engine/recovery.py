@@ -68,7 +68,7 @@ def recover(
     held: list[int] = []
     sessions: list[Session] = []
     for row in snap.sets:
-        s = allocator.create_set(row.set_id, row.client, row.quota)
+        s = allocator.create_set(row.set_id, row.client, row.quota, owner=row.owner)
         try:
             allocator.claim(row.set_id, snap.holdings[row.set_id])
         except ValueError as exc:

@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("pasid_broker")
 
 ANONYMOUS_POLICIES = ("allow", "refuse")
+# The owner of a set whose holder proved nothing (no ticket, plain TCP): one identity.
+ANONYMOUS_OWNER = "anonymous"
 
 
 def hash_token(token: str) -> str:
@@ -244,12 +246,18 @@ class Sessions:
         resume_token: str,
         peer: str,
         ticket: str = "",
+        owner: str = "anonymous",
     ) -> tuple[Session, str, bool, asyncio.Future[None]]:
         """See Broker.open_session. Synchronous on purpose: the set exists from here on,
-        and the caller owns it (ends it in its finally) before it awaits anything."""
+        and the caller owns it (ends it in its finally) before it awaits anything.
+
+        `owner` is the caller's identity as its transport verified it (a certificate
+        subject over TCP, else "anonymous"); a ticket's holder overrides it: "uid:N"."""
         identity = self.take_identity(ticket, peer)
+        if identity is not None:
+            owner = f"uid:{identity.uid}"
         try:
-            return self._open(client, pid, grace_seconds, resume_token, peer, identity)
+            return self._open(client, pid, grace_seconds, resume_token, peer, identity, owner)
         except BaseException:
             if identity is not None:
                 identity.close()
@@ -263,6 +271,7 @@ class Sessions:
         resume_token: str,
         peer: str,
         identity: PeerIdentity | None,
+        owner: str,
     ) -> tuple[Session, str, bool, asyncio.Future[None]]:
         e = self._engine
         loop = asyncio.get_running_loop()
@@ -277,6 +286,14 @@ class Sessions:
         if resume_token:
             sess = self._by_token.get(hash_token(resume_token))
             if sess is None:
+                raise NotFound(
+                    "resume token matches no session (expired, reclaimed or never issued)"
+                )
+            if sess.set.owner not in (owner, ANONYMOUS_OWNER):
+                # A token is a bearer secret, but a verified identity's set resumes only
+                # for it: another identity would allocate on its quota. An anonymous set
+                # (its owner never proved anything) resumes for whoever holds the token,
+                # and stays anonymous: its PASIDs keep counting where they did.
                 raise NotFound(
                     "resume token matches no session (expired, reclaimed or never issued)"
                 )
@@ -304,7 +321,7 @@ class Sessions:
         token = secrets.token_urlsafe(24)
         th = hash_token(token)
         now = e.clock()
-        s = e.allocator.create_set(set_id, client)
+        s = e.allocator.create_set(set_id, client, owner=owner)
         holder = Holder.of(identity) if identity is not None else None
         sess = Session(s, holder, grace, th, now, peer=peer)
         self._sessions[set_id] = sess
@@ -330,6 +347,7 @@ class Sessions:
             h.uid if h else None,
             h.ns_pid if h else None,
             (h.delegated_by_pid or None) if h else None,
+            owner,
         )
         created = e.journal.submit(CreateSet(row), undo, None)
 
@@ -343,6 +361,7 @@ class Sessions:
                     "session": set_id,
                     "set": set_id,
                     "client": client,
+                    "owner": owner,
                     "pid": sess.pid,
                     "uid": h.uid if h else None,
                     "ns_pid": h.ns_pid if h else None,
@@ -448,13 +467,14 @@ class Sessions:
         set_id = sess.session_id
         client = sess.client
         quota = sess.set.quota
+        owner = sess.set.owner
         freed = e.allocator.destroy_set(set_id)
         self._forget(sess)
         self._unwatch(set_id)
         e.backend_calls.release(freed)
 
         def undo() -> None:
-            s = e.allocator.create_set(set_id, client, quota)
+            s = e.allocator.create_set(set_id, client, quota, owner=owner)
             e.backend_calls.alloc_exact(e.allocator.claim(set_id, freed))
             sess.set = s
             self._sessions[set_id] = sess

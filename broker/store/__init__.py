@@ -7,6 +7,8 @@ from broker.store.records import (
     Event,
     Record,
     RemovePasids,
+    SaveQuotas,
+    SaveSetQuota,
     SetRow,
     Snapshot,
 )
@@ -19,6 +21,8 @@ __all__ = [
     "Event",
     "Record",
     "RemovePasids",
+    "SaveQuotas",
+    "SaveSetQuota",
     "SetRow",
     "Snapshot",
     "SqliteStore",

@@ -25,6 +25,8 @@ class SetRow:
     uid: int | None = None
     ns_pid: int | None = None
     delegated_by_pid: int | None = None
+    # The verified identity that holds it (the per-identity quota's key).
+    owner: str = "anonymous"
 
     @property
     def verified(self) -> bool:
@@ -61,7 +63,24 @@ class DestroySet:
     pasids: tuple[int, ...] | None = None
 
 
-Record = CreateSet | AddPasids | RemovePasids | DestroySet
+@dataclass(frozen=True)
+class SaveQuotas:
+    """SetQuotas changed the defaults: they outlive a restart (flags only seed them)."""
+
+    per_set: int
+    per_client: int
+    global_: int
+
+
+@dataclass(frozen=True)
+class SaveSetQuota:
+    """SetQuotas changed one set's quota."""
+
+    set_id: int
+    quota: int
+
+
+Record = CreateSet | AddPasids | RemovePasids | DestroySet | SaveQuotas | SaveSetQuota
 
 
 EVENT_KINDS = ("set_created", "alloc", "free", "set_destroyed", "set_reclaimed")
@@ -91,6 +110,8 @@ class Snapshot:
     holdings: dict[int, list[int]]
     meta: dict[str, str]
     revision: int = 0
+    # Quotas saved by SetQuotas (per_set, per_client, global), or None: flags rule.
+    quotas: tuple[int, int, int] | None = None
 
     @property
     def next_set_id(self) -> int:

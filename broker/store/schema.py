@@ -35,6 +35,20 @@ sets = Table(
     Column("holder_uid", Integer, nullable=True),
     Column("holder_ns_pid", Integer, nullable=True),
     Column("delegated_by_pid", Integer, nullable=True),
+    # The verified identity that holds it, the per-identity quota's key (migration 0004).
+    Column("owner", String, nullable=False, server_default="anonymous"),
+)
+
+# Quotas set at run time by SetQuotas (scope "default": the broker-wide ones). A row
+# here outlives a restart and wins over the flags, which only seed an empty table.
+quotas = Table(
+    "quotas",
+    metadata,
+    Column("scope", String, primary_key=True),
+    Column("per_set", Integer, nullable=False),
+    Column("per_client", Integer, nullable=False),
+    Column("global_", Integer, nullable=False),
+    Column("updated_unix", Float, nullable=False),
 )
 
 # The PASID is the primary key: the database itself refuses a PASID in two sets.

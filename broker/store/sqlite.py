@@ -15,9 +15,11 @@ is imported only when a migration is due (broker/store/migrations).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Sequence
@@ -33,6 +35,8 @@ from broker.store.records import (
     Event,
     Record,
     RemovePasids,
+    SaveQuotas,
+    SaveSetQuota,
     SetRow,
     Snapshot,
 )
@@ -68,6 +72,19 @@ def _holder_of(rec: Record) -> tuple[int | None, int | None, int | None]:
     if isinstance(rec, CreateSet) and rec.row.uid is not None:
         return (rec.row.pid, rec.row.uid, rec.row.ns_pid)
     return (None, None, None)
+
+
+# The database names clients and pids and holds token hashes: for the broker's user only.
+DATA_FILE_MODE = 0o600
+
+
+def restrict_files(path: Path) -> None:
+    """Give the database and its -wal, -shm and .lock files mode 0600 where they exist
+    (a file made by an older broker, or under a loose umask, was 0644)."""
+    for p in (path, *(path.with_name(path.name + s) for s in ("-wal", "-shm", ".lock"))):
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_IMODE(p.stat().st_mode) != DATA_FILE_MODE:
+                os.chmod(p, DATA_FILE_MODE)
 
 
 def _describe(exc: BaseException) -> str:
@@ -120,8 +137,15 @@ class SqliteStore:
         quick_check or a foreign-key check, has an unknown schema, or cannot be written.
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        restrict_files(self.path)
         try:
-            self._conn = conn = self._connect()
+            # The first connection creates the file, its -wal and -shm: born 0600.
+            umask = os.umask(0o077)
+            try:
+                self._conn = conn = self._connect()
+            finally:
+                os.umask(umask)
+            restrict_files(self.path)
             self._check_file(conn)
             if not migrations.is_current(conn):
                 self._migrate()
@@ -197,7 +221,7 @@ class SqliteStore:
                 for r in conn.execute(
                     "SELECT set_id, client, pid, quota, grace_seconds, token_hash,"
                     " created_unix, holder_start_time, holder_uid, holder_ns_pid,"
-                    " delegated_by_pid FROM sets ORDER BY set_id"
+                    " delegated_by_pid, owner FROM sets ORDER BY set_id"
                 )
             ]
             holdings: dict[int, list[int]] = {r.set_id: [] for r in rows}
@@ -208,9 +232,13 @@ class SqliteStore:
             ):
                 holdings[set_id] = sorted(map(int, text.split(",")))
             (rev,) = conn.execute("SELECT COALESCE(MAX(revision), 0) FROM events").fetchone()
+            q = conn.execute(
+                "SELECT per_set, per_client, global_ FROM quotas WHERE scope = 'default'"
+            ).fetchone()
         finally:
             conn.execute("COMMIT")
-        return Snapshot(rows, holdings, m, int(rev or 0))
+        saved = (int(q[0]), int(q[1]), int(q[2])) if q is not None else None
+        return Snapshot(rows, holdings, m, int(rev or 0), saved)
 
     def set_meta(self, key: str, value: str) -> None:
         conn = self._require()
@@ -260,17 +288,23 @@ class SqliteStore:
                     raise WouldBlock(_describe(exc)) from exc
                 raise
             try:
-                logged = [self._apply(conn, rec) for rec in records]
-                holders = [_holder_of(rec) for rec in records]
-                conn.executemany(
-                    "INSERT INTO events (ts, kind, set_id, pasids, reason, holder_pid,"
-                    " holder_uid, holder_ns_pid) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    [
-                        (now, k, sid, encode_runs(ps), why, *h)
-                        for (k, sid, ps, why), h in zip(logged, holders, strict=True)
-                    ],
-                ).close()
-                (last,) = conn.execute("SELECT last_insert_rowid()").fetchone()
+                applied = [(self._apply(conn, rec), _holder_of(rec)) for rec in records]
+                # Configuration records (saved quotas) change no holdings: no event.
+                logged = [(e, h) for e, h in applied if e is not None]
+                if logged:
+                    conn.executemany(
+                        "INSERT INTO events (ts, kind, set_id, pasids, reason, holder_pid,"
+                        " holder_uid, holder_ns_pid) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        [
+                            (now, k, sid, encode_runs(ps), why, *h)
+                            for (k, sid, ps, why), h in logged
+                        ],
+                    ).close()
+                    (last,) = conn.execute("SELECT last_insert_rowid()").fetchone()
+                else:
+                    (last,) = conn.execute(
+                        "SELECT COALESCE(MAX(revision), 0) FROM events"
+                    ).fetchone()
                 self._last_batch = len(logged)
                 self._compact(conn, int(last or 0))
                 conn.execute("COMMIT")
@@ -286,7 +320,7 @@ class SqliteStore:
         first = int(last or 0) - len(logged) + 1
         return [
             Event(first + i, now, k, sid, tuple(ps), why, *h)
-            for i, ((k, sid, ps, why), h) in enumerate(zip(logged, holders, strict=True))
+            for i, ((k, sid, ps, why), h) in enumerate(logged)
         ]
 
     def checkpoint_due(self) -> bool:
@@ -348,8 +382,21 @@ class SqliteStore:
             conn.execute("DELETE FROM events WHERE revision <= ?", (cut,))
 
     @staticmethod
-    def _apply(conn: sqlite3.Connection, rec: Record) -> tuple[str, int, Sequence[int], str]:
-        """Write one record; returns its event (kind, set_id, pasids, reason)."""
+    def _apply(conn: sqlite3.Connection, rec: Record) -> tuple[str, int, Sequence[int], str] | None:
+        """Write one record; returns its event (kind, set_id, pasids, reason), or None
+        for a record that is configuration, not a change of holdings."""
+        if isinstance(rec, SaveQuotas):
+            conn.execute(
+                "INSERT OR REPLACE INTO quotas (scope, per_set, per_client, global_,"
+                " updated_unix) VALUES ('default', ?, ?, ?, ?)",
+                (rec.per_set, rec.per_client, rec.global_, time.time()),
+            ).close()
+            return None
+        if isinstance(rec, SaveSetQuota):
+            conn.execute(
+                "UPDATE sets SET quota = ? WHERE set_id = ?", (rec.quota, rec.set_id)
+            ).close()
+            return None
         if isinstance(rec, AddPasids):
             sid = rec.set_id
             conn.executemany(
@@ -369,7 +416,7 @@ class SqliteStore:
             conn.execute(
                 "INSERT INTO sets (set_id, client, pid, quota, grace_seconds, token_hash,"
                 " created_unix, holder_start_time, holder_uid, holder_ns_pid,"
-                " delegated_by_pid) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " delegated_by_pid, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     r.set_id,
                     r.client,
@@ -382,6 +429,7 @@ class SqliteStore:
                     r.uid,
                     r.ns_pid,
                     r.delegated_by_pid,
+                    r.owner,
                 ),
             ).close()
             return ("set_created", r.set_id, (), r.client)

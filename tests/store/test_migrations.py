@@ -52,9 +52,16 @@ def test_store_upgrades_a_v1_database_in_place(tmp_path: Path) -> None:
     snap = SqliteStore(db).open()
     assert snap.holdings == {1: [1, 2, 7], 2: [3, 4]}
     with sqlite3.connect(db) as c:
-        assert c.execute("SELECT version_num FROM alembic_version").fetchall() == [("0003",)]
+        assert c.execute("SELECT version_num FROM alembic_version").fetchall() == [
+            (migrations.head(),)
+        ]
         assert c.execute("SELECT count(*) FROM events").fetchone() == (0,)
-        assert c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("3",)
+        # Sets of unverified clients count for the one shared identity; no quotas saved.
+        assert c.execute("SELECT DISTINCT owner FROM sets").fetchall() == [("anonymous",)]
+        assert c.execute("SELECT count(*) FROM quotas").fetchone() == (0,)
+        assert c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == (
+            str(int(migrations.head())),
+        )
         # declared pids of 0.1 were never verified: no holder to recognise after restart
         assert c.execute("SELECT pid, holder_start_time FROM sets").fetchall() == [(0, None)] * 2
     c.close()
@@ -120,7 +127,9 @@ def test_a_pre_alembic_database_with_events_is_stamped_0002(tmp_path: Path) -> N
     assert ev.revision == 2
     st.close()
     with sqlite3.connect(db) as c:  # stamped 0002, then upgraded
-        assert c.execute("SELECT version_num FROM alembic_version").fetchall() == [("0003",)]
+        assert c.execute("SELECT version_num FROM alembic_version").fetchall() == [
+            (migrations.head(),)
+        ]
     c.close()
 
 
