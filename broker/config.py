@@ -31,9 +31,17 @@ class Config:
     anonymous: str = "allow"
     event_retention: int = 100_000
     listen: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    insecure: bool = False
+    admin_groups: tuple[str, ...] = ()
+    admin_subjects: tuple[str, ...] = ()
     pasid_bits: int = 20
     reserved: tuple[tuple[int, int], ...] = ()
     quotas: Quotas = field(default_factory=Quotas)
+    # --quota-per-identity N%: that share of the capacity (quotas.per_client is then 0).
+    identity_share: float = 0.0
     quarantine: Quarantine = field(default_factory=Quarantine)
     kernel_quota: int = 0
     max_grace: int = 300
@@ -79,6 +87,28 @@ def parse_groups(text: str) -> tuple[str, ...]:
         if not g.isdigit():
             raise argparse.ArgumentTypeError(f"IOMMU group {g!r} is not a number")
     return groups
+
+
+DEFAULT_IDENTITY_QUOTA = "25%"
+
+
+def parse_identity_quota(text: str) -> tuple[int, float]:
+    """ "3000" -> (3000, 0.0); "25%" -> (0, 0.25): a share of the capacity, known at start."""
+    t = text.strip()
+    if t.endswith("%"):
+        pct = float(t[:-1])
+        if not 0 < pct <= 100:
+            raise argparse.ArgumentTypeError(f"{text}: a share must be in (0, 100]%")
+        return 0, pct / 100
+    n = int(t)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text} < 0")
+    return n, 0.0
+
+
+def parse_names(text: str) -> tuple[str, ...]:
+    """ "wheel, 27" -> ("wheel", "27"): group names or numbers."""
+    return tuple(filter(None, (g.strip() for g in text.split(","))))
 
 
 def _non_negative(kind: Callable[[str], float]) -> Callable[[str], float]:
@@ -183,7 +213,48 @@ def build_parser() -> argparse.ArgumentParser:
     a(
         "--listen",
         default=_env("LISTEN", d.listen),
-        help="also listen on TCP HOST:PORT (insecure; for trusted networks) [PASID_BROKER_LISTEN]",
+        help="also listen on TCP HOST:PORT, with mutual TLS (--tls-*); plain TCP only on a "
+        "loopback address with --insecure [PASID_BROKER_LISTEN]",
+    )
+    a(
+        "--tls-cert",
+        default=_env("TLS_CERT", d.tls_cert),
+        help="PEM certificate chain the TCP listener presents; re-read when it changes "
+        "(replace it by rename) [PASID_BROKER_TLS_CERT]",
+    )
+    a(
+        "--tls-key",
+        default=_env("TLS_KEY", d.tls_key),
+        help="PEM private key of --tls-cert [PASID_BROKER_TLS_KEY]",
+    )
+    a(
+        "--tls-client-ca",
+        default=_env("TLS_CLIENT_CA", d.tls_client_ca),
+        help="PEM CA bundle that TCP clients' certificates must chain to; a TCP caller's "
+        "identity is its certificate subject [PASID_BROKER_TLS_CLIENT_CA]",
+    )
+    a(
+        "--insecure",
+        action="store_true",
+        default=_env("INSECURE", "") in ("1", "true", "yes"),
+        help="allow --listen without TLS, on a loopback address only; every TCP caller is "
+        "then 'anonymous' (warned at every start) [PASID_BROKER_INSECURE=1]",
+    )
+    a(
+        "--admin-group",
+        type=parse_names,
+        default=parse_names(_env("ADMIN_GROUP", "")),
+        help="group name(s) or gid(s) whose members may make admin calls (PasidAdmin, "
+        "List all_sets, the full Watch) besides uid 0 and the broker's own uid, e.g. "
+        "'pasid-admin' [PASID_BROKER_ADMIN_GROUP]",
+    )
+    a(
+        "--admin-subject",
+        action="append",
+        default=[v for v in _env("ADMIN_SUBJECT", "").split("\n") if v],
+        help="TCP: a client certificate subject (as RFC 2253, e.g. 'CN=ops,O=example') "
+        "allowed admin calls; repeat for more; none = no admin over TCP "
+        "[PASID_BROKER_ADMIN_SUBJECT, several separated by newlines]",
     )
     a(
         "--pasid-bits",
@@ -206,11 +277,19 @@ def build_parser() -> argparse.ArgumentParser:
         "VFIO_DEFAULT_PASID_QUOTA [PASID_BROKER_QUOTA_PER_SET]",
     )
     a(
+        "--quota-per-identity",
         "--quota-per-client",
-        type=int,
-        default=int(_env("QUOTA_PER_CLIENT", "0")),
-        help="most PASIDs one declared client may hold across its sets, 0 = no limit "
-        "[PASID_BROKER_QUOTA_PER_CLIENT]",
+        dest="quota_per_identity",
+        type=parse_identity_quota,
+        default=parse_identity_quota(
+            _env("QUOTA_PER_IDENTITY", _env("QUOTA_PER_CLIENT", DEFAULT_IDENTITY_QUOTA))
+        ),
+        help="most PASIDs one verified identity may hold across all its sets: a uid on "
+        "the Unix socket, a certificate subject over TCP, or the one shared 'anonymous'; "
+        "N, or N%% of the capacity; 0 = no limit. Renaming a client or opening more "
+        "sessions does not escape it. SetQuotas changes it durably "
+        "[PASID_BROKER_QUOTA_PER_IDENTITY; the old name --quota-per-client and "
+        "PASID_BROKER_QUOTA_PER_CLIENT still work]",
     )
     a(
         "--quota-global",
@@ -329,9 +408,16 @@ def load(argv: list[str] | None = None) -> Config:
         anonymous=ns.anonymous,
         event_retention=ns.event_retention,
         listen=ns.listen,
+        tls_cert=ns.tls_cert,
+        tls_key=ns.tls_key,
+        tls_client_ca=ns.tls_client_ca,
+        insecure=ns.insecure,
+        admin_groups=ns.admin_group,
+        admin_subjects=tuple(ns.admin_subject),
         pasid_bits=ns.pasid_bits,
         reserved=ns.reserved,
-        quotas=Quotas(ns.quota_per_set, ns.quota_per_client, ns.quota_global),
+        quotas=Quotas(ns.quota_per_set, ns.quota_per_identity[0], ns.quota_global),
+        identity_share=ns.quota_per_identity[1],
         quarantine=Quarantine(float(ns.quarantine_seconds), int(ns.quarantine_allocs)),
         kernel_quota=ns.kernel_quota,
         max_grace=ns.max_grace,

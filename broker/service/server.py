@@ -8,7 +8,10 @@ import fcntl
 import logging
 import os
 import resource
+import shutil
 import signal
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -22,8 +25,18 @@ from broker import backends
 from broker.config import Config, peer_socket_path
 from broker.engine import Broker
 from broker.metrics import Metrics
-from broker.peer import PeerServer, TicketBook
+from broker.peer import PeerIdentity, PeerServer, TicketBook
+from broker.peer import TicketError as PeerTicketError
+from broker.service.authz import AdminPolicy, Authorizer, TicketError
 from broker.service.servicer import PasidAdminServicer, PasidBrokerServicer
+from broker.service.tls import (
+    TlsFiles,
+    TransportError,
+    check_listener,
+    insecure_warning,
+    server_credentials,
+    tls_files,
+)
 from broker.store import SqliteStore
 
 log = logging.getLogger("pasid_broker")
@@ -42,7 +55,10 @@ def acquire_lock(db: str) -> IO[str]:
     """
     path = Path(db + ".lock")
     path.parent.mkdir(parents=True, exist_ok=True)
-    f = path.open("a+")
+    # 0600 whatever the umask: it names the holder's pid, and nobody else needs it.
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    os.fchmod(fd, 0o600)
+    f = os.fdopen(fd, "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -55,6 +71,45 @@ def acquire_lock(db: str) -> IO[str]:
     f.write(f"pid {os.getpid()}\n")
     f.flush()
     return f
+
+
+class UnixListener:
+    """A Unix socket that no one can reach before it has its final mode.
+
+    grpc binds under the process umask and offers no mode, so the socket is bound inside
+    a directory only the broker can enter (mkdtemp: 0700) beside its final path, given
+    its mode there, and renamed into place once the server listens: there is no instant
+    at which the final path accepts a connection with a wider mode.
+    """
+
+    def __init__(self, path: Path, mode: int) -> None:
+        self.path = path
+        self.mode = mode
+        self._private: Path | None = None
+
+    def bind(self, server: grpc.aio.Server) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._private = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
+        staged = self._private / "s"
+        if server.add_insecure_port(f"unix:{staged}") == 0:
+            raise StartupError(f"cannot listen on unix:{self.path}")
+        os.chmod(staged, self.mode)
+
+    def publish(self) -> None:
+        """Move the listening socket to its final path (replacing a stale one)."""
+        assert self._private is not None
+        os.rename(self._private / "s", self.path)
+        self._cleanup_private()
+
+    def _cleanup_private(self) -> None:
+        if self._private is not None:
+            shutil.rmtree(self._private, ignore_errors=True)
+            self._private = None
+
+    def close(self) -> None:
+        self._cleanup_private()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
 
 
 def server_options(config: Config, *, remote: bool) -> list[tuple[str, int]]:
@@ -97,19 +152,37 @@ def _grpc_server(
     servicer: PasidBrokerServicer,
     health_servicer: health.aio.HealthServicer,
     metrics: Metrics,
+    authorizer: Authorizer,
+    admin: PasidAdminServicer | None = None,
     *,
     remote: bool = False,
 ) -> grpc.aio.Server:
+    # The authorizer first: no servicer code (and no timer) runs for a refused call.
     server = grpc.aio.server(
-        options=server_options(config, remote=remote), interceptors=[metrics.rpc_timer()]
+        options=server_options(config, remote=remote),
+        interceptors=[authorizer, metrics.rpc_timer()],
     )
     pb_grpc.add_PasidBrokerServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME]
-    if servicer.admin:
+    if admin is not None:
+        pb_grpc.add_PasidAdminServicer_to_server(admin, server)
         names.append(pb.DESCRIPTOR.services_by_name["PasidAdmin"].full_name)
     reflection.enable_server_reflection(names, server)
     return server
+
+
+def check_transport(config: Config) -> tuple[TlsFiles | None, AdminPolicy]:
+    """Refuse unsafe or incomplete listener settings before anything is opened."""
+    try:
+        files = tls_files(config.tls_cert, config.tls_key, config.tls_client_ca)
+        check_listener(config.listen, files, config.insecure)
+        policy = AdminPolicy.from_config(config.admin_groups, config.admin_subjects)
+    except (TransportError, ValueError) as exc:
+        raise StartupError(str(exc)) from None
+    if config.admin_subjects and files is None:
+        raise StartupError("--admin-subject needs a TLS listener (--listen with --tls-*)")
+    return files, policy
 
 
 def raise_fd_limit() -> None:
@@ -120,7 +193,25 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def take_ticket(tickets: TicketBook) -> Callable[[str], PeerIdentity]:
+    """The authorizer's view of the ticket book: a per-call ticket in `pasid-ticket`
+    metadata, taken once; its errors in the authorizer's terms."""
+
+    def take(ticket: str) -> PeerIdentity:
+        try:
+            return tickets.take(ticket)
+        except PeerTicketError as exc:
+            raise TicketError(str(exc)) from None
+
+    return take
+
+
 async def serve(config: Config) -> int:
+    # Nothing the broker creates is for others (the database names clients and holds
+    # token hashes): files are born 0600 whatever umask we were started under; sockets
+    # are then given their configured mode (UnixListener).
+    os.umask(0o077)
+    tls, policy = check_transport(config)
     lock = acquire_lock(config.db)
     raise_fd_limit()
     metrics = Metrics()
@@ -133,7 +224,8 @@ async def serve(config: Config) -> int:
         vfio_fallback=config.vfio_fallback,
     )
     store = SqliteStore(config.db, event_retention=config.event_retention)
-    # Handshakes on the peer socket leave tickets here; OpenSession takes them.
+    # Handshakes on the peer socket leave tickets here; OpenSession takes them, and so
+    # does the authorizer for a call's `pasid-ticket` metadata.
     tickets = TicketBook(config.ticket_seconds)
     broker = Broker(
         metrics.instrument(backend),
@@ -143,6 +235,7 @@ async def serve(config: Config) -> int:
         quarantine=config.quarantine,
         max_grace=config.max_grace,
         restart_grace=config.restart_grace,
+        identity_share=config.identity_share,
         tickets=tickets,
         anonymous=config.anonymous,
     )
@@ -161,40 +254,82 @@ async def serve(config: Config) -> int:
         ) from None
     servicer = PasidBrokerServicer(broker, session_op_done=metrics.session_op_done)
     health_servicer = health.aio.HealthServicer()
-    server = _grpc_server(config, servicer, health_servicer, metrics)
+    # On the Unix sockets a caller shows who it is with a peer ticket in the call's
+    # metadata (the client library does the handshake); without one it is anonymous.
+    unix_authz = Authorizer("unix", policy, take_ticket(tickets))
+    server = _grpc_server(config, servicer, health_servicer, metrics, unix_authz)
     sock = Path(config.socket)
-    addresses = [f"unix:{sock}"] + ([config.listen] if config.listen else [])
-    servers = [(server, [f"unix:{sock}"], [(sock, config.socket_mode)])]
-    if config.listen:  # its own server: keepalive pings for remote peers only
-        tcp = _grpc_server(config, servicer, health_servicer, metrics, remote=True)
-        servers.append((tcp, [config.listen], []))
+    addresses = [f"unix:{sock}"]
+    # (server, TCP address and credentials or None, Unix listeners)
+    servers: list[
+        tuple[grpc.aio.Server, tuple[str, grpc.ServerCredentials | None] | None, list[UnixListener]]
+    ] = [(server, None, [UnixListener(sock, config.socket_mode)])]
     admin_servicer: PasidBrokerServicer | None = None
     if config.admin_socket:
         admin_servicer = PasidBrokerServicer(
             broker, admin=True, session_op_done=metrics.session_op_done
         )
-        admin = _grpc_server(config, admin_servicer, health_servicer, metrics)
-        pb_grpc.add_PasidAdminServicer_to_server(PasidAdminServicer(broker, admin_servicer), admin)
-        admin_sock = Path(config.admin_socket)
-        servers.append((admin, [f"unix:{admin_sock}"], [(admin_sock, 0o600)]))
+        admin = _grpc_server(
+            config,
+            admin_servicer,
+            health_servicer,
+            metrics,
+            unix_authz,
+            PasidAdminServicer(broker, admin_servicer),
+        )
+        servers.append((admin, None, [UnixListener(Path(config.admin_socket), 0o600)]))
+    if config.listen:
+        # Its own server, so that its interceptor knows the transport. With TLS it serves
+        # PasidAdmin too, to --admin-subject certificates only (checked per call).
+        if tls is not None:
+            tcp_authz = Authorizer("tls", policy)
+            try:
+                creds: grpc.ServerCredentials | None = server_credentials(tls)
+            except TransportError as exc:
+                raise StartupError(str(exc)) from None
+        else:
+            tcp_authz, creds = Authorizer("tcp", policy), None
+            insecure_warning(config.listen)
+        tcp = _grpc_server(
+            config,
+            servicer,
+            health_servicer,
+            metrics,
+            tcp_authz,
+            PasidAdminServicer(broker, servicer) if tls is not None else None,
+            remote=True,  # keepalive pings: a remote peer has no pidfd
+        )
+        servers.append((tcp, (config.listen, creds), []))
     peer_path = peer_socket_path(config.peer_socket, config.socket)
+    # Bound under umask 077 and chmod-ed before listen(): no connection before its mode.
     peer = PeerServer(peer_path, tickets, mode=config.socket_mode)
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, not_serving)
 
-    for srv, addrs, socks in servers:
-        for path, _mode in socks:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        for addr in addrs:
-            port = srv.add_insecure_port(addr)
-            if port == 0:
-                raise StartupError(f"cannot listen on {addr}")
-            if addr == config.listen and addr.endswith(":0"):  # log the port it picked
-                addresses[addresses.index(addr)] = f"{addr[:-2]}:{port}"
-        await srv.start()
-        for path, mode in socks:
-            os.chmod(path, mode)
+    try:
+        for srv, tcp_bind, socks in servers:
+            for listener in socks:
+                listener.bind(srv)
+            if tcp_bind is not None:
+                addr, creds = tcp_bind
+                port = (
+                    srv.add_insecure_port(addr)
+                    if creds is None
+                    else srv.add_secure_port(addr, creds)
+                )
+                if port == 0:
+                    raise StartupError(f"cannot listen on {addr}")
+                # Log the port picked for ":0" (tests, and operators who ask for any).
+                addresses.append(f"{addr.rpartition(':')[0]}:{port}")
+            await srv.start()
+            for listener in socks:
+                listener.publish()
+    except BaseException:
+        for _, _, socks in servers:
+            for listener in socks:
+                listener.close()
+        raise
     try:
         peer.start()
     except OSError as exc:
@@ -216,6 +351,7 @@ async def serve(config: Config) -> int:
                 "admin": config.admin_socket or "off",
                 "peer_socket": peer_path,
                 "anonymous": config.anonymous,
+                "tcp": "off" if not config.listen else ("mutual TLS" if tls else "insecure"),
                 # The backend actually serving: a --vfio-fallback may have replaced vfio.
                 "backend": broker.caps.name if broker.caps else config.backend,
                 "db": config.db,
@@ -238,9 +374,8 @@ async def serve(config: Config) -> int:
         await broker.stop()
         metrics.close()
         for _, _, socks in servers:
-            for path, _mode in socks:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+            for listener in socks:
+                listener.close()
         lock.close()
     log.info("stopped")
     return 0

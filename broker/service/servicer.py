@@ -25,6 +25,7 @@ from broker import __version__
 from broker.core import InvalidArgument, PasidError, runs
 from broker.engine import Broker, then
 from broker.engine import Session as BrokerSession
+from broker.service.authz import current_caller
 from broker.service.status import (
     ADMIN_ONLY,
     PermissionDenied,
@@ -163,7 +164,13 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
         # Atomic open: the set exists once open_session returns, and this stream owns it
         # from that instant: no await until the try whose finally ends the session.
         sess, token, resumed, created = self.broker.open_session(
-            o.client, o.pid, o.grace_seconds, o.resume_token, context.peer(), o.ticket
+            o.client,
+            o.pid,
+            o.grace_seconds,
+            o.resume_token,
+            context.peer(),
+            o.ticket,
+            owner=current_caller().identity,
         )
         # Replies wait for their commits, in request order; reading goes on meanwhile so
         # that a pipelining client's requests share group commits.
@@ -263,7 +270,7 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
             )
         if op == "list":
             done: asyncio.Future[pb.SessionResponse] = asyncio.get_running_loop().create_future()
-            if req.list.all_sets and not self.admin:
+            if req.list.all_sets and not current_caller().admin:
                 raise PermissionDenied(ADMIN_ONLY)
             done.set_result(pb.SessionResponse(list=self._list(sess, req.list.all_sets)))
             return done
@@ -301,7 +308,7 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
         self, request: pb.ListRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListResponse:
         if request.all_sets:
-            if not self.admin:
+            if not current_caller().admin:
                 raise PermissionDenied(ADMIN_ONLY)
             return self._list(None, True)
 
@@ -395,5 +402,5 @@ class PasidAdminServicer(pb_grpc.PasidAdminServicer):
         self, request: pb.SetQuotasRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetInfoResponse:
         q = request.quotas
-        self.broker.set_quotas(request.set_id, q.per_set, q.per_client, getattr(q, "global"))
+        await self.broker.set_quotas(request.set_id, q.per_set, q.per_client, getattr(q, "global"))
         return await self.main.GetInfo(pb.GetInfoRequest(), context)

@@ -39,7 +39,10 @@ from broker.core.errors import (
     Unsupported,
 )
 
-ADMIN_ONLY = "listing every set is an admin call: use the admin socket"
+ADMIN_ONLY = (
+    "listing every set is an admin call: uid 0, the broker's uid or a member of"
+    " --admin-group (with a peer ticket), or an --admin-subject certificate"
+)
 
 
 class PermissionDenied(PasidError):

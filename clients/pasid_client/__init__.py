@@ -4,6 +4,7 @@ A session is an ioasid_set: open it for as long as you need its PASIDs; closing 
 dying) frees them. Failures raise PasidClientError subclasses carrying the gRPC status.
 """
 
+from pasid_client.address import Tls
 from pasid_client.aio import AsyncClient, AsyncSession
 from pasid_client.errors import (
     Aborted,
@@ -44,6 +45,7 @@ __all__ = [
     "Session",
     "SetView",
     "Ticket",
+    "Tls",
     "Unauthenticated",
     "Unavailable",
     "obtain_ticket",

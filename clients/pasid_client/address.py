@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
 
 DEFAULT_SOCKET = "/run/pasid-broker/broker.sock"
 
@@ -44,3 +48,34 @@ def resolve_admin(admin_socket: str | None = None, socket: str | None = None) ->
         return f"unix:{os.path.abspath(env)}"
     sock = socket or os.environ.get("PASID_BROKER_SOCKET", DEFAULT_SOCKET)
     return f"unix:{os.path.join(os.path.dirname(os.path.abspath(sock)), 'admin.sock')}"
+
+
+@dataclass(frozen=True)
+class Tls:
+    """Mutual TLS for a TCP address: the CA the broker's certificate chains to, and this
+    client's certificate and key (PEM file paths). The broker names the caller by the
+    certificate's subject."""
+
+    ca: str
+    cert: str
+    key: str
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """Raises OSError if a file cannot be read."""
+        return grpc.ssl_channel_credentials(
+            Path(self.ca).read_bytes(), Path(self.key).read_bytes(), Path(self.cert).read_bytes()
+        )
+
+
+TlsArg = Tls | tuple[str, str, str] | None
+
+
+def tls_of(tls: TlsArg) -> Tls | None:
+    """`tls` as given, a (ca, cert, key) tuple, or None; then $PASID_BROKER_TLS_CA,
+    _CERT and _KEY when all three are set."""
+    if isinstance(tls, Tls):
+        return tls
+    if tls is not None:
+        return Tls(*tls)
+    env = [os.environ.get(f"PASID_BROKER_TLS_{k}", "") for k in ("CA", "CERT", "KEY")]
+    return Tls(*env) if all(env) else None

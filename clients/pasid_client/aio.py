@@ -29,7 +29,7 @@ from pasid_client.errors import (
     from_status_code_int,
     make_error,
 )
-from pasid_client.handshake import Ticket, open_request, ticket_for
+from pasid_client.handshake import Ticket, identity_metadata, open_request, ticket_for
 from pasid_client.types import ALL, Event, Info, SetView
 
 
@@ -190,7 +190,13 @@ class _SessionOpener:
 
 
 class AsyncClient:
-    """A connection to the broker. Unary calls for tools; `session()` for holders."""
+    """A connection to the broker. Unary calls for tools; `session()` for holders.
+
+    `address` is "unix:/path" or "host:port". A TCP address is reached with mutual TLS
+    when `tls` (a Tls, or a (ca, cert, key) tuple of PEM paths) or $PASID_BROKER_TLS_CA,
+    _CERT and _KEY are given, else in plain text (a broker allows that on loopback with
+    --insecure only). Raises OSError if a TLS file cannot be read.
+    """
 
     def __init__(
         self,
@@ -200,13 +206,18 @@ class AsyncClient:
         timeout: float = 10.0,
         keepalive_seconds: float = 10.0,
         peer_socket: str | None = None,
+        tls: _address.TlsArg = None,
     ) -> None:
         self.target = _address.resolve(address, socket)
         self.timeout = timeout
         # Where sessions do the peer handshake (None: beside a Unix socket target).
         self.peer_socket = peer_socket
-        self._channel = grpc.aio.insecure_channel(
-            self.target, options=_address.keepalive_options(keepalive_seconds)
+        options = _address.keepalive_options(keepalive_seconds)
+        t = _address.tls_of(tls) if not self.target.startswith("unix:") else None
+        self._channel = (
+            grpc.aio.insecure_channel(self.target, options=options)
+            if t is None
+            else grpc.aio.secure_channel(self.target, t.credentials(), options=options)
         )
         self._stub = pb_grpc.PasidBrokerStub(self._channel)
         self._admin = pb_grpc.PasidAdminStub(self._channel)
@@ -280,9 +291,16 @@ class AsyncClient:
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 
+    async def _identity(self) -> tuple[tuple[str, str], ...]:
+        """A per-call ticket: admin calls and Watch are checked against who we are."""
+        return await asyncio.to_thread(
+            identity_metadata, self.target, peer_socket=self.peer_socket, timeout=self.timeout
+        )
+
     async def _admin_unary(self, method: Any, request: Any) -> Any:
+        md = await self._identity()
         try:
-            return await method(request, timeout=self.timeout)
+            return await method(request, timeout=self.timeout, metadata=md)
         except grpc.RpcError as exc:
             raise from_admin_rpc_error(exc) from None
 
@@ -324,7 +342,9 @@ class AsyncClient:
     async def watch(self, from_revision: int = 0) -> AsyncIterator[Event]:
         """Events from `from_revision` (0: from now on), replayed then live. Raises
         OutOfRange (with .oldest_revision) for a compacted revision, Unavailable."""
-        call = self._stub.Watch(pb.WatchRequest(from_revision=from_revision))
+        call = self._stub.Watch(
+            pb.WatchRequest(from_revision=from_revision), metadata=await self._identity()
+        )
         try:
             async for m in call:
                 yield Event.from_pb(m)
@@ -353,7 +373,7 @@ class AsyncClient:
     async def set_quotas(
         self, per_set: int, per_client: int = 0, global_: int = 0, set_id: int = 0
     ) -> Info:
-        """Change quotas until restart (all sets, or one with set_id). Raises NotFound,
+        """Change quotas durably (all sets, or one with set_id). Raises NotFound,
         PermissionDenied."""
         q = pb.Quotas(per_set=per_set, per_client=per_client, **{"global": global_})
         resp = await self._admin_unary(

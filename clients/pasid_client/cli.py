@@ -385,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     qp = sub.add_parser(
         "quota",
         parents=[common],
-        help="change quotas until restart, for all sets or one (admin socket)",
+        help="change quotas durably (they outlive a restart), for all sets or one (admin)",
     )
     qp.add_argument("--set", dest="set_id", type=int, default=0, help="only this set")
     qp.add_argument("--per-set", type=int, default=None)

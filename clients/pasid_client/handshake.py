@@ -94,6 +94,19 @@ def ticket_for(
             os.close(own)
 
 
+TICKET_METADATA = "pasid-ticket"
+
+
+def identity_metadata(
+    target: str, *, peer_socket: str | None = None, timeout: float = 5.0
+) -> tuple[tuple[str, str], ...]:
+    """Call metadata that proves who we are for one call without a session (admin calls,
+    List all_sets, Watch): a fresh ticket in `pasid-ticket`, or nothing where the target
+    has no peer socket (TCP: the certificate is the identity). Raises as obtain_ticket."""
+    t = ticket_for(target, peer_socket=peer_socket, timeout=timeout)
+    return ((TICKET_METADATA, t.ticket),) if t is not None else ()
+
+
 def obtain_ticket(
     path: str,
     *,

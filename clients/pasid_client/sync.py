@@ -26,7 +26,7 @@ from pasid_client.errors import (
     from_admin_rpc_error,
     from_rpc_error,
 )
-from pasid_client.handshake import Ticket, open_request, ticket_for
+from pasid_client.handshake import Ticket, identity_metadata, open_request, ticket_for
 from pasid_client.types import ALL, Event, Info, SetView
 
 
@@ -155,7 +155,8 @@ class WatchStream:
 
 
 class Client:
-    """A blocking connection to the broker; see AsyncClient for each call's meaning."""
+    """A blocking connection to the broker; see AsyncClient for each call's meaning (and
+    for `tls`: mutual TLS to a TCP address)."""
 
     def __init__(
         self,
@@ -165,13 +166,18 @@ class Client:
         timeout: float = 10.0,
         keepalive_seconds: float = 10.0,
         peer_socket: str | None = None,
+        tls: _address.TlsArg = None,
     ) -> None:
         self.target = _address.resolve(address, socket)
         self.timeout = timeout
         # Where sessions do the peer handshake (None: beside a Unix socket target).
         self.peer_socket = peer_socket
-        self._channel = grpc.insecure_channel(
-            self.target, options=_address.keepalive_options(keepalive_seconds)
+        options = _address.keepalive_options(keepalive_seconds)
+        t = _address.tls_of(tls) if not self.target.startswith("unix:") else None
+        self._channel = (
+            grpc.insecure_channel(self.target, options=options)
+            if t is None
+            else grpc.secure_channel(self.target, t.credentials(), options=options)
         )
         self._stub = pb_grpc.PasidBrokerStub(self._channel)
         self._admin = pb_grpc.PasidAdminStub(self._channel)
@@ -193,9 +199,13 @@ class Client:
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 
+    def _identity(self) -> tuple[tuple[str, str], ...]:
+        """A per-call ticket: admin calls and Watch are checked against who we are."""
+        return identity_metadata(self.target, peer_socket=self.peer_socket, timeout=self.timeout)
+
     def _admin_unary(self, method: Any, request: Any) -> Any:
         try:
-            return method(request, timeout=self.timeout)
+            return method(request, timeout=self.timeout, metadata=self._identity())
         except grpc.RpcError as exc:
             raise from_admin_rpc_error(exc) from None
 
@@ -286,7 +296,11 @@ class Client:
         """Events from `from_revision` (0: from now on), replayed then live. Iterate it;
         `close()` (from any thread) ends it. Iterating raises OutOfRange for a compacted
         revision, Unavailable when the broker goes away."""
-        return WatchStream(self._stub.Watch(pb.WatchRequest(from_revision=from_revision)))
+        return WatchStream(
+            self._stub.Watch(
+                pb.WatchRequest(from_revision=from_revision), metadata=self._identity()
+            )
+        )
 
     def list_sets(self, with_ranges: bool = True) -> list[SetView]:
         """Every set (admin socket). Raises PermissionDenied elsewhere."""
@@ -304,7 +318,8 @@ class Client:
     def set_quotas(
         self, per_set: int, per_client: int = 0, global_: int = 0, set_id: int = 0
     ) -> Info:
-        """Change quotas until restart (admin socket). Raises NotFound, PermissionDenied."""
+        """Change quotas durably (they outlive a restart; admin only). Raises NotFound,
+        PermissionDenied."""
         q = pb.Quotas(per_set=per_set, per_client=per_client, **{"global": global_})
         return Info.from_pb(
             self._admin_unary(self._admin.SetQuotas, pb.SetQuotasRequest(set_id=set_id, quotas=q))

@@ -58,7 +58,7 @@ def test_half_open_tcp_client_is_dropped_by_keepalive(
 ) -> None:
     """A frozen client (SIGSTOP: the socket stays open, nothing answers pings)."""
     port = free_port()
-    b = make_broker("--listen", f"127.0.0.1:{port}", "--keepalive-seconds", "1")
+    b = make_broker("--listen", f"127.0.0.1:{port}", "--insecure", "--keepalive-seconds", "1")
     proc, _ = holder(f"127.0.0.1:{port}", 5)
     try:
         with Client(b.address) as c:

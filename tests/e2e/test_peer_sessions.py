@@ -211,7 +211,7 @@ def tcp_address(b: BrokerProcess) -> str:
 
 
 def test_ticket_replayed_stale_or_mismatched_changes_nothing(make_broker: Any) -> None:
-    b = make_broker("--ticket-seconds", "1", "--listen", "127.0.0.1:0")
+    b = make_broker("--ticket-seconds", "1", "--listen", "127.0.0.1:0", "--insecure")
     peer = os.path.join(b.dir, "peer.sock")
     t = obtain_ticket(peer)
     assert (t.pid, t.ns_pid, t.uid) == (os.getpid(), os.getpid(), os.getuid())
@@ -251,7 +251,7 @@ def test_sigstopped_local_client_keeps_its_set_past_the_keepalive(
     """A frozen VMM keeps its set (the kernel frees at exit, not at freeze); a frozen
     TCP client stopped at the same moment is dropped by keepalive, which shows that the
     freeze lasted well past what keepalive would have allowed."""
-    b = make_broker("--keepalive-seconds", "1", "--listen", "127.0.0.1:0")
+    b = make_broker("--keepalive-seconds", "1", "--listen", "127.0.0.1:0", "--insecure")
     tcp_addr = tcp_address(b)
     local, lp = holder(procs, b.address, "--keepalive", "1")
     remote, rp = holder(procs, tcp_addr, "--keepalive", "1")
