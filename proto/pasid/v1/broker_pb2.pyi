@@ -61,8 +61,8 @@ class OpenSession(_message.Message):
     RESUME_TOKEN_FIELD_NUMBER: _builtins.int
     TICKET_FIELD_NUMBER: _builtins.int
     client: _builtins.str
-    """Who the client says it is (e.g. "qemu-vm42"): the key of the per-client quota and
-    what operators see in listings. Not authenticated: socket permissions are.
+    """A name for operators (e.g. "qemu-vm42"), shown in listings. Not an identity: quotas
+    count by the caller's verified identity (uid, certificate subject, or anonymous).
     """
     pid: _builtins.int
     """A claim, never used as an identity: with a ticket, a non-zero pid must be the
@@ -256,7 +256,9 @@ class ListRequest(_message.Message):
     SESSION_FIELD_NUMBER: _builtins.int
     ALL_SETS_FIELD_NUMBER: _builtins.int
     all_sets: _builtins.bool
-    """List every set on the broker (owner, counts and ranges) instead of the caller's."""
+    """List every set on the broker (owner, counts and ranges) instead of the caller's;
+    an admin call (PERMISSION_DENIED otherwise).
+    """
     @_builtins.property
     def session(self) -> Global___SessionRef: ...
     def __init__(
@@ -412,7 +414,10 @@ class Quotas(_message.Message):
     per_set: _builtins.int
     """Most PASIDs one set may hold (the series' VFIO_DEFAULT_PASID_QUOTA is 1000)."""
     per_client: _builtins.int
-    """Most PASIDs one declared client may hold across its sets; 0 = no limit."""
+    """Most PASIDs one verified identity (uid on a Unix socket, certificate subject over
+    TCP, or the shared "anonymous") may hold across its sets; 0 = no limit. The name is
+    kept for compatibility.
+    """
     def __init__(
         self,
         *,

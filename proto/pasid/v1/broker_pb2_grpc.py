@@ -385,8 +385,11 @@ class PasidBroker:
 
 
 class PasidAdminStub:
-    """PasidAdmin is for operators. It is served only on the broker's admin socket
-    (--admin-socket, mode 0600 by default): socket permissions are the credential.
+    """PasidAdmin is for operators. It is served on the broker's admin socket (--admin-socket,
+    mode 0600) and on a mutual-TLS TCP listener. Every call is checked: the caller must be
+    uid 0, the broker's uid or a member of --admin-group (identified by a peer ticket in the
+    `pasid-ticket` call metadata), or present an --admin-subject certificate. Refused:
+    UNAUTHENTICATED (no identity) or PERMISSION_DENIED (not an admin). See SECURITY.md.
     """
 
     def __init__(self, channel):
@@ -413,8 +416,11 @@ class PasidAdminStub:
 
 
 class PasidAdminServicer:
-    """PasidAdmin is for operators. It is served only on the broker's admin socket
-    (--admin-socket, mode 0600 by default): socket permissions are the credential.
+    """PasidAdmin is for operators. It is served on the broker's admin socket (--admin-socket,
+    mode 0600) and on a mutual-TLS TCP listener. Every call is checked: the caller must be
+    uid 0, the broker's uid or a member of --admin-group (identified by a peer ticket in the
+    `pasid-ticket` call metadata), or present an --admin-subject certificate. Refused:
+    UNAUTHENTICATED (no identity) or PERMISSION_DENIED (not an admin). See SECURITY.md.
     """
 
     def ListSets(self, request, context):
@@ -433,8 +439,9 @@ class PasidAdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SetQuotas(self, request, context):
-        """SetQuotas changes quotas at run time (until the next restart, where flags rule):
-        the defaults for all sets, or with `set_id` one set's quota.
+        """SetQuotas changes quotas at run time, durably: answered once stored, and in force
+        after a restart (the flags only seed them). The defaults for all sets, or with
+        `set_id` one set's quota.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -467,8 +474,11 @@ def add_PasidAdminServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class PasidAdmin:
-    """PasidAdmin is for operators. It is served only on the broker's admin socket
-    (--admin-socket, mode 0600 by default): socket permissions are the credential.
+    """PasidAdmin is for operators. It is served on the broker's admin socket (--admin-socket,
+    mode 0600) and on a mutual-TLS TCP listener. Every call is checked: the caller must be
+    uid 0, the broker's uid or a member of --admin-group (identified by a peer ticket in the
+    `pasid-ticket` call metadata), or present an --admin-subject certificate. Refused:
+    UNAUTHENTICATED (no identity) or PERMISSION_DENIED (not an admin). See SECURITY.md.
     """
 
     @staticmethod

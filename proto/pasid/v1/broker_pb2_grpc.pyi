@@ -198,8 +198,11 @@ class PasidBrokerServicer(metaclass=_abc_1.ABCMeta):
 def add_PasidBrokerServicer_to_server(servicer: PasidBrokerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
 class PasidAdminStub:
-    """PasidAdmin is for operators. It is served only on the broker's admin socket
-    (--admin-socket, mode 0600 by default): socket permissions are the credential.
+    """PasidAdmin is for operators. It is served on the broker's admin socket (--admin-socket,
+    mode 0600) and on a mutual-TLS TCP listener. Every call is checked: the caller must be
+    uid 0, the broker's uid or a member of --admin-group (identified by a peer ticket in the
+    `pasid-ticket` call metadata), or present an --admin-subject certificate. Refused:
+    UNAUTHENTICATED (no identity) or PERMISSION_DENIED (not an admin). See SECURITY.md.
     """
 
     @_typing.overload
@@ -213,14 +216,18 @@ class PasidAdminStub:
     ABORTED and the reason.
     """
     SetQuotas: _grpc.UnaryUnaryMultiCallable[_broker_pb2.SetQuotasRequest, _broker_pb2.GetInfoResponse]
-    """SetQuotas changes quotas at run time (until the next restart, where flags rule):
-    the defaults for all sets, or with `set_id` one set's quota.
+    """SetQuotas changes quotas at run time, durably: answered once stored, and in force
+    after a restart (the flags only seed them). The defaults for all sets, or with
+    `set_id` one set's quota.
     """
 
 @_typing.type_check_only
 class PasidAdminAsyncStub(PasidAdminStub):
-    """PasidAdmin is for operators. It is served only on the broker's admin socket
-    (--admin-socket, mode 0600 by default): socket permissions are the credential.
+    """PasidAdmin is for operators. It is served on the broker's admin socket (--admin-socket,
+    mode 0600) and on a mutual-TLS TCP listener. Every call is checked: the caller must be
+    uid 0, the broker's uid or a member of --admin-group (identified by a peer ticket in the
+    `pasid-ticket` call metadata), or present an --admin-subject certificate. Refused:
+    UNAUTHENTICATED (no identity) or PERMISSION_DENIED (not an admin). See SECURITY.md.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -231,13 +238,17 @@ class PasidAdminAsyncStub(PasidAdminStub):
     ABORTED and the reason.
     """
     SetQuotas: _aio.UnaryUnaryMultiCallable[_broker_pb2.SetQuotasRequest, _broker_pb2.GetInfoResponse]  # type: ignore[assignment]
-    """SetQuotas changes quotas at run time (until the next restart, where flags rule):
-    the defaults for all sets, or with `set_id` one set's quota.
+    """SetQuotas changes quotas at run time, durably: answered once stored, and in force
+    after a restart (the flags only seed them). The defaults for all sets, or with
+    `set_id` one set's quota.
     """
 
 class PasidAdminServicer(metaclass=_abc_1.ABCMeta):
-    """PasidAdmin is for operators. It is served only on the broker's admin socket
-    (--admin-socket, mode 0600 by default): socket permissions are the credential.
+    """PasidAdmin is for operators. It is served on the broker's admin socket (--admin-socket,
+    mode 0600) and on a mutual-TLS TCP listener. Every call is checked: the caller must be
+    uid 0, the broker's uid or a member of --admin-group (identified by a peer ticket in the
+    `pasid-ticket` call metadata), or present an --admin-subject certificate. Refused:
+    UNAUTHENTICATED (no identity) or PERMISSION_DENIED (not an admin). See SECURITY.md.
     """
 
     @_abc_1.abstractmethod
@@ -264,8 +275,9 @@ class PasidAdminServicer(metaclass=_abc_1.ABCMeta):
         request: _broker_pb2.SetQuotasRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_broker_pb2.GetInfoResponse, _abc.Awaitable[_broker_pb2.GetInfoResponse]]:
-        """SetQuotas changes quotas at run time (until the next restart, where flags rule):
-        the defaults for all sets, or with `set_id` one set's quota.
+        """SetQuotas changes quotas at run time, durably: answered once stored, and in force
+        after a restart (the flags only seed them). The defaults for all sets, or with
+        `set_id` one set's quota.
         """
 
 def add_PasidAdminServicer_to_server(servicer: PasidAdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
