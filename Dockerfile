@@ -6,7 +6,8 @@ COPY pyproject.toml README.md ./
 COPY broker broker
 COPY clients clients
 COPY proto proto
-RUN pip install --no-cache-dir .
+# Two distributions: pasid-client (clients/, with proto/ through its symlink) and the server.
+RUN pip install --no-cache-dir ./clients .
 VOLUME ["/var/lib/pasid-broker", "/run/pasid-broker"]
 # Metrics: loopback by default on a host; inside the container's own network namespace,
 # on all its addresses so that a published port (-p 9464:9464) reaches them.

@@ -7,11 +7,15 @@ VAR     ?= var
 
 .PHONY: run test kernel-test lint fmt proto bench bench-core crash-test clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml clients/pyproject.toml
 	@python3 -m venv --help >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq python3-venv)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	@# Two distributions, both editable: pasid-client (clients/) and pasid-broker (here).
+	@# A venv from before the split has a pasid-broker that owned bin/pasidctl: uninstall it
+	@# first, or replacing it would delete the script pasid-client has just installed.
+	$(PY) -m pip uninstall -q -y pasid-broker 2>/dev/null || true
+	$(PY) -m pip install -q -e ./clients -e '.[dev]'
 	@touch $(STAMP)
 
 run: $(STAMP)
