@@ -1,4 +1,9 @@
-"""`pasidctl`: the operator's view of a pasid-broker. Every command takes --json."""
+"""`pasidctl`: the operator's view of a pasid-broker. Every command takes --json.
+
+Exit status: 0 ok, 1 the broker refused or could not be reached, 2 usage (a bad option, a
+missing session, an unreadable --token-file). With --json every outcome is one JSON
+document on stdout, errors as {"error": {"code", "message", "reason"}} (code USAGE for 2).
+"""
 
 from __future__ import annotations
 
@@ -11,15 +16,32 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
-from typing import Any
+from typing import Any, NoReturn
 
-from pasid_client import address, top
+from pasid_client import address, bench, top
 from pasid_client.errors import PasidClientError
 from pasid_client.sync import Client
 from pasid_client.types import ALL, SetView
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A command line that cannot run (exit 2), from argparse or from a command; `usage`
+    is the parser's usage line, shown in text mode as argparse would."""
+
+    def __init__(self, message: str, usage: str = "") -> None:
+        super().__init__(message)
+        self.usage = usage
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors raised, so that main() can honour --json for them too
+    (argparse itself prints text and exits)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: error: {message}", self.format_usage())
 
 
 def _fmt_ranges(ranges: Sequence[tuple[int, int]]) -> str:
@@ -33,15 +55,45 @@ def _emit(args: argparse.Namespace, data: Any, text: Callable[[], str]) -> None:
         print(text(), flush=True)
 
 
+def _read_token_file(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except OSError as exc:
+        raise UsageError(f"pasidctl: cannot read the token file {path}: {exc.strerror}") from None
+    if not token:
+        raise UsageError(f"pasidctl: the token file {path} is empty")
+    return token
+
+
+def session_token(args: argparse.Namespace) -> str | None:
+    """The session's token, first found of: --token, --token-file, $PASID_SESSION_TOKEN,
+    $PASID_SESSION_TOKEN_FILE. The last three keep it out of the command line, which every
+    user of the host can read in /proc."""
+    if args.token:
+        return str(args.token)
+    if args.token_file:
+        return _read_token_file(args.token_file)
+    if os.environ.get("PASID_SESSION_TOKEN"):
+        return os.environ["PASID_SESSION_TOKEN"]
+    if os.environ.get("PASID_SESSION_TOKEN_FILE"):
+        return _read_token_file(os.environ["PASID_SESSION_TOKEN_FILE"])
+    return None
+
+
 def _session_ref(args: argparse.Namespace) -> tuple[int, str]:
     sid = args.session or os.environ.get("PASID_SESSION_ID")
-    token = args.token or os.environ.get("PASID_SESSION_TOKEN")
+    token = session_token(args)
     if not sid or not token:
-        raise SystemExit(
+        raise UsageError(
             "pasidctl: this command acts on a session held elsewhere (e.g. by 'pasidctl hold'):"
-            " give --session and --token, or PASID_SESSION_ID and PASID_SESSION_TOKEN"
+            " give --session (or PASID_SESSION_ID) and the token through PASID_SESSION_TOKEN,"
+            " --token-file (or PASID_SESSION_TOKEN_FILE), or --token"
         )
-    return int(sid), token
+    try:
+        return int(sid), token
+    except ValueError:
+        raise UsageError(f"pasidctl: the session id must be an integer, not {sid!r}") from None
 
 
 def _set_dict(v: SetView) -> dict[str, Any]:
@@ -232,13 +284,28 @@ def cmd_watch(c: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_token(path: str, token: str) -> None:
+    """A new file only its owner can read: never over an existing one, which might be
+    another holder's."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise UsageError(f"pasidctl: cannot create the token file {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+
+
 def cmd_hold(c: Client, args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    if args.token_out and os.path.lexists(args.token_out):
+        raise UsageError(f"pasidctl: the token file {args.token_out} exists already")
     with c.session(args.client, grace_seconds=args.grace, delegate_pid=args.delegate_pid) as s:
         hi = args.max if args.max is not None else (1 << s.pasid_bits) - 1
         got = s.alloc(args.min, hi, args.count) if args.count else []
+        if args.token_out:
+            _write_token(args.token_out, s.token)
         data = {
             "session_id": s.session_id,
             "token": s.token,
@@ -284,11 +351,25 @@ def cmd_top(c: Client, args: argparse.Namespace) -> int:
         )
 
 
-def _common_options(suppress: bool) -> argparse.ArgumentParser:
+def cmd_bench(c: Client, args: argparse.Namespace) -> int:
+    plan = bench.Plan(
+        concurrency=args.concurrency,
+        duration=args.duration,
+        count=args.count,
+        alloc_ratio=args.alloc_ratio,
+        batch=args.batch,
+        client=args.client,
+    )
+    result = bench.run(c.target, plan, as_json=args.json, timeout=args.timeout)
+    _emit(args, result, lambda: bench.render(result))
+    return 0
+
+
+def _common_options(suppress: bool) -> _Parser:
     """The options every command takes. They may stand before or after the command; the
     subcommands' copies default to SUPPRESS, or their defaults would overwrite a value
     given before the command (`pasidctl --socket X info`)."""
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
 
     def d(value: object) -> object:
         return argparse.SUPPRESS if suppress else value
@@ -322,23 +403,55 @@ def _common_options(suppress: bool) -> argparse.ArgumentParser:
     return common
 
 
+def _positive_int(v: str) -> int:
+    n = int(v)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    return n
+
+
+def _ratio(v: str) -> float:
+    r = float(v)
+    if not 0.0 <= r <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], not {v}")
+    return r
+
+
+def _positive_float(v: str) -> float:
+    x = float(v)
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, not {v}")
+    return x
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _common_options(suppress=True)
-    sess = argparse.ArgumentParser(add_help=False)
+    sess = _Parser(add_help=False)
     sess.add_argument("--session", help="session id [PASID_SESSION_ID]")
-    sess.add_argument("--token", help="session token [PASID_SESSION_TOKEN]")
-    rng = argparse.ArgumentParser(add_help=False)
+    tok = sess.add_mutually_exclusive_group()
+    tok.add_argument(
+        "--token",
+        help="session token; visible to every user in the process list, so prefer"
+        " PASID_SESSION_TOKEN or --token-file [PASID_SESSION_TOKEN]",
+    )
+    tok.add_argument(
+        "--token-file",
+        metavar="PATH",
+        help="read the session token from this file (e.g. written by 'hold --token-out')"
+        " [PASID_SESSION_TOKEN_FILE]",
+    )
+    rng = _Parser(add_help=False)
     rng.add_argument("--min", type=int, default=1, help="lowest acceptable PASID")
     rng.add_argument(
         "--max", type=int, default=None, help="highest acceptable PASID (default: 2^pasid_bits - 1)"
     )
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="pasidctl",
         parents=[_common_options(suppress=False)],
         description="Talk to a pasid-broker: inspect the PASID namespace, hold a session, "
-        "allocate and free. Exit status: 0 ok, 1 the broker refused (message on stderr), "
-        "2 usage.",
+        "allocate and free, load it with a benchmark. Exit status: 0 ok, 1 the broker refused "
+        "(message on stderr), 2 usage. With --json, errors too are one JSON document on stdout.",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("info", parents=[common], help="backend, pasid_bits, capacity, use, quotas")
@@ -351,8 +464,10 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common, sess],
         help="free a session's PASIDs in [min, max] (default: all it holds)",
     )
-    f.add_argument("--min", type=int, default=0)
-    f.add_argument("--max", type=int, default=ALL)
+    f.add_argument("--min", type=int, default=0, help="lowest PASID to free (default 0)")
+    f.add_argument(
+        "--max", type=int, default=ALL, help="highest PASID to free (default: all above --min)"
+    )
     li = sub.add_parser(
         "list",
         parents=[common, sess],
@@ -380,17 +495,32 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="destroy a set now; its holder's stream ends (admin socket)",
     )
-    r.add_argument("set_id", type=int)
+    r.add_argument("set_id", type=int, help="the set to destroy (see 'pasidctl sets')")
     r.add_argument("--reason", default="", help="recorded in the event log")
     qp = sub.add_parser(
         "quota",
         parents=[common],
         help="change quotas durably (they outlive a restart), for all sets or one (admin)",
     )
-    qp.add_argument("--set", dest="set_id", type=int, default=0, help="only this set")
-    qp.add_argument("--per-set", type=int, default=None)
-    qp.add_argument("--per-client", type=int, default=None)
-    qp.add_argument("--global", dest="global_", type=int, default=None)
+    qp.add_argument(
+        "--set", dest="set_id", type=int, default=0, help="only this set (default: every set)"
+    )
+    qp.add_argument(
+        "--per-set", type=int, default=None, help="PASIDs one set may hold (0: no limit)"
+    )
+    qp.add_argument(
+        "--per-client",
+        type=int,
+        default=None,
+        help="PASIDs all sets of one client may hold (0: no limit)",
+    )
+    qp.add_argument(
+        "--global",
+        dest="global_",
+        type=int,
+        default=None,
+        help="PASIDs all clients together may hold (0: no limit)",
+    )
     rq = sub.add_parser(
         "request",
         parents=[common, sess],
@@ -399,8 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
     rq.add_argument(
         "--flags", type=lambda v: int(v, 0), required=True, help="1 = ALLOC_PASID, 2 = FREE_PASID"
     )
-    rq.add_argument("--min", type=int, required=True)
-    rq.add_argument("--max", type=int, required=True)
+    rq.add_argument("--min", type=int, required=True, help="the ioctl's range.min")
+    rq.add_argument("--max", type=int, required=True, help="the ioctl's range.max")
     rq.add_argument("--argsz", type=int, default=16, help="the struct size the caller passes")
     h = sub.add_parser(
         "hold",
@@ -422,6 +552,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="hold the set for this process instead (a sidecar for its VMM): the set dies "
         "with it; allowed if this user could signal it. The pid as this process sees it",
     )
+    h.add_argument(
+        "--token-out",
+        metavar="PATH",
+        help="also write the session token to this new file (mode 0600), for --token-file",
+    )
     t = sub.add_parser(
         "top",
         parents=[common],
@@ -432,6 +567,40 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--count", type=int, default=0, help="stop after N screens (0: never)")
     t.add_argument("--once", action="store_true", help="one screen, with rates over one --interval")
     t.add_argument("--top", type=int, default=10, help="how many holders to show")
+    b = sub.add_parser(
+        "bench",
+        parents=[common],
+        help="load the broker with sessions allocating and freeing; throughput and latency",
+        description=bench.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    b.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        default=4,
+        help="sessions, each with one request in flight (default 4)",
+    )
+    amount = b.add_mutually_exclusive_group()
+    amount.add_argument(
+        "--duration", type=_positive_float, default=10.0, help="seconds to run (default 10)"
+    )
+    amount.add_argument(
+        "--count",
+        type=_positive_int,
+        default=0,
+        help="requests to issue in all, instead of --duration",
+    )
+    b.add_argument(
+        "--alloc-ratio",
+        type=_ratio,
+        default=0.5,
+        help="share of requests that allocate, the rest free (default 0.5; above it the"
+        " sets grow until a quota refuses)",
+    )
+    b.add_argument(
+        "--batch", type=_positive_int, default=1, help="PASIDs per alloc and per free (default 1)"
+    )
+    b.add_argument("--client", default="pasidctl-bench", help="client name of the bench's sessions")
     return p
 
 
@@ -447,16 +616,33 @@ COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "quota": cmd_quota,
     "request": cmd_request,
     "top": cmd_top,
+    "bench": cmd_bench,
 }
 
 
+def _usage_error(exc: UsageError, as_json: bool) -> int:
+    if as_json:
+        doc = {"error": {"code": "USAGE", "message": str(exc), "reason": "usage"}}
+        print(json.dumps(doc), flush=True)
+    print(f"{exc.usage}{exc}", file=sys.stderr)
+    return EXIT_USAGE
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    raw = sys.argv[1:] if argv is None else argv
+    # Known before parsing, so that a command line argparse refuses still gets JSON.
+    as_json = "--json" in raw[: raw.index("--")] if "--" in raw else "--json" in raw
+    try:
+        args = build_parser().parse_args(raw)
+    except UsageError as exc:
+        return _usage_error(exc, as_json)
     try:
         with Client(
             args.address, socket=args.socket, timeout=args.timeout, peer_socket=args.peer_socket
         ) as c:
             return COMMANDS[args.command](c, args)
+    except UsageError as exc:
+        return _usage_error(exc, args.json)
     except PasidClientError as exc:
         if args.json:
             print(

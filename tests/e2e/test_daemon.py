@@ -64,6 +64,8 @@ def test_pasidctl_help_covers_every_command() -> None:
         "revoke",
         "quota",
         "request",
+        "top",
+        "bench",
     ):
         assert re.search(rf"^\s+{cmd}\s+\S", out, re.M), f"pasidctl {cmd} undocumented"
         sub = subprocess.run(
