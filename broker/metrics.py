@@ -31,6 +31,8 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
     disable_created_metrics,
     start_http_server,
 )
@@ -296,6 +298,10 @@ class Metrics(Observer):
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        # process_* (RSS, CPU, fds, start time: memory target and restarts) and python_info,
+        # read from /proc at scrape time, on this registry rather than the global one.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._broker: Broker | None = None
         self._http: WSGIServer | None = None

@@ -102,6 +102,22 @@ def test_names_types_and_buckets_follow_prometheus_conventions(
             assert s.name in top_n, s
 
 
+def test_process_families_on_the_brokers_registry(broker: BrokerProcess) -> None:
+    # The memory target (RSS) and restarts (start time) are watched through these.
+    assert broker.proc is not None
+    m = scrape(broker.metrics_url)
+    for name in ("process_resident_memory_bytes", "process_start_time_seconds"):
+        assert m.families[name].type == "gauge", name
+    assert m.families["process_cpu_seconds"].type == "counter"
+    with open(f"/proc/{broker.proc.pid}/status") as f:
+        rss_kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    # The broker's own process, not the scraper's: same order of magnitude as /proc says.
+    assert 0.5 < m.value("process_resident_memory_bytes") / (rss_kb * 1024) < 2
+    assert m.value("process_open_fds") >= 3 and m.value("process_max_fds") > 0
+    assert m.value("process_start_time_seconds") > 0
+    assert m.value("python_info", implementation="CPython") == 1.0
+
+
 def test_gauges_match_what_the_broker_reports(broker: BrokerProcess, client: Client) -> None:
     with client.session("a") as a, client.session("b", grace_seconds=30) as b:
         a.alloc(count=5)
