@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(serve(cfg))
     except (StartupError, RecoveryError, PasidError) as exc:
         logging.getLogger("pasid_broker").error("cannot start: %s", exc)
-        print(f"pasid-broker: cannot start: {exc}", file=sys.stderr)
+        if cfg.log_format != "json":  # in JSON mode the log line above is the only one
+            print(f"pasid-broker: cannot start: {exc}", file=sys.stderr)
         return 2
 
 

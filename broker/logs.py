@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
+import types
 
 _STD = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
@@ -46,8 +48,33 @@ class TextFormatter(logging.Formatter):
 
 
 def setup(fmt: str = "text", level: str = "INFO") -> None:
+    """One handler on stderr for everything Python writes there: the broker's loggers,
+    libraries' (alembic, asyncio, grpc's Python layer), warnings (logger py.warnings) and
+    uncaught exceptions in any thread, so that in JSON mode every line is one object.
+    grpc's C core writes to fd 2 itself (GRPC_VERBOSITY, default ERROR) and is not
+    rewritten here."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    logging.captureWarnings(True)
+    sys.excepthook = _log_uncaught
+    threading.excepthook = _log_uncaught_in_thread
+
+
+def _log_uncaught(t: type[BaseException], e: BaseException, tb: types.TracebackType | None) -> None:
+    if issubclass(t, KeyboardInterrupt):
+        sys.__excepthook__(t, e, tb)
+        return
+    logging.getLogger("pasid_broker").critical("uncaught exception", exc_info=(t, e, tb))
+
+
+def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    if args.exc_value is None:
+        return
+    logging.getLogger("pasid_broker").critical(
+        "uncaught exception in thread %s",
+        args.thread.name if args.thread else "?",
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+    )

@@ -22,7 +22,7 @@ from pasid.v1 import broker_pb2 as pb
 from pasid.v1 import broker_pb2_grpc as pb_grpc
 
 from broker import __version__
-from broker.core import InvalidArgument, PasidError, runs
+from broker.core import InvalidArgument, PasidError, QuotaExceeded, runs
 from broker.engine import Broker, then
 from broker.engine import Session as BrokerSession
 from broker.service.authz import current_caller
@@ -52,7 +52,31 @@ class _End:
 _Item = _Pending | _End | None
 
 
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: PasidError) -> NoReturn:
+def log_refusal(exc: PasidError, **context: object) -> None:
+    """Every refused request once, at INFO, with its reason: the operator asked why a VMM
+    got no PASID finds what the client was told (quota and limit, bad token, ...).
+    Never a token: `context` holds ids and names only."""
+    fields: dict[str, object] = {
+        "reason": exc.reason,
+        "code": status_of(exc).name,
+        "errno": exc.errno,
+        **context,
+    }
+    if isinstance(exc, QuotaExceeded):
+        fields.update(quota=exc.kind, limit=exc.limit)
+    log.info("refused: %s", exc.message, extra=fields)
+
+
+def _session_named(request: Any) -> dict[str, object]:
+    """The session a unary request names (the claimed id; its token is never logged)."""
+    ref = getattr(request, "session", None)
+    return {"session": ref.session_id} if isinstance(ref, pb.SessionRef) else {}
+
+
+async def _abort(
+    context: grpc.aio.ServicerContext[Any, Any], exc: PasidError, **fields: object
+) -> NoReturn:
+    log_refusal(exc, peer=context.peer(), **fields)
     context.set_trailing_metadata(trailing_metadata(exc))
     await context.abort(status_of(exc), exc.message)
     raise AssertionError("unreachable")  # abort raises
@@ -76,7 +100,7 @@ def boundary(method: F) -> F:
                     async for item in items:
                         yield item
             except PasidError as exc:
-                await _abort(context, exc)
+                await _abort(context, exc, rpc=method.__name__, **_session_named(request))
 
         return cast(F, stream)
 
@@ -85,7 +109,7 @@ def boundary(method: F) -> F:
         try:
             return await method(self, request, context)
         except PasidError as exc:
-            await _abort(context, exc)
+            await _abort(context, exc, rpc=method.__name__, **_session_named(request))
 
     return cast(F, unary)
 
@@ -207,6 +231,9 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
                 try:
                     resp = await fut
                 except PasidError as exc:
+                    log_refusal(
+                        exc, rpc="Session", op=op, session=sess.session_id, client=sess.client
+                    )
                     resp = pb.SessionResponse(error=error_message(exc))
                 self._op_done(op, t0)
                 resp.tag = tag

@@ -4,12 +4,16 @@ session event naming its session and set, and never a resume token."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
-from pasid_client import Client
+import pytest
+from pasid_client import Client, InvalidRange, NotFound, QuotaExceeded
 
 from broker.engine import hash_token
-from tests.harness import BrokerProcess, wait_until
+from tests.harness import ROOT, BrokerProcess, run_broker_once, wait_until
 
 LIFECYCLE = ("session opened", "session resumed", "session detached", "set destroyed")
 
@@ -70,3 +74,103 @@ def test_text_log_is_the_default_format_and_carries_ids(
     from broker.config import Config
 
     assert Config().log_format == "text"
+
+
+def _json_lines(text: str) -> list[dict[str, object]]:
+    """Every non-empty line as a JSON object; fails naming the first line that is not."""
+    out = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            raise AssertionError(f"not a JSON line on stderr: {line!r}") from None
+        assert isinstance(obj, dict) and {"ts", "level", "logger", "msg"} <= set(obj), line
+        out.append(obj)
+    return out
+
+
+def test_refusals_are_logged_at_info_with_their_reason(
+    make_broker: Callable[..., BrokerProcess],
+) -> None:
+    b = make_broker("--quota-per-set", "2")
+    with Client(b.address) as c:
+        with c.session("vm-quota") as s:
+            s.alloc(count=2)
+            with pytest.raises(QuotaExceeded):
+                s.alloc()  # on the session stream
+            sid, token = s.session_id, s.token
+            with pytest.raises(NotFound):
+                c.alloc(sid, "not-the-token", 1, 100)  # unary, a bad token
+            with pytest.raises(QuotaExceeded):
+                c.alloc(sid, token, 1, 100)  # unary, the right token, over quota
+        with pytest.raises(NotFound):
+            c.session(resume_token="no-such-resume-token").close()
+    b.stop()
+    text = b.read_log()
+    refused = [e for e in _json_lines(text) if str(e["msg"]).startswith("refused: ")]
+    assert all(e["level"] == "info" for e in refused), refused
+    quota = [e for e in refused if e["reason"] == "QUOTA_EXCEEDED"]
+    assert len(quota) == 2
+    stream = next(e for e in quota if e.get("op") == "alloc")
+    assert stream["rpc"] == "Session" and stream["session"] == sid
+    assert stream["client"] == "vm-quota"
+    assert stream["quota"] == "set" and stream["limit"] == 2
+    assert stream["code"] == "RESOURCE_EXHAUSTED"
+    unary = next(e for e in quota if "op" not in e)
+    assert unary["rpc"] == "Alloc" and unary["session"] == sid and unary["limit"] == 2
+    bad = [e for e in refused if e["reason"] == "NOT_FOUND"]
+    assert [e["rpc"] for e in bad] == ["Alloc", "Session"]  # a bad token; a bad resume
+    assert bad[0]["session"] == sid and bad[0]["code"] == "NOT_FOUND"
+    assert "session" not in bad[1] and "resume token" in str(bad[1]["msg"])
+    for secret in (token, "not-the-token", "no-such-resume-token"):
+        assert secret not in text
+
+
+def test_every_stderr_line_of_a_live_broker_is_json(broker: BrokerProcess) -> None:
+    # The harness runs the broker with --log-format json, stdout and stderr in one file.
+    with Client(broker.address) as c, c.session("vm") as s:
+        s.alloc(count=3)
+        with pytest.raises(InvalidRange):
+            s.alloc(9, 2)
+        with pytest.raises(NotFound):
+            c.free(s.session_id, "wrong", 0, 10)
+    assert broker.stop() == 0  # SIGTERM: drain and stop are logged too
+    events = _json_lines(broker.read_log())
+    assert {"serving", "draining", "stopped"} <= {e["msg"] for e in events}
+
+
+def test_json_mode_writes_warnings_and_uncaught_errors_as_json(tmp_path: Path) -> None:
+    # What a live broker rarely does on cue: a library's warning, an exception nobody
+    # catches in a thread and in the main thread. The same setup() as the daemon's.
+    code = (
+        "import threading, warnings\n"
+        "from broker import logs\n"
+        "logs.setup('json')\n"
+        "warnings.warn('a library is unhappy', DeprecationWarning, stacklevel=1)\n"
+        "t = threading.Thread(target=lambda: 1 / 0, name='worker'); t.start(); t.join()\n"
+        "raise RuntimeError('boom')\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-W", "always", "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert r.returncode == 1
+    events = _json_lines(r.stderr)
+    warned = next(e for e in events if e["logger"] == "py.warnings")
+    assert "a library is unhappy" in str(warned["msg"]) and warned["level"] == "warning"
+    thread = next(e for e in events if "thread worker" in str(e["msg"]))
+    assert "ZeroDivisionError" in str(thread["exc"])
+    main = next(e for e in events if e["msg"] == "uncaught exception")
+    assert main["level"] == "critical" and "RuntimeError: boom" in str(main["exc"])
+
+
+def test_a_refusal_to_start_in_json_mode_is_json() -> None:
+    r = run_broker_once("--log-format", "json", "--db", "/proc/no-such-dir/broker.db")
+    assert r.returncode != 0
+    events = _json_lines(r.stderr)
+    assert events and events[-1]["level"] in ("error", "critical")
