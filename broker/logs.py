@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
 import sys
 import threading
 import time
 import types
+from typing import TextIO
 
 _STD = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
@@ -47,13 +50,71 @@ class TextFormatter(logging.Formatter):
         return base
 
 
+# The relay behind fd 2 in JSON mode (see _relay_fd2): JSON lines pass, any other line
+# (grpc's C core, "I1130 12:00:00.000000  42 file.cc:794] text") becomes one object.
+_RELAY = r"""
+import json, re, signal, sys, time
+for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(s, signal.SIG_IGN)  # stop at EOF, i.e. once the broker is gone
+ABSL = re.compile(rb"^([IWEF])\d{4} [\d:.]+ +\d+ ([^\]]+)\] ?(.*)$")
+LEVEL = {b"I": "info", b"W": "warning", b"E": "error", b"F": "critical"}
+out = sys.stdout.buffer
+for raw in sys.stdin.buffer:
+    line = raw.rstrip(b"\r\n")
+    if not line.strip():
+        continue
+    if line.startswith(b"{") and line.endswith(b"}"):
+        out.write(line + b"\n")
+    else:
+        t = time.time()
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + ".%03dZ" % (t % 1 * 1000)
+        m = ABSL.match(line)
+        obj = {"ts": ts, "level": LEVEL[m[1]] if m else "warning",
+               "logger": "grpc.core" if m else "stderr",
+               "msg": (m[3] if m else line).decode("utf-8", "replace")}
+        if m:
+            obj["source"] = m[2].decode("utf-8", "replace")
+        out.write(json.dumps(obj).encode() + b"\n")
+    out.flush()
+"""
+_relay: subprocess.Popen[bytes] | None = None
+
+
+def _relay_fd2() -> TextIO:
+    """JSON mode: the stream for log records (the original stderr), after pointing fd 2 at
+    a pipe into a relay process that turns whatever else is written there (grpc's C core,
+    stray prints) into JSON lines. A process, not a thread: what the core writes just
+    before an abort must outlive the broker. Records are written to the original stderr
+    directly, so they are neither delayed nor lost with the relay."""
+    global _relay
+    sys.stderr.flush()
+    original = os.dup(2)
+    r, w = os.pipe()
+    try:
+        _relay = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", _RELAY],
+            stdin=r,
+            stdout=original,
+            stderr=subprocess.DEVNULL,
+        )
+    except OSError:
+        os.close(r)
+        os.close(w)
+        os.close(original)
+        return sys.stderr
+    os.close(r)
+    os.dup2(w, 2)
+    os.close(w)
+    return open(original, "w", buffering=1, encoding="utf-8", errors="replace")
+
+
 def setup(fmt: str = "text", level: str = "INFO") -> None:
     """One handler on stderr for everything Python writes there: the broker's loggers,
     libraries' (alembic, asyncio, grpc's Python layer), warnings (logger py.warnings) and
-    uncaught exceptions in any thread, so that in JSON mode every line is one object.
-    grpc's C core writes to fd 2 itself (GRPC_VERBOSITY, default ERROR) and is not
-    rewritten here."""
-    handler = logging.StreamHandler(sys.stderr)
+    uncaught exceptions in any thread. In JSON mode every line on stderr is one object:
+    what bypasses logging (grpc's C core, GRPC_VERBOSITY) goes through a relay."""
+    stream = _relay_fd2() if fmt == "json" and _relay is None else sys.stderr
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

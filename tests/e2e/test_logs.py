@@ -174,3 +174,22 @@ def test_a_refusal_to_start_in_json_mode_is_json() -> None:
     assert r.returncode != 0
     events = _json_lines(r.stderr)
     assert events and events[-1]["level"] in ("error", "critical")
+
+
+def test_grpc_core_lines_become_json_in_json_mode() -> None:
+    # grpc's C core writes to fd 2 itself; at GRPC_VERBOSITY=debug it says so at start.
+    b = BrokerProcess(env={"GRPC_VERBOSITY": "debug"})
+    try:
+        b.start()
+        with Client(b.address) as c:
+            c.info()
+        assert b.stop() == 0
+        wait_until(lambda: '"grpc.core"' in b.read_log(), what="the relay to pass it on")
+        text = b.read_log()
+        events = _json_lines(text)
+        core = [e for e in events if e["logger"] == "grpc.core"]
+        assert core and all(e["level"] in ("info", "warning", "error", "critical") for e in core)
+        assert any("not suitable for production" in str(e["msg"]) for e in core)
+        assert all(":" in str(e["source"]) for e in core)  # file.cc:line
+    finally:
+        b.cleanup()
