@@ -111,6 +111,15 @@ def test_pasid_broker_wheel_holds_the_server_only_and_requires_the_client(
         scripts = z.read(entry_points).decode()
     # Two distributions never ship the same file: pip would let one clobber the other.
     assert tops == {"broker"}, tops
+    # Every module of the server is in it (a package left out of pyproject is not).
+    with zipfile.ZipFile(wheel) as z:
+        shipped = {n for n in z.namelist() if n.endswith(".py")}
+    sources = {
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "broker").rglob("*.py")
+        if "__pycache__" not in p.parts
+    }
+    assert sources - shipped == set()
     assert "pasid-broker =" in scripts and "pasidctl" not in scripts
     meta = _metadata(wheel)
     assert meta["Name"] == ["pasid-broker"]
