@@ -68,7 +68,8 @@ def test_pip_install_pasid_client_pulls_no_server_dependency(tmp_path: Path) -> 
     venv.EnvBuilder(with_pip=True, clear=True).create(env)
     py, bindir = env / "bin" / "python", env / "bin"
     r = subprocess.run(
-        [str(py), "-m", "pip", "install", "-q", "--find-links", str(wheel.parent), "pasid-client"],
+        # The wheel file itself: never a same-named distribution from an index.
+        [str(py), "-m", "pip", "install", "-q", str(wheel)],
         capture_output=True,
         text=True,
         timeout=240,
