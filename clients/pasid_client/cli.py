@@ -8,6 +8,7 @@ document on stdout, errors as {"error": {"code", "message", "reason"}} (code USA
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -334,6 +335,11 @@ def cmd_hold(c: Client, args: argparse.Namespace) -> int:
         if ended:
             print(f"pasidctl: session ended by the broker: {ended[0]}", file=sys.stderr)
             return 1
+    if args.token_out and args.grace == 0:
+        # The set is gone with the session, and its token with it. (With a grace the
+        # token still resumes the set, so the file stays.)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(args.token_out)
     if not args.json:
         print("released", flush=True)
     return 0
@@ -555,7 +561,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument(
         "--token-out",
         metavar="PATH",
-        help="also write the session token to this new file (mode 0600), for --token-file",
+        help="also write the session token to this new file (mode 0600), for --token-file;"
+        " removed at release unless --grace keeps the set",
     )
     t = sub.add_parser(
         "top",

@@ -149,6 +149,7 @@ def test_hold_writes_its_token_for_another_pasidctl(broker: BrokerProcess, tmp_p
     finally:
         hold.send_signal(signal.SIGTERM)
         hold.wait(30)
+    assert not token_file.exists()  # grace 0: the token died with the set
     with Client(broker.address) as c:
         wait_until(lambda: c.info().in_use == 0, what="the hold's set to be released")
 
