@@ -108,12 +108,22 @@ def _relay_fd2() -> TextIO:
     return open(original, "w", buffering=1, encoding="utf-8", errors="replace")
 
 
+def _is_fd2(stream: TextIO) -> bool:
+    """sys.stderr is the process's fd 2 (not redirected, as main() run in-process may be):
+    only then is there a descriptor for others to write past logging."""
+    try:
+        return stream.fileno() == 2
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
 def setup(fmt: str = "text", level: str = "INFO") -> None:
     """One handler on stderr for everything Python writes there: the broker's loggers,
     libraries' (alembic, asyncio, grpc's Python layer), warnings (logger py.warnings) and
     uncaught exceptions in any thread. In JSON mode every line on stderr is one object:
     what bypasses logging (grpc's C core, GRPC_VERBOSITY) goes through a relay."""
-    stream = _relay_fd2() if fmt == "json" and _relay is None else sys.stderr
+    relay = fmt == "json" and _relay is None and _is_fd2(sys.stderr)
+    stream = _relay_fd2() if relay else sys.stderr
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()

@@ -100,8 +100,11 @@ def test_daemon_refuses_with_exit_status_2(guest: dict[str, dict[str, object]]) 
     ev = guest["daemon refusal"]
     assert ev["status"] == 2
     (line,) = ev["stderr"]  # type: ignore[misc]
-    assert line.startswith("pasid-broker: cannot start: vfio backend: VFIO_IOMMU_PASID_REQUEST")
-    assert "ENOTTY" in line
+    # --log-format json: the one line is the log's error object, nothing else on stderr.
+    record = json.loads(line)
+    assert record["level"] == "error"
+    assert record["msg"].startswith("cannot start: vfio backend: VFIO_IOMMU_PASID_REQUEST")
+    assert "ENOTTY" in record["msg"]
 
 
 def test_daemon_serves_with_the_documented_fallback(guest: dict[str, dict[str, object]]) -> None:
