@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import queue
+import threading
 import time
 from collections.abc import Iterator
 from types import TracebackType
@@ -39,6 +40,11 @@ class Session:
         self._q: queue.SimpleQueue[pb.SessionRequest | None] = queue.SimpleQueue()
         self._tags = itertools.count(1)
         self._closed = False
+        self._timeout = timeout
+        # One reader of the stream at a time: close() may run while wait_ended() reads in
+        # another thread (pasidctl hold), and two readers of one call fail inside grpc
+        # ("Internal gRPC call error 8").
+        self._reading = threading.Lock()
         self._q.put(pb.SessionRequest(tag=0, open=open_req))
         self._call: Any = stub.Session(iter(self._q.get, None))
         self._responses: Iterator[pb.SessionResponse] = self._call
@@ -58,7 +64,8 @@ class Session:
 
     def _next(self) -> pb.SessionResponse:
         try:
-            return next(self._responses)
+            with self._reading:
+                return next(self._responses)
         except StopIteration:
             raise Unavailable(grpc.StatusCode.UNAVAILABLE, "session stream ended") from None
         except grpc.RpcError as exc:
@@ -107,12 +114,17 @@ class Session:
         if self._closed:
             return
         self._closed = True
-        self._q.put(None)
+        self._q.put(None)  # done writing: the broker ends the stream
+        if not self._reading.acquire(timeout=self._timeout):
+            self._call.cancel()  # a reader elsewhere never saw the end
+            return
         try:
             for _ in self._responses:
                 pass
         except grpc.RpcError:
             pass
+        finally:
+            self._reading.release()
 
     def __enter__(self) -> Session:
         return self
