@@ -11,7 +11,13 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from broker.backends.base import Backend, Capabilities, error_from_errno, replay
+from broker.backends.base import (
+    Backend,
+    Capabilities,
+    alloc_many,
+    error_from_errno,
+    replay,
+)
 from broker.backends.simulator import SimulatorBackend
 from broker.core.errors import PasidError
 
@@ -53,6 +59,9 @@ class FallbackBackend:
 
     def alloc(self, lo: int, hi: int) -> int:
         return self.current.alloc(lo, hi)
+
+    def alloc_many(self, lo: int, hi: int, count: int) -> list[int]:
+        return alloc_many(self.current, lo, hi, count)
 
     def free(self, lo: int, hi: int) -> None:
         self.current.free(lo, hi)
@@ -146,6 +155,7 @@ __all__ = [
     "Capabilities",
     "FallbackBackend",
     "SimulatorBackend",
+    "alloc_many",
     "create",
     "error_from_errno",
     "factory_of",

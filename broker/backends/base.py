@@ -7,6 +7,7 @@ the kernel allocator). Plain ints in, plain ints out; failures as broker.core.er
 
 from __future__ import annotations
 
+import contextlib
 import errno as _errno
 import os
 from collections.abc import Iterable
@@ -52,6 +53,10 @@ class Backend(Protocol):
         """Free the broker's PASIDs in [lo, hi]."""
         ...
 
+    # Optional: `alloc_many(lo, hi, count) -> list[int]`, `count` PASIDs in [lo, hi] in
+    # one call, all or none. The broker asks for whole runs (count == hi - lo + 1). A
+    # backend without it gets the loop of alloc_many() below.
+
     def close(self) -> None:
         """Release everything; the kernel frees what is left when the set is destroyed."""
         ...
@@ -72,6 +77,34 @@ def replay(backend: Backend, pasids: Iterable[int]) -> int:
             raise RuntimeError(f"backend {backend.name} replayed PASID {p} as {got}")
         n += 1
     return n
+
+
+def alloc_many(backend: Backend, lo: int, hi: int, count: int) -> list[int]:
+    """`count` PASIDs in [lo, hi], all or none: the backend's own `alloc_many` if it has
+    one (the simulator's takes whole words), else alloc_each: one alloc per PASID, [p, p]
+    when the run is whole as the kernel's ioctl is called, freeing what it got if one
+    fails."""
+    own = getattr(backend, "alloc_many", None)
+    if own is not None:
+        return list(own(lo, hi, count))
+    return alloc_each(backend, lo, hi, count)
+
+
+def alloc_each(backend: Backend, lo: int, hi: int, count: int) -> list[int]:
+    """alloc_many as one alloc call per PASID (what a backend without its own gets)."""
+    whole = count == hi - lo + 1
+    got: list[int] = []
+    try:
+        for i in range(count):
+            got.append(backend.alloc(lo + i, lo + i) if whole else backend.alloc(lo, hi))
+    except BaseException:
+        for p in got:
+            # Best effort: a PASID the backend keeps is one it holds, never one handed
+            # out twice.
+            with contextlib.suppress(PasidError):
+                backend.free(p, p)
+        raise
+    return got
 
 
 def errno_name(err: int | None) -> str:

@@ -55,6 +55,32 @@ class SimulatorBackend:
         ns.take(p)
         return p
 
+    def alloc_many(self, lo: int, hi: int, count: int) -> list[int]:
+        """`count` PASIDs in [lo, hi] at once, all or none; a whole run (the broker's only
+        ask) is taken a word at a time, not one bit walk per PASID."""
+        ns = self._space()
+        self._maybe_fail("alloc")
+        if lo > hi or hi >= ns.size or count < 1:
+            raise InvalidRange(f"simulator: EINVAL for [{lo}, {hi}] x {count}")
+        if self.quota and ns.used + count > self.quota:
+            raise QuotaExceeded("kernel", self.quota, f"kernel pasid_quota {self.quota} reached")
+        if count == hi - lo + 1:
+            try:
+                ns.take_many(range(lo, hi + 1))
+            except ValueError:
+                raise Exhausted(f"simulator: ENOSPC in [{lo}, {hi}]") from None
+            return list(range(lo, hi + 1))
+        got: list[int] = []
+        p = ns.lowest_free(lo, hi)
+        while p is not None and len(got) < count:
+            ns.take(p)
+            got.append(p)
+            p = ns.lowest_free(p + 1, hi) if p < hi else None
+        if len(got) < count:
+            ns.release_many(got)
+            raise Exhausted(f"simulator: ENOSPC in [{lo}, {hi}]")
+        return got
+
     def free(self, lo: int, hi: int) -> None:
         ns = self._space()
         self._maybe_fail("free")
