@@ -5,7 +5,7 @@ One job per module:
 - broker.py        Broker: composes the parts; alloc, free, PASID_REQUEST, quotas, info
 - sessions.py      Session, Sessions: open, resume, grace, reclaim, pid watching, and
                    Sessions.destroy_set, the one function through which every set dies
-- journal.py       Journal: group commit with exact undo; `then`
+- journal.py       Journal: group commit with exact undo; `then`, `done_future`
 - events.py        EventFanout: committed events to watchers; Watch (replay, then live)
 - recovery.py      recover(): backend, allocator and sessions from the store at start
 - backend_calls.py BackendCalls: the backend made to agree with the allocator
@@ -14,7 +14,7 @@ One job per module:
 
 from broker.engine.broker import Broker, Info
 from broker.engine.events import WATCH_BACKLOG, EventFanout
-from broker.engine.journal import Journal, then
+from broker.engine.journal import Journal, done_future, then
 from broker.engine.observers import Observer, Observers
 from broker.engine.recovery import RecoveryError
 from broker.engine.sessions import Session, Sessions, hash_token
@@ -30,6 +30,7 @@ __all__ = [
     "RecoveryError",
     "Session",
     "Sessions",
+    "done_future",
     "hash_token",
     "then",
 ]

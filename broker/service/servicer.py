@@ -23,7 +23,7 @@ from pasid.v1 import broker_pb2_grpc as pb_grpc
 
 from broker import __version__
 from broker.core import InvalidArgument, PasidError, QuotaExceeded, runs
-from broker.engine import Broker, then
+from broker.engine import Broker, done_future
 from broker.engine import Session as BrokerSession
 from broker.service.authz import current_caller
 from broker.service.status import (
@@ -37,8 +37,10 @@ from broker.service.status import (
 log = logging.getLogger("pasid_broker.service")
 
 T = TypeVar("T")
-# A session-stream request awaiting its reply: tag, reply, op, arrival (perf_counter).
-_Pending = tuple[int, asyncio.Future[pb.SessionResponse], str | None, float]
+# A session-stream request awaiting its reply: tag, the engine's future, how its result
+# becomes the reply, op, arrival (perf_counter). The writer encodes once the future is
+# done: no second future and callback per request.
+_Pending = tuple[int, asyncio.Future[Any], Callable[[Any], pb.SessionResponse], str | None, float]
 
 
 # What the Session writer loop reads: a reply to await, or the end of the stream with a
@@ -142,6 +144,23 @@ def _ignore_op(op: str | None, t0: float) -> None:
     pass
 
 
+# How an engine result becomes a Session reply (module functions: no closure per request).
+def _alloc_reply(got: list[int]) -> pb.SessionResponse:
+    return pb.SessionResponse(alloc=pb.AllocResponse(pasids=got))
+
+
+def _free_reply(n: int) -> pb.SessionResponse:
+    return pb.SessionResponse(free=pb.FreeResponse(freed=n))
+
+
+def _request_reply(ret: int) -> pb.SessionResponse:
+    return pb.SessionResponse(request=pb.PasidRequestReply(ret=ret))
+
+
+def _as_is(resp: pb.SessionResponse) -> pb.SessionResponse:
+    return resp
+
+
 class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
     """PasidBroker. On the admin socket (`admin=True`) List may list every set."""
 
@@ -227,9 +246,9 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
                         break
                     reader.cancel()  # shutdown: answer what was asked, then end
                     continue
-                tag, fut, op, t0 = item
+                tag, fut, reply, op, t0 = item
                 try:
-                    resp = await fut
+                    resp = reply(await fut)
                 except PasidError as exc:
                     log_refusal(
                         exc, rpc="Session", op=op, session=sess.session_id, client=sess.client
@@ -263,11 +282,12 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
                         "session"
                     ):
                         raise InvalidArgument(f"{op} on a Session stream must not name a session")
-                    fut = self._dispatch(sess, req, op)
+                    fut, reply = self._dispatch(sess, req, op)
                 except PasidError as exc:
                     fut = loop.create_future()
                     fut.set_exception(exc)
-                replies.put_nowait((req.tag, fut, op, t0))
+                    reply = _as_is
+                replies.put_nowait((req.tag, fut, reply, op, t0))
         except (asyncio.CancelledError, grpc.aio.AioRpcError):
             pass
         finally:
@@ -275,32 +295,23 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
 
     def _dispatch(
         self, sess: BrokerSession, req: pb.SessionRequest, op: str | None
-    ) -> asyncio.Future[pb.SessionResponse]:
+    ) -> tuple[asyncio.Future[Any], Callable[[Any], pb.SessionResponse]]:
+        """The engine's future for this request, and how its result becomes the reply."""
         b = self.broker
         if op == "alloc":
             a = req.alloc
-            return then(
-                b.alloc(sess, a.min, a.max, a.count or 1),
-                lambda got: pb.SessionResponse(alloc=pb.AllocResponse(pasids=got)),
-            )
+            return b.alloc(sess, a.min, a.max, a.count or 1), _alloc_reply
         if op == "free":
             f = req.free
-            return then(
-                b.free(sess, f.min, f.max),
-                lambda n: pb.SessionResponse(free=pb.FreeResponse(freed=n)),
-            )
+            return b.free(sess, f.min, f.max), _free_reply
         if op == "request":
             r = req.request
-            return then(
-                b.pasid_request(sess, r.argsz, r.flags, r.min, r.max),
-                lambda ret: pb.SessionResponse(request=pb.PasidRequestReply(ret=ret)),
-            )
+            return b.pasid_request(sess, r.argsz, r.flags, r.min, r.max), _request_reply
         if op == "list":
-            done: asyncio.Future[pb.SessionResponse] = asyncio.get_running_loop().create_future()
             if req.list.all_sets and not current_caller().admin:
                 raise PermissionDenied(ADMIN_ONLY)
-            done.set_result(pb.SessionResponse(list=self._list(sess, req.list.all_sets)))
-            return done
+            resp = pb.SessionResponse(list=self._list(sess, req.list.all_sets))
+            return done_future(resp), _as_is
         if op == "open":
             raise InvalidArgument("this stream's session is already open")
         raise InvalidArgument("empty SessionRequest: set one of alloc, free, list")
