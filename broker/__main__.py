@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
+
+import uvloop
 
 from broker import config, logs
 from broker.core import PasidError
@@ -16,7 +17,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config.load(argv)
     logs.setup(cfg.log_format, cfg.log_level)
     try:
-        return asyncio.run(serve(cfg))
+        # uvloop: 10 % less CPU per session-stream request than asyncio's own loop under
+        # 16 streams, same run (docs/performance.md); grpc.aio runs on any asyncio loop.
+        return uvloop.run(serve(cfg))
     except (StartupError, RecoveryError, PasidError) as exc:
         logging.getLogger("pasid_broker").error("cannot start: %s", exc)
         if cfg.log_format != "json":  # in JSON mode the log line above is the only one
