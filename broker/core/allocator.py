@@ -209,14 +209,13 @@ class Allocator:
             raise Exhausted(
                 f"{_no(count, lo, hi)} ({free_total} free in all{self._quarantine_note()})"
             )
-        got: list[int] = []
-        p = ns.lowest_free(lo, hi)
-        while p is not None:
-            ns.take(p)
-            got.append(p)
-            if len(got) == count or p >= hi:
-                break
-            p = ns.lowest_free(p + 1, hi)
+        if count == 1:
+            p = ns.lowest_free(lo, hi)
+            got = [] if p is None else [p]
+            if p is not None:
+                ns.take(p)
+        else:  # a batch: a word at a time
+            got = ns.take_lowest(lo, hi, count)
         if len(got) < count:
             ns.release_many(got)
             raise Exhausted(f"{_no(count, lo, hi)} ({len(got)} free{self._quarantine_note()})")

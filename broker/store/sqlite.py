@@ -55,6 +55,14 @@ class WouldBlock(Exception):
     written. Retry with wait=True off the event loop."""
 
 
+# Rows lo..hi of one set in one statement (1,024 PASIDs: 0.6-0.7 ms vs 1.3-1.7 ms by
+# executemany, which binds and steps once per row).
+_INSERT_RUN = (
+    "WITH RECURSIVE r(p) AS (SELECT ? UNION ALL SELECT p + 1 FROM r WHERE p < ?)"
+    " INSERT INTO allocations (pasid, set_id) SELECT p, ? FROM r"
+)
+
+
 def encode_runs(pasids: Sequence[int]) -> str:
     return ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in runs(pasids))
 
@@ -399,10 +407,15 @@ class SqliteStore:
             return None
         if isinstance(rec, AddPasids):
             sid = rec.set_id
-            conn.executemany(
-                "INSERT INTO allocations (pasid, set_id) VALUES (?, ?)",
-                [(p, sid) for p in rec.pasids],
-            ).close()
+            rs = runs(rec.pasids)
+            if len(rs) == len(rec.pasids):  # single PASIDs (the common alloc of one)
+                conn.executemany(
+                    "INSERT INTO allocations (pasid, set_id) VALUES (?, ?)",
+                    [(p, sid) for p in rec.pasids],
+                ).close()
+            else:  # a batch, by run: SQLite counts the run out itself, half the cost
+                for lo, hi in rs:
+                    conn.execute(_INSERT_RUN, (lo, hi, sid)).close()
             return ("alloc", sid, rec.pasids, "")
         if isinstance(rec, RemovePasids):
             # By run: a set's free is usually a few runs, whatever it held. Every PASID

@@ -302,3 +302,31 @@ def test_claim_says_what_a_backend_must_hold_again() -> None:
     assert a.take_expired() == [3]
     assert a.claim(1, [3, 20]) == [3, 20]  # 3 was reported (so freed there); 20 was free
     a.check()
+
+
+def test_take_lowest_by_words_matches_the_bit_walk() -> None:
+    """A batch takes whole free words at once; it must take exactly the PASIDs a walk of
+    lowest_free would, across partly used words, full words and the range's ends."""
+    import random
+
+    from broker.core.namespace import Namespace
+
+    rnd = random.Random(12)
+    for _ in range(200):
+        a, b = Namespace(12), Namespace(12)
+        for p in rnd.sample(range(4096), rnd.randrange(0, 3000)):
+            a.take(p)
+            b.take(p)
+        lo = rnd.randrange(0, 4096)
+        hi = rnd.randrange(lo, 4096)
+        count = rnd.randrange(1, 600)
+        want: list[int] = []
+        p = b.lowest_free(lo, hi)
+        while p is not None and len(want) < count:
+            b.take(p)
+            want.append(p)
+            p = b.lowest_free(p + 1, hi) if p < hi else None
+        assert a.take_lowest(lo, hi, count) == want
+        assert a.used == b.used
+        assert all(a.is_used(q) == b.is_used(q) for q in range(4096))
+        assert a.lowest_free(0, 4095) == b.lowest_free(0, 4095)
