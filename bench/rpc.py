@@ -78,7 +78,10 @@ async def drive(call: Callable[[int], Awaitable[int]], workers: int, seconds: fl
     async def worker(w: int) -> None:
         nonlocal done
         while time.perf_counter() < stop:
-            done += await call(w)
+            # Not `done += await call(w)`: that reads `done` before the await and writes
+            # it back after, losing every other worker's count in between.
+            n = await call(w)
+            done += n
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker(w) for w in range(workers)))
