@@ -38,15 +38,34 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+# Control characters in a message become visible escapes (\n, \x1b): a client's text
+# (a client name, a reason) cannot start a line of its own or drive the terminal.
+_CONTROLS = {c: repr(chr(c))[1:-1] for c in (*range(0x20), 0x7F, 0x85, 0x2028, 0x2029)}
+
+
+def escape_field(value: object) -> str:
+    """A field's value as one token: bare when plain, else a JSON string (quoted, with
+    control characters, spaces, quotes and '=' escaped), so a value cannot forge another
+    field or line."""
+    text = str(value)
+    if text and text.isprintable() and not any(c in text for c in ' "=\\'):
+        return text
+    return json.dumps(text)
+
+
 class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = record.message.translate(_CONTROLS)
+        return super().formatMessage(record)
 
     def format(self, record: logging.LogRecord) -> str:
         base = super().format(record)
         extra = _fields(record)
         if extra:
-            base += " " + " ".join(f"{k}={v}" for k, v in extra.items())
+            base += " " + " ".join(f"{k}={escape_field(v)}" for k, v in extra.items())
         return base
 
 

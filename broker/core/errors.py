@@ -65,6 +65,15 @@ class Unauthenticated(PasidError):
         self.reason = reason
 
 
+class LimitExceeded(QuotaExceeded):
+    """A limit on what one client may make the broker hold (sessions, watchers, request
+    size, open rate): `kind` names the limit (its flag without dashes), `limit` its value.
+    A QuotaExceeded, so callers that handle quotas handle these too."""
+
+    errno = _errno.EAGAIN
+    reason = "LIMIT_EXCEEDED"
+
+
 class NotFound(PasidError):
     """Unknown session or set, or a token that does not match."""
 

@@ -85,7 +85,7 @@ def reopen_holder(h: Holder) -> int | None:
         if credentials.start_time(h.pid) != h.start_time:
             return None
         fd = os.pidfd_open(h.pid)
-    except (OSError, ValueError):
+    except (OSError, ValueError, OverflowError):  # OverflowError: a pid no int holds
         return None
     try:
         if credentials.start_time(h.pid) == h.start_time and credentials.pidfd_alive(fd):
