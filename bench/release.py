@@ -101,8 +101,8 @@ def main(quick: bool = False, held: int = 100) -> int:
     seen: dict[int, float] = {}
     cond = threading.Condition()
     try:
-        with Client(b.address) as c:
-            stream = c.watch(0)
+        with Client(b.address) as c, Client(b.admin_address) as a:
+            stream = a.watch(0)  # every set's events: the admin socket
 
             def follow() -> None:
                 for ev in stream:

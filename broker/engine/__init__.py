@@ -6,21 +6,22 @@ One job per module:
 - sessions.py      Session, Sessions: open, resume, grace, reclaim, pid watching, and
                    Sessions.destroy_set, the one function through which every set dies
 - journal.py       Journal: group commit with exact undo; `then`, `done_future`
-- events.py        EventFanout: committed events to watchers; Watch (replay, then live)
+- events.py        EventFanout: one shared log of committed events, a cursor per watcher;
+                   Watch (replay, then live)
 - recovery.py      recover(): backend, allocator and sessions from the store at start
 - backend_calls.py BackendCalls: the backend made to agree with the allocator
 - observers.py     Observer, Observers: the hooks metrics (or anyone) subscribe to
 """
 
 from broker.engine.broker import Broker, Info
-from broker.engine.events import WATCH_BACKLOG, EventFanout
+from broker.engine.events import WATCH_BUFFER, EventFanout
 from broker.engine.journal import Journal, done_future, then
 from broker.engine.observers import Observer, Observers
 from broker.engine.recovery import RecoveryError
 from broker.engine.sessions import Session, Sessions, hash_token
 
 __all__ = [
-    "WATCH_BACKLOG",
+    "WATCH_BUFFER",
     "Broker",
     "EventFanout",
     "Info",

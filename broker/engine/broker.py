@@ -18,10 +18,10 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 
 from broker.backends.base import Backend, Capabilities
-from broker.core import Allocator, NotFound, NotReady, PasidError, Quarantine, Quotas
+from broker.core import Allocator, Conflict, NotFound, NotReady, PasidError, Quarantine, Quotas
 from broker.core.ioctl import PasidOp, check_pasid_request
 from broker.engine.backend_calls import BackendCalls
-from broker.engine.events import EventFanout
+from broker.engine.events import WATCH_BUFFER, EventFanout
 from broker.engine.journal import Journal, done_future, then
 from broker.engine.observers import Observers
 from broker.engine.recovery import recover
@@ -61,6 +61,7 @@ class Broker:
         max_grace: int = 300,
         restart_grace: int = 10,
         identity_share: float = 0.0,
+        watch_buffer: int = WATCH_BUFFER,
         clock: Callable[[], float] = time.time,
         observers: Observers | None = None,
         tickets: TicketBook | None = None,
@@ -84,7 +85,7 @@ class Broker:
         self.backend_calls = BackendCalls(backend, lambda: self.allocator.quarantine.enabled)
         # tickets: the peer socket's handshakes (broker/peer); anonymous: --anonymous.
         self.sets = Sessions(self, tickets, anonymous)
-        self.events = EventFanout(store, lambda: self.stopping)
+        self.events = EventFanout(store, watch_buffer)
         self.stopping = False
         self.ready = False
 
@@ -176,18 +177,13 @@ class Broker:
 
     # -- events (events.py) ---------------------------------------------------------------
 
-    def subscribe(self) -> asyncio.Queue[Event | None]:
-        return self.events.subscribe()
-
-    def unsubscribe(self, q: asyncio.Queue[Event | None]) -> None:
-        self.events.unsubscribe(q)
-
     def end_watches(self) -> None:
         self.events.end_watches()
 
-    def watch(self, from_revision: int) -> AsyncIterator[Event]:
-        """Events from `from_revision` (0: from now on), replayed then live, each once."""
-        return self.events.watch(from_revision)
+    def watch(self, from_revision: int, set_id: int | None = None) -> AsyncIterator[Event]:
+        """Events from `from_revision` (0: from now on), replayed then live, each once;
+        only set `set_id`'s when given (a tenant's own set)."""
+        return self.events.watch(from_revision, set_id)
 
     # -- sessions (sessions.py) -----------------------------------------------------------
 
@@ -275,6 +271,11 @@ class Broker:
         bc = self.backend_calls
         try:
             self.sets.require_attached(sess)
+            if not sess.attached:
+                raise Conflict(
+                    f"session {set_id} is detached (in its grace period, no stream holds"
+                    " it): resume it before allocating; nobody would free what it got"
+                )
             got = self.allocator.alloc(set_id, lo, hi, count)
             # Quarantine over: the backend may let go of them now (before it is asked for
             # `got`, which may include some of them).

@@ -1,94 +1,151 @@
-"""The event log's live side: fan-out of committed events, and Watch (replay, then live)."""
+"""The event log's live side: fan-out of committed events, and Watch (replay, then live).
+
+Fan-out costs the publisher O(1) per event, whatever the number of watchers: committed
+events are appended to one shared in-memory log (the last `buffer` of them), and every
+watcher keeps its own cursor into it. A publish resolves one future shared by the
+watchers of every set and one per set it touched, shared by that set's watchers (a
+tenant's Watch sees only its own set), so a thousand tenants watching their own sets
+are not woken by each other's events. A
+watcher's backlog is the log itself, so a slow watcher costs no memory of its own: when
+it falls more than `buffer` events behind it is cut off (LimitExceeded, naming the
+revision to Watch again from) and the others never wait for it.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import bisect
+from collections.abc import AsyncIterator
 
-from broker.core import Compacted, NotReady, Unsupported
+from broker.core import Compacted, LimitExceeded, NotReady
 from broker.store import Event, SqliteStore
 
-WATCH_BACKLOG = 100_000  # events queued for one watcher before it is cut loose
+WATCH_BUFFER = 10_000  # committed events kept in memory for live watchers (the default)
+_REPLAY_BATCH = 1000
 
 
 class EventFanout:
-    """Committed events, in revision order, to every watcher's queue."""
+    """Committed events, in revision order, in one shared log that watchers read."""
 
-    def __init__(self, store: SqliteStore, stopping: Callable[[], bool]) -> None:
+    def __init__(self, store: SqliteStore, buffer: int = WATCH_BUFFER) -> None:
         self._store = store
-        self._stopping = stopping
-        self._watchers: set[asyncio.Queue[Event | None]] = set()
+        self.buffer = max(buffer, 1)
+        # The shared log: _log[i] is the event at absolute position _dropped + i.
+        # Trimmed in halves, so each event costs O(1) amortized to append and to drop.
+        self._log: list[Event] = []
+        self._dropped = 0
+        self._wake: asyncio.Future[None] | None = None  # watchers of every set
+        self._wake_set: dict[int, asyncio.Future[None]] = {}  # set_id -> its watchers
+        self._ended = False
         self.revision = 0  # last committed event revision
 
     def publish(self, events: list[Event]) -> None:
         """Called on the loop after each commit, in revision order."""
-        if events:
-            self.revision = events[-1].revision
-        for q in list(self._watchers):
-            if q.qsize() + len(events) > WATCH_BACKLOG:
-                # A watcher this far behind is cut loose (it gets told to Watch again from
-                # its last revision) rather than letting its backlog grow without bound.
-                self._watchers.discard(q)
-                q.put_nowait(None)
-                continue
+        if not events:
+            return
+        self.revision = events[-1].revision
+        self._log.extend(events)
+        if len(self._log) >= 2 * self.buffer:
+            cut = len(self._log) - self.buffer
+            del self._log[:cut]
+            self._dropped += cut
+        _wake(self._wake)
+        self._wake = None
+        if self._wake_set:
             for ev in events:
-                q.put_nowait(ev)
+                _wake(self._wake_set.pop(ev.set_id, None))
 
-    def subscribe(self) -> asyncio.Queue[Event | None]:
-        """A queue that receives every event committed from now on."""
-        q: asyncio.Queue[Event | None] = asyncio.Queue()
-        self._watchers.add(q)
-        return q
+    def _wake_all(self) -> None:
+        _wake(self._wake)
+        self._wake = None
+        for fut in self._wake_set.values():
+            _wake(fut)
+        self._wake_set.clear()
 
-    def unsubscribe(self, q: asyncio.Queue[Event | None]) -> None:
-        self._watchers.discard(q)
+    async def _published(self, set_id: int | None) -> None:
+        """Until the next publish (of `set_id`'s events, if given), or the end; one
+        future shared by the watchers that wait for the same thing."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] | None
+        if set_id is None:
+            fut = self._wake
+            if fut is None:
+                fut = self._wake = loop.create_future()
+        else:
+            fut = self._wake_set.get(set_id)
+            if fut is None:
+                fut = self._wake_set[set_id] = loop.create_future()
+        # shield: a cancelled watcher must not cancel the future the others wait on.
+        await asyncio.shield(fut)
 
     def end_watches(self) -> None:
         """Shutdown: every Watch ends now (UNAVAILABLE, with the revision to resume from)
         instead of holding the drain open until its deadline."""
-        for q in self._watchers:
-            q.put_nowait(None)
-        self._watchers.clear()
+        self._ended = True
+        self._wake_all()
 
-    async def watch(self, from_revision: int) -> AsyncIterator[Event]:
-        """Events from `from_revision` (0: from now on), replayed then live, each once.
+    def _position_after(self, revision: int) -> int:
+        """Absolute position of the first retained event with a revision > `revision`."""
+        i = bisect.bisect_right(self._log, revision, key=lambda e: e.revision)
+        return self._dropped + i
 
-        Subscribing before reading the log closes the gap: an event committed meanwhile is
-        in both, and the revision check drops the second copy.
-        """
-        q = self.subscribe()
-        try:
-            last = self.revision if from_revision == 0 else from_revision - 1
-            if from_revision:
-                oldest = await asyncio.to_thread(self._store.oldest_revision)
-                if oldest == 0:
-                    oldest = self.revision + 1  # empty log: everything before is gone
-                if from_revision < oldest and from_revision <= self.revision:
-                    raise Compacted(
-                        oldest,
-                        f"revision {from_revision} is compacted; the oldest"
-                        f" in the event log is {oldest}",
-                    )
-                while True:
-                    batch = await asyncio.to_thread(self._store.read_events, last, 1000)
-                    for ev in batch:
+    def _oldest_in_memory(self) -> int:
+        return self._log[0].revision if self._log else self.revision + 1
+
+    async def watch(self, from_revision: int, set_id: int | None = None) -> AsyncIterator[Event]:
+        """Events from `from_revision` (0: from now on), replayed then live, each once;
+        only set `set_id`'s when given. `from_revision` <= 2^63-1."""
+
+        def visible(ev: Event) -> bool:
+            return set_id is None or ev.set_id == set_id
+
+        last = self.revision if from_revision == 0 else from_revision - 1
+        if from_revision:
+            oldest = await asyncio.to_thread(self._store.oldest_revision)
+            if oldest == 0:
+                oldest = self.revision + 1  # empty log: everything before is gone
+            if from_revision < oldest and from_revision <= self.revision:
+                raise Compacted(
+                    oldest,
+                    f"revision {from_revision} is compacted; the oldest"
+                    f" in the event log is {oldest}",
+                )
+            # Replay from the store until the in-memory log takes over without a gap.
+            while last < self._oldest_in_memory() - 1:
+                batch = await asyncio.to_thread(self._store.read_events, last, _REPLAY_BATCH)
+                for ev in batch:
+                    if visible(ev):
                         yield ev
-                        last = ev.revision
-                    if len(batch) < 1000:
-                        break
-            while True:
-                live = await q.get()
-                if live is None:
-                    if self._stopping():
-                        raise NotReady(
-                            f"broker is shutting down; Watch again from revision {last + 1}"
-                        )
-                    raise Unsupported(
-                        f"watcher fell more than {WATCH_BACKLOG} events behind;"
-                        f" Watch again from revision {last + 1}"
-                    )
-                if live.revision > last:
-                    yield live
-                    last = live.revision
-        finally:
-            self.unsubscribe(q)
+                    last = ev.revision
+                if len(batch) < _REPLAY_BATCH:
+                    break
+        pos = self._position_after(last)
+        while True:
+            while pos < self._dropped + len(self._log):
+                if pos < self._dropped:
+                    raise self._cut_off(last)
+                ev = self._log[pos - self._dropped]
+                pos += 1
+                if ev.revision <= last:
+                    continue
+                last = ev.revision
+                if visible(ev):
+                    yield ev  # the log may be trimmed meanwhile: checked above
+            if pos < self._dropped:
+                raise self._cut_off(last)
+            if self._ended:
+                raise NotReady(f"broker is shutting down; Watch again from revision {last + 1}")
+            await self._published(set_id)
+
+    def _cut_off(self, last: int) -> LimitExceeded:
+        return LimitExceeded(
+            "watch_buffer",
+            self.buffer,
+            f"watcher fell more than {self.buffer} events behind (--watch-buffer);"
+            f" Watch again from revision {last + 1}",
+        )
+
+
+def _wake(fut: asyncio.Future[None] | None) -> None:
+    if fut is not None and not fut.done():
+        fut.set_result(None)

@@ -339,11 +339,17 @@ class AsyncClient:
         req = pb.PasidRequestMessage(session=ref, argsz=argsz, flags=flags, min=min, max=max)
         return int((await self._unary(self._stub.PasidRequest, req)).ret)
 
-    async def watch(self, from_revision: int = 0) -> AsyncIterator[Event]:
-        """Events from `from_revision` (0: from now on), replayed then live. Raises
-        OutOfRange (with .oldest_revision) for a compacted revision, Unavailable."""
+    async def watch(
+        self, from_revision: int = 0, *, session_id: int = 0, token: str = ""
+    ) -> AsyncIterator[Event]:
+        """Events from `from_revision` (0: from now on), replayed then live: on the
+        admin socket every set's, on the clients' socket only the named session's set.
+        Raises OutOfRange (with .oldest_revision) for a compacted revision,
+        PermissionDenied without a session on the clients' socket, QuotaExceeded (reason
+        LIMIT_EXCEEDED) when too many watchers are open or this one fell behind,
+        Unavailable."""
         call = self._stub.Watch(
-            pb.WatchRequest(from_revision=from_revision), metadata=await self._identity()
+            _watch_request(from_revision, session_id, token), metadata=await self._identity()
         )
         try:
             async for m in call:
@@ -387,3 +393,10 @@ async def _finished(call: Any) -> grpc.RpcError:
     details = await call.details()
     md = await call.trailing_metadata()
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), md or grpc.aio.Metadata(), details)
+
+
+def _watch_request(from_revision: int, session_id: int, token: str) -> pb.WatchRequest:
+    req = pb.WatchRequest(from_revision=from_revision)
+    if session_id or token:
+        req.session.CopyFrom(pb.SessionRef(session_id=session_id, token=token))
+    return req

@@ -245,9 +245,19 @@ def cmd_request(c: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_watch(c: Client, args: argparse.Namespace) -> int:
+    # With a session: its own set's events, on the clients' socket; without: every set's,
+    # on the admin socket (the clients' socket shows a caller only its own set).
+    if args.session or os.environ.get("PASID_SESSION_ID"):
+        sid, token = _session_ref(args)
+        return _watch(c, args, sid, token)
+    with _admin(args) as a:
+        return _watch(a, args, 0, "")
+
+
+def _watch(c: Client, args: argparse.Namespace, sid: int, token: str) -> int:
     n = 0
     try:
-        for ev in c.watch(args.from_revision):
+        for ev in c.watch(args.from_revision, session_id=sid, token=token):
             if args.json:
                 print(
                     json.dumps(
@@ -482,8 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
     li.add_argument("--all", action="store_true", help="every set on the broker")
     w = sub.add_parser(
         "watch",
-        parents=[common],
-        help="follow the event log (alloc, free, sets created and destroyed)",
+        parents=[common, sess],
+        help="follow the event log (alloc, free, sets created and destroyed): a session's "
+        "own set, or every set on the admin socket (the default without a session)",
     )
     w.add_argument(
         "--from",

@@ -36,7 +36,9 @@ class ResourceExhausted(PasidClientError):
 
 
 class QuotaExceeded(ResourceExhausted):
-    """RESOURCE_EXHAUSTED: a quota; `quota` is "set", "client" or "global"."""
+    """RESOURCE_EXHAUSTED: a quota; `quota` is "set", "client" or "global". With reason
+    LIMIT_EXCEEDED, one of the broker's limits (docs/limits.md): `quota` names it, e.g.
+    "max_sessions_per_identity", and `limit` is its value."""
 
     def __init__(
         self,
@@ -109,7 +111,7 @@ def make_error(
     limit: int = 0,
     errno: int = 0,
 ) -> PasidClientError:
-    if reason == "QUOTA_EXCEEDED":
+    if reason in ("QUOTA_EXCEEDED", "LIMIT_EXCEEDED"):
         return QuotaExceeded(code, message, reason, quota, limit, errno)
     cls = _BY_REASON.get(reason) or _BY_CODE.get(code, PasidClientError)
     return cls(code, message, reason, errno)

@@ -20,7 +20,7 @@ from pasid.v1 import broker_pb2 as pb
 from pasid.v1 import broker_pb2_grpc as pb_grpc
 
 from pasid_client import address as _address
-from pasid_client.aio import _error_of
+from pasid_client.aio import _error_of, _watch_request
 from pasid_client.errors import (
     PasidClientError,
     Unavailable,
@@ -304,13 +304,16 @@ class Client:
         req = pb.PasidRequestMessage(session=ref, argsz=argsz, flags=flags, min=min, max=max)
         return int(self._unary(self._stub.PasidRequest, req).ret)
 
-    def watch(self, from_revision: int = 0) -> WatchStream:
-        """Events from `from_revision` (0: from now on), replayed then live. Iterate it;
-        `close()` (from any thread) ends it. Iterating raises OutOfRange for a compacted
-        revision, Unavailable when the broker goes away."""
+    def watch(self, from_revision: int = 0, *, session_id: int = 0, token: str = "") -> WatchStream:
+        """Events from `from_revision` (0: from now on), replayed then live: on the
+        admin socket every set's, on the clients' socket only the named session's set.
+        Iterate it; `close()` (from any thread) ends it. Iterating raises OutOfRange for
+        a compacted revision, PermissionDenied without a session on the clients' socket,
+        QuotaExceeded (reason LIMIT_EXCEEDED) for too many watchers or a watcher fallen
+        behind, Unavailable when the broker goes away."""
         return WatchStream(
             self._stub.Watch(
-                pb.WatchRequest(from_revision=from_revision), metadata=self._identity()
+                _watch_request(from_revision, session_id, token), metadata=self._identity()
             )
         )
 

@@ -113,7 +113,7 @@ def test_grace_expiry_reclaims_and_the_token_dies(
         wait_until(lambda: c.info().in_use == 0, 10, 0.05, "grace expiry")
         with pytest.raises(NotFound, match="resume token matches no session"):
             c.session(resume_token=s.token)
-        events = c.watch(1)
+        events = a.watch(1)
         kinds = [(e.kind, e.reason) for e in itertools.islice(events, 3)]
         events.close()
         assert kinds == [("set_created", "vmm"), ("alloc", ""), ("set_reclaimed", "grace expired")]

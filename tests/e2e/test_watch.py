@@ -51,7 +51,7 @@ def test_replay_then_live_is_gapless_under_concurrent_writes(
         anchor.alloc(1, 10)
         # start watching from revision 1 while the writers are mid-way
         wait_until(lambda: c.info().revision > 50, 20, what="writers to get going")
-        stream = c.watch(1)
+        stream = admin.watch(1)
 
         def collect() -> None:
             for ev in stream:
@@ -75,11 +75,11 @@ def test_replay_then_live_is_gapless_under_concurrent_writes(
         assert {"set_created", "alloc", "free", "set_destroyed"} <= kinds
 
 
-def test_watch_from_now_sees_only_new_events(client: Client) -> None:
+def test_watch_from_now_sees_only_new_events(client: Client, admin: Client) -> None:
     with client.session("a") as s:
         s.alloc(1, 5)
         start = client.info().revision
-        stream = client.watch(0)
+        stream = admin.watch(0)
         box: list[Event] = []
         t = threading.Thread(target=lambda: box.append(next(stream)), daemon=True)
         t.start()
@@ -92,7 +92,7 @@ def test_watch_from_now_sees_only_new_events(client: Client) -> None:
 
 def test_compacted_revision_is_out_of_range(make_broker: Callable[..., BrokerProcess]) -> None:
     b = make_broker("--event-retention", "100")
-    with Client(b.address) as c, c.session("busy") as s:
+    with Client(b.address) as cl, cl.session("busy") as s, Client(b.admin_address) as c:
         for _ in range(700):
             got = s.alloc(1, 100)
             s.free(got[0], got[0])
@@ -115,9 +115,9 @@ def test_sigterm_ends_watches_at_once_with_the_revision_to_resume(
 ) -> None:
     """An open Watch must not hold the drain open until --drain-seconds."""
     b = make_broker("--drain-seconds", "60")
-    with Client(b.address) as c, c.session("vm") as s:
+    with Client(b.address) as c, c.session("vm") as s, Client(b.admin_address) as a:
         s.alloc()
-        stream = c.watch(1)
+        stream = a.watch(1)
         assert next(stream).kind == "set_created"
         assert next(stream).kind == "alloc"
         assert b.proc is not None

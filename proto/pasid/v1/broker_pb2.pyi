@@ -63,10 +63,12 @@ class OpenSession(_message.Message):
     client: _builtins.str
     """A name for operators (e.g. "qemu-vm42"), shown in listings. Not an identity: quotas
     count by the caller's verified identity (uid, certificate subject, or anonymous).
+    Printable text of at most --max-client-name-bytes (256) UTF-8 bytes.
     """
     pid: _builtins.int
     """A claim, never used as an identity: with a ticket, a non-zero pid must be the
     verified holder's ns_pid or pid (else INVALID_ARGUMENT); without one it is ignored.
+    0 or at most 4194304, the kernel's PID_MAX_LIMIT (else INVALID_ARGUMENT).
     Identity comes from the kernel via the peer handshake (docs/peer-identity.md).
     """
     grace_seconds: _builtins.int
@@ -161,7 +163,10 @@ class AllocRequest(_message.Message):
     min: _builtins.int
     max: _builtins.int
     count: _builtins.int
-    """How many PASIDs, all or nothing; 0 means 1."""
+    """How many PASIDs, all or nothing; 0 means 1. At most --max-pasids-per-request (4096):
+    more is RESOURCE_EXHAUSTED. A unary Alloc on a detached session (in its grace, no
+    stream holds it) is FAILED_PRECONDITION: resume it first.
+    """
     @_builtins.property
     def session(self) -> Global___SessionRef: ...
     def __init__(
@@ -489,20 +494,26 @@ Global___GetInfoResponse: _TypeAlias = GetInfoResponse  # noqa: Y015
 
 @_typing.final
 class WatchRequest(_message.Message):
-    """WatchRequest: `from_revision` 0 means "only what commits from now on"."""
+    """WatchRequest: `from_revision` 0 means "only what commits from now on"; at most 2^63-1."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     FROM_REVISION_FIELD_NUMBER: _builtins.int
+    SESSION_FIELD_NUMBER: _builtins.int
     from_revision: _builtins.int
+    @_builtins.property
+    def session(self) -> Global___SessionRef:
+        """On the clients' socket: the caller's session; only its set's events are streamed."""
+
     def __init__(
         self,
         *,
         from_revision: _builtins.int = ...,
+        session: Global___SessionRef | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_revision", b"from_revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_revision", b"from_revision", "session", b"session"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -766,10 +777,13 @@ class Error(_message.Message):
     message: _builtins.str
     reason: _builtins.str
     """Machine-readable cause: INVALID_RANGE, INVALID_ARGUMENT, EXHAUSTED, QUOTA_EXCEEDED,
-    UNSUPPORTED, NOT_FOUND, CONFLICT, BACKEND, STORE.
+    LIMIT_EXCEEDED, UNSUPPORTED, NOT_FOUND, CONFLICT, BACKEND, STORE.
     """
     quota: _builtins.str
-    """For QUOTA_EXCEEDED: which quota ("set", "client", "global") and its limit."""
+    """For QUOTA_EXCEEDED: which quota ("set", "client", "global") and its limit; for
+    LIMIT_EXCEEDED which limit (e.g. "max_pasids_per_request", docs/limits.md) and its
+    value.
+    """
     limit: _builtins.int
     errno: _builtins.int
     """The seed's errno for this failure (EINVAL 22, ENOSPC 28, EDQUOT 122, ...)."""

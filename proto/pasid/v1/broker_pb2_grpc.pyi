@@ -65,7 +65,11 @@ class PasidBrokerStub:
     """Watch streams the event log: first every retained event from `from_revision` on,
     then new ones as they commit, without gap or duplicate across the switch. Asking
     for a revision older than the log retains is OUT_OF_RANGE (its message and the
-    `pasid-oldest-revision` trailing metadata give the oldest one available).
+    `pasid-oldest-revision` trailing metadata give the oldest one available). On the
+    clients' socket a Watch must name its session and shows only that session's set
+    (PERMISSION_DENIED otherwise); the admin socket streams every set. A watcher more
+    than --watch-buffer events behind is ended with RESOURCE_EXHAUSTED naming the
+    revision to Watch again from.
     """
     PasidRequest: _grpc.UnaryUnaryMultiCallable[_broker_pb2.PasidRequestMessage, _broker_pb2.PasidRequestReply]
     """PasidRequest is VFIO_IOMMU_PASID_REQUEST line for line, on a session held elsewhere
@@ -106,7 +110,11 @@ class PasidBrokerAsyncStub(PasidBrokerStub):
     """Watch streams the event log: first every retained event from `from_revision` on,
     then new ones as they commit, without gap or duplicate across the switch. Asking
     for a revision older than the log retains is OUT_OF_RANGE (its message and the
-    `pasid-oldest-revision` trailing metadata give the oldest one available).
+    `pasid-oldest-revision` trailing metadata give the oldest one available). On the
+    clients' socket a Watch must name its session and shows only that session's set
+    (PERMISSION_DENIED otherwise); the admin socket streams every set. A watcher more
+    than --watch-buffer events behind is ended with RESOURCE_EXHAUSTED naming the
+    revision to Watch again from.
     """
     PasidRequest: _aio.UnaryUnaryMultiCallable[_broker_pb2.PasidRequestMessage, _broker_pb2.PasidRequestReply]  # type: ignore[assignment]
     """PasidRequest is VFIO_IOMMU_PASID_REQUEST line for line, on a session held elsewhere
@@ -180,7 +188,11 @@ class PasidBrokerServicer(metaclass=_abc_1.ABCMeta):
         """Watch streams the event log: first every retained event from `from_revision` on,
         then new ones as they commit, without gap or duplicate across the switch. Asking
         for a revision older than the log retains is OUT_OF_RANGE (its message and the
-        `pasid-oldest-revision` trailing metadata give the oldest one available).
+        `pasid-oldest-revision` trailing metadata give the oldest one available). On the
+        clients' socket a Watch must name its session and shows only that session's set
+        (PERMISSION_DENIED otherwise); the admin socket streams every set. A watcher more
+        than --watch-buffer events behind is ended with RESOURCE_EXHAUSTED naming the
+        revision to Watch again from.
         """
 
     @_abc_1.abstractmethod
