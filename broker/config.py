@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from broker import backends
 from broker.backends import FALLBACKS
 from broker.core import DEFAULT_SET_QUOTA, Quarantine, Quotas
+from broker.service.limits import Limits
 
 ENV_PREFIX = "PASID_BROKER_"
 DEFAULT_SOCKET = "/run/pasid-broker/broker.sock"
@@ -54,6 +55,7 @@ class Config:
     vfio_pasid_bits: int = 0
     vfio_fallback: str = "none"
     metrics_address: str = "127.0.0.1:9464"
+    limits: Limits = field(default_factory=Limits)
 
 
 def parse_ranges(text: str) -> tuple[tuple[int, int], ...]:
@@ -392,7 +394,96 @@ def build_parser() -> argparse.ArgumentParser:
         "they name clients; port 0 picks a free one (logged), 'off' disables "
         "[PASID_BROKER_METRICS_ADDRESS]",
     )
+    _limit_flags(p)
     return p
+
+
+# The limits on what one client may make the broker hold (broker/service/limits.py; the
+# table with the reasons is docs/limits.md): (flag, Limits field, type, help).
+_LIMITS: tuple[tuple[str, str, Callable[[str], float], str], ...] = (
+    (
+        "--max-sessions-per-identity",
+        "max_sessions_per_identity",
+        int,
+        "live sessions (attached or in their grace) one identity may hold; each holds a "
+        "set, a pidfd and a connection; 0 = no limit",
+    ),
+    (
+        "--session-opens-per-second",
+        "session_opens_per_second",
+        float,
+        "session opens (new or resumed) per second one identity may make (a token "
+        "bucket); 0 = no limit",
+    ),
+    (
+        "--session-open-burst",
+        "session_open_burst",
+        int,
+        "opens one identity may make at once before --session-opens-per-second applies",
+    ),
+    (
+        "--max-inflight-per-stream",
+        "max_inflight_per_stream",
+        int,
+        "requests read from one Session stream and not yet answered; beyond it the "
+        "broker stops reading that stream (back-pressure); 0 = no limit",
+    ),
+    (
+        "--max-client-name-bytes",
+        "max_client_name_bytes",
+        int,
+        "longest OpenSession.client, in UTF-8 bytes (longer: INVALID_ARGUMENT)",
+    ),
+    (
+        "--max-watchers",
+        "max_watchers",
+        int,
+        "Watch streams open at once, in all; 0 = no limit",
+    ),
+    (
+        "--max-watchers-per-identity",
+        "max_watchers_per_identity",
+        int,
+        "Watch streams one identity may have open; 0 = no limit",
+    ),
+    (
+        "--max-pasids-per-request",
+        "max_pasids_per_request",
+        int,
+        "most PASIDs one Alloc may ask for: bounds the work one request makes the broker "
+        "do while others wait; 0 = no limit",
+    ),
+    (
+        "--watch-buffer",
+        "watch_buffer",
+        int,
+        "committed events kept in memory for live watchers; a watcher further behind is "
+        "cut off with RESOURCE_EXHAUSTED naming the revision to Watch again from",
+    ),
+    (
+        "--max-request-bytes",
+        "max_request_bytes",
+        int,
+        "largest request message accepted (bytes); larger: RESOURCE_EXHAUSTED from gRPC",
+    ),
+)
+
+
+def _limit_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "limits",
+        "what one client may make the broker hold; per identity means per kernel-verified "
+        "uid (anonymous callers share one identity); see docs/limits.md",
+    )
+    d = Limits()
+    for flag, name, kind, text in _LIMITS:
+        env = flag[2:].replace("-", "_").upper()
+        g.add_argument(
+            flag,
+            type=_non_negative(kind),
+            default=kind(_env(env, str(getattr(d, name)))),
+            help=f"{text} [{ENV_PREFIX}{env}]",
+        )
 
 
 def load(argv: list[str] | None = None) -> Config:
@@ -430,4 +521,5 @@ def load(argv: list[str] | None = None) -> Config:
         vfio_pasid_bits=ns.vfio_pasid_bits,
         vfio_fallback=ns.vfio_fallback,
         metrics_address=ns.metrics_address,
+        limits=Limits(**{name: getattr(ns, name) for _, name, _, _ in _LIMITS}),
     )

@@ -352,6 +352,20 @@ class Metrics(Observer):
         )
         self._opened_new = opened.labels("new")
         self._opened_resumed = opened.labels("resumed")
+        self._malformed = Counter(
+            "pasid_broker_malformed_requests",
+            "Requests refused as INVALID_ARGUMENT (undecodable, or a field out of range),"
+            " by method (session-stream operations as Session/<op>).",
+            ["method"],
+            registry=r,
+        )
+        self._limit_refusals = Counter(
+            "pasid_broker_limit_refusals",
+            "Requests refused RESOURCE_EXHAUSTED by one of the broker's limits"
+            " (docs/limits.md), by limit.",
+            ["limit"],
+            registry=r,
+        )
 
         self._rpc = Histogram(
             "pasid_broker_request_duration_seconds",
@@ -463,6 +477,14 @@ class Metrics(Observer):
         self._recovery_sets.set(sets)
 
     # -- request latency: the servicer's stream ops, and the RPC interceptor -----------
+
+    def malformed_request(self, method: str) -> None:
+        """A request refused as malformed (broker/service/wire.py)."""
+        self._malformed.labels(method).inc()
+
+    def limit_refused(self, limit: str) -> None:
+        """A request refused by a limit (broker/service/limits.py)."""
+        self._limit_refusals.labels(limit).inc()
 
     def session_op_done(self, op: str | None, t0: float) -> None:
         """A session-stream request's reply is ready; `t0` is perf_counter() at arrival."""

@@ -212,6 +212,10 @@ class Broker:
         self.require_ready()
         return self.sets.open(client, pid, grace_seconds, resume_token, peer, ticket, owner)
 
+    def ticket_uid(self, ticket: str) -> int | None:
+        """The verified uid a live peer-handshake ticket carries, without using it up."""
+        return self.sets.ticket_uid(ticket)
+
     def authenticate(self, session_id: int, token: str) -> Session:
         """The live session that (session_id, token) names; NotFound otherwise."""
         self.require_ready()

@@ -214,6 +214,9 @@ class Sessions:
 
     # -- open / resume ------------------------------------------------------------------
 
+    def ticket_uid(self, ticket: str) -> int | None:
+        return self.tickets.uid_of(ticket) if self.tickets is not None else None
+
     def take_identity(self, ticket: str, peer: str) -> PeerIdentity | None:
         """The identity a ticket carries (now owned by the caller), or None without one.
 

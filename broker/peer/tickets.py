@@ -118,6 +118,14 @@ class TicketBook:
         self._remember(h, "already used")
         return entry[1]
 
+    def uid_of(self, ticket: str) -> int | None:
+        """The uid a live ticket carries, without using it up (None if none): what
+        per-identity limits count under before the ticket is taken (issue 11)."""
+        entry = self._live.get(hash_ticket(ticket))
+        if entry is None or entry[0] < self._clock():
+            return None
+        return entry[1].uid
+
     def _remember(self, h: str, why: str) -> None:
         if len(self._spent) >= MAX_SPENT:
             del self._spent[next(iter(self._spent))]  # the oldest

@@ -24,10 +24,12 @@ from pasid.v1 import broker_pb2_grpc as pb_grpc
 from broker import backends
 from broker.config import Config, peer_socket_path
 from broker.engine import Broker
+from broker.engine import Session as BrokerSession
 from broker.metrics import Metrics
 from broker.peer import PeerIdentity, PeerServer, TicketBook
 from broker.peer import TicketError as PeerTicketError
 from broker.service.authz import AdminPolicy, Authorizer, TicketError
+from broker.service.limits import ANONYMOUS, Admission, uid_key
 from broker.service.servicer import PasidAdminServicer, PasidBrokerServicer
 from broker.service.tls import (
     TlsFiles,
@@ -37,6 +39,7 @@ from broker.service.tls import (
     server_credentials,
     tls_files,
 )
+from broker.service.wire import MalformedRequests, TolerantDecoding
 from broker.store import SqliteStore
 
 log = logging.getLogger("pasid_broker")
@@ -112,6 +115,24 @@ class UnixListener:
             os.unlink(self.path)
 
 
+def raise_nofile_limit() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard one: every local session holds a pidfd
+    and a connection, and running out stops even the health check. Returns (soft, hard).
+    The systemd unit sets LimitNOFILE (deploy/systemd/pasid-broker.service)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return soft, hard
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ValueError, OSError) as exc:
+        log.warning(
+            "cannot raise RLIMIT_NOFILE", extra={"soft": soft, "hard": hard, "error": str(exc)}
+        )
+        return soft, hard
+    return want, hard
+
+
 def server_options(config: Config, *, remote: bool) -> list[tuple[str, int]]:
     """gRPC server options. Keepalive pings only where the peer is remote (TCP).
 
@@ -123,6 +144,9 @@ def server_options(config: Config, *, remote: bool) -> list[tuple[str, int]]:
     """
     ka = int(config.keepalive_seconds * 1000)
     opts = [
+        # No request needs more than a few hundred bytes; a client name of megabytes
+        # would otherwise be held, stored and listed (--max-request-bytes).
+        ("grpc.max_receive_message_length", config.limits.max_request_bytes or -1),
         # A second daemon must not silently share a TCP port.
         ("grpc.so_reuseport", 0),
         # Accept client pings as often as every ka/2 on idle streams (a VMM's session is
@@ -158,9 +182,11 @@ def _grpc_server(
     remote: bool = False,
 ) -> grpc.aio.Server:
     # The authorizer first: no servicer code (and no timer) runs for a refused call.
+    # Then TolerantDecoding: a request that does not parse reaches the servicer's
+    # boundary as wire.Malformed (counted, logged once per peer) instead of a traceback.
     server = grpc.aio.server(
         options=server_options(config, remote=remote),
-        interceptors=[authorizer, metrics.rpc_timer()],
+        interceptors=[authorizer, TolerantDecoding(), metrics.rpc_timer()],
     )
     pb_grpc.add_PasidBrokerServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -185,12 +211,9 @@ def check_transport(config: Config) -> tuple[TlsFiles | None, AdminPolicy]:
     return files, policy
 
 
-def raise_fd_limit() -> None:
-    """Each verified session holds its holder's pidfd (and each unused ticket one): lift
-    the soft RLIMIT_NOFILE to the hard one, as daemons holding many fds do."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+def identity_of_holder(sess: BrokerSession) -> str:
+    """The identity key a set's stored, kernel-verified holder counts under."""
+    return uid_key(sess.holder.uid) if sess.holder is not None else ANONYMOUS
 
 
 def take_ticket(tickets: TicketBook) -> Callable[[str], PeerIdentity]:
@@ -213,7 +236,7 @@ async def serve(config: Config) -> int:
     os.umask(0o077)
     tls, policy = check_transport(config)
     lock = acquire_lock(config.db)
-    raise_fd_limit()
+    nofile = raise_nofile_limit()
     metrics = Metrics()
     backend: backends.Backend = backends.create(
         config.backend,
@@ -238,10 +261,27 @@ async def serve(config: Config) -> int:
         identity_share=config.identity_share,
         tickets=tickets,
         anonymous=config.anonymous,
+        watch_buffer=config.limits.watch_buffer,
     )
     # Metrics observe the engine (commits, set ends, recovery); the engine knows no
     # metric names. RPCs are timed by the interceptor, stream ops by the servicer's hook.
     broker.observers.subscribe(metrics)
+    # Limits count per identity across both sockets; a session stops counting when its
+    # set's destroy is durable, whoever destroyed it.
+    admission = Admission(config.limits)
+    broker.observers.subscribe(admission)
+    malformed = MalformedRequests(metrics.malformed_request)
+
+    def make_servicer(admin: bool) -> PasidBrokerServicer:
+        return PasidBrokerServicer(
+            broker,
+            admin=admin,
+            session_op_done=metrics.session_op_done,
+            admission=admission,
+            malformed=malformed,
+            limit_refused=metrics.limit_refused,
+        )
+
     # Metrics: bound before gRPC so that a taken port refuses the start cleanly.
     metrics.bind(broker, asyncio.get_running_loop())
     try:
@@ -252,7 +292,7 @@ async def serve(config: Config) -> int:
             f"cannot serve metrics on {config.metrics_address}: {exc}"
             " (choose another --metrics-address, or 'off')"
         ) from None
-    servicer = PasidBrokerServicer(broker, session_op_done=metrics.session_op_done)
+    servicer = make_servicer(admin=False)
     health_servicer = health.aio.HealthServicer()
     # On the Unix sockets a caller shows who it is with a peer ticket in the call's
     # metadata (the client library does the handshake); without one it is anonymous.
@@ -266,9 +306,7 @@ async def serve(config: Config) -> int:
     ] = [(server, None, [UnixListener(sock, config.socket_mode)])]
     admin_servicer: PasidBrokerServicer | None = None
     if config.admin_socket:
-        admin_servicer = PasidBrokerServicer(
-            broker, admin=True, session_op_done=metrics.session_op_done
-        )
+        admin_servicer = make_servicer(admin=True)
         admin = _grpc_server(
             config,
             admin_servicer,
@@ -342,6 +380,8 @@ async def serve(config: Config) -> int:
     try:
         # Listening before recovery lets health checks say NOT_SERVING while it runs.
         await broker.start()
+        for sess in broker.sessions():  # recovered sets count against their holders
+            admission.restore(sess.session_id, identity_of_holder(sess))
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -356,6 +396,7 @@ async def serve(config: Config) -> int:
                 "backend": broker.caps.name if broker.caps else config.backend,
                 "db": config.db,
                 "metrics_url": metrics_url or "off",
+                "nofile": nofile[0],
             },
         )
         await stop.wait()

@@ -3,6 +3,10 @@
 Errors: methods raise PasidError; `boundary` (every RPC method wears it) is the one place
 where one becomes a gRPC status, through broker/service/status.py's table. A Session
 stream's per-request errors are replies (status.error_message), not statuses.
+
+Input: every field a client sends is checked by broker/service/wire.py before use, and
+what one client may make the broker hold is bounded by broker/service/limits.py; a
+malformed request (INVALID_ARGUMENT) is counted and logged once per peer per interval.
 """
 
 from __future__ import annotations
@@ -22,17 +26,21 @@ from pasid.v1 import broker_pb2 as pb
 from pasid.v1 import broker_pb2_grpc as pb_grpc
 
 from broker import __version__
-from broker.core import InvalidArgument, PasidError, QuotaExceeded, runs
+from broker.core import InvalidArgument, LimitExceeded, PasidError, QuotaExceeded, runs
 from broker.engine import Broker, done_future
 from broker.engine import Session as BrokerSession
+from broker.service import wire
 from broker.service.authz import current_caller
+from broker.service.limits import ANONYMOUS, Admission, Limits, uid_key
 from broker.service.status import (
     ADMIN_ONLY,
+    WATCH_OWN_SETS,
     PermissionDenied,
     error_message,
     status_of,
     trailing_metadata,
 )
+from broker.store import Event
 
 log = logging.getLogger("pasid_broker.service")
 
@@ -76,9 +84,13 @@ def _session_named(request: Any) -> dict[str, object]:
 
 
 async def _abort(
-    context: grpc.aio.ServicerContext[Any, Any], exc: PasidError, **fields: object
+    context: grpc.aio.ServicerContext[Any, Any],
+    exc: PasidError,
+    quiet: bool = False,
+    **fields: object,
 ) -> NoReturn:
-    log_refusal(exc, peer=context.peer(), **fields)
+    if not quiet:  # a malformed request is logged by MalformedRequests, rate-limited
+        log_refusal(exc, peer=context.peer(), **fields)
     context.set_trailing_metadata(trailing_metadata(exc))
     await context.abort(status_of(exc), exc.message)
     raise AssertionError("unreachable")  # abort raises
@@ -87,31 +99,65 @@ async def _abort(
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _refused(self: Any, name: str, context: Any, exc: PasidError) -> bool:
+    """A malformed request (INVALID_ARGUMENT) is counted and logged, rate-limited (True:
+    logged here, not once per request); a limit's refusal is counted."""
+    if isinstance(exc, InvalidArgument):
+        self.malformed.report(name, context.peer(), exc.message)
+        return True
+    if isinstance(exc, LimitExceeded):
+        self.limit_refused(exc.kind)
+    return False
+
+
+async def _internal(context: Any, name: str, exc: Exception) -> NoReturn:
+    # A bug, not the client's doing: logged with its traceback, answered INTERNAL.
+    log.error("internal error in %s", name, exc_info=exc, extra={"method": name})
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the broker's log")
+    raise AssertionError("unreachable")  # abort raises
+
+
 def boundary(method: F) -> F:
     """The error boundary: a PasidError raised by an RPC method (a coroutine or an async
     generator taking (self, request, context)) ends the call with its gRPC status and
-    trailing metadata. The one place this happens."""
+    trailing metadata. The one place this happens. A request that did not decode
+    (wire.Malformed) is refused here before the method sees it."""
+    name = method.__name__
     if inspect.isasyncgenfunction(method):
 
         @functools.wraps(method)
         async def stream(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
             try:
+                if isinstance(request, wire.Malformed):
+                    raise InvalidArgument(request.error)
                 # aclosing: a client gone mid-stream closes the method's generator now
                 # (its finally ends the session), not whenever it is collected.
                 async with contextlib.aclosing(method(self, request, context)) as items:
                     async for item in items:
                         yield item
             except PasidError as exc:
-                await _abort(context, exc, rpc=method.__name__, **_session_named(request))
+                quiet = _refused(self, name, context, exc)
+                await _abort(context, exc, quiet, rpc=method.__name__, **_session_named(request))
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await _internal(context, name, exc)
 
         return cast(F, stream)
 
     @functools.wraps(method)
     async def unary(self: Any, request: Any, context: Any) -> Any:
         try:
+            if isinstance(request, wire.Malformed):
+                raise InvalidArgument(request.error)
             return await method(self, request, context)
         except PasidError as exc:
-            await _abort(context, exc, rpc=method.__name__, **_session_named(request))
+            quiet = _refused(self, name, context, exc)
+            await _abort(context, exc, quiet, rpc=method.__name__, **_session_named(request))
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _internal(context, name, exc)
 
     return cast(F, unary)
 
@@ -161,6 +207,10 @@ def _as_is(resp: pb.SessionResponse) -> pb.SessionResponse:
     return resp
 
 
+def _ignore_limit(limit: str) -> None:
+    pass
+
+
 class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
     """PasidBroker. On the admin socket (`admin=True`) List may list every set."""
 
@@ -170,13 +220,32 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
         *,
         admin: bool = False,
         session_op_done: Callable[[str | None, float], None] | None = None,
+        admission: Admission | None = None,
+        malformed: wire.MalformedRequests | None = None,
+        limit_refused: Callable[[str], None] | None = None,
     ) -> None:
         self.broker = broker
         self.admin = admin
         # Told when a stream request's reply is ready: (op, perf_counter() at arrival).
         # The metrics' request latency for Session/<op> (broker/metrics.py).
         self._op_done = session_op_done or _ignore_op
+        # Shared by the servicers of every socket: limits count per identity, not socket.
+        self.admission = admission or Admission(Limits())
+        self.limits = self.admission.limits
+        self.malformed = malformed or wire.MalformedRequests()
+        # Told the limit's name when a request is refused by one (the metrics' counter).
+        self.limit_refused = limit_refused or _ignore_limit
         self._streams: set[asyncio.Queue[_Item]] = set()
+
+    def identity_key(self, context: grpc.aio.ServicerContext[Any, Any], ticket: str = "") -> str:
+        """The identity per-identity limits count under (limits.py): the call's
+        (authz.py: its pasid-ticket's uid, or its certificate's subject), else the uid of
+        an OpenSession.ticket, looked at without being used up; else ANONYMOUS."""
+        caller = current_caller().identity  # the call's pasid-ticket or certificate
+        if caller != ANONYMOUS or not ticket:
+            return caller
+        uid = self.broker.ticket_uid(ticket)
+        return ANONYMOUS if uid is None else uid_key(uid)
 
     def shutdown(self) -> None:
         """End every session stream once its in-flight requests are answered; the sets
@@ -200,24 +269,41 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
         first = await anext(request_iterator, None)
         if first is None:
             return
+        if isinstance(first, wire.Malformed):
+            raise InvalidArgument(first.error)
         if first.WhichOneof("op") != "open":
             raise InvalidArgument("the first message of a Session must be open")
         o = first.open
         t_open = time.perf_counter()
+        wire.check_client_name(o.client, self.limits)
+        wire.check_pid(o.pid)
+        wire.check_token(o.resume_token, "resume_token")
+        key = self.identity_key(context, o.ticket)
+        new_set = not o.resume_token
+        self.admission.admit_open(key, new_set)
         # Atomic open: the set exists once open_session returns, and this stream owns it
         # from that instant: no await until the try whose finally ends the session.
-        sess, token, resumed, created = self.broker.open_session(
-            o.client,
-            o.pid,
-            o.grace_seconds,
-            o.resume_token,
-            context.peer(),
-            o.ticket,
-            owner=current_caller().identity,
-        )
+        try:
+            sess, token, resumed, created = self.broker.open_session(
+                o.client,
+                o.pid,
+                o.grace_seconds,
+                o.resume_token,
+                context.peer(),
+                o.ticket,
+                owner=current_caller().identity,
+            )
+        except BaseException:
+            if new_set:
+                self.admission.open_failed(key)
+            raise
+        if new_set:
+            self.admission.opened(sess.session_id, key, created)
         # Replies wait for their commits, in request order; reading goes on meanwhile so
-        # that a pipelining client's requests share group commits.
+        # that a pipelining client's requests share group commits, up to
+        # --max-inflight-per-stream unanswered: then reading stops (back-pressure).
         replies: asyncio.Queue[_Item] = asyncio.Queue()
+        inflight = asyncio.Semaphore(self.limits.max_inflight_per_stream or 2**31)
         sess.on_revoke = lambda why: replies.put_nowait(_End(grpc.StatusCode.ABORTED, why))
         self._streams.add(replies)
         reader: asyncio.Task[None] | None = None
@@ -225,7 +311,9 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
         try:
             await created  # durable before it is acknowledged
             self._op_done("open", t_open)
-            reader = asyncio.create_task(self._read(sess, request_iterator, replies))
+            reader = asyncio.create_task(
+                self._read(sess, request_iterator, replies, inflight, context.peer())
+            )
             yield pb.SessionResponse(
                 tag=first.tag,
                 opened=pb.SessionOpened(
@@ -250,13 +338,15 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
                 try:
                     resp = reply(await fut)
                 except PasidError as exc:
-                    log_refusal(
-                        exc, rpc="Session", op=op, session=sess.session_id, client=sess.client
-                    )
+                    if not isinstance(exc, InvalidArgument):  # malformed: logged in _read
+                        log_refusal(
+                            exc, rpc="Session", op=op, session=sess.session_id, client=sess.client
+                        )
                     resp = pb.SessionResponse(error=error_message(exc))
                 self._op_done(op, t0)
                 resp.tag = tag
                 yield resp
+                inflight.release()
         finally:
             if reader is not None:
                 reader.cancel()
@@ -269,25 +359,42 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
     async def _read(
         self,
         sess: BrokerSession,
-        requests: AsyncIterator[pb.SessionRequest],
+        requests: AsyncIterator[pb.SessionRequest | wire.Malformed],
         replies: asyncio.Queue[_Item],
+        inflight: asyncio.Semaphore,
+        peer: str,
     ) -> None:
         loop = asyncio.get_running_loop()
         try:
-            async for req in requests:
+            while True:
+                # A slot before reading the next request: with none free the stream is
+                # not read, and the client's sends stall on flow control.
+                await inflight.acquire()
+                req = await anext(requests, None)
+                if req is None:
+                    break
                 t0 = time.perf_counter()
-                op = req.WhichOneof("op")
+                op: str | None = None
+                tag = 0
                 try:
+                    if isinstance(req, wire.Malformed):
+                        raise InvalidArgument(req.error)
+                    tag = req.tag
+                    op = req.WhichOneof("op")
                     if op in ("alloc", "free", "list", "request") and getattr(req, op).HasField(
                         "session"
                     ):
                         raise InvalidArgument(f"{op} on a Session stream must not name a session")
                     fut, reply = self._dispatch(sess, req, op)
                 except PasidError as exc:
+                    if isinstance(exc, InvalidArgument):
+                        self.malformed.report(f"Session/{op or 'malformed'}", peer, exc.message)
+                    elif isinstance(exc, LimitExceeded):
+                        self.limit_refused(exc.kind)
                     fut = loop.create_future()
                     fut.set_exception(exc)
                     reply = _as_is
-                replies.put_nowait((req.tag, fut, reply, op, t0))
+                replies.put_nowait((tag, fut, reply, op, t0))
         except (asyncio.CancelledError, grpc.aio.AioRpcError):
             pass
         finally:
@@ -300,7 +407,7 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
         b = self.broker
         if op == "alloc":
             a = req.alloc
-            return b.alloc(sess, a.min, a.max, a.count or 1), _alloc_reply
+            return b.alloc(sess, a.min, a.max, wire.check_count(a.count, self.limits)), _alloc_reply
         if op == "free":
             f = req.free
             return b.free(sess, f.min, f.max), _free_reply
@@ -319,16 +426,20 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
     # -- unary calls --------------------------------------------------------------------
 
     async def _unary(self, ref: pb.SessionRef, call: Callable[[BrokerSession], Awaitable[T]]) -> T:
-        sess = self.broker.authenticate(ref.session_id, ref.token)
+        sess = self._authenticate(ref)
         return await call(sess)
+
+    def _authenticate(self, ref: pb.SessionRef) -> BrokerSession:
+        return self.broker.authenticate(ref.session_id, wire.check_token(ref.token))
 
     @boundary
     async def Alloc(
         self, request: pb.AllocRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.AllocResponse:
+        count = wire.check_count(request.count, self.limits)
         got = await self._unary(
             request.session,
-            lambda s: self.broker.alloc(s, request.min, request.max, request.count or 1),
+            lambda s: self.broker.alloc(s, request.min, request.max, count),
         )
         return pb.AllocResponse(pasids=got)
 
@@ -389,23 +500,40 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
         )
         return pb.PasidRequestReply(ret=ret)
 
+    def _watched_set(self, request: pb.WatchRequest) -> int | None:
+        """Which set's events this caller may see: every set's (None) for an admin
+        (authz.py, per call); for anyone else only its own set, named by its session
+        (id and token)."""
+        if current_caller().admin:
+            return None
+        if not request.HasField("session"):
+            raise PermissionDenied(WATCH_OWN_SETS)
+        return self._authenticate(request.session).session_id
+
     @boundary
     async def Watch(
         self, request: pb.WatchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.WatchEvent]:
-        async for ev in self.broker.watch(request.from_revision):
-            yield pb.WatchEvent(
-                revision=ev.revision,
-                ts_unix=ev.ts,
-                kind=ev.kind,
-                set_id=ev.set_id,
-                pasids=[pb.PasidRange(min=lo, max=hi) for lo, hi in runs(ev.pasids)],
-                reason=ev.reason,
-                verified=ev.uid is not None,
-                pid=ev.pid or 0,
-                uid=ev.uid or 0,
-                ns_pid=ev.ns_pid or 0,
-            )
+        from_revision = wire.check_revision(request.from_revision)
+        set_id = self._watched_set(request)
+        with self.admission.watching(self.identity_key(context)):
+            async for ev in self.broker.watch(from_revision, set_id):
+                yield self._watch_event(ev)
+
+    @staticmethod
+    def _watch_event(ev: Event) -> pb.WatchEvent:
+        return pb.WatchEvent(
+            revision=ev.revision,
+            ts_unix=ev.ts,
+            kind=ev.kind,
+            set_id=ev.set_id,
+            pasids=[pb.PasidRange(min=lo, max=hi) for lo, hi in runs(ev.pasids)],
+            reason=ev.reason,
+            verified=ev.uid is not None,
+            pid=ev.pid or 0,
+            uid=ev.uid or 0,
+            ns_pid=ev.ns_pid or 0,
+        )
 
     def _list(self, sess: BrokerSession | None, all_sets: bool) -> pb.ListResponse:
         if all_sets:
@@ -420,6 +548,8 @@ class PasidAdminServicer(pb_grpc.PasidAdminServicer):
     def __init__(self, broker: Broker, main: PasidBrokerServicer) -> None:
         self.broker = broker
         self.main = main
+        self.malformed = main.malformed
+        self.limit_refused = main.limit_refused
 
     @boundary
     async def ListSets(
@@ -432,7 +562,7 @@ class PasidAdminServicer(pb_grpc.PasidAdminServicer):
     async def RevokeSet(
         self, request: pb.RevokeSetRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.RevokeSetResponse:
-        freed = await self.broker.revoke(request.set_id, request.reason)
+        freed = await self.broker.revoke(request.set_id, wire.check_reason(request.reason))
         return pb.RevokeSetResponse(freed=freed)
 
     @boundary

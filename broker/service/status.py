@@ -6,6 +6,7 @@
 | InvalidArgument | EINVAL               | INVALID_ARGUMENT     |
 | Exhausted       | ENOSPC               | RESOURCE_EXHAUSTED   |
 | QuotaExceeded   | EDQUOT               | RESOURCE_EXHAUSTED   |
+| LimitExceeded   | EAGAIN               | RESOURCE_EXHAUSTED   |
 | NotFound        | ENOENT               | NOT_FOUND            |
 | Conflict        | EBUSY                | FAILED_PRECONDITION  |
 | Unsupported     | EOPNOTSUPP / ENOTTY  | FAILED_PRECONDITION  |
@@ -42,6 +43,10 @@ from broker.core.errors import (
 ADMIN_ONLY = (
     "listing every set is an admin call: uid 0, the broker's uid or a member of"
     " --admin-group (with a peer ticket), or an --admin-subject certificate"
+)
+WATCH_OWN_SETS = (
+    "Watch on the clients' socket shows only the caller's own set: name its session"
+    " (session_id and token); the full event stream is an admin call"
 )
 
 
