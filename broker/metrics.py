@@ -359,6 +359,11 @@ class Metrics(Observer):
             ["method"],
             registry=r,
         )
+        self._watchers = Gauge(
+            "pasid_broker_watchers",
+            "Watch streams open now (both sockets); limited by --max-watchers.",
+            registry=r,
+        )
         self._limit_refusals = Counter(
             "pasid_broker_limit_refusals",
             "Requests refused RESOURCE_EXHAUSTED by one of the broker's limits"
@@ -481,6 +486,10 @@ class Metrics(Observer):
     def malformed_request(self, method: str) -> None:
         """A request refused as malformed (broker/service/wire.py)."""
         self._malformed.labels(method).inc()
+
+    def watchers_open(self, n: int) -> None:
+        """The number of open Watch streams changed."""
+        self._watchers.set(n)
 
     def limit_refused(self, limit: str) -> None:
         """A request refused by a limit (broker/service/limits.py)."""

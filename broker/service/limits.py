@@ -91,9 +91,16 @@ class Admission(Observer):
 
     _MAX_BUCKETS = 4096  # idle (full) buckets are dropped beyond this many identities
 
-    def __init__(self, limits: Limits, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        limits: Limits,
+        clock: Callable[[], float] = time.monotonic,
+        watchers_changed: Callable[[int], None] | None = None,
+    ) -> None:
         self.limits = limits
         self._clock = clock
+        # Told the number of open Watch streams when it changes (the metrics' gauge).
+        self._watchers_changed = watchers_changed or (lambda n: None)
         self._sessions: Counter[str] = Counter()
         self._owner: dict[int, str] = {}  # set_id -> identity key
         self._buckets: dict[str, TokenBucket] = {}
@@ -195,10 +202,12 @@ class Admission(Observer):
             )
         self.watchers += 1
         self._watchers[key] += 1
+        self._watchers_changed(self.watchers)
         try:
             yield
         finally:
             self.watchers -= 1
+            self._watchers_changed(self.watchers)
             self._watchers[key] -= 1
             if self._watchers[key] <= 0:
                 del self._watchers[key]

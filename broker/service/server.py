@@ -268,7 +268,7 @@ async def serve(config: Config) -> int:
     broker.observers.subscribe(metrics)
     # Limits count per identity across both sockets; a session stops counting when its
     # set's destroy is durable, whoever destroyed it.
-    admission = Admission(config.limits)
+    admission = Admission(config.limits, watchers_changed=metrics.watchers_open)
     broker.observers.subscribe(admission)
     malformed = MalformedRequests(metrics.malformed_request)
 
