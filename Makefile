@@ -5,7 +5,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 VAR     ?= var
 
-.PHONY: run test kernel-test lint fmt proto bench bench-core crash-test clean
+.PHONY: run test fuzz kernel-test lint fmt proto bench bench-core crash-test clean
 
 $(STAMP): pyproject.toml clients/pyproject.toml
 	@python3 -m venv --help >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq python3-venv)
@@ -31,6 +31,12 @@ run: $(STAMP)
 test: $(STAMP) lint
 	$(PY) -m pytest
 	PASID_BROKER_BACKEND=vfio-fake $(PY) -m pytest -q tests/e2e
+
+# The long form of the hostile-client fuzz (the suite runs about 500 cases): every method
+# of a live broker, a restart and the invariants after every batch. FUZZ_CASES=N to change.
+FUZZ_CASES ?= 10000
+fuzz: $(STAMP)
+	PASID_FUZZ_CASES=$(FUZZ_CASES) $(PY) -m pytest -q -s tests/hostile/test_fuzz.py
 
 # The real-kernel tier alone: boots Debian's kernel under QEMU and prints what it answered.
 kernel-test: $(STAMP)
