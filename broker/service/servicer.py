@@ -103,7 +103,7 @@ def _refused(self: Any, name: str, context: Any, exc: PasidError) -> bool:
     """A malformed request (INVALID_ARGUMENT) is counted and logged, rate-limited (True:
     logged here, not once per request); a limit's refusal is counted."""
     if isinstance(exc, InvalidArgument):
-        self.malformed.report(name, context.peer(), exc.message)
+        self.malformed.report(name, self.peer_key(context), exc.message)
         return True
     if isinstance(exc, LimitExceeded):
         self.limit_refused(exc.kind)
@@ -247,6 +247,10 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
         uid = self.broker.ticket_uid(ticket)
         return ANONYMOUS if uid is None else uid_key(uid)
 
+    def peer_key(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+        """Who malformed-request logs are rate-limited for: identity and address."""
+        return f"{self.identity_key(context)}@{context.peer()}"
+
     def shutdown(self) -> None:
         """End every session stream once its in-flight requests are answered; the sets
         stay (a broker restart is not the client's exit) for the client to resume."""
@@ -312,7 +316,7 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
             await created  # durable before it is acknowledged
             self._op_done("open", t_open)
             reader = asyncio.create_task(
-                self._read(sess, request_iterator, replies, inflight, context.peer())
+                self._read(sess, request_iterator, replies, inflight, self.peer_key(context))
             )
             yield pb.SessionResponse(
                 tag=first.tag,
@@ -549,6 +553,7 @@ class PasidAdminServicer(pb_grpc.PasidAdminServicer):
         self.broker = broker
         self.main = main
         self.malformed = main.malformed
+        self.peer_key = main.peer_key
         self.limit_refused = main.limit_refused
 
     @boundary
