@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import resource
 import sqlite3
 import threading
@@ -71,7 +72,7 @@ def test_pid_beyond_pid_max_is_refused_and_a_stored_one_does_not_stop_recovery(
         con.close()
         b.start()  # recovery must not raise OverflowError
         t.resume(c)
-        wait_until(lambda: 99 not in {s.set_id for s in Client(b.admin_address).list_sets()})
+        wait_until(lambda: 99 not in {s.set_id for s in Client(b.admin_address).list_sets()}, 60)
         check_invariants(b, [t])
     assert_no_traceback(b)
 
@@ -161,18 +162,17 @@ def test_count_per_request_is_capped_and_others_are_not_stalled(make_broker: Mak
         assert e.value.quota == "max_pasids_per_request" and e.value.limit == 4096
         assert e.value.reason == "LIMIT_EXCEEDED"
 
-        def victim_rates(n: int = 200) -> tuple[float, float]:
-            """(GetInfo/s: is the loop free?, alloc+free/s: writes wait for commits)"""
-            t = time.perf_counter()
+        def max_request_seconds(n: int = 5) -> float:
+            """The median time of the largest allowed request (4096 PASIDs) and its free."""
+            times = []
             for _ in range(n):
-                c.info()
-            t1 = time.perf_counter()
-            for _ in range(n):
-                p = victim.alloc(1, (1 << 20) - 1)
-                victim.free(p[0], p[0])
-            return n / (t1 - t), n / (time.perf_counter() - t1)
+                t = time.perf_counter()
+                hog.alloc(1, (1 << 20) - 1, count=4096)
+                hog.free()
+                times.append(time.perf_counter() - t)
+            return sorted(times)[n // 2]
 
-        alone = victim_rates()
+        one_max = max_request_seconds()
         stop = threading.Event()
         hog_requests = itertools.count()
 
@@ -186,19 +186,25 @@ def test_count_per_request_is_capped_and_others_are_not_stalled(make_broker: Mak
         th = threading.Thread(target=hammer, daemon=True)
         th.start()
         wait_until(lambda: next(hog_requests) > 2, 30, what="the hog to get going")
-        shared = victim_rates()
+        waits = []
+        for _ in range(100):  # another client's reads beside back-to-back max requests
+            t = time.perf_counter()
+            victim.list()
+            waits.append(time.perf_counter() - t)
         stop.set()
         th.join(30)
-        reads, writes = shared[0] / alone[0], shared[1] / alone[1]
+        waits.sort()
+        p90, worst = waits[89], waits[-1]
         print(
-            f"beside 4096-PASID requests: victim GetInfo/s {alone[0]:.0f} -> {shared[0]:.0f}"
-            f" (ratio {reads:.2f}), alloc+free/s {alone[1]:.0f} -> {shared[1]:.0f} (ratio"
-            f" {writes:.2f}: each waits for the hog's commit); a 1M request refused in"
-            f" {refused_in * 1000:.1f} ms"
+            f"one 4096-PASID alloc+free alone: {one_max * 1000:.1f} ms; another client's"
+            f" wait beside them: p90 {p90 * 1000:.1f} ms (ratio {p90 / one_max:.2f}), worst"
+            f" {worst * 1000:.1f} ms; a 1M request refused in {refused_in * 1000:.1f} ms"
         )
-        # The loop is not blocked: another client's reads keep a fair share (0.5 for two
-        # clients on one loop; a stall like the issue's 7 s would be ~0).
-        assert reads > 0.2
+        # The stall another client sees is bounded by one capped request, not by what a
+        # client asks for (the issue's 1M request stalled everyone for 7 s). p90: the
+        # machine is shared, and a single worst case measures its noise.
+        assert p90 < 3 * one_max
+        assert refused_in < one_max
     check_invariants(b, [])
 
 
@@ -210,9 +216,14 @@ def test_sessions_per_identity_and_open_rate(make_broker: Make) -> None:
             c.session("one too many")
         assert e.value.quota == "max_sessions_per_identity" and e.value.limit == 3
         assert "--max-sessions-per-identity 3" in e.value.message
+        # pasid_client did the peer handshake: the identity is this process's uid.
+        assert f"identity uid:{os.getuid()}" in e.value.message
         assert c.info().sessions == 3  # state unchanged, GetInfo still served
+        # Another identity (anonymous: no handshake) is still served.
+        with Client(b.address, peer_socket="/nonexistent") as anon, anon.session("anon"):
+            assert c.info().sessions == 4
         held.pop().close()
-        wait_until(lambda: c.info().sets == 2)
+        wait_until(lambda: c.info().sets == 2, what="the closed session's set to end")
         held.append(c.session("a slot came free"))
         for s in held:
             s.close()
