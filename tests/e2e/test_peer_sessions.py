@@ -76,7 +76,7 @@ def sets(b: BrokerProcess) -> dict[int, SetView]:
 
 
 def events(b: BrokerProcess, kind: str) -> list[Any]:
-    with Client(b.address) as c:
+    with Client(b.admin_address) as c:  # every set's events: the admin socket
         stream = c.watch(1)
         out = []
         last = c.info().revision
