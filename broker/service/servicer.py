@@ -505,14 +505,14 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
         return pb.PasidRequestReply(ret=ret)
 
     def _watched_set(self, request: pb.WatchRequest) -> int | None:
-        """Which set's events this caller may see: every set's (None) for an admin
-        (authz.py, per call); for anyone else only its own set, named by its session
-        (id and token)."""
+        """Which set's events this caller sees: the set its session names (id and token);
+        without one, every set's (None) for an admin (authz.py, per call), and for
+        anyone else PERMISSION_DENIED."""
+        if request.HasField("session"):  # named: that set only, whoever asks
+            return self._authenticate(request.session).session_id
         if current_caller().admin:
             return None
-        if not request.HasField("session"):
-            raise PermissionDenied(WATCH_OWN_SETS)
-        return self._authenticate(request.session).session_id
+        raise PermissionDenied(WATCH_OWN_SETS)
 
     @boundary
     async def Watch(

@@ -32,6 +32,7 @@ REFUSALS = {
     grpc.StatusCode.UNIMPLEMENTED,  # admin methods on the clients' socket
     grpc.StatusCode.DEADLINE_EXCEEDED,  # a Watch or Session that simply waits
     grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.UNAUTHENTICATED,  # admin calls from an anonymous caller (authz.py)
 }
 
 # Every method a client can call: (service, method, request type, streaming kind).
@@ -50,7 +51,12 @@ METHODS: tuple[tuple[str, str, type, str], ...] = (
 
 
 def raw_call(
-    channel: grpc.Channel, service: str, method: str, kind: str, messages: list[bytes]
+    channel: grpc.Channel,
+    service: str,
+    method: str,
+    kind: str,
+    messages: list[bytes],
+    metadata: tuple[tuple[str, str], ...] = (),
 ) -> grpc.StatusCode:
     """Send `messages` (bytes, unchecked) to a method; the status it ends with. Streams
     are read for a moment only: a hostile client need not wait for them."""
@@ -58,12 +64,17 @@ def raw_call(
     timeout = 0.5 if kind != "unary_unary" else 5.0
     try:
         if kind == "unary_unary":
-            channel.unary_unary(path)(messages[0] if messages else b"", timeout=timeout)
+            channel.unary_unary(path)(
+                messages[0] if messages else b"", timeout=timeout, metadata=metadata
+            )
         elif kind == "unary_stream":
-            for _ in channel.unary_stream(path)(messages[0] if messages else b"", timeout=timeout):
+            call = channel.unary_stream(path)
+            for _ in call(messages[0] if messages else b"", timeout=timeout, metadata=metadata):
                 pass
         else:
-            for _ in channel.stream_stream(path)(iter(messages), timeout=timeout):
+            for _ in channel.stream_stream(path)(
+                iter(messages), timeout=timeout, metadata=metadata
+            ):
                 pass
     except grpc.RpcError as exc:
         return exc.code()  # type: ignore[no-any-return]

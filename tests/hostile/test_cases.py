@@ -303,7 +303,7 @@ def test_watchers_are_limited_and_a_thousand_do_not_slow_others(make_broker: Mak
             0.2,
             "1,000 watchers to be open",
         )
-        err = _rpc_error(lambda: next(stubs[1].Watch(pb.WatchRequest(), timeout=10)))
+        err = _rpc_error(lambda: next(stubs[0].Watch(pb.WatchRequest(session=ref), timeout=10)))
         assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "--max-watchers 1000" in err.details()
         watched = rate()
@@ -327,8 +327,11 @@ def test_a_watcher_fallen_behind_is_cut_off_with_the_revision_to_resume(
         # A watcher that stops reading: the broker's generator stalls on flow control
         # once the transport is full, while events keep coming.
         opts = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024)]
-        slow_ch = grpc.insecure_channel(b.admin_address, options=opts)
-        slow = pb_grpc.PasidBrokerStub(slow_ch).Watch(pb.WatchRequest(from_revision=start + 1))
+        slow_ch = grpc.insecure_channel(b.address, options=opts)
+        ref = pb.SessionRef(session_id=s.session_id, token=s.token)  # its own set's events
+        slow = pb_grpc.PasidBrokerStub(slow_ch).Watch(
+            pb.WatchRequest(from_revision=start + 1, session=ref)
+        )
         fast = a.watch(start + 1)
         for _ in range(2000):  # 4,000 events, 40 times the buffer
             got = s.alloc(1, 1000, count=64)
@@ -355,8 +358,14 @@ def test_watch_on_the_clients_socket_shows_only_the_callers_set(broker: BrokerPr
         a.alloc()
         b.alloc()
         b.alloc()
-        with pytest.raises(PermissionDenied, match="admin socket"):
-            next(iter(c.watch(1)))
+        # An anonymous caller (no peer handshake) is no admin: its own set only. (This
+        # test runs as root, so pasid_client's own ticket would make it an admin.)
+        with (
+            Client(broker.address, peer_socket="/nonexistent") as anon,
+            pytest.raises(PermissionDenied, match="admin call"),
+        ):
+            next(iter(anon.watch(1)))
+        assert next(iter(c.watch(1))).revision == 1  # uid 0: an admin sees every set
         with pytest.raises(NotFound):
             next(iter(c.watch(1, session_id=b.session_id, token=a.token)))
         stream = c.watch(1, session_id=a.session_id, token=a.token)

@@ -27,6 +27,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from pasid.v1 import broker_pb2 as pb
 from pasid_client import Client, NotFound
+from pasid_client.handshake import ticket_for
 
 from tests.harness import BrokerProcess
 from tests.hostile.common import (
@@ -124,11 +125,20 @@ class Fuzzer:
             msg.set_id = self.own.set_id
         return msg
 
-    def call(self, method_index: int, payload: list[bytes] | list[Any], raw: bool) -> None:
+    def call(
+        self, method_index: int, payload: list[bytes] | list[Any], raw: bool, as_admin: bool
+    ) -> None:
         service, method, _, kind = METHODS[method_index]
         channel = self.admin if service == "PasidAdmin" else self.main
         data = payload if raw else [m.SerializeToString() for m in payload]
-        code = raw_call(channel, service, method, kind, data)  # type: ignore[arg-type]
+        # Admin calls as an admin half the time (a fresh one-time peer ticket: this test
+        # runs as root), so that the fuzz reaches their handlers, not only the authorizer.
+        md: tuple[tuple[str, str], ...] = ()
+        if service == "PasidAdmin" and as_admin:
+            t = ticket_for(self.b.address)
+            assert t is not None, "no peer socket beside the broker's"
+            md = (("pasid-ticket", t.ticket),)
+        code = raw_call(channel, service, method, kind, data, md)  # type: ignore[arg-type]
         self.codes[(method, code.name)] += 1
         assert code is grpc.StatusCode.OK or code in REFUSALS, (
             f"{service}/{method} answered {code.name}:\n{self.b.read_log()[-3000:]}"
@@ -200,7 +210,7 @@ def test_fuzz_every_method_restart_after_each_batch(fuzzer: Fuzzer) -> None:
                 payload[0] = pb.SessionRequest(
                     open=pb.OpenSession(client=name, grace_seconds=grace)
                 )
-        fuzzer.call(index, payload, raw)
+        fuzzer.call(index, payload, raw, as_admin=use_own)
 
     for _ in range(max(total // BATCH, 1)):
         batch()

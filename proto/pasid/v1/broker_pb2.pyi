@@ -503,7 +503,9 @@ class WatchRequest(_message.Message):
     from_revision: _builtins.int
     @_builtins.property
     def session(self) -> Global___SessionRef:
-        """On the clients' socket: the caller's session; only its set's events are streamed."""
+        """The caller's session: only its set's events are streamed (required unless the
+        caller is an admin, who may leave it unset for every set's).
+        """
 
     def __init__(
         self,

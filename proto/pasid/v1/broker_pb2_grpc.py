@@ -126,9 +126,9 @@ class PasidBrokerServicer:
         """Watch streams the event log: first every retained event from `from_revision` on,
         then new ones as they commit, without gap or duplicate across the switch. Asking
         for a revision older than the log retains is OUT_OF_RANGE (its message and the
-        `pasid-oldest-revision` trailing metadata give the oldest one available). On the
-        clients' socket a Watch must name its session and shows only that session's set
-        (PERMISSION_DENIED otherwise); the admin socket streams every set. A watcher more
+        `pasid-oldest-revision` trailing metadata give the oldest one available). A Watch
+        names its session and shows only that session's set (PERMISSION_DENIED otherwise);
+        an admin caller (uid 0, --admin-group, ...) sees every set. A watcher more
         than --watch-buffer events behind is ended with RESOURCE_EXHAUSTED naming the
         revision to Watch again from.
         """
