@@ -407,17 +407,31 @@ class IommufdBackend:
 
     @staticmethod
     def _holder_has(pid: int, fd: int) -> bool:
-        """Does process `pid` have an fd on the same open file as our `fd`? (kcmp)"""
+        """Does process `pid` have our `fd`'s device open? The same open file by kcmp
+        (KCMP_FILE) where the kernel has kcmp (CONFIG_KCMP); else the same character
+        device among its fds (a cdev can be bound through one open file only)."""
         libc = ctypes.CDLL(None, use_errno=True)
         try:
             theirs = os.listdir(f"/proc/{pid}/fd")
+            mine = os.fstat(fd).st_rdev
         except OSError:
             return False
         me = os.getpid()
+        kcmp = True
         for entry in theirs:
-            r = libc.syscall(_SYS_KCMP, me, pid, _KCMP_FILE, fd, int(entry))
-            if r == 0:
-                return True
+            if kcmp:
+                r = libc.syscall(_SYS_KCMP, me, pid, _KCMP_FILE, fd, int(entry))
+                if r == 0:
+                    return True
+                if r < 0 and ctypes.get_errno() == errno.ENOSYS:
+                    kcmp = False
+            if not kcmp:
+                try:
+                    st = os.stat(f"/proc/{pid}/fd/{entry}")
+                except OSError:
+                    continue
+                if stat.S_ISCHR(st.st_mode) and st.st_rdev == mine:
+                    return True
         return False
 
     def devices(self, set_id: int | None = None) -> list[DeviceHandle]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import pytest
 from broker.backends.iommufd import DeviceHandle, IommufdBackend
 from broker.core import Exhausted, InvalidRange, NotFound, Quarantine, Unsupported
 from broker.engine import Broker, Session
+from broker.peer import PeerIdentity, TicketBook, credentials
 from broker.store import SqliteStore
 
 ECAP_20_BITS = "0x499880f00f4a"  # what QEMU 11's VT-d reported (KERNEL-NOTES.md)
@@ -73,6 +75,13 @@ def check_invariant(broker: Broker, kernel: KernelModel) -> None:
         assert pasid in held.get(set_id, set()), (pasid, set_id, held)
 
 
+async def opened(broker: Broker, client: str, **kw: object) -> Session:
+    """A new session whose set is durable (open_session is synchronous, the commit not)."""
+    sess, _, _, created = broker.open_session(client, **kw)  # type: ignore[arg-type]
+    await created
+    return sess
+
+
 def run(tmp_path: Path, scenario, **kw) -> None:  # type: ignore[no-untyped-def]
     async def main() -> None:
         kernel = KernelModel()
@@ -110,8 +119,8 @@ def test_an_iommu_without_pasids_is_refused(tmp_path: Path) -> None:
 
 def test_alloc_attaches_free_detaches_before_reuse(tmp_path: Path) -> None:
     async def scenario(broker: Broker, be: IommufdBackend, kernel: KernelModel) -> None:
-        a, _, _ = await broker.open_session("vm-a")
-        b, _, _ = await broker.open_session("vm-b")
+        a = await opened(broker, "vm-a")
+        b = await opened(broker, "vm-b")
         delegate(be, kernel, a, 100)
         delegate(be, kernel, b, 200)
         assert await broker.alloc(a, 1, 100, 1, "dev") == [1]
@@ -129,8 +138,8 @@ def test_alloc_attaches_free_detaches_before_reuse(tmp_path: Path) -> None:
 
 def test_revoke_and_session_end_detach(tmp_path: Path) -> None:
     async def scenario(broker: Broker, be: IommufdBackend, kernel: KernelModel) -> None:
-        a, _, _ = await broker.open_session("vm-a")
-        b, _, _ = await broker.open_session("vm-b")
+        a = await opened(broker, "vm-a")
+        b = await opened(broker, "vm-b")
         delegate(be, kernel, a, 100)
         delegate(be, kernel, b, 200)
         assert await broker.alloc(a, 1, 100, 3, "dev") == [1, 2, 3]
@@ -149,7 +158,7 @@ def test_quarantine_still_detaches_at_free(tmp_path: Path) -> None:
     """Quarantine keeps the number from others; the device must lose it at once."""
 
     async def scenario(broker: Broker, be: IommufdBackend, kernel: KernelModel) -> None:
-        a, _, _ = await broker.open_session("vm-a")
+        a = await opened(broker, "vm-a")
         delegate(be, kernel, a, 100)
         assert await broker.alloc(a, 1, 100, 2, "dev") == [1, 2]
         assert await broker.free(a, 1, 1) == 1
@@ -161,7 +170,7 @@ def test_quarantine_still_detaches_at_free(tmp_path: Path) -> None:
 
 def test_beyond_the_device_width_is_refused_before_any_ioctl(tmp_path: Path) -> None:
     async def scenario(broker: Broker, be: IommufdBackend, kernel: KernelModel) -> None:
-        a, _, _ = await broker.open_session("vm-a")
+        a = await opened(broker, "vm-a")
         delegate(be, kernel, a, 100, bits=4)
         with pytest.raises(InvalidRange, match="beyond device dev's PASID width"):
             await broker.alloc(a, 16, 100, 1, "dev")
@@ -179,7 +188,7 @@ def test_beyond_the_device_width_is_refused_before_any_ioctl(tmp_path: Path) -> 
 
 def test_a_failed_attach_gives_the_numbers_back(tmp_path: Path) -> None:
     async def scenario(broker: Broker, be: IommufdBackend, kernel: KernelModel) -> None:
-        a, _, _ = await broker.open_session("vm-a")
+        a = await opened(broker, "vm-a")
         delegate(be, kernel, a, 100)
         real = kernel.attach
 
@@ -206,7 +215,7 @@ def test_random_mix_keeps_the_invariant(tmp_path: Path) -> None:
         for _ in range(400):
             op = rng.random()
             if op < 0.15 or not sessions:
-                s, _, _ = await broker.open_session(f"vm{fd}")
+                s = await opened(broker, f"vm{fd}")
                 delegate(be, kernel, s, fd)
                 fd += 1
                 sessions.append(s)
@@ -243,9 +252,16 @@ def test_after_a_restart_a_live_holders_set_waits_for_its_exit(tmp_path: Path) -
     async def main() -> None:
         kernel = KernelModel()
         be = make_backend(tmp_path, kernel)
-        broker = Broker(be, SqliteStore(tmp_path / "b.db"), devices=be, restart_grace=0)
+        book = TicketBook(30)
+        broker = Broker(
+            be, SqliteStore(tmp_path / "b.db"), devices=be, restart_grace=0, tickets=book
+        )
         await broker.start()
-        a, _, _ = await broker.open_session("vm-a", pid=holder.pid, grace_seconds=1)
+        ident = PeerIdentity(
+            holder.pid, os.getuid(), os.getgid(), holder.pid,
+            credentials.start_time(holder.pid), os.pidfd_open(holder.pid),
+        )  # fmt: skip
+        a = await opened(broker, "vm-a", grace_seconds=1, ticket=book.issue(ident), peer="unix:")
         delegate(be, kernel, a, 100)
         assert await broker.alloc(a, 1, 100, 2, "dev") == [1, 2]
         await broker.stop()  # the kernel keeps (100, 1), (100, 2): the holder's fd lives
@@ -253,7 +269,9 @@ def test_after_a_restart_a_live_holders_set_waits_for_its_exit(tmp_path: Path) -
         kernel2 = KernelModel()
         (tmp_path / "k2").mkdir()
         be2 = make_backend(tmp_path / "k2", kernel2)
-        broker2 = Broker(be2, SqliteStore(tmp_path / "b.db"), devices=be2, restart_grace=0)
+        broker2 = Broker(
+            be2, SqliteStore(tmp_path / "b.db"), devices=be2, restart_grace=0, tickets=book
+        )
         await broker2.start()
         try:
             await asyncio.sleep(1.5)  # beyond the set's grace
