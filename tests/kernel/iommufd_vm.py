@@ -35,6 +35,7 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mount -t debugfs debugfs /sys/kernel/debug
+ifconfig lo 127.0.0.1 up  # the daemon's /metrics is scraped over loopback
 for x in $(cat /proc/cmdline); do
   case "$x" in
     pbk.python=*) PY="${x#pbk.python=}" ;;
@@ -223,7 +224,9 @@ def boot(p: Prepared, script: Path, timeout: float = 240.0) -> Boot:
         trace_text = trace.read_text(errors="replace") if trace.exists() else ""
     results = []
     for line in console.splitlines():
-        if line.startswith("PBK "):
+        at = line.find("PBK {")  # the first may follow the firmware's escape codes
+        if at >= 0:
+            line = line[at:]
             try:
                 results.append(json.loads(line[4:]))
             except json.JSONDecodeError:

@@ -51,7 +51,8 @@ def guest(request: pytest.FixtureRequest) -> Iterator[tuple[Events, iommufd_vm.B
         events[str(r["event"])] = r
         _say(request, "guest: " + json.dumps(r)[:1500])
     inv = [ln for ln in b.trace.splitlines() if "pasid_cache" in ln]
-    _say(request, f"QEMU traced {len(inv)} PASID-cache invalidations: {inv[:6]}")
+    pasids = sorted({ln.rsplit(" ", 1)[-1] for ln in inv})
+    _say(request, f"QEMU traced {len(inv)} PASID-cache invalidations, for PASIDs {pasids}")
     if "guest script done" not in events or "error" in events:
         tail = "\n".join(b.console.splitlines()[-40:])
         pytest.fail(f"the guest did not finish cleanly: {events.get('error')}\n{tail}")
@@ -194,18 +195,14 @@ def test_everything_is_detached_at_the_end(guest: tuple[Events, object]) -> None
 
 
 def test_qemu_saw_pasid_cache_invalidations(guest: tuple[Events, iommufd_vm.Boot]) -> None:
-    """The emulated IOMMU's side: the guest driver invalidated PASID-cache entries."""
+    """The emulated IOMMU's side: the guest driver invalidated the PASID-cache entries of
+    exactly the PASIDs the broker attached (5, 7, 9; 0 is the devices' RID entries), and
+    none for 6 (the page table without PASID: refused) or 2^20 (beyond the width)."""
     _, b = guest
-    assert "vtd_inv_desc_pasid_cache" in b.trace
-
-
-def test_the_daemon_serves_and_shows_the_discovered_widths(guest: tuple[Events, object]) -> None:
-    ev, _ = guest
-    d = ev["daemon"]
-    assert "error" not in d, d.get("error")
-    assert d["backend"] == "iommufd" and d["pasid_bits"] == 20
-    assert d["widths"] == [["iommu", "dmar0", 20, 0]]
-    assert d["pasids"] == [1, 2]  # numbered only: no device named
-    assert "no device 'nope'" in str(d["unknown device"])
-    assert 'pasid_broker_pasid_width_bits{kind="iommu",name="dmar0",set=""} 20.0' in d["metrics"]
-    assert d["status"] == 0
+    traced = {
+        int(ln.rsplit(" ", 1)[-1], 16)
+        for ln in b.trace.splitlines()
+        if ln.startswith("vtd_inv_desc_pasid_cache_psi")
+    }
+    assert {5, 7, 9} <= traced
+    assert traced <= {0, 5, 7, 9}, traced
