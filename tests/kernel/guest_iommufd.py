@@ -293,11 +293,11 @@ def main() -> int:
         os.waitpid(pid, 0)
     be.close()
     say("entries at end", entries=pasid_entries())
-    run_daemon()
+    run_daemon(str(devs[b]["cdev"]), bdf[b])
     return 0
 
 
-def run_daemon() -> None:
+def run_daemon(cdev: str, bdf: str) -> None:
     """The daemon's main() on --backend iommufd, in this process (a second Python start
     costs ~30 s in TCG): a client reads GetInfo's widths and /metrics, then SIGTERMs it."""
     import contextlib
@@ -305,7 +305,7 @@ def run_daemon() -> None:
     import threading
     import urllib.request
 
-    from pasid_client import Client
+    from pasid_client import Client, obtain_ticket
 
     from broker.__main__ import main as broker_main
 
@@ -330,6 +330,43 @@ def run_daemon() -> None:
                         sess.alloc(1, 1023, device="nope")
                     except Exception as exc:
                         result["unknown device"] = f"{type(exc).__name__}: {exc}"
+                # The whole path: a VMM binds its device, delegates it over the peer
+                # handshake (SCM_RIGHTS), allocs naming it; the kernel shows each step.
+                peer = os.path.join(os.path.dirname(sock), "peer.sock")
+                dev = os.open(cdev, os.O_RDWR)
+                ictx = os.open("/dev/iommu", os.O_RDWR)
+                dev_id = uapi.bind(dev, ictx)
+                hwpt = uapi.hwpt_alloc(
+                    ictx, dev_id, uapi.ioas_alloc(ictx), uapi.IOMMU_HWPT_ALLOC_PASID
+                )
+                try:
+                    with open("/dev/null", "rb") as null:
+                        meta = {"devices": [{"name": "x", "dev_id": 1, "pt_id": 1}]}
+                        obtain_ticket(peer, fds=[("device", null.fileno())], meta=meta)
+                except Exception as exc:
+                    result["bad handshake"] = f"{type(exc).__name__}: {exc}"
+                ticket = obtain_ticket(
+                    peer,
+                    fds=[("iommufd", ictx), ("device", dev)],
+                    meta={"devices": [{"name": "vf", "dev_id": dev_id, "pt_id": hwpt}]},
+                )
+                with c.session("vmm", ticket=ticket) as vmm:
+                    got = list(vmm.alloc(1, 1023, count=2, device="vf"))
+                    result["delegated alloc"] = got
+                    result["after alloc"] = pasid_entries().get(bdf, [])
+                    result["widths with device"] = [list(w) for w in c.info().widths]
+                    vmm.free(got[0], got[0])
+                    result["after free"] = pasid_entries().get(bdf, [])
+                    try:
+                        vmm.alloc(1 << 20, (1 << 20) + 5, device="vf")
+                    except Exception as exc:
+                        result["beyond width"] = f"{type(exc).__name__}: {exc}"
+                deadline = time.monotonic() + 10
+                while pasid_entries().get(bdf, []) and time.monotonic() < deadline:
+                    time.sleep(0.1)  # the set's end is committed after the stream closes
+                result["after session end"] = pasid_entries().get(bdf, [])
+                os.close(dev)
+                os.close(ictx)
             body = urllib.request.urlopen("http://127.0.0.1:19464/metrics", timeout=10).read()
             result["metrics"] = [
                 ln for ln in body.decode().splitlines() if ln.startswith("pasid_broker_pasid_width")

@@ -196,13 +196,44 @@ def test_everything_is_detached_at_the_end(guest: tuple[Events, object]) -> None
 
 def test_qemu_saw_pasid_cache_invalidations(guest: tuple[Events, iommufd_vm.Boot]) -> None:
     """The emulated IOMMU's side: the guest driver invalidated the PASID-cache entries of
-    exactly the PASIDs the broker attached (5, 7, 9; 0 is the devices' RID entries), and
-    none for 6 (the page table without PASID: refused) or 2^20 (beyond the width)."""
+    exactly the PASIDs the broker attached (5, 7, 9 directly; 1, 2 by the daemon for a
+    delegated device; 0 is the devices' RID entries), and none for 6 (the page table
+    without PASID: refused) or 2^20 (beyond the width)."""
     _, b = guest
     traced = {
         int(ln.rsplit(" ", 1)[-1], 16)
         for ln in b.trace.splitlines()
         if ln.startswith("vtd_inv_desc_pasid_cache_psi")
     }
-    assert {5, 7, 9} <= traced
-    assert traced <= {0, 5, 7, 9}, traced
+    assert {1, 2, 5, 7, 9} <= traced
+    assert traced <= {0, 1, 2, 5, 7, 9}, traced
+
+
+def test_a_device_delegated_over_the_handshake_follows_its_session(
+    guest: tuple[Events, object],
+) -> None:
+    """The whole path in the daemon: bind, delegate (SCM_RIGHTS, peer handshake), alloc
+    naming the device -> PASID entries; free -> gone; session end -> all gone."""
+    ev, _ = guest
+    d = ev["daemon"]
+    got = d["delegated alloc"]
+    assert isinstance(got, list) and len(got) == 2
+    assert sorted(d["after alloc"]) == sorted(got)  # type: ignore[arg-type]
+    assert d["after free"] == [got[1]]
+    assert d["after session end"] == []
+    assert d["widths with device"][1][:3] == ["device", "vf", 20]  # type: ignore[index]
+    assert "beyond device vf's PASID width" in str(d["beyond width"])
+    assert "INVALID_ARGUMENT" in str(d["bad handshake"])
+    assert "not a VFIO device cdev" in str(d["bad handshake"])
+
+
+def test_the_daemon_serves_and_shows_the_discovered_widths(guest: tuple[Events, object]) -> None:
+    ev, _ = guest
+    d = ev["daemon"]
+    assert "error" not in d, d.get("error")
+    assert d["backend"] == "iommufd" and d["pasid_bits"] == 20
+    assert d["widths"] == [["iommu", "dmar0", 20, 0]]
+    assert d["pasids"] == [1, 2]  # numbered only: no device named
+    assert "no device 'nope'" in str(d["unknown device"])
+    assert 'pasid_broker_pasid_width_bits{kind="iommu",name="dmar0",set=""} 20.0' in d["metrics"]
+    assert d["status"] == 0
