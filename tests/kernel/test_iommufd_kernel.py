@@ -87,6 +87,8 @@ def test_devices_are_on_vfio_pci_with_pasid_enabled(guest: tuple[Events, object]
     assert isinstance(devs, dict) and len(devs) == 3
     assert all(d["driver"] == "vfio-pci" and d["cdev"] for d in devs.values())
     assert sorted(d["config_pasid_bits"] for d in devs.values()) == [0, 20, 20]
+    # The IOMMU driver enabled PASID (control bit 0) on the capable ones at probe.
+    assert sorted(d["pasid_ctrl"] for d in devs.values()) == [0, 1, 1]
 
 
 def test_adopt_reads_the_device_width_from_get_hw_info(guest: tuple[Events, object]) -> None:

@@ -4,7 +4,7 @@ No device QEMU emulates has a PCIe PASID capability, so this process serves one 
 vfio-user protocol (QEMU's docs/interop/vfio-user.rst, written from the spec): a
 root-complex-integrated endpoint whose DEVCAP2 says End-End TLP Prefix Supported (Linux
 enables PASID only then) and a PASID extended capability (ID 0x1b) of width `pasid_bits`
-at 0x100. No BARs, no interrupts, DMA maps acknowledged and otherwise ignored: the guest
+at 0x100 (none at all for width 0). No BARs, no interrupts, DMA maps acknowledged and otherwise ignored: the guest
 kernel only has to probe it, bind it to vfio-pci and let the IOMMU program PASID entries.
 
 Config-space writes are kept (the kernel sets the PASID enable bit), so the tier can read
@@ -40,9 +40,9 @@ def config_space(pasid_bits: int) -> bytearray:
     # PCI Express capability, version 2, type 9 = Root Complex Integrated Endpoint.
     struct.pack_into("<BBH", c, PCIE_CAP, 0x10, 0x00, 0x0092)
     struct.pack_into("<I", c, PCIE_CAP + 0x24, 1 << 21)  # DEVCAP2: End-End TLP Prefix
-    # PASID extended capability: id 0x1b, version 1, last in the list.
-    struct.pack_into("<I", c, PASID_CAP, 0x1B | (1 << 16))
-    struct.pack_into("<HH", c, PASID_CAP + 4, (pasid_bits & 0x1F) << 8, 0)
+    if pasid_bits:  # PASID extended capability: id 0x1b, version 1, last in the list
+        struct.pack_into("<I", c, PASID_CAP, 0x1B | (1 << 16))
+        struct.pack_into("<HH", c, PASID_CAP + 4, (pasid_bits & 0x1F) << 8, 0)
     return c
 
 
