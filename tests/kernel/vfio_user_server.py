@@ -4,8 +4,9 @@ No device QEMU emulates has a PCIe PASID capability, so this process serves one 
 vfio-user protocol (QEMU's docs/interop/vfio-user.rst, written from the spec): a
 root-complex-integrated endpoint whose DEVCAP2 says End-End TLP Prefix Supported (Linux
 enables PASID only then) and a PASID extended capability (ID 0x1b) of width `pasid_bits`
-at 0x100 (none at all for width 0). No BARs, no interrupts, DMA maps acknowledged and otherwise ignored: the guest
-kernel only has to probe it, bind it to vfio-pci and let the IOMMU program PASID entries.
+at 0x100 (none at all for width 0). No BARs, no interrupts, DMA maps acknowledged and
+otherwise ignored: the guest kernel only has to probe it, bind it to vfio-pci and let the
+IOMMU program PASID entries.
 
 Config-space writes are kept (the kernel sets the PASID enable bit), so the tier can read
 back what the guest's IOMMU driver did. Run: `python3 vfio_user_server.py SOCKET [bits]`.
