@@ -268,16 +268,26 @@ def main() -> int:
 
     # -- the broker dies while a client keeps its device open ----------------------------
     # Device a again: nothing holds it now (a cdev can be open for one bind at a time).
-    pid_c, sock_c = client(str(devs[a]["cdev"]))
-    msg_c, fds_c = recv_fds(sock_c)
+    for _ in range(20):
+        pid_c, sock_c = client(str(devs[a]["cdev"]))
+        msg_c, fds_c = recv_fds(sock_c)
+        if fds_c:
+            break
+        os.kill(pid_c, signal.SIGKILL)  # device a not released yet: say so, try again
+        os.waitpid(pid_c, 0)
+        say("client C retry", **msg_c)
+        time.sleep(0.25)
     broker = os.fork()
     if broker == 0:
-        be2 = IommufdBackend()
-        be2.open()
-        be2.adopt_device(1, fds_c[0], fds_c[1], int(msg_c["dev_id"]), int(msg_c["hwpt"]),  # type: ignore[call-overload]
-                         name="c", holder_pid=pid_c)  # fmt: skip
-        be2.alloc(9, 9)
-        be2.attach(1, "c", 9)
+        try:
+            be2 = IommufdBackend()
+            be2.open()
+            be2.adopt_device(1, fds_c[0], fds_c[1], int(msg_c["dev_id"]), int(msg_c["hwpt"]),  # type: ignore[call-overload]
+                             name="c", holder_pid=pid_c)  # fmt: skip
+            be2.alloc(9, 9)
+            be2.attach(1, "c", 9)
+        except BaseException as exc:
+            say("broker child failed", error=repr(exc))
         os.kill(os.getpid(), signal.SIGKILL)
     os.waitpid(broker, 0)
     for fd in fds_c:
