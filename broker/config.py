@@ -154,8 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=backends.names(),
         default=_env("BACKEND", d.backend),
         help="where PASID requests go: 'simulator' models the patched kernel's allocator; "
-        "'vfio' issues VFIO_IOMMU_PASID_REQUEST on a VFIO container (docs/vfio.md) "
-        "[PASID_BROKER_BACKEND]",
+        "'iommufd' attaches granted PASIDs to devices that clients delegate (today's "
+        "kernels, 6.15+); 'vfio' issues VFIO_IOMMU_PASID_REQUEST on a VFIO container (a "
+        "kernel with the seed's patch); docs/vfio.md [PASID_BROKER_BACKEND]",
     )
     a(
         "--db",

@@ -167,6 +167,7 @@ class State:
     sets_anonymous: int = 0
     # The largest verified sets: (set_id, client, pid, uid, ns_pid, PASIDs held).
     top_holders: tuple[tuple[int, str, int, int, int, int], ...] = ()
+    widths: tuple[tuple[str, str, int, int], ...] = ()
 
 
 def take_state(broker: Broker, top: int = TOP_CLIENTS) -> State | None:
@@ -202,6 +203,7 @@ def take_state(broker: Broker, top: int = TOP_CLIENTS) -> State | None:
         sets_verified=len(holders),
         sets_anonymous=i.sets - len(holders),
         top_holders=tuple(sorted(holders, key=lambda h: (-h[5], h[0]))[:top]),
+        widths=i.widths,
     )
 
 
@@ -228,6 +230,16 @@ class _StateCollector(Collector):
         backend = InfoMetricFamily("pasid_broker_backend", "The backend and its PASID width.")
         backend.add_metric([], {"backend": st.backend, "pasid_bits": str(st.pasid_bits)})
         yield backend
+        if st.widths:
+            widths = GaugeMetricFamily(
+                "pasid_broker_pasid_width_bits",
+                "PASID width the kernel reports: per IOMMU (VT-d ECAP.PSS) and per delegated"
+                " device (IOMMU_GET_HW_INFO).",
+                labels=["kind", "name", "set"],
+            )
+            for kind, name, bits, set_id in st.widths:
+                widths.add_metric([kind, name, str(set_id) if kind == "device" else ""], bits)
+            yield widths
         for name, doc, value in (
             (
                 "pasid_broker_pasids_capacity",

@@ -1,7 +1,7 @@
 """Backends: where PASID requests go. `create(name, ...)` is the one place that picks.
 
 Backends are registered by name (register_backend); the daemon's --backend choices are
-the registered names. The built-in ones are "simulator" and "vfio"; a test launcher may
+the registered names. The built-in ones are "simulator", "iommufd" and "vfio"; a test launcher may
 register more (tests/faults/launch.py registers a fake kernel).
 """
 
@@ -128,7 +128,14 @@ def _vfio(opts: BackendOptions) -> Backend:
     )
 
 
+def _iommufd(opts: BackendOptions) -> Backend:
+    from broker.backends.iommufd import IommufdBackend
+
+    return IommufdBackend()
+
+
 register_backend("simulator", _simulator)
+register_backend("iommufd", _iommufd)
 register_backend("vfio", _vfio)
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import contextlib
 import errno as _errno
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from broker.core.errors import (
     BackendError,
@@ -59,6 +59,42 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Release everything; the kernel frees what is left when the set is destroyed."""
+        ...
+
+
+class DeviceHandleLike(Protocol):
+    name: str
+    pasid_bits: int
+
+
+class Devices(Protocol):
+    """Per-set delegated devices whose kernel PASID attachments follow the set (iommufd).
+
+    The engine calls release() before a set's PASIDs go back to the pool (free, destroy,
+    revoke) and drop_set() when the set is gone; attach() after a grant that names one."""
+
+    def device(self, set_id: int, name: str) -> DeviceHandleLike: ...
+
+    def attach(self, set_id: int, name: str, pasid: int) -> None: ...
+
+    def release(self, set_id: int, pasids: Iterable[int]) -> None: ...
+
+    def drop_set(self, set_id: int) -> None: ...
+
+    def adopt_delegated(
+        self,
+        set_id: int,
+        fds: Sequence[tuple[str, int]],
+        devices: Sequence[Mapping[str, Any]],
+        *,
+        holder_pid: int | None,
+        held: Iterable[int] = (),
+    ) -> Sequence[DeviceHandleLike]:
+        """Adopt what a ticket delegated (HANDSHAKE.md roles), all or none."""
+        ...
+
+    def widths(self) -> list[tuple[str, str, int, int]]:
+        """(kind "iommu"|"device", name, pasid_bits, set_id) as the kernel reported them."""
         ...
 
 

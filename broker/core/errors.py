@@ -113,6 +113,14 @@ class NotReady(PasidError):
     reason = "NOT_READY"
 
 
+class PermissionDenied(PasidError):
+    """The caller may not do this: an admin call on the clients' socket, or a device
+    delegated by a process that does not own it."""
+
+    errno = _errno.EPERM
+    reason = "PERMISSION_DENIED"
+
+
 class BackendError(PasidError):
     """The backend failed a call it should have served; `errno` is what it returned."""
 

@@ -17,8 +17,18 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 
-from broker.backends.base import Backend, Capabilities
-from broker.core import Allocator, Conflict, NotFound, NotReady, PasidError, Quarantine, Quotas
+from broker.backends.base import Backend, Capabilities, Devices
+from broker.core import (
+    Allocator,
+    Conflict,
+    InvalidRange,
+    NotFound,
+    NotReady,
+    PasidError,
+    Quarantine,
+    Quotas,
+    Unsupported,
+)
 from broker.core.ioctl import PasidOp, check_pasid_request
 from broker.engine.backend_calls import BackendCalls
 from broker.engine.events import WATCH_BUFFER, EventFanout
@@ -45,6 +55,8 @@ class Info:
     revision: int
     # Freed PASIDs not yet back in the pool: in neither in_use nor free.
     quarantined: int = 0
+    # (kind, name, pasid_bits, set_id) discovered from the kernel (iommufd backend).
+    widths: tuple[tuple[str, str, int, int], ...] = ()
 
 
 class Broker:
@@ -66,10 +78,13 @@ class Broker:
         observers: Observers | None = None,
         tickets: TicketBook | None = None,
         anonymous: str = "allow",
+        devices: Devices | None = None,
     ) -> None:
         # Whoever watches the engine (metrics) subscribes here at wiring time.
         self.observers = observers if observers is not None else Observers()
         self.backend = backend
+        # Delegated devices (the iommufd backend): kernel attachments that follow the sets.
+        self.devices = devices
         self.store = store
         self.quotas = quotas or Quotas()
         self.reserved_ranges = tuple(reserved)
@@ -269,8 +284,13 @@ class Broker:
 
     # -- requests -----------------------------------------------------------------------
 
-    def alloc(self, sess: Session, lo: int, hi: int, count: int = 1) -> asyncio.Future[list[int]]:
-        """Allocate and queue the commit; the future resolves once durable. Checks raise."""
+    def alloc(
+        self, sess: Session, lo: int, hi: int, count: int = 1, device: str = ""
+    ) -> asyncio.Future[list[int]]:
+        """Allocate and queue the commit; the future resolves once durable. Checks raise.
+
+        With `device` (a name the set's holder delegated), each PASID is attached to it in
+        the kernel before the reply; the range is clipped to the device's PASID width."""
         set_id = sess.session_id
         bc = self.backend_calls
         try:
@@ -280,6 +300,8 @@ class Broker:
                     f"session {set_id} is detached (in its grace period, no stream holds"
                     " it): resume it before allocating; nobody would free what it got"
                 )
+            if device:
+                lo, hi = self._device_range(set_id, device, lo, hi)
             got = self.allocator.alloc(set_id, lo, hi, count)
             # Quarantine over: the backend may let go of them now (before it is asked for
             # `got`, which may include some of them).
@@ -289,11 +311,15 @@ class Broker:
             except BaseException:
                 self.allocator.release(set_id, got)
                 raise
+            if device:
+                self._attach_all(set_id, device, got)
         except PasidError as exc:
             self.observers.alloc_refused(exc)  # success is counted when the commit lands
             raise
 
         def undo() -> None:
+            if self.devices is not None:
+                self.devices.release(set_id, got)
             bc.free(got)
             self.allocator.release(set_id, got)
 
@@ -312,6 +338,14 @@ class Broker:
         if not freed:
             self.observers.free_nothing()
             return done_future(0)
+        if self.devices is not None:
+            # Detach before the numbers can go to anyone else (the kernel's DETACH never
+            # fails; a failed commit leaves the set holding them, unattached).
+            try:
+                self.devices.release(set_id, freed)
+            except BaseException:
+                self.allocator.claim(set_id, freed)
+                raise
         try:
             held_back = bc.release(freed, exact=True)
         except BaseException:
@@ -335,6 +369,48 @@ class Broker:
         if op is PasidOp.ALLOC:
             return then(self.alloc(sess, lo, hi, 1), lambda got: got[0])
         return then(self.free(sess, lo, hi), lambda _freed: 0)
+
+    # -- delegated devices (iommufd) ----------------------------------------------------
+
+    def _device_range(self, set_id: int, device: str, lo: int, hi: int) -> tuple[int, int]:
+        """[lo, hi] within the device's PASID width, refused before any ioctl if outside."""
+        if self.devices is None:
+            raise Unsupported(
+                f"alloc names device {device!r}, but backend {self.backend.name} attaches no"
+                " devices (use --backend iommufd)"
+            )
+        handle = self.devices.device(set_id, device)
+        top = (1 << handle.pasid_bits) - 1
+        if lo > top:
+            raise InvalidRange(
+                f"[{lo}, {hi}] is beyond device {device}'s PASID width"
+                f" ({handle.pasid_bits} bits: at most {top})"
+            )
+        return lo, min(hi, top)
+
+    def _attach_all(self, set_id: int, device: str, got: list[int]) -> None:
+        """Attach each granted PASID, all or none (the numbers go back on failure)."""
+        assert self.devices is not None
+        done: list[int] = []
+        try:
+            for p in got:
+                self.devices.attach(set_id, device, p)
+                done.append(p)
+        except BaseException:
+            self.devices.release(set_id, done)
+            self.backend_calls.free(got)
+            self.allocator.release(set_id, got)
+            raise
+
+    def drop_devices(self, set_id: int, freed: list[int]) -> None:
+        """A set is gone: detach all its attachments before its numbers are reused."""
+        if self.devices is None:
+            return
+        try:
+            self.devices.release(set_id, freed)
+            self.devices.drop_set(set_id)
+        except PasidError as exc:  # DETACH does not fail on 7.2; if it ever does, say so
+            log.error("set %d: detaching its devices failed: %s", set_id, exc.message)
 
     # -- queries ------------------------------------------------------------------------
 
@@ -361,4 +437,5 @@ class Broker:
             quotas=self.quotas,
             revision=self.revision,
             quarantined=a.quarantined,
+            widths=tuple(self.devices.widths()) if self.devices is not None else (),
         )

@@ -30,6 +30,7 @@ from broker.core import (
     NotFound,
     NotReady,
     Unauthenticated,
+    Unsupported,
 )
 from broker.peer import credentials
 from broker.peer.tickets import PeerIdentity, TicketBook, TicketError
@@ -198,6 +199,12 @@ class Sessions:
                     sess, f"holder process {h.pid} exited before restart", "set_reclaimed"
                 )
                 continue
+            if h is not None and fd is not None and self._engine.devices is not None:
+                # iommufd: attachments made before the restart live on in the holder's own
+                # device fd, which this broker cannot detach: the set's PASIDs go back
+                # only when the holder exits (the kernel detaches at the last close).
+                self._watch(sess, PeerIdentity(h.pid, h.uid, -1, h.ns_pid, h.start_time, fd))
+                continue
             self._schedule_reclaim(
                 sess, max(restart_grace, sess.grace_seconds), "grace expired after restart"
             )
@@ -302,6 +309,9 @@ class Sessions:
                 )
             if sess.attached:
                 raise Conflict(f"session {sess.session_id} is attached to another stream")
+            # A resuming holder re-delegates its devices (after a broker restart, what it
+            # held may still be attached: adopt counts it so that a free detaches it).
+            self._adopt_devices(sess, identity)
             timer = self._timers.pop(sess.session_id, None)
             if timer is not None:
                 timer.cancel()
@@ -336,6 +346,14 @@ class Sessions:
             e.allocator.destroy_set(set_id)
             self._forget(sess)
             self._unwatch(set_id)
+            if e.devices is not None:
+                e.devices.drop_set(set_id)
+
+        try:
+            self._adopt_devices(sess, identity)
+        except BaseException:
+            undo()
+            raise
 
         h = holder
         row = SetRow(
@@ -379,6 +397,22 @@ class Sessions:
         return sess, token, False, created
 
     # -- the holder's process -------------------------------------------------------------
+
+    def _adopt_devices(self, sess: Session, identity: PeerIdentity | None) -> None:
+        """The device fds a ticket delegated (issue 14) go to the backend for this set;
+        a refusal refuses the open, and nothing is created."""
+        if identity is None or not identity.fds:
+            return
+        devices = self._engine.devices
+        if devices is None:
+            raise Unsupported("delegated device fds need --backend iommufd")
+        devices.adopt_delegated(
+            sess.session_id,
+            [(d.role, d.fd) for d in identity.fds],
+            identity.devices,
+            holder_pid=identity.pid,
+            held=list(sess.set.pasids),
+        )
 
     def _watch(self, sess: Session, identity: PeerIdentity) -> None:
         """Own the holder's pidfd and reclaim the set the moment it polls readable (the
@@ -474,6 +508,7 @@ class Sessions:
         freed = e.allocator.destroy_set(set_id)
         self._forget(sess)
         self._unwatch(set_id)
+        e.drop_devices(set_id, freed)
         e.backend_calls.release(freed)
 
         def undo() -> None:

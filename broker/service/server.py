@@ -11,9 +11,9 @@ import resource
 import shutil
 import signal
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -22,15 +22,19 @@ from pasid.v1 import broker_pb2 as pb
 from pasid.v1 import broker_pb2_grpc as pb_grpc
 
 from broker import backends
+from broker.backends.iommufd import IommufdBackend
 from broker.config import Config, peer_socket_path
+from broker.core import PasidError
 from broker.engine import Broker
 from broker.engine import Session as BrokerSession
 from broker.metrics import Metrics
 from broker.peer import PeerIdentity, PeerServer, TicketBook
 from broker.peer import TicketError as PeerTicketError
+from broker.peer.handshake import FdCheck, Refused
 from broker.service.authz import AdminPolicy, Authorizer, TicketError
 from broker.service.limits import ANONYMOUS, Admission, uid_key
 from broker.service.servicer import PasidAdminServicer, PasidBrokerServicer
+from broker.service.status import status_of
 from broker.service.tls import (
     TlsFiles,
     TransportError,
@@ -229,6 +233,22 @@ def take_ticket(tickets: TicketBook) -> Callable[[str], PeerIdentity]:
     return take
 
 
+def iommufd_fd_checks(backend: IommufdBackend) -> dict[str, FdCheck]:
+    """The handshake's early refusal of a delegated fd of the wrong kind (issue 14); the
+    full checks (bound, dev_id, width, owner) run when the ticket opens its set."""
+
+    def check(role: str) -> FdCheck:
+        def run(fd: int, _request: Mapping[str, Any], _facts: object) -> None:
+            try:
+                backend.check_fd(role, fd)
+            except PasidError as exc:
+                raise Refused(status_of(exc).name, exc.message) from None
+
+        return run
+
+    return {"iommufd": check("iommufd"), "device": check("device")}
+
+
 async def serve(config: Config) -> int:
     # Nothing the broker creates is for others (the database names clients and holds
     # token hashes): files are born 0600 whatever umask we were started under; sockets
@@ -262,6 +282,7 @@ async def serve(config: Config) -> int:
         tickets=tickets,
         anonymous=config.anonymous,
         watch_buffer=config.limits.watch_buffer,
+        devices=backend if isinstance(backend, IommufdBackend) else None,
     )
     # Metrics observe the engine (commits, set ends, recovery); the engine knows no
     # metric names. RPCs are timed by the interceptor, stream ops by the servicer's hook.
@@ -340,7 +361,12 @@ async def serve(config: Config) -> int:
         servers.append((tcp, (config.listen, creds), []))
     peer_path = peer_socket_path(config.peer_socket, config.socket)
     # Bound under umask 077 and chmod-ed before listen(): no connection before its mode.
-    peer = PeerServer(peer_path, tickets, mode=config.socket_mode)
+    peer = PeerServer(
+        peer_path,
+        tickets,
+        mode=config.socket_mode,
+        fd_checks=iommufd_fd_checks(backend) if isinstance(backend, IommufdBackend) else None,
+    )
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, not_serving)

@@ -26,7 +26,14 @@ from pasid.v1 import broker_pb2 as pb
 from pasid.v1 import broker_pb2_grpc as pb_grpc
 
 from broker import __version__
-from broker.core import InvalidArgument, LimitExceeded, PasidError, QuotaExceeded, runs
+from broker.core import (
+    InvalidArgument,
+    LimitExceeded,
+    PasidError,
+    PermissionDenied,
+    QuotaExceeded,
+    runs,
+)
 from broker.engine import Broker, done_future
 from broker.engine import Session as BrokerSession
 from broker.service import wire
@@ -35,7 +42,6 @@ from broker.service.limits import ANONYMOUS, Admission, Limits, uid_key
 from broker.service.status import (
     ADMIN_ONLY,
     WATCH_OWN_SETS,
-    PermissionDenied,
     error_message,
     status_of,
     trailing_metadata,
@@ -411,7 +417,10 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
         b = self.broker
         if op == "alloc":
             a = req.alloc
-            return b.alloc(sess, a.min, a.max, wire.check_count(a.count, self.limits)), _alloc_reply
+            return (
+                b.alloc(sess, a.min, a.max, wire.check_count(a.count, self.limits), a.device),
+                _alloc_reply,
+            )
         if op == "free":
             f = req.free
             return b.free(sess, f.min, f.max), _free_reply
@@ -443,7 +452,7 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
         count = wire.check_count(request.count, self.limits)
         got = await self._unary(
             request.session,
-            lambda s: self.broker.alloc(s, request.min, request.max, count),
+            lambda s: self.broker.alloc(s, request.min, request.max, count, request.device),
         )
         return pb.AllocResponse(pasids=got)
 
@@ -491,6 +500,9 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
             ),
             version=__version__,
             revision=i.revision,
+            widths=[
+                pb.PasidWidth(kind=k, name=n, pasid_bits=b, set_id=s) for k, n, b, s in i.widths
+            ],
         )
 
     @boundary

@@ -20,8 +20,6 @@
 
 from __future__ import annotations
 
-import errno as _errno
-
 import grpc
 from pasid.v1 import broker_pb2 as pb
 
@@ -34,6 +32,7 @@ from broker.core.errors import (
     NotFound,
     NotReady,
     PasidError,
+    PermissionDenied,
     QuotaExceeded,
     StoreError,
     Unauthenticated,
@@ -48,13 +47,6 @@ WATCH_OWN_SETS = (
     "Watch on the clients' socket shows only the caller's own set: name its session"
     " (session_id and token); the full event stream is an admin call"
 )
-
-
-class PermissionDenied(PasidError):
-    """A call this socket does not serve (admin calls on the clients' socket)."""
-
-    errno = _errno.EPERM
-    reason = "PERMISSION_DENIED"
 
 
 STATUS: dict[type[PasidError], grpc.StatusCode] = {

@@ -119,11 +119,15 @@ class AsyncSession:
             raise _error_of(resp.error)
         return resp
 
-    async def alloc(self, min: int = 1, max: int | None = None, count: int = 1) -> list[int]:
+    async def alloc(
+        self, min: int = 1, max: int | None = None, count: int = 1, device: str = ""
+    ) -> list[int]:
         """The `count` lowest free PASIDs in [min, max] (max defaults to the top of the
-        namespace). Raises InvalidRange, ResourceExhausted, QuotaExceeded, Unavailable."""
+        namespace), attached to the delegated `device` if named (iommufd backend).
+        Raises InvalidRange, ResourceExhausted, QuotaExceeded, Unavailable."""
         hi = (1 << self.pasid_bits) - 1 if max is None else max
-        resp = await self._request(alloc=pb.AllocRequest(min=min, max=hi, count=count))
+        req = pb.AllocRequest(min=min, max=hi, count=count, device=device)
+        resp = await self._request(alloc=req)
         return list(resp.alloc.pasids)
 
     async def free(self, min: int = 0, max: int = ALL) -> int:

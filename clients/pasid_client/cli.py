@@ -111,6 +111,7 @@ def cmd_info(c: Client, args: argparse.Namespace) -> int:
         "per_client": i.quotas.per_client,
         "global": i.quotas.global_,
     }
+    d["widths"] = [{"kind": k, "name": n, "pasid_bits": b, "set_id": s} for k, n, b, s in i.widths]
     pct = 100.0 * i.in_use / i.capacity if i.capacity else 0.0
 
     def text() -> str:
@@ -124,6 +125,11 @@ def cmd_info(c: Client, args: argparse.Namespace) -> int:
                 f"sessions    {i.sessions} attached, {i.sets} sets",
                 f"quotas      per set {q.per_set or 'none'}, per client {q.per_client or 'none'},"
                 f" global {q.global_ or 'none'}",
+                *(
+                    f"width       {kind} {name}: {bits} bits"
+                    + (f" (set {set_id})" if kind == "device" else "")
+                    for kind, name, bits, set_id in i.widths
+                ),
             ]
         )
 

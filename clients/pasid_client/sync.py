@@ -80,10 +80,13 @@ class Session:
             raise _error_of(resp.error)
         return resp
 
-    def alloc(self, min: int = 1, max: int | None = None, count: int = 1) -> list[int]:
+    def alloc(
+        self, min: int = 1, max: int | None = None, count: int = 1, device: str = ""
+    ) -> list[int]:
         """As AsyncSession.alloc. Raises InvalidRange, ResourceExhausted, QuotaExceeded."""
         hi = (1 << self.pasid_bits) - 1 if max is None else max
-        return list(self._request(alloc=pb.AllocRequest(min=min, max=hi, count=count)).alloc.pasids)
+        req = pb.AllocRequest(min=min, max=hi, count=count, device=device)
+        return list(self._request(alloc=req).alloc.pasids)
 
     def free(self, min: int = 0, max: int = ALL) -> int:
         """As AsyncSession.free. Raises InvalidRange."""

@@ -31,6 +31,8 @@ class Info:
     # The last committed event revision: Watch(revision + 1) follows from here.
     revision: int = 0
     quarantined: int = 0
+    # (kind "iommu"|"device", name, pasid_bits, set_id) discovered from the kernel.
+    widths: tuple[tuple[str, str, int, int], ...] = ()
 
     @classmethod
     def from_pb(cls, m: pb.GetInfoResponse) -> Info:
@@ -47,6 +49,7 @@ class Info:
             m.version,
             m.revision,
             m.quarantined,
+            tuple((w.kind, w.name, w.pasid_bits, w.set_id) for w in m.widths),
         )
 
 

@@ -244,3 +244,16 @@ def test_common_options_work_before_and_after_the_command(broker: BrokerProcess)
     assert after.returncode == 0, after.stderr
     b, a = json.loads(before.stdout), json.loads(after.stdout)
     assert (b["backend"], b["capacity"]) == (a["backend"], a["capacity"])
+
+
+def test_iommufd_backend_without_iommufd_refuses_in_one_line(tmp_path: object) -> None:
+    if os.path.exists("/dev/iommu"):
+        pytest.skip("this machine has /dev/iommu; the refusal is tested where it has not")
+    r = run_broker_once(
+        "--backend", "iommufd", "--db", f"{tmp_path}/b.db", "--socket", f"{tmp_path}/b.sock"
+    )
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("pasid-broker: cannot start")]
+    assert len(lines) == 1, r.stderr  # (the log has it too, with its timestamp)
+    assert "iommufd backend: this kernel has no /dev/iommu" in lines[0]
+    assert "CONFIG_IOMMUFD" in lines[0] and "errno" not in lines[0].lower()

@@ -160,12 +160,18 @@ class AllocRequest(_message.Message):
     MIN_FIELD_NUMBER: _builtins.int
     MAX_FIELD_NUMBER: _builtins.int
     COUNT_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
     min: _builtins.int
     max: _builtins.int
     count: _builtins.int
     """How many PASIDs, all or nothing; 0 means 1. At most --max-pasids-per-request (4096):
     more is RESOURCE_EXHAUSTED. A unary Alloc on a detached session (in its grace, no
     stream holds it) is FAILED_PRECONDITION: resume it first.
+    """
+    device: _builtins.str
+    """iommufd backend: the name of a device the set's holder delegated (peer handshake).
+    Each PASID is attached to that device's page table in the kernel before the reply,
+    and [min, max] is clipped to the device's PASID width (refused if beyond it).
     """
     @_builtins.property
     def session(self) -> Global___SessionRef: ...
@@ -176,10 +182,11 @@ class AllocRequest(_message.Message):
         min: _builtins.int = ...,
         max: _builtins.int = ...,
         count: _builtins.int = ...,
+        device: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "max", b"max", "min", b"min", "session", b"session"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "device", b"device", "max", b"max", "min", b"min", "session", b"session"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -452,6 +459,7 @@ class GetInfoResponse(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     QUARANTINED_FIELD_NUMBER: _builtins.int
+    WIDTHS_FIELD_NUMBER: _builtins.int
     backend: _builtins.str
     pasid_bits: _builtins.int
     capacity: _builtins.int
@@ -469,6 +477,12 @@ class GetInfoResponse(_message.Message):
     """
     @_builtins.property
     def quotas(self) -> Global___Quotas: ...
+    @_builtins.property
+    def widths(self) -> _containers.RepeatedCompositeFieldContainer[Global___PasidWidth]:
+        """PASID widths the backend discovered from the kernel: each IOMMU (VT-d ECAP.PSS) and
+        each delegated device (IOMMU_GET_HW_INFO out_max_pasid_log2). Empty for simulator.
+        """
+
     def __init__(
         self,
         *,
@@ -483,14 +497,46 @@ class GetInfoResponse(_message.Message):
         version: _builtins.str = ...,
         revision: _builtins.int = ...,
         quarantined: _builtins.int = ...,
+        widths: _abc.Iterable[Global___PasidWidth] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["quotas", b"quotas"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "capacity", b"capacity", "in_use", b"in_use", "pasid_bits", b"pasid_bits", "quarantined", b"quarantined", "quotas", b"quotas", "reserved", b"reserved", "revision", b"revision", "sessions", b"sessions", "sets", b"sets", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "capacity", b"capacity", "in_use", b"in_use", "pasid_bits", b"pasid_bits", "quarantined", b"quarantined", "quotas", b"quotas", "reserved", b"reserved", "revision", b"revision", "sessions", b"sessions", "sets", b"sets", "version", b"version", "widths", b"widths"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetInfoResponse: _TypeAlias = GetInfoResponse  # noqa: Y015
+
+@_typing.final
+class PasidWidth(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    PASID_BITS_FIELD_NUMBER: _builtins.int
+    SET_ID_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """"iommu" or "device"."""
+    name: _builtins.str
+    """dmar0, or the device's name within its set."""
+    pasid_bits: _builtins.int
+    set_id: _builtins.int
+    """For a device: the set it was delegated to."""
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        name: _builtins.str = ...,
+        pasid_bits: _builtins.int = ...,
+        set_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "name", b"name", "pasid_bits", b"pasid_bits", "set_id", b"set_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PasidWidth: _TypeAlias = PasidWidth  # noqa: Y015
 
 @_typing.final
 class WatchRequest(_message.Message):

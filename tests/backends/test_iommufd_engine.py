@@ -1,0 +1,331 @@
+"""The engine with the iommufd backend: kernel attachments follow the sets.
+
+In process: the real Broker, a real SQLite file and the real IommufdBackend. Mocked, at
+the boundary this host cannot provide (no /dev/iommu, no VFIO cdev here): the two
+ioctls ATTACH/DETACH (recorded into a model of the kernel's PASID table) and the
+delegated devices' handles (adopt_device() needs a real cdev; the guest tier,
+tests/kernel/test_iommufd_kernel.py, runs it against a real kernel). What is tested is
+the order the engine keeps: the invariant that no PASID is handed to a set while an
+attachment made for another set remains, through alloc, free, revoke, session end,
+quarantine and a random mix of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from broker.backends.iommufd import DeviceHandle, IommufdBackend
+from broker.core import Exhausted, InvalidRange, NotFound, Quarantine, Unsupported
+from broker.engine import Broker, Session
+from broker.peer import PeerIdentity, TicketBook, credentials
+from broker.store import SqliteStore
+
+ECAP_20_BITS = "0x499880f00f4a"  # what QEMU 11's VT-d reported (KERNEL-NOTES.md)
+
+
+class KernelModel:
+    """The kernel's PASID table as ATTACH/DETACH leave it: (device fd, pasid) -> set."""
+
+    def __init__(self) -> None:
+        self.table: dict[tuple[int, int], int] = {}
+        self.fd_set: dict[int, int] = {}
+        self.log: list[tuple[str, int, int]] = []
+
+    def attach(self, fd: int, pt_id: int, pasid: int) -> None:
+        self.table[(fd, pasid)] = self.fd_set[fd]
+        self.log.append(("attach", fd, pasid))
+
+    def detach(self, fd: int, pasid: int) -> None:
+        self.table.pop((fd, pasid), None)
+        self.log.append(("detach", fd, pasid))
+
+
+def make_backend(tmp_path: Path, kernel: KernelModel, ecap: str = ECAP_20_BITS) -> IommufdBackend:
+    (tmp_path / "iommu").write_text("")
+    unit = tmp_path / "sys" / "dmar0" / "intel-iommu"
+    unit.mkdir(parents=True)
+    (unit / "ecap").write_text(ecap + "\n")
+    return IommufdBackend(
+        dev_iommu=str(tmp_path / "iommu"),
+        sysfs_iommu=str(tmp_path / "sys"),
+        attach=kernel.attach,
+        detach=kernel.detach,
+    )
+
+
+def delegate(
+    be: IommufdBackend, kernel: KernelModel, sess: Session, fd: int, bits: int = 20
+) -> None:
+    """What adopt_device() leaves behind once the kernel has checked the device."""
+    h = DeviceHandle("dev", sess.session_id, -1, fd, 1, 2, bits, "intel-vtd", 0, "/sys/x")
+    be._devices.setdefault(sess.session_id, {})["dev"] = h
+    kernel.fd_set[fd] = sess.session_id
+
+
+def check_invariant(broker: Broker, kernel: KernelModel) -> None:
+    """Every attachment in the kernel belongs to a live set that holds that PASID."""
+    held = {s.session_id: set(s.set.pasids) for s in broker.sessions()}
+    for (_fd, pasid), set_id in kernel.table.items():
+        assert pasid in held.get(set_id, set()), (pasid, set_id, held)
+
+
+async def opened(broker: Broker, client: str, **kw: object) -> Session:
+    """A new session whose set is durable (open_session is synchronous, the commit not)."""
+    sess, _, _, created = broker.open_session(client, **kw)  # type: ignore[arg-type]
+    await created
+    return sess
+
+
+def run(tmp_path: Path, scenario, **kw) -> None:  # type: ignore[no-untyped-def]
+    async def main() -> None:
+        kernel = KernelModel()
+        be = make_backend(tmp_path, kernel)
+        broker = Broker(be, SqliteStore(tmp_path / "b.db"), devices=be, **kw)
+        await broker.start()
+        try:
+            await scenario(broker, be, kernel)
+        finally:
+            await broker.stop()
+
+    asyncio.run(main())
+
+
+def test_open_reads_the_width_from_vtd_ecap(tmp_path: Path) -> None:
+    be = make_backend(tmp_path, KernelModel())
+    caps = be.open()
+    assert (caps.pasid_bits, be.iommu_widths) == (20, {"dmar0": 20})
+    assert "ecap" in caps.pasid_bits_source
+
+
+def test_a_kernel_without_iommufd_is_one_clear_line(tmp_path: Path) -> None:
+    be = IommufdBackend(dev_iommu=str(tmp_path / "none"))
+    with pytest.raises(Unsupported) as e:
+        be.open()
+    assert "no " in e.value.message and "CONFIG_IOMMUFD" in e.value.message
+    assert "\n" not in e.value.message
+
+
+def test_an_iommu_without_pasids_is_refused(tmp_path: Path) -> None:
+    be = make_backend(tmp_path, KernelModel(), ecap="0x0")
+    with pytest.raises(Unsupported, match="no PASID support"):
+        be.open()
+
+
+def test_alloc_attaches_free_detaches_before_reuse(tmp_path: Path) -> None:
+    async def scenario(broker: Broker, be: IommufdBackend, kernel: KernelModel) -> None:
+        a = await opened(broker, "vm-a")
+        b = await opened(broker, "vm-b")
+        delegate(be, kernel, a, 100)
+        delegate(be, kernel, b, 200)
+        assert await broker.alloc(a, 1, 100, 1, "dev") == [1]
+        assert kernel.table == {(100, 1): a.session_id}
+        assert await broker.free(a, 1, 1) == 1
+        assert kernel.table == {}
+        assert await broker.alloc(b, 1, 100, 1, "dev") == [1]  # the same number, now B's
+        assert kernel.table == {(200, 1): b.session_id}
+        # The detach for A came before the attach for B.
+        assert kernel.log.index(("detach", 100, 1)) < kernel.log.index(("attach", 200, 1))
+        check_invariant(broker, kernel)
+
+    run(tmp_path, scenario)
+
+
+def test_revoke_and_session_end_detach(tmp_path: Path) -> None:
+    async def scenario(broker: Broker, be: IommufdBackend, kernel: KernelModel) -> None:
+        a = await opened(broker, "vm-a")
+        b = await opened(broker, "vm-b")
+        delegate(be, kernel, a, 100)
+        delegate(be, kernel, b, 200)
+        assert await broker.alloc(a, 1, 100, 3, "dev") == [1, 2, 3]
+        assert await broker.alloc(b, 1, 100, 1, "dev") == [4]
+        assert await broker.revoke(a.session_id, "test") == 3
+        assert sorted(kernel.table) == [(200, 4)]
+        assert be.devices(a.session_id) == []  # its fds are closed with it
+        broker.end_session(b, "test")
+        await broker.journal.drain()
+        assert kernel.table == {}
+
+    run(tmp_path, scenario)
+
+
+def test_quarantine_still_detaches_at_free(tmp_path: Path) -> None:
+    """Quarantine keeps the number from others; the device must lose it at once."""
+
+    async def scenario(broker: Broker, be: IommufdBackend, kernel: KernelModel) -> None:
+        a = await opened(broker, "vm-a")
+        delegate(be, kernel, a, 100)
+        assert await broker.alloc(a, 1, 100, 2, "dev") == [1, 2]
+        assert await broker.free(a, 1, 1) == 1
+        assert broker.info().quarantined == 1
+        assert kernel.table == {(100, 2): a.session_id}
+
+    run(tmp_path, scenario, quarantine=Quarantine(allocs=5))
+
+
+def test_beyond_the_device_width_is_refused_before_any_ioctl(tmp_path: Path) -> None:
+    async def scenario(broker: Broker, be: IommufdBackend, kernel: KernelModel) -> None:
+        a = await opened(broker, "vm-a")
+        delegate(be, kernel, a, 100, bits=4)
+        with pytest.raises(InvalidRange, match="beyond device dev's PASID width"):
+            await broker.alloc(a, 16, 100, 1, "dev")
+        assert kernel.log == [] and broker.info().in_use == 0
+        # A range reaching past the width is clipped to it.
+        assert await broker.alloc(a, 14, 100, 2, "dev") == [14, 15]
+        with pytest.raises(Exhausted, match=r"free PASID in \[14, 15\]"):
+            await broker.alloc(a, 14, 100, 1, "dev")
+        with pytest.raises(NotFound, match="no device 'other'"):
+            await broker.alloc(a, 1, 10, 1, "other")
+        assert broker.info().widths == (("iommu", "dmar0", 20, 0), ("device", "dev", 4, 1))
+
+    run(tmp_path, scenario)
+
+
+def test_a_failed_attach_gives_the_numbers_back(tmp_path: Path) -> None:
+    async def scenario(broker: Broker, be: IommufdBackend, kernel: KernelModel) -> None:
+        a = await opened(broker, "vm-a")
+        delegate(be, kernel, a, 100)
+        real = kernel.attach
+
+        def failing(fd: int, pt: int, pasid: int) -> None:
+            if pasid == 2:
+                from broker.backends.iommufd_uapi import error_for
+
+                raise error_for("attach", 22, f"pasid {pasid} pt_id {pt}")
+            real(fd, pt, pasid)
+
+        be._attach = failing
+        with pytest.raises(Exception, match="iommufd attach pasid 2 pt_id 2: EINVAL"):
+            await broker.alloc(a, 1, 100, 3, "dev")
+        assert kernel.table == {} and broker.info().in_use == 0 and be.held == set()
+
+    run(tmp_path, scenario)
+
+
+def test_random_mix_keeps_the_invariant(tmp_path: Path) -> None:
+    async def scenario(broker: Broker, be: IommufdBackend, kernel: KernelModel) -> None:
+        rng = random.Random(14)
+        sessions: list[Session] = []
+        fd = 1000
+        for _ in range(400):
+            op = rng.random()
+            if op < 0.15 or not sessions:
+                s = await opened(broker, f"vm{fd}")
+                delegate(be, kernel, s, fd)
+                fd += 1
+                sessions.append(s)
+            elif op < 0.6:
+                s = rng.choice(sessions)
+                with contextlib.suppress(Exhausted):  # the small range fills up: expected
+                    await broker.alloc(s, 1, 31, rng.randint(1, 3), "dev")
+            elif op < 0.85:
+                s = rng.choice(sessions)
+                lo = rng.randint(1, 31)
+                await broker.free(s, lo, min(31, lo + rng.randint(0, 4)))
+            elif op < 0.93:
+                s = sessions.pop(rng.randrange(len(sessions)))
+                await broker.revoke(s.session_id, "mix")
+            else:
+                s = sessions.pop(rng.randrange(len(sessions)))
+                broker.end_session(s, "mix")
+                await broker.journal.drain()
+            check_invariant(broker, kernel)
+
+    run(tmp_path, scenario)
+
+
+def test_after_a_restart_a_live_holders_set_waits_for_its_exit(tmp_path: Path) -> None:
+    """The restart rule: attachments made before it live on in the holder's device fd,
+    which the new broker cannot detach; so the set's PASIDs stay out of the pool until the
+    holder exits (not merely until the grace ends), and a re-delegation counts them as
+    attached so that a later free detaches them."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+    async def main() -> None:
+        kernel = KernelModel()
+        be = make_backend(tmp_path, kernel)
+        book = TicketBook(30)
+        broker = Broker(
+            be, SqliteStore(tmp_path / "b.db"), devices=be, restart_grace=0, tickets=book
+        )
+        await broker.start()
+        ident = PeerIdentity(
+            holder.pid, os.getuid(), os.getgid(), holder.pid,
+            credentials.start_time(holder.pid), os.pidfd_open(holder.pid),
+        )  # fmt: skip
+        a = await opened(broker, "vm-a", grace_seconds=1, ticket=book.issue(ident), peer="unix:")
+        delegate(be, kernel, a, 100)
+        assert await broker.alloc(a, 1, 100, 2, "dev") == [1, 2]
+        await broker.stop()  # the kernel keeps (100, 1), (100, 2): the holder's fd lives
+
+        kernel2 = KernelModel()
+        (tmp_path / "k2").mkdir()
+        be2 = make_backend(tmp_path / "k2", kernel2)
+        broker2 = Broker(
+            be2, SqliteStore(tmp_path / "b.db"), devices=be2, restart_grace=0, tickets=book
+        )
+        await broker2.start()
+        try:
+            await asyncio.sleep(1.5)  # beyond the set's grace
+            (sess,) = broker2.sessions()
+            assert list(sess.set.pasids) == [1, 2]  # not reclaimed: the holder lives
+            # The holder resumes and re-delegates: what it holds counts as attached.
+            kernel2.fd_set[300] = sess.session_id
+            h = DeviceHandle("dev", sess.session_id, -1, 300, 1, 2, 20, "intel-vtd", 0, "/x")
+            be2._devices[sess.session_id] = {"dev": h}
+            be2.assume_attached(h, sess.set.pasids)  # what adopt_device(held=...) does
+            assert await broker2.free(sess, 1, 1) == 1
+            assert ("detach", 300, 1) in kernel2.log
+            holder.kill()
+            holder.wait()
+            for _ in range(50):
+                if not broker2.sessions():
+                    break
+                await asyncio.sleep(0.05)
+            assert broker2.sessions() == []  # the holder's exit reclaims it
+        finally:
+            await broker2.stop()
+
+    try:
+        asyncio.run(main())
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_widths_from_ecap_and_config_space() -> None:
+    from broker.backends.iommufd import pasid_bits_from_config, pasid_bits_from_ecap
+    from tests.kernel.vfio_user_server import config_space
+
+    assert pasid_bits_from_ecap(int(ECAP_20_BITS, 16)) == 20
+    assert pasid_bits_from_ecap(0x490080F00F4A) == 1  # QEMU 7.2: PSS 0 (KERNEL-NOTES.md)
+    assert pasid_bits_from_ecap(0) == 0  # ECAP.PASID clear
+    assert pasid_bits_from_config(bytes(config_space(20))) == 20
+    assert pasid_bits_from_config(bytes(config_space(0))) == 0
+    assert pasid_bits_from_config(bytes(4096)) == 0
+
+
+def test_delegated_fds_of_the_wrong_kind_are_refused(tmp_path: Path) -> None:
+    from broker.core import InvalidArgument
+
+    be = make_backend(tmp_path, KernelModel())
+    be.open()
+    with (tmp_path / "plain").open("wb") as f:
+        with pytest.raises(InvalidArgument, match="not a VFIO device cdev"):
+            be.check_fd("device", f.fileno())
+        with pytest.raises(InvalidArgument, match=r"the iommufd fd is not /.*/iommu"):
+            be.check_fd("iommufd", f.fileno())
+        with pytest.raises(InvalidArgument, match="one 'device' fd per entry"):
+            be.adopt_delegated(
+                1, [("iommufd", f.fileno())], [{"name": "a", "dev_id": 1, "pt_id": 2}],
+                holder_pid=None,
+            )  # fmt: skip
+        assert be.devices() == []
