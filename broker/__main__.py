@@ -1,9 +1,15 @@
-"""`pasid-broker`: the daemon's entry point. Exit 0 after a clean stop, 2 if it cannot start."""
+"""`pasid-broker`: the daemon's entry point, and its two operator subcommands.
+
+Exit 0 after a clean stop; 2 if it cannot start, with ONE line on stderr saying why (in
+--log-format json, one JSON line), never a traceback.
+"""
 
 from __future__ import annotations
 
-import logging
+import json
+import os
 import sys
+import time
 
 import uvloop
 
@@ -12,19 +18,49 @@ from broker.core import PasidError
 from broker.engine import RecoveryError
 from broker.service.server import StartupError, serve
 
+SUBCOMMANDS = ("backup", "restore", "health")
+
+
+def refuse(message: str, log_format: str = "text") -> int:
+    """Print the one line of a refusal to start; the caller exits 2."""
+    if log_format == "json":
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+        line = {"ts": ts, "level": "error", "logger": "pasid_broker"}
+        print(json.dumps({**line, "msg": f"cannot start: {message}"}), file=sys.stderr)
+    else:
+        print(f"pasid-broker: cannot start: {message}", file=sys.stderr)
+    return 2
+
+
+def _wants_json(args: list[str]) -> bool:
+    """Whether a refusal found while reading the settings should be a JSON line too."""
+    for i, a in enumerate(args):
+        if a == "--log-format=json" or (a == "--log-format" and args[i + 1 : i + 2] == ["json"]):
+            return True
+    return os.environ.get(config.ENV_PREFIX + "LOG_FORMAT") == "json"
+
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = config.load(argv)
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in SUBCOMMANDS:
+        from broker import operate
+
+        return operate.main(args)
+    try:
+        loaded = config.load_full(args)
+    except config.ConfigError as exc:
+        return refuse(str(exc), "json" if _wants_json(args) else "text")
+    cfg = loaded.config
+    if loaded.print_config:
+        print(loaded.render(loaded.print_config))
+        return 0
     logs.setup(cfg.log_format, cfg.log_level)
     try:
         # uvloop: 10 % less CPU per session-stream request than asyncio's own loop under
         # 16 streams, same run (docs/performance.md); grpc.aio runs on any asyncio loop.
-        return uvloop.run(serve(cfg))
+        return int(uvloop.run(serve(cfg)))
     except (StartupError, RecoveryError, PasidError) as exc:
-        logging.getLogger("pasid_broker").error("cannot start: %s", exc)
-        if cfg.log_format != "json":  # in JSON mode the log line above is the only one
-            print(f"pasid-broker: cannot start: {exc}", file=sys.stderr)
-        return 2
+        return refuse(str(exc), cfg.log_format)
 
 
 if __name__ == "__main__":

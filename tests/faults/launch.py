@@ -102,7 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pasid-broker: cannot start: {exc}", file=sys.stderr)
         return 2
     install(faults)
+    from broker import config
     from broker.__main__ import main as broker_main
+
+    # The daemon refuses PASID_BROKER_* variables it does not know; this one is ours.
+    config.FOREIGN_ENV[ENV] = "the test launcher's faults (tests/faults)"
 
     return broker_main(argv)
 
