@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
 import resource
 import shutil
 import signal
+import socket
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -23,7 +23,7 @@ from pasid.v1 import broker_pb2_grpc as pb_grpc
 
 from broker import backends
 from broker.backends.iommufd import IommufdBackend
-from broker.config import Config, peer_socket_path
+from broker.config import Config
 from broker.core import PasidError
 from broker.engine import Broker
 from broker.engine import Session as BrokerSession
@@ -32,6 +32,7 @@ from broker.peer import PeerIdentity, PeerServer, TicketBook
 from broker.peer import TicketError as PeerTicketError
 from broker.peer.handshake import FdCheck, Refused
 from broker.service.authz import AdminPolicy, Authorizer, TicketError
+from broker.service.instance import InstanceLock, StartupError, gid_of, preflight
 from broker.service.limits import ANONYMOUS, Admission, uid_key
 from broker.service.servicer import PasidAdminServicer, PasidBrokerServicer
 from broker.service.status import status_of
@@ -45,67 +46,48 @@ from broker.service.tls import (
 )
 from broker.service.wire import MalformedRequests, TolerantDecoding
 from broker.store import SqliteStore
+from broker.systemd import Notifier
 
 log = logging.getLogger("pasid_broker")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PasidBroker"].full_name
 
 
-class StartupError(Exception):
-    """The broker cannot start; the message says why and what to do."""
-
-
-def acquire_lock(db: str) -> IO[str]:
-    """Hold PATH.lock for the daemon's life: a second broker on one db refuses to start.
-
-    grpc silently replaces an existing Unix socket, so the socket cannot be the lock.
-    """
-    path = Path(db + ".lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # 0600 whatever the umask: it names the holder's pid, and nobody else needs it.
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-    os.fchmod(fd, 0o600)
-    f = os.fdopen(fd, "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise StartupError(f"{db} is in use by {holder} (lock {path}); refusing to start") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()}\n")
-    f.flush()
-    return f
+__all__ = ["StartupError", "serve", "server_options"]
 
 
 class UnixListener:
-    """A Unix socket that no one can reach before it has its final mode.
+    """A Unix socket that no one can reach before it has its final mode and group, and
+    that the broker removes at the end only if it is still the one it bound.
 
     grpc binds under the process umask and offers no mode, so the socket is bound inside
     a directory only the broker can enter (mkdtemp: 0700) beside its final path, given
-    its mode there, and renamed into place once the server listens: there is no instant
-    at which the final path accepts a connection with a wider mode.
+    its mode and group there, and renamed into place once the server listens: there is no
+    instant at which the final path accepts a connection with a wider mode. grpc unlinks
+    the path it bound when it stops, whatever file is there by then; the private path is
+    empty by then, and the final one is unlinked here only if its inode is ours.
     """
 
-    def __init__(self, path: Path, mode: int) -> None:
+    def __init__(self, path: Path, mode: int, group: str = "") -> None:
         self.path = path
         self.mode = mode
+        self.group = group
         self._private: Path | None = None
+        self._ident: tuple[int, int] | None = None
 
     def bind(self, server: grpc.aio.Server) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._private = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
         staged = self._private / "s"
-        if server.add_insecure_port(f"unix:{staged}") == 0:
-            raise StartupError(f"cannot listen on unix:{self.path}")
-        os.chmod(staged, self.mode)
+        _bind(server, f"unix:{staged}")
+        set_mode_and_group(staged, self.mode, self.group)
 
     def publish(self) -> None:
         """Move the listening socket to its final path (replacing a stale one)."""
         assert self._private is not None
         os.rename(self._private / "s", self.path)
+        st = os.stat(self.path)
+        self._ident = (st.st_dev, st.st_ino)
         self._cleanup_private()
 
     def _cleanup_private(self) -> None:
@@ -115,6 +97,19 @@ class UnixListener:
 
     def close(self) -> None:
         self._cleanup_private()
+        if self._ident is None:
+            return
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if (st.st_dev, st.st_ino) != self._ident:
+            log.warning(
+                "not removing %s: it is no longer this broker's socket",
+                self.path,
+                extra={"socket": str(self.path)},
+            )
+            return
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
 
@@ -135,6 +130,61 @@ def raise_nofile_limit() -> tuple[int, int]:
         )
         return soft, hard
     return want, hard
+
+
+def set_mode_and_group(path: Path, mode: int, group: str) -> None:
+    """chmod, and chgrp to --socket-group: refused in one line (the broker must be a
+    member of the group to give it a file)."""
+    try:
+        os.chmod(path, mode)
+        if group:
+            os.chown(path, -1, gid_of(group))
+    except OSError as exc:
+        hint = " (the broker must be a member: SupplementaryGroups=)" if exc.errno == 1 else ""
+        raise StartupError(
+            f"cannot give socket {path} mode 0{mode:o} and group {group or '-'}: "
+            f"{exc.strerror}{hint}"
+        ) from None
+
+
+def _probe_tcp(address: str) -> None:
+    """Resolve and trial-bind HOST:PORT ourselves: grpc's own failure is a C-core log line
+    plus an exception, where an operator needs one line naming the cause."""
+    host_text, _, port = address.rpartition(":")
+    host = host_text.strip("[]") or None
+    try:
+        infos = socket.getaddrinfo(
+            host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise StartupError(f"cannot listen on {address}: host {host}: {exc.strerror}") from None
+    family, kind, proto, _, sockaddr = infos[0]
+    try:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(sockaddr)
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {address}: {exc.strerror}") from None
+
+
+def _bind(
+    server: grpc.aio.Server, address: str, creds: grpc.ServerCredentials | None = None
+) -> int:
+    """add_insecure_port / add_secure_port, refusing in one line (grpc raises
+    RuntimeError or returns 0)."""
+    try:
+        port = (
+            server.add_insecure_port(address)
+            if creds is None
+            else server.add_secure_port(address, creds)
+        )
+    except RuntimeError as exc:
+        raise StartupError(f"cannot listen on {address}: {exc}") from None
+    if port == 0:
+        raise StartupError(f"cannot listen on {address} (address in use, or host unknown)")
+    if not address.startswith("unix:") and address.rsplit(":", 1)[1] not in ("0", str(port)):
+        raise StartupError(f"asked to listen on {address}, grpc bound port {port}")
+    return int(port)
 
 
 def server_options(config: Config, *, remote: bool) -> list[tuple[str, int]]:
@@ -250,12 +300,38 @@ def iommufd_fd_checks(backend: IommufdBackend) -> dict[str, FdCheck]:
 
 
 async def serve(config: Config) -> int:
+    """Run the broker until SIGTERM; 0 after a clean stop. StartupError (and the engine's
+    RecoveryError) if it cannot start: __main__ prints it as one line and exits 2."""
     # Nothing the broker creates is for others (the database names clients and holds
     # token hashes): files are born 0600 whatever umask we were started under; sockets
     # are then given their configured mode (UnixListener).
     os.umask(0o077)
-    tls, policy = check_transport(config)
-    lock = acquire_lock(config.db)
+    notifier = Notifier.from_env()
+    notifier.status("starting")
+    try:
+        tls, policy = check_transport(config)
+        # Every TCP address before anything else is opened or logged.
+        for addr in (config.listen, config.health_address):
+            if addr not in ("", "off"):
+                _probe_tcp(addr)
+        # Before anything is bound: check the directories, then take the instance locks.
+        preflight(config.db, config.unix_sockets())
+        lock = InstanceLock.acquire(config.db, config.unix_sockets())
+    except StartupError as exc:
+        notifier.status(f"cannot start: {exc}")
+        raise
+    try:
+        return await _serve_locked(config, notifier, tls, policy)
+    except Exception as exc:
+        notifier.status(f"failed: {exc}")
+        raise
+    finally:
+        lock.close()
+
+
+async def _serve_locked(
+    config: Config, notifier: Notifier, tls: TlsFiles | None, policy: AdminPolicy
+) -> int:
     nofile = raise_nofile_limit()
     metrics = Metrics()
     backend: backends.Backend = backends.create(
@@ -307,8 +383,7 @@ async def serve(config: Config) -> int:
     metrics.bind(broker, asyncio.get_running_loop())
     try:
         metrics_url = metrics.serve(config.metrics_address)
-    except (OSError, ValueError) as exc:
-        lock.close()
+    except (OSError, ValueError, OverflowError) as exc:
         raise StartupError(
             f"cannot serve metrics on {config.metrics_address}: {exc}"
             " (choose another --metrics-address, or 'off')"
@@ -324,9 +399,9 @@ async def serve(config: Config) -> int:
     # (server, TCP address and credentials or None, Unix listeners)
     servers: list[
         tuple[grpc.aio.Server, tuple[str, grpc.ServerCredentials | None] | None, list[UnixListener]]
-    ] = [(server, None, [UnixListener(sock, config.socket_mode)])]
+    ] = [(server, None, [UnixListener(sock, config.socket_mode, config.socket_group)])]
     admin_servicer: PasidBrokerServicer | None = None
-    if config.admin_socket:
+    if config.admin_socket_path:
         admin_servicer = make_servicer(admin=True)
         admin = _grpc_server(
             config,
@@ -336,7 +411,7 @@ async def serve(config: Config) -> int:
             unix_authz,
             PasidAdminServicer(broker, admin_servicer),
         )
-        servers.append((admin, None, [UnixListener(Path(config.admin_socket), 0o600)]))
+        servers.append((admin, None, [UnixListener(Path(config.admin_socket_path), 0o600)]))
     if config.listen:
         # Its own server, so that its interceptor knows the transport. With TLS it serves
         # PasidAdmin too, to --admin-subject certificates only (checked per call).
@@ -359,7 +434,14 @@ async def serve(config: Config) -> int:
             remote=True,  # keepalive pings: a remote peer has no pidfd
         )
         servers.append((tcp, (config.listen, creds), []))
-    peer_path = peer_socket_path(config.peer_socket, config.socket)
+    probe: grpc.aio.Server | None = None
+    if config.health_address not in ("", "off"):
+        # Health alone on TCP, for probes that cannot reach a Unix socket (Kubernetes).
+        probe = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probe)
+        servers.append((probe, (config.health_address, None), []))
+    health_address = "off"
+    peer_path = config.peer_socket_path
     # Bound under umask 077 and chmod-ed before listen(): no connection before its mode.
     peer = PeerServer(
         peer_path,
@@ -371,78 +453,85 @@ async def serve(config: Config) -> int:
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, not_serving)
 
+    started: list[grpc.aio.Server] = []
+    peer_started = recovering = False
+    watchdog = asyncio.create_task(notifier.watchdog())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
     try:
         for srv, tcp_bind, socks in servers:
             for listener in socks:
                 listener.bind(srv)
             if tcp_bind is not None:
                 addr, creds = tcp_bind
-                port = (
-                    srv.add_insecure_port(addr)
-                    if creds is None
-                    else srv.add_secure_port(addr, creds)
-                )
-                if port == 0:
-                    raise StartupError(f"cannot listen on {addr}")
-                # Log the port picked for ":0" (tests, and operators who ask for any).
-                addresses.append(f"{addr.rpartition(':')[0]}:{port}")
+                port = _bind(srv, addr, creds)
+                bound = f"{addr.rpartition(':')[0]}:{port}"
+                if srv is probe:
+                    health_address = bound
+                else:  # the port picked for ":0" (tests, and operators who ask for any)
+                    addresses.append(bound)
             await srv.start()
+            started.append(srv)
             for listener in socks:
                 listener.publish()
-    except BaseException:
-        for _, _, socks in servers:
-            for listener in socks:
-                listener.close()
-        raise
-    try:
-        peer.start()
-    except OSError as exc:
-        raise StartupError(f"cannot listen on peer socket {peer_path}: {exc}") from None
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
+        try:
+            peer.start()
+            peer_started = True
+        except OSError as exc:
+            raise StartupError(f"cannot listen on peer socket {peer_path}: {exc}") from None
+        if config.socket_group:
+            set_mode_and_group(Path(peer_path), config.socket_mode, config.socket_group)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
         # Listening before recovery lets health checks say NOT_SERVING while it runs.
+        notifier.status("recovering the database and the backend")
+        recovering = True
         await broker.start()
         for sess in broker.sessions():  # recovered sets count against their holders
             admission.restore(sess.session_id, identity_of_holder(sess))
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        serving_backend = broker.caps.name if broker.caps else config.backend
         log.info(
             "serving",
             extra={
                 "addresses": ",".join(addresses),
-                "admin": config.admin_socket or "off",
+                "admin": config.admin_socket_path or "off",
                 "peer_socket": peer_path,
                 "anonymous": config.anonymous,
                 "tcp": "off" if not config.listen else ("mutual TLS" if tls else "insecure"),
                 # The backend actually serving: a --vfio-fallback may have replaced vfio.
-                "backend": broker.caps.name if broker.caps else config.backend,
+                "backend": serving_backend,
                 "db": config.db,
                 "metrics_url": metrics_url or "off",
                 "nofile": nofile[0],
+                "health_address": health_address,
             },
         )
+        notifier.ready(f"serving on {','.join(addresses)} ({serving_backend} backend)")
         await stop.wait()
         log.info("draining", extra={"seconds": config.drain_seconds})
+        notifier.stopping(f"draining in-flight calls for up to {config.drain_seconds:g} s")
         broker.stopping = True
         broker.end_watches()
         await health_servicer.enter_graceful_shutdown()
         for s in (servicer, admin_servicer):
             if s is not None:
                 s.shutdown()
-        await asyncio.gather(*(srv.stop(config.drain_seconds) for srv, _, _ in servers))
+        await asyncio.gather(*(srv.stop(config.drain_seconds) for srv in started))
     finally:
-        for srv, _, _ in servers:
+        watchdog.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watchdog
+        for srv in started:
             await srv.stop(0)
-        await peer.close()
-        await broker.stop()
+        if peer_started:
+            await peer.close()
+        if recovering:
+            await broker.stop()
         metrics.close()
         for _, _, socks in servers:
             for listener in socks:
                 listener.close()
-        lock.close()
     log.info("stopped")
     return 0
