@@ -1,0 +1,145 @@
+"""Operator subcommands of `pasid-broker`: backup, restore, health.
+
+They read --db / --socket exactly as the daemon does (flag > env > file > default), so
+`pasid-broker backup DEST` in the daemon's environment copies the daemon's database.
+Exit status: 0 done, 1 failed (one line on stderr), 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sqlite3
+import sys
+from pathlib import Path
+
+from broker import config
+
+
+def _parser(name: str, help: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(
+        prog=f"pasid-broker {name}",
+        description=help
+        + " Other options (--db, --socket, --config, ...) are read as the daemon reads them.",
+    )
+
+
+def _last(p: argparse.ArgumentParser, what: str, rest: list[str]) -> tuple[str, list[str]]:
+    """`pasid-broker backup [daemon options] DEST`: the operand is the last word."""
+    p.usage = f"{p.prog} [--db PATH | --config FILE | ...] {what}"
+    if not rest or rest[-1] in ("-h", "--help"):
+        p.print_help()
+        raise SystemExit(0 if rest else 2)
+    if rest[-1].startswith("-"):
+        p.error(f"the last argument must be {what}")
+    return rest[-1], rest[:-1]
+
+
+def _settings(rest: list[str]) -> config.Config:
+    return config.load_full(rest).config
+
+
+def _integrity(db: sqlite3.Connection) -> str:
+    return str(db.execute("PRAGMA integrity_check").fetchone()[0])
+
+
+def backup(db: str, dest: str) -> str:
+    """Copy `db` to `dest` with SQLite's online backup API, while the broker runs.
+
+    The copy is a consistent snapshot (a committed state; WAL included), written beside
+    `dest` and renamed into place only after it passes integrity_check."""
+    if not Path(db).exists():
+        raise RuntimeError(f"no database at {db}")
+    tmp = Path(f"{dest}.tmp-{os.getpid()}")
+    src = sqlite3.connect(db, timeout=30)
+    try:
+        out = sqlite3.connect(tmp)
+        try:
+            # Small steps let the broker's writer commit between them.
+            src.backup(out, pages=1024)
+            check = _integrity(out)
+            pages = int(out.execute("PRAGMA page_count").fetchone()[0])
+        finally:
+            out.close()
+    finally:
+        src.close()
+    if check != "ok":
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"the copy fails integrity_check: {check}")
+    os.replace(tmp, dest)
+    return f"backed up {db} to {dest} ({pages} pages, integrity ok)"
+
+
+def restore(source: str, db: str, sockets: list[str]) -> str:
+    """Replace `db` by `source`, only while no broker holds it (its instance lock)."""
+    from broker.service.instance import InstanceLock, StartupError
+
+    try:
+        lock = InstanceLock.acquire(db, sockets)
+    except StartupError as exc:
+        raise RuntimeError(f"refusing to restore under a running broker: {exc}") from None
+    try:
+        src = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+        try:
+            check = _integrity(src)
+            if check != "ok":
+                raise RuntimeError(f"{source} fails integrity_check: {check}")
+            tmp = Path(f"{db}.restore-{os.getpid()}")
+            out = sqlite3.connect(tmp)
+            try:
+                src.backup(out)
+            finally:
+                out.close()
+        finally:
+            src.close()
+        for stale in (Path(db + "-wal"), Path(db + "-shm")):
+            stale.unlink(missing_ok=True)
+        os.replace(tmp, db)
+    finally:
+        lock.close()
+    return f"restored {db} from {source}; the next start migrates and checks it"
+
+
+def health(address: str, timeout: float) -> tuple[bool, str]:
+    """grpc.health.v1 Check on `address`, as a container HEALTHCHECK asks."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(address) as ch:
+            resp = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout
+            )
+    except grpc.RpcError as exc:
+        return False, f"{address}: {exc.code().name}"
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+    return status == "SERVING", f"{address}: {status}"
+
+
+def main(argv: list[str]) -> int:
+    name, rest = argv[0], argv[1:]
+    try:
+        if name == "backup":
+            p = _parser(name, "Copy the database online (SQLite backup API) to DEST.")
+            dest, rest = _last(p, "DEST", rest)
+            print(backup(_settings(rest).db, dest))
+            return 0
+        if name == "restore":
+            p = _parser(name, "Replace the database by SOURCE while the broker is stopped.")
+            source, rest = _last(p, "SOURCE", rest)
+            cfg = _settings(rest)
+            print(restore(source, cfg.db, cfg.unix_sockets()))
+            return 0
+        p = _parser(name, "Exit 0 if the broker answers SERVING on grpc.health.v1, else 1.")
+        p.add_argument("--address", help="unix:PATH or HOST:PORT (default: unix:--socket)")
+        p.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
+        ns, rest = p.parse_known_args(rest)
+        ok, what = health(ns.address or f"unix:{_settings(rest).socket}", ns.timeout)
+        print(what)
+        return 0 if ok else 1
+    except config.ConfigError as exc:
+        print(f"pasid-broker {name}: {exc}", file=sys.stderr)
+        return 2
+    except (RuntimeError, OSError, sqlite3.Error) as exc:
+        print(f"pasid-broker {name}: {exc}", file=sys.stderr)
+        return 1

