@@ -1,0 +1,86 @@
+"""Hold PASIDs for the VMM in this pod, as the VMM: a sidecar for pasid-broker.
+
+The pod runs with shareProcessNamespace: true (and no hostPID), so this sidecar sees the
+VMM's process. It opens a pidfd on it and hands that pidfd to the broker on its peer
+socket (the verified-peer handshake with delegation, HANDSHAKE.md): the broker checks
+from the kernel that this sidecar may signal the VMM (same uid, here the pod's
+runAsUser) and makes the VMM the holder of the set. When the VMM exits, the broker
+destroys the set at once, whether this sidecar is still there or not.
+
+Settings (environment): VMM_COMMAND (the VMM's executable name), PASID_COUNT,
+PASID_BROKER_SOCKET, PASID_FILE (where the PASIDs are written for the VMM to read),
+VMM_WAIT_SECONDS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import sys
+import time
+from pathlib import Path
+
+
+def find_vmm(command: str, proc: str = "/proc") -> int | None:
+    """The pid of a process of ours (same uid) running `command`, else None."""
+    me, uid = os.getpid(), os.getuid()
+    for entry in Path(proc).iterdir():
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            argv0 = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            comm = (entry / "comm").read_text().strip()
+            owner = entry.stat().st_uid
+        except OSError:
+            continue  # gone meanwhile
+        if owner == uid and command in (os.path.basename(argv0), comm):
+            return int(entry.name)
+    return None
+
+
+def wait_for_vmm(command: str, seconds: float) -> int:
+    deadline = time.monotonic() + seconds
+    while (pid := find_vmm(command)) is None:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"pasid-sidecar: no process {command!r} after {seconds:g} s")
+        time.sleep(0.5)
+    return pid
+
+
+def main() -> int:
+    command = os.environ.get("VMM_COMMAND", "qemu-system-x86_64")
+    count = int(os.environ.get("PASID_COUNT", "1"))
+    socket = os.environ.get("PASID_BROKER_SOCKET", "/run/pasid-broker/broker.sock")
+    out = Path(os.environ.get("PASID_FILE", "/run/vmm/pasids.json"))
+    pid = wait_for_vmm(command, float(os.environ.get("VMM_WAIT_SECONDS", "120")))
+    # A pidfd, never the number: the broker must not adopt a recycled pid.
+    pidfd = os.pidfd_open(pid)
+
+    from pasid_client import Client
+
+    stop = False
+
+    def on_term(_sig: int, _frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    # The library handshakes on peer.sock beside the socket, sending the VMM's pidfd
+    # (HANDSHAKE.md, delegation): the broker makes the VMM the holder of the set.
+    with Client(socket=socket) as client:
+        client.wait_ready(60)
+        with client.session(f"vmm-{pid}", delegate_pidfd=pidfd) as session:
+            pasids = session.alloc(count=count)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({"pasids": pasids, "holder_pid": pid}))
+            print(f"pasid-sidecar: holding {pasids} for pid {pid}", flush=True)
+            # Until the VMM exits (its pidfd becomes readable) or the pod stops us.
+            while not stop and not select.select([pidfd], [], [], 1.0)[0]:
+                pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""deploy/kubernetes validated offline against the API schemas of a pinned Kubernetes
+release (kubernetes-validate, strict: unknown fields are errors), and the properties the
+design relies on checked in the parsed manifests; the sidecar's VMM lookup runs against a
+real process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness import ROOT, BrokerProcess, wait_until
+
+K8S = ROOT / "deploy/kubernetes"
+KUBERNETES_VERSION = "1.31.0"
+yaml = pytest.importorskip("yaml", reason="PyYAML comes with kubernetes-validate (dev extra)")
+
+
+def _validator() -> str:
+    exe = shutil.which("kubernetes-validate", path=str(ROOT / ".venv/bin")) or shutil.which(
+        "kubernetes-validate"
+    )
+    if exe is None:
+        why = "kubernetes-validate not installed (the dev extra has it)"
+        print(f"\nSKIP: {why}")
+        pytest.skip(why)
+    return exe
+
+
+def _validate(*files: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [_validator(), "--strict", "-k", KUBERNETES_VERSION, *map(str, files)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def _docs(name: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all((K8S / name).read_text()) if d]
+
+
+def test_manifests_validate_against_pinned_kubernetes() -> None:
+    files = sorted(K8S.glob("*.yaml"))
+    assert {f.name for f in files} >= {"daemonset.yaml", "vmm-pod-example.yaml"}
+    r = _validate(*files)
+    assert r.returncode == 0, r.stdout + r.stderr
+    # ... and the validator does reject a manifest with a misspelled field.
+    bad = Path(tempfile.mkdtemp()) / "bad.yaml"
+    bad.write_text((K8S / "daemonset.yaml").read_text().replace("hostPID:", "hostPid:"))
+    try:
+        assert _validate(bad).returncode != 0
+    finally:
+        shutil.rmtree(bad.parent)
+
+
+def test_daemonset_has_what_the_design_needs() -> None:
+    (ds,) = [d for d in _docs("daemonset.yaml") if d["kind"] == "DaemonSet"]
+    tpl = ds["spec"]["template"]
+    spec = tpl["spec"]
+    (broker,) = spec["containers"]
+    ann = tpl["metadata"]["annotations"]
+    assert ann["prometheus.io/scrape"] == "true" and ann["prometheus.io/port"] == "9464"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert broker[probe]["grpc"]["port"] == 9465
+    env = {e["name"]: e["value"] for e in broker["env"]}
+    assert env["PASID_BROKER_HEALTH_ADDRESS"].endswith(":9465")
+    assert env["PASID_BROKER_METRICS_ADDRESS"].endswith(":9464")
+    assert set(broker["resources"]["limits"]) == {"cpu", "memory"}
+    sc = broker["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
+    assert sc["readOnlyRootFilesystem"] is True and spec["securityContext"]["runAsNonRoot"]
+    host = {v["name"]: v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}
+    assert host == {
+        "run": "/run/pasid-broker",
+        "state": "/var/lib/pasid-broker",
+        "dev-vfio": "/dev/vfio",
+    }
+    # Every env variable is one the broker knows (an unknown one would refuse to start).
+    from broker import config
+
+    assert set(env) <= {o.env for o in config.OPTIONS}
+    config.load_full([], env)  # and every value is valid (socket group: a numeric gid)
+
+
+def test_vmm_pod_shares_its_pid_namespace_without_host_pid() -> None:
+    docs = _docs("vmm-pod-example.yaml")
+    (pod,) = [d for d in docs if d["kind"] == "Pod"]
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    spec = pod["spec"]
+    assert spec["shareProcessNamespace"] is True
+    assert not spec.get("hostPID")
+    assert 10002 in spec["securityContext"]["supplementalGroups"]  # the socket's group
+    # One uid for VMM and sidecar: what lets the broker accept the pidfd delegation.
+    assert all("runAsUser" not in c.get("securityContext", {}) for c in spec["containers"])
+    script = (K8S / "sidecar/pasid_sidecar.py").read_text()
+    assert cm["data"]["pasid_sidecar.py"] == script, "ConfigMap drifted from the script"
+    compile(script, "pasid_sidecar.py", "exec")
+    assert "delegate_pidfd=pidfd" in script and "os.pidfd_open(pid)" in script
+
+
+def test_sidecar_finds_the_vmm_process_of_its_own_uid(tmp_path: Path) -> None:
+    sys.path.insert(0, str(K8S / "sidecar"))
+    try:
+        import pasid_sidecar
+    finally:
+        sys.path.pop(0)
+    fake = tmp_path / f"fake-vmm-{os.getpid()}"
+    sleep = shutil.which("sleep")
+    assert sleep
+    shutil.copy(sleep, fake)
+    proc = subprocess.Popen([str(fake), "30"])
+    try:
+        # Just after fork the child may not have exec'd yet: poll.
+        found = wait_until(lambda: pasid_sidecar.find_vmm(fake.name), 10, 0.02, "the VMM")
+        assert found == proc.pid
+        assert pasid_sidecar.find_vmm(f"no-such-vmm-{os.getpid()}") is None
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_sidecar_holds_pasids_for_the_vmm_against_a_real_broker(
+    broker: BrokerProcess, tmp_path: Path
+) -> None:
+    """The example sidecar, run as it is, against a real broker: the set's verified holder
+    is the 'VMM' (a process the sidecar only found), and it ends when the VMM exits."""
+    from pasid_client import Client
+
+    fake = tmp_path / f"vmm-{os.getpid()}"
+    sleep = shutil.which("sleep")
+    assert sleep
+    shutil.copy(sleep, fake)
+    vmm = subprocess.Popen([str(fake), "60"])
+    out = tmp_path / "pasids.json"
+    env = {
+        **os.environ,
+        "VMM_COMMAND": fake.name,
+        "PASID_COUNT": "3",
+        "PASID_BROKER_SOCKET": broker.socket,
+        "PASID_FILE": str(out),
+        "VMM_WAIT_SECONDS": "10",
+    }
+    sidecar = subprocess.Popen(
+        [sys.executable, str(K8S / "sidecar/pasid_sidecar.py")],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_until(lambda: out.exists() or sidecar.poll() is not None, 30, 0.05, "PASIDs")
+        assert out.exists(), sidecar.stdout.read() if sidecar.stdout else ""
+        held = __import__("json").loads(out.read_text())
+        assert len(held["pasids"]) == 3 and held["holder_pid"] == vmm.pid
+        with Client(broker.admin_address) as admin:
+            (s,) = [s for s in admin.list_sets() if s.client == f"vmm-{vmm.pid}"]
+            assert s.verified and s.pid == vmm.pid and s.delegated_by_pid == sidecar.pid
+        vmm.kill()
+        vmm.wait()
+        assert sidecar.wait(30) == 0  # it saw the VMM's pidfd become readable
+        with Client(broker.admin_address) as admin:
+            wait_until(
+                lambda: not [s for s in admin.list_sets() if s.client == f"vmm-{vmm.pid}"],
+                10,
+                0.05,
+                "the VMM's set to be destroyed",
+            )
+    finally:
+        for p in (vmm, sidecar):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
