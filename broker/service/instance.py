@@ -10,6 +10,7 @@ unlinks only the socket file it bound (same inode), never one another process pu
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import grp
 import logging
@@ -58,6 +59,9 @@ def _lock(path: Path, guarded: str) -> IO[str]:
         f = path.open("a+")
     except OSError as exc:
         raise StartupError(f"cannot open lock file {path}: {_why(exc)}") from None
+    # 0600 like the database it guards (it names a pid), whatever an older version left.
+    with contextlib.suppress(OSError):
+        os.fchmod(f.fileno(), 0o600)
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
