@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("QUARANTINE_SECONDS", str(d.quarantine.seconds)),
         help="keep a freed PASID out of the pool for this long, in case a device still has "
         "DMA in flight tagged with it; 0 = reuse at once, as the kernel does (see "
-        "docs/quarantine.md); in memory only, so a restart ends it "
+        "docs/quarantine.md); stored, so a restart keeps it "
         "[PASID_BROKER_QUARANTINE_SECONDS]",
     )
     a(
