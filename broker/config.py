@@ -539,7 +539,7 @@ class Config:
         seconds(0, 86_400),
         "keep a freed PASID out of the pool for this long, in case a device still has DMA in "
         "flight tagged with it; 0 = reuse at once, as the kernel does (docs/quarantine.md); "
-        "in memory only, so a restart ends it",
+        "stored, so a restart keeps it",
         unit="seconds, 0..86400",
     )
     quarantine_allocs: int = setting(

@@ -9,7 +9,7 @@ use the inverse operation and get the state back exactly.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -270,7 +270,7 @@ class Allocator:
         want = sorted(set(pasids))
         self.expire_quarantine()  # what is due is free, whoever freed it
         if not self._quarantined and not self._expired:
-            # Nothing is in quarantine (a restart: it lives in memory only): every PASID
+            # Nothing is in quarantine (recovery claims sets before restoring it): every PASID
             # must be free, and the namespace checks and takes them a word at a time.
             try:
                 self.namespace.take_many(want)
@@ -319,6 +319,33 @@ class Allocator:
             e = _Held(p, set_id, now, self.allocs)
             self._quarantine_order.append(e)
             self._quarantined[p] = e
+
+    def restore_quarantine(self, remaining: Mapping[int, float]) -> list[int]:
+        """Put PASIDs back in quarantine after a restart, each for its remaining seconds.
+
+        Call after the sets are claimed. A remaining time is capped to the configured
+        seconds (a wall clock stepped back must not lengthen it without bound), and is
+        never shortened. A PASID held by a set, reserved, outside the namespace or with
+        no time left is skipped (its row is stale). The allocs condition restarts
+        counting now. Returns the PASIDs quarantined, ascending.
+        """
+        secs = self.quarantine.seconds
+        if secs <= 0:
+            return []
+        now = self._now()
+        size = self.namespace.size
+        # Soonest release first (the oldest free): expiry pops from the left.
+        back = sorted(
+            (min(left, secs), p)
+            for p, left in remaining.items()
+            if left > 0 and 0 <= p < size and not self.namespace.is_used(p)
+        )
+        for left, p in back:
+            self.namespace.take(p)
+            e = _Held(p, 0, now - (secs - left), self.allocs)
+            self._quarantine_order.append(e)
+            self._quarantined[p] = e
+        return sorted(p for _, p in back)
 
     def expire_quarantine(self) -> list[int]:
         """Return to the pool every quarantined PASID whose conditions now hold.

@@ -359,7 +359,14 @@ class Broker:
                 bc.alloc_exact(freed)
                 self.allocator.claim(set_id, freed)
 
-        return self.journal.submit(RemovePasids(set_id, tuple(freed)), undo, len(freed))
+        rec = RemovePasids(set_id, tuple(freed), self.quarantine_until())
+        return self.journal.submit(rec, undo, len(freed))
+
+    def quarantine_until(self) -> float | None:
+        """The wall-clock time PASIDs freed now may be reissued, for the store (so a
+        restart keeps them quarantined); None without --quarantine-seconds."""
+        secs = self.allocator.quarantine.seconds
+        return time.time() + secs if secs > 0 else None
 
     def pasid_request(
         self, sess: Session, argsz: int, flags: int, lo: int, hi: int

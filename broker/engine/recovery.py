@@ -55,7 +55,8 @@ def recover(
         f" ({caps.detail})" if caps.detail else "",
     )
     # The quarantine measures time on the monotonic clock: a wall-clock step must not
-    # release a PASID early. It lives in memory only (docs/quarantine.md).
+    # release a PASID early. The store keeps each quarantined PASID's wall-clock release
+    # time, which is all that survives a restart (docs/quarantine.md).
     allocator = Allocator(
         caps.pasid_bits,
         reserved=reserved,
@@ -87,9 +88,22 @@ def recover(
                 attached=False,
             )
         )
+    # After the sets: a PASID a set holds is not quarantined, whatever a stale row says.
+    now = time.time()
+    quarantined = allocator.restore_quarantine(
+        {p: until - now for p, until in snap.quarantine.items()}
+    )
+    if quarantined:
+        log.info(
+            "quarantine restored",
+            extra={"quarantined": len(quarantined), "seconds": quarantine.seconds},
+        )
     # Written only once every stored set is known to fit: a refusal changes nothing.
     if snap.meta.get("pasid_bits") != str(caps.pasid_bits):
         store.set_meta("pasid_bits", str(caps.pasid_bits))
+    # The backend holds quarantined PASIDs too, until they leave quarantine (the engine
+    # frees them there then), so no kernel user outside the broker is given them early.
+    held.extend(quarantined)
     held.sort()
     replayed = replay(backend, held)
     return Recovered(caps, allocator, snap, sessions, replayed)

@@ -529,7 +529,8 @@ class Sessions:
                 "reason": reason,
             },
         )
-        fut = e.journal.submit(DestroySet(set_id, reason, kind, tuple(freed)), undo, None)
+        rec = DestroySet(set_id, reason, kind, tuple(freed), e.quarantine_until())
+        fut = e.journal.submit(rec, undo, None)
 
         def durable(f: asyncio.Future[None]) -> None:
             if not f.cancelled() and f.exception() is None:

@@ -5,7 +5,7 @@ Plain data, no SQL, so the engine can build them without knowing the store.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,9 @@ class AddPasids:
 class RemovePasids:
     set_id: int
     pasids: tuple[int, ...]
+    # With --quarantine-seconds: the wall-clock time (Unix seconds) before which these
+    # PASIDs must not be reissued, kept so that a restart does not end the quarantine.
+    quarantine_until: float | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,8 @@ class DestroySet:
     # What the set held, as the engine knew it: spares the store a query per set when
     # many die at once. None: the store reads it.
     pasids: tuple[int, ...] | None = None
+    # As RemovePasids.quarantine_until: what the set held stays quarantined till then.
+    quarantine_until: float | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,9 @@ class Snapshot:
     revision: int = 0
     # Quotas saved by SetQuotas (per_set, per_client, global), or None: flags rule.
     quotas: tuple[int, int, int] | None = None
+    # Quarantined PASIDs and the wall-clock time they may be reissued (Unix seconds);
+    # rows already past it may still be here (they are deleted lazily).
+    quarantine: dict[int, float] = field(default_factory=dict)
 
     @property
     def next_set_id(self) -> int:

@@ -51,6 +51,17 @@ quotas = Table(
     Column("updated_unix", Float, nullable=False),
 )
 
+# PASIDs freed under --quarantine-seconds and the wall-clock time they may be reissued
+# (migration 0005), written in the free's own commit so a restart keeps the quarantine.
+# A row past its time means nothing; the store deletes those lazily. A PASID held by a
+# set (allocations) wins over a stale row here.
+quarantine = Table(
+    "quarantine",
+    metadata,
+    Column("pasid", Integer, primary_key=True, autoincrement=False),
+    Column("release_unix", Float, nullable=False, index=True),
+)
+
 # The PASID is the primary key: the database itself refuses a PASID in two sets.
 allocations = Table(
     "allocations",

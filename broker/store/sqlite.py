@@ -119,6 +119,8 @@ class SqliteStore:
         self._commits = 0
         self._ckpt: sqlite3.Connection | None = None
         self._ckpt_lock = threading.Lock()
+        # The batch being written put PASIDs into the quarantine table (commit()).
+        self._quarantined = False
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -240,13 +242,14 @@ class SqliteStore:
             ):
                 holdings[set_id] = sorted(map(int, text.split(",")))
             (rev,) = conn.execute("SELECT COALESCE(MAX(revision), 0) FROM events").fetchone()
+            quarantine = dict(conn.execute("SELECT pasid, release_unix FROM quarantine"))
             q = conn.execute(
                 "SELECT per_set, per_client, global_ FROM quotas WHERE scope = 'default'"
             ).fetchone()
         finally:
             conn.execute("COMMIT")
         saved = (int(q[0]), int(q[1]), int(q[2])) if q is not None else None
-        return Snapshot(rows, holdings, m, int(rev or 0), saved)
+        return Snapshot(rows, holdings, m, int(rev or 0), saved, quarantine)
 
     def set_meta(self, key: str, value: str) -> None:
         conn = self._require()
@@ -297,6 +300,12 @@ class SqliteStore:
                 raise
             try:
                 applied = [(self._apply(conn, rec), _holder_of(rec)) for rec in records]
+                if self._quarantined:
+                    # Rows written by earlier commits that are past their time: the
+                    # table stays as small as the quarantine. Only when something went
+                    # into quarantine, so a broker without one never pays for it.
+                    self._quarantined = False
+                    conn.execute("DELETE FROM quarantine WHERE release_unix <= ?", (now,)).close()
                 # Configuration records (saved quotas) change no holdings: no event.
                 logged = [(e, h) for e, h in applied if e is not None]
                 if logged:
@@ -389,8 +398,17 @@ class SqliteStore:
         if cut > 0 and cut % 1024 < self._last_batch:
             conn.execute("DELETE FROM events WHERE revision <= ?", (cut,))
 
-    @staticmethod
-    def _apply(conn: sqlite3.Connection, rec: Record) -> tuple[str, int, Sequence[int], str] | None:
+    def _quarantine(self, conn: sqlite3.Connection, pasids: Sequence[int], until: float) -> None:
+        """Keep these PASIDs' release time (REPLACE: a PASID freed before has a row)."""
+        conn.executemany(
+            "INSERT OR REPLACE INTO quarantine (pasid, release_unix) VALUES (?, ?)",
+            [(p, until) for p in pasids],
+        ).close()
+        self._quarantined = True
+
+    def _apply(
+        self, conn: sqlite3.Connection, rec: Record
+    ) -> tuple[str, int, Sequence[int], str] | None:
         """Write one record; returns its event (kind, set_id, pasids, reason), or None
         for a record that is configuration, not a change of holdings."""
         if isinstance(rec, SaveQuotas):
@@ -423,6 +441,8 @@ class SqliteStore:
             conn.executemany(
                 "DELETE FROM allocations WHERE pasid BETWEEN ? AND ?", runs(rec.pasids)
             ).close()
+            if rec.quarantine_until is not None:
+                self._quarantine(conn, rec.pasids, rec.quarantine_until)
             return ("free", rec.set_id, rec.pasids, "")
         if isinstance(rec, CreateSet):
             r = rec.row
@@ -459,5 +479,7 @@ class SqliteStore:
                 ]
             conn.execute("DELETE FROM allocations WHERE set_id = ?", (rec.set_id,)).close()
             conn.execute("DELETE FROM sets WHERE set_id = ?", (rec.set_id,)).close()
+            if rec.quarantine_until is not None and held:
+                self._quarantine(conn, held, rec.quarantine_until)
             return (rec.kind, rec.set_id, held, rec.reason)
         raise TypeError(f"unknown record {rec!r}")  # pragma: no cover - exhaustive

@@ -235,6 +235,35 @@ def test_quarantine_by_time_holds_a_freed_pasid_back() -> None:
     a.check()
 
 
+def test_restored_quarantine_keeps_its_remaining_time_capped_never_shortened() -> None:
+    """After a restart: each PASID for its remaining seconds, at most the configured ones
+    (a clock stepped back), skipping what a set holds (a stale row) or what has no time
+    left; the allocs condition restarts counting."""
+    clock = FakeClock()
+    q = Quarantine(seconds=5, allocs=1)
+    a = Allocator(8, quotas=Quotas(per_set=0), quarantine=q, clock=clock, report_expired=True)
+    a.create_set(1, "a")
+    a.claim(1, [2])  # held by a set: a quarantine row for it is stale
+    back = a.restore_quarantine({1: 3.0, 2: 4.0, 3: 999.0, 4: 0.0, 5: -1.0, 300: 2.0})
+    assert back == [1, 3] and a.quarantined_pasids() == [1, 3]
+    a.check()
+    assert a.alloc(1, 1, 255) == [4]  # the allocs count restarted at 0: this is the 1st
+    clock.now += 3.0
+    assert a.alloc(1, 1, 255) == [1]  # its 3 s are over, and 1 PASID was handed out since
+    clock.now += 1.9
+    with pytest.raises(Exhausted):
+        a.alloc(1, 3, 3)  # capped to 5 s, not 999: 4.9 s in, still quarantined
+    clock.now += 0.1
+    assert a.alloc(1, 3, 3) == [3]
+    assert a.take_expired() == [1, 3]  # the engine frees these in the backend
+    a.check()
+
+
+def test_restore_quarantine_is_a_no_op_without_seconds() -> None:
+    a = Allocator(8, quarantine=Quarantine(allocs=4))
+    assert a.restore_quarantine({1: 3.0}) == [] and a.quarantined == 0
+
+
 def test_quarantine_by_allocs_counts_pasids_handed_out_since() -> None:
     a = Allocator(8, quotas=Quotas(per_set=0), quarantine=Quarantine(allocs=2))
     a.create_set(1, "a")

@@ -59,6 +59,8 @@ def test_store_upgrades_a_v1_database_in_place(tmp_path: Path) -> None:
         # Sets of unverified clients count for the one shared identity; no quotas saved.
         assert c.execute("SELECT DISTINCT owner FROM sets").fetchall() == [("anonymous",)]
         assert c.execute("SELECT count(*) FROM quotas").fetchone() == (0,)
+        # Nothing was in quarantine (0005): the first release kept it in memory only.
+        assert c.execute("SELECT count(*) FROM quarantine").fetchone() == (0,)
         assert c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == (
             str(int(migrations.head())),
         )
