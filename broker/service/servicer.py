@@ -123,6 +123,22 @@ async def _internal(context: Any, name: str, exc: Exception) -> NoReturn:
     raise AssertionError("unreachable")  # abort raises
 
 
+async def _end_stream(context: Any, code: grpc.StatusCode, message: str) -> NoReturn:
+    """Abort a Session stream the broker ended (its set reclaimed). When the holder died,
+    its pidfd often wakes the broker before grpc has seen the socket close: the status
+    cannot be sent, and grpc raises a bare Exception (ExecuteBatchError). That is the
+    peer gone, not a bug: end the call as cancelled (grpc logs that at debug) instead of
+    two logged tracebacks per dead client in the middle of a mass release."""
+    try:
+        await context.abort(code, message)
+    except grpc.aio.AbortError:
+        raise
+    except Exception as exc:
+        log.debug("stream's peer already gone: %s", exc)
+        raise asyncio.CancelledError from exc
+    raise AssertionError("unreachable")  # abort raises
+
+
 def boundary(method: F) -> F:
     """The error boundary: a PasidError raised by an RPC method (a coroutine or an async
     generator taking (self, request, context)) ends the call with its gRPC status and
@@ -364,7 +380,7 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
             sess.on_revoke = None
             self.broker.end_session(sess, "client disconnected")
         if end is not None:
-            await context.abort(end.code, end.message)
+            await _end_stream(context, end.code, end.message)
 
     async def _read(
         self,

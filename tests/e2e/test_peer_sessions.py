@@ -293,6 +293,28 @@ def test_abandoned_and_killed_opens_leave_no_set(
     assert created > 100, f"only {created} opens got as far as a set; the test tests nothing"
 
 
+def test_holders_killed_at_once_are_reclaimed_without_internal_errors(
+    broker: BrokerProcess, procs: list[subprocess.Popen[str]]
+) -> None:
+    """20 verified holders SIGKILLed together: every set ends (by its pidfd, or by its
+    stream if grpc sees the closed socket first), and the streams whose peers were
+    already gone end quietly. Before, the reclaim's abort of such a stream failed in grpc
+    (no one to send the status to) and the broker logged two tracebacks per dead client,
+    as internal errors, in the middle of the release."""
+    held = [holder(procs, broker.address) for _ in range(20)]
+    assert all(ans["verified"] for ans, _ in held)
+    for _, p in held:
+        p.kill()
+    for _, p in held:
+        p.wait(10)
+    wait_until(lambda: not sets(broker) and not db_holdings(broker.db), 10, 0.05, "no sets")
+    ended = {e.set_id for k in ("set_reclaimed", "set_destroyed") for e in events(broker, k)}
+    assert {ans["session_id"] for ans, _ in held} <= ended
+    time.sleep(0.5)  # the streams' own ends come after the reclaims
+    errors = [x for x in broker.read_log().splitlines() if '"level": "error"' in x]
+    assert errors == []
+
+
 # -- restart -----------------------------------------------------------------------------
 
 
