@@ -21,7 +21,7 @@ import asyncio
 import concurrent.futures
 import platform
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +44,7 @@ from broker.backends.base import Backend, Capabilities, alloc_each, alloc_many
 from broker.backends.base import replay as generic_replay
 from broker.core import PasidError, QuotaExceeded
 from broker.engine.observers import Observer
+from broker.service.interceptors import PerMethodWrapper, rebuild
 from broker.store.records import AddPasids, Event, Record, RemovePasids
 
 if TYPE_CHECKING:
@@ -647,7 +648,7 @@ class InstrumentedBackend:
         return getattr(self.inner, name)
 
 
-class RpcTimer(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class RpcTimer(PerMethodWrapper):
     """Times each unary pasid.v1 RPC named in UNARY_RPCS, from the handler's start to its
     reply being ready (aborted calls too). Streams are not timed here: the Session
     stream's operations are timed one by one (Metrics.session_op_done).
@@ -657,24 +658,10 @@ class RpcTimer(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """
 
     def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
         self._metrics = metrics
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(method, handler)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
-
-    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         service, _, rpc = method.lstrip("/").rpartition("/")
         if (
             handler is None
@@ -693,8 +680,4 @@ class RpcTimer(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             finally:
                 observe(time.perf_counter() - t0)
 
-        return grpc.unary_unary_rpc_method_handler(
-            timed,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return rebuild(handler, timed)

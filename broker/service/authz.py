@@ -29,6 +29,8 @@ from typing import Any, Protocol
 
 import grpc
 
+from broker.service.interceptors import behaviour, rebuild
+
 log = logging.getLogger("pasid_broker.authz")
 
 ANONYMOUS = "anonymous"
@@ -259,42 +261,19 @@ def _wrap(
     handler: grpc.RpcMethodHandler, authz: Authorizer, ticket: str, admin_call: str
 ) -> grpc.RpcMethodHandler:
     """The same handler, run with the caller identified (and admin calls checked)."""
-    ser = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary is not None:
-        inner_uu = handler.unary_unary
+    inner = behaviour(handler)
+    if not handler.response_streaming:
 
-        async def unary_unary(request: Any, context: Any) -> Any:
+        async def reply(request: Any, context: Any) -> Any:
             await _enter(authz, context, ticket, admin_call)
-            return await inner_uu(request, context)
+            return await inner(request, context)
 
-        return grpc.unary_unary_rpc_method_handler(unary_unary, **ser)
-    if handler.unary_stream is not None:
-        inner_us = handler.unary_stream
+        return rebuild(handler, reply)
 
-        async def unary_stream(request: Any, context: Any) -> AsyncIterator[Any]:
-            await _enter(authz, context, ticket, admin_call)
-            async with contextlib.aclosing(inner_us(request, context)) as items:
-                async for item in items:
-                    yield item
-
-        return grpc.unary_stream_rpc_method_handler(unary_stream, **ser)
-    if handler.stream_stream is not None:
-        inner_ss = handler.stream_stream
-
-        async def stream_stream(requests: Any, context: Any) -> AsyncIterator[Any]:
-            await _enter(authz, context, ticket, admin_call)
-            async with contextlib.aclosing(inner_ss(requests, context)) as items:
-                async for item in items:
-                    yield item
-
-        return grpc.stream_stream_rpc_method_handler(stream_stream, **ser)
-    inner_su = handler.stream_unary
-
-    async def stream_unary(requests: Any, context: Any) -> Any:
+    async def replies(request: Any, context: Any) -> AsyncIterator[Any]:
         await _enter(authz, context, ticket, admin_call)
-        return await inner_su(requests, context)
+        async with contextlib.aclosing(inner(request, context)) as items:
+            async for item in items:
+                yield item
 
-    return grpc.stream_unary_rpc_method_handler(stream_unary, **ser)
+    return rebuild(handler, replies)

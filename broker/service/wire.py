@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 
 from broker.core import InvalidArgument, LimitExceeded
+from broker.service.interceptors import PerMethodWrapper, rebuild
 from broker.service.limits import Limits
 
 log = logging.getLogger("pasid_broker.service")
@@ -52,28 +53,14 @@ def tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return decode
 
 
-class TolerantDecoding(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class TolerantDecoding(PerMethodWrapper):
     """A server interceptor giving every pasid.v1 method a decoder that never raises."""
 
-    def __init__(self) -> None:
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         if handler is None or not method.startswith("/pasid.v1."):
             return handler
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
         de = handler.request_deserializer
-        wrapped = handler._replace(request_deserializer=tolerant(de)) if de else handler
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
+        return rebuild(handler, request_deserializer=tolerant(de)) if de else handler
 
 
 class MalformedRequests:
