@@ -331,7 +331,9 @@ class Sessions:
         grace = min(max(grace_seconds, 0), e.max_grace)
         set_id = self.next_set_id
         self.next_set_id += 1
-        token = secrets.token_urlsafe(24)
+        # Hex, not url-safe base64: a token that began with '-' was read as an option
+        # by pasidctl's `--token TOKEN` (argparse), failing about 1 command in 64.
+        token = secrets.token_hex(24)
         th = hash_token(token)
         now = e.clock()
         s = e.allocator.create_set(set_id, client, owner=owner)

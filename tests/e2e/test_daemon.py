@@ -166,6 +166,18 @@ def test_sigterm_drains_and_keeps_sets_for_restart(
                 assert list(again.list().pasids()) == got
 
 
+def test_session_tokens_never_look_like_options(broker: BrokerProcess) -> None:
+    """A token is typed after `--token`: one that began with '-' was read by argparse as an
+    option, and pasidctl failed with a usage error about 1 time in 64 (url-safe base64)."""
+    with Client(broker.address) as c:
+        for _ in range(200):
+            with c.session("token-shape") as s:
+                assert s.token and not s.token.startswith("-"), s.token
+        s = c.session("vmm", grace_seconds=30)
+        r = pasidctl(broker, "alloc", "--session", str(s.session_id), "--token", s.token)
+        assert r.returncode == 0, r.stderr
+
+
 def test_pasidctl_admin_watch_and_request(broker: BrokerProcess) -> None:
     import json
 
