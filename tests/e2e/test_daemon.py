@@ -81,6 +81,9 @@ def test_pasidctl_help_covers_every_command() -> None:
 def test_env_configures_the_broker(monkeypatch: pytest.MonkeyPatch) -> None:
     from broker import config
 
+    # `make test`'s second pass selects the daemons' backend with PASID_BROKER_BACKEND=
+    # vfio-fake, which only the test launcher registers; this in-process load has none.
+    monkeypatch.delenv("PASID_BROKER_BACKEND", raising=False)
     monkeypatch.setenv("PASID_BROKER_QUOTA_PER_SET", "7")
     monkeypatch.setenv("PASID_BROKER_RESERVED", "1-63,100")
     cfg = config.load([])
