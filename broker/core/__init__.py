@@ -30,10 +30,11 @@ from broker.core.errors import (
     Unauthenticated,
     Unsupported,
 )
-from broker.core.ioasid_set import IoasidSet
+from broker.core.ioasid_set import ANONYMOUS, IoasidSet, uid_identity, x509_identity
 from broker.core.namespace import Namespace, runs
 
 __all__ = [
+    "ANONYMOUS",
     "DEFAULT_SET_QUOTA",
     "WIRE_PASID_BITS",
     "Allocator",
@@ -59,4 +60,6 @@ __all__ = [
     "check_alloc_range",
     "check_free_range",
     "runs",
+    "uid_identity",
+    "x509_identity",
 ]

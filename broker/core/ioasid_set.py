@@ -6,6 +6,20 @@ from dataclasses import dataclass, field
 
 from sortedcontainers import SortedList
 
+# The identity keys a set's owner takes: per-identity quotas and limits count by them, so
+# there is one spelling. Anyone who proved nothing (no ticket, plain TCP) shares one key.
+ANONYMOUS = "anonymous"
+
+
+def uid_identity(uid: int) -> str:
+    """A kernel-verified uid (SO_PEERCRED through the peer handshake)."""
+    return f"uid:{uid}"
+
+
+def x509_identity(subject: str) -> str:
+    """A TLS client certificate's subject."""
+    return f"x509:{subject}"
+
 
 @dataclass(eq=False)
 class IoasidSet:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 
 from broker.backends.base import Backend, Capabilities, Devices
 from broker.core import (
+    ANONYMOUS,
     Allocator,
     Conflict,
     InvalidRange,
@@ -210,7 +211,7 @@ class Broker:
         resume_token: str = "",
         peer: str = "",
         ticket: str = "",
-        owner: str = "anonymous",
+        owner: str = ANONYMOUS,
     ) -> tuple[Session, str, bool, asyncio.Future[None]]:
         """A new session with a new set, or the one `resume_token` names: (session, token,
         resumed, created), `created` resolving once the new set is durable. The set's

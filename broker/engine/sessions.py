@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from broker.core import (
+    ANONYMOUS,
     Conflict,
     InvalidArgument,
     IoasidSet,
@@ -31,6 +32,7 @@ from broker.core import (
     NotReady,
     Unauthenticated,
     Unsupported,
+    uid_identity,
 )
 from broker.peer import credentials
 from broker.peer.tickets import PeerIdentity, TicketBook, TicketError
@@ -42,8 +44,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("pasid_broker")
 
 ANONYMOUS_POLICIES = ("allow", "refuse")
-# The owner of a set whose holder proved nothing (no ticket, plain TCP): one identity.
-ANONYMOUS_OWNER = "anonymous"
 
 
 def hash_token(token: str) -> str:
@@ -256,7 +256,7 @@ class Sessions:
         resume_token: str,
         peer: str,
         ticket: str = "",
-        owner: str = "anonymous",
+        owner: str = ANONYMOUS,
     ) -> tuple[Session, str, bool, asyncio.Future[None]]:
         """See Broker.open_session. Synchronous on purpose: the set exists from here on,
         and the caller owns it (ends it in its finally) before it awaits anything.
@@ -265,7 +265,7 @@ class Sessions:
         subject over TCP, else "anonymous"); a ticket's holder overrides it: "uid:N"."""
         identity = self.take_identity(ticket, peer)
         if identity is not None:
-            owner = f"uid:{identity.uid}"
+            owner = uid_identity(identity.uid)
         try:
             return self._open(client, pid, grace_seconds, resume_token, peer, identity, owner)
         except BaseException:
@@ -299,7 +299,7 @@ class Sessions:
                 raise NotFound(
                     "resume token matches no session (expired, reclaimed or never issued)"
                 )
-            if sess.set.owner not in (owner, ANONYMOUS_OWNER):
+            if sess.set.owner not in (owner, ANONYMOUS):
                 # A token is a bearer secret, but a verified identity's set resumes only
                 # for it: another identity would allocate on its quota. An anonymous set
                 # (its owner never proved anything) resumes for whoever holds the token,

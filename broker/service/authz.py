@@ -29,11 +29,11 @@ from typing import Any, Protocol
 
 import grpc
 
+from broker.core import ANONYMOUS, uid_identity, x509_identity
 from broker.service.interceptors import behaviour, rebuild
 
 log = logging.getLogger("pasid_broker.authz")
 
-ANONYMOUS = "anonymous"
 TICKET_METADATA = "pasid-ticket"
 ADMIN_SERVICE = "/pasid.v1.PasidAdmin/"
 # Health checks and reflection answer anyone who can reach the listener (probes).
@@ -55,14 +55,6 @@ class Caller:
 
 
 ANONYMOUS_CALLER = Caller(ANONYMOUS)
-
-
-def unix_identity(uid: int) -> str:
-    return f"uid:{uid}"
-
-
-def x509_identity(subject: str) -> str:
-    return f"x509:{subject}"
 
 
 class Peer(Protocol):
@@ -220,7 +212,7 @@ class Authorizer(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             admin = self.policy.unix_admin(peer.uid, gids)
         finally:
             peer.close()  # a per-call identity: nothing outlives the call
-        return Caller(unix_identity(peer.uid), admin, uid=peer.uid)
+        return Caller(uid_identity(peer.uid), admin, uid=peer.uid)
 
     async def intercept_service(
         self,

@@ -22,13 +22,6 @@ from dataclasses import dataclass
 from broker.core import LimitExceeded
 from broker.engine.observers import Observer
 
-ANONYMOUS = "anonymous"
-
-
-def uid_key(uid: int) -> str:
-    """The identity key of a kernel-verified uid."""
-    return f"uid:{uid}"
-
 
 @dataclass(frozen=True)
 class Limits:

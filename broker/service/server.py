@@ -24,7 +24,7 @@ from pasid.v1 import broker_pb2_grpc as pb_grpc
 from broker import backends
 from broker.backends.iommufd import IommufdBackend
 from broker.config import Config
-from broker.core import PasidError
+from broker.core import ANONYMOUS, PasidError, uid_identity
 from broker.engine import Broker
 from broker.engine import Session as BrokerSession
 from broker.metrics import Metrics
@@ -33,7 +33,7 @@ from broker.peer import TicketError as PeerTicketError
 from broker.peer.handshake import FdCheck, Refused
 from broker.service.authz import AdminPolicy, Authorizer, TicketError
 from broker.service.instance import InstanceLock, StartupError, gid_of, preflight
-from broker.service.limits import ANONYMOUS, Admission, uid_key
+from broker.service.limits import Admission
 from broker.service.servicer import PasidAdminServicer, PasidBrokerServicer
 from broker.service.status import status_of
 from broker.service.tls import (
@@ -267,7 +267,7 @@ def check_transport(config: Config) -> tuple[TlsFiles | None, AdminPolicy]:
 
 def identity_of_holder(sess: BrokerSession) -> str:
     """The identity key a set's stored, kernel-verified holder counts under."""
-    return uid_key(sess.holder.uid) if sess.holder is not None else ANONYMOUS
+    return uid_identity(sess.holder.uid) if sess.holder is not None else ANONYMOUS
 
 
 def take_ticket(tickets: TicketBook) -> Callable[[str], PeerIdentity]:

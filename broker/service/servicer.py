@@ -27,18 +27,20 @@ from pasid.v1 import broker_pb2_grpc as pb_grpc
 
 from broker import __version__
 from broker.core import (
+    ANONYMOUS,
     InvalidArgument,
     LimitExceeded,
     PasidError,
     PermissionDenied,
     QuotaExceeded,
     runs,
+    uid_identity,
 )
 from broker.engine import Broker, done_future
 from broker.engine import Session as BrokerSession
 from broker.service import wire
 from broker.service.authz import current_caller
-from broker.service.limits import ANONYMOUS, Admission, Limits, uid_key
+from broker.service.limits import Admission, Limits
 from broker.service.status import (
     ADMIN_ONLY,
     WATCH_OWN_SETS,
@@ -267,7 +269,7 @@ class PasidBrokerServicer(pb_grpc.PasidBrokerServicer):
         if caller != ANONYMOUS or not ticket:
             return caller
         uid = self.broker.ticket_uid(ticket)
-        return ANONYMOUS if uid is None else uid_key(uid)
+        return ANONYMOUS if uid is None else uid_identity(uid)
 
     def peer_key(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
         """Who malformed-request logs are rate-limited for: identity and address."""

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from broker.core.ioasid_set import ANONYMOUS
+
 
 @dataclass(frozen=True)
 class SetRow:
@@ -26,7 +28,7 @@ class SetRow:
     ns_pid: int | None = None
     delegated_by_pid: int | None = None
     # The verified identity that holds it (the per-identity quota's key).
-    owner: str = "anonymous"
+    owner: str = ANONYMOUS
 
     @property
     def verified(self) -> bool:
