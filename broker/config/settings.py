@@ -1,0 +1,459 @@
+"""The settings, declared: each is ONE field of `Config` made with `setting(...)` naming its
+default, its parser (broker/config/values.py), its unit and its help. How the outside
+world spells each one (flag, variable, file key) derives from the field's name
+(broker/config/load.py)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from broker import backends
+from broker.backends import FALLBACKS
+from broker.config.values import (
+    MAX_SOCKET_PATH,
+    Parse,
+    boolean,
+    choice,
+    default_or_socket_path,
+    file_mode,
+    groups,
+    host_port,
+    identity_quota,
+    integer,
+    lines,
+    names,
+    number,
+    optional_path,
+    optional_socket_path,
+    path,
+    ranges,
+    seconds,
+    show_comma,
+    show_identity_quota,
+    show_octal,
+    show_ranges,
+    socket_path,
+    unix_group,
+    whole_seconds,
+)
+from broker.core import DEFAULT_SET_QUOTA, Quarantine, Quotas
+from broker.service.limits import Limits
+
+DEFAULT_SOCKET = "/run/pasid-broker/broker.sock"
+DEFAULT_DB = "/var/lib/pasid-broker/broker.db"
+
+
+def setting(
+    default: Any,
+    parse: Parse,
+    help: str,
+    *,
+    unit: str = "",
+    metavar: str | None = None,
+    show: Callable[[Any], str] | None = None,
+    alias: str = "",
+    kind: str = "value",
+) -> Any:
+    """A Config field that is also a flag, a variable and a file key (see the module doc).
+
+    `alias`: an older name (flag, variable and key) still accepted. `kind`: "value" (the
+    flag takes one), "switch" (the flag alone means true) or "repeat" (the flag may be
+    given several times; the variable takes one value per line)."""
+    meta = {
+        "parse": parse,
+        "help": help,
+        "unit": unit,
+        "metavar": metavar,
+        "show": show,
+        "alias": alias,
+        "kind": kind,
+    }
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The daemon's settings. Add one with one `setting(...)` field; see the module doc."""
+
+    backend: str = setting(
+        "simulator",
+        choice(of=backends.names),
+        "where PASID requests go: 'simulator' models the patched kernel's allocator; "
+        "'iommufd' attaches granted PASIDs to devices that clients delegate (today's kernels, "
+        "6.15+); 'vfio' issues VFIO_IOMMU_PASID_REQUEST on a VFIO container (a kernel with "
+        "the seed's patch); docs/vfio.md",
+        metavar="BACKEND",
+    )
+    db: str = setting(
+        DEFAULT_DB,
+        path,
+        "SQLite database file; a lock file PATH.lock keeps a second broker off it",
+        metavar="PATH",
+    )
+    socket: str = setting(
+        DEFAULT_SOCKET,
+        socket_path,
+        "Unix socket to listen on; its permissions are the access control; a lock file "
+        "PATH.lock beside it keeps a second broker off it",
+        unit=f"path, <= {MAX_SOCKET_PATH} bytes",
+        metavar="PATH",
+    )
+    socket_mode: int = setting(
+        0o660, file_mode, "permissions of the socket file", unit="octal", show=show_octal
+    )
+    socket_group: str = setting(
+        "",
+        unix_group,
+        "group given the socket file (name or gid), so that its members may connect with "
+        "--socket-mode 0660; '' = the broker's own group",
+        metavar="GROUP",
+    )
+    admin_socket: str = setting(
+        "",
+        optional_socket_path,
+        "Unix socket for PasidAdmin (list every set, revoke, quotas), mode 0600; '' = "
+        "admin.sock beside --socket; 'off' disables",
+        metavar="PATH",
+    )
+    peer_socket: str = setting(
+        "",
+        default_or_socket_path,
+        "Unix SOCK_SEQPACKET socket for the peer handshake: the kernel tells the broker each "
+        "local client's pid, uid and gid and a one-time ticket names them in OpenSession "
+        "(docs/peer-identity.md); same mode and group as --socket; '' = peer.sock beside "
+        "--socket",
+        metavar="PATH",
+    )
+    ticket_seconds: float = setting(
+        30.0,
+        seconds(0, 3600, above=True),
+        "how long a handshake's one-time ticket stays valid; tickets live in memory only",
+        unit="seconds, > 0, <= 3600",
+    )
+    anonymous: str = setting(
+        "allow",
+        choice("allow", "refuse"),
+        "sessions opened on the Unix socket without a handshake ticket (grpcurl, stock gRPC "
+        "clients): 'allow' binds their set to the stream and grace only, as for TCP clients; "
+        "'refuse' answers UNAUTHENTICATED. TCP sessions are always bound to stream and grace",
+        metavar="{allow,refuse}",
+    )
+    event_retention: int = setting(
+        100_000,
+        integer(1, 1 << 40),
+        "events kept in the log for Watch replay; a Watch from an older revision gets OUT_OF_RANGE",
+        unit="events, >= 1",
+    )
+    listen: str = setting(
+        "",
+        host_port(allow_zero=True, allow_off=True),
+        "also listen on TCP HOST:PORT, with mutual TLS (--tls-*); plain TCP only on a "
+        "loopback address with --insecure; port 0 picks a free one (logged); '' = no TCP",
+        unit="port 0..65535",
+        metavar="HOST:PORT",
+    )
+    tls_cert: str = setting(
+        "",
+        optional_path,
+        "PEM certificate chain the TCP listener presents; re-read when it changes (replace it "
+        "by rename)",
+        metavar="PATH",
+    )
+    tls_key: str = setting("", optional_path, "PEM private key of --tls-cert", metavar="PATH")
+    tls_client_ca: str = setting(
+        "",
+        optional_path,
+        "PEM CA bundle that TCP clients' certificates must chain to; a TCP caller's identity "
+        "is its certificate subject",
+        metavar="PATH",
+    )
+    insecure: bool = setting(
+        False,
+        boolean,
+        "allow --listen without TLS, on a loopback address only; every TCP caller is then "
+        "'anonymous' (warned at every start)",
+        kind="switch",
+    )
+    admin_group: tuple[str, ...] = setting(
+        (),
+        names,
+        "group name(s) or gid(s) whose members may make admin calls (PasidAdmin, List "
+        "all_sets, the full Watch) besides uid 0 and the broker's own uid, e.g. 'pasid-admin'",
+        metavar="GROUP[,GROUP]",
+        show=lambda v: ",".join(v),
+    )
+    admin_subject: tuple[str, ...] = setting(
+        (),
+        lines,
+        "TCP: a client certificate subject (as RFC 2253, e.g. 'CN=ops,O=example') allowed "
+        "admin calls; repeat for more (the variable: one per line); none = no admin over TCP",
+        metavar="SUBJECT",
+        show=lambda v: "; ".join(v),
+        kind="repeat",
+    )
+    pasid_bits: int = setting(
+        20,
+        integer(1, 64),
+        "simulator: PASID width to model (PCIe allows 20)",
+        unit="bits, 1..64",
+    )
+    reserved: tuple[tuple[int, int], ...] = setting(
+        (),
+        ranges,
+        "PASIDs never handed out besides 0, e.g. '1-63,4096' (a range the host kernel keeps "
+        "for its own SVA)",
+        metavar="RANGES",
+        show=show_ranges,
+    )
+    quota_per_set: int = setting(
+        DEFAULT_SET_QUOTA,
+        integer(0, 1 << 32),
+        "most PASIDs one set may hold, 0 = no limit; the default is the series' "
+        "VFIO_DEFAULT_PASID_QUOTA",
+        unit="PASIDs, >= 0",
+    )
+    quota_per_identity: tuple[int, float] = setting(
+        (0, 0.25),
+        identity_quota,
+        "most PASIDs one verified identity may hold across all its sets: a uid on the Unix "
+        "socket, a certificate subject over TCP, or the one shared 'anonymous'; N, or N% of "
+        "the capacity; 0 = no limit. Renaming a client or opening more sessions does not "
+        "escape it. SetQuotas changes it durably",
+        unit="PASIDs or % of the capacity",
+        metavar="N|N%",
+        show=show_identity_quota,
+        alias="quota_per_client",
+    )
+    quota_global: int = setting(
+        0,
+        integer(0, 1 << 32),
+        "most PASIDs held in all, 0 = the whole capacity; leaves headroom for users outside "
+        "the broker",
+        unit="PASIDs, >= 0",
+    )
+    quarantine_seconds: float = setting(
+        0.0,
+        seconds(0, 86_400),
+        "keep a freed PASID out of the pool for this long, in case a device still has DMA in "
+        "flight tagged with it; 0 = reuse at once, as the kernel does (docs/quarantine.md); "
+        "stored, so a restart keeps it",
+        unit="seconds, 0..86400",
+    )
+    quarantine_allocs: int = setting(
+        0,
+        integer(0, 1 << 32),
+        "and until this many PASIDs have been handed out since; with both set, both must "
+        "hold; 0 = no such condition",
+        unit="PASIDs, >= 0",
+    )
+    kernel_quota: int = setting(
+        0,
+        integer(0, 1 << 32),
+        "simulator: model vfio_pasid's pasid_quota module parameter, 0 = no limit",
+        unit="PASIDs, >= 0",
+    )
+    max_grace: int = setting(
+        300,
+        whole_seconds(0, 30 * 86_400),
+        "cap on the grace a session may ask for",
+        unit="seconds, 0..2592000",
+    )
+    restart_grace: int = setting(
+        10,
+        whole_seconds(0, 30 * 86_400),
+        "after a restart, how long clients may resume their sets before they are reclaimed "
+        "(a broker crash is not a client's exit)",
+        unit="seconds, 0..2592000",
+    )
+    drain_seconds: float = setting(
+        5.0,
+        seconds(0, 3600),
+        "on SIGTERM, how long in-flight calls may finish",
+        unit="seconds, 0..3600",
+    )
+    keepalive_seconds: float = setting(
+        10.0,
+        seconds(0, 3600, above=True),
+        "TCP (--listen) only: HTTP/2 ping interval; a silent remote peer is dropped (and its "
+        "stream ends) after about 1.5x this. The Unix socket sends no keepalive pings: a "
+        "stopped local client keeps its set (docs/peer-identity.md, the liveness rule)",
+        unit="seconds, > 0, <= 3600",
+    )
+    vfio_group: tuple[str, ...] = setting(
+        (),
+        groups,
+        "vfio only: IOMMU group number(s) to attach to the container, e.g. '5' or '5,7' "
+        "(/dev/vfio/N; each group's devices bound to vfio-pci); empty = every group in "
+        "/dev/vfio",
+        metavar="N[,N]",
+        show=show_comma,
+    )
+    vfio_pasid_bits: int = setting(
+        0,
+        integer(0, 64),
+        "vfio only: PASID width when the kernel reports no nesting capability, instead of the "
+        "VT-d ecap's PSS+1 from sysfs; 0 = from the kernel",
+        unit="bits, 0..64",
+    )
+    vfio_fallback: str = setting(
+        "none",
+        choice(*FALLBACKS),
+        "vfio only: what to do when the kernel cannot serve PASID requests: 'none' refuses to "
+        "start (exit 2); 'simulator' logs a warning and serves from the simulator, so PASIDs "
+        "are arbitrated but NOT allocated in the kernel",
+        metavar="{" + ",".join(FALLBACKS) + "}",
+    )
+    log_format: str = setting(
+        "text",
+        choice("text", "json"),
+        "text for people, json for one object per line",
+        metavar="{text,json}",
+    )
+    log_level: str = setting(
+        "INFO",
+        choice("DEBUG", "INFO", "WARNING", "ERROR"),
+        "least severe level logged",
+        metavar="{DEBUG,INFO,WARNING,ERROR}",
+    )
+    metrics_address: str = setting(
+        "127.0.0.1:9464",
+        host_port(allow_zero=True, allow_off=True),
+        "serve Prometheus metrics at http://HOST:PORT/metrics; loopback by default, as they "
+        "name clients; port 0 picks a free one (logged); 'off' disables",
+        unit="port 0..65535",
+        metavar="HOST:PORT|off",
+    )
+    health_address: str = setting(
+        "off",
+        host_port(allow_zero=True, allow_off=True),
+        "also serve grpc.health.v1 alone on TCP HOST:PORT, for probes that cannot reach a "
+        "Unix socket (Kubernetes grpc probes); nothing else is served there; 'off' disables",
+        unit="port 0..65535",
+        metavar="HOST:PORT|off",
+    )
+
+    max_sessions_per_identity: int = setting(
+        Limits.max_sessions_per_identity,
+        integer(0, 1 << 31),
+        "live sessions (attached or in their grace) one identity may hold; each holds a set, "
+        "a pidfd and a connection; 0 = no limit",
+        unit="limit, docs/limits.md",
+    )
+    session_opens_per_second: float = setting(
+        Limits.session_opens_per_second,
+        number(0, 1e9),
+        "session opens (new or resumed) per second one identity may make (a token bucket); 0 "
+        "= no limit",
+        unit="limit, docs/limits.md",
+    )
+    session_open_burst: int = setting(
+        Limits.session_open_burst,
+        integer(0, 1 << 31),
+        "opens one identity may make at once before --session-opens-per-second applies",
+        unit="limit, docs/limits.md",
+    )
+    max_inflight_per_stream: int = setting(
+        Limits.max_inflight_per_stream,
+        integer(0, 1 << 31),
+        "requests read from one Session stream and not yet answered; beyond it the broker "
+        "stops reading that stream (back-pressure); 0 = no limit",
+        unit="limit, docs/limits.md",
+    )
+    max_client_name_bytes: int = setting(
+        Limits.max_client_name_bytes,
+        integer(0, 1 << 31),
+        "longest OpenSession.client, in UTF-8 bytes (longer: INVALID_ARGUMENT)",
+        unit="limit, docs/limits.md",
+    )
+    max_watchers: int = setting(
+        Limits.max_watchers,
+        integer(0, 1 << 31),
+        "Watch streams open at once, in all; 0 = no limit",
+        unit="limit, docs/limits.md",
+    )
+    max_watchers_per_identity: int = setting(
+        Limits.max_watchers_per_identity,
+        integer(0, 1 << 31),
+        "Watch streams one identity may have open; 0 = no limit",
+        unit="limit, docs/limits.md",
+    )
+    max_pasids_per_request: int = setting(
+        Limits.max_pasids_per_request,
+        integer(0, 1 << 31),
+        "most PASIDs one Alloc may ask for: bounds the work one request makes the broker do "
+        "while others wait; 0 = no limit",
+        unit="limit, docs/limits.md",
+    )
+    watch_buffer: int = setting(
+        Limits.watch_buffer,
+        integer(0, 1 << 31),
+        "committed events kept in memory for live watchers; a watcher further behind is cut "
+        "off with RESOURCE_EXHAUSTED naming the revision to Watch again from",
+        unit="limit, docs/limits.md",
+    )
+    max_request_bytes: int = setting(
+        Limits.max_request_bytes,
+        integer(0, 1 << 31),
+        "largest request message accepted (bytes); larger: RESOURCE_EXHAUSTED from gRPC",
+        unit="limit, docs/limits.md",
+    )
+
+    @property
+    def limits(self) -> Limits:
+        """What one client may make the broker hold (broker/service/limits.py)."""
+        return Limits(**{f.name: getattr(self, f.name) for f in fields(Limits)})
+
+    @property
+    def quotas(self) -> Quotas:
+        return Quotas(self.quota_per_set, self.quota_per_identity[0], self.quota_global)
+
+    @property
+    def identity_share(self) -> float:
+        """--quota-per-identity N%: that share of the capacity (quotas.per_client is 0)."""
+        return self.quota_per_identity[1]
+
+    @property
+    def quarantine(self) -> Quarantine:
+        return Quarantine(self.quarantine_seconds, self.quarantine_allocs)
+
+    @property
+    def vfio_groups(self) -> tuple[str, ...]:
+        return self.vfio_group
+
+    @property
+    def admin_groups(self) -> tuple[str, ...]:
+        return self.admin_group
+
+    @property
+    def admin_subjects(self) -> tuple[str, ...]:
+        return self.admin_subject
+
+    @property
+    def admin_socket_path(self) -> str:
+        """The admin socket to bind: admin.sock beside --socket by default, '' if 'off'."""
+        return admin_socket_path(self.admin_socket, self.socket)
+
+    @property
+    def peer_socket_path(self) -> str:
+        """The handshake socket: peer.sock beside --socket by default."""
+        return peer_socket_path(self.peer_socket, self.socket)
+
+    def unix_sockets(self) -> list[str]:
+        """Every Unix socket this broker binds (each gets a lock file beside it,
+        broker/service/instance.py)."""
+        return [p for p in (self.socket, self.admin_socket_path, self.peer_socket_path) if p]
+
+
+def admin_socket_path(value: str, socket: str) -> str:
+    """'' -> admin.sock beside the clients' socket; 'off' -> '' (no admin socket)."""
+    if value == "off":
+        return ""
+    return value or os.path.join(os.path.dirname(socket) or ".", "admin.sock")
+
+
+def peer_socket_path(value: str, socket: str) -> str:
+    """'' -> peer.sock beside the clients' socket (where the client library looks)."""
+    return value or os.path.join(os.path.dirname(socket) or ".", "peer.sock")
