@@ -5,7 +5,7 @@ A broker's identity on a host is its Unix socket(s) and its database. Both are l
 --db it is given, naming the first one's pid. grpc replaces an existing socket file
 silently, so the socket file itself cannot be the lock; and on the way out a broker
 unlinks only the socket file it bound (same inode), never one another process put there
-(broker/service/server.py, UnixListener).
+(broker/service/listeners.py, UnixListener).
 """
 
 from __future__ import annotations

@@ -1,0 +1,131 @@
+"""Where the daemon listens: Unix sockets that never accept a connection before their
+final mode, and TCP addresses checked and bound with one-line refusals."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+import grpc
+
+from broker.service.instance import StartupError, gid_of
+
+log = logging.getLogger("pasid_broker")
+
+
+class UnixListener:
+    """A Unix socket that no one can reach before it has its final mode and group, and
+    that the broker removes at the end only if it is still the one it bound.
+
+    grpc binds under the process umask and offers no mode, so the socket is bound inside
+    a directory only the broker can enter (mkdtemp: 0700) beside its final path, given
+    its mode and group there, and renamed into place once the server listens: there is no
+    instant at which the final path accepts a connection with a wider mode. grpc unlinks
+    the path it bound when it stops, whatever file is there by then; the private path is
+    empty by then, and the final one is unlinked here only if its inode is ours.
+    """
+
+    def __init__(self, path: Path, mode: int, group: str = "") -> None:
+        self.path = path
+        self.mode = mode
+        self.group = group
+        self._private: Path | None = None
+        self._ident: tuple[int, int] | None = None
+
+    def bind(self, server: grpc.aio.Server) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._private = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
+        staged = self._private / "s"
+        bind_port(server, f"unix:{staged}")
+        set_mode_and_group(staged, self.mode, self.group)
+
+    def publish(self) -> None:
+        """Move the listening socket to its final path (replacing a stale one)."""
+        assert self._private is not None
+        os.rename(self._private / "s", self.path)
+        st = os.stat(self.path)
+        self._ident = (st.st_dev, st.st_ino)
+        self._cleanup_private()
+
+    def _cleanup_private(self) -> None:
+        if self._private is not None:
+            shutil.rmtree(self._private, ignore_errors=True)
+            self._private = None
+
+    def close(self) -> None:
+        self._cleanup_private()
+        if self._ident is None:
+            return
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if (st.st_dev, st.st_ino) != self._ident:
+            log.warning(
+                "not removing %s: it is no longer this broker's socket",
+                self.path,
+                extra={"socket": str(self.path)},
+            )
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+def set_mode_and_group(path: Path, mode: int, group: str) -> None:
+    """chmod, and chgrp to --socket-group: refused in one line (the broker must be a
+    member of the group to give it a file)."""
+    try:
+        os.chmod(path, mode)
+        if group:
+            os.chown(path, -1, gid_of(group))
+    except OSError as exc:
+        hint = " (the broker must be a member: SupplementaryGroups=)" if exc.errno == 1 else ""
+        raise StartupError(
+            f"cannot give socket {path} mode 0{mode:o} and group {group or '-'}: "
+            f"{exc.strerror}{hint}"
+        ) from None
+
+
+def probe_tcp(address: str) -> None:
+    """Resolve and trial-bind HOST:PORT ourselves: grpc's own failure is a C-core log line
+    plus an exception, where an operator needs one line naming the cause."""
+    host_text, _, port = address.rpartition(":")
+    host = host_text.strip("[]") or None
+    try:
+        infos = socket.getaddrinfo(
+            host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise StartupError(f"cannot listen on {address}: host {host}: {exc.strerror}") from None
+    family, kind, proto, _, sockaddr = infos[0]
+    try:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(sockaddr)
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {address}: {exc.strerror}") from None
+
+
+def bind_port(
+    server: grpc.aio.Server, address: str, creds: grpc.ServerCredentials | None = None
+) -> int:
+    """add_insecure_port / add_secure_port, refusing in one line (grpc raises
+    RuntimeError or returns 0)."""
+    try:
+        port = (
+            server.add_insecure_port(address)
+            if creds is None
+            else server.add_secure_port(address, creds)
+        )
+    except RuntimeError as exc:
+        raise StartupError(f"cannot listen on {address}: {exc}") from None
+    if port == 0:
+        raise StartupError(f"cannot listen on {address} (address in use, or host unknown)")
+    if not address.startswith("unix:") and address.rsplit(":", 1)[1] not in ("0", str(port)):
+        raise StartupError(f"asked to listen on {address}, grpc bound port {port}")
+    return int(port)
