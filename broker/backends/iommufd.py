@@ -15,22 +15,31 @@ Numbers alone (alloc/free, the Backend protocol) are bookkeeping: the kernel has
 userspace PASID allocator. The broker's restart drops every attachment with the fds (the
 kernel detaches when the last reference to a device fd closes); recovered sets hold their
 numbers, and their clients re-delegate their devices when they resume (docs/vfio.md).
+
+The kernel's word on a delegated fd (VFIO cdev? /dev/iommu? open in the holder? widths)
+is read in iommufd_checks.py; the ioctls are in iommufd_uapi.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import logging
 import os
-import stat
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from broker.backends import iommufd_uapi as uapi
 from broker.backends.base import Capabilities
+from broker.backends.iommufd_checks import (
+    check_iommufd,
+    config_pasid_bits,
+    holder_has,
+    pasid_bits_from_config,
+    pasid_bits_from_ecap,
+    vfio_device_path,
+)
 from broker.core.errors import (
     BackendError,
     Conflict,
@@ -42,38 +51,12 @@ from broker.core.errors import (
     Unsupported,
 )
 
+__all__ = ["DeviceHandle", "IommufdBackend", "pasid_bits_from_config", "pasid_bits_from_ecap"]
+
 log = logging.getLogger("pasid_broker.iommufd")
 
 DEV_IOMMU = "/dev/iommu"
 SYSFS_IOMMU = "/sys/class/iommu"
-SYS_DEV_CHAR = "/sys/dev/char"
-PCI_EXT_CAP_ID_PASID = 0x1B
-_SYS_KCMP = 312  # x86_64
-_KCMP_FILE = 0
-
-
-def pasid_bits_from_ecap(ecap: int) -> int:
-    """VT-d ECAP.PSS (bits 39:35) is the PASID width minus one; ECAP.PASID (bit 40) says
-    whether PASIDs are supported at all."""
-    if not (ecap >> 40) & 1:
-        return 0
-    return ((ecap >> 35) & 0x1F) + 1
-
-
-def pasid_bits_from_config(config: bytes) -> int:
-    """A PCIe function's PASID width from its config space (ext cap 0x1b; 0: none)."""
-    off = 0x100
-    seen = 0
-    while 0x100 <= off <= len(config) - 8 and seen < 64:
-        header = int.from_bytes(config[off : off + 4], "little")
-        if header in (0, 0xFFFFFFFF):
-            return 0
-        if header & 0xFFFF == PCI_EXT_CAP_ID_PASID:
-            cap = int.from_bytes(config[off + 4 : off + 6], "little")
-            return (cap >> 8) & 0x1F
-        off = header >> 20
-        seen += 1
-    return 0
 
 
 @dataclass(eq=False)
@@ -249,12 +232,12 @@ class IommufdBackend:
     ) -> DeviceHandle:
         if not (0 <= dev_id < 2**32 and 0 <= pt_id < 2**32):
             raise InvalidArgument(f"iommufd adopt: dev_id {dev_id} / pt_id {pt_id} out of range")
-        syspath = self._vfio_device_path(device_fd)
-        self._check_iommufd(iommufd_fd)
+        syspath = vfio_device_path(device_fd)
+        check_iommufd(iommufd_fd, self.dev_iommu)
         name = name or os.path.basename(syspath)
         if name in self._devices.get(set_id, {}):
             raise Conflict(f"iommufd adopt: set {set_id} already has a device named {name!r}")
-        if holder_pid is not None and not self._holder_has(holder_pid, device_fd):
+        if holder_pid is not None and not holder_has(holder_pid, device_fd):
             raise PermissionDenied(
                 f"iommufd adopt: device {name} is not open in the set's holder (pid"
                 f" {holder_pid}); only the process that owns a device can delegate it"
@@ -271,7 +254,7 @@ class IommufdBackend:
         info = uapi.hw_info(iommufd_fd, dev_id)
         bits = int(info.out_max_pasid_log2)
         hw_type = uapi.HW_INFO_TYPES.get(int(info.out_data_type), str(info.out_data_type))
-        cfg_bits = self._config_pasid_bits(syspath)
+        cfg_bits = config_pasid_bits(syspath)
         if cfg_bits is not None and (bits > cfg_bits or (bits == 0) != (cfg_bits == 0)):
             raise InvalidArgument(
                 f"iommufd hw_info: dev_id {dev_id} is not device {name} (the kernel reports"
@@ -366,73 +349,11 @@ class IommufdBackend:
     def check_fd(self, role: str, fd: int) -> None:
         """The handshake's early check of a delegated fd's kind (full checks at adopt)."""
         if role == "iommufd":
-            self._check_iommufd(fd)
+            check_iommufd(fd, self.dev_iommu)
         elif role == "device":
-            self._vfio_device_path(fd)
+            vfio_device_path(fd)
         else:
             raise InvalidArgument(f"iommufd: unknown fd role {role!r}")
-
-    def _vfio_device_path(self, fd: int) -> str:
-        try:
-            st = os.fstat(fd)
-        except OSError as exc:
-            raise InvalidArgument(f"iommufd adopt: device fd: {exc.strerror}") from None
-        if not stat.S_ISCHR(st.st_mode):
-            raise InvalidArgument("iommufd adopt: the device fd is not a VFIO device cdev")
-        node = f"{SYS_DEV_CHAR}/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
-        cls = os.path.realpath(os.path.join(node, "subsystem"))
-        if os.path.basename(cls) != "vfio-dev":
-            raise InvalidArgument(
-                "iommufd adopt: the device fd is not a VFIO device cdev"
-                " (/dev/vfio/devices/vfioN; needs CONFIG_VFIO_DEVICE_CDEV)"
-            )
-        return os.path.realpath(os.path.join(node, "device"))
-
-    def _check_iommufd(self, fd: int) -> None:
-        try:
-            st = os.fstat(fd)
-            ref = os.stat(self.dev_iommu)
-        except OSError as exc:
-            raise InvalidArgument(f"iommufd adopt: iommufd: {exc.strerror}") from None
-        if not stat.S_ISCHR(st.st_mode) or st.st_rdev != ref.st_rdev:
-            raise InvalidArgument(f"iommufd adopt: the iommufd fd is not {self.dev_iommu}")
-
-    @staticmethod
-    def _config_pasid_bits(syspath: str) -> int | None:
-        try:
-            with open(os.path.join(syspath, "config"), "rb") as f:
-                return pasid_bits_from_config(f.read(4096))
-        except OSError:
-            return None
-
-    @staticmethod
-    def _holder_has(pid: int, fd: int) -> bool:
-        """Does process `pid` have our `fd`'s device open? The same open file by kcmp
-        (KCMP_FILE) where the kernel has kcmp (CONFIG_KCMP); else the same character
-        device among its fds (a cdev can be bound through one open file only)."""
-        libc = ctypes.CDLL(None, use_errno=True)
-        try:
-            theirs = os.listdir(f"/proc/{pid}/fd")
-            mine = os.fstat(fd).st_rdev
-        except OSError:
-            return False
-        me = os.getpid()
-        kcmp = True
-        for entry in theirs:
-            if kcmp:
-                r = libc.syscall(_SYS_KCMP, me, pid, _KCMP_FILE, fd, int(entry))
-                if r == 0:
-                    return True
-                if r < 0 and ctypes.get_errno() == errno.ENOSYS:
-                    kcmp = False
-            if not kcmp:
-                try:
-                    st = os.stat(f"/proc/{pid}/fd/{entry}")
-                except OSError:
-                    continue
-                if stat.S_ISCHR(st.st_mode) and st.st_rdev == mine:
-                    return True
-        return False
 
     def devices(self, set_id: int | None = None) -> list[DeviceHandle]:
         sets = [set_id] if set_id is not None else sorted(self._devices)

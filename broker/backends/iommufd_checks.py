@@ -1,0 +1,109 @@
+"""What the kernel says about a delegated device, for the iommufd backend: is an fd a VFIO
+device cdev or /dev/iommu, does the holder have the device open, and the PASID widths
+that VT-d's ECAP and the device's PCIe PASID capability report. Reads sysfs, /proc and
+kcmp; changes nothing."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+
+from broker.core.errors import InvalidArgument
+
+SYS_DEV_CHAR = "/sys/dev/char"
+PCI_EXT_CAP_ID_PASID = 0x1B
+_SYS_KCMP = 312  # x86_64
+_KCMP_FILE = 0
+
+
+def pasid_bits_from_ecap(ecap: int) -> int:
+    """VT-d ECAP.PSS (bits 39:35) is the PASID width minus one; ECAP.PASID (bit 40) says
+    whether PASIDs are supported at all."""
+    if not (ecap >> 40) & 1:
+        return 0
+    return ((ecap >> 35) & 0x1F) + 1
+
+
+def pasid_bits_from_config(config: bytes) -> int:
+    """A PCIe function's PASID width from its config space (ext cap 0x1b; 0: none)."""
+    off = 0x100
+    seen = 0
+    while 0x100 <= off <= len(config) - 8 and seen < 64:
+        header = int.from_bytes(config[off : off + 4], "little")
+        if header in (0, 0xFFFFFFFF):
+            return 0
+        if header & 0xFFFF == PCI_EXT_CAP_ID_PASID:
+            cap = int.from_bytes(config[off + 4 : off + 6], "little")
+            return (cap >> 8) & 0x1F
+        off = header >> 20
+        seen += 1
+    return 0
+
+
+def vfio_device_path(fd: int) -> str:
+    """The sysfs path of the device behind a VFIO device cdev fd; refused if it is not one."""
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        raise InvalidArgument(f"iommufd adopt: device fd: {exc.strerror}") from None
+    if not stat.S_ISCHR(st.st_mode):
+        raise InvalidArgument("iommufd adopt: the device fd is not a VFIO device cdev")
+    node = f"{SYS_DEV_CHAR}/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+    cls = os.path.realpath(os.path.join(node, "subsystem"))
+    if os.path.basename(cls) != "vfio-dev":
+        raise InvalidArgument(
+            "iommufd adopt: the device fd is not a VFIO device cdev"
+            " (/dev/vfio/devices/vfioN; needs CONFIG_VFIO_DEVICE_CDEV)"
+        )
+    return os.path.realpath(os.path.join(node, "device"))
+
+
+def check_iommufd(fd: int, dev_iommu: str) -> None:
+    """Refused unless `fd` is an open /dev/iommu (the same character device)."""
+    try:
+        st = os.fstat(fd)
+        ref = os.stat(dev_iommu)
+    except OSError as exc:
+        raise InvalidArgument(f"iommufd adopt: iommufd: {exc.strerror}") from None
+    if not stat.S_ISCHR(st.st_mode) or st.st_rdev != ref.st_rdev:
+        raise InvalidArgument(f"iommufd adopt: the iommufd fd is not {dev_iommu}")
+
+
+def config_pasid_bits(syspath: str) -> int | None:
+    """The device's PASID width from its config space; None if it cannot be read."""
+    try:
+        with open(os.path.join(syspath, "config"), "rb") as f:
+            return pasid_bits_from_config(f.read(4096))
+    except OSError:
+        return None
+
+
+def holder_has(pid: int, fd: int) -> bool:
+    """Does process `pid` have our `fd`'s device open? The same open file by kcmp
+    (KCMP_FILE) where the kernel has kcmp (CONFIG_KCMP); else the same character
+    device among its fds (a cdev can be bound through one open file only)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        theirs = os.listdir(f"/proc/{pid}/fd")
+        mine = os.fstat(fd).st_rdev
+    except OSError:
+        return False
+    me = os.getpid()
+    kcmp = True
+    for entry in theirs:
+        if kcmp:
+            r = libc.syscall(_SYS_KCMP, me, pid, _KCMP_FILE, fd, int(entry))
+            if r == 0:
+                return True
+            if r < 0 and ctypes.get_errno() == errno.ENOSYS:
+                kcmp = False
+        if not kcmp:
+            try:
+                st = os.stat(f"/proc/{pid}/fd/{entry}")
+            except OSError:
+                continue
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev == mine:
+                return True
+    return False
