@@ -22,19 +22,15 @@ import time
 import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
-from broker.backends import iommufd_uapi as uapi  # noqa: E402
-from broker.backends.iommufd import IommufdBackend  # noqa: E402
-from broker.core.errors import PasidError  # noqa: E402
+from broker.backends import iommufd_uapi as uapi
+from broker.backends.iommufd import IommufdBackend
+from broker.core.errors import PasidError
+from tests.kernel.guest import SCRATCH, Result, emit, run_main
 
 DEBUGFS = Path("/sys/kernel/debug/iommu/intel/dmar_translation_struct")
 VENDOR, DEVICE = "0x1b36", "0x00f0"
-
-
-def say(event: str, **kw: object) -> None:
-    print("PBK " + json.dumps({"event": event, **kw}, default=str), flush=True)
 
 
 def pasid_entries() -> dict[str, list[int]]:
@@ -125,47 +121,47 @@ def client(cdev: str, *, bind: bool = True, pasid_hwpt: bool = True) -> tuple[in
 
 
 def main() -> int:
-    say("kernel", release=os.uname().release, dev_iommu=os.path.exists("/dev/iommu"))
+    emit("kernel", release=os.uname().release, dev_iommu=os.path.exists("/dev/iommu"))
     ecaps = {
         p.parent.parent.name: p.read_text().strip()
         for p in Path("/sys/class/iommu").glob("*/intel-iommu/ecap")
     }
-    say("ecap", ecaps=ecaps)
+    emit("ecap", ecaps=ecaps)
     devs = devices()
-    say("devices", devices=devs)
+    emit("devices", devices=devs)
     if not DEBUGFS.exists():
-        say("error", error=f"{DEBUGFS} missing (INTEL_IOMMU_DEBUGFS?)")
+        emit("error", error=f"{DEBUGFS} missing (INTEL_IOMMU_DEBUGFS?)")
         return 1
     pasid_devs = [n for n, d in devs.items() if d["config_pasid_bits"]]
     plain_devs = [n for n, d in devs.items() if not d["config_pasid_bits"]]
     if len(pasid_devs) < 2 or not plain_devs or any(not d["cdev"] for d in devs.values()):
-        say("error", error="expected 2 PASID devices and 1 without, all on vfio-pci")
+        emit("error", error="expected 2 PASID devices and 1 without, all on vfio-pci")
         return 1
     a, b, n = pasid_devs[0], pasid_devs[1], plain_devs[0]
     bdf = {k: str(v["bdf"]) for k, v in devs.items()}
-    say("entries at start", entries=pasid_entries())
+    emit("entries at start", entries=pasid_entries())
 
     be = IommufdBackend()
     caps = be.open()
-    say("backend open", pasid_bits=caps.pasid_bits, source=caps.pasid_bits_source,
+    emit("backend open", pasid_bits=caps.pasid_bits, source=caps.pasid_bits_source,
         detail=caps.detail, widths=be.iommu_widths)  # fmt: skip
 
     # -- set 1 (client A on device a): adopt, alloc -> attach, free -> detach ------------
     pid_a, sock_a = client(str(devs[a]["cdev"]))
     msg_a, fds_a = recv_fds(sock_a)
-    say("client A", **msg_a)
+    emit("client A", **msg_a)
     h1 = be.adopt_device(1, fds_a[0], fds_a[1], int(msg_a["dev_id"]), int(msg_a["hwpt"]),  # type: ignore[call-overload]
                          name="a", holder_pid=pid_a)  # fmt: skip
-    say("adopt A", **h1.describe())
+    emit("adopt A", **h1.describe())
     be.alloc(5, 5)
     be.attach(1, "a", 5)
-    say("attach A 5", entries=pasid_entries(), bdf=bdf[a])
+    emit("attach A 5", entries=pasid_entries(), bdf=bdf[a])
     # Same again: the kernel answers 0 (idempotent); the broker's view stays one owner.
     be.attach(1, "a", 5)
-    say("attach A 5 again", attachments=be.attachments())
+    emit("attach A 5 again", attachments=be.attachments())
     be.release(1, [5])
     be.free(5, 5)
-    say("free A 5", entries=pasid_entries(), attachments=be.attachments())
+    emit("free A 5", entries=pasid_entries(), attachments=be.attachments())
 
     # -- set 2 (client B on device b): the same number, now for another set --------------
     pid_b, sock_b = client(str(devs[b]["cdev"]))
@@ -181,13 +177,13 @@ def main() -> int:
         os.close(fd)  # adopt_delegated keeps its own copies
     be.alloc(5, 5)
     be.attach(2, "b", 5)
-    say("attach B 5", entries=pasid_entries())
+    emit("attach B 5", entries=pasid_entries())
     # The invariant, enforced: set 1 cannot get 5 attached while set 2's attachment stands.
     try:
         be.attach(1, "a", 5)
-        say("invariant", refused=False)
+        emit("invariant", refused=False)
     except PasidError as exc:
-        say("invariant", refused=True, error=type(exc).__name__, message=exc.message,
+        emit("invariant", refused=True, error=type(exc).__name__, message=exc.message,
             entries=pasid_entries())  # fmt: skip
 
     # -- bad input ----------------------------------------------------------------------
@@ -214,7 +210,7 @@ def main() -> int:
     os.waitpid(pid_n0, 0)
     pid_n, sock_n = client(str(devs[n]["cdev"]), pasid_hwpt=False)
     msg_n, fds_n = recv_fds(sock_n)
-    say("client N", **msg_n)
+    emit("client N", **msg_n)
     refuse("no PASID support", lambda: be.adopt_device(
         3, fds_n[0], fds_n[1], int(msg_n["dev_id"]), int(msg_n["hwpt"]), holder_pid=pid_n))  # type: ignore[call-overload]  # fmt: skip
     refuse("wrong dev_id", lambda: be.adopt_device(
@@ -246,7 +242,7 @@ def main() -> int:
     bad["beyond width"]["ioctls"] = len(calls)  # type: ignore[index]
     bad["beyond width"]["device_bits"] = h_cnt.pasid_bits  # type: ignore[index]
     be_counting.close()
-    say("bad input", **bad)
+    emit("bad input", **bad)
 
     # -- a set destroyed (its holder died): detach, then the number is free again --------
     be.alloc(7, 7)
@@ -259,12 +255,12 @@ def main() -> int:
     after_kill = pasid_entries()
     be.drop_set(1)
     be.free(7, 7)
-    say("holder died", before=before, after_kill=after_kill, after_drop=pasid_entries())
+    emit("holder died", before=before, after_kill=after_kill, after_drop=pasid_entries())
 
     # -- revoke of set 2: the same path as destruction -----------------------------------
     be.drop_set(2)
     be.free(5, 5)
-    say("revoke B", entries=pasid_entries(), attachments=be.attachments())
+    emit("revoke B", entries=pasid_entries(), attachments=be.attachments())
 
     # -- the broker dies while a client keeps its device open ----------------------------
     # Device a again: nothing holds it now (a cdev can be open for one bind at a time).
@@ -275,7 +271,7 @@ def main() -> int:
             break
         os.kill(pid_c, signal.SIGKILL)  # device a not released yet: say so, try again
         os.waitpid(pid_c, 0)
-        say("client C retry", **msg_c)
+        emit("client C retry", **msg_c)
         time.sleep(0.25)
     broker = os.fork()
     if broker == 0:
@@ -287,7 +283,7 @@ def main() -> int:
             be2.alloc(9, 9)
             be2.attach(1, "c", 9)
         except BaseException as exc:
-            say("broker child failed", error=repr(exc))
+            emit("broker child failed", error=repr(exc))
         os.kill(os.getpid(), signal.SIGKILL)
     os.waitpid(broker, 0)
     for fd in fds_c:
@@ -296,113 +292,92 @@ def main() -> int:
     os.kill(pid_c, signal.SIGKILL)
     os.waitpid(pid_c, 0)
     time.sleep(0.2)
-    say("broker died", after_broker_death=after_broker_death, after_client_exit=pasid_entries())
+    emit("broker died", after_broker_death=after_broker_death, after_client_exit=pasid_entries())
 
     for pid in (pid_b, pid_n):
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
     be.close()
-    say("entries at end", entries=pasid_entries())
+    emit("entries at end", entries=pasid_entries())
     run_daemon(str(devs[b]["cdev"]), bdf[b])
     return 0
 
 
 def run_daemon(cdev: str, bdf: str) -> None:
-    """The daemon's main() on --backend iommufd, in this process (a second Python start
-    costs ~30 s in TCG): a client reads GetInfo's widths and /metrics, then SIGTERMs it."""
-    import contextlib
-    import io
-    import threading
+    """The daemon's main() on --backend iommufd, in this process: a client reads GetInfo's
+    widths and /metrics, delegates a device and allocates on it, then SIGTERMs it."""
     import urllib.request
 
     from pasid_client import Client, obtain_ticket
 
-    from broker.__main__ import main as broker_main
+    sock = f"{SCRATCH}/iommufd.sock"
 
-    scratch = os.environ.get("PBK_SCRATCH", "/tmp")
-    sock = f"{scratch}/iommufd.sock"
-    result: dict[str, object] = {}
-
-    def client() -> None:
-        deadline = time.monotonic() + 60
-        while not os.path.exists(sock) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        try:
-            with Client(f"unix:{sock}") as c:
-                c.wait_ready(60)
-                info = c.info()
-                result["backend"] = info.backend
-                result["pasid_bits"] = info.pasid_bits
-                result["widths"] = [list(w) for w in info.widths]
-                with c.session("guest-vm") as sess:
-                    result["pasids"] = list(sess.alloc(1, 1023, count=2))
-                    try:
-                        sess.alloc(1, 1023, device="nope")
-                    except Exception as exc:
-                        result["unknown device"] = f"{type(exc).__name__}: {exc}"
-                # The whole path: a VMM binds its device, delegates it over the peer
-                # handshake (SCM_RIGHTS), allocs naming it; the kernel shows each step.
-                peer = os.path.join(os.path.dirname(sock), "peer.sock")
-                dev = os.open(cdev, os.O_RDWR)
-                ictx = os.open("/dev/iommu", os.O_RDWR)
-                dev_id = uapi.bind(dev, ictx)
-                hwpt = uapi.hwpt_alloc(
-                    ictx, dev_id, uapi.ioas_alloc(ictx), uapi.IOMMU_HWPT_ALLOC_PASID
-                )
+    def client(result: Result) -> None:
+        with Client(f"unix:{sock}") as c:
+            c.wait_ready(60)
+            info = c.info()
+            result["backend"] = info.backend
+            result["pasid_bits"] = info.pasid_bits
+            result["widths"] = [list(w) for w in info.widths]
+            with c.session("guest-vm") as sess:
+                result["pasids"] = list(sess.alloc(1, 1023, count=2))
                 try:
-                    with open("/dev/null", "rb") as null:
-                        meta = {"devices": [{"name": "x", "dev_id": 1, "pt_id": 1}]}
-                        obtain_ticket(peer, fds=[("device", null.fileno())], meta=meta)
+                    sess.alloc(1, 1023, device="nope")
                 except Exception as exc:
-                    result["bad handshake"] = f"{type(exc).__name__}: {exc}"
-                ticket = obtain_ticket(
-                    peer,
-                    fds=[("iommufd", ictx), ("device", dev)],
-                    meta={"devices": [{"name": "vf", "dev_id": dev_id, "pt_id": hwpt}]},
-                )
-                with c.session("vmm", ticket=ticket) as vmm:
-                    got = list(vmm.alloc(1, 1023, count=2, device="vf"))
-                    result["delegated alloc"] = got
-                    result["after alloc"] = pasid_entries().get(bdf, [])
-                    result["widths with device"] = [list(w) for w in c.info().widths]
-                    vmm.free(got[0], got[0])
-                    result["after free"] = pasid_entries().get(bdf, [])
-                    try:
-                        vmm.alloc(1 << 20, (1 << 20) + 5, device="vf")
-                    except Exception as exc:
-                        result["beyond width"] = f"{type(exc).__name__}: {exc}"
-                deadline = time.monotonic() + 10
-                while pasid_entries().get(bdf, []) and time.monotonic() < deadline:
-                    time.sleep(0.1)  # the set's end is committed after the stream closes
-                result["after session end"] = pasid_entries().get(bdf, [])
-                os.close(dev)
-                os.close(ictx)
-            body = urllib.request.urlopen("http://127.0.0.1:19464/metrics", timeout=10).read()
-            result["metrics"] = [
-                ln for ln in body.decode().splitlines() if ln.startswith("pasid_broker_pasid_width")
-            ]
-        except Exception as exc:
-            result["error"] = repr(exc)
-        finally:
-            os.kill(os.getpid(), signal.SIGTERM)
+                    result["unknown device"] = f"{type(exc).__name__}: {exc}"
+            # The whole path: a VMM binds its device, delegates it over the peer
+            # handshake (SCM_RIGHTS), allocs naming it; the kernel shows each step.
+            peer = os.path.join(os.path.dirname(sock), "peer.sock")
+            dev = os.open(cdev, os.O_RDWR)
+            ictx = os.open("/dev/iommu", os.O_RDWR)
+            dev_id = uapi.bind(dev, ictx)
+            hwpt = uapi.hwpt_alloc(ictx, dev_id, uapi.ioas_alloc(ictx), uapi.IOMMU_HWPT_ALLOC_PASID)
+            try:
+                with open("/dev/null", "rb") as null:
+                    meta = {"devices": [{"name": "x", "dev_id": 1, "pt_id": 1}]}
+                    obtain_ticket(peer, fds=[("device", null.fileno())], meta=meta)
+            except Exception as exc:
+                result["bad handshake"] = f"{type(exc).__name__}: {exc}"
+            ticket = obtain_ticket(
+                peer,
+                fds=[("iommufd", ictx), ("device", dev)],
+                meta={"devices": [{"name": "vf", "dev_id": dev_id, "pt_id": hwpt}]},
+            )
+            with c.session("vmm", ticket=ticket) as vmm:
+                got = list(vmm.alloc(1, 1023, count=2, device="vf"))
+                result["delegated alloc"] = got
+                result["after alloc"] = pasid_entries().get(bdf, [])
+                result["widths with device"] = [list(w) for w in c.info().widths]
+                vmm.free(got[0], got[0])
+                result["after free"] = pasid_entries().get(bdf, [])
+                try:
+                    vmm.alloc(1 << 20, (1 << 20) + 5, device="vf")
+                except Exception as exc:
+                    result["beyond width"] = f"{type(exc).__name__}: {exc}"
+            deadline = time.monotonic() + 10
+            while pasid_entries().get(bdf, []) and time.monotonic() < deadline:
+                time.sleep(0.1)  # the set's end is committed after the stream closes
+            result["after session end"] = pasid_entries().get(bdf, [])
+            os.close(dev)
+            os.close(ictx)
+        body = urllib.request.urlopen("http://127.0.0.1:19464/metrics", timeout=10).read()
+        result["metrics"] = [
+            ln for ln in body.decode().splitlines() if ln.startswith("pasid_broker_pasid_width")
+        ]
 
-    thread = threading.Thread(target=client, daemon=True)
-    thread.start()
-    err = io.StringIO()
-    argv = ["--backend", "iommufd", "--db", f"{scratch}/iommufd.db", "--socket", sock,
+    argv = ["--backend", "iommufd", "--db", f"{SCRATCH}/iommufd.db", "--socket", sock,
             "--metrics-address", "127.0.0.1:19464", "--log-format", "json"]  # fmt: skip
-    with contextlib.redirect_stderr(err):
-        result["status"] = broker_main(argv)
-    thread.join(30)
-    result["log"] = [ln for ln in err.getvalue().splitlines() if "iommufd" in ln][:3]
-    say("daemon", **result)
+    status, stderr, result = run_main(argv, sock, client)
+    result["status"] = status
+    result["log"] = [ln for ln in stderr.splitlines() if "iommufd" in ln][:3]
+    emit("daemon", **result)
 
 
 if __name__ == "__main__":
     try:
         code = main()
     except BaseException as exc:
-        say("error", error=repr(exc), trace=traceback.format_exc()[-3000:])
+        emit("error", error=repr(exc), trace=traceback.format_exc()[-3000:])
         code = 1
-    say("guest script done", status=code, errno=errno.errorcode.get(0, 0))
+    emit("guest script done", status=code, errno=errno.errorcode.get(0, 0))
     sys.exit(code)

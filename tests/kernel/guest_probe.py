@@ -8,24 +8,14 @@ daemon serving on the documented fallback. The host-side test asserts on them.
 from __future__ import annotations
 
 import glob
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "proto"))
-sys.path.insert(0, str(ROOT / "clients"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
-SCRATCH = os.environ.get("PBK_SCRATCH", "/tmp")
-
-
-def emit(event: str, **data: object) -> None:
-    uptime = float(Path("/proc/uptime").read_text().split()[0])
-    line = json.dumps({"event": event, "uptime": uptime, **data}, default=str)
-    print("PBK " + line, flush=True)
+from tests.kernel.guest import SCRATCH, Result, emit, run_main
 
 
 def edu_group() -> str:
@@ -79,74 +69,47 @@ def daemon(*args: str, db: str) -> list[str]:
 
 
 def run_refusal(group: str) -> None:
-    """The daemon's own main(), in this process (a second Python start costs ~20 s in TCG)."""
-    import contextlib
-    import io
-
-    from broker.__main__ import main as broker_main
-
+    """The daemon's own main() refusing the vfio backend this kernel cannot serve."""
     t0 = time.monotonic()
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        status = broker_main(daemon("--backend", "vfio", "--vfio-group", group, db="refuse")[3:])
+    status, stderr, _ = run_main(
+        daemon("--backend", "vfio", "--vfio-group", group, db="refuse")[3:]
+    )
     emit(
         "daemon refusal",
         status=status,
-        stderr=err.getvalue().strip().splitlines()[-1:],
+        stderr=stderr.strip().splitlines()[-1:],
         seconds=round(time.monotonic() - t0, 1),
     )
 
 
 def run_fallback(group: str) -> None:
-    """The daemon's main() asked for the documented fallback, serving a real client.
-
-    In this process, like the refusal: a second Python start costs ~30 s in TCG. main()
-    runs in the main thread (it owns the signal handlers); a client thread allocates, then
-    stops it with SIGTERM as an operator would.
-    """
-    import contextlib
-    import io
-    import signal
-    import threading
-
+    """The daemon's main() asked for the documented fallback, serving a real client that
+    allocates, then stops it with SIGTERM."""
     from pasid_client import Client
-
-    from broker.__main__ import main as broker_main
 
     t0 = time.monotonic()
     sock = f"{SCRATCH}/fallback.sock"
-    result: dict[str, object] = {}
 
-    def client() -> None:
-        deadline = time.monotonic() + 60
-        while not os.path.exists(sock) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if not os.path.exists(sock):
-            result["error"] = "the daemon never listened"
-            return
-        try:
-            with Client(f"unix:{sock}") as c:
-                c.wait_ready(60)  # it listens before recovery is done
-                info = c.info()
-                with c.session("guest-vm") as s:
-                    result["pasids"] = list(s.alloc(1, 1023, count=2))
-                result["backend"] = info.backend
-                result["pasid_bits"] = info.pasid_bits
-        except Exception as exc:
-            result["error"] = repr(exc)
-        finally:
-            os.kill(os.getpid(), signal.SIGTERM)
+    def client(result: Result) -> None:
+        with Client(f"unix:{sock}") as c:
+            c.wait_ready(60)  # it listens before recovery is done
+            info = c.info()
+            with c.session("guest-vm") as s:
+                result["pasids"] = list(s.alloc(1, 1023, count=2))
+            result["backend"] = info.backend
+            result["pasid_bits"] = info.pasid_bits
 
-    thread = threading.Thread(target=client, daemon=True)
-    thread.start()
-    err = io.StringIO()
     argv = daemon("--backend", "vfio", "--vfio-group", group, "--vfio-fallback", "simulator",
                   db="fallback")[3:]  # fmt: skip
-    with contextlib.redirect_stderr(err):
-        result["status"] = broker_main(argv)
-    thread.join(30)
-    lines = [line for line in err.getvalue().splitlines() if "fallback" in line]
-    emit("daemon fallback", **result, log=lines[:3], seconds=round(time.monotonic() - t0, 1))
+    status, stderr, result = run_main(argv, sock, client)
+    lines = [line for line in stderr.splitlines() if "fallback" in line]
+    emit(
+        "daemon fallback",
+        **result,
+        status=status,
+        log=lines[:3],
+        seconds=round(time.monotonic() - t0, 1),
+    )
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.kernel import iommufd_vm
+from tests.kernel import vm
 from tests.kernel.build_kernel import Unavailable
 
 pytestmark = pytest.mark.timeout(3600)  # the first run builds the kernel
@@ -37,14 +37,14 @@ def _say(request: pytest.FixtureRequest, text: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def guest(request: pytest.FixtureRequest) -> Iterator[tuple[Events, iommufd_vm.Boot]]:
+def guest(request: pytest.FixtureRequest) -> Iterator[tuple[Events, vm.Boot]]:
     try:
-        prep = iommufd_vm.prepare(build=os.environ.get("PBK_KERNEL_BUILD", "1") != "0")
+        prep = vm.prepare_iommufd(build=os.environ.get("PBK_KERNEL_BUILD", "1") != "0")
     except Unavailable as exc:
         _say(request, f"SKIPPED: {exc}")
         pytest.skip(f"iommufd tier unavailable: {exc}")
     _say(request, f"{prep.notes}: {prep.bzimage}")
-    b = iommufd_vm.boot(prep, iommufd_vm.ROOT / "tests" / "kernel" / "guest_iommufd.py")
+    b = vm.boot_iommufd(prep, vm.ROOT / "tests" / "kernel" / "guest_iommufd.py")
     _say(request, f"guest booted, ran and powered off in {b.seconds:.1f} s (qemu {b.returncode})")
     events: Events = {}
     for r in b.results:
@@ -196,7 +196,7 @@ def test_everything_is_detached_at_the_end(guest: tuple[Events, object]) -> None
     assert entries(ev["entries at end"]) == start
 
 
-def test_qemu_saw_pasid_cache_invalidations(guest: tuple[Events, iommufd_vm.Boot]) -> None:
+def test_qemu_saw_pasid_cache_invalidations(guest: tuple[Events, vm.Boot]) -> None:
     """The emulated IOMMU's side: the guest driver invalidated the PASID-cache entries of
     exactly the PASIDs the broker attached (5, 7, 9 directly; 1, 2 by the daemon for a
     delegated device; 0 is the devices' RID entries), and none for 6 (the page table

@@ -39,7 +39,7 @@ def guest(request: pytest.FixtureRequest) -> Iterator[dict[str, dict[str, object
     except vm.Unavailable as exc:
         _say(request, f"SKIPPED: {exc}")
         pytest.skip(f"kernel tier unavailable: {exc}")
-    b = vm.boot(vm.ROOT / "tests" / "kernel" / "guest_probe.py")
+    b = vm.boot_debian(vm.ROOT / "tests" / "kernel" / "guest_probe.py")
     _say(
         request,
         f"guest booted, ran and powered off in {b.seconds:.1f} s (qemu status {b.returncode})",

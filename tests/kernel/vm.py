@@ -1,8 +1,16 @@
-"""A Debian kernel under QEMU (TCG) with an emulated VT-d IOMMU and a device on vfio-pci.
+"""The kernel tiers' guests: a kernel under QEMU (TCG) with an emulated VT-d IOMMU, running
+this host's own Python on this checkout over a read-only 9p share, so what it tests is
+exactly the code here. The guest writes `PBK {json}` lines on its serial console; a boot
+returns them.
 
-Everything comes from Debian packages (PACKAGES): the guest runs this host's own Python
-and this checkout, read-only over 9p, so what it tests is exactly the code here. The
-guest writes `PBK {json}` lines on its serial console; `boot()` returns them.
+Two guests share the /init, the initramfs packing and the boot:
+- Debian's kernel (`ensure_packages`, `boot_debian`): the vfio backend, with QEMU's edu
+  device on vfio-pci. Everything comes from Debian packages (PACKAGES).
+- Linux 7.2 built from Debian's source, under sid's QEMU 11 (`prepare_iommufd`,
+  `boot_iommufd`): the iommufd backend, with three vfio-user devices served by
+  vfio_user_server.py (two with a 20-bit PASID capability, one without). The kernel and
+  QEMU come from build_kernel.py's cache outside the checkout.
+Either raises Unavailable with the reason when this machine cannot run it.
 """
 
 from __future__ import annotations
@@ -15,30 +23,38 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent.parent
-CACHE = ROOT / ".cache" / "kernel-tier"
-PACKAGES = ("qemu-system-x86", "linux-image-amd64", "busybox-static", "cpio", "kmod")
-# What the guest loads (dependencies come from modules.dep).
-MODULES = ("virtio_pci", "9pnet_virtio", "9p", "vfio", "vfio_iommu_type1", "vfio-pci")
-EDU = ("0x1234", "0x11e8")  # QEMU's educational PCI device: a harmless thing to bind
+from tests.kernel import build_kernel
+from tests.kernel.build_kernel import Unavailable
 
+__all__ = ["Boot", "Prepared", "Unavailable", "boot_debian", "boot_iommufd", "prepare_iommufd"]
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+# The guest's /init: mount what the script needs, load the initramfs's modules (if any),
+# mount the host's root over 9p, bind the devices `pbk.bind=VENDOR:DEVICE` names to
+# vfio-pci, then run `pbk.script` with `pbk.python` chrooted into the host's root.
 INIT = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
+mount -t debugfs debugfs /sys/kernel/debug
+ifconfig lo 127.0.0.1 up  # the daemon's /metrics is scraped over loopback
 for x in $(cat /proc/cmdline); do
   case "$x" in
     pbk.python=*) PY="${x#pbk.python=}" ;;
     pbk.script=*) SCRIPT="${x#pbk.script=}" ;;
     pbk.scratch=*) SCRATCH="${x#pbk.scratch=}" ;;
+    pbk.bind=*) BIND="${x#pbk.bind=}" ;;
   esac
 done
-for m in $(cat /modules.order); do
+for m in $(cat /modules.order 2>/dev/null); do
   insmod "/modules/$m" || echo "PBK {\"event\": \"insmod failed\", \"module\": \"$m\"}"
 done
 mkdir -p /host
@@ -46,7 +62,7 @@ mkdir -p /host
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=524288 hostroot /host \
   || echo 'PBK {"event": "9p mount failed"}'
 for d in /sys/bus/pci/devices/*; do
-  if [ "$(cat $d/vendor)" = "EDU_VENDOR" ] && [ "$(cat $d/device)" = "EDU_DEVICE" ]; then
+  if [ "$(cat $d/vendor):$(cat $d/device)" = "$BIND" ]; then
     echo vfio-pci > "$d/driver_override"
     echo "${d##*/}" > /sys/bus/pci/drivers_probe
   fi
@@ -54,17 +70,150 @@ done
 mount -t devtmpfs dev /host/dev
 mount -t proc proc /host/proc
 mount -t sysfs sys /host/sys
+mount -t debugfs debugfs /host/sys/kernel/debug
 mount -t tmpfs scratch "/host$SCRATCH"
 chroot /host /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME="$SCRATCH" \
   TMPDIR="$SCRATCH" PYTHONDONTWRITEBYTECODE=1 PBK_SCRATCH="$SCRATCH" "$PY" "$SCRIPT"
 echo "PBK {\"event\": \"guest done\", \"status\": $?}"
 echo o > /proc/sysrq-trigger
 sleep 30
-""".replace("EDU_VENDOR", EDU[0]).replace("EDU_DEVICE", EDU[1])
+"""
 
 
-class Unavailable(Exception):
-    """This machine cannot run the tier; the message says why (the test skips with it)."""
+@dataclass
+class Boot:
+    seconds: float
+    returncode: int | None
+    console: str
+    results: list[dict[str, object]]
+    trace: str = ""  # QEMU's -trace output (the iommufd guest)
+    server_logs: list[str] = field(default_factory=list)  # the vfio-user servers' stderr
+
+
+def _check_host() -> None:
+    if platform.machine() != "x86_64":
+        raise Unavailable(f"needs an x86_64 host (this is {platform.machine()})")
+    if os.environ.get("PBK_KERNEL_TIER") == "skip":
+        raise Unavailable("PBK_KERNEL_TIER=skip")
+
+
+def static_busybox() -> bool:
+    """A dynamic busybox cannot run alone in the initramfs."""
+    bb = Path("/bin/busybox")
+    if not bb.exists() or b"ELF" not in bb.read_bytes()[:4]:
+        return False
+    r = subprocess.run(["ldd", str(bb)], capture_output=True, text=True, check=False)
+    return r.returncode != 0 or "not a dynamic" in (r.stdout + r.stderr)
+
+
+def pack_initramfs(out: Path, modules: Mapping[str, bytes] | None = None) -> Path:
+    """busybox, /init and `modules` (name -> .ko, loaded in this order) into the newc cpio
+    `out`, unless it is there already (the caller's name keys what went in)."""
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        tree = Path(tmp)
+        for d in ("bin", "proc", "sys", "dev", "modules", "host"):
+            (tree / d).mkdir()
+        shutil.copy2("/bin/busybox", tree / "bin" / "busybox")
+        modules = modules or {}
+        for name, data in modules.items():
+            (tree / "modules" / name).write_bytes(data)
+        if modules:
+            (tree / "modules.order").write_text("\n".join(modules) + "\n")
+        (tree / "init").write_text(INIT)
+        (tree / "init").chmod(0o755)
+        files = subprocess.run(
+            ["find", "."], cwd=tree, capture_output=True, text=True, check=True
+        ).stdout
+        tmp_out = out.with_suffix(".tmp")
+        with tmp_out.open("wb") as f:
+            subprocess.run(
+                ["cpio", "-o", "-H", "newc", "--quiet"],
+                cwd=tree,
+                input=files.encode(),
+                stdout=f,
+                check=True,
+            )
+        tmp_out.rename(out)
+    return out
+
+
+def _init_key(*parts: object) -> str:
+    return hashlib.sha256("\n".join(map(str, (INIT, *parts))).encode()).hexdigest()[:16]
+
+
+def run_guest(
+    qemu: Sequence[str],
+    kernel: Path,
+    initrd: Path,
+    script: Path,
+    *,
+    iommu: str,
+    bind: tuple[str, str],
+    devices: Sequence[str],
+    extra: Sequence[str] = (),
+    timeout: float,
+) -> Boot:
+    """Boot, run `script` with this host's Python inside the guest, power off."""
+    scratch = "/mnt" if str(ROOT).startswith("/tmp/") or str(ROOT) == "/tmp" else "/tmp"
+    append = (
+        "console=ttyS0 intel_iommu=on,sm_on panic=-1 quiet"
+        f" pbk.python={sys.executable} pbk.script={script} pbk.scratch={scratch}"
+        f" pbk.bind={bind[0]}:{bind[1]}"
+    )
+    cmd = [
+        *qemu,
+        "-accel", "tcg",
+        "-machine", "q35,kernel-irqchip=split",
+        "-m", "1024",
+        "-smp", "2",
+        "-device", iommu,
+        *devices,
+        "-vga", "none",
+        "-nic", "none",
+        "-kernel", str(kernel),
+        "-initrd", str(initrd),
+        "-append", append,
+        "-virtfs",
+        "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+        *extra,
+        "-nographic", "-no-reboot",
+    ]  # fmt: skip
+    t0 = time.monotonic()
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, errors="replace")
+        code: int | None = r.returncode
+        console = r.stdout + r.stderr
+    except subprocess.TimeoutExpired as exc:
+        code = None
+        out = exc.stdout or b""
+        console = out.decode(errors="replace") if isinstance(out, bytes) else out
+    return Boot(time.monotonic() - t0, code, console, guest_events(console))
+
+
+def guest_events(console: str) -> list[dict[str, object]]:
+    """The guest's `PBK {json}` lines; the first may follow the firmware's escape codes."""
+    results: list[dict[str, object]] = []
+    for line in console.splitlines():
+        at = line.find("PBK {")
+        if at >= 0:
+            line = line[at:]
+            try:
+                results.append(json.loads(line[4:]))
+            except json.JSONDecodeError:
+                results.append({"event": "unparsed", "line": line})
+    return results
+
+
+# -- Debian's kernel: the vfio backend ------------------------------------------------
+
+CACHE = ROOT / ".cache" / "kernel-tier"
+PACKAGES = ("qemu-system-x86", "linux-image-amd64", "busybox-static", "cpio", "kmod")
+# What the guest loads (dependencies come from modules.dep).
+MODULES = ("virtio_pci", "9pnet_virtio", "9p", "vfio", "vfio_iommu_type1", "vfio-pci")
+EDU = ("0x1234", "0x11e8")  # QEMU's educational PCI device: a harmless thing to bind
 
 
 @dataclass(frozen=True)
@@ -72,10 +221,6 @@ class Kernel:
     version: str
     vmlinuz: Path
     modules: Path
-
-
-def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def find_kernel() -> Kernel | None:
@@ -96,10 +241,8 @@ def _missing() -> list[str]:
         need.append("qemu-system-x86")
     if find_kernel() is None:
         need.append("linux-image-amd64")
-    if not Path("/bin/busybox").exists() or b"ELF" not in Path("/bin/busybox").read_bytes()[:4]:
+    if not static_busybox():
         need.append("busybox-static")
-    elif _run(["ldd", "/bin/busybox"], 10).returncode == 0:
-        need.append("busybox-static")  # a dynamic busybox cannot run alone in the initramfs
     if not shutil.which("cpio"):
         need.append("cpio")
     return need
@@ -107,10 +250,7 @@ def _missing() -> list[str]:
 
 def ensure_packages() -> str:
     """Install what is missing from Debian; returns what was done. Raises Unavailable."""
-    if platform.machine() != "x86_64":
-        raise Unavailable(f"needs an x86_64 host (this is {platform.machine()})")
-    if os.environ.get("PBK_KERNEL_TIER") == "skip":
-        raise Unavailable("PBK_KERNEL_TIER=skip")
+    _check_host()
     need = _missing()
     if not need:
         return "packages present"
@@ -152,102 +292,148 @@ def _load_order(kernel: Kernel) -> list[str]:
     return order
 
 
-def build_initramfs(kernel: Kernel) -> Path:
+def debian_initramfs(kernel: Kernel) -> Path:
     """busybox + the modules + /init, cached by kernel version and /init's text."""
-    key = hashlib.sha256(f"{kernel.version}\n{INIT}\n{MODULES}".encode()).hexdigest()[:16]
-    out = CACHE / f"initramfs-{kernel.version}-{key}.cpio"
+    out = CACHE / f"initramfs-{kernel.version}-{_init_key(kernel.version, MODULES)}.cpio"
     if out.exists():
         return out
-    CACHE.mkdir(parents=True, exist_ok=True)
-    tree = CACHE / f"tree-{key}"
-    shutil.rmtree(tree, ignore_errors=True)
-    for d in ("bin", "proc", "sys", "dev", "modules", "host"):
-        (tree / d).mkdir(parents=True)
-    shutil.copy2("/bin/busybox", tree / "bin" / "busybox")
-    names = []
+    modules: dict[str, bytes] = {}
     for rel in _load_order(kernel):
         src = kernel.modules / rel
         name = Path(rel).name
         if name.endswith(".ko.xz"):
-            data = lzma.decompress(src.read_bytes())
-            name = name.removesuffix(".xz")
+            modules[name.removesuffix(".xz")] = lzma.decompress(src.read_bytes())
         elif name.endswith(".ko"):
-            data = src.read_bytes()
+            modules[name] = src.read_bytes()
         else:
             raise Unavailable(f"cannot unpack module {rel} (only .ko and .ko.xz)")
-        (tree / "modules" / name).write_bytes(data)
-        names.append(name)
-    (tree / "modules.order").write_text("\n".join(names) + "\n")
-    init = tree / "init"
-    init.write_text(INIT)
-    init.chmod(0o755)
-    files = subprocess.run(
-        ["find", "."], cwd=tree, capture_output=True, text=True, check=True
-    ).stdout
-    tmp = out.with_suffix(".tmp")
-    with tmp.open("wb") as f:
-        subprocess.run(
-            ["cpio", "-o", "-H", "newc", "--quiet"],
-            cwd=tree,
-            input=files.encode(),
-            stdout=f,
-            check=True,
-        )
-    tmp.rename(out)
-    shutil.rmtree(tree, ignore_errors=True)
-    return out
+    return pack_initramfs(out, modules)
 
 
-@dataclass
-class Boot:
-    seconds: float
-    returncode: int | None
-    console: str
-    results: list[dict[str, object]]
-
-
-def boot(script: Path, timeout: float = 150.0) -> Boot:
-    """Boot the guest, run `script` with this host's Python inside it, power off."""
+def boot_debian(script: Path, timeout: float = 150.0) -> Boot:
+    """Boot Debian's kernel with the edu device on vfio-pci and run `script` in it."""
     kernel = find_kernel()
     if kernel is None:
         raise Unavailable("no kernel with 9p and vfio-pci modules in /boot")
-    initrd = build_initramfs(kernel)
-    scratch = "/mnt" if str(ROOT).startswith("/tmp/") or str(ROOT) == "/tmp" else "/tmp"
-    append = (
-        "console=ttyS0 intel_iommu=on,sm_on panic=-1 quiet"
-        f" pbk.python={sys.executable} pbk.script={script} pbk.scratch={scratch}"
+    return run_guest(
+        ["qemu-system-x86_64"],
+        kernel.vmlinuz,
+        debian_initramfs(kernel),
+        script,
+        iommu="intel-iommu,intremap=on,caching-mode=on,x-scalable-mode=on,x-pasid-mode=on",
+        bind=EDU,
+        devices=["-device", "edu"],
+        timeout=timeout,
     )
-    cmd = [
-        "qemu-system-x86_64",
-        "-accel", "tcg",
-        "-machine", "q35,kernel-irqchip=split",
-        "-m", "1024",
-        "-smp", "2",
-        "-device", "intel-iommu,intremap=on,caching-mode=on,x-scalable-mode=on,x-pasid-mode=on",
-        "-device", "edu",
-        "-vga", "none",
-        "-nic", "none",
-        "-kernel", str(kernel.vmlinuz),
-        "-initrd", str(initrd),
-        "-append", append,
-        "-virtfs",
-        "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
-        "-nographic", "-no-reboot",
-    ]  # fmt: skip
+
+
+# -- Linux 7.2 from Debian's source: the iommufd backend ------------------------------
+
+SERVER = Path(__file__).resolve().parent / "vfio_user_server.py"
+DEVICE_BITS = (20, 20, 0)  # two PASID-capable devices and one without
+VFIO_USER = ("0x1b36", "0x00f0")  # vendor:device of the vfio-user devices
+
+
+@dataclass
+class Prepared:
+    bzimage: Path
+    qemu: list[str]
+    initramfs: Path
+    notes: str
+
+
+def _busybox_for_iommufd() -> None:
+    """busybox-static and cpio, installed if missing and we may (root)."""
+    if (not static_busybox() or not shutil.which("cpio")) and os.geteuid() == 0:
+        subprocess.run(
+            [
+                "apt-get",
+                "install",
+                "-y",
+                "-qq",
+                "--no-install-recommends",
+                "busybox-static",
+                "cpio",
+            ],
+            capture_output=True,
+            check=False,
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+        )
+    if not static_busybox():
+        raise Unavailable("needs busybox-static (/bin/busybox, not dynamic)")
+    if not shutil.which("cpio"):
+        raise Unavailable("needs cpio")
+
+
+def prepare_iommufd(*, build: bool = True) -> Prepared:
+    """Kernel, QEMU and initramfs, from the cache (building/fetching them if `build`)."""
+    _check_host()
     t0 = time.monotonic()
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, errors="replace")
-        code: int | None = r.returncode
-        console = r.stdout + r.stderr
-    except subprocess.TimeoutExpired as exc:
-        code = None
-        out = exc.stdout or b""
-        console = out.decode(errors="replace") if isinstance(out, bytes) else out
-    results = []
-    for line in console.splitlines():
-        if line.startswith("PBK "):
-            try:
-                results.append(json.loads(line[4:]))
-            except json.JSONDecodeError:
-                results.append({"event": "unparsed", "line": line})
-    return Boot(time.monotonic() - t0, code, console, results)
+    cached = build_kernel.cached_kernel()
+    if cached is None and not build:
+        raise Unavailable("no cached kernel and building is off")
+    bzimage = cached or build_kernel.build_kernel()
+    root = build_kernel.qemu_root()
+    initramfs = build_kernel.CACHE / f"initramfs-iommufd-{_init_key()}.cpio"
+    if not initramfs.exists():
+        _busybox_for_iommufd()
+        pack_initramfs(initramfs)
+    took = time.monotonic() - t0
+    how = "from cache" if cached else "built"
+    return Prepared(
+        bzimage, build_kernel.qemu_command(root), initramfs, f"kernel {how} ({took:.0f} s)"
+    )
+
+
+def boot_iommufd(p: Prepared, script: Path, timeout: float = 240.0) -> Boot:
+    """Start the vfio-user device servers, boot, run `script` in the guest, power off."""
+    with tempfile.TemporaryDirectory(prefix="pbk-iommufd-") as tmp:
+        servers = []
+        devices = []
+        logs = []
+        for i, bits in enumerate(DEVICE_BITS):
+            sock = Path(tmp) / f"dev{i}.sock"
+            log = (Path(tmp) / f"dev{i}.log").open("w")
+            logs.append(log)
+            srv = subprocess.Popen(
+                [sys.executable, str(SERVER), str(sock), str(bits)],
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+            )
+            assert srv.stdout is not None
+            srv.stdout.readline()  # "listening"
+            servers.append(srv)
+            spec = {"driver": "vfio-user-pci", "socket": {"type": "unix", "path": str(sock)}}
+            devices += ["-device", json.dumps(spec)]
+        trace = Path(tmp) / "trace.log"
+        try:
+            b = run_guest(
+                p.qemu,
+                p.bzimage,
+                p.initramfs,
+                script,
+                iommu="intel-iommu,intremap=on,caching-mode=on,scalable-mode=on,pasid-bits=20",
+                bind=VFIO_USER,
+                devices=devices,
+                extra=["-trace", "vtd_inv_desc_pasid_cache*", "-D", str(trace)],
+                timeout=timeout,
+            )
+        finally:
+            for srv in servers:
+                srv.kill()
+                srv.wait()
+            for log in logs:
+                log.close()
+        b.server_logs = [(Path(tmp) / f"dev{i}.log").read_text() for i in range(len(DEVICE_BITS))]
+        b.trace = trace.read_text(errors="replace") if trace.exists() else ""
+    return b
+
+
+if __name__ == "__main__":
+    prep = prepare_iommufd()
+    b = boot_iommufd(prep, ROOT / "tests" / "kernel" / "guest_iommufd.py")
+    print(b.console[-6000:])
+    print("trace:", b.trace[-3000:])
+    print("servers:", b.server_logs)
+    print(f"{b.seconds:.1f} s, status {b.returncode}")
