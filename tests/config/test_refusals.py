@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.other_uid import setpriv
 from tests.harness import ROOT
 
 PREFIX = "pasid-broker: cannot start: "
@@ -33,7 +34,7 @@ class Case:
 def _as_nobody(d: Path) -> list[str] | str:
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         return "needs root and setpriv to run the broker as an unprivileged user"
-    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    return setpriv()
 
 
 def _readonly_mount(d: Path) -> list[str] | str:
@@ -46,6 +47,15 @@ def _readonly_mount(d: Path) -> list[str] | str:
     (d / "ro").mkdir()
     mount = f'mount -t tmpfs -o ro tmpfs {d}/ro && exec "$@"'
     return ["unshare", "-m", "--propagation", "private", "sh", "-c", mount, "sh"]
+
+
+def run_broker(
+    workdir: Path, *args: str, wrap: list[str] | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`python -m broker` on a database and socket in `workdir`, no metrics port."""
+    cmd = [*(wrap or []), sys.executable, "-m", "broker", "--db", f"{workdir}/b.db",
+           "--socket", f"{workdir}/b.sock", "--metrics-address", "off", *args]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=ROOT, env=env)
 
 
 @pytest.fixture
@@ -164,22 +174,7 @@ def test_refusal_is_one_line_and_exit_2(name: str, workdir: Path) -> None:
                 pytest.skip(got)
             wrap = got
         env = {k: v for k, v in os.environ.items() if not k.startswith("PASID_BROKER_")}
-        cmd = [
-            *wrap,
-            sys.executable,
-            "-m",
-            "broker",
-            "--db",
-            f"{workdir}/b.db",
-            "--socket",
-            f"{workdir}/b.sock",
-            "--metrics-address",
-            "off",
-            *args,
-        ]
-        r = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=30, cwd=ROOT, env={**env, **case.env}
-        )
+        r = run_broker(workdir, *args, wrap=wrap, env={**env, **case.env})
     finally:
         taken.close()
     lines = r.stderr.splitlines()
@@ -210,25 +205,7 @@ def test_refusal_in_json_log_mode_is_one_json_line(workdir: Path) -> None:
     import json
 
     (workdir / "b.db").write_text("not a database")
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "broker",
-            "--db",
-            f"{workdir}/b.db",
-            "--socket",
-            f"{workdir}/b.sock",
-            "--metrics-address",
-            "off",
-            "--log-format",
-            "json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=ROOT,
-    )
+    r = run_broker(workdir, "--log-format", "json")
     assert r.returncode == 2, r.stderr
     last = json.loads(r.stderr.splitlines()[-1])
     assert last["level"] == "error" and last["msg"].startswith("cannot start: ")

@@ -27,9 +27,14 @@ def require_setpriv() -> None:
         pytest.skip("setpriv (util-linux) is not installed")
 
 
+def setpriv(uid: int = NOBODY) -> list[str]:
+    """The command prefix that runs the rest as uid/gid `uid` with no supplementary groups."""
+    return ["setpriv", "--reuid", str(uid), "--regid", str(uid), "--clear-groups"]
+
+
 def as_nobody(argv: list[str], **kw: object) -> subprocess.Popen[str]:
     """Start argv as uid/gid 65534 with no supplementary groups."""
-    cmd = ["setpriv", "--reuid", str(NOBODY), "--regid", str(NOBODY), "--clear-groups", *argv]
+    cmd = [*setpriv(), *argv]
     return subprocess.Popen(cmd, text=True, **kw)  # type: ignore[call-overload,no-any-return]
 
 

@@ -8,8 +8,10 @@ python and the client library, as a hostile tenant would.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +42,27 @@ def state(b: BrokerProcess) -> tuple[dict[int, list[int]], Any]:
     return api_holdings(b.address), (q.per_set, q.per_client, q.global_)
 
 
-def _holding_broker(*flags: str) -> BrokerProcess:
+@contextlib.contextmanager
+def open_to_nobody(*flags: str) -> Iterator[BrokerProcess]:
+    """A broker (not started yet) whose directory uid 65534 may enter; cleaned up after."""
+    require_setpriv()
     b = BrokerProcess(*flags)
     open_for_nobody(b.dir)
-    return b
+    try:
+        yield b
+    finally:
+        b.cleanup()
+
+
+def probe_beside_root(b: BrokerProcess, calls: list[dict[str, Any]]) -> list[list[Any]]:
+    """`probe(calls)` while root's session holds three PASIDs; whatever uid 65534 was
+    answered, root's holdings and the quotas are the same afterwards."""
+    with Client(b.address) as c, c.session("root-vm", grace_seconds=60) as s:
+        s.alloc(1, 100, 3)
+        before = state(b)
+        got = probe(calls)
+        assert state(b) == before, got
+    return got
 
 
 def _pki_for_nobody(b: BrokerProcess) -> Pki:
@@ -55,143 +74,108 @@ def _pki_for_nobody(b: BrokerProcess) -> Pki:
 
 
 def test_another_uid_reaches_neither_socket() -> None:
-    require_setpriv()
-    b = _holding_broker()
-    try:
+    with open_to_nobody() as b:
         b.start()
-        with Client(b.address) as c, c.session("root-vm", grace_seconds=60) as s:
-            s.alloc(1, 100, 3)
-            before = state(b)
-            got = probe(
-                [
-                    {"address": b.address, "call": "info"},
-                    {"address": b.address, "call": "session_alloc"},
-                    {"address": b.admin_address, "call": "list_sets"},
-                    {"address": b.admin_address, "call": "set_quotas"},
-                    {"address": b.admin_address, "call": "revoke"},
-                ]
-            )
-            assert [g[0] for g in got] == ["UNAVAILABLE"] * 5, got
-            assert all("Permission denied" in g[1] or "connect" in g[1] for g in got), got
-            assert state(b) == before
-    finally:
-        b.cleanup()
+        got = probe_beside_root(
+            b,
+            [
+                {"address": b.address, "call": "info"},
+                {"address": b.address, "call": "session_alloc"},
+                {"address": b.admin_address, "call": "list_sets"},
+                {"address": b.admin_address, "call": "set_quotas"},
+                {"address": b.admin_address, "call": "revoke"},
+            ],
+        )
+        assert [g[0] for g in got] == ["UNAVAILABLE"] * 5, got
+        assert all("Permission denied" in g[1] or "connect" in g[1] for g in got), got
 
 
 def test_another_uid_on_an_open_clients_socket_is_a_tenant_not_an_admin() -> None:
     """--socket-mode 0666 lets every local user in, as a tenant: its own session works;
     every admin call is refused per call, whatever the socket's mode."""
-    require_setpriv()
-    b = _holding_broker("--socket-mode", "0666")
-    try:
+    with open_to_nobody("--socket-mode", "0666") as b:
         b.start()
-        with Client(b.address) as c, c.session("root-vm", grace_seconds=60) as s:
-            s.alloc(1, 100, 3)
-            before = state(b)
-            got = probe(
-                [
-                    {"address": b.address, "call": "list_all"},
-                    {"address": b.address, "call": "list_sets"},
-                    {"address": b.address, "call": "set_quotas"},
-                    {"address": b.address, "call": "revoke"},
-                    {"address": b.address, "call": "session_alloc"},
-                ]
-            )
-            codes = [g[0] for g in got]
-            # List all_sets: PERMISSION_DENIED by the per-call check; PasidAdmin is not
-            # served on the clients' socket at all (UNIMPLEMENTED).
-            assert codes == [
-                "PERMISSION_DENIED",
-                "UNIMPLEMENTED",
-                "UNIMPLEMENTED",
-                "UNIMPLEMENTED",
-                "OK",
-            ], got
-            assert "admin call" in got[0][1]
-            assert got[4][1] == [4]  # a tenant like any other: the next free PASID
-            # Its set ended with its stream; nothing of root's changed.
-            assert state(b) == before
-    finally:
-        b.cleanup()
+        got = probe_beside_root(
+            b,
+            [
+                {"address": b.address, "call": "list_all"},
+                {"address": b.address, "call": "list_sets"},
+                {"address": b.address, "call": "set_quotas"},
+                {"address": b.address, "call": "revoke"},
+                {"address": b.address, "call": "session_alloc"},
+            ],
+        )
+        codes = [g[0] for g in got]
+        # List all_sets: PERMISSION_DENIED by the per-call check; PasidAdmin is not
+        # served on the clients' socket at all (UNIMPLEMENTED).
+        assert codes == [
+            "PERMISSION_DENIED",
+            "UNIMPLEMENTED",
+            "UNIMPLEMENTED",
+            "UNIMPLEMENTED",
+            "OK",
+        ], got
+        assert "admin call" in got[0][1]
+        assert got[4][1] == [4]  # a tenant like any other: the next free PASID
+        # Its set ended with its stream; nothing of root's changed (probe_beside_root).
 
 
 def test_another_uid_over_tls_with_and_without_a_certificate() -> None:
-    require_setpriv()
-    b = _holding_broker()
-    pki = _pki_for_nobody(b)
-    b.args += [*pki.flags(), "--admin-subject", OPS_SUBJECT]
-    try:
+    with open_to_nobody() as b:
+        pki = _pki_for_nobody(b)
+        b.args += [*pki.flags(), "--admin-subject", OPS_SUBJECT]
         b.start()
         addr = tcp_address(b)
         tenant = list(pki.tls(pki.tenant_a))
-        with Client(b.address) as c, c.session("root-vm", grace_seconds=60) as s:
-            s.alloc(1, 100, 3)
-            before = state(b)
-            got = probe(
-                [
-                    {"address": addr, "tls": tenant, "call": "list_sets"},
-                    {"address": addr, "tls": tenant, "call": "set_quotas"},
-                    {"address": addr, "tls": tenant, "call": "revoke"},
-                    {"address": addr, "tls": tenant, "call": "list_all"},
-                    {"address": addr, "tls": None, "call": "info"},
-                    {"address": addr, "tls": None, "call": "list_sets"},
-                ]
-            )
-            codes = [g[0] for g in got]
-            assert codes == ["PERMISSION_DENIED"] * 4 + ["UNAVAILABLE"] * 2, got
-            assert "x509:CN=tenant-a,OU=vmm,O=pasid-broker tests is not an admin" in got[0][1]
-            assert state(b) == before
-    finally:
-        b.cleanup()
+        got = probe_beside_root(
+            b,
+            [
+                {"address": addr, "tls": tenant, "call": "list_sets"},
+                {"address": addr, "tls": tenant, "call": "set_quotas"},
+                {"address": addr, "tls": tenant, "call": "revoke"},
+                {"address": addr, "tls": tenant, "call": "list_all"},
+                {"address": addr, "tls": None, "call": "info"},
+                {"address": addr, "tls": None, "call": "list_sets"},
+            ],
+        )
+        codes = [g[0] for g in got]
+        assert codes == ["PERMISSION_DENIED"] * 4 + ["UNAVAILABLE"] * 2, got
+        assert "x509:CN=tenant-a,OU=vmm,O=pasid-broker tests is not an admin" in got[0][1]
 
 
 def test_another_uid_over_insecure_loopback_tcp_is_anonymous() -> None:
-    require_setpriv()
-    b = _holding_broker("--listen", "127.0.0.1:0", "--insecure")
-    try:
+    with open_to_nobody("--listen", "127.0.0.1:0", "--insecure") as b:
         b.start()
         addr = tcp_address(b)
-        with Client(b.address) as c, c.session("root-vm", grace_seconds=60) as s:
-            s.alloc(1, 100, 3)
-            before = state(b)
-            got = probe(
-                [
-                    {"address": addr, "call": "list_all"},
-                    {"address": addr, "call": "list_sets"},
-                    {"address": addr, "call": "set_quotas"},
-                ]
-            )
-            assert [g[0] for g in got] == ["PERMISSION_DENIED", "UNIMPLEMENTED", "UNIMPLEMENTED"]
-            assert state(b) == before
-    finally:
-        b.cleanup()
+        got = probe_beside_root(
+            b,
+            [
+                {"address": addr, "call": "list_all"},
+                {"address": addr, "call": "list_sets"},
+                {"address": addr, "call": "set_quotas"},
+            ],
+        )
+        assert [g[0] for g in got] == ["PERMISSION_DENIED", "UNIMPLEMENTED", "UNIMPLEMENTED"]
 
 
 def test_another_uid_on_an_open_admin_socket_is_refused_per_call() -> None:
     """Even where the admin socket's mode lets another user in (a misconfiguration, made
     here by chmod), each admin call checks who is calling: with its peer ticket uid 65534
     is PERMISSION_DENIED, without one (a stock client) UNAUTHENTICATED."""
-    require_setpriv()
-    b = _holding_broker("--socket-mode", "0666")
-    try:
+    with open_to_nobody("--socket-mode", "0666") as b:
         b.start()
         Path(b.admin_socket).chmod(0o666)
-        with Client(b.address) as c, c.session("root-vm", grace_seconds=60) as s:
-            s.alloc(1, 100, 3)
-            before = state(b)
-            got = probe(
-                [
-                    {"address": b.admin_address, "call": "list_sets"},
-                    {"address": b.admin_address, "call": "set_quotas"},
-                    {"address": b.admin_address, "call": "revoke"},
-                    {"address": b.admin_address, "call": "list_all"},
-                    {"address": b.admin_address, "call": "list_sets_stock"},
-                ]
-            )
-            codes = [g[0] for g in got]
-            assert codes == ["PERMISSION_DENIED"] * 4 + ["UNAUTHENTICATED"], got
-            assert "uid:65534 is not an admin" in got[0][1]
-            assert "anonymous" in got[4][1]
-            assert state(b) == before
-    finally:
-        b.cleanup()
+        got = probe_beside_root(
+            b,
+            [
+                {"address": b.admin_address, "call": "list_sets"},
+                {"address": b.admin_address, "call": "set_quotas"},
+                {"address": b.admin_address, "call": "revoke"},
+                {"address": b.admin_address, "call": "list_all"},
+                {"address": b.admin_address, "call": "list_sets_stock"},
+            ],
+        )
+        codes = [g[0] for g in got]
+        assert codes == ["PERMISSION_DENIED"] * 4 + ["UNAUTHENTICATED"], got
+        assert "uid:65534 is not an admin" in got[0][1]
+        assert "anonymous" in got[4][1]
