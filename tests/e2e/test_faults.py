@@ -206,27 +206,38 @@ def test_disk_full_then_recovers() -> None:
             b.cleanup()
 
 
+@contextlib.contextmanager
+def locked_by_another_process(db: str) -> Iterator[None]:
+    """Another process holds SQLite's exclusive lock on `db` until the block ends."""
+    locker = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sqlite3, sys\n"
+            f"c = sqlite3.connect({db!r}, isolation_level=None)\n"
+            "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True)\n"
+            "sys.stdin.read(); c.execute('ROLLBACK')\n",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert locker.stdout is not None and locker.stdout.readline() == "locked\n"
+        yield
+    finally:
+        assert locker.stdin is not None
+        locker.stdin.close()
+        locker.wait(10)
+
+
 def test_database_locked_by_another_process() -> None:
     b = BrokerProcess()
     try:
         b.start()
         with Client(b.address) as c, c.session("vm") as s:
             assert s.alloc(1, 100, 2) == [1, 2]
-            locker = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-c",
-                    "import sqlite3, sys\n"
-                    f"c = sqlite3.connect({b.db!r}, isolation_level=None)\n"
-                    "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True)\n"
-                    "sys.stdin.read(); c.execute('ROLLBACK')\n",
-                ],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            try:
-                assert locker.stdout is not None and locker.stdout.readline() == "locked\n"
+            with locked_by_another_process(b.db):
                 t0 = time.monotonic()
                 with pytest.raises(Unavailable) as ei:
                     s.alloc(1, 100, 1)
@@ -235,10 +246,6 @@ def test_database_locked_by_another_process() -> None:
                 assert waited >= 4.5  # busy_timeout: it waited for the lock, then gave up
                 assert b.health() == "SERVING"
                 assert list(s.list().pasids()) == [1, 2]  # reads are served meanwhile
-            finally:
-                assert locker.stdin is not None
-                locker.stdin.close()
-                locker.wait(10)
             assert s.alloc(1, 100, 1) == [3]
             assert assert_memory_matches_disk(b) == {s.session_id: [1, 2, 3]}
     finally:
@@ -253,21 +260,7 @@ def test_a_commit_waiting_for_the_lock_does_not_stall_other_requests() -> None:
         b.start()
         with Client(b.address) as c, c.session("vm") as s:
             assert s.alloc(1, 100, 1) == [1]
-            locker = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-c",
-                    "import sqlite3, sys\n"
-                    f"c = sqlite3.connect({b.db!r}, isolation_level=None)\n"
-                    "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True)\n"
-                    "sys.stdin.read(); c.execute('ROLLBACK')\n",
-                ],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            try:
-                assert locker.stdout is not None and locker.stdout.readline() == "locked\n"
+            with locked_by_another_process(b.db):
                 outcome: list[object] = []
 
                 def blocked_alloc() -> None:
@@ -287,10 +280,6 @@ def test_a_commit_waiting_for_the_lock_does_not_stall_other_requests() -> None:
                     time.sleep(0.3)
                 assert len(answered) == 5, "the alloc ended before the calls were made"
                 assert max(answered) < 1.0, answered  # not the 5 s the alloc waits
-            finally:
-                assert locker.stdin is not None
-                locker.stdin.close()
-                locker.wait(10)
             t.join(15)
             [out] = outcome
             if isinstance(out, Unavailable):  # the lock outlived busy_timeout: undone
