@@ -30,7 +30,6 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     PlatformCollector,
     ProcessCollector,
     disable_created_metrics,
@@ -40,10 +39,11 @@ from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from broker import __version__
-from broker.backends.base import Backend, Capabilities, alloc_each, alloc_many
+from broker.backends.base import Backend, Capabilities, alloc_each
 from broker.backends.base import replay as generic_replay
 from broker.core import PasidError, QuotaExceeded
 from broker.engine.observers import Observer
+from broker.loop_metrics import LoopHistogram, LoopMetrics
 from broker.service.interceptors import PerMethodWrapper, rebuild
 from broker.store.records import AddPasids, Event, Record, RemovePasids
 
@@ -319,20 +319,24 @@ class Metrics(Observer):
         self._broker: Broker | None = None
         self._http: WSGIServer | None = None
 
-        allocations = Counter(
+        # The request path's counters and histograms are loop_metrics' lock-free ones;
+        # the rest (rare events, gauges) are prometheus_client's own.
+        hot = self._hot = LoopMetrics()
+        allocations = hot.counter(
             "pasid_broker_allocations",
             "Alloc requests by result (ok, or the error's reason).",
             ["result"],
-            registry=r,
         )
-        frees = Counter("pasid_broker_frees", "Free requests by result.", ["result"], registry=r)
+        frees = hot.counter("pasid_broker_frees", "Free requests by result.", ["result"])
         self._alloc_result = {k: allocations.labels(k) for k in RESULTS}
         self._free_result = {k: frees.labels(k) for k in RESULTS}
-        self._pasids_allocated = Counter(
-            "pasid_broker_pasids_allocated", "PASIDs handed out (durably).", registry=r
+        self._alloc_ok = self._alloc_result["ok"]
+        self._free_ok = self._free_result["ok"]
+        self._pasids_allocated = hot.counter(
+            "pasid_broker_pasids_allocated", "PASIDs handed out (durably)."
         )
-        self._pasids_freed = Counter(
-            "pasid_broker_pasids_freed", "PASIDs freed by their session's Free.", registry=r
+        self._pasids_freed = hot.counter(
+            "pasid_broker_pasids_freed", "PASIDs freed by their session's Free."
         )
         reclaimed_sets = Counter(
             "pasid_broker_sets_reclaimed",
@@ -385,33 +389,30 @@ class Metrics(Observer):
             registry=r,
         )
 
-        self._rpc = Histogram(
+        self._rpc = hot.histogram(
             "pasid_broker_request_duration_seconds",
             "Time from a request's arrival to its reply being ready, by RPC (session-stream"
             " operations as Session/<op>).",
+            LATENCY_BUCKETS,
             ["rpc"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
         )
         self._session_op = {op: self._rpc.labels(f"Session/{op}") for op in SESSION_OPS}
         self._session_bad = self._rpc.labels("Session/invalid")
         self._unary = {name: self._rpc.labels(name) for name in UNARY_RPCS}
 
-        self._commit = Histogram(
+        self._commit = hot.histogram(
             "pasid_broker_store_commit_duration_seconds",
             "Duration of one group commit to SQLite.",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
         )
         self._commit_errors = Counter(
             "pasid_broker_store_commit_errors", "Group commits that failed.", registry=r
         )
-        backend_calls = Histogram(
+        backend_calls = hot.histogram(
             "pasid_broker_backend_call_duration_seconds",
             "Duration of one backend call, by operation.",
+            LATENCY_BUCKETS,
             ["op"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
         )
         backend_errors = Counter(
             "pasid_broker_backend_errors",
@@ -439,6 +440,7 @@ class Metrics(Observer):
             "Sets restored from the store at the last start.",
             registry=r,
         )
+        r.register(hot)
         r.register(_StateCollector(self._snapshot))
 
     # -- engine observer hooks (broker/engine/observers.py; event loop thread) --------
@@ -448,15 +450,20 @@ class Metrics(Observer):
     ) -> None:
         """A group commit landed: its duration, and what became durable."""
         self._commit.observe(seconds)
-        alloc_ok = self._alloc_result["ok"]
-        free_ok = self._free_result["ok"]
+        allocs = frees = allocated = freed = 0
         for rec in records:
             if type(rec) is AddPasids:
-                alloc_ok.inc()
-                self._pasids_allocated.inc(len(rec.pasids))
+                allocs += 1
+                allocated += len(rec.pasids)
             elif type(rec) is RemovePasids:
-                free_ok.inc()
-                self._pasids_freed.inc(len(rec.pasids))
+                frees += 1
+                freed += len(rec.pasids)
+        if allocs:
+            self._alloc_ok.inc(allocs)
+            self._pasids_allocated.inc(allocated)
+        if frees:
+            self._free_ok.inc(frees)
+            self._pasids_freed.inc(freed)
 
     def commit_failed(self, records: Sequence[Record], seconds: float) -> None:
         """A group commit failed: its allocs and frees were refused with STORE."""
@@ -512,7 +519,7 @@ class Metrics(Observer):
         """A session-stream request's reply is ready; `t0` is perf_counter() at arrival."""
         self._session_op.get(op or "", self._session_bad).observe(time.perf_counter() - t0)
 
-    def unary(self, rpc: str) -> Histogram:
+    def unary(self, rpc: str) -> LoopHistogram:
         """The latency histogram child of a unary RPC (created once per name)."""
         child = self._unary.get(rpc)
         if child is None:
@@ -592,6 +599,7 @@ class InstrumentedBackend:
         self._alloc = metrics._backend_calls["alloc"].observe
         self._free = metrics._backend_calls["free"].observe
         self._replay = metrics._backend_calls["replay"].observe
+        self._own_alloc_many = getattr(inner, "alloc_many", None)
 
     def open(self) -> Capabilities:
         return self.inner.open()
@@ -609,11 +617,12 @@ class InstrumentedBackend:
     def alloc_many(self, lo: int, hi: int, count: int) -> list[int]:
         # A backend's own alloc_many is one call, timed once (the simulator's); without
         # one, the loop goes through self.alloc, so each ioctl is timed as before.
-        if getattr(self.inner, "alloc_many", None) is None:
+        own = self._own_alloc_many
+        if own is None:
             return alloc_each(self, lo, hi, count)
         t0 = time.perf_counter()
         try:
-            return alloc_many(self.inner, lo, hi, count)
+            return list(own(lo, hi, count))
         except BaseException as exc:
             self._m.backend_error("alloc", exc)
             raise
