@@ -64,6 +64,11 @@ class SimulatorBackend:
             raise InvalidRange(f"simulator: EINVAL for [{lo}, {hi}] x {count}")
         if self.quota and ns.used + count > self.quota:
             raise QuotaExceeded("kernel", self.quota, f"kernel pasid_quota {self.quota} reached")
+        if lo == hi and count == 1:  # the broker's usual ask: this one PASID
+            if ns.is_used(lo):
+                raise Exhausted(f"simulator: ENOSPC in [{lo}, {hi}]")
+            ns.take(lo)
+            return [lo]
         if count == hi - lo + 1:
             try:
                 ns.take_many(range(lo, hi + 1))

@@ -219,7 +219,10 @@ class Allocator:
         if len(got) < count:
             ns.release_many(got)
             raise Exhausted(f"{_no(count, lo, hi)} ({len(got)} free{self._quarantine_note()})")
-        s.pasids.update(got)
+        if count == 1:
+            s.pasids.add(got[0])  # SortedList.update sorts and merges: 3x add's cost
+        else:
+            s.pasids.update(got)
         self._held += count
         self.allocs += count
         self._charge(s.quota_key, count)
@@ -376,6 +379,8 @@ class Allocator:
 
     def take_expired(self) -> list[int]:
         """PASIDs that left quarantine since the last call, ascending (report_expired)."""
+        if not self._expired:
+            return []
         out = sorted(self._expired)
         self._expired.clear()
         return out

@@ -19,9 +19,16 @@ class BackendCalls:
         self.backend = backend
         self._quarantining = quarantining
 
-    def alloc_exact(self, pasids: Iterable[int]) -> None:
+    def alloc_exact(self, pasids: Sequence[int]) -> None:
         """Make the backend hold exactly these PASIDs, all or none: one alloc_many per
         run (a batch of 1,024 is usually one call, not 1,024)."""
+        if len(pasids) == 1:  # the common alloc of one PASID: no run-splitting
+            (p,) = pasids
+            got = alloc_many(self.backend, p, p, 1)
+            if got != [p]:
+                self.free(got)
+                raise BackendError(5, f"backend {self.backend.name} returned {got} for [{p}, {p}]")
+            return
         done: list[int] = []
         try:
             for lo, hi in runs(pasids):

@@ -306,7 +306,9 @@ class Broker:
             got = self.allocator.alloc(set_id, lo, hi, count)
             # Quarantine over: the backend may let go of them now (before it is asked for
             # `got`, which may include some of them).
-            bc.free(self.allocator.take_expired())
+            expired = self.allocator.take_expired()
+            if expired:
+                bc.free(expired)
             try:
                 bc.alloc_exact(got)
             except BaseException:
