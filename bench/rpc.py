@@ -262,16 +262,29 @@ def main(quick: bool = False) -> int:
     sync_path = os.path.join(d, "sync.sock")
     sync_echo = start_echo(sync_path, sync=True)
     b = BrokerProcess("--quota-per-set", "0", "--log-level", "WARNING")
+    # The same broker with a store that writes nothing (a test fault, tests/faults): what
+    # is left of the gap to echo without SQLite. Not a configuration anyone can run.
+    b0 = BrokerProcess(
+        "--quota-per-set",
+        "0",
+        "--log-level",
+        "WARNING",
+        env={"PASID_BROKER_TEST_FAULTS": "store_writes_nothing"},
+    )
     try:
         b.start()
+        b0.start()
         wait_until(lambda: b.health() == "SERVING", 10)
-        assert b.proc is not None
+        assert b.proc is not None and b0.proc is not None
         e = Target(echo_path, echo=True, pid=echo.pid)
         k = Target(b.socket, echo=False, pid=b.proc.pid)
+        k0 = Target(b0.socket, echo=False, pid=b0.proc.pid)
         se = Target(sync_path, echo=True, pid=sync_echo.pid)
         figs: dict[str, tuple[Figure, Figure]] = {
             n: (Figure(), Figure()) for n in ("stream", "unary", "p50s", "p50u", "batch", "sync")
         }
+        # Against the same round's echo: the broker whose store writes nothing.
+        nostore = {n: Figure() for n in ("stream", "unary", "p50s")}
 
         async def run() -> None:
             for _ in range(rounds):
@@ -279,13 +292,20 @@ def main(quick: bool = False) -> int:
                     r, c = await stream_round(t, CONCURRENCY, seconds, batch=False)
                     figs["stream"][i].rates.append(r)
                     figs["stream"][i].cpu_us.append(c)
+                r, c = await stream_round(k0, CONCURRENCY, seconds, batch=False)
+                nostore["stream"].rates.append(r)
+                nostore["stream"].cpu_us.append(c)
                 for t, i in ((e, 0), (k, 1)):
                     r, c = await unary_round(t, CONCURRENCY, seconds)
                     figs["unary"][i].rates.append(r)
                     figs["unary"][i].cpu_us.append(c)
+                r, c = await unary_round(k0, CONCURRENCY, seconds)
+                nostore["unary"].rates.append(r)
+                nostore["unary"].cpu_us.append(c)
                 for t, i in ((e, 0), (k, 1)):
                     figs["p50s"][i].p50_ms.append(await p50_round(t, seconds / 2, False))
                     figs["p50u"][i].p50_ms.append(await p50_round(t, seconds / 2, True))
+                nostore["p50s"].p50_ms.append(await p50_round(k0, seconds / 2, False))
                 for t, i in ((e, 0), (k, 1)):
                     r, c = await stream_round(t, 4, seconds, batch=True)
                     figs["batch"][i].rates.append(r)
@@ -330,6 +350,21 @@ def main(quick: bool = False) -> int:
                 f" {spread(bb.p50_ms, '{:.3f}')} ms  ratio {spread(ratio(name, 'p50_ms'))}"
                 + ("  (target <= 1.3)" if name == "p50s" else "")
             )
+        print(
+            "  the gap without SQLite (the same broker, its store writing nothing: test fault"
+            " store_writes_nothing; same rounds, same echo):"
+        )
+        for name, label, attr in (
+            ("stream", "stream alloc  ", "rates"),
+            ("unary", "unary Alloc   ", "rates"),
+            ("p50s", "p50 stream    ", "p50_ms"),
+        ):
+            echo_fig = figs[name][0]
+            ns = nostore[name]
+            r0 = [y / x for x, y in zip(getattr(echo_fig, attr), getattr(ns, attr), strict=True)]
+            cpu = f"; server CPU per call {spread(ns.cpu_us, '{:.0f}')} µs" if ns.cpu_us else ""
+            with_store = spread(ratio(name, attr))
+            print(f"    {label}: ratio {spread(r0)} without SQLite, {with_store} with{cpu}")
         a, bb = figs["batch"]
         print(
             f"  batched alloc ({BATCH} per request, 4 streams): broker"
@@ -353,6 +388,7 @@ def main(quick: bool = False) -> int:
         echo.kill()
         sync_echo.kill()
         b.cleanup()
+        b0.cleanup()
         shutil.rmtree(d, ignore_errors=True)
     return 0
 

@@ -14,6 +14,9 @@ warns on stderr naming every active fault. Comma-separated items:
                            multi-PASID request fails in its middle). Free is not failed:
                            the undo of a failed request must be able to give PASIDs back
   backend_free_fail_file=PATH  the same for backend free (alloc then still works)
+  store_writes_nothing     every commit succeeds without touching SQLite (nothing is
+                           durable): only for bench.rpc's account of what the store
+                           costs; a restart loses everything
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class TestFaults:
     commit_delay_ms: int = 0
     backend_fail_file: str = ""
     backend_free_fail_file: str = ""
+    store_writes_nothing: bool = False
 
     @property
     def active(self) -> bool:
@@ -46,7 +50,7 @@ def load(environ: dict[str, str] | None = None) -> TestFaults:
     kw: dict[str, object] = {}
     for item in filter(None, (i.strip() for i in text.split(","))):
         key, _, value = item.partition("=")
-        if key == "ack_before_commit":
+        if key in ("ack_before_commit", "store_writes_nothing"):
             kw[key] = True
         elif key == "commit_delay_ms":
             kw[key] = int(value)

@@ -8,7 +8,8 @@ daemon's code, flags and --help stay free of test hooks:
 - the faults named by PASID_BROKER_TEST_FAULTS (tests/faults/faults.py): a failing
   backend (every registered factory wrapped), a slow store (its commit delayed), and
   ack_before_commit, the deliberate bug the crash test must catch (the journal resolves
-  each change's future as soon as it is queued).
+  each change's future as soon as it is queued), and a store that writes nothing (for
+  bench.rpc's account of what SQLite costs).
 
 tests/harness.py starts every daemon under test this way.
 """
@@ -66,6 +67,13 @@ def _slow_commit(delay: float) -> None:
     SqliteStore.commit = slow  # type: ignore[method-assign]
 
 
+def _store_writes_nothing() -> None:
+    def nothing(self: SqliteStore, records: Sequence[Record], *, wait: bool = True) -> list[Event]:
+        return []  # no events either: nobody watches a bench
+
+    SqliteStore.commit = nothing  # type: ignore[method-assign]
+
+
 def _ack_before_commit() -> None:
     submit = Journal.submit
 
@@ -93,6 +101,8 @@ def install(faults: TestFaults) -> None:
         _slow_commit(faults.commit_delay_ms / 1000)
     if faults.ack_before_commit:
         _ack_before_commit()
+    if faults.store_writes_nothing:
+        _store_writes_nothing()
 
 
 def main(argv: list[str] | None = None) -> int:
