@@ -600,6 +600,7 @@ class InstrumentedBackend:
         self._free = metrics._backend_calls["free"].observe
         self._replay = metrics._backend_calls["replay"].observe
         self._own_alloc_many = getattr(inner, "alloc_many", None)
+        self._own_free_many = getattr(inner, "free_many", None)
 
     def open(self) -> Capabilities:
         return self.inner.open()
@@ -633,6 +634,19 @@ class InstrumentedBackend:
         t0 = time.perf_counter()
         try:
             self.inner.free(lo, hi)
+        except BaseException as exc:
+            self._m.backend_error("free", exc)
+            raise
+        finally:
+            self._free(time.perf_counter() - t0)
+
+    def free_many(self, pasids: Sequence[int]) -> bool:
+        own = self._own_free_many
+        if own is None:
+            return False
+        t0 = time.perf_counter()
+        try:
+            return bool(own(pasids))
         except BaseException as exc:
             self._m.backend_error("free", exc)
             raise

@@ -66,6 +66,10 @@ class FallbackBackend:
     def free(self, lo: int, hi: int) -> None:
         self.current.free(lo, hi)
 
+    def free_many(self, pasids: Sequence[int]) -> bool:
+        own = getattr(self.current, "free_many", None)
+        return bool(own is not None and own(pasids))
+
     def replay(self, pasids: Iterable[int]) -> int:
         return replay(self.current, pasids)
 

@@ -56,6 +56,10 @@ class Backend(Protocol):
     # Optional: `alloc_many(lo, hi, count) -> list[int]`, `count` PASIDs in [lo, hi] in
     # one call, all or none. The broker asks for whole runs (count == hi - lo + 1). A
     # backend without it gets the loop of alloc_many() below.
+    # Optional: `free_many(pasids) -> bool`, release exactly these PASIDs (ascending, all
+    # held) in one call, all or none; False, having done nothing, when it cannot (the
+    # caller then frees run by run). A set's PASIDs are often scattered: one call, not
+    # one per run.
 
     def close(self) -> None:
         """Release everything; the kernel frees what is left when the set is destroyed."""

@@ -9,7 +9,7 @@ expects of the kernel.
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from broker.backends.base import Capabilities
 from broker.core.errors import BackendError, Exhausted, InvalidRange, QuotaExceeded
@@ -91,6 +91,14 @@ class SimulatorBackend:
         self._maybe_fail("free")
         # The broker frees exact runs it holds, so what is used in the run is what it owns.
         ns.release_range(lo, hi)
+
+    def free_many(self, pasids: Sequence[int]) -> bool:
+        """Release these held PASIDs a word at a time (the broker's free of a set whose
+        PASIDs are scattered among others')."""
+        ns = self._space()
+        self._maybe_fail("free")
+        ns.release_many(pasids)
+        return True
 
     def replay(self, pasids: Iterable[int]) -> int:
         ns = self._space()

@@ -50,6 +50,8 @@ class BackendCalls:
         and the error raised, so the client's set is as it was (a PASID the backend kept
         must not look free, or the next alloc would be refused for it).
         """
+        if self._free_many(pasids):
+            return
         done: list[int] = []
         for lo, hi in runs(pasids):
             try:
@@ -58,6 +60,11 @@ class BackendCalls:
                 self.alloc_exact(done)
                 raise
             done.extend(range(lo, hi + 1))
+
+    def _free_many(self, pasids: Sequence[int]) -> bool:
+        """The backend's own free_many, if it has one and did it (all or none)."""
+        own = getattr(self.backend, "free_many", None)
+        return bool(pasids) and own is not None and bool(own(pasids))
 
     def release(self, freed: list[int], *, exact: bool = False) -> bool:
         """A set gave these up: free them in the backend, unless they went to quarantine.
@@ -76,6 +83,12 @@ class BackendCalls:
 
     def free(self, pasids: Iterable[int]) -> None:
         """Best effort: a failure is logged, never raised."""
+        pasids = list(pasids)
+        try:
+            if self._free_many(pasids):
+                return
+        except PasidError as exc:  # nothing was freed: try run by run below
+            log.error("backend free of %d PASIDs failed: %s", len(pasids), exc)
         for lo, hi in runs(pasids):
             try:
                 self.backend.free(lo, hi)
