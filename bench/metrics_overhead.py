@@ -150,9 +150,16 @@ def _serve(mode: str, socket: str, db: str) -> None:
 
 
 def _cpu_seconds(pid: int) -> float:
-    # utime and stime, fields 14 and 15 of /proc/PID/stat (after the "(comm)")
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time of all the process's threads, in nanoseconds' resolution: the first field
+    of each /proc/PID/task/TID/schedstat. /proc/PID/stat counts clock ticks (10 ms): a
+    short run of a fast daemon could read 0 and divide by it."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a thread that just ended
+    return total / 1e9
 
 
 def _rpc_run(mode: str, pairs: int, workdir: str) -> tuple[float, float]:

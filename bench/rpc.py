@@ -58,6 +58,7 @@ class Figure:
 
     rates: list[float] = field(default_factory=list)
     cpu_us: list[float] = field(default_factory=list)
+    client_cpu_us: list[float] = field(default_factory=list)
     p50_ms: list[float] = field(default_factory=list)
 
 
@@ -143,8 +144,11 @@ def check(reply: bytes) -> None:
         raise SystemExit(f"broker refused a bench request: {r.error.message}")
 
 
-async def stream_round(t: Target, workers: int, seconds: float, batch: bool) -> tuple[float, float]:
-    """(units/s, server CPU µs per request) for alloc ping-pong on `workers` streams."""
+async def stream_round(
+    t: Target, workers: int, seconds: float, batch: bool
+) -> tuple[float, float, float]:
+    """(units/s, server CPU µs per request, this load generator's CPU µs per request) for
+    alloc ping-pong on `workers` streams."""
     req = ALLOCN if batch else ALLOC1
     units = BATCH if batch else 1
     every = 16 if batch else FREE_EVERY
@@ -163,15 +167,16 @@ async def stream_round(t: Target, workers: int, seconds: float, batch: bool) -> 
                 await s.read()
             return units
 
-        c0 = cpu_seconds(t.pid)
+        c0, m0 = cpu_seconds(t.pid), time.process_time()
         rate = await drive(one, workers, seconds)
-        cpu = cpu_seconds(t.pid) - c0
+        cpu, mine = cpu_seconds(t.pid) - c0, time.process_time() - m0
         for s in streams:
             s.cancel()
-    return rate, cpu / max(rate * seconds / units, 1) * 1e6
+    calls = max(rate * seconds / units, 1)
+    return rate, cpu / calls * 1e6, mine / calls * 1e6
 
 
-async def unary_round(t: Target, workers: int, seconds: float) -> tuple[float, float]:
+async def unary_round(t: Target, workers: int, seconds: float) -> tuple[float, float, float]:
     async with grpc.aio.insecure_channel(f"unix:{t.address}") as ch:
         streams, reqs = await t.open_streams(ch, workers)  # the sessions the calls name
         alloc = t.unary(ch)
@@ -185,12 +190,13 @@ async def unary_round(t: Target, workers: int, seconds: float) -> tuple[float, f
                 await streams[w].read()
             return 1
 
-        c0 = cpu_seconds(t.pid)
+        c0, m0 = cpu_seconds(t.pid), time.process_time()
         rate = await drive(one, workers, seconds)
-        cpu = cpu_seconds(t.pid) - c0
+        cpu, mine = cpu_seconds(t.pid) - c0, time.process_time() - m0
         for s in streams:
             s.cancel()
-    return rate, cpu / max(rate * seconds, 1) * 1e6
+    calls = max(rate * seconds, 1)
+    return rate, cpu / calls * 1e6, mine / calls * 1e6
 
 
 async def p50_round(t: Target, seconds: float, unary: bool) -> float:
@@ -289,17 +295,19 @@ def main(quick: bool = False) -> int:
         async def run() -> None:
             for _ in range(rounds):
                 for t, i in ((e, 0), (k, 1)):  # A, B in each round
-                    r, c = await stream_round(t, CONCURRENCY, seconds, batch=False)
+                    r, c, m = await stream_round(t, CONCURRENCY, seconds, batch=False)
                     figs["stream"][i].rates.append(r)
                     figs["stream"][i].cpu_us.append(c)
-                r, c = await stream_round(k0, CONCURRENCY, seconds, batch=False)
+                    figs["stream"][i].client_cpu_us.append(m)
+                r, c, _ = await stream_round(k0, CONCURRENCY, seconds, batch=False)
                 nostore["stream"].rates.append(r)
                 nostore["stream"].cpu_us.append(c)
                 for t, i in ((e, 0), (k, 1)):
-                    r, c = await unary_round(t, CONCURRENCY, seconds)
+                    r, c, m = await unary_round(t, CONCURRENCY, seconds)
                     figs["unary"][i].rates.append(r)
                     figs["unary"][i].cpu_us.append(c)
-                r, c = await unary_round(k0, CONCURRENCY, seconds)
+                    figs["unary"][i].client_cpu_us.append(m)
+                r, c, _ = await unary_round(k0, CONCURRENCY, seconds)
                 nostore["unary"].rates.append(r)
                 nostore["unary"].cpu_us.append(c)
                 for t, i in ((e, 0), (k, 1)):
@@ -307,11 +315,11 @@ def main(quick: bool = False) -> int:
                     figs["p50u"][i].p50_ms.append(await p50_round(t, seconds / 2, True))
                 nostore["p50s"].p50_ms.append(await p50_round(k0, seconds / 2, False))
                 for t, i in ((e, 0), (k, 1)):
-                    r, c = await stream_round(t, 4, seconds, batch=True)
+                    r, c, _ = await stream_round(t, 4, seconds, batch=True)
                     figs["batch"][i].rates.append(r)
                     figs["batch"][i].cpu_us.append(c)
                 # The thread-pool server, against the aio echo's unary of this round.
-                r, c = await unary_round(se, CONCURRENCY, seconds)
+                r, c, _ = await unary_round(se, CONCURRENCY, seconds)
                 figs["sync"][1].rates.append(r)
                 figs["sync"][1].cpu_us.append(c)
                 figs["sync"][0].rates.append(figs["unary"][0].rates[-1])
@@ -341,7 +349,9 @@ def main(quick: bool = False) -> int:
             )
             print(
                 f"  {'':14}  server CPU per call: echo {spread(a.cpu_us, '{:.0f}')} µs,"
-                f" broker {spread(bb.cpu_us, '{:.0f}')} µs"
+                f" broker {spread(bb.cpu_us, '{:.0f}')} µs; this load generator's:"
+                f" {spread(a.client_cpu_us, '{:.0f}')} µs against echo,"
+                f" {spread(bb.client_cpu_us, '{:.0f}')} µs against the broker"
             )
         for name, label in (("p50s", "p50, 1 caller, stream"), ("p50u", "p50, 1 caller, unary ")):
             a, bb = figs[name]
