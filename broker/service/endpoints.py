@@ -19,10 +19,11 @@ from broker.config import Config
 from broker.engine import Broker
 from broker.metrics import Metrics
 from broker.peer import PeerIdentity
+from broker.service.admin import PasidAdminServicer
 from broker.service.authz import AdminPolicy, Authorizer
 from broker.service.instance import StartupError
 from broker.service.listeners import UnixListener, bind_port
-from broker.service.servicer import PasidAdminServicer, PasidBrokerServicer
+from broker.service.servicer import PasidBrokerServicer
 from broker.service.tls import (
     TlsFiles,
     TransportError,

@@ -252,7 +252,7 @@ def test_engine_reasons_map_into_the_bounded_set() -> None:
     # Every reason string the engine and servicer pass for a set's end, read from the
     # source so that a new one cannot silently land in "other".
     src = "".join(p.read_text() for p in sorted((ROOT / "broker" / "engine").glob("*.py")))
-    src += (ROOT / "broker" / "service" / "servicer.py").read_text()
+    src += (ROOT / "broker" / "service" / "session_stream.py").read_text()
     reasons = set(
         re.findall(
             r"(?:destroy_set|_schedule_reclaim|end_session|reclaim)\([^\"\n]*f?\"([^\"]+)\"", src

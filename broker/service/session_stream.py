@@ -1,0 +1,305 @@
+"""The Session stream: one client's ioasid_set for as long as its stream lasts.
+
+open first (new or resumed, durable before it is answered); then a reader task that
+decodes each request and hands it to the engine, and the stream itself, which answers
+in request order as each commit lands. Up to --max-inflight-per-stream requests wait
+unanswered; then reading stops (back-pressure) and the client's sends stall on flow
+control. A per-request error is a reply (status.error_message), not the stream's end;
+the stream ends with a status only when the broker takes the set (revoke: ABORTED) or
+shuts down (UNAVAILABLE).
+
+PasidBrokerServicer (servicer.py) adds the unary calls to this class; the servicer's
+state (engine, limits, identity) is set up here because the stream uses all of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from pasid.v1 import broker_pb2 as pb
+from pasid.v1 import broker_pb2_grpc as pb_grpc
+
+from broker.core import (
+    ANONYMOUS,
+    InvalidArgument,
+    LimitExceeded,
+    PasidError,
+    PermissionDenied,
+    uid_identity,
+)
+from broker.engine import Broker, done_future
+from broker.engine import Session as BrokerSession
+from broker.service import wire
+from broker.service.authz import current_caller
+from broker.service.boundary import boundary, end_stream, log_refusal
+from broker.service.limits import Admission, Limits
+from broker.service.messages import list_response
+from broker.service.status import ADMIN_ONLY, error_message
+
+# A session-stream request awaiting its reply: tag, the engine's future, how its result
+# becomes the reply, op, arrival (perf_counter). The writer encodes once the future is
+# done: no second future and callback per request.
+_Pending = tuple[int, asyncio.Future[Any], Callable[[Any], pb.SessionResponse], str | None, float]
+
+
+# What the Session writer loop reads: a reply to await, or the end of the stream with a
+# status (revoke: ABORTED; broker shutdown: UNAVAILABLE).
+@dataclass(frozen=True)
+class _End:
+    code: grpc.StatusCode
+    message: str
+
+
+_Item = _Pending | _End | None
+
+
+def _ignore_op(op: str | None, t0: float) -> None:
+    pass
+
+
+# How an engine result becomes a Session reply (module functions: no closure per request).
+def _alloc_reply(got: list[int]) -> pb.SessionResponse:
+    resp = pb.SessionResponse()
+    resp.alloc.pasids.extend(got)  # not AllocResponse(...) copied in: 0.5 µs less
+    return resp
+
+
+def _free_reply(n: int) -> pb.SessionResponse:
+    return pb.SessionResponse(free=pb.FreeResponse(freed=n))
+
+
+def _request_reply(ret: int) -> pb.SessionResponse:
+    return pb.SessionResponse(request=pb.PasidRequestReply(ret=ret))
+
+
+def _as_is(resp: pb.SessionResponse) -> pb.SessionResponse:
+    return resp
+
+
+def _ignore_limit(limit: str) -> None:
+    pass
+
+
+class SessionStreamServicer(pb_grpc.PasidBrokerServicer):
+    """PasidBroker's Session stream, and the state every PasidBroker call shares."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        *,
+        admin: bool = False,
+        session_op_done: Callable[[str | None, float], None] | None = None,
+        admission: Admission | None = None,
+        malformed: wire.MalformedRequests | None = None,
+        limit_refused: Callable[[str], None] | None = None,
+    ) -> None:
+        self.broker = broker
+        self.admin = admin
+        # Told when a stream request's reply is ready: (op, perf_counter() at arrival).
+        # The metrics' request latency for Session/<op> (broker/metrics.py).
+        self._op_done = session_op_done or _ignore_op
+        # Shared by the servicers of every socket: limits count per identity, not socket.
+        self.admission = admission or Admission(Limits())
+        self.limits = self.admission.limits
+        self.malformed = malformed or wire.MalformedRequests()
+        # Told the limit's name when a request is refused by one (the metrics' counter).
+        self.limit_refused = limit_refused or _ignore_limit
+        self._streams: set[asyncio.Queue[_Item]] = set()
+
+    def identity_key(self, context: grpc.aio.ServicerContext[Any, Any], ticket: str = "") -> str:
+        """The identity per-identity limits count under (limits.py): the call's
+        (authz.py: its pasid-ticket's uid, or its certificate's subject), else the uid of
+        an OpenSession.ticket, looked at without being used up; else ANONYMOUS."""
+        caller = current_caller().identity  # the call's pasid-ticket or certificate
+        if caller != ANONYMOUS or not ticket:
+            return caller
+        uid = self.broker.ticket_uid(ticket)
+        return ANONYMOUS if uid is None else uid_identity(uid)
+
+    def peer_key(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+        """Who malformed-request logs are rate-limited for: identity and address."""
+        return f"{self.identity_key(context)}@{context.peer()}"
+
+    def shutdown(self) -> None:
+        """End every session stream once its in-flight requests are answered; the sets
+        stay (a broker restart is not the client's exit) for the client to resume."""
+        for q in self._streams:
+            q.put_nowait(
+                _End(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "broker is shutting down; resume the session with its token",
+                )
+            )
+
+    # -- the session stream -------------------------------------------------------------
+
+    @boundary
+    async def Session(
+        self,
+        request_iterator: AsyncIterator[pb.SessionRequest],
+        context: grpc.aio.ServicerContext[pb.SessionRequest, pb.SessionResponse],
+    ) -> AsyncIterator[pb.SessionResponse]:
+        first = await anext(request_iterator, None)
+        if first is None:
+            return
+        if isinstance(first, wire.Malformed):
+            raise InvalidArgument(first.error)
+        if first.WhichOneof("op") != "open":
+            raise InvalidArgument("the first message of a Session must be open")
+        o = first.open
+        t_open = time.perf_counter()
+        wire.check_client_name(o.client, self.limits)
+        wire.check_pid(o.pid)
+        wire.check_token(o.resume_token, "resume_token")
+        key = self.identity_key(context, o.ticket)
+        new_set = not o.resume_token
+        self.admission.admit_open(key, new_set)
+        # Atomic open: the set exists once open_session returns, and this stream owns it
+        # from that instant: no await until the try whose finally ends the session.
+        try:
+            sess, token, resumed, created = self.broker.open_session(
+                o.client,
+                o.pid,
+                o.grace_seconds,
+                o.resume_token,
+                context.peer(),
+                o.ticket,
+                owner=current_caller().identity,
+            )
+        except BaseException:
+            if new_set:
+                self.admission.open_failed(key)
+            raise
+        if new_set:
+            self.admission.opened(sess.session_id, key, created)
+        # Replies wait for their commits, in request order; reading goes on meanwhile so
+        # that a pipelining client's requests share group commits, up to
+        # --max-inflight-per-stream unanswered: then reading stops (back-pressure).
+        replies: asyncio.Queue[_Item] = asyncio.Queue()
+        inflight = asyncio.Semaphore(self.limits.max_inflight_per_stream or 2**31)
+        sess.on_revoke = lambda why: replies.put_nowait(_End(grpc.StatusCode.ABORTED, why))
+        self._streams.add(replies)
+        reader: asyncio.Task[None] | None = None
+        end: _End | None = None
+        try:
+            await created  # durable before it is acknowledged
+            self._op_done("open", t_open)
+            reader = asyncio.create_task(
+                self._read(sess, request_iterator, replies, inflight, self.peer_key(context))
+            )
+            yield pb.SessionResponse(
+                tag=first.tag,
+                opened=pb.SessionOpened(
+                    session_id=sess.session_id,
+                    set_id=sess.session_id,
+                    token=token,
+                    pasid_bits=self.broker.allocator.pasid_bits,
+                    quota=sess.set.quota,
+                    resumed=resumed,
+                    grace_seconds=sess.grace_seconds,
+                    verified=sess.holder is not None,
+                ),
+            )
+            while (item := await replies.get()) is not None:
+                if isinstance(item, _End):
+                    end = item
+                    if end.code is grpc.StatusCode.ABORTED:
+                        break
+                    reader.cancel()  # shutdown: answer what was asked, then end
+                    continue
+                tag, fut, reply, op, t0 = item
+                try:
+                    resp = reply(await fut)
+                except PasidError as exc:
+                    if not isinstance(exc, InvalidArgument):  # malformed: logged in _read
+                        log_refusal(
+                            exc, rpc="Session", op=op, session=sess.session_id, client=sess.client
+                        )
+                    resp = pb.SessionResponse(error=error_message(exc))
+                self._op_done(op, t0)
+                resp.tag = tag
+                yield resp
+                inflight.release()
+        finally:
+            if reader is not None:
+                reader.cancel()
+            self._streams.discard(replies)
+            sess.on_revoke = None
+            self.broker.end_session(sess, "client disconnected")
+        if end is not None:
+            await end_stream(context, end.code, end.message)
+
+    async def _read(
+        self,
+        sess: BrokerSession,
+        requests: AsyncIterator[pb.SessionRequest | wire.Malformed],
+        replies: asyncio.Queue[_Item],
+        inflight: asyncio.Semaphore,
+        peer: str,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                # A slot before reading the next request: with none free the stream is
+                # not read, and the client's sends stall on flow control.
+                await inflight.acquire()
+                req = await anext(requests, None)
+                if req is None:
+                    break
+                t0 = time.perf_counter()
+                op: str | None = None
+                tag = 0
+                try:
+                    if isinstance(req, wire.Malformed):
+                        raise InvalidArgument(req.error)
+                    tag = req.tag
+                    op = req.WhichOneof("op")
+                    if op in ("alloc", "free", "list", "request") and getattr(req, op).HasField(
+                        "session"
+                    ):
+                        raise InvalidArgument(f"{op} on a Session stream must not name a session")
+                    fut, reply = self._dispatch(sess, req, op)
+                except PasidError as exc:
+                    if isinstance(exc, InvalidArgument):
+                        self.malformed.report(f"Session/{op or 'malformed'}", peer, exc.message)
+                    elif isinstance(exc, LimitExceeded):
+                        self.limit_refused(exc.kind)
+                    fut = loop.create_future()
+                    fut.set_exception(exc)
+                    reply = _as_is
+                replies.put_nowait((tag, fut, reply, op, t0))
+        except (asyncio.CancelledError, grpc.aio.AioRpcError):
+            pass
+        finally:
+            replies.put_nowait(None)
+
+    def _dispatch(
+        self, sess: BrokerSession, req: pb.SessionRequest, op: str | None
+    ) -> tuple[asyncio.Future[Any], Callable[[Any], pb.SessionResponse]]:
+        """The engine's future for this request, and how its result becomes the reply."""
+        b = self.broker
+        if op == "alloc":
+            a = req.alloc
+            return (
+                b.alloc(sess, a.min, a.max, wire.check_count(a.count, self.limits), a.device),
+                _alloc_reply,
+            )
+        if op == "free":
+            f = req.free
+            return b.free(sess, f.min, f.max), _free_reply
+        if op == "request":
+            r = req.request
+            return b.pasid_request(sess, r.argsz, r.flags, r.min, r.max), _request_reply
+        if op == "list":
+            if req.list.all_sets and not current_caller().admin:
+                raise PermissionDenied(ADMIN_ONLY)
+            resp = pb.SessionResponse(list=list_response(b, sess, req.list.all_sets))
+            return done_future(resp), _as_is
+        if op == "open":
+            raise InvalidArgument("this stream's session is already open")
+        raise InvalidArgument("empty SessionRequest: set one of alloc, free, list")
