@@ -1,9 +1,10 @@
 """What the broker's grpc.aio server interceptors share: a handler rebuilt with a new
 behaviour or decoder, built once per method where it depends on nothing else.
 
-Each interceptor keeps its own reason for wrapping (authz.py, wire.py, metrics.py); this
-is only the mechanism, so that the four arities and the per-method cache are written
-once. It imports nothing of the broker, so metrics.py may use it without the engine.
+Each interceptor keeps its own reason for wrapping (authz.py, wire.py,
+broker/metrics/rpc_timer.py); this is only the mechanism, so that the four arities and
+the per-method cache are written once. It imports nothing of the broker, so the metrics
+may use it without the engine.
 """
 
 from __future__ import annotations

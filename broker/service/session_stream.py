@@ -101,7 +101,7 @@ class SessionStreamServicer(pb_grpc.PasidBrokerServicer):
         self.broker = broker
         self.admin = admin
         # Told when a stream request's reply is ready: (op, perf_counter() at arrival).
-        # The metrics' request latency for Session/<op> (broker/metrics.py).
+        # The metrics' request latency for Session/<op> (broker/metrics/registry.py).
         self._op_done = session_op_done or _ignore_op
         # Shared by the servicers of every socket: limits count per identity, not socket.
         self.admission = admission or Admission(Limits())
