@@ -3,8 +3,10 @@
 One job per module:
 
 - broker.py        Broker: composes the parts; alloc, free, PASID_REQUEST, quotas, info
-- sessions.py      Session, Sessions: open, resume, grace, reclaim, pid watching, and
+- sessions.py      Session, Sessions: open, resume, grace, reclaim, and
                    Sessions.destroy_set, the one function through which every set dies
+- holders.py       Holder, Holders: the holder process's identity (a ticket's) and its
+                   liveness (its pidfd watched; reopened after a restart)
 - journal.py       Journal: group commit with exact undo; `then`, `done_future`
 - events.py        EventFanout: one shared log of committed events, a cursor per watcher;
                    Watch (replay, then live)

@@ -230,7 +230,7 @@ class Broker:
 
     def ticket_uid(self, ticket: str) -> int | None:
         """The verified uid a live peer-handshake ticket carries, without using it up."""
-        return self.sets.ticket_uid(ticket)
+        return self.sets.holders.ticket_uid(ticket)
 
     def authenticate(self, session_id: int, token: str) -> Session:
         """The live session that (session_id, token) names; NotFound otherwise."""

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from broker.backends.base import Backend, Capabilities, replay
 from broker.core import WIRE_PASID_BITS, Allocator, Quarantine, Quotas, Unsupported
-from broker.engine.sessions import Holder, Session
+from broker.engine.holders import Holder
+from broker.engine.sessions import Session
 from broker.store import Snapshot, SqliteStore
 
 log = logging.getLogger("pasid_broker")

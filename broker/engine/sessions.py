@@ -1,4 +1,4 @@
-"""Sessions: open, resume, grace, reclaim, the holder's process, and the end of a set.
+"""Sessions: open, resume, grace, reclaim, and the end of a set.
 
 `Sessions.destroy_set` is the one function through which every set is destroyed,
 whoever destroys it: its client (end with no grace), its grace expiring, its holder
@@ -9,15 +9,15 @@ The liveness rule (docs/peer-identity.md): a set with a kernel-verified holder e
 that process exits (its pidfd polls readable) or its stream ends (then at once, or after
 its grace); never because pings went unanswered. Anonymous and remote sets are bound to
 their stream and grace only. No pid a client wrote is ever opened, signalled or read.
+Who the holder is and whether it still runs are holders.py's; what its exit does to the
+set is decided here (_holder_exited, reclaim_departed).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
-import os
 import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -30,12 +30,12 @@ from broker.core import (
     IoasidSet,
     NotFound,
     NotReady,
-    Unauthenticated,
     Unsupported,
     uid_identity,
 )
+from broker.engine.holders import Holder, Holders, reopen_holder
 from broker.peer import credentials
-from broker.peer.tickets import PeerIdentity, TicketBook, TicketError
+from broker.peer.tickets import PeerIdentity, TicketBook
 from broker.store import CreateSet, DestroySet, SetRow
 
 if TYPE_CHECKING:
@@ -43,58 +43,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pasid_broker")
 
-ANONYMOUS_POLICIES = ("allow", "refuse")
-
 
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class Holder:
-    """The kernel-verified process a set belongs to; stored with the set.
-
-    pid is in the broker's pid namespace; pid + start_time name the process across a
-    broker restart (a reused pid has another start time)."""
-
-    pid: int
-    uid: int
-    ns_pid: int
-    start_time: int
-    delegated_by_pid: int = 0
-
-    @classmethod
-    def of(cls, identity: PeerIdentity) -> Holder:
-        by = identity.delegated_by[0] if identity.delegated_by is not None else 0
-        return cls(identity.pid, identity.uid, identity.ns_pid, identity.start_time, by)
-
-    @classmethod
-    def of_row(cls, row: SetRow) -> Holder | None:
-        if row.start_time is None or row.uid is None or row.ns_pid is None or row.pid <= 0:
-            return None
-        return cls(row.pid, row.uid, row.ns_pid, row.start_time, row.delegated_by_pid or 0)
-
-
-def reopen_holder(h: Holder) -> int | None:
-    """After a restart: a pidfd for the stored holder if that very process still runs.
-
-    The pid was the kernel's (SO_PEERCRED / a pidfd), never a client's. The start time is
-    compared before and after pidfd_open, and the pidfd must be live at the second look:
-    then the pidfd is the process that started at start_time, and no reused pid slips in.
-    """
-    try:
-        if credentials.start_time(h.pid) != h.start_time:
-            return None
-        fd = os.pidfd_open(h.pid)
-    except (OSError, ValueError, OverflowError):  # OverflowError: a pid no int holds
-        return None
-    try:
-        if credentials.start_time(h.pid) == h.start_time and credentials.pidfd_alive(fd):
-            return fd
-    except (OSError, ValueError):
-        pass
-    os.close(fd)
-    return None
 
 
 @dataclass(eq=False)
@@ -132,17 +83,12 @@ class Sessions:
     def __init__(
         self, engine: Broker, tickets: TicketBook | None = None, anonymous: str = "allow"
     ) -> None:
-        if anonymous not in ANONYMOUS_POLICIES:
-            raise ValueError(f"anonymous policy {anonymous!r} not in {ANONYMOUS_POLICIES}")
         self._engine = engine
-        # Where the peer socket's handshakes leave their tickets (broker/peer).
-        self.tickets = tickets if tickets is not None else TicketBook(30.0)
-        self.anonymous = anonymous
+        # The holders' identities (tickets) and liveness (pidfds): holders.py.
+        self.holders = Holders(tickets, anonymous)
         self._sessions: dict[int, Session] = {}
         self._by_token: dict[str, Session] = {}
         self._timers: dict[int, asyncio.TimerHandle] = {}
-        # set_id -> the holder's pidfd (and any fds delegated with it), watched for exit
-        self._held: dict[int, PeerIdentity] = {}
         self.next_set_id = 1
 
     # -- lookups ------------------------------------------------------------------------
@@ -155,12 +101,6 @@ class Sessions:
 
     def __len__(self) -> int:
         return len(self._sessions)
-
-    def identity_of(self, set_id: int) -> PeerIdentity | None:
-        """The verified holder's live identity: its pidfd, and the fds delegated with it
-        (PeerIdentity.fds, .devices: issue 14's iommufd/device fds), owned by the set and
-        closed when it is destroyed. None for an anonymous set."""
-        return self._held.get(set_id)
 
     def attached(self) -> int:
         return sum(1 for s in self._sessions.values() if s.attached)
@@ -216,37 +156,9 @@ class Sessions:
         for h in self._timers.values():
             h.cancel()
         self._timers.clear()
-        for set_id in list(self._held):
-            self._unwatch(set_id)
+        self.holders.close()
 
     # -- open / resume ------------------------------------------------------------------
-
-    def ticket_uid(self, ticket: str) -> int | None:
-        return self.tickets.uid_of(ticket) if self.tickets is not None else None
-
-    def take_identity(self, ticket: str, peer: str) -> PeerIdentity | None:
-        """The identity a ticket carries (now owned by the caller), or None without one.
-
-        Raises Unauthenticated for a ticket unknown, replayed or expired, or for no ticket
-        on the Unix socket under --anonymous refuse; InvalidArgument for a ticket over TCP.
-        """
-        local = peer.startswith("unix") or peer == ""
-        if not ticket:
-            if local and self.anonymous == "refuse":
-                raise Unauthenticated(
-                    "this broker refuses anonymous sessions (--anonymous refuse): do the peer"
-                    " handshake (pasid_client does it by itself) and present its ticket",
-                    "ANONYMOUS",
-                )
-            return None
-        if not local:
-            raise InvalidArgument(
-                "a ticket proves a local process and is only accepted on the Unix socket"
-            )
-        try:
-            return self.tickets.take(ticket)
-        except TicketError as exc:
-            raise Unauthenticated(str(exc)) from None
 
     def open(
         self,
@@ -263,7 +175,7 @@ class Sessions:
 
         `owner` is the caller's identity as its transport verified it (a certificate
         subject over TCP, else "anonymous"); a ticket's holder overrides it: "uid:N"."""
-        identity = self.take_identity(ticket, peer)
+        identity = self.holders.take_identity(ticket, peer)
         if identity is not None:
             owner = uid_identity(identity.uid)
         try:
@@ -347,7 +259,7 @@ class Sessions:
         def undo() -> None:
             e.allocator.destroy_set(set_id)
             self._forget(sess)
-            self._unwatch(set_id)
+            self.holders.unwatch(set_id)
             if e.devices is not None:
                 e.devices.drop_set(set_id)
 
@@ -417,20 +329,11 @@ class Sessions:
         )
 
     def _watch(self, sess: Session, identity: PeerIdentity) -> None:
-        """Own the holder's pidfd and reclaim the set the moment it polls readable (the
-        process exited), even if a connection lingers (an fd inherited by a child)."""
-        self._held[sess.session_id] = identity
-        asyncio.get_running_loop().add_reader(identity.pidfd, self._holder_exited, sess)
-
-    def _unwatch(self, set_id: int) -> None:
-        identity = self._held.pop(set_id, None)
-        if identity is not None:
-            with contextlib.suppress(ValueError, OSError):
-                asyncio.get_running_loop().remove_reader(identity.pidfd)
-            identity.close()
+        """Reclaim the set the moment its holder process exits."""
+        self.holders.watch(sess.session_id, identity, self._holder_exited, sess)
 
     def _holder_exited(self, sess: Session) -> None:
-        self._unwatch(sess.session_id)
+        self.holders.unwatch(sess.session_id)
         if self._sessions.get(sess.session_id) is sess and not self._engine.stopping:
             self.reclaim(sess, f"holder process {sess.pid} exited")
 
@@ -509,7 +412,7 @@ class Sessions:
         owner = sess.set.owner
         freed = e.allocator.destroy_set(set_id)
         self._forget(sess)
-        self._unwatch(set_id)
+        self.holders.unwatch(set_id)
         e.drop_devices(set_id, freed)
         e.backend_calls.release(freed)
 
