@@ -216,11 +216,19 @@ def main() -> int:
     refuse("wrong dev_id", lambda: be.adopt_device(
         3, os.dup(fds_a[0]), os.dup(fds_a[1]), int(msg_a["dev_id"]) + 7, 1, name="x"))  # type: ignore[call-overload]  # fmt: skip
     # A process that does not have the device open cannot be the one delegating it.
+    # It says when its inherited fds are closed: checked before that, it would still hold
+    # device a (the fork's copies), and the refusal raced the child (seen under load).
+    ready_r, ready_w = os.pipe()
     stranger = os.fork()
     if stranger == 0:
-        only(2)
+        only(ready_w)
+        os.write(ready_w, b"x")
+        os.close(ready_w)
         time.sleep(60)
         os._exit(0)
+    os.close(ready_w)
+    os.read(ready_r, 1)
+    os.close(ready_r)
     refuse("not the owner", lambda: be.adopt_device(
         3, os.dup(fds_a[0]), os.dup(fds_a[1]), int(msg_a["dev_id"]), int(msg_a["hwpt"]),  # type: ignore[call-overload]
         name="y", holder_pid=stranger))  # fmt: skip
