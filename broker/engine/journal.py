@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future as ThreadFuture
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from broker.core import StoreError
@@ -26,12 +25,10 @@ T = TypeVar("T")
 U = TypeVar("U")
 
 
-@dataclass
-class _Entry:
-    record: Record
-    undo: Callable[[], None]
-    future: asyncio.Future[Any]
-    result: Any
+# A queued change besides its record: how to reverse it, its future, what it resolves to.
+# A tuple, and the records in a list of their own, because the common batch is many
+# one-PASID allocs and the store takes the records as they are (docs/performance.md).
+_Waiter = tuple[Callable[[], None], "asyncio.Future[Any]", Any]
 
 
 class Journal:
@@ -62,85 +59,93 @@ class Journal:
         self._observer = observer if observer is not None else Observer()
         self._loop = asyncio.get_running_loop()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="pasid-store")
-        self._pending: list[_Entry] = []
-        self._inflight: list[_Entry] | None = None
+        self._records: list[Record] = []  # queued, not yet in a batch
+        self._waiters: list[_Waiter] = []  # the same changes' undo, future, result
+        self._inflight = False  # a batch is scheduled or committing
         self._idle = asyncio.Event()
         self._idle.set()
 
     def submit(self, record: Record, undo: Callable[[], None], result: T) -> asyncio.Future[T]:
         """Queue `record`; the future resolves to `result` once it is durable."""
         fut: asyncio.Future[T] = self._loop.create_future()
-        self._pending.append(_Entry(record, undo, fut, result))
-        if self._inflight is None:
+        self._records.append(record)
+        self._waiters.append((undo, fut, result))
+        if not self._inflight:
             self._schedule()
         return fut
 
     def _schedule(self) -> None:
         self._idle.clear()
-        self._inflight = []  # taken: submits until the flush join its batch
+        self._inflight = True  # taken: submits until the flush join its batch
         self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
-        batch, self._pending = self._pending, []
-        self._inflight = batch
-        records = [e.record for e in batch]
+        records, self._records = self._records, []
+        waiters, self._waiters = self._waiters, []
         t0 = time.perf_counter()
         try:
             events = self._store.commit(records, wait=False)
         except WouldBlock:
             cf = self._executor.submit(_timed_commit, self._store, records)
-            cf.add_done_callback(lambda f: self._loop.call_soon_threadsafe(self._done, batch, f))
+            cf.add_done_callback(
+                lambda f: self._loop.call_soon_threadsafe(self._done, records, waiters, f)
+            )
             return
         except Exception as exc:  # StoreError, or a bug: either way the batch is undone
-            self._finish(batch, time.perf_counter() - t0, exc)
+            self._finish(records, waiters, time.perf_counter() - t0, exc)
             return
-        self._finish(batch, time.perf_counter() - t0, events)
+        self._finish(records, waiters, time.perf_counter() - t0, events)
         if self._store.checkpoint_due():
             self._executor.submit(self._store.checkpoint)
 
     def _done(
-        self, batch: list[_Entry], f: ThreadFuture[tuple[float, list[Event] | BaseException]]
+        self,
+        records: list[Record],
+        waiters: list[_Waiter],
+        f: ThreadFuture[tuple[float, list[Event] | BaseException]],
     ) -> None:
-        self._finish(batch, *f.result())
+        self._finish(records, waiters, *f.result())
 
     def _finish(
-        self, batch: list[_Entry], seconds: float, outcome: list[Event] | BaseException
+        self,
+        records: list[Record],
+        waiters: list[_Waiter],
+        seconds: float,
+        outcome: list[Event] | BaseException,
     ) -> None:
-        self._inflight = None
-        records = [e.record for e in batch]
+        self._inflight = False
         if not isinstance(outcome, BaseException):
             self._observer.commit_done(records, outcome, seconds)
-            for e in batch:
-                if not e.future.done():
-                    e.future.set_result(e.result)
+            for _, fut, result in waiters:
+                if not fut.done():  # its caller may have gone (cancelled)
+                    fut.set_result(result)
             if self._on_commit is not None:
                 self._on_commit(outcome)
         else:
             exc = outcome
-            later, self._pending = self._pending, []
-            self._observer.commit_failed(records + [e.record for e in later], seconds)
+            records += self._records
+            waiters += self._waiters
+            self._records, self._waiters = [], []
+            self._observer.commit_failed(records, seconds)
             err = exc if isinstance(exc, StoreError) else StoreError(f"store commit failed: {exc}")
             log.error(
                 "store commit failed; undoing %d changes",
-                len(batch) + len(later),
-                extra={
-                    "error": str(err),
-                    "sets": sorted({set_of(e.record) for e in batch + later}),
-                },
+                len(records),
+                extra={"error": str(err), "sets": sorted({set_of(r) for r in records})},
             )
-            for e in reversed(batch + later):
+            for rec, (undo, fut, _) in zip(reversed(records), reversed(waiters), strict=True):
                 try:
-                    e.undo()
+                    undo()
                 except Exception:  # an undo must not stop the others
                     # Not %r: a CreateSet carries the token's hash, which logs never need.
                     log.exception(
                         "undo failed for %s",
-                        type(e.record).__name__,
-                        extra={"session": set_of(e.record), "set": set_of(e.record)},
+                        type(rec).__name__,
+                        extra={"session": set_of(rec), "set": set_of(rec)},
                     )
-                if not e.future.done():
-                    e.future.set_exception(StoreError(err.message))
-        if self._pending:
+                if not fut.done():
+                    fut.set_exception(StoreError(err.message))
+        if self._records:
             self._schedule()
         else:
             self._idle.set()

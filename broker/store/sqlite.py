@@ -63,6 +63,17 @@ _INSERT_RUN = (
 )
 
 
+_INSERT_ALLOC = "INSERT INTO allocations (pasid, set_id) VALUES (?, ?)"
+_INSERT_EVENT = (
+    "INSERT INTO events (ts, kind, set_id, pasids, reason, holder_pid, holder_uid,"
+    " holder_ns_pid) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+# An events row as bound to _INSERT_EVENT (pasids as runs text), and the same event's
+# fields after its revision (pasids as a tuple): Event is (revision, *_EventFields).
+_EventRow = tuple[float, str, int, str, str, int | None, int | None, int | None]
+_EventFields = tuple[float, str, int, tuple[int, ...], str, int | None, int | None, int | None]
+
+
 def encode_runs(pasids: Sequence[int]) -> str:
     return ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in runs(pasids))
 
@@ -73,13 +84,6 @@ def decode_runs(text: str) -> tuple[int, ...]:
         lo, _, hi = part.partition("-")
         out.extend(range(int(lo), int(hi or lo) + 1))
     return tuple(out)
-
-
-def _holder_of(rec: Record) -> tuple[int | None, int | None, int | None]:
-    """A set_created event names its verified holder: (pid, uid, ns_pid), or NULLs."""
-    if isinstance(rec, CreateSet) and rec.row.uid is not None:
-        return (rec.row.pid, rec.row.uid, rec.row.ns_pid)
-    return (None, None, None)
 
 
 # The database names clients and pids and holds token hashes: for the broker's user only.
@@ -299,30 +303,21 @@ class SqliteStore:
                     raise WouldBlock(_describe(exc)) from exc
                 raise
             try:
-                applied = [(self._apply(conn, rec), _holder_of(rec)) for rec in records]
+                rows, logged = self._write(conn, records, now)
                 if self._quarantined:
                     # Rows written by earlier commits that are past their time: the
                     # table stays as small as the quarantine. Only when something went
                     # into quarantine, so a broker without one never pays for it.
                     self._quarantined = False
                     conn.execute("DELETE FROM quarantine WHERE release_unix <= ?", (now,)).close()
-                # Configuration records (saved quotas) change no holdings: no event.
-                logged = [(e, h) for e, h in applied if e is not None]
-                if logged:
-                    conn.executemany(
-                        "INSERT INTO events (ts, kind, set_id, pasids, reason, holder_pid,"
-                        " holder_uid, holder_ns_pid) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        [
-                            (now, k, sid, encode_runs(ps), why, *h)
-                            for (k, sid, ps, why), h in logged
-                        ],
-                    ).close()
+                if rows:
+                    conn.executemany(_INSERT_EVENT, rows).close()
                     (last,) = conn.execute("SELECT last_insert_rowid()").fetchone()
                 else:
                     (last,) = conn.execute(
                         "SELECT COALESCE(MAX(revision), 0) FROM events"
                     ).fetchone()
-                self._last_batch = len(logged)
+                self._last_batch = len(rows)
                 self._compact(conn, int(last or 0))
                 conn.execute("COMMIT")
             except BaseException:
@@ -334,11 +329,73 @@ class SqliteStore:
         self._commits += 1
         if wait and self.checkpoint_due():  # off the loop already: do it here
             self.checkpoint()
-        first = int(last or 0) - len(logged) + 1
-        return [
-            Event(first + i, now, k, sid, tuple(ps), why, *h)
-            for i, ((k, sid, ps, why), h) in enumerate(logged)
-        ]
+        # Events are tuples (records.Event): built here without a Python-level __init__.
+        rev = int(last or 0) - len(logged)
+        new = tuple.__new__
+        out: list[Event] = []
+        for fields in logged:
+            rev += 1
+            out.append(new(Event, (rev, *fields)))
+        return out
+
+    def _write(
+        self, conn: sqlite3.Connection, records: Sequence[Record], now: float
+    ) -> tuple[list[_EventRow], list[_EventFields]]:
+        """Write the records in order; return their event rows and the same events'
+        fields (pasids as a tuple) for the Event objects.
+
+        The common batch is many AddPasids of one PASID each: their allocation rows are
+        gathered and inserted by one executemany, flushed before any other kind of record
+        (which may free, destroy or create what they name) and at the end. Inserts commute
+        with each other, so only their order against other records matters.
+        """
+        rows: list[_EventRow] = []
+        logged: list[_EventFields] = []
+        adds: list[tuple[int, int]] = []  # (pasid, set_id) not yet inserted
+        for rec in records:
+            if type(rec) is AddPasids:
+                sid = rec.set_id
+                ps = rec.pasids
+                if len(ps) == 1:
+                    p = ps[0]
+                    adds.append((p, sid))
+                    text = str(p)
+                else:
+                    text = self._add_many(conn, sid, ps, adds)
+                rows.append((now, "alloc", sid, text, "", None, None, None))
+                logged.append((now, "alloc", sid, ps, "", None, None, None))
+                continue
+            if adds:
+                conn.executemany(_INSERT_ALLOC, adds).close()
+                adds = []
+            ev = self._apply(conn, rec)
+            if ev is None:  # configuration (saved quotas) changes no holdings: no event
+                continue
+            kind, sid, held, why = ev
+            pid = uid = ns_pid = None
+            if type(rec) is CreateSet and rec.row.uid is not None:
+                # set_created names its verified holder.
+                pid, uid, ns_pid = rec.row.pid, rec.row.uid, rec.row.ns_pid
+            rows.append((now, kind, sid, encode_runs(held), why, pid, uid, ns_pid))
+            logged.append((now, kind, sid, tuple(held), why, pid, uid, ns_pid))
+        if adds:
+            conn.executemany(_INSERT_ALLOC, adds).close()
+        return rows, logged
+
+    @staticmethod
+    def _add_many(
+        conn: sqlite3.Connection, sid: int, pasids: Sequence[int], adds: list[tuple[int, int]]
+    ) -> str:
+        """An AddPasids of several PASIDs: scattered ones join `adds`; runs are counted
+        out by SQLite, one statement each (half the cost of a row each). Returns the
+        event's text for them."""
+        rs = runs(pasids)
+        if len(rs) == len(pasids):
+            adds.extend([(p, sid) for p in pasids])
+        else:
+            for lo, hi in rs:
+                conn.execute(_INSERT_RUN, (lo, hi, sid)).close()
+        return ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in rs)
 
     def checkpoint_due(self) -> bool:
         """Whether the WAL has grown past CHECKPOINT_BYTES (looked at every 64 commits)."""
@@ -409,8 +466,9 @@ class SqliteStore:
     def _apply(
         self, conn: sqlite3.Connection, rec: Record
     ) -> tuple[str, int, Sequence[int], str] | None:
-        """Write one record; returns its event (kind, set_id, pasids, reason), or None
-        for a record that is configuration, not a change of holdings."""
+        """Write one record other than AddPasids (_write gathers those); returns its
+        event (kind, set_id, pasids, reason), or None for a record that is
+        configuration, not a change of holdings."""
         if isinstance(rec, SaveQuotas):
             conn.execute(
                 "INSERT OR REPLACE INTO quotas (scope, per_set, per_client, global_,"
@@ -423,18 +481,6 @@ class SqliteStore:
                 "UPDATE sets SET quota = ? WHERE set_id = ?", (rec.quota, rec.set_id)
             ).close()
             return None
-        if isinstance(rec, AddPasids):
-            sid = rec.set_id
-            rs = runs(rec.pasids)
-            if len(rs) == len(rec.pasids):  # single PASIDs (the common alloc of one)
-                conn.executemany(
-                    "INSERT INTO allocations (pasid, set_id) VALUES (?, ?)",
-                    [(p, sid) for p in rec.pasids],
-                ).close()
-            else:  # a batch, by run: SQLite counts the run out itself, half the cost
-                for lo, hi in rs:
-                    conn.execute(_INSERT_RUN, (lo, hi, sid)).close()
-            return ("alloc", sid, rec.pasids, "")
         if isinstance(rec, RemovePasids):
             # By run: a set's free is usually a few runs, whatever it held. Every PASID
             # of a run is one of rec.pasids (the PASID is the key), so it is exact.

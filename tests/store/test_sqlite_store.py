@@ -100,3 +100,43 @@ def test_commit_without_waiting_refuses_a_held_lock_and_writes_nothing(tmp_path:
     st.close()
     other.close()
     assert SqliteStore(db).open().holdings == {1: [5]}
+
+
+def test_a_batch_applies_its_records_in_order(tmp_path: Path) -> None:
+    """Single-PASID allocs are inserted together (one statement per batch), but never
+    past a record that frees, destroys or reads what they hold: a PASID freed or
+    destroyed in a batch may be allocated again later in the same batch."""
+    st = SqliteStore(tmp_path / "b.db")
+    st.open()
+    evs = st.commit(
+        [
+            CreateSet(row(1)),
+            AddPasids(1, (8,)),
+            AddPasids(1, (9,)),
+            RemovePasids(1, (8,)),
+            CreateSet(row(2)),
+            AddPasids(2, (8,)),
+            AddPasids(1, (10, 12)),  # scattered: joins the single-PASID inserts
+            AddPasids(1, (20, 21, 22)),  # a run: one statement of its own
+            DestroySet(1, "bye"),  # pasids=None: the store reads what set 1 holds
+            CreateSet(row(3)),
+            AddPasids(3, (9,)),
+        ]
+    )
+    assert [(e.revision, e.kind, e.set_id, e.pasids) for e in evs] == [
+        (1, "set_created", 1, ()),
+        (2, "alloc", 1, (8,)),
+        (3, "alloc", 1, (9,)),
+        (4, "free", 1, (8,)),
+        (5, "set_created", 2, ()),
+        (6, "alloc", 2, (8,)),
+        (7, "alloc", 1, (10, 12)),
+        (8, "alloc", 1, (20, 21, 22)),
+        (9, "set_destroyed", 1, (9, 10, 12, 20, 21, 22)),
+        (10, "set_created", 3, ()),
+        (11, "alloc", 3, (9,)),
+    ]
+    assert st.read_events(after=0) == evs  # what Watch replays is what was published
+    st.close()
+    snap = SqliteStore(tmp_path / "b.db").open()
+    assert snap.holdings == {2: [8], 3: [9]}
