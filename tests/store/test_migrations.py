@@ -46,6 +46,17 @@ def test_migrations_build_exactly_the_tables_the_code_uses(tmp_path: Path) -> No
     engine.dispose()
 
 
+def test_the_only_foreign_key_is_the_one_the_store_checks() -> None:
+    """SqliteStore._load checks allocations.set_id -> sets itself (instead of a second
+    scan by PRAGMA foreign_key_check): another foreign key would need a check there."""
+    fks = [
+        (t.name, fk.parent.name, fk.target_fullname)
+        for t in metadata.sorted_tables
+        for fk in t.foreign_keys
+    ]
+    assert fks == [("allocations", "set_id", "sets.set_id")]
+
+
 def test_store_upgrades_a_v1_database_in_place(tmp_path: Path) -> None:
     db = tmp_path / "b.db"
     make_v1_db(db)

@@ -140,3 +140,53 @@ def test_a_batch_applies_its_records_in_order(tmp_path: Path) -> None:
     st.close()
     snap = SqliteStore(tmp_path / "b.db").open()
     assert snap.holdings == {2: [8], 3: [9]}
+
+
+def test_destroy_deletes_only_its_own_rows_and_the_foreign_key_check_returns(
+    tmp_path: Path,
+) -> None:
+    """Without a set_id index (migration 0006) a destroy deletes the PASIDs the engine
+    says the set held, by run, with foreign_keys off for that batch only: a row of
+    another set's is never deleted, and the next batch refuses an orphan again."""
+    st = SqliteStore(tmp_path / "b.db")
+    st.open()
+    st.commit([CreateSet(row(1)), CreateSet(row(2)), AddPasids(1, (5, 7)), AddPasids(2, (6,))])
+    # The run 5-7 spans set 2's PASID 6: it stays.
+    [ev] = st.commit([DestroySet(1, "bye", pasids=(5, 6, 7))])
+    assert ev.pasids == (5, 6, 7)
+    with pytest.raises(StoreError, match="FOREIGN KEY constraint failed"):
+        st.commit([AddPasids(1, (9,))])  # set 1 is gone
+    st.close()
+    assert SqliteStore(tmp_path / "b.db").open().holdings == {2: [6]}
+
+
+def test_batches_wider_than_one_insert_statement(tmp_path: Path) -> None:
+    """Rows go in by multi-row INSERTs of at most 64 rows: a bigger batch is split, and
+    its revisions still follow one another."""
+    st = SqliteStore(tmp_path / "b.db")
+    st.open()
+    scattered = tuple(range(1000, 1300, 2))  # 150 PASIDs, no two adjacent
+    evs = st.commit(
+        [CreateSet(row(1)), AddPasids(1, scattered)] + [AddPasids(1, (p,)) for p in range(1, 151)]
+    )
+    assert [e.revision for e in evs] == list(range(1, 153))
+    assert evs[1].pasids == scattered and evs[-1].pasids == (150,)
+    assert st.read_events(after=0) == evs
+    st.close()
+    snap = SqliteStore(tmp_path / "b.db").open()
+    assert snap.holdings == {1: sorted(range(1, 151)) + list(scattered)}
+
+
+def test_an_orphan_allocation_is_refused_at_open(tmp_path: Path) -> None:
+    db = tmp_path / "b.db"
+    st = SqliteStore(db)
+    st.open()
+    st.commit([CreateSet(row(1)), AddPasids(1, (5,))])
+    st.close()
+    with sqlite3.connect(db) as c:
+        c.execute("INSERT INTO allocations VALUES (9, 42)")
+        c.execute("INSERT INTO allocations VALUES (3, 43)")
+    c.close()
+    msg = "foreign key check failed: allocations rowid 3 -> sets, allocations rowid 9 -> sets"
+    with pytest.raises(StoreError, match=msg):
+        SqliteStore(db).open()

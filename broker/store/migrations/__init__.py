@@ -2,9 +2,10 @@
 
 Revision 0001 is the first released schema (meta, sets, allocations); 0002 adds the
 append-only event log; 0003 the kernel-verified holder of each set; 0004 the owner
-(verified identity) of each set and the quotas SetQuotas saved. A database made before
-Alembic (no alembic_version table) is stamped with the revision its tables show, then
-upgraded.
+(verified identity) of each set and the quotas SetQuotas saved; 0005 the quarantine's
+release times; 0006 drops the allocations' set_id index (each commit paid for it). A
+database made before Alembic (no alembic_version table) is stamped with the revision its
+tables show, then upgraded.
 
 Alembic and SQLAlchemy are imported only when a migration is due: `is_current` reads the
 revision with plain sqlite3, so a broker starting on an up-to-date database never loads
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 HERE = Path(__file__).resolve().parent
 
 # The newest revision in versions/; a database at it needs no migration.
-HEAD = "0005"
+HEAD = "0006"
 
 
 class SchemaError(Exception):
