@@ -8,9 +8,10 @@ transaction that upgrades to a write gets SQLITE_BUSY at once in WAL mode, ignor
 busy_timeout.
 
 Why plain sqlite3 and not SQLAlchemy: the commit is the broker's hot path, and SQLAlchemy
-Core cost 5-6x raw sqlite3 per statement there (docs/performance.md); one executemany per
-record kind is all the SQL it needs. Alembic (with SQLAlchemy) still owns the schema, but
-is imported only when a migration is due (broker/store/migrations).
+Core cost 5-6x raw sqlite3 per statement there (docs/performance.md); a multi-row INSERT
+per table per batch is all the SQL the common commit needs. Alembic (with SQLAlchemy)
+still owns the schema, but is imported only when a migration is due
+(broker/store/migrations).
 """
 
 from __future__ import annotations
@@ -132,7 +133,8 @@ def _describe(exc: BaseException) -> str:
 
 
 class SqliteStore:
-    """The allocations on disk. commit() runs on the broker's single writer thread."""
+    """The allocations on disk. One batch at a time goes through commit(): on the event
+    loop, or on the journal's writer thread when the write lock is held elsewhere."""
 
     def __init__(
         self, path: str | Path, *, synchronous: str = "NORMAL", event_retention: int = 100_000
