@@ -336,11 +336,11 @@ class SqliteStore:
         # other batch keeps it on (an allocation must name a stored set). The pragma is
         # a no-op inside a transaction: set before BEGIN. open() checks the whole file.
         fk = DestroySet not in map(type, records)
-        if fk != self._fk:
-            conn.execute(f"PRAGMA foreign_keys={'ON' if fk else 'OFF'}")
-            self._fk = fk
         now = time.time()
         try:
+            if fk != self._fk:
+                conn.execute(f"PRAGMA foreign_keys={'ON' if fk else 'OFF'}")
+                self._fk = fk
             try:
                 conn.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError as exc:
