@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from broker.backends.base import Backend, Capabilities, alloc_each
 from broker.backends.base import replay as generic_replay
 
 if TYPE_CHECKING:
     from broker.metrics.registry import Metrics
+
+T = TypeVar("T")
 
 
 class InstrumentedBackend:
@@ -29,15 +31,19 @@ class InstrumentedBackend:
     def open(self) -> Capabilities:
         return self.inner.open()
 
-    def alloc(self, lo: int, hi: int) -> int:
+    def _timed(self, op: str, observe: Callable[[float], None], call: Callable[[], T]) -> T:
+        """`call()`, its duration observed and its failure counted under `op`."""
         t0 = time.perf_counter()
         try:
-            return self.inner.alloc(lo, hi)
+            return call()
         except BaseException as exc:
-            self._m.backend_error("alloc", exc)
+            self._m.backend_error(op, exc)
             raise
         finally:
-            self._alloc(time.perf_counter() - t0)
+            observe(time.perf_counter() - t0)
+
+    def alloc(self, lo: int, hi: int) -> int:
+        return self._timed("alloc", self._alloc, lambda: self.inner.alloc(lo, hi))
 
     def alloc_many(self, lo: int, hi: int, count: int) -> list[int]:
         # A backend's own alloc_many is one call, timed once (the simulator's); without
@@ -45,47 +51,19 @@ class InstrumentedBackend:
         own = self._own_alloc_many
         if own is None:
             return alloc_each(self, lo, hi, count)
-        t0 = time.perf_counter()
-        try:
-            return list(own(lo, hi, count))
-        except BaseException as exc:
-            self._m.backend_error("alloc", exc)
-            raise
-        finally:
-            self._alloc(time.perf_counter() - t0)
+        return self._timed("alloc", self._alloc, lambda: list(own(lo, hi, count)))
 
     def free(self, lo: int, hi: int) -> None:
-        t0 = time.perf_counter()
-        try:
-            self.inner.free(lo, hi)
-        except BaseException as exc:
-            self._m.backend_error("free", exc)
-            raise
-        finally:
-            self._free(time.perf_counter() - t0)
+        self._timed("free", self._free, lambda: self.inner.free(lo, hi))
 
     def free_many(self, pasids: Sequence[int]) -> bool:
         own = self._own_free_many
         if own is None:
             return False
-        t0 = time.perf_counter()
-        try:
-            return bool(own(pasids))
-        except BaseException as exc:
-            self._m.backend_error("free", exc)
-            raise
-        finally:
-            self._free(time.perf_counter() - t0)
+        return self._timed("free", self._free, lambda: bool(own(pasids)))
 
     def replay(self, pasids: Iterable[int]) -> int:
-        t0 = time.perf_counter()
-        try:
-            return generic_replay(self.inner, pasids)
-        except BaseException as exc:
-            self._m.backend_error("replay", exc)
-            raise
-        finally:
-            self._replay(time.perf_counter() - t0)
+        return self._timed("replay", self._replay, lambda: generic_replay(self.inner, pasids))
 
     def close(self) -> None:
         self.inner.close()
