@@ -41,8 +41,9 @@ class CommitPacer:
     the wait would only be latency, and session streams batch 6-8 already. So it delays
     only where it has seen it pay: after RUN small batches in a row (SMALL records or
     fewer), each within SOON of the last, it tries one delayed batch; while delayed batches gather at least
-    GATHERED more records it keeps delaying; when one does not, it flushes at once again
-    and waits twice as long (up to MAX_RUN) before the next try.
+    GATHERED more records it keeps delaying; when one does not, it flushes at once again.
+    A try that gathered nothing doubles the run needed before the next (up to MAX_RUN):
+    one caller's back-to-back requests are almost never delayed.
     """
 
     DELAY = 0.001  # libuv's timers count whole milliseconds
@@ -58,6 +59,7 @@ class CommitPacer:
         self._run = 0  # small batches in a row, each soon after the last
         self._wait = self.RUN  # how long a run must be before the next try
         self._last = -1.0  # when the last batch was flushed
+        self._trying = False  # the batch being delayed is a try, not the delaying mode
 
     def delay(self) -> float:
         """Seconds to wait before flushing the batch being started (0: the next turn)."""
@@ -65,15 +67,22 @@ class CommitPacer:
             return self.DELAY
         if self._run >= self._wait:
             self._run = 0
-            return self.DELAY  # a try
+            self._trying = True
+            return self.DELAY
         return 0.0
 
     def flushed(self, size: int, delayed: bool) -> None:
         """A batch of `size` records is being committed; it waited DELAY if `delayed`."""
         now = self._clock()
         if delayed:
-            self.delaying = size >= 1 + self.GATHERED
-            self._wait = self.RUN if self.delaying else min(2 * self._wait, self.MAX_RUN)
+            paid = size >= 1 + self.GATHERED
+            if paid:
+                self._wait = self.RUN
+            elif self._trying:  # a try that gathered nothing: try less often
+                self._wait = min(2 * self._wait, self.MAX_RUN)
+            # else: delaying stops after a lull; the next try comes after RUN again
+            self.delaying = paid
+            self._trying = False
         elif size <= self.SMALL and now - self._last < self.SOON:
             self._run += 1
         else:

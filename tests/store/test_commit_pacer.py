@@ -48,7 +48,13 @@ def test_many_calls_arriving_alone_are_gathered() -> None:
     # The load goes: a delayed batch gathers nothing, and flushing is immediate again.
     assert run(p, clock, [1]) == [CommitPacer.DELAY]
     assert not p.delaying
-    assert run(p, clock, [1] * 16) == [0.0] * 16  # the next try waits twice as long
+    # After a lull the next try comes after a run of RUN again; a try that gathers
+    # nothing makes the next one wait twice as long.
+    assert run(p, clock, [1] * 8) == [0.0] * 8
+    assert p.delay() == CommitPacer.DELAY
+    p.flushed(1, True)
+    assert run(p, clock, [1] * 16) == [0.0] * 16
+    assert p.delay() == CommitPacer.DELAY
 
 
 def test_streams_that_batch_already_are_never_delayed() -> None:
