@@ -48,7 +48,7 @@ class CommitPacer:
 
     DELAY = 0.001  # libuv's timers count whole milliseconds
     RUN = 8
-    MAX_RUN = 1024
+    MAX_RUN = 256
     SOON = 0.002
     SMALL = 2
     GATHERED = 2
