@@ -40,10 +40,10 @@ class CommitPacer:
     and cut the broker's CPU per call by a third (docs/performance.md). For one caller
     the wait would only be latency, and session streams batch 6-8 already. So it delays
     only where it has seen it pay: after RUN small batches in a row (SMALL records or
-    fewer), each within SOON of the last, it tries one delayed batch; while delayed batches gather at least
-    GATHERED more records it keeps delaying; when one does not, it flushes at once again.
-    A try that gathered nothing doubles the run needed before the next (up to MAX_RUN):
-    one caller's back-to-back requests are almost never delayed.
+    fewer), each within SOON of the last, it tries one delayed batch; while delayed
+    batches gather at least GATHERED more records it keeps delaying; when one does not,
+    it flushes at once again. A try that gathered nothing doubles the run needed before
+    the next (up to MAX_RUN): one caller's back-to-back requests are rarely delayed.
     """
 
     DELAY = 0.001  # libuv's timers count whole milliseconds
