@@ -73,8 +73,12 @@ def _refused(self: Any, name: str, context: Any, exc: PasidError) -> bool:
     return False
 
 
-async def _internal(context: Any, name: str, exc: Exception) -> NoReturn:
-    # A bug, not the client's doing: logged with its traceback, answered INTERNAL.
+async def _fail(self: Any, name: str, request: Any, context: Any, exc: Exception) -> NoReturn:
+    """End the call for `exc`: a PasidError with its status (a refusal), anything else as
+    INTERNAL (a bug, not the client's doing: logged with its traceback)."""
+    if isinstance(exc, PasidError):
+        quiet = _refused(self, name, context, exc)
+        await _abort(context, exc, quiet, rpc=name, **_session_named(request))
     log.error("internal error in %s", name, exc_info=exc, extra={"method": name})
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the broker's log")
     raise AssertionError("unreachable")  # abort raises
@@ -114,13 +118,10 @@ def boundary(method: F) -> F:
                 async with contextlib.aclosing(method(self, request, context)) as items:
                     async for item in items:
                         yield item
-            except PasidError as exc:
-                quiet = _refused(self, name, context, exc)
-                await _abort(context, exc, quiet, rpc=method.__name__, **_session_named(request))
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
-                await _internal(context, name, exc)
+                await _fail(self, name, request, context, exc)
 
         return cast(F, stream)
 
@@ -130,12 +131,9 @@ def boundary(method: F) -> F:
             if isinstance(request, wire.Malformed):
                 raise InvalidArgument(request.error)
             return await method(self, request, context)
-        except PasidError as exc:
-            quiet = _refused(self, name, context, exc)
-            await _abort(context, exc, quiet, rpc=method.__name__, **_session_named(request))
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            await _internal(context, name, exc)
+            await _fail(self, name, request, context, exc)
 
     return cast(F, unary)
