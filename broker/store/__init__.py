@@ -12,7 +12,8 @@ from broker.store.records import (
     SetRow,
     Snapshot,
 )
-from broker.store.sqlite import SqliteStore, WouldBlock
+from broker.store.sqlite import SqliteStore
+from broker.store.writer import WouldBlock
 
 __all__ = [
     "AddPasids",

@@ -1,10 +1,10 @@
 """The tables as SQLAlchemy sees them, for the migrations and their test only.
 
-The store itself speaks plain sqlite3 (broker/store/sqlite.py): SQLAlchemy and Alembic
-cost a third of a second to import and several times raw sqlite3 per statement, so they
-are loaded only when a schema must be created or migrated. test_migrations checks that
-the migrations build exactly these tables, and these are the columns the store's SQL
-names.
+The store itself speaks plain sqlite3 (broker/store/opening.py, writer.py): SQLAlchemy
+and Alembic cost a third of a second to import and several times raw sqlite3 per
+statement, so they are loaded only when a schema must be created or migrated.
+test_migrations checks that the migrations build exactly these tables, and these are the
+columns the store's SQL names.
 """
 
 from __future__ import annotations

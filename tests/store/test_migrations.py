@@ -47,7 +47,7 @@ def test_migrations_build_exactly_the_tables_the_code_uses(tmp_path: Path) -> No
 
 
 def test_the_only_foreign_key_is_the_one_the_store_checks() -> None:
-    """SqliteStore._load checks allocations.set_id -> sets itself (instead of a second
+    """opening.load_snapshot checks allocations.set_id -> sets itself (instead of a second
     scan by PRAGMA foreign_key_check): another foreign key would need a check there."""
     fks = [
         (t.name, fk.parent.name, fk.target_fullname)

@@ -7,7 +7,7 @@ takes whole pages, so the index was about half of a commit's SQLite cost
 deletes the PASIDs the engine says it held, by run, and loading groups by set once at
 start (a sort). Deleting a set's row with foreign_keys=ON would scan allocations for
 children without this index, so the store turns the check off for a batch that
-destroys a set, after deleting the set's rows itself (broker/store/sqlite.py).
+destroys a set, after deleting the set's rows itself (broker/store/writer.py).
 
 Revision ID: 0006
 Revises: 0005
