@@ -79,14 +79,15 @@ class Holders:
     def __init__(self, tickets: TicketBook | None = None, anonymous: str = "allow") -> None:
         if anonymous not in ANONYMOUS_POLICIES:
             raise ValueError(f"anonymous policy {anonymous!r} not in {ANONYMOUS_POLICIES}")
-        # Where the peer socket's handshakes leave their tickets (broker/peer).
-        self.tickets = tickets if tickets is not None else TicketBook(30.0)
+        # Where the peer socket's handshakes leave their tickets (broker/peer); always
+        # a book: without a peer socket it stays empty and every ticket is unknown.
+        self.tickets: TicketBook = tickets if tickets is not None else TicketBook(30.0)
         self.anonymous = anonymous
         # set_id -> the holder's pidfd (and any fds delegated with it), watched for exit
         self._held: dict[int, PeerIdentity] = {}
 
     def ticket_uid(self, ticket: str) -> int | None:
-        return self.tickets.uid_of(ticket) if self.tickets is not None else None
+        return self.tickets.uid_of(ticket)
 
     def take_identity(self, ticket: str, peer: str) -> PeerIdentity | None:
         """The identity a ticket carries (now owned by the caller), or None without one.
@@ -111,12 +112,6 @@ class Holders:
             return self.tickets.take(ticket)
         except TicketError as exc:
             raise Unauthenticated(str(exc)) from None
-
-    def identity_of(self, set_id: int) -> PeerIdentity | None:
-        """The verified holder's live identity: its pidfd, and the fds delegated with it
-        (PeerIdentity.fds, .devices: issue 14's iommufd/device fds), owned by the set and
-        closed when it is destroyed. None for an anonymous set."""
-        return self._held.get(set_id)
 
     def watch(
         self, set_id: int, identity: PeerIdentity, exited: Callable[..., None], *args: Any
