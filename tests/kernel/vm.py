@@ -15,12 +15,15 @@ Either raises Unavailable with the reason when this machine cannot run it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import lzma
 import os
 import platform
+import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -106,9 +109,10 @@ def static_busybox() -> bool:
     return r.returncode != 0 or "not a dynamic" in (r.stdout + r.stderr)
 
 
-def pack_initramfs(out: Path, modules: Mapping[str, bytes] | None = None) -> Path:
+def pack_initramfs(out: Path, family: str, modules: Mapping[str, bytes] | None = None) -> Path:
     """busybox, /init and `modules` (name -> .ko, loaded in this order) into the newc cpio
-    `out`, unless it is there already (the caller's name keys what went in)."""
+    `out` (initramfs_path's), unless it is there already; then the family's stale files
+    go (prune_initramfs)."""
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -137,11 +141,49 @@ def pack_initramfs(out: Path, modules: Mapping[str, bytes] | None = None) -> Pat
                 check=True,
             )
         tmp_out.rename(out)
+    prune_initramfs(out, family)
     return out
 
 
 def _init_key(*parts: object) -> str:
     return hashlib.sha256("\n".join(map(str, (INIT, *parts))).encode()).hexdigest()[:16]
+
+
+# A cached initramfs is `<family><_init_key>.cpio`; a new /init (or kernel) is a new key,
+# and the old file is never read again by this checkout. Another checkout on this machine
+# may still use it (/var/cache/pasid-broker is shared), so a file goes only once nobody
+# has used it for this long: each use touches it (initramfs_path).
+STALE_AFTER_S = 3600.0
+
+
+def initramfs_path(directory: Path, family: str, *key_parts: object) -> Path:
+    """The cached initramfs for this /init and `key_parts`, marked as in use."""
+    out = directory / f"{family}{_init_key(*key_parts)}.cpio"
+    with contextlib.suppress(OSError):  # not there yet, or another user's file
+        os.utime(out)
+    return out
+
+
+def prune_initramfs(
+    keep: Path, family: str, stale_after: float = STALE_AFTER_S, now: float | None = None
+) -> list[Path]:
+    """Delete the files of `keep`'s family beside it with another key, unused for
+    `stale_after` seconds; returns them. Only names that are exactly
+    `<family><16 hex>.cpio` are candidates: nothing else in the cache is touched."""
+    pattern = re.compile(re.escape(family) + r"[0-9a-f]{16}\.cpio")
+    if not pattern.fullmatch(keep.name):
+        raise ValueError(f"{keep.name} is not of the family {family}<key>.cpio")
+    cutoff = (time.time() if now is None else now) - stale_after
+    removed = []
+    for p in keep.parent.iterdir():
+        if p.name == keep.name or not pattern.fullmatch(p.name):
+            continue
+        with contextlib.suppress(FileNotFoundError):  # another pruner was first
+            st = p.lstat()
+            if stat.S_ISREG(st.st_mode) and st.st_mtime < cutoff:
+                p.unlink()
+                removed.append(p)
+    return removed
 
 
 def run_guest(
@@ -294,7 +336,8 @@ def _load_order(kernel: Kernel) -> list[str]:
 
 def debian_initramfs(kernel: Kernel) -> Path:
     """busybox + the modules + /init, cached by kernel version and /init's text."""
-    out = CACHE / f"initramfs-{kernel.version}-{_init_key(kernel.version, MODULES)}.cpio"
+    family = f"initramfs-{kernel.version}-"
+    out = initramfs_path(CACHE, family, kernel.version, MODULES)
     if out.exists():
         return out
     modules: dict[str, bytes] = {}
@@ -307,7 +350,7 @@ def debian_initramfs(kernel: Kernel) -> Path:
             modules[name] = src.read_bytes()
         else:
             raise Unavailable(f"cannot unpack module {rel} (only .ko and .ko.xz)")
-    return pack_initramfs(out, modules)
+    return pack_initramfs(out, family, modules)
 
 
 def boot_debian(script: Path, timeout: float = 150.0) -> Boot:
@@ -332,6 +375,7 @@ def boot_debian(script: Path, timeout: float = 150.0) -> Boot:
 SERVER = Path(__file__).resolve().parent / "vfio_user_server.py"
 DEVICE_BITS = (20, 20, 0)  # two PASID-capable devices and one without
 VFIO_USER = ("0x1b36", "0x00f0")  # vendor:device of the vfio-user devices
+IOMMUFD_INITRAMFS = "initramfs-iommufd-"  # the cache file's family (initramfs_path)
 
 
 @dataclass
@@ -374,10 +418,10 @@ def prepare_iommufd(*, build: bool = True) -> Prepared:
         raise Unavailable("no cached kernel and building is off")
     bzimage = cached or build_kernel.build_kernel()
     root = build_kernel.qemu_root()
-    initramfs = build_kernel.CACHE / f"initramfs-iommufd-{_init_key()}.cpio"
+    initramfs = initramfs_path(build_kernel.CACHE, IOMMUFD_INITRAMFS)
     if not initramfs.exists():
         _busybox_for_iommufd()
-        pack_initramfs(initramfs)
+        pack_initramfs(initramfs, IOMMUFD_INITRAMFS)
     took = time.monotonic() - t0
     how = "from cache" if cached else "built"
     return Prepared(
