@@ -1,5 +1,5 @@
 """The write path: one batch of records per transaction on the writer's connection, and
-the WAL checkpoints that keep that file from growing.
+the checkpoints that keep the WAL file small.
 
 Durability argument (docs/durability.md): WAL with synchronous=NORMAL. A commit is in the
 WAL file before COMMIT returns, so it survives a crash of the broker process (kill -9);
