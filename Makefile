@@ -5,7 +5,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 VAR     ?= var
 
-.PHONY: run test fuzz kernel-test lint fmt proto bench bench-core crash-test clean
+.PHONY: run test fuzz kernel-test lint fmt proto bench bench-core profile crash-test clean
 
 $(STAMP): pyproject.toml clients/pyproject.toml
 	@python3 -m venv --help >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq python3-venv)
@@ -66,6 +66,12 @@ bench: $(STAMP)
 # The allocator core alone at 2^20 (docs/performance.md): prints ratios, asserts nothing.
 bench-core: $(STAMP)
 	$(PY) -m bench core
+
+# Where a stream alloc's server CPU goes next to echo's, by component (docs/performance.md):
+# perf samples each server. Installs Debian's linux-perf if it is missing.
+profile: $(STAMP)
+	@command -v perf >/dev/null || (apt-get update -qq && apt-get install -y -qq linux-perf)
+	$(PY) -m bench profile
 
 clean:
 	rm -rf $(VENV) $(VAR) .pytest_cache .mypy_cache .ruff_cache

@@ -12,20 +12,28 @@ BENCHMARKS = {
     "release": "bench.release",
     "restart": "bench.restart",
 }
+# Run only when named: diagnostics, not targets (bench/profile.py needs perf).
+ON_REQUEST = {"profile": "bench.profile"}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    p.add_argument("names", nargs="*", metavar="NAME", help=f"one of {', '.join(BENCHMARKS)}")
+    known = {**BENCHMARKS, **ON_REQUEST}
+    p.add_argument(
+        "names",
+        nargs="*",
+        metavar="NAME",
+        help=f"one of {', '.join(known)} (default: all but {', '.join(ON_REQUEST)})",
+    )
     p.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     args = p.parse_args()
-    unknown = [n for n in args.names if n not in BENCHMARKS]
+    unknown = [n for n in args.names if n not in known]
     if unknown:
-        p.error(f"unknown benchmark {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
+        p.error(f"unknown benchmark {', '.join(unknown)}; known: {', '.join(known)}")
     rc = 0
     for name in args.names or list(BENCHMARKS):
         print(f"== {name} ==", flush=True)
-        rc |= importlib.import_module(BENCHMARKS[name]).main(quick=args.quick)
+        rc |= importlib.import_module(known[name]).main(quick=args.quick)
     return rc
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+
+import pytest
 
 from tests.harness import ROOT
 
@@ -49,4 +52,23 @@ def test_daemon_benchmarks_run_and_print_their_ratios() -> None:
         "imports alone",
         "VmRSS:",
     ):
+        assert line in r.stdout, r.stdout
+
+
+def test_profile_splits_each_servers_cpu_by_component() -> None:
+    """`bench profile --quick`: perf samples the echo, the broker and the broker without
+    SQLite, and the table the docs quote comes out (no figure is checked)."""
+    if shutil.which("perf") is None:
+        pytest.skip("perf is not installed (Debian's linux-perf): bench profile would skip")
+    r = subprocess.run(
+        [sys.executable, "-m", "bench", "profile", "--quick"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    if "skipped: perf cannot sample here" in r.stdout:
+        pytest.skip(r.stdout.strip())
+    for line in ("broker - echo", "Python interpreter", "SQLite", "total (/proc)", "main thread"):
         assert line in r.stdout, r.stdout
