@@ -11,36 +11,33 @@ import pytest
 from tests.harness import ROOT
 
 
-def test_core_benchmark_runs_and_prints_its_ratios() -> None:
-    r = subprocess.run(
-        [sys.executable, "-m", "bench", "core", "--quick"],
+def bench(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`python -m bench ARGS` from the checkout, as `make bench` runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "bench", *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
-        timeout=110,
+        timeout=timeout,
     )
+
+
+def test_core_benchmark_runs_and_prints_its_ratios() -> None:
+    r = bench("core", "--quick", timeout=110)
     assert r.returncode == 0, r.stderr
     for line in ("worst full/empty ratio", "free [0, 2^32 - 1]", "bytes/PASID", "machine:"):
         assert line in r.stdout
 
 
 def test_unknown_benchmark_is_refused() -> None:
-    r = subprocess.run(
-        [sys.executable, "-m", "bench", "nope"], capture_output=True, text=True, cwd=ROOT
-    )
+    r = bench("nope")
     assert r.returncode == 2 and "unknown benchmark nope" in r.stderr
 
 
 def test_daemon_benchmarks_run_and_print_their_ratios() -> None:
     """rpc, release and restart in --quick mode: they still run end to end against real
     processes and print the ratios the docs quote (no figure is checked)."""
-    r = subprocess.run(
-        [sys.executable, "-m", "bench", "rpc", "release", "restart", "--quick"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=240,
-    )
+    r = bench("rpc", "release", "restart", "--quick", timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
     for line in (
         "(target >= 0.85)",
@@ -60,13 +57,7 @@ def test_profile_splits_each_servers_cpu_by_component() -> None:
     SQLite, and the table the docs quote comes out (no figure is checked)."""
     if shutil.which("perf") is None:
         pytest.skip("perf is not installed (Debian's linux-perf): bench profile would skip")
-    r = subprocess.run(
-        [sys.executable, "-m", "bench", "profile", "--quick"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-    )
+    r = bench("profile", "--quick", timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     if "skipped: perf cannot sample here" in r.stdout:
         pytest.skip(r.stdout.strip())
