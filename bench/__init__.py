@@ -4,8 +4,12 @@ Speed is measured, not asserted by a timer (DEVELOPERS.md): each benchmark print
 figures and their ratios against a baseline measured in the same run.
 
     python -m bench core      the allocator at 2^20: empty vs 99 %-full, free-all, memory
-    python -m bench rpc       alloc RPC rate vs a bare grpc.aio echo on a Unix socket
-    python -m bench release   release latency after a client's SIGKILL (target p99 <= 50 ms)
-    python -m bench restart   restart to SERVING and RSS with 1 M PASIDs held (<= 5 s, 250 MB)
+    python -m bench rpc       alloc RPC rate, p50 and CPU vs a bare grpc.aio echo on a Unix
+                              socket (stream and unary >= 0.85x, p50 <= 1.3x, batched
+                              >= 100,000 PASIDs/s)
+    python -m bench release   release latency after 30 clients' SIGKILL (target p99 <= 50 ms)
+    python -m bench restart   exec to first RPC and RSS with 1 M PASIDs held (<= 2 s, 250 MB)
+    python -m bench profile   where a stream alloc's server CPU goes, by perf (make profile;
+                              only when named: not part of `make bench`)
     python -m bench.metrics_overhead [--rpc]   the cost of the metrics on the alloc path
 """
