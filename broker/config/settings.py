@@ -74,6 +74,12 @@ def setting(
     return field(default=default, metadata=meta)
 
 
+def limit(default: Any, help: str, parse: Parse | None = None) -> Any:
+    """A setting of broker/service/limits.py's Limits (docs/limits.md): a count from 0
+    (0 = no limit where the help says so) unless `parse` says otherwise."""
+    return setting(default, parse or integer(0, 1 << 31), help, unit="limit, docs/limits.md")
+
+
 @dataclass(frozen=True)
 class Config:
     """The daemon's settings. Add one with one `setting(...)` field; see the module doc."""
@@ -335,70 +341,51 @@ class Config:
         metavar="HOST:PORT|off",
     )
 
-    max_sessions_per_identity: int = setting(
+    max_sessions_per_identity: int = limit(
         Limits.max_sessions_per_identity,
-        integer(0, 1 << 31),
         "live sessions (attached or in their grace) one identity may hold; each holds a set, "
         "a pidfd and a connection; 0 = no limit",
-        unit="limit, docs/limits.md",
     )
-    session_opens_per_second: float = setting(
+    session_opens_per_second: float = limit(
         Limits.session_opens_per_second,
-        number(0, 1e9),
         "session opens (new or resumed) per second one identity may make (a token bucket); 0 "
         "= no limit",
-        unit="limit, docs/limits.md",
+        number(0, 1e9),
     )
-    session_open_burst: int = setting(
+    session_open_burst: int = limit(
         Limits.session_open_burst,
-        integer(0, 1 << 31),
         "opens one identity may make at once before --session-opens-per-second applies",
-        unit="limit, docs/limits.md",
     )
-    max_inflight_per_stream: int = setting(
+    max_inflight_per_stream: int = limit(
         Limits.max_inflight_per_stream,
-        integer(0, 1 << 31),
         "requests read from one Session stream and not yet answered; beyond it the broker "
         "stops reading that stream (back-pressure); 0 = no limit",
-        unit="limit, docs/limits.md",
     )
-    max_client_name_bytes: int = setting(
+    max_client_name_bytes: int = limit(
         Limits.max_client_name_bytes,
-        integer(0, 1 << 31),
         "longest OpenSession.client, in UTF-8 bytes (longer: INVALID_ARGUMENT)",
-        unit="limit, docs/limits.md",
     )
-    max_watchers: int = setting(
+    max_watchers: int = limit(
         Limits.max_watchers,
-        integer(0, 1 << 31),
         "Watch streams open at once, in all; 0 = no limit",
-        unit="limit, docs/limits.md",
     )
-    max_watchers_per_identity: int = setting(
+    max_watchers_per_identity: int = limit(
         Limits.max_watchers_per_identity,
-        integer(0, 1 << 31),
         "Watch streams one identity may have open; 0 = no limit",
-        unit="limit, docs/limits.md",
     )
-    max_pasids_per_request: int = setting(
+    max_pasids_per_request: int = limit(
         Limits.max_pasids_per_request,
-        integer(0, 1 << 31),
         "most PASIDs one Alloc may ask for: bounds the work one request makes the broker do "
         "while others wait; 0 = no limit",
-        unit="limit, docs/limits.md",
     )
-    watch_buffer: int = setting(
+    watch_buffer: int = limit(
         Limits.watch_buffer,
-        integer(0, 1 << 31),
         "committed events kept in memory for live watchers; a watcher further behind is cut "
         "off with RESOURCE_EXHAUSTED naming the revision to Watch again from",
-        unit="limit, docs/limits.md",
     )
-    max_request_bytes: int = setting(
+    max_request_bytes: int = limit(
         Limits.max_request_bytes,
-        integer(0, 1 << 31),
         "largest request message accepted (bytes); larger: RESOURCE_EXHAUSTED from gRPC",
-        unit="limit, docs/limits.md",
     )
 
     @property
