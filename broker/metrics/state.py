@@ -162,40 +162,32 @@ class StateCollector(Collector):
             g = GaugeMetricFamily(name, doc)
             g.add_metric([], float(value))
             yield g
-        sets = GaugeMetricFamily(
+        yield _by_label(
             "pasid_broker_sets",
             "ioasid_sets by state: attached to a session, or detached awaiting resume.",
-            labels=["state"],
+            "state",
+            (("attached", st.sets_attached), ("detached", st.sets_detached)),
         )
-        sets.add_metric(["attached"], float(st.sets_attached))
-        sets.add_metric(["detached"], float(st.sets_detached))
-        yield sets
-        quota = GaugeMetricFamily(
+        yield _by_label(
             "pasid_broker_quota_limit_pasids",
             "Configured quota per kind; 0 means no limit.",
-            labels=["quota"],
+            "quota",
+            st.quotas,
         )
-        for kind, limit in st.quotas:
-            quota.add_metric([kind], float(limit))
-        yield quota
-        top = GaugeMetricFamily(
+        yield _by_label(
             "pasid_broker_top_client_pasids",
             f"PASIDs held by the {TOP_CLIENTS} largest declared clients (all their sets);"
             f' client="{OTHER}" sums the rest.',
-            labels=["client"],
+            "client",
+            st.top_clients,
         )
-        for client, n in st.top_clients:
-            top.add_metric([client], float(n))
-        yield top
-        ident = GaugeMetricFamily(
+        yield _by_label(
             "pasid_broker_sets_by_identity",
             "ioasid_sets by holder: 'verified' (the kernel named the process in the peer"
             " handshake) or 'anonymous' (bound to stream and grace only).",
-            labels=["identity"],
+            "identity",
+            (("verified", st.sets_verified), ("anonymous", st.sets_anonymous)),
         )
-        ident.add_metric(["verified"], float(st.sets_verified))
-        ident.add_metric(["anonymous"], float(st.sets_anonymous))
-        yield ident
         holders = GaugeMetricFamily(
             "pasid_broker_top_holder_pasids",
             f"PASIDs held by the {TOP_CLIENTS} largest sets with a kernel-verified holder:"
@@ -206,3 +198,13 @@ class StateCollector(Collector):
         for set_id, client, pid, uid, ns_pid, n in st.top_holders:
             holders.add_metric([str(set_id), client, str(pid), str(uid), str(ns_pid)], float(n))
         yield holders
+
+
+def _by_label(
+    name: str, documentation: str, label: str, values: Iterable[tuple[str, int]]
+) -> GaugeMetricFamily:
+    """A gauge with one label: a sample per (label value, number), in that order."""
+    g = GaugeMetricFamily(name, documentation, labels=[label])
+    for value, n in values:
+        g.add_metric([value], float(n))
+    return g
