@@ -31,9 +31,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
+from bench.proc import threads_on_cpu
 from broker.backends import SimulatorBackend
 from broker.backends.base import Backend
 from broker.engine import Broker
@@ -150,16 +150,8 @@ def _serve(mode: str, socket: str, db: str) -> None:
 
 
 def _cpu_seconds(pid: int) -> float:
-    """CPU time of all the process's threads, in nanoseconds' resolution: the first field
-    of each /proc/PID/task/TID/schedstat. /proc/PID/stat counts clock ticks (10 ms): a
-    short run of a fast daemon could read 0 and divide by it."""
-    total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
-        except (FileNotFoundError, ProcessLookupError):
-            continue  # a thread that just ended
-    return total / 1e9
+    """CPU time of all the process's threads (bench/proc.py: schedstat, not ticks)."""
+    return sum(t.seconds for t in threads_on_cpu(pid))
 
 
 def _rpc_run(mode: str, pairs: int, workdir: str) -> tuple[float, float]:

@@ -27,6 +27,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from bench.proc import threads_on_cpu
 from bench.rpc import CONCURRENCY, Target, start_echo, stream_round
 from tests.harness import BrokerProcess
 
@@ -53,19 +54,13 @@ def threads_cpu(pid: int) -> dict[str, float]:
     """CPU seconds of the main thread, gRPC's own threads, and the other threads (the
     store's writer and checkpoints, for the broker)."""
     out: defaultdict[str, float] = defaultdict(float)
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            comm = (task / "comm").read_text().strip()
-            on_cpu_ns = int((task / "schedstat").read_text().split()[0])
-        except OSError:
-            continue  # the thread ended
-        if task.name == str(pid):
-            kind = "main thread"
-        elif comm.startswith(("event_engine", "grpc")):
-            kind = "gRPC's threads"
+    for t in threads_on_cpu(pid):
+        if t.tid == pid:
+            out["main thread"] += t.seconds
+        elif t.comm.startswith(("event_engine", "grpc")):
+            out["gRPC's threads"] += t.seconds
         else:
-            kind = "other threads"
-        out[kind] += on_cpu_ns / 1e9
+            out["other threads"] += t.seconds
     return dict(out)
 
 
@@ -85,8 +80,8 @@ def dso_shares(data: Path) -> dict[str, float]:
     return dict(shares)
 
 
-def profiled_round(t: Target, data: Path) -> tuple[float, float, dict[str, float]]:
-    """(allocs/s, server CPU µs per message, CPU seconds per thread) of one round."""
+def profiled_round(t: Target, data: Path, seconds: float) -> tuple[float, float, dict[str, float]]:
+    """(allocs/s, server CPU µs per message, the same by thread) of one round."""
     asyncio.run(stream_round(t, CONCURRENCY, 0.5, batch=False))  # warm: streams, caches
     before = threads_cpu(t.pid)
     perf = subprocess.Popen(
@@ -95,11 +90,12 @@ def profiled_round(t: Target, data: Path) -> tuple[float, float, dict[str, float
         stderr=subprocess.DEVNULL,
     )
     time.sleep(0.3)  # perf attached
-    rate, cpu_us, _ = asyncio.run(stream_round(t, CONCURRENCY, SECONDS, batch=False))
+    rate, cpu_us, _ = asyncio.run(stream_round(t, CONCURRENCY, seconds, batch=False))
     perf.send_signal(signal.SIGINT)
     perf.wait()
     after = threads_cpu(t.pid)
-    return rate, cpu_us, {k: after[k] - before.get(k, 0.0) for k in after}
+    calls = max(rate * seconds, 1)
+    return rate, cpu_us, {k: (v - before.get(k, 0.0)) / calls * 1e6 for k, v in after.items()}
 
 
 def main(quick: bool = False) -> int:
@@ -110,9 +106,7 @@ def main(quick: bool = False) -> int:
     if probe.returncode != 0:
         print(f"skipped: perf cannot sample here: {probe.stderr.decode().strip()[:200]}")
         return 0
-    global SECONDS
-    if quick:
-        SECONDS = 1.0
+    seconds = 1.0 if quick else SECONDS
     d = Path(tempfile.mkdtemp(prefix="pb-profile-", dir="/tmp"))
     echo = start_echo(str(d / "echo.sock"))
     args = ("--quota-per-set", "0", "--log-level", "WARNING")
@@ -130,9 +124,9 @@ def main(quick: bool = False) -> int:
         rows: dict[str, tuple[float, float, dict[str, float], dict[str, float]]] = {}
         for name, t in servers.items():
             data = d / f"{name.replace(' ', '-')}.data"
-            rate, cpu_us, threads = profiled_round(t, data)
+            rate, cpu_us, threads = profiled_round(t, data, seconds)
             rows[name] = (rate, cpu_us, dso_shares(data), threads)
-        print_table(rows)
+        print_table(rows, seconds)
     finally:
         echo.kill()
         broker.cleanup()
@@ -141,10 +135,12 @@ def main(quick: bool = False) -> int:
     return 0
 
 
-def print_table(rows: dict[str, tuple[float, float, dict[str, float], dict[str, float]]]) -> None:
+def print_table(
+    rows: dict[str, tuple[float, float, dict[str, float], dict[str, float]]], seconds: float
+) -> None:
     names = list(rows)
     print(
-        f"{CONCURRENCY} streams of ping-pong allocs, {SECONDS:g} s per server, sampled by"
+        f"{CONCURRENCY} streams of ping-pong allocs, {seconds:g} s per server, sampled by"
         f" perf at 999 Hz; load {os.getloadavg()[0]:.1f}"
     )
     print("  server CPU per message, µs, by what perf found running:")
@@ -161,11 +157,9 @@ def print_table(rows: dict[str, tuple[float, float, dict[str, float], dict[str, 
     )
     print("  rate, messages/s:" + " " * 15 + "".join(f"{rows[n][0]:11.0f}" for n in names))
     for n in names:
-        rate, _, _, threads = rows[n]
-        calls = rate * SECONDS
         per = ", ".join(
-            f"{k} {v / calls * 1e6:.1f}"
-            for k, v in sorted(threads.items(), key=lambda kv: -kv[1])
-            if v / calls * 1e6 >= 0.1
+            f"{k} {us:.1f}"
+            for k, us in sorted(rows[n][3].items(), key=lambda kv: -kv[1])
+            if us >= 0.1
         )
         print(f"  {n}: CPU per message by thread, µs: {per}")
