@@ -5,17 +5,18 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 VAR     ?= var
 
-.PHONY: run test fuzz kernel-test lint fmt proto bench bench-core profile crash-test clean
+.PHONY: run test fuzz kernel-test lint fmt proto lock bench bench-core profile crash-test clean
 
-$(STAMP): pyproject.toml clients/pyproject.toml
+$(STAMP): pyproject.toml clients/pyproject.toml constraints-dev.txt
 	@python3 -m venv --help >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq python3-venv)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	@# Two distributions, both editable: pasid-client (clients/) and pasid-broker (here).
+	@# Two distributions, both editable: pasid-client (clients/) and pasid-broker (here),
+	@# at the exact versions of constraints-dev.txt (`make lock` writes it).
 	@# A venv from before the split has a pasid-broker that owned bin/pasidctl: uninstall it
 	@# first, or replacing it would delete the script pasid-client has just installed.
 	$(PY) -m pip uninstall -q -y pasid-broker 2>/dev/null || true
-	$(PY) -m pip install -q -e ./clients -e '.[dev]'
+	$(PY) -m pip install -q -c constraints-dev.txt -e ./clients -e '.[dev]'
 	@touch $(STAMP)
 
 run: $(STAMP)
@@ -53,6 +54,11 @@ fmt: $(STAMP)
 
 proto: $(STAMP)
 	$(PY) tools/genproto.py
+
+# Re-resolve the development and test environment into constraints-dev.txt (tools/lock.py),
+# after changing a dependency; the next `make test` installs exactly that.
+lock:
+	python3 tools/lock.py
 
 # The long form of the crash test (the suite runs a short one): 100 SIGKILLs of a broker
 # under 4 clients allocating and freeing at full speed. KILLS=N to change.
