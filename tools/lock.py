@@ -32,11 +32,9 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         pip = [str(venv / "bin" / "python"), "-m", "pip"]
         subprocess.run([*pip, "install", "-q", "--upgrade", "pip"], check=True)
+        seed = ["-c", str(ROOT / "constraints.txt")]
         subprocess.run(
-            [*pip, "install", "-q", "-c", str(ROOT / "constraints.txt"), "-e", "./clients"]
-            + ["-e", ".[dev]"],
-            check=True,
-            cwd=ROOT,
+            [*pip, "install", "-q", *seed, "-e", "./clients", "-e", ".[dev]"], check=True, cwd=ROOT
         )
         frozen = subprocess.run(
             [*pip, "freeze", "--exclude-editable"], check=True, capture_output=True, text=True
