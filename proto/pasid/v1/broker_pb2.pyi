@@ -60,6 +60,9 @@ class OpenSession(_message.Message):
     GRACE_SECONDS_FIELD_NUMBER: _builtins.int
     RESUME_TOKEN_FIELD_NUMBER: _builtins.int
     TICKET_FIELD_NUMBER: _builtins.int
+    REATTACH_SET_ID_FIELD_NUMBER: _builtins.int
+    HELD_FIELD_NUMBER: _builtins.int
+    WITNESS_FIELD_NUMBER: _builtins.int
     client: _builtins.str
     """A name for operators (e.g. "qemu-vm42"), shown in listings. Not an identity: quotas
     count by the caller's verified identity (uid, certificate subject, or anonymous).
@@ -84,6 +87,21 @@ class OpenSession(_message.Message):
     session (bound to its stream and grace only; --anonymous). Unknown, replayed or
     expired: UNAUTHENTICATED (pasid-reason TICKET), nothing created.
     """
+    reattach_set_id: _builtins.int
+    """Re-attach the detached set `reattach_set_id` without its token (docs/peer-identity.md):
+    with a ticket whose holder is that set's kernel-verified holder process (the holder
+    itself, or a process that may signal it presenting the holder's pidfd). Anything
+    else is NOT_FOUND, and nothing changes. 0: not a re-attach.
+    """
+    witness: _builtins.bool
+    @_builtins.property
+    def held(self) -> _containers.RepeatedCompositeFieldContainer[Global___PasidRange]:
+        """The client as witness (docs/durability.md): on a resume or a re-attach, the PASIDs the
+        client holds in this set, as it last heard from the broker. The broker reconciles its
+        store with them (SessionOpened.reclaimed, .conflicts). Meaningful only with `witness`,
+        so that "I hold nothing" differs from "I say nothing".
+        """
+
     def __init__(
         self,
         *,
@@ -92,10 +110,13 @@ class OpenSession(_message.Message):
         grace_seconds: _builtins.int = ...,
         resume_token: _builtins.str = ...,
         ticket: _builtins.str = ...,
+        reattach_set_id: _builtins.int = ...,
+        held: _abc.Iterable[Global___PasidRange] | None = ...,
+        witness: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client", b"client", "grace_seconds", b"grace_seconds", "pid", b"pid", "resume_token", b"resume_token", "ticket", b"ticket"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client", b"client", "grace_seconds", b"grace_seconds", "held", b"held", "pid", b"pid", "reattach_set_id", b"reattach_set_id", "resume_token", b"resume_token", "ticket", b"ticket", "witness", b"witness"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -115,6 +136,8 @@ class SessionOpened(_message.Message):
     RESUMED_FIELD_NUMBER: _builtins.int
     GRACE_SECONDS_FIELD_NUMBER: _builtins.int
     VERIFIED_FIELD_NUMBER: _builtins.int
+    RECLAIMED_FIELD_NUMBER: _builtins.int
+    CONFLICTS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.int
     set_id: _builtins.int
     token: _builtins.str
@@ -128,6 +151,18 @@ class SessionOpened(_message.Message):
     """Granted grace, after capping."""
     verified: _builtins.bool
     """True when the set's holder is a kernel-verified process (a ticket was presented)."""
+    @_builtins.property
+    def reclaimed(self) -> _containers.RepeatedCompositeFieldContainer[Global___PasidRange]:
+        """A witnessed resume or re-attach: PASIDs the client holds that the store had lost and
+        that were still free, now claimed for this set again.
+        """
+
+    @_builtins.property
+    def conflicts(self) -> _containers.RepeatedCompositeFieldContainer[Global___PasidRange]:
+        """A witnessed resume or re-attach: PASIDs the client holds that the store gives to
+        another set. A conflict: reported loudly (event, metric, alert), never re-issued.
+        """
+
     def __init__(
         self,
         *,
@@ -139,14 +174,56 @@ class SessionOpened(_message.Message):
         resumed: _builtins.bool = ...,
         grace_seconds: _builtins.int = ...,
         verified: _builtins.bool = ...,
+        reclaimed: _abc.Iterable[Global___PasidRange] | None = ...,
+        conflicts: _abc.Iterable[Global___PasidRange] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["grace_seconds", b"grace_seconds", "pasid_bits", b"pasid_bits", "quota", b"quota", "resumed", b"resumed", "session_id", b"session_id", "set_id", b"set_id", "token", b"token", "verified", b"verified"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conflicts", b"conflicts", "grace_seconds", b"grace_seconds", "pasid_bits", b"pasid_bits", "quota", b"quota", "reclaimed", b"reclaimed", "resumed", b"resumed", "session_id", b"session_id", "set_id", b"set_id", "token", b"token", "verified", b"verified"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SessionOpened: _TypeAlias = SessionOpened  # noqa: Y015
+
+@_typing.final
+class ReleaseRequest(_message.Message):
+    """ReleaseRequest ends the stream's session explicitly: its set is destroyed now, whatever
+    its grace (the seed's close of the fd). Answered with how many PASIDs it freed; the
+    stream then ends OK. A stream that breaks without a release or a half-close only
+    detaches a kernel-verified holder's set.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseRequest: _TypeAlias = ReleaseRequest  # noqa: Y015
+
+@_typing.final
+class ReleaseResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FREED_FIELD_NUMBER: _builtins.int
+    freed: _builtins.int
+    def __init__(
+        self,
+        *,
+        freed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["freed", b"freed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseResponse: _TypeAlias = ReleaseResponse  # noqa: Y015
 
 @_typing.final
 class AllocRequest(_message.Message):
@@ -267,9 +344,14 @@ class ListRequest(_message.Message):
 
     SESSION_FIELD_NUMBER: _builtins.int
     ALL_SETS_FIELD_NUMBER: _builtins.int
+    TICKET_FIELD_NUMBER: _builtins.int
     all_sets: _builtins.bool
     """List every set on the broker (owner, counts and ranges) instead of the caller's;
     an admin call (PERMISSION_DENIED otherwise).
+    """
+    ticket: _builtins.str
+    """Instead of a session: a peer-handshake ticket. Lists the sets (attached or detached)
+    whose verified holder is the ticket's holder process, for a re-attach without tokens.
     """
     @_builtins.property
     def session(self) -> Global___SessionRef: ...
@@ -278,10 +360,11 @@ class ListRequest(_message.Message):
         *,
         session: Global___SessionRef | None = ...,
         all_sets: _builtins.bool = ...,
+        ticket: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_sets", b"all_sets", "session", b"session"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_sets", b"all_sets", "session", b"session", "ticket", b"ticket"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -330,6 +413,7 @@ class SetInfo(_message.Message):
     UID_FIELD_NUMBER: _builtins.int
     NS_PID_FIELD_NUMBER: _builtins.int
     DELEGATED_BY_PID_FIELD_NUMBER: _builtins.int
+    DETACHED_UNIX_FIELD_NUMBER: _builtins.int
     set_id: _builtins.int
     session_id: _builtins.int
     client: _builtins.str
@@ -352,6 +436,8 @@ class SetInfo(_message.Message):
     ns_pid: _builtins.int
     delegated_by_pid: _builtins.int
     """Set when a sidecar delegated the holder: the delegating process's pid."""
+    detached_unix: _builtins.float
+    """When the set was last detached (its stream ended without a release); 0 while attached."""
     @_builtins.property
     def ranges(self) -> _containers.RepeatedCompositeFieldContainer[Global___PasidRange]: ...
     def __init__(
@@ -372,10 +458,11 @@ class SetInfo(_message.Message):
         uid: _builtins.int = ...,
         ns_pid: _builtins.int = ...,
         delegated_by_pid: _builtins.int = ...,
+        detached_unix: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client", b"client", "count", b"count", "created_unix", b"created_unix", "delegated_by_pid", b"delegated_by_pid", "grace_seconds", b"grace_seconds", "ns_pid", b"ns_pid", "peer", b"peer", "pid", b"pid", "quota", b"quota", "ranges", b"ranges", "session_id", b"session_id", "set_id", b"set_id", "state", b"state", "uid", b"uid", "verified", b"verified"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client", b"client", "count", b"count", "created_unix", b"created_unix", "delegated_by_pid", b"delegated_by_pid", "detached_unix", b"detached_unix", "grace_seconds", b"grace_seconds", "ns_pid", b"ns_pid", "peer", b"peer", "pid", b"pid", "quota", b"quota", "ranges", b"ranges", "session_id", b"session_id", "set_id", b"set_id", "state", b"state", "uid", b"uid", "verified", b"verified"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -587,7 +674,9 @@ class WatchEvent(_message.Message):
     ts_unix: _builtins.float
     kind: _builtins.str
     """set_created, alloc, free, set_destroyed (its client ended it), set_reclaimed (the
-    broker took it: grace expired, revoked, client process gone, restart).
+    broker took it: grace expired, revoked, client process gone, restart), set_detached
+    (its stream ended without a release; the set lives on), set_reattached, and
+    pasid_conflict (a witness claimed a PASID the store gives to another set).
     """
     set_id: _builtins.int
     reason: _builtins.str
@@ -775,6 +864,7 @@ class SessionRequest(_message.Message):
     FREE_FIELD_NUMBER: _builtins.int
     LIST_FIELD_NUMBER: _builtins.int
     REQUEST_FIELD_NUMBER: _builtins.int
+    RELEASE_FIELD_NUMBER: _builtins.int
     tag: _builtins.int
     @_builtins.property
     def open(self) -> Global___OpenSession: ...
@@ -786,6 +876,8 @@ class SessionRequest(_message.Message):
     def list(self) -> Global___ListRequest: ...
     @_builtins.property
     def request(self) -> Global___PasidRequestMessage: ...
+    @_builtins.property
+    def release(self) -> Global___ReleaseRequest: ...
     def __init__(
         self,
         *,
@@ -795,12 +887,13 @@ class SessionRequest(_message.Message):
         free: Global___FreeRequest | None = ...,
         list: Global___ListRequest | None = ...,
         request: Global___PasidRequestMessage | None = ...,
+        release: Global___ReleaseRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["alloc", b"alloc", "free", b"free", "list", b"list", "op", b"op", "open", b"open", "request", b"request"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["alloc", b"alloc", "free", b"free", "list", b"list", "op", b"op", "open", b"open", "release", b"release", "request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alloc", b"alloc", "free", b"free", "list", b"list", "op", b"op", "open", b"open", "request", b"request", "tag", b"tag"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alloc", b"alloc", "free", b"free", "list", b"list", "op", b"op", "open", b"open", "release", b"release", "request", b"request", "tag", b"tag"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["open", "alloc", "free", "list", "request"]  # noqa: Y015
+    _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["open", "alloc", "free", "list", "request", "release"]  # noqa: Y015
     _WhichOneofArgType_op: _TypeAlias = _typing.Literal["op", b"op"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_op) -> _WhichOneofReturnType_op | None: ...
 
@@ -864,6 +957,7 @@ class SessionResponse(_message.Message):
     LIST_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     REQUEST_FIELD_NUMBER: _builtins.int
+    RELEASE_FIELD_NUMBER: _builtins.int
     tag: _builtins.int
     @_builtins.property
     def opened(self) -> Global___SessionOpened: ...
@@ -877,6 +971,8 @@ class SessionResponse(_message.Message):
     def error(self) -> Global___Error: ...
     @_builtins.property
     def request(self) -> Global___PasidRequestReply: ...
+    @_builtins.property
+    def release(self) -> Global___ReleaseResponse: ...
     def __init__(
         self,
         *,
@@ -887,12 +983,13 @@ class SessionResponse(_message.Message):
         list: Global___ListResponse | None = ...,
         error: Global___Error | None = ...,
         request: Global___PasidRequestReply | None = ...,
+        release: Global___ReleaseResponse | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["alloc", b"alloc", "error", b"error", "free", b"free", "list", b"list", "opened", b"opened", "request", b"request", "result", b"result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["alloc", b"alloc", "error", b"error", "free", b"free", "list", b"list", "opened", b"opened", "release", b"release", "request", b"request", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alloc", b"alloc", "error", b"error", "free", b"free", "list", b"list", "opened", b"opened", "request", b"request", "result", b"result", "tag", b"tag"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alloc", b"alloc", "error", b"error", "free", b"free", "list", b"list", "opened", b"opened", "release", b"release", "request", b"request", "result", b"result", "tag", b"tag"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["opened", "alloc", "free", "list", "error", "request"]  # noqa: Y015
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["opened", "alloc", "free", "list", "error", "request", "release"]  # noqa: Y015
     _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
 
