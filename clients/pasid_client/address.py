@@ -24,6 +24,15 @@ def keepalive_options(seconds: float = 10.0) -> list[tuple[str, int]]:
     ]
 
 
+def channel_options(target: str, keepalive_seconds: float = 10.0) -> list[tuple[str, int]]:
+    """The library's channel options for `target`. Keepalive pings on TCP only: on a Unix
+    socket the kernel reports a dead broker at once (the connection resets), and a ping
+    left unanswered by a broker that is only stopped (SIGSTOP, a debugger, a slow disk)
+    would end every stream after the ping timeout, which the broker cannot tell from the
+    client's exit (issue 22)."""
+    return [] if target.startswith("unix:") else keepalive_options(keepalive_seconds)
+
+
 def resolve(address: str | None = None, socket: str | None = None) -> str:
     """A gRPC target: `address` ("unix:/p" or "host:port"), else `socket`, else
     $PASID_BROKER_ADDRESS, else $PASID_BROKER_SOCKET, else the daemon's default socket."""

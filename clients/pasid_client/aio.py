@@ -199,7 +199,10 @@ class AsyncClient:
     `address` is "unix:/path" or "host:port". A TCP address is reached with mutual TLS
     when `tls` (a Tls, or a (ca, cert, key) tuple of PEM paths) or $PASID_BROKER_TLS_CA,
     _CERT and _KEY are given, else in plain text (a broker allows that on loopback with
-    --insecure only). Raises OSError if a TLS file cannot be read.
+    --insecure only). `keepalive_seconds`: the ping interval on TCP, where a silent peer
+    is otherwise never noticed; a Unix socket is never pinged (a stopped broker is not a
+    dead one, and the kernel reports a dead one at once). Raises OSError if a TLS file
+    cannot be read.
     """
 
     def __init__(
@@ -216,7 +219,7 @@ class AsyncClient:
         self.timeout = timeout
         # Where sessions do the peer handshake (None: beside a Unix socket target).
         self.peer_socket = peer_socket
-        options = _address.keepalive_options(keepalive_seconds)
+        options = _address.channel_options(self.target, keepalive_seconds)
         t = _address.tls_of(tls) if not self.target.startswith("unix:") else None
         self._channel = (
             grpc.aio.insecure_channel(self.target, options=options)

@@ -187,7 +187,7 @@ class Client:
         self.timeout = timeout
         # Where sessions do the peer handshake (None: beside a Unix socket target).
         self.peer_socket = peer_socket
-        options = _address.keepalive_options(keepalive_seconds)
+        options = _address.channel_options(self.target, keepalive_seconds)
         t = _address.tls_of(tls) if not self.target.startswith("unix:") else None
         self._channel = (
             grpc.insecure_channel(self.target, options=options)
