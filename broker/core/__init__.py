@@ -29,6 +29,7 @@ from broker.core.errors import (
     StoreError,
     Unauthenticated,
     Unsupported,
+    describe_error,
 )
 from broker.core.ioasid_set import ANONYMOUS, IoasidSet, uid_identity, x509_identity
 from broker.core.namespace import Namespace, runs
@@ -59,6 +60,7 @@ __all__ = [
     "Unsupported",
     "check_alloc_range",
     "check_free_range",
+    "describe_error",
     "runs",
     "uid_identity",
     "x509_identity",

@@ -136,3 +136,23 @@ class StoreError(PasidError):
 
     errno = _errno.EIO
     reason = "STORE"
+
+
+def describe_error(exc: BaseException) -> str:
+    """An exception as an operator can search for it, never empty: SQLite's code name
+    (`sqlite_errorname`, duck-typed: the core imports no sqlite3), or the type's name and
+    errno, then the message. MemoryError() and some OSErrors have no text of their own:
+    "store commit failed: " with nothing after it named nothing (issue 22)."""
+    orig = getattr(exc, "orig", None) or exc  # a SQLAlchemy wrapper's DBAPI error
+    text = str(orig)
+    code = getattr(orig, "sqlite_errorname", None)
+    if code:
+        return (
+            f"{code}: {text}" if text else f"{code} (code {getattr(orig, 'sqlite_errorcode', '?')})"
+        )
+    name = type(orig).__name__
+    err = getattr(orig, "errno", None)
+    if isinstance(err, int) and err and err in _errno.errorcode:
+        name = f"{name} {_errno.errorcode[err]}"
+        text = getattr(orig, "strerror", None) or text
+    return f"{name}: {text}" if text else name

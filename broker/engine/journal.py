@@ -15,7 +15,7 @@ from concurrent.futures import Future as ThreadFuture
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from broker.core import StoreError
+from broker.core import StoreError, describe_error
 from broker.engine.observers import Observer
 from broker.store import CreateSet, Event, Record, SaveQuotas, SqliteStore, WouldBlock
 
@@ -195,7 +195,11 @@ class Journal:
             waiters += self._waiters
             self._records, self._waiters = [], []
             self._observer.commit_failed(records, seconds)
-            err = exc if isinstance(exc, StoreError) else StoreError(f"store commit failed: {exc}")
+            err = (
+                exc
+                if isinstance(exc, StoreError)
+                else StoreError(f"store commit failed: {describe_error(exc)}")
+            )
             log.error(
                 "store commit failed; undoing %d changes",
                 len(records),

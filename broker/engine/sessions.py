@@ -30,7 +30,9 @@ from broker.core import (
     IoasidSet,
     NotFound,
     NotReady,
+    StoreError,
     Unsupported,
+    describe_error,
     uid_identity,
 )
 from broker.engine.holders import Holder, Holders, reopen_holder
@@ -42,6 +44,9 @@ if TYPE_CHECKING:
     from broker.engine.broker import Broker
 
 log = logging.getLogger("pasid_broker")
+
+# A release (set destroy) that failed is tried again this often until it lands.
+RELEASE_RETRY_SECONDS = 1.0
 
 
 def hash_token(token: str) -> str:
@@ -62,6 +67,8 @@ class Session:
     # Set by the stream that holds the session: ends it with the given message when the
     # broker takes the set (revoke, the holder process exited).
     on_revoke: Callable[[str], None] | None = None
+    # A failed destroy's undo did not complete: the next try deletes what the store has.
+    release_partial: bool = False
 
     @property
     def session_id(self) -> int:
@@ -402,27 +409,53 @@ class Sessions:
         """THE place a set is destroyed: allocator, then backend, then store.
 
         kind "set_destroyed": its client ended it; "set_reclaimed": the broker took it.
-        Resolves once the destroy is durable; if the commit fails, the set is restored
-        and retried a second later (the store may recover).
+        Resolves once the destroy is durable. If it fails (the commit, or a step before
+        it, e.g. a MemoryError), the set is restored, detached, and its reclaim retried
+        every RELEASE_RETRY_SECONDS until it lands: a dead holder's set never stays
+        stored for good (issue 22).
         """
+        try:
+            return self._destroy_set(sess, reason, kind)
+        except Exception as exc:  # nothing of it was queued: the store still holds the set
+            self._release_failed(sess, reason)
+            sess.release_partial = True  # memory may have let go of some of it already
+            err = StoreError(f"release of set {sess.session_id} failed: {describe_error(exc)}")
+            log.error(
+                "set release failed; retried in %g s",
+                RELEASE_RETRY_SECONDS,
+                extra={"session": sess.session_id, "set": sess.session_id, "error": err.message},
+            )
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            fut.set_exception(err)
+            fut.add_done_callback(lambda f: f.exception())  # retrieved: logged above
+            return fut
+
+    def _destroy_set(self, sess: Session, reason: str, kind: str) -> asyncio.Future[None]:
         e = self._engine
         set_id = sess.session_id
         client = sess.client
         quota = sess.set.quota
         owner = sess.set.owner
-        freed = e.allocator.destroy_set(set_id)
+        # A retry after an undo that did not complete: memory may hold less of the set
+        # than the store, so the store deletes what it has for it (a scan, rare).
+        partial = sess.release_partial or set_id not in e.allocator.sets
+        freed = e.allocator.destroy_set(set_id) if set_id in e.allocator.sets else []
         self._forget(sess)
         self.holders.unwatch(set_id)
         e.drop_devices(set_id, freed)
         e.backend_calls.release(freed)
 
         def undo() -> None:
-            s = e.allocator.create_set(set_id, client, quota, owner=owner)
-            e.backend_calls.alloc_exact(e.allocator.claim(set_id, freed))
+            # The retry first, then memory back to what the store holds: if a step of
+            # the restore fails too (MemoryError), the retry still comes, and scans.
+            self._release_failed(sess, reason)
+            sess.release_partial = True
+            s = e.allocator.sets.get(set_id) or e.allocator.create_set(
+                set_id, client, quota, owner=owner
+            )
             sess.set = s
-            self._sessions[set_id] = sess
-            self._by_token[sess.token_hash] = sess
-            self._schedule_reclaim(sess, 1.0, reason)  # retry: the store may recover
+            e.backend_calls.alloc_exact(e.allocator.claim(set_id, freed))
+            sess.release_partial = partial
 
         log.info(
             "set destroyed" if kind == "set_destroyed" else "set reclaimed",
@@ -434,7 +467,8 @@ class Sessions:
                 "reason": reason,
             },
         )
-        rec = DestroySet(set_id, reason, kind, tuple(freed), e.quarantine_until())
+        pasids = None if partial else tuple(freed)
+        rec = DestroySet(set_id, reason, kind, pasids, e.quarantine_until())
         fut = e.journal.submit(rec, undo, None)
 
         def durable(f: asyncio.Future[None]) -> None:
@@ -443,6 +477,14 @@ class Sessions:
 
         fut.add_done_callback(durable)
         return fut
+
+    def _release_failed(self, sess: Session, reason: str) -> None:
+        """A destroy did not land: the set is live again (detached) and its reclaim is
+        retried (the store may recover; memory may be had again)."""
+        self._sessions[sess.session_id] = sess
+        self._by_token[sess.token_hash] = sess
+        sess.attached = False
+        self._schedule_reclaim(sess, RELEASE_RETRY_SECONDS, reason)
 
     def _forget(self, sess: Session) -> None:
         self._sessions.pop(sess.session_id, None)

@@ -16,7 +16,7 @@ import sqlite3
 import stat
 from pathlib import Path
 
-from broker.core.errors import StoreError
+from broker.core.errors import StoreError, describe_error
 from broker.store import migrations
 from broker.store.records import SetRow, Snapshot
 
@@ -29,10 +29,9 @@ DATA_FILE_MODE = 0o600
 
 
 def describe(exc: BaseException) -> str:
-    """An SQLite error as operators search for it: its code name, then its message."""
-    orig = getattr(exc, "orig", None) or exc
-    code = getattr(orig, "sqlite_errorname", None)
-    return f"{code}: {orig}" if code else str(orig)
+    """An SQLite error as operators search for it: its code name, then its message
+    (never empty: broker.core.errors.describe_error)."""
+    return describe_error(exc)
 
 
 def restrict_files(path: Path) -> None:
