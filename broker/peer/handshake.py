@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ MAX_MESSAGE = 4096
 MAX_FDS = 16
 RECV_TIMEOUT = 5.0  # a peer that connects and says nothing is dropped after this
 MAX_CONCURRENT = 64
+MAX_DEPTH = 4  # {"devices": [{...}]} is 3 deep; json.loads recurses per level
 
 # A check for an extra fd role ("iommufd", "device": issue 14). It gets the fd, the
 # request object and the identity's facts, and raises Refused to turn the client away;
@@ -53,21 +55,77 @@ class _Request:
     raw: Mapping[str, Any]
 
 
+def decode(data: bytes) -> Any:
+    """The message as JSON, parsed only once it is known to be shallow.
+
+    json.loads recurses once per nesting level: `b"[" * 4000` raised RecursionError, which
+    nothing caught, and the fds that came with it leaked (issue 20). The nesting is
+    counted first, in one pass over at most MAX_MESSAGE bytes, so the parser never sees a
+    deep message; NaN and Infinity, which no field takes, are refused too.
+    """
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise Refused("INVALID_ARGUMENT", f"handshake is not UTF-8: {exc.reason}") from None
+    if _nesting(text) > MAX_DEPTH:
+        raise Refused("INVALID_ARGUMENT", f"handshake nests deeper than {MAX_DEPTH} levels of JSON")
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:  # RecursionError: unreachable, kept as a net
+        raise Refused(
+            "INVALID_ARGUMENT", f"handshake is not a UTF-8 JSON object: {_clip(str(exc))}"
+        ) from None
+
+
+def _nesting(text: str) -> int:
+    """The deepest nesting of [ and { outside strings (an unbalanced text counts too)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > MAX_DEPTH:
+                    break
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a value any handshake field takes")
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    """A client-supplied value as a refusal quotes it: never more than `limit` chars."""
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
+
+
 def parse_request(data: bytes, nfds: int, roles_known: frozenset[str]) -> _Request:
     """Decode and check the client's message against the fds that came with it."""
-    try:
-        msg = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise Refused("INVALID_ARGUMENT", f"handshake is not a UTF-8 JSON object: {exc}") from None
+    msg = decode(data)
     if not isinstance(msg, dict):
         raise Refused("INVALID_ARGUMENT", "handshake must be a JSON object")
     if msg.get("v") != VERSION:
         raise Refused(
-            "INVALID_ARGUMENT", f"handshake version {msg.get('v')!r}; this broker speaks 1"
+            "INVALID_ARGUMENT",
+            f"handshake version {_clip(repr(msg.get('v')))}; this broker speaks 1",
         )
     claim = msg.get("pid")
     if claim is not None and (not isinstance(claim, int) or isinstance(claim, bool) or claim <= 0):
-        raise Refused("INVALID_ARGUMENT", f"pid must be a positive integer, got {claim!r}")
+        raise Refused(
+            "INVALID_ARGUMENT", f"pid must be a positive integer, got {_clip(repr(claim))}"
+        )
     roles = msg.get("fds", [])
     if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
         raise Refused("INVALID_ARGUMENT", "fds must be a list of role names")
@@ -79,7 +137,8 @@ def parse_request(data: bytes, nfds: int, roles_known: frozenset[str]) -> _Reque
         if r not in roles_known:
             raise Refused(
                 "INVALID_ARGUMENT",
-                f"fd role {r!r} is not accepted by this broker (accepted: {sorted(roles_known)})",
+                f"fd role {_clip(repr(r))} is not accepted by this broker"
+                f" (accepted: {sorted(roles_known)})",
             )
     if roles.count("pidfd") > 1:
         raise Refused("INVALID_ARGUMENT", "at most one pidfd may be delegated")
@@ -196,6 +255,7 @@ class PeerServer:
         self._sweeper: asyncio.Task[None] | None = None
         self._conns: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(MAX_CONCURRENT)
+        self.refusals = RefusalLog()
 
     @property
     def roles(self) -> frozenset[str]:
@@ -261,6 +321,7 @@ class PeerServer:
         loop = asyncio.get_running_loop()
         try:
             conn.setblocking(False)
+            uid: int | None = cred.peer_cred(conn).uid
             ready: asyncio.Future[None] = loop.create_future()
 
             def readable() -> None:
@@ -273,7 +334,8 @@ class PeerServer:
             finally:
                 loop.remove_reader(conn.fileno())
             data, fds, flags = _recv(conn)
-            reply = self.answer(conn, accepted_ticks, data, fds, flags)
+            # From here `answer` owns the fds: nothing may come between (no await).
+            reply = self.answer(conn, accepted_ticks, data, fds, flags, uid)
             await loop.sock_sendall(conn, json.dumps(reply).encode())
         except (TimeoutError, OSError):
             pass  # a silent or vanished peer: nothing to answer
@@ -282,9 +344,20 @@ class PeerServer:
             self._slots.release()
 
     def answer(
-        self, conn: socket.socket, accepted_ticks: int, data: bytes, fds: list[int], flags: int
+        self,
+        conn: socket.socket,
+        accepted_ticks: int,
+        data: bytes,
+        fds: list[int],
+        flags: int,
+        uid: int | None = None,
     ) -> dict[str, Any]:
-        """The reply to one message: a ticket, or why not. Owns `fds`."""
+        """The reply to one message: a ticket, or why not.
+
+        Owns `fds` on every path: the ticket adopts them, or they are closed, whatever
+        the message was (issue 20: a parse error that escaped leaked all 16).
+        """
+        pending = list(fds)  # closed below unless handed on
         try:
             if flags & socket.MSG_CTRUNC:
                 raise Refused("INVALID_ARGUMENT", f"at most {MAX_FDS} fds per handshake")
@@ -293,21 +366,30 @@ class PeerServer:
             if not data:
                 raise Refused("INVALID_ARGUMENT", "empty handshake")
             request = parse_request(data, len(fds), self.roles)
+            pending = []  # identify adopts them into the identity or closes them
+            identity = identify(conn, accepted_ticks, request, fds, self.fd_checks)
+            try:
+                ticket = self.book.issue(identity)
+            except TooManyTickets as exc:
+                identity.close()
+                raise Refused("RESOURCE_EXHAUSTED", str(exc)) from None
+            except BaseException:
+                identity.close()
+                raise
         except Refused as exc:
-            for fd in fds:
+            self.refusals.report(uid, exc.code, exc.message)
+            return {"ok": False, "code": exc.code, "error": exc.message}
+        except Exception as exc:  # a bug in a check: answered, logged (rate-limited), held
+            self.refusals.report(uid, "INTERNAL", f"{type(exc).__name__}: {exc}", exc)
+            return {
+                "ok": False,
+                "code": "INTERNAL",
+                "error": "the broker failed to check this handshake (logged); try again",
+            }
+        finally:
+            for fd in pending:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-            return {"ok": False, "code": exc.code, "error": exc.message}
-        try:
-            identity = identify(conn, accepted_ticks, request, fds, self.fd_checks)
-        except Refused as exc:
-            log.info("handshake refused", extra={"code": exc.code, "error": exc.message})
-            return {"ok": False, "code": exc.code, "error": exc.message}
-        try:
-            ticket = self.book.issue(identity)
-        except TooManyTickets as exc:
-            identity.close()
-            return {"ok": False, "code": "RESOURCE_EXHAUSTED", "error": str(exc)}
         log.debug(
             "ticket issued",
             extra={"pid": identity.pid, "uid": identity.uid, "ns_pid": identity.ns_pid},
@@ -322,3 +404,35 @@ class PeerServer:
             "ns_pid": identity.ns_pid,
             "delegated": identity.delegated,
         }
+
+
+class RefusalLog:
+    """Refused handshakes, logged as one line per uid per `interval` seconds with how
+    many were not logged since: a loop of bad handshakes cannot flood the log (the model
+    is broker/service/wire.py's MalformedRequests)."""
+
+    _MAX_KEYS = 4096
+
+    def __init__(self, interval: float = 10.0, clock: Callable[[], float] = time.monotonic):
+        self._interval = interval
+        self._clock = clock
+        self._last: dict[int | None, tuple[float, int]] = {}  # uid -> (logged at, suppressed)
+        self.total = 0
+
+    def report(
+        self, uid: int | None, code: str, error: str, exc: BaseException | None = None
+    ) -> None:
+        self.total += 1
+        now = self._clock()
+        last, suppressed = self._last.get(uid, (float("-inf"), 0))
+        if now - last < self._interval:
+            self._last[uid] = (last, suppressed + 1)
+            return
+        if len(self._last) >= self._MAX_KEYS:
+            self._last = {k: v for k, v in self._last.items() if now - v[0] < self._interval}
+        self._last[uid] = (now, 0)
+        extra = {"uid": uid, "code": code, "error": _clip(error, 300), "suppressed": suppressed}
+        if exc is None:
+            log.info("handshake refused", extra=extra)
+        else:
+            log.error("handshake check failed", extra=extra, exc_info=exc)
