@@ -14,13 +14,88 @@ import sys
 import threading
 import time
 import types
+from collections.abc import Callable
 from typing import TextIO
 
 _STD = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
+# Clients choose device names, client names, reasons, and the text of refusals that quote
+# them: a log line holds at most this much of any one field, and of its message, so that a
+# 65,000-byte name costs the log a few hundred bytes (issue 20, point 5). Tracebacks are
+# the broker's own and kept whole.
+MAX_FIELD_CHARS = 256
+MAX_MESSAGE_CHARS = 1024
+
+
+def clip(text: str, limit: int = MAX_FIELD_CHARS) -> str:
+    """`text` cut to `limit` characters, saying how many were cut."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}...[{len(text) - limit} more chars]"
+
+
+def _clipped(value: object) -> object:
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    return clip(value if isinstance(value, str) else str(value))
+
 
 def _fields(record: logging.LogRecord) -> dict[str, object]:
-    return {k: v for k, v in vars(record).items() if k not in _STD}
+    return {k: _clipped(v) for k, v in vars(record).items() if k not in _STD}
+
+
+class LogThrottle:
+    """Which lines of one kind may be written: per key (a peer) a token bucket of `burst`
+    lines refilled over `interval` seconds, and all keys together at most `total` times
+    that, so that neither one client nor many can make the log grow faster than a fixed
+    rate. `allow` says how many lines of the key were held back since its last one (None:
+    hold this one back too)."""
+
+    _MAX_KEYS = 4096
+
+    def __init__(
+        self,
+        burst: int,
+        interval: float,
+        total: int = 10,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._burst = float(max(burst, 1))
+        self._rate = self._burst / interval
+        self._clock = clock
+        self._all = _Bucket(self._burst * max(total, 1), self._rate * max(total, 1), clock())
+        self._keys: dict[str, _Bucket] = {}
+
+    def allow(self, key: str) -> int | None:
+        now = self._clock()
+        bucket = self._keys.get(key)
+        if bucket is None:
+            if len(self._keys) >= self._MAX_KEYS:
+                self._keys = {k: b for k, b in self._keys.items() if not b.full(now)}
+            bucket = self._keys[key] = _Bucket(self._burst, self._rate, now)
+        if not (bucket.take(now) and self._all.take(now)):
+            bucket.held += 1
+            return None
+        held, bucket.held = bucket.held, 0
+        return held
+
+
+class _Bucket:
+    __slots__ = ("burst", "held", "rate", "stamp", "tokens")
+
+    def __init__(self, burst: float, rate: float, now: float) -> None:
+        self.burst, self.rate, self.tokens, self.stamp, self.held = burst, rate, burst, now, 0
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+    def full(self, now: float) -> bool:
+        return self.held == 0 and self.tokens + (now - self.stamp) * self.rate >= self.burst
 
 
 class JsonFormatter(logging.Formatter):
@@ -30,7 +105,7 @@ class JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": clip(record.getMessage(), MAX_MESSAGE_CHARS),
         }
         out.update(_fields(record))
         if record.exc_info:
@@ -58,7 +133,7 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        record.message = record.message.translate(_CONTROLS)
+        record.message = clip(record.message, MAX_MESSAGE_CHARS).translate(_CONTROLS)
         return super().formatMessage(record)
 
     def format(self, record: logging.LogRecord) -> str:

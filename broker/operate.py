@@ -8,9 +8,11 @@ Exit status: 0 done, 1 failed (one line on stderr), 2 usage.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sqlite3
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from broker import config
@@ -43,14 +45,49 @@ def _integrity(db: sqlite3.Connection) -> str:
     return str(db.execute("PRAGMA integrity_check").fetchone()[0])
 
 
+# A copy of the database names every tenant's clients and pids and holds token hashes:
+# for the broker's user only, as the database is (broker/store/opening.py).
+COPY_MODE = 0o600
+
+
+@contextlib.contextmanager
+def private_files() -> Iterator[None]:
+    """Files created inside (the copy, SQLite's journal beside it) are born 0600 whatever
+    the caller's umask (an operator's shell may have 022 or 000)."""
+    old = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _new_private(path: Path) -> None:
+    """Create `path` empty and 0600 (refusing one that exists: never reuse a file another
+    user could have opened), so that SQLite writes into a file no one else can read."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, COPY_MODE))
+
+
 def backup(db: str, dest: str) -> str:
     """Copy `db` to `dest` with SQLite's online backup API, while the broker runs.
 
     The copy is a consistent snapshot (a committed state; WAL included), written beside
-    `dest` and renamed into place only after it passes integrity_check."""
+    `dest` and renamed into place only after it passes integrity_check. It is 0600."""
     if not Path(db).exists():
         raise RuntimeError(f"no database at {db}")
     tmp = Path(f"{dest}.tmp-{os.getpid()}")
+    with private_files():
+        _new_private(tmp)
+        try:
+            pages = _copy(db, tmp)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    os.replace(tmp, dest)
+    return f"backed up {db} to {dest} ({pages} pages, integrity ok)"
+
+
+def _copy(db: str, tmp: Path) -> int:
+    """The backup into `tmp`, checked; its page count."""
     src = sqlite3.connect(db, timeout=30)
     try:
         out = sqlite3.connect(tmp)
@@ -64,10 +101,8 @@ def backup(db: str, dest: str) -> str:
     finally:
         src.close()
     if check != "ok":
-        tmp.unlink(missing_ok=True)
         raise RuntimeError(f"the copy fails integrity_check: {check}")
-    os.replace(tmp, dest)
-    return f"backed up {db} to {dest} ({pages} pages, integrity ok)"
+    return pages
 
 
 def restore(source: str, db: str, sockets: list[str]) -> str:
@@ -85,11 +120,13 @@ def restore(source: str, db: str, sockets: list[str]) -> str:
             if check != "ok":
                 raise RuntimeError(f"{source} fails integrity_check: {check}")
             tmp = Path(f"{db}.restore-{os.getpid()}")
-            out = sqlite3.connect(tmp)
-            try:
-                src.backup(out)
-            finally:
-                out.close()
+            with private_files():  # the database is 0600 from its first instant
+                _new_private(tmp)
+                out = sqlite3.connect(tmp)
+                try:
+                    src.backup(out)
+                finally:
+                    out.close()
         finally:
             src.close()
         for stale in (Path(db + "-wal"), Path(db + "-shm")):

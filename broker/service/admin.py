@@ -27,6 +27,7 @@ class PasidAdminServicer(pb_grpc.PasidAdminServicer):
         self.main = main
         self.malformed = main.malformed
         self.peer_key = main.peer_key
+        self.refusals = main.refusals
         self.limit_refused = main.limit_refused
 
     @boundary

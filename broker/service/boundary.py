@@ -2,7 +2,7 @@
 
 Every RPC method of both servicers wears `boundary`; the status and its trailing metadata
 come from broker/service/status.py's table. A Session stream's per-request errors are
-replies, not statuses (session_stream.py), but are logged by the same `log_refusal`.
+replies, not statuses (session_stream.py), but are logged by the same `Refusals`.
 """
 
 from __future__ import annotations
@@ -19,25 +19,40 @@ import grpc
 from pasid.v1 import broker_pb2 as pb
 
 from broker.core import InvalidArgument, LimitExceeded, PasidError, QuotaExceeded
+from broker.logs import LogThrottle
 from broker.service import wire
 from broker.service.status import status_of, trailing_metadata
 
 log = logging.getLogger("pasid_broker.service")
 
 
-def log_refusal(exc: PasidError, **context: object) -> None:
-    """Every refused request once, at INFO, with its reason: the operator asked why a VMM
-    got no PASID finds what the client was told (quota and limit, bad token, ...).
-    Never a token: `context` holds ids and names only."""
-    fields: dict[str, object] = {
-        "reason": exc.reason,
-        "code": status_of(exc).name,
-        "errno": exc.errno,
-        **context,
-    }
-    if isinstance(exc, QuotaExceeded):
-        fields.update(quota=exc.kind, limit=exc.limit)
-    log.info("refused: %s", exc.message, extra=fields)
+class Refusals:
+    """Every refused request is logged at INFO with its reason, so that the operator asked
+    why a VMM got no PASID finds what the client was told (quota and limit, bad token,
+    ...); but per peer (identity and address) only a burst of lines and then about one a
+    second, and a few times that over all peers, each line saying how many were held
+    back (`suppressed`): a client refused in a loop cannot grow the log faster than that
+    (issue 20, point 5). Never a token: `context` holds ids and names only."""
+
+    def __init__(self, burst: int = 10, interval: float = 10.0) -> None:
+        self._throttle = LogThrottle(burst, interval)
+
+    def log(self, exc: PasidError, peer: str, **context: object) -> None:
+        suppressed = self._throttle.allow(peer)
+        if suppressed is None:
+            return
+        fields: dict[str, object] = {
+            "reason": exc.reason,
+            "code": status_of(exc).name,
+            "errno": exc.errno,
+            "peer": peer,
+            **context,
+        }
+        if isinstance(exc, QuotaExceeded):
+            fields.update(quota=exc.kind, limit=exc.limit)
+        if suppressed:
+            fields["suppressed"] = suppressed
+        log.info("refused: %s", exc.message, extra=fields)
 
 
 def _session_named(request: Any) -> dict[str, object]:
@@ -49,11 +64,12 @@ def _session_named(request: Any) -> dict[str, object]:
 async def _abort(
     context: grpc.aio.ServicerContext[Any, Any],
     exc: PasidError,
-    quiet: bool = False,
+    refusals: Refusals | None,
+    peer: str,
     **fields: object,
 ) -> NoReturn:
-    if not quiet:  # a malformed request is logged by MalformedRequests, rate-limited
-        log_refusal(exc, peer=context.peer(), **fields)
+    if refusals is not None:  # None: a malformed request, logged by MalformedRequests
+        refusals.log(exc, peer, **fields)
     context.set_trailing_metadata(trailing_metadata(exc))
     await context.abort(status_of(exc), exc.message)
     raise AssertionError("unreachable")  # abort raises
@@ -78,7 +94,9 @@ async def _fail(self: Any, name: str, request: Any, context: Any, exc: Exception
     INTERNAL (a bug, not the client's doing: logged with its traceback)."""
     if isinstance(exc, PasidError):
         quiet = _refused(self, name, context, exc)
-        await _abort(context, exc, quiet, rpc=name, **_session_named(request))
+        refusals = None if quiet else self.refusals
+        peer = self.peer_key(context)
+        await _abort(context, exc, refusals, peer, rpc=name, **_session_named(request))
     log.error("internal error in %s", name, exc_info=exc, extra={"method": name})
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the broker's log")
     raise AssertionError("unreachable")  # abort raises

@@ -36,7 +36,7 @@ from broker.engine import Broker, done_future
 from broker.engine import Session as BrokerSession
 from broker.service import wire
 from broker.service.authz import current_caller
-from broker.service.boundary import boundary, end_stream, log_refusal
+from broker.service.boundary import Refusals, boundary, end_stream
 from broker.service.limits import Admission, Limits
 from broker.service.messages import list_response
 from broker.service.status import ADMIN_ONLY, error_message
@@ -107,6 +107,7 @@ class SessionStreamServicer(pb_grpc.PasidBrokerServicer):
         self.admission = admission or Admission(Limits())
         self.limits = self.admission.limits
         self.malformed = malformed or wire.MalformedRequests()
+        self.refusals = Refusals()
         # Told the limit's name when a request is refused by one (the metrics' counter).
         self.limit_refused = limit_refused or _ignore_limit
         self._streams: set[asyncio.Queue[_Item]] = set()
@@ -189,8 +190,9 @@ class SessionStreamServicer(pb_grpc.PasidBrokerServicer):
         try:
             await created  # durable before it is acknowledged
             self._op_done("open", t_open)
+            peer = self.peer_key(context)
             reader = asyncio.create_task(
-                self._read(sess, request_iterator, replies, inflight, self.peer_key(context))
+                self._read(sess, request_iterator, replies, inflight, peer)
             )
             yield pb.SessionResponse(
                 tag=first.tag,
@@ -217,8 +219,13 @@ class SessionStreamServicer(pb_grpc.PasidBrokerServicer):
                     resp = reply(await fut)
                 except PasidError as exc:
                     if not isinstance(exc, InvalidArgument):  # malformed: logged in _read
-                        log_refusal(
-                            exc, rpc="Session", op=op, session=sess.session_id, client=sess.client
+                        self.refusals.log(
+                            exc,
+                            peer,
+                            rpc="Session",
+                            op=op,
+                            session=sess.session_id,
+                            client=sess.client,
                         )
                     resp = pb.SessionResponse(error=error_message(exc))
                 self._op_done(op, t0)

@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 
 from broker.core import InvalidArgument, LimitExceeded
+from broker.logs import LogThrottle
 from broker.service.interceptors import PerMethodWrapper, rebuild
 from broker.service.limits import Limits
 
@@ -64,10 +65,8 @@ class TolerantDecoding(PerMethodWrapper):
 
 
 class MalformedRequests:
-    """Counts every malformed request; logs one line per peer per `interval` seconds,
-    with how many were not logged since."""
-
-    _MAX_PEERS = 4096
+    """Counts every malformed request; logs one line per peer per `interval` seconds
+    (and a few per interval over all peers), with how many were not logged since."""
 
     def __init__(
         self,
@@ -76,20 +75,13 @@ class MalformedRequests:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._count = count or (lambda method: None)
-        self._interval = interval
-        self._clock = clock
-        self._last: dict[str, tuple[float, int]] = {}  # peer -> (last logged, suppressed)
+        self._throttle = LogThrottle(1, interval, clock=clock)
 
     def report(self, method: str, peer: str, error: str) -> None:
         self._count(method)
-        now = self._clock()
-        last, suppressed = self._last.get(peer, (float("-inf"), 0))
-        if now - last < self._interval:
-            self._last[peer] = (last, suppressed + 1)
+        suppressed = self._throttle.allow(peer)
+        if suppressed is None:
             return
-        if len(self._last) >= self._MAX_PEERS:
-            self._last = {p: v for p, v in self._last.items() if now - v[0] < self._interval}
-        self._last[peer] = (now, 0)
         log.warning(
             "malformed request",
             extra={"method": method, "peer": peer, "error": error, "suppressed": suppressed},

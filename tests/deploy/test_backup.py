@@ -4,11 +4,14 @@ a broker started on the restored file serves exactly what the backup held."""
 
 from __future__ import annotations
 
+import os
+import stat
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
+import pytest
 from pasid_client import Client
 
 from tests.harness import ROOT, BrokerProcess, db_holdings
@@ -72,3 +75,39 @@ def test_backup_of_a_missing_database_fails_in_one_line(tmp_path: Path) -> None:
     assert r.returncode == 1
     assert r.stderr.strip() == f"pasid-broker backup: no database at {tmp_path}/none.db"
     assert not (tmp_path / "none.db").exists()
+
+
+def _mode(p: Path) -> int:
+    return stat.S_IMODE(p.stat().st_mode)
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o022], ids=["umask000", "umask022"])
+def test_backup_and_restore_are_0600_whatever_the_umask(tmp_path: Path, umask: int) -> None:
+    """A backup names every tenant's clients and pids and holds token hashes: 0600 under
+    the loosest umask an operator's shell may have (issue 20, point 8), as is a restored
+    database and every file the daemon writes (tests/e2e/test_access.py)."""
+    b = BrokerProcess().start()
+    try:
+        with Client(b.address) as c, c.session("vm", grace_seconds=60) as s:
+            s.alloc(1, 100, count=2)
+            dest = tmp_path / "backup.db"
+            dest.write_bytes(b"")
+            dest.chmod(0o644)  # an older, readable copy is replaced, not reused
+            old = os.umask(umask)
+            try:
+                r = _pb("backup", "--db", b.db, str(dest))
+            finally:
+                os.umask(old)
+            assert r.returncode == 0, r.stderr
+        assert _mode(dest) == 0o600
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["backup.db"]  # no leftovers
+        assert b.stop() == 0
+        old = os.umask(umask)
+        try:
+            r = _pb("restore", "--db", b.db, "--socket", b.socket, str(dest))
+        finally:
+            os.umask(old)
+        assert r.returncode == 0, r.stderr
+        assert _mode(Path(b.db)) == 0o600
+    finally:
+        b.cleanup()

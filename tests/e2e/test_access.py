@@ -12,6 +12,7 @@ import stat
 import time
 from pathlib import Path
 
+import pytest
 from pasid_client import Client
 
 from tests.e2e.other_uid import SYSTEM_PYTHON, as_nobody, open_for_nobody, require_setpriv
@@ -87,12 +88,13 @@ def test_no_window_on_either_socket_under_umask_000() -> None:
             b.cleanup()
 
 
-def test_data_files_are_0600_even_under_umask_000() -> None:
-    """The database, its -wal, -shm and lock file: 0600 when created under umask 000, and
-    tightened at start when an older broker left them 0644."""
+@pytest.mark.parametrize("umask", [0o000, 0o022], ids=["umask000", "umask022"])
+def test_data_files_are_0600_whatever_the_umask(umask: int) -> None:
+    """The database, its -wal, -shm and lock file: 0600 when created under umask 000 or
+    022, and tightened at start when an older broker left them 0644."""
     b = BrokerProcess()
     try:
-        _start_under_umask(b, 0o000)
+        _start_under_umask(b, umask)
         with Client(b.address) as c, c.session("files", grace_seconds=60) as s:
             s.alloc(1, 100)
         files = [b.db, b.db + "-wal", b.db + "-shm", b.db + ".lock"]
@@ -101,7 +103,7 @@ def test_data_files_are_0600_even_under_umask_000() -> None:
         for f in files:
             if os.path.exists(f):
                 os.chmod(f, 0o644)
-        _start_under_umask(b, 0o000)
+        _start_under_umask(b, umask)
         present = [f for f in files if os.path.exists(f)]
         assert b.db in present and b.db + ".lock" in present
         assert {f: _mode(f) for f in present} == dict.fromkeys(present, 0o600)

@@ -1,0 +1,100 @@
+"""Issue 20's shared-resource cases, each made by another local user (uid 65534 under
+setpriv, a real process) against a real broker whose clients' socket is 0666: the
+hostile uid gets its precise refusals, root's holdings do not change, and root is served
+throughout."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import threading
+from collections.abc import Iterator
+
+from pasid_client import Client
+
+from tests.e2e.other_uid import as_nobody, open_for_nobody, require_setpriv
+from tests.harness import ROOT, BrokerProcess, api_holdings
+from tests.hostile.common import assert_no_traceback
+
+
+@contextlib.contextmanager
+def open_broker(*flags: str) -> Iterator[BrokerProcess]:
+    """A serving broker whose clients' socket every local user may reach."""
+    require_setpriv()
+    b = BrokerProcess("--socket-mode", "0666", *flags)
+    open_for_nobody(b.dir)
+    try:
+        yield b.start()
+    finally:
+        b.cleanup()
+
+
+def run_as_nobody(module: str, *args: str, timeout: float = 120) -> dict[str, int]:
+    p = as_nobody([sys.executable, "-m", module, *args], stdout=-1, stderr=-1, cwd=ROOT)
+    out, err = p.communicate(timeout=timeout)
+    assert p.returncode == 0, err
+    return dict(json.loads(out))
+
+
+class RootServed:
+    """Root allocates and frees in a loop beside the hostile uid; every call must work."""
+
+    def __init__(self, b: BrokerProcess) -> None:
+        self.b = b
+        self.done = threading.Event()
+        self.ops = 0
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        try:
+            with Client(self.b.address, timeout=10) as c, c.session("root-beside") as s:
+                while not self.done.is_set():
+                    s.free(s.alloc(1000, 2000)[0])
+                    self.ops += 1
+        except BaseException as exc:
+            self.error = exc
+
+    def __enter__(self) -> RootServed:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.thread.join(60)
+        assert self.error is None, f"root was not served: {self.error!r}"
+        assert self.ops > 0, "root made no call"
+
+
+def test_a_refusal_flood_grows_the_log_by_at_most_20_mb() -> None:
+    """Issue 20, point 5: pipelined Session allocs naming a 65,000-byte device, and unary
+    Allocs with a bad token, for 10 s: each gets its precise refusal, the log grows by at
+    most 20 MB (it grew by 1,034 MiB before), names are clipped, and every refusal line
+    is counted in the next one's `suppressed`."""
+    with open_broker() as b:
+        with Client(b.address) as c, c.session("root-vm", grace_seconds=60) as s:
+            s.alloc(1, 100, count=3)
+            before = api_holdings(b.address)
+            size = os.path.getsize(b.log)
+            with RootServed(b) as root:
+                got = run_as_nobody("tests.hostile.flood", b.address, "10")
+            grown = os.path.getsize(b.log) - size
+            assert api_holdings(b.address) == before
+        print(f"flood: {got}; root made {root.ops} calls meanwhile; log grew {grown} bytes")
+        assert got["stream_UNSUPPORTED"] > 100 and got["stream_sent"] >= got["stream_UNSUPPORTED"]
+        assert got["unary_NOT_FOUND"] > 100 and set(got) <= {
+            "stream_sent",
+            "stream_UNSUPPORTED",
+            "unary_NOT_FOUND",
+        }, got
+        assert grown <= 20 * 2**20, f"the log grew by {grown / 2**20:.1f} MB in 10 s"
+        lines = b.read_log().splitlines()
+        refused = [json.loads(ln) for ln in lines if '"refused: ' in ln]
+        assert refused, "refusals are still logged"
+        assert max(len(ln) for ln in lines) < 4096, "a client's name reached the log whole"
+        assert any("more chars]" in r["msg"] for r in refused)
+        held_back = sum(int(r.get("suppressed", 0)) for r in refused)
+        assert len(refused) + held_back >= got["stream_UNSUPPORTED"] // 2
+        assert_no_traceback(b)
