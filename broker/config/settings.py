@@ -183,6 +183,23 @@ class Config:
         "'anonymous' (warned at every start)",
         kind="switch",
     )
+    tls_max_connection_age: float = setting(
+        3600.0,
+        seconds(0, 30 * 86_400, above=True),
+        "TCP (--listen): a connection older than this (+-10% jitter) is told to go away "
+        "(GOAWAY): its next call needs a new TLS handshake, so a revoked certificate or a "
+        "CA rotated out loses access within about 1.1x this plus "
+        "--tls-max-connection-age-grace; streams still open then end UNAVAILABLE (a "
+        "session resumes on a new connection with its token, within its grace)",
+        unit="seconds, > 0",
+    )
+    tls_max_connection_age_grace: float = setting(
+        60.0,
+        seconds(0, 30 * 86_400),
+        "TCP (--listen): how long calls open on a connection past --tls-max-connection-age "
+        "may go on before the connection is closed",
+        unit="seconds, >= 0",
+    )
     admin_group: tuple[str, ...] = setting(
         (),
         names,
