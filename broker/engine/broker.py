@@ -38,7 +38,15 @@ from broker.engine.observers import Observers
 from broker.engine.recovery import recover
 from broker.engine.sessions import Session, Sessions
 from broker.peer.tickets import TicketBook
-from broker.store import AddPasids, Event, RemovePasids, SaveQuotas, SaveSetQuota, SqliteStore
+from broker.store import (
+    AddPasids,
+    Event,
+    RemovePasids,
+    SaveQuotas,
+    SaveSetQuota,
+    Snapshot,
+    SqliteStore,
+)
 
 log = logging.getLogger("pasid_broker")
 
@@ -97,6 +105,8 @@ class Broker:
         self.clock = clock
         self.caps: Capabilities | None = None
         self._allocator: Allocator | None = None
+        self._snapshot: Snapshot | None = None  # from open_store() until start()
+        self._store_seconds = 0.0  # counted in recovery's time, as before the split
         self._journal: Journal | None = None
         self.backend_calls = BackendCalls(backend, lambda: self.allocator.quarantine.enabled)
         # tickets: the peer socket's handshakes (broker/peer); anonymous: --anonymous.
@@ -124,17 +134,31 @@ class Broker:
         """The last committed event revision."""
         return self.events.revision
 
+    async def open_store(self) -> None:
+        """Open, migrate and check the store and load its state, in a worker thread.
+        StoreError (never a repair) for a file that is not a database or not ours: the
+        daemon does this before anything listens, so a bad file refuses the start."""
+        t0 = time.perf_counter()
+        self._snapshot = await asyncio.to_thread(self.store.open)
+        self._store_seconds = time.perf_counter() - t0
+
     async def start(self) -> None:
-        """Open the backend, load and check the store, replay, and reclaim the departed.
+        """Open the backend, load and check the store (unless open_store() has), replay,
+        and reclaim the departed.
 
         The heavy part runs in a worker thread so that the loop keeps answering health
         checks (NOT_SERVING) meanwhile; requests get UNAVAILABLE until `ready`.
         """
-        t0 = time.perf_counter()
+        if self._snapshot is None:
+            await self.open_store()
+        snapshot, self._snapshot = self._snapshot, None
+        assert snapshot is not None
+        t0 = time.perf_counter() - self._store_seconds
         r = await asyncio.to_thread(
             recover,
             self.backend,
             self.store,
+            snapshot,
             reserved=self.reserved_ranges,
             quotas=self.quotas,
             quarantine=self.quarantine,

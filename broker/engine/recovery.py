@@ -1,4 +1,4 @@
-"""Recovery at start: open the backend, load and check the store, replay what it holds.
+"""Recovery at start: open the backend, check the loaded store against it, replay.
 
 Runs in a worker thread before anything else may touch the state it builds. It refuses
 (RecoveryError) rather than repairs: a store that does not fit changes nothing.
@@ -36,12 +36,13 @@ class Recovered:
 def recover(
     backend: Backend,
     store: SqliteStore,
+    snap: Snapshot,
     *,
     reserved: Sequence[tuple[int, int]],
     quotas: Quotas,
     quarantine: Quarantine,
 ) -> Recovered:
-    """Backend, allocator and sessions from the store."""
+    """Backend, allocator and sessions from the store's state (`snap`, from its open())."""
     caps = backend.open()
     if caps.pasid_bits > WIRE_PASID_BITS:
         raise Unsupported(
@@ -66,7 +67,6 @@ def recover(
         clock=time.monotonic,
         report_expired=True,
     )
-    snap = store.open()
     held: list[int] = []
     sessions: list[Session] = []
     for row in snap.sets:

@@ -91,9 +91,11 @@ def set_mode_and_group(path: Path, mode: int, group: str) -> None:
         ) from None
 
 
-def probe_tcp(address: str) -> None:
+def probe_tcp(address: str, refusal: str = "", hint: str = "") -> None:
     """Resolve and trial-bind HOST:PORT ourselves: grpc's own failure is a C-core log line
-    plus an exception, where an operator needs one line naming the cause."""
+    plus an exception, where an operator needs one line naming the cause. `refusal`
+    starts that line (default: cannot listen on ADDRESS); `hint` ends it."""
+    refusal = refusal or f"cannot listen on {address}"
     host_text, _, port = address.rpartition(":")
     host = host_text.strip("[]") or None
     try:
@@ -101,14 +103,14 @@ def probe_tcp(address: str) -> None:
             host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
     except socket.gaierror as exc:
-        raise StartupError(f"cannot listen on {address}: host {host}: {exc.strerror}") from None
+        raise StartupError(f"{refusal}: host {host}: {exc.strerror}{hint}") from None
     family, kind, proto, _, sockaddr = infos[0]
     try:
         with socket.socket(family, kind, proto) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(sockaddr)
     except OSError as exc:
-        raise StartupError(f"cannot listen on {address}: {exc.strerror}") from None
+        raise StartupError(f"{refusal}: {exc.strerror}{hint}") from None
 
 
 def bind_port(

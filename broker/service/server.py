@@ -1,8 +1,11 @@
-"""The daemon's life: lock, start the engine, serve, drain on SIGTERM.
+"""The daemon's life: start-up as one sequence, serve, drain on SIGTERM.
 
-`serve` checks and locks; `_run` is the whole start-up and shut-down in order, one named
-step a line. The parts live beside it: endpoints.py (the gRPC servers), listeners.py
-(sockets and ports), instance.py (locks, preflight).
+Start-up reads top to bottom in `serve` and `_run`, one step each, and every refusal
+happens at the step that owns it: config (a bad value, an address or directory that
+cannot work), locks (another broker), store (a database that is not one, or not ours),
+recovery (a store that does not fit the backend), listeners (a socket or port that
+cannot be bound), ready. The parts live beside it: endpoints.py (the gRPC servers),
+listeners.py (sockets and ports), instance.py (locks, path checks).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from broker.config import Config
 from broker.core import ANONYMOUS, PasidError, uid_identity
 from broker.engine import Broker
 from broker.engine import Session as BrokerSession
-from broker.metrics import Metrics
+from broker.metrics import Metrics, parse_address
 from broker.peer import PeerIdentity, PeerServer, TicketBook
 from broker.peer import TicketError as PeerTicketError
 from broker.peer.handshake import FdCheck, Refused
@@ -61,8 +64,9 @@ __all__ = [
 
 
 async def serve(config: Config) -> int:
-    """Run the broker until SIGTERM; 0 after a clean stop. StartupError (and the engine's
-    RecoveryError) if it cannot start: __main__ prints it as one line and exits 2."""
+    """Run the broker until SIGTERM; 0 after a clean stop. StartupError (or the store's
+    and the engine's refusals) if it cannot start: __main__ prints it as one line and
+    exits 2."""
     # Nothing the broker creates is for others (the database names clients and holds
     # token hashes): files are born 0600 whatever umask we were started under; sockets
     # are then given their configured mode (UnixListener).
@@ -70,7 +74,9 @@ async def serve(config: Config) -> int:
     notifier = Notifier.from_env()
     notifier.status("starting")
     try:
-        tls, policy = check_before_opening(config)
+        # 1. config: every refusal that needs nothing opened.
+        tls, policy = check_config(config)
+        # 2. locks: another broker on this database or these sockets, named by its pid.
         lock = InstanceLock.acquire(config.db, config.unix_sockets())
     except StartupError as exc:
         notifier.status(f"cannot start: {exc}")
@@ -87,11 +93,10 @@ async def serve(config: Config) -> int:
 async def _run(
     config: Config, notifier: Notifier, tls: TlsFiles | None, policy: AdminPolicy
 ) -> int:
-    """Start-up, serving and shut-down, in order. Nothing listens before the engine and
-    every server are built; health says NOT_SERVING until recovery is done."""
+    """Steps 3 to 6 (store, recovery, listeners, ready), serving, and shut-down. Every
+    server is built before any listens; health says NOT_SERVING until recovery is done."""
     nofile = raise_nofile_limit()
     engine = build_engine(config)
-    metrics_url = serve_metrics(config, engine)
     endpoints = build_endpoints(
         config,
         engine.broker,
@@ -104,30 +109,46 @@ async def _run(
     peer = build_peer_server(config, engine)
     await endpoints.set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
 
-    peer_started = recovering = False
+    peer_started = store_open = False
+    recovery: asyncio.Task[None] | None = None
     watchdog = asyncio.create_task(notifier.watchdog())
     stop = asyncio.Event()
     try:
+        # 3. store: a file that is not a database, or not ours, refused before anything
+        # is bound.
+        notifier.status("opening the database")
+        await engine.broker.open_store()
+        store_open = True
+        # 4. recovery: the backend, allocator and sessions, in a worker thread; it runs
+        # on while the listeners are bound, so that health says NOT_SERVING meanwhile.
+        notifier.status("recovering the database and the backend")
+        recovery = asyncio.create_task(recover(engine))
+        # 5. listeners: metrics first (a taken port refuses before gRPC binds), then
+        # every gRPC server, then the peer handshake's socket.
+        metrics_url = serve_metrics(config, engine)
         await endpoints.listen()
         start_peer_server(config, peer)
         peer_started = True
         stop_on_signals(stop)
-        # Listening before recovery lets health checks say NOT_SERVING while it runs.
-        notifier.status("recovering the database and the backend")
-        recovering = True
-        await recover(engine)
+        # 6. ready: recovery done, health SERVING, READY to systemd.
+        await recovery
         await endpoints.set_health(health_pb2.HealthCheckResponse.SERVING)
         announce(config, engine, endpoints, notifier, tls, metrics_url, nofile)
         await stop.wait()
         await drain(config, engine, endpoints, notifier)
     finally:
+        if recovery is not None:
+            # A listener refused while recovery ran: its thread cannot be cancelled, and
+            # the store must not close under it (and its own error, if any, is taken).
+            with contextlib.suppress(Exception):
+                await recovery
         watchdog.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watchdog
         await endpoints.close()
         if peer_started:
             await peer.close()
-        if recovering:
+        if store_open:
             await engine.broker.stop()
         engine.metrics.close()
         endpoints.remove_sockets()
@@ -135,18 +156,27 @@ async def _run(
     return 0
 
 
-# -- the steps, in the order _run takes them ------------------------------------------
+# -- the steps, in the order serve and _run take them ---------------------------------
 
 
-def check_before_opening(config: Config) -> tuple[TlsFiles | None, AdminPolicy]:
-    """Every refusal that needs nothing opened: listener settings, TCP addresses, and the
-    directories of the database and sockets."""
+def check_config(config: Config) -> tuple[TlsFiles | None, AdminPolicy]:
+    """Step 1: every refusal that needs nothing opened: listener settings, TCP addresses,
+    and the directories of the database and sockets."""
     tls, policy = check_transport(config)
-    # Every TCP address before anything else is opened or logged.
     for addr in (config.listen, config.health_address):
         if addr not in ("", "off"):
             probe_tcp(addr)
-    # Before anything is bound: check the directories, then take the instance locks.
+    try:
+        metrics = parse_address(config.metrics_address)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
+    if metrics is not None:
+        host, port = metrics
+        probe_tcp(
+            f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+            refusal=f"cannot serve metrics on {config.metrics_address}",
+            hint=" (choose another --metrics-address, or 'off')",
+        )
     preflight(config.db, config.unix_sockets())
     return tls, policy
 

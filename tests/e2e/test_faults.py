@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -77,6 +78,26 @@ def test_corrupt_file_refused_at_start_untouched(tmp_path: Path) -> None:
     assert f"cannot open store {db}: SQLITE_NOTADB: file is not a database" in r.stderr
     assert sha(db) == before
     assert not Path(f"{db}-wal").exists()
+
+
+def test_corrupt_file_refused_before_anything_listens(tmp_path: Path) -> None:
+    """The store step comes before the listeners: a socket file at --socket (here one
+    this test bound, and no broker's lock) is not replaced by a start that the store
+    refuses. Were the sockets bound first, the broker would have renamed its own over it
+    and removed it on the way out."""
+    db = tmp_path / "b.db"
+    db.write_bytes(b"garbage" * 1000)
+    path = tmp_path / "s.sock"
+    theirs = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        theirs.bind(str(path))
+        ino = path.stat().st_ino
+        r = run_broker_once("--db", str(db), "--socket", str(path))
+        assert r.returncode == 2, r.stderr
+        assert "SQLITE_NOTADB" in r.stderr
+        assert path.exists() and path.stat().st_ino == ino, "the refused broker bound its socket"
+    finally:
+        theirs.close()
 
 
 def _wal_store(db: Path) -> None:
