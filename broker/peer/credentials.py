@@ -49,6 +49,19 @@ class ProcessFacts:
     real_uid: int
     saved_uid: int
     start_time: int  # /proc/<pid>/stat field 22, clock ticks after boot
+    fs_uid: int = -1  # /proc/<pid>/status Uid: field 4
+    tgid: int = 0  # the thread group (process) this task belongs to; == pid for a process
+
+    @property
+    def uids(self) -> frozenset[int]:
+        """Every uid the process holds: real, effective, saved, filesystem."""
+        every = (self.real_uid, self.uid, self.saved_uid, self.fs_uid)
+        return frozenset(u for u in every if u >= 0)
+
+    @property
+    def is_thread(self) -> bool:
+        """A pidfd of a thread that is not its process's leader (pidfd_open PIDFD_THREAD)."""
+        return self.tgid not in (0, self.pid)
 
 
 def peer_cred(sock: socket.socket) -> PeerCred:
@@ -95,6 +108,19 @@ def is_pidfd(fd: int) -> bool:
         return False
 
 
+# include/uapi/linux/pidfd.h: PIDFD_THREAD is O_EXCL (Linux 6.9), kept in the file's flags.
+PIDFD_THREAD = os.O_EXCL
+
+
+def is_thread_pidfd(fd: int) -> bool:
+    """A pidfd opened with PIDFD_THREAD: it reports its thread's exit, not its process's,
+    even when the thread is its process's leader."""
+    try:
+        return bool(int(pidfd_fdinfo(fd).get("flags", "0"), 8) & PIDFD_THREAD)
+    except (OSError, ValueError):
+        return False
+
+
 def process_facts(pidfd: int) -> ProcessFacts:
     """Read the held process's pid, NSpid, uids and start time; raise if it exited.
 
@@ -129,6 +155,8 @@ def process_facts(pidfd: int) -> ProcessFacts:
         real_uid=uids[0],
         saved_uid=uids[2],
         start_time=started,
+        fs_uid=uids[3] if len(uids) > 3 else -1,
+        tgid=int(status.get("Tgid", pid)),
     )
 
 
@@ -185,10 +213,12 @@ def peer_pidfd_fallback(sock: socket.socket, cred: PeerCred, accepted_ticks: int
     return fd
 
 
-def may_signal(uid: int, target: ProcessFacts) -> bool:
-    """kill(2)'s rule: root, or the sender's uid is the target's real or saved uid.
+def may_delegate(uid: int, target: ProcessFacts) -> bool:
+    """Whether a caller of (SO_PEERCRED) `uid` may name `target` as a set's holder.
 
-    SO_PEERCRED gives the sender's effective uid; the kernel also accepts the sender's
-    real uid, which the broker cannot see, so this is never more permissive than kill.
+    Root may name any process. Anyone else only a process whose every uid (real,
+    effective, saved, filesystem) is its own: kill(2)'s rule (real or saved uid) let a
+    user delegate the setuid-root program it had just started, and so act as uid 0
+    (issue 20). The identity a delegated ticket carries is the caller's in any case.
     """
-    return uid == 0 or uid in (target.real_uid, target.saved_uid)
+    return uid == 0 or target.uids == {uid}

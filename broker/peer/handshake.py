@@ -187,14 +187,27 @@ def identify(
                 if not cred.is_pidfd(fd):
                     raise Refused("INVALID_ARGUMENT", "the fd sent as pidfd is not a pidfd")
                 target = cred.process_facts(fd)
-                if not cred.may_signal(c.uid, target):
+                if target.is_thread or cred.is_thread_pidfd(fd):
+                    # Its pidfd reports the thread's exit: the set would die with a thread
+                    # while its process lives. Refused rather than resolved to the leader,
+                    # which would open a process by number.
+                    raise Refused(
+                        "INVALID_ARGUMENT",
+                        f"the pidfd names thread {target.pid} of process {target.tgid}, not a"
+                        f" process: a set follows a process; delegate process {target.tgid}"
+                        " with a pidfd opened without PIDFD_THREAD",
+                    )
+                if not cred.may_delegate(c.uid, target):
+                    held = ", ".join(str(u) for u in sorted(target.uids))
                     raise Refused(
                         "PERMISSION_DENIED",
-                        f"uid {c.uid} may not delegate process {target.pid} (uid"
-                        f" {target.real_uid}): only its own uid or root could signal it",
+                        f"uid {c.uid} may not delegate process {target.pid}: it holds uid(s)"
+                        f" {held} (real, effective, saved, fs); only root may delegate a"
+                        " process that holds a uid other than the caller's",
                     )
+                # The holder is the process; the identity (quotas, admin, listings,
+                # tickets) stays the caller's: a delegate never lends its uid.
                 holder_fd, holder, delegated_by = fd, target, (c.pid, c.uid)
-                uid, gid = target.uid, target.gid
             else:
                 fd_checks[role](fd, request.raw, me)
                 extra.append(DelegatedFd(role, fd))

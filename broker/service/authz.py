@@ -65,6 +65,11 @@ class Peer(Protocol):
     gid: int
     pidfd: int
 
+    @property
+    def delegated(self) -> bool:
+        """The process (pid, pidfd) is a delegate: uid and gid are its delegator's."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -208,7 +213,10 @@ class Authorizer(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         except TicketError as exc:
             raise Refused(grpc.StatusCode.UNAUTHENTICATED, str(exc), "TICKET") from None
         try:
-            gids = process_groups(peer.pid, peer.pidfd) | {peer.gid}
+            # A delegated ticket's process is the delegate, whose groups are not the
+            # caller's (a setgid program): it is judged by the delegator's gid alone.
+            own = frozenset() if peer.delegated else process_groups(peer.pid, peer.pidfd)
+            gids = own | {peer.gid}
             admin = self.policy.unix_admin(peer.uid, gids)
         finally:
             peer.close()  # a per-call identity: nothing outlives the call

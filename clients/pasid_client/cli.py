@@ -573,7 +573,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="hold the set for this process instead (a sidecar for its VMM): the set dies "
-        "with it; allowed if this user could signal it. The pid as this process sees it",
+        "with it; allowed if it holds no uid but this user's (root: any). The pid as this"
+        " process sees it",
     )
     h.add_argument(
         "--token-out",

@@ -66,7 +66,7 @@ def ticket_for(
     the target has no peer socket (TCP, an older broker). `delegate_pid` is opened with
     pidfd_open here, in our own pid namespace, and closed after the handshake.
     Raises as obtain_ticket; FailedPrecondition for delegation without a peer socket,
-    NotFound for a delegate_pid that does not exist."""
+    NotFound for a delegate_pid that does not exist, InvalidArgument for a thread's id."""
     path = peer_socket_for(target, peer_socket)
     delegating = delegate_pid is not None or delegate_pidfd is not None
     if path is None:
@@ -84,6 +84,14 @@ def ticket_for(
         except ProcessLookupError:
             raise make_error(
                 grpc.StatusCode.NOT_FOUND, f"no process {delegate_pid} to delegate", "HANDSHAKE"
+            ) from None
+        except OSError as exc:  # EINVAL: a thread's id, which pidfd_open will not open
+            raise make_error(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{delegate_pid} is not a process to delegate ({exc.strerror}): a thread id?"
+                " A set follows a process: delegate the process (Tgid: in"
+                f" /proc/{delegate_pid}/status)",
+                "HANDSHAKE",
             ) from None
     try:
         return obtain_ticket(
@@ -118,9 +126,9 @@ def obtain_ticket(
     """One handshake on the peer socket at `path`.
 
     `delegate_pidfd`: a pidfd (os.pidfd_open) of the process that will hold the set, e.g.
-    the VMM a sidecar allocates for; allowed if we could signal it. `fds`: extra
-    (role, fd) pairs sent with SCM_RIGHTS; `meta`: extra fields of the message (e.g.
-    "devices"). Our fds stay ours (the kernel gives the broker copies).
+    the VMM a sidecar allocates for; allowed if it holds no uid but ours (root: any; it
+    counts as ours). `fds`: extra (role, fd) pairs sent with SCM_RIGHTS; `meta`: extra
+    fields of the message (e.g. "devices"). Our fds stay ours (the kernel gives the broker copies).
     Raises PermissionDenied (delegation not allowed, pid mismatch), InvalidArgument,
     ResourceExhausted, Unavailable (no broker on `path`).
     """
