@@ -7,12 +7,12 @@ skip, and the reason is printed so that a green run does not hide what was not t
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 from dataclasses import dataclass
 
 import pytest
+
+from tests import apt
 
 
 @dataclass(frozen=True)
@@ -23,21 +23,7 @@ class PrometheusTools:
 
 def _apt_install(package: str) -> str:
     """Install `package` with apt-get; '' on success, else why not."""
-    if shutil.which("apt-get") is None:
-        return "no apt-get on this machine"
-    if os.geteuid() != 0:
-        return "not root, cannot apt-get install"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", package]
-    last = ""
-    for attempt in range(2):
-        if attempt == 1:  # stale or missing package lists: refresh once
-            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=300)
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        if r.returncode == 0:
-            return ""
-        last = (r.stderr or r.stdout).strip()
-    return f"apt-get install {package} failed: {last[-300:]}"
+    return apt.install(package)
 
 
 def find_or_install() -> PrometheusTools | str:

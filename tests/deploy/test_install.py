@@ -4,23 +4,24 @@ from __future__ import annotations
 
 import pytest
 
+from tests import apt
 from tests.deploy import conftest
 
 
 def test_missing_prometheus_without_apt_gives_a_reason(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(conftest.shutil, "which", lambda name: None)
-    monkeypatch.setattr(conftest.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(apt.shutil, "which", lambda name: None)
+    monkeypatch.setattr(apt.os, "geteuid", lambda: 1000)
     assert conftest.find_or_install() == (
         "Debian's prometheus is not available: no apt-get on this machine"
     )
 
 
 def test_missing_prometheus_not_root_gives_a_reason(monkeypatch: pytest.MonkeyPatch) -> None:
-    real_which = conftest.shutil.which
+    real_which = apt.shutil.which
     monkeypatch.setattr(
-        conftest.shutil, "which", lambda name: real_which(name) if name == "apt-get" else None
+        apt.shutil, "which", lambda name: real_which(name) if name == "apt-get" else None
     )
-    monkeypatch.setattr(conftest.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(apt.os, "geteuid", lambda: 1000)
     if real_which("apt-get") is None:
         pytest.skip("no apt-get here; the other test covers this machine")
     assert conftest.find_or_install() == (

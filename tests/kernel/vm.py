@@ -32,6 +32,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests import apt
 from tests.kernel import build_kernel
 from tests.kernel.build_kernel import Unavailable
 
@@ -299,16 +300,9 @@ def ensure_packages() -> str:
     if not shutil.which("apt-get") or os.geteuid() != 0:
         raise Unavailable(f"missing {', '.join(need)} and cannot apt-get install (not root/Debian)")
     t0 = time.monotonic()
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES]
-    # Try without `apt-get update` first: fresh lists save CI a good part of its budget.
-    r = subprocess.run(install, capture_output=True, text=True, timeout=600, env=env)
-    if r.returncode != 0:
-        for cmd in (["apt-get", "update", "-qq"], install):
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-            if r.returncode != 0:
-                err = r.stderr.strip()[-500:]
-                raise Unavailable(f"{' '.join(cmd)} failed ({r.returncode}): {err}")
+    why = apt.install(*PACKAGES)
+    if why:
+        raise Unavailable(why)
     still = _missing()
     if still:
         raise Unavailable(f"still missing after apt-get install: {', '.join(still)}")
@@ -389,20 +383,7 @@ class Prepared:
 def _busybox_for_iommufd() -> None:
     """busybox-static and cpio, installed if missing and we may (root)."""
     if (not static_busybox() or not shutil.which("cpio")) and os.geteuid() == 0:
-        subprocess.run(
-            [
-                "apt-get",
-                "install",
-                "-y",
-                "-qq",
-                "--no-install-recommends",
-                "busybox-static",
-                "cpio",
-            ],
-            capture_output=True,
-            check=False,
-            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-        )
+        apt.install("busybox-static", "cpio")
     if not static_busybox():
         raise Unavailable("needs busybox-static (/bin/busybox, not dynamic)")
     if not shutil.which("cpio"):
