@@ -4,6 +4,7 @@ final mode, and TCP addresses checked and bound with one-line refusals."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -77,18 +78,34 @@ class UnixListener:
 
 
 def set_mode_and_group(path: Path, mode: int, group: str) -> None:
-    """chmod, and chgrp to --socket-group: refused in one line (the broker must be a
-    member of the group to give it a file)."""
+    """chmod, and chgrp to --socket-group: refused in one line that names the cause."""
     try:
         os.chmod(path, mode)
         if group:
             os.chown(path, -1, gid_of(group))
     except OSError as exc:
-        hint = " (the broker must be a member: SupplementaryGroups=)" if exc.errno == 1 else ""
         raise StartupError(
             f"cannot give socket {path} mode 0{mode:o} and group {group or '-'}: "
-            f"{exc.strerror}{hint}"
+            f"{exc.strerror}{_chown_hint(exc, group)}"
         ) from None
+
+
+def _chown_hint(exc: OSError, group: str) -> str:
+    """Why chown(2) said EPERM: not a member of the group, or (a member, which the kernel
+    would allow) a system-call filter that denies chown with EPERM, as systemd's
+    SystemCallFilter=~@privileged does unless @chown is allowed again."""
+    if exc.errno != errno.EPERM or not group:
+        return ""
+    gid = gid_of(group)
+    if gid != os.getegid() and gid not in os.getgroups():
+        return (
+            f" (uid {os.geteuid()} is not a member of group {group}: add it, e.g."
+            " SupplementaryGroups= in the unit, --group-add in a container)"
+        )
+    return (
+        f" (uid {os.geteuid()} is a member of group {group}, so a system-call filter denied"
+        " chown: allow @chown in SystemCallFilter=, or chown/fchown in the seccomp profile)"
+    )
 
 
 def probe_tcp(address: str, refusal: str = "", hint: str = "") -> None:

@@ -74,6 +74,30 @@ def test_unit_declares_what_the_broker_relies_on() -> None:
     assert {"/dev/vfio/vfio rw", "char-vfio rw", "/dev/iommu rw"} <= set(settings["DeviceAllow"])
     assert settings["RestartPreventExitStatus"] == ["2"]  # a refusal is not a crash
     assert "--config /etc/pasid-broker/broker.toml" in settings["ExecStart"][0]
+    # The socket directory outlives stop and restart (issue 21): a bind mount of it keeps
+    # the socket, and restore after stop finds its lock files.
+    assert settings["RuntimeDirectoryPreserve"] == ["yes"]
+
+
+def test_system_call_filter_keeps_chown() -> None:
+    """~@privileged takes @chown with it, and the broker chowns its sockets to
+    socket_group: without @chown allowed again AFTER the deny list it exits 2 at its first
+    start (issue 21; tests/deploy/test_systemd_real.py starts it under a real systemd)."""
+    filters = [
+        line.split("=", 1)[1].split()
+        for line in UNIT.read_text().splitlines()
+        if line.startswith("SystemCallFilter=")
+    ]
+    allowed: set[str] = set()
+    for groups in filters:
+        if groups[0].startswith("~"):
+            denied = {groups[0][1:], *groups[1:]}
+            if "@privileged" in denied:
+                denied.add("@chown")  # a member (`systemd-analyze syscall-filter @privileged`)
+            allowed -= denied
+        else:
+            allowed |= set(groups)
+    assert "@chown" in allowed, f"the filter denies chown: {filters}"
 
 
 def test_example_settings_file_is_accepted() -> None:
