@@ -67,6 +67,27 @@ def _new_private(path: Path) -> None:
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, COPY_MODE))
 
 
+def _check_writable_dir(dest: str) -> None:
+    """The destination's directory exists and this user may create files there: said
+    with the file and the cause, where the copy would fail with less."""
+    parent = Path(dest).absolute().parent
+    try:
+        parent.stat()
+    except FileNotFoundError:
+        raise RuntimeError(
+            f"cannot write {dest}: directory {parent} does not exist (create it, owned by"
+            f" the user that runs the backup, uid {os.geteuid()})"
+        ) from None
+    except OSError as exc:
+        raise RuntimeError(
+            f"cannot write {dest}: directory {parent}: {exc.strerror} (uid {os.geteuid()})"
+        ) from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RuntimeError(
+            f"cannot write {dest}: directory {parent} is not writable by uid {os.geteuid()}"
+        )
+
+
 def backup(db: str, dest: str) -> str:
     """Copy `db` to `dest` with SQLite's online backup API, while the broker runs.
 
@@ -74,6 +95,7 @@ def backup(db: str, dest: str) -> str:
     `dest` and renamed into place only after it passes integrity_check. It is 0600."""
     if not Path(db).exists():
         raise RuntimeError(f"no database at {db}")
+    _check_writable_dir(dest)
     tmp = Path(f"{dest}.tmp-{os.getpid()}")
     with private_files():
         _new_private(tmp)
@@ -109,8 +131,13 @@ def restore(source: str, db: str, sockets: list[str]) -> str:
     """Replace `db` by `source`, only while no broker holds it (its instance lock)."""
     from broker.service.instance import InstanceLock, StartupError
 
+    # A socket whose directory is gone has no broker on it (/run after a reboot, or a
+    # RuntimeDirectory= removed at stop), and making /run directories is not ours to do:
+    # its lock is skipped. The database's lock, which every broker takes first and holds
+    # while it runs, still keeps one from starting on `db` meanwhile.
+    present = [s for s in sockets if Path(s).parent.is_dir()]
     try:
-        lock = InstanceLock.acquire(db, sockets)
+        lock = InstanceLock.acquire(db, present)
     except StartupError as exc:
         raise RuntimeError(f"refusing to restore under a running broker: {exc}") from None
     try:

@@ -5,15 +5,18 @@ a broker started on the restored file serves exactly what the backup held."""
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
 import pytest
 from pasid_client import Client
 
+from tests.e2e.other_uid import NOBODY, open_for_nobody, setpriv
 from tests.harness import ROOT, BrokerProcess, db_holdings
 
 
@@ -109,5 +112,77 @@ def test_backup_and_restore_are_0600_whatever_the_umask(tmp_path: Path, umask: i
             os.umask(old)
         assert r.returncode == 0, r.stderr
         assert _mode(Path(b.db)) == 0o600
+    finally:
+        b.cleanup()
+
+
+def test_backup_into_a_missing_directory_names_the_file_and_the_cause(tmp_path: Path) -> None:
+    b = BrokerProcess().start()
+    try:
+        dest = tmp_path / "backups/broker.db"
+        r = _pb("backup", "--db", b.db, str(dest))
+        assert r.returncode == 1
+        assert r.stderr.strip() == (
+            f"pasid-broker backup: cannot write {dest}: directory {dest.parent} does not exist"
+            f" (create it, owned by the user that runs the backup, uid {os.geteuid()})"
+        )
+    finally:
+        b.cleanup()
+
+
+def test_backup_into_a_directory_not_writable_names_the_file_and_the_cause(
+    tmp_path: Path,
+) -> None:
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        why = "needs root and setpriv to run the backup as an unprivileged user"
+        print(f"\nSKIP: {why}")
+        pytest.skip(why)
+    closed = Path(tempfile.mkdtemp(prefix="pbk-", dir="/tmp"))
+    closed.chmod(0o755)  # nobody may enter it, not write in it
+    b = BrokerProcess().start()
+    try:
+        open_for_nobody(Path(b.db).parent)
+        os.chmod(b.db, 0o644)  # readable: the directory is what is refused
+        dest = closed / "broker.db"
+        r = subprocess.run(
+            [*setpriv(), sys.executable, "-m", "broker", "backup", "--db", b.db, str(dest)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+        )
+        assert r.returncode == 1, r.stderr
+        assert r.stderr.strip() == (
+            f"pasid-broker backup: cannot write {dest}: directory {closed} is not writable"
+            f" by uid {NOBODY}"
+        )
+    finally:
+        shutil.rmtree(closed, ignore_errors=True)
+        b.cleanup()
+
+
+def test_restore_when_the_socket_directory_is_gone(tmp_path: Path) -> None:
+    """After `systemctl stop` without RuntimeDirectoryPreserve=, or after a reboot, the
+    socket's directory does not exist: restore proceeds on the database's lock alone, which
+    still refuses while a broker runs on that database."""
+    b = BrokerProcess("--restart-grace", "60").start()
+    try:
+        with Client(b.address) as c:
+            s = c.session("vm", grace_seconds=300)
+            held = s.alloc(1, 1000, count=3)
+            token = s.token
+        dest = tmp_path / "backup.db"
+        assert _pb("backup", "--db", b.db, str(dest)).returncode == 0
+        gone = str(tmp_path / "run/pasid-broker/broker.sock")
+        r = _pb("restore", "--db", b.db, "--socket", gone, str(dest))
+        assert r.returncode == 1, r.stderr
+        assert f"{b.db} is in use by pid {b.proc.pid}" in r.stderr  # type: ignore[union-attr]
+        assert b.stop() == 0
+        r = _pb("restore", "--db", b.db, "--socket", gone, str(dest))
+        assert r.returncode == 0, r.stderr
+        assert not (tmp_path / "run").exists(), "restore created the socket's directory"
+        b.start()
+        with Client(b.address) as c, c.session(resume_token=token) as again:
+            assert sorted(again.list().pasids()) == held
     finally:
         b.cleanup()
