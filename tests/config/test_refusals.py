@@ -146,14 +146,6 @@ CASES: dict[str, Case] = {
         "socket directory {dir}/rodir is not writable by this user",
         wrap=_as_nobody,
     ),
-    # The real cause, not "add SupplementaryGroups=" when the unit has it (issue 21): the
-    # member whose chown a system-call filter denies is tested under a real systemd
-    # (tests/deploy/test_systemd_real.py).
-    "socket group the broker is not a member of": Case(
-        ["--socket", "{dir}/free/b.sock", "--db", "{dir}/free/b.db", "--socket-group", "0"],
-        "group 0: Operation not permitted (uid 65534 is not a member of group 0",
-        wrap=_as_nobody,
-    ),
     "database on a read-only mount": Case(
         ["--db", "{dir}/ro/b.db"],
         "database directory {dir}/ro is on a read-only file system",
