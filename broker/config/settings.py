@@ -349,6 +349,32 @@ class Config:
         unit="port 0..65535",
         metavar="HOST:PORT|off",
     )
+    metrics_tls_cert: str = setting(
+        "",
+        optional_path,
+        "PEM certificate chain for the metrics listener: serve /metrics over HTTPS ('' = "
+        "plain HTTP); read at start",
+        metavar="PATH",
+    )
+    metrics_tls_key: str = setting(
+        "", optional_path, "PEM private key of --metrics-tls-cert", metavar="PATH"
+    )
+    metrics_tls_client_ca: str = setting(
+        "",
+        optional_path,
+        "PEM CA bundle that scrapers' client certificates must chain to (needs "
+        "--metrics-tls-cert); a scraper without one is refused at the handshake",
+        metavar="PATH",
+    )
+    metrics_tenants: str = setting(
+        "auto",
+        choice("auto", "on", "off"),
+        "serve the metrics that name tenants (pasid_broker_top_client_pasids, "
+        "pasid_broker_top_holder_pasids: client names, pids, uids): 'auto' = only when "
+        "scrapers need a client certificate (--metrics-tls-client-ca), as admins do over "
+        "TCP; 'on' = to whoever reaches --metrics-address",
+        metavar="{auto,on,off}",
+    )
     health_address: str = setting(
         "off",
         host_port(allow_zero=True, allow_off=True),
@@ -409,6 +435,14 @@ class Config:
     def limits(self) -> Limits:
         """What one client may make the broker hold (broker/service/limits.py)."""
         return Limits(**{f.name: getattr(self, f.name) for f in fields(Limits)})
+
+    @property
+    def metrics_tenant_series(self) -> bool:
+        """Whether /metrics names tenants (--metrics-tenants; 'auto': only to scrapers
+        with a client certificate)."""
+        if self.metrics_tenants == "auto":
+            return bool(self.metrics_tls_cert and self.metrics_tls_client_ca)
+        return self.metrics_tenants == "on"
 
     @property
     def quotas(self) -> Quotas:

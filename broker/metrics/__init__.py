@@ -13,6 +13,8 @@ Cardinality: no label takes a per-client or per-session value except
 `pasid_broker_top_client_pasids{client}`, which exposes at most TOP_CLIENTS clients (the
 largest holders) plus one `client="(other)"` series for the rest, and
 `pasid_broker_top_holder_pasids{set_id,client,pid,uid,ns_pid}`, at most TOP_CLIENTS sets.
+Those two name tenants: they are served only with --metrics-tenants (by default, only to
+scrapers with a client certificate of --metrics-tls-client-ca).
 
 One job a module:
 - registry.py   Metrics: the families, the engine observer's hooks, the servicer's
@@ -25,7 +27,7 @@ One job a module:
 """
 
 from broker.metrics.labels import LATENCY_BUCKETS, RECLAIM_REASONS, TOP_CLIENTS, reclaim_reason
-from broker.metrics.registry import DEFAULT_ADDRESS, Metrics, parse_address
+from broker.metrics.registry import DEFAULT_ADDRESS, Metrics, MetricsTls, parse_address
 
 __all__ = [
     "DEFAULT_ADDRESS",
@@ -33,6 +35,7 @@ __all__ = [
     "RECLAIM_REASONS",
     "TOP_CLIENTS",
     "Metrics",
+    "MetricsTls",
     "parse_address",
     "reclaim_reason",
 ]

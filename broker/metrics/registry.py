@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -48,6 +49,16 @@ if TYPE_CHECKING:
     from broker.engine import Broker
 
 DEFAULT_ADDRESS = "127.0.0.1:9464"
+
+
+@dataclass(frozen=True)
+class MetricsTls:
+    """PEM files of the metrics listener: its certificate and key, and the CA its
+    scrapers' client certificates must chain to ('' = any client may scrape)."""
+
+    cert: str
+    key: str
+    client_ca: str = ""
 
 
 def parse_address(text: str) -> tuple[str, int] | None:
@@ -306,18 +317,36 @@ class Metrics(Observer):
         """Let scrapes read `broker`'s state, on `loop` (the thread that owns it)."""
         self._state.bind(broker, loop)
 
-    def serve(self, address: str) -> str | None:
-        """Serve /metrics at HOST:PORT in a daemon thread; its URL, or None when 'off'.
+    def serve(
+        self, address: str, tls: MetricsTls | None = None, tenants: bool = False
+    ) -> str | None:
+        """Serve /metrics at HOST:PORT in a daemon thread, over HTTPS with `tls` (and then
+        only to client certificates of its CA, if it has one); its URL, or None when 'off'.
+        `tenants`: also the series that name tenants (top clients and holders).
 
-        Raises OSError if the address cannot be bound."""
+        Raises OSError if the address cannot be bound, ssl.SSLError (an OSError) if the
+        TLS files cannot be used."""
+        self._state.tenants = tenants
         hp = parse_address(address)
         if hp is None:
             return None
         host, port = hp
-        self._http, _ = start_http_server(port, host, registry=self.registry)
+        if tls is None:
+            self._http, _ = start_http_server(port, host, registry=self.registry)
+        else:
+            self._http, _ = start_http_server(
+                port,
+                host,
+                registry=self.registry,
+                certfile=tls.cert,
+                keyfile=tls.key,
+                client_cafile=tls.client_ca or None,
+                client_auth_required=bool(tls.client_ca),
+            )
         bound = self._http.server_port
         shown = f"[{host}]" if ":" in host else host
-        return f"http://{shown}:{bound}/metrics"
+        scheme = "http" if tls is None else "https"
+        return f"{scheme}://{shown}:{bound}/metrics"
 
     def close(self) -> None:
         if self._http is not None:

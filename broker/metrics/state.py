@@ -93,6 +93,9 @@ class StateCollector(Collector):
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._broker: Broker | None = None
+        # The series that name tenants (client names, pids, uids): only where those who
+        # scrape may read what the admin API shows (--metrics-tenants).
+        self.tenants = False
 
     def bind(self, broker: Broker, loop: asyncio.AbstractEventLoop) -> None:
         """Let scrapes read `broker`'s state, on `loop` (the thread that owns it)."""
@@ -175,18 +178,20 @@ class StateCollector(Collector):
             st.quotas,
         )
         yield _by_label(
-            "pasid_broker_top_client_pasids",
-            f"PASIDs held by the {TOP_CLIENTS} largest declared clients (all their sets);"
-            f' client="{OTHER}" sums the rest.',
-            "client",
-            st.top_clients,
-        )
-        yield _by_label(
             "pasid_broker_sets_by_identity",
             "ioasid_sets by holder: 'verified' (the kernel named the process in the peer"
             " handshake) or 'anonymous' (bound to stream and grace only).",
             "identity",
             (("verified", st.sets_verified), ("anonymous", st.sets_anonymous)),
+        )
+        if not self.tenants:
+            return
+        yield _by_label(
+            "pasid_broker_top_client_pasids",
+            f"PASIDs held by the {TOP_CLIENTS} largest declared clients (all their sets);"
+            f' client="{OTHER}" sums the rest.',
+            "client",
+            st.top_clients,
         )
         holders = GaugeMetricFamily(
             "pasid_broker_top_holder_pasids",

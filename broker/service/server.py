@@ -29,7 +29,7 @@ from broker.config import Config
 from broker.core import ANONYMOUS, PasidError, uid_identity
 from broker.engine import Broker
 from broker.engine import Session as BrokerSession
-from broker.metrics import Metrics, parse_address
+from broker.metrics import Metrics, MetricsTls, parse_address
 from broker.peer import PeerIdentity, PeerServer, TicketBook
 from broker.peer import TicketError as PeerTicketError
 from broker.peer.handshake import FdCheck, Refused
@@ -170,6 +170,7 @@ def check_config(config: Config) -> tuple[TlsFiles | None, AdminPolicy]:
         metrics = parse_address(config.metrics_address)
     except ValueError as exc:
         raise StartupError(str(exc)) from None
+    metrics_tls(config)  # all its files named, or none
     if metrics is not None:
         host, port = metrics
         probe_tcp(
@@ -260,11 +261,26 @@ def build_engine(config: Config) -> Engine:
     return Engine(broker, backend, metrics, tickets, admission, malformed)
 
 
+def metrics_tls(config: Config) -> MetricsTls | None:
+    """The metrics listener's TLS files (None: plain HTTP); StartupError if incomplete."""
+    cert, key, ca = config.metrics_tls_cert, config.metrics_tls_key, config.metrics_tls_client_ca
+    if not cert:
+        if key or ca:
+            raise StartupError(
+                "--metrics-tls-key and --metrics-tls-client-ca need --metrics-tls-cert"
+            )
+        return None
+    if not key:
+        raise StartupError("--metrics-tls-cert needs --metrics-tls-key")
+    return MetricsTls(cert, key, ca)
+
+
 def serve_metrics(config: Config, engine: Engine) -> str | None:
     """Bound before gRPC so that a taken port refuses the start cleanly. The URL, or None."""
     engine.metrics.bind(engine.broker, asyncio.get_running_loop())
+    tls = metrics_tls(config)
     try:
-        return engine.metrics.serve(config.metrics_address)
+        return engine.metrics.serve(config.metrics_address, tls, config.metrics_tenant_series)
     except (OSError, ValueError, OverflowError) as exc:
         raise StartupError(
             f"cannot serve metrics on {config.metrics_address}: {exc}"

@@ -50,6 +50,7 @@ def test_flag_over_env_over_file_over_default(tmp_path: Path) -> None:
         not in (
             *("db", "socket", "admin_socket", "peer_socket", "socket_group"),
             *("tls_cert", "tls_key", "tls_client_ca", "admin_group", "admin_subject"),
+            *("metrics_tls_cert", "metrics_tls_key", "metrics_tls_client_ca"),
         )
     ],
 )

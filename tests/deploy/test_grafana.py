@@ -9,7 +9,9 @@ test_prometheus_server.py.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 
+import pytest
 from pasid_client import Client
 
 from tests.deploy.dashboards import dashboard, dashboard_exprs, metric_names, rule_exprs
@@ -50,6 +52,16 @@ def test_dashboard_structure() -> None:
     titles = " ".join(p["title"].lower() for p in d["panels"])
     for must in ("utilisation", "rates", "latency", "top holders"):
         assert must in titles, must
+
+
+@pytest.fixture
+def broker() -> Iterator[BrokerProcess]:
+    """A broker whose /metrics names tenants (--metrics-tenants on), as the dashboard's
+    top-holders panel needs (docs/observability.md)."""
+    b = BrokerProcess("--metrics-tenants", "on")
+    b.start()
+    yield b
+    b.cleanup()
 
 
 def test_dashboard_and_rules_use_only_exported_metrics(

@@ -55,6 +55,16 @@ class Prometheus:
 
 
 @pytest.fixture
+def broker() -> Iterator[BrokerProcess]:
+    """A running broker whose /metrics names tenants (--metrics-tenants on: these tests
+    read the top clients and holders; by default they are served only over mutual TLS)."""
+    b = BrokerProcess("--metrics-tenants", "on")
+    b.start()
+    yield b
+    b.cleanup()
+
+
+@pytest.fixture
 def prometheus(
     prometheus_tools: PrometheusTools, broker: BrokerProcess, tmp_path: Path
 ) -> Iterator[Prometheus]:

@@ -36,6 +36,16 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
 @pytest.fixture
+def broker() -> Iterator[BrokerProcess]:
+    """A running broker whose /metrics names tenants (--metrics-tenants on: these tests
+    read the top clients and holders; by default they are served only over mutual TLS)."""
+    b = BrokerProcess("--metrics-tenants", "on")
+    b.start()
+    yield b
+    b.cleanup()
+
+
+@pytest.fixture
 def procs() -> Iterator[list[subprocess.Popen[str]]]:
     made: list[subprocess.Popen[str]] = []
     yield made

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -30,8 +31,9 @@ class Scrape:
         return {s.name for s in self.samples}
 
 
-def scrape(url: str, timeout: float = 5.0) -> Scrape:
-    with urllib.request.urlopen(url, timeout=timeout) as r:
+def scrape(url: str, timeout: float = 5.0, context: ssl.SSLContext | None = None) -> Scrape:
+    """GET `url` (https with `context`: the CA to trust and a client certificate)."""
+    with urllib.request.urlopen(url, timeout=timeout, context=context) as r:
         assert r.status == 200
         assert r.headers["Content-Type"].startswith("text/plain")
         return Scrape(r.read().decode())

@@ -8,7 +8,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +17,17 @@ from pasid_client import Client, QuotaExceeded
 from broker.metrics import LATENCY_BUCKETS, RECLAIM_REASONS, TOP_CLIENTS, reclaim_reason
 from tests.harness import ROOT, BrokerProcess, run_broker_once, wait_until
 from tests.metrics.scrape import scrape
+
+
+@pytest.fixture
+def broker() -> Iterator[BrokerProcess]:
+    """A running broker whose /metrics names tenants (--metrics-tenants on: these tests
+    read the top clients and holders; by default they are served only over mutual TLS)."""
+    b = BrokerProcess("--metrics-tenants", "on")
+    b.start()
+    yield b
+    b.cleanup()
+
 
 COUNTERS = {
     "pasid_broker_allocations",
