@@ -277,20 +277,30 @@ def main(quick: bool = False) -> int:
         "WARNING",
         env={"PASID_BROKER_TEST_FAULTS": "store_writes_nothing"},
     )
+    # The same broker with --durability page-cache (no fsync per commit): what an
+    # acknowledgement that means "on the device" costs, as a ratio in the same rounds.
+    bp = BrokerProcess(
+        "--quota-per-set", "0", "--log-level", "WARNING", "--durability", "page-cache"
+    )
     try:
         b.start()
         b0.start()
+        bp.start()
         wait_until(lambda: b.health() == "SERVING", 10)
         assert b.proc is not None and b0.proc is not None
         e = Target(echo_path, echo=True, pid=echo.pid)
         k = Target(b.socket, echo=False, pid=b.proc.pid)
         k0 = Target(b0.socket, echo=False, pid=b0.proc.pid)
+        assert bp.proc is not None
+        kp = Target(bp.socket, echo=False, pid=bp.proc.pid)
         se = Target(sync_path, echo=True, pid=sync_echo.pid)
         figs: dict[str, tuple[Figure, Figure]] = {
             n: (Figure(), Figure()) for n in ("stream", "unary", "p50s", "p50u", "batch", "sync")
         }
         # Against the same round's echo: the broker whose store writes nothing.
         nostore = {n: Figure() for n in ("stream", "unary", "p50s")}
+        # Against the same round's (fsync) broker: the broker with --durability page-cache.
+        pagecache = {n: Figure() for n in ("stream", "unary", "p50s")}
 
         async def run() -> None:
             for _ in range(rounds):
@@ -302,6 +312,9 @@ def main(quick: bool = False) -> int:
                 r, c, _ = await stream_round(k0, CONCURRENCY, seconds, batch=False)
                 nostore["stream"].rates.append(r)
                 nostore["stream"].cpu_us.append(c)
+                r, c, _ = await stream_round(kp, CONCURRENCY, seconds, batch=False)
+                pagecache["stream"].rates.append(r)
+                pagecache["stream"].cpu_us.append(c)
                 for t, i in ((e, 0), (k, 1)):
                     r, c, m = await unary_round(t, CONCURRENCY, seconds)
                     figs["unary"][i].rates.append(r)
@@ -310,10 +323,14 @@ def main(quick: bool = False) -> int:
                 r, c, _ = await unary_round(k0, CONCURRENCY, seconds)
                 nostore["unary"].rates.append(r)
                 nostore["unary"].cpu_us.append(c)
+                r, c, _ = await unary_round(kp, CONCURRENCY, seconds)
+                pagecache["unary"].rates.append(r)
+                pagecache["unary"].cpu_us.append(c)
                 for t, i in ((e, 0), (k, 1)):
                     figs["p50s"][i].p50_ms.append(await p50_round(t, seconds / 2, False))
                     figs["p50u"][i].p50_ms.append(await p50_round(t, seconds / 2, True))
                 nostore["p50s"].p50_ms.append(await p50_round(k0, seconds / 2, False))
+                pagecache["p50s"].p50_ms.append(await p50_round(kp, seconds / 2, False))
                 for t, i in ((e, 0), (k, 1)):
                     r, c, _ = await stream_round(t, 4, seconds, batch=True)
                     figs["batch"][i].rates.append(r)
@@ -375,6 +392,24 @@ def main(quick: bool = False) -> int:
             cpu = f"; server CPU per call {spread(ns.cpu_us, '{:.0f}')} µs" if ns.cpu_us else ""
             with_store = spread(ratio(name, attr))
             print(f"    {label}: ratio {spread(r0)} without SQLite, {with_store} with{cpu}")
+        print(
+            "  what fsync per commit costs (--durability fsync, the default, against"
+            " page-cache; same rounds; ratio = fsync / page-cache):"
+        )
+        for name, label, attr in (
+            ("stream", "stream alloc  ", "rates"),
+            ("unary", "unary Alloc   ", "rates"),
+            ("p50s", "p50 stream    ", "p50_ms"),
+        ):
+            fs = figs[name][1]
+            pc = pagecache[name]
+            rp = [x / y for x, y in zip(getattr(fs, attr), getattr(pc, attr), strict=True)]
+            unit = "/s" if attr == "rates" else " ms"
+            fmt = "{:.0f}" if attr == "rates" else "{:.3f}"
+            print(
+                f"    {label}: fsync {spread(getattr(fs, attr), fmt)}{unit}, page-cache"
+                f" {spread(getattr(pc, attr), fmt)}{unit}: ratio {spread(rp)}"
+            )
         a, bb = figs["batch"]
         print(
             f"  batched alloc ({BATCH} per request, 4 streams): broker"
@@ -399,6 +434,7 @@ def main(quick: bool = False) -> int:
         sync_echo.kill()
         b.cleanup()
         b0.cleanup()
+        bp.cleanup()
         shutil.rmtree(d, ignore_errors=True)
     return 0
 

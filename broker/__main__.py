@@ -1,12 +1,14 @@
 """`pasid-broker`: the daemon's entry point, and its two operator subcommands.
 
 Exit 0 after a clean stop; 2 if it cannot start, with ONE line on stderr saying why (in
---log-format json, one JSON line), never a traceback.
+--log-format json, one JSON line), never a traceback; 3 (EXIT_STORE_FAILED) when the
+store failed while serving (a failed fsync): restart it, it recovers from what is durable.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -16,7 +18,7 @@ import uvloop
 from broker import config, logs
 from broker.core import PasidError
 from broker.engine import RecoveryError
-from broker.service.server import StartupError, serve
+from broker.service.server import EXIT_STORE_FAILED, StartupError, serve
 
 SUBCOMMANDS = ("backup", "restore", "health")
 
@@ -58,9 +60,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # uvloop: 10 % less CPU per session-stream request than asyncio's own loop under
         # 16 streams, same run (docs/performance.md); grpc.aio runs on any asyncio loop.
-        return int(uvloop.run(serve(cfg)))
+        code = int(uvloop.run(serve(cfg)))
     except (StartupError, RecoveryError, PasidError) as exc:
         return refuse(str(exc), cfg.log_format)
+    if code == EXIT_STORE_FAILED:
+        # Out now, as after a kill -9: no finalizer may close (and so checkpoint) the
+        # store's connection over a page cache that can no longer be trusted.
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

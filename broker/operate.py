@@ -164,15 +164,17 @@ def restore(source: str, db: str, sockets: list[str]) -> str:
     return f"restored {db} from {source}; the next start migrates and checks it"
 
 
-def health(address: str, timeout: float) -> tuple[bool, str]:
-    """grpc.health.v1 Check on `address`, as a container HEALTHCHECK asks."""
+def health(address: str, timeout: float, service: str = "") -> tuple[bool, str]:
+    """grpc.health.v1 Check on `address`, as a container HEALTHCHECK asks. Service ""
+    is readiness (NOT_SERVING while recovering, draining or while commits are slow);
+    "liveness" answers SERVING whenever the process does."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     try:
         with grpc.insecure_channel(address) as ch:
             resp = health_pb2_grpc.HealthStub(ch).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=timeout
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
             )
     except grpc.RpcError as exc:
         return False, f"{address}: {exc.code().name}"
@@ -197,8 +199,15 @@ def main(argv: list[str]) -> int:
         p = _parser(name, "Exit 0 if the broker answers SERVING on grpc.health.v1, else 1.")
         p.add_argument("--address", help="unix:PATH or HOST:PORT (default: unix:--socket)")
         p.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
+        p.add_argument(
+            "--service",
+            default="",
+            help="health service: '' (default) is readiness, NOT_SERVING while recovering,"
+            " draining or while commits are slower than --slow-commit-seconds; 'liveness'"
+            " is SERVING whenever the process answers",
+        )
         ns, rest = p.parse_known_args(rest)
-        ok, what = health(ns.address or f"unix:{_settings(rest).socket}", ns.timeout)
+        ok, what = health(ns.address or f"unix:{_settings(rest).socket}", ns.timeout, ns.service)
         print(what)
         return 0 if ok else 1
     except config.ConfigError as exc:

@@ -147,6 +147,26 @@ class Config:
         "'refuse' answers UNAUTHENTICATED. TCP sessions are always bound to stream and grace",
         metavar="{allow,refuse}",
     )
+    durability: str = setting(
+        "fsync",
+        choice("fsync", "page-cache"),
+        "what an acknowledgement means. 'fsync' (default): every commit is fsynced to the "
+        "device before its reply (SQLite synchronous=FULL; group commit keeps the rate). "
+        "'page-cache': a reply once the commit is in the OS page cache (synchronous=NORMAL), "
+        "fsynced only at checkpoints. RISK: with page-cache, a device write error, a "
+        "filesystem turning read-only, or an OS crash loses the last acknowledged "
+        "allocations while the clients holding them live on, so a PASID can be handed out "
+        "twice after the restart (docs/durability.md)",
+        metavar="{fsync,page-cache}",
+    )
+    slow_commit_seconds: float = setting(
+        1.0,
+        seconds(0, 3600),
+        "readiness: health turns NOT_SERVING while a commit has taken longer than this (a "
+        "slow or stuck disk), SERVING again when commits are quick; the 'liveness' health "
+        "service keeps answering SERVING. 0 = never",
+        unit="seconds, 0..3600",
+    )
     event_retention: int = setting(
         100_000,
         integer(1, 1 << 40),

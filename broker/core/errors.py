@@ -138,6 +138,13 @@ class StoreError(PasidError):
     reason = "STORE"
 
 
+class StoreFailed(StoreError):
+    """The store can no longer be trusted (a failed fsync, an I/O error in a checkpoint):
+    what the page cache held may never reach the device, so nothing more may be
+    acknowledged. The broker stops serving and exits, and its restart recovers from what
+    is durable (PostgreSQL's fsyncgate lesson; docs/durability.md)."""
+
+
 def describe_error(exc: BaseException) -> str:
     """An exception as an operator can search for it, never empty: SQLite's code name
     (`sqlite_errorname`, duck-typed: the core imports no sqlite3), or the type's name and

@@ -28,6 +28,7 @@ from broker.core import (
     PasidError,
     Quarantine,
     Quotas,
+    StoreFailed,
     Unsupported,
 )
 from broker.core.ioctl import PasidOp, check_pasid_request
@@ -114,6 +115,10 @@ class Broker:
         self.events = EventFanout(store, watch_buffer)
         self.stopping = False
         self.ready = False
+        # Set at the first StoreFailed (a failed fsync): the broker acknowledges nothing
+        # more and its server exits, so that a restart recovers from what is durable.
+        self.failure: StoreFailed | None = None
+        self.failed = asyncio.Event()
 
     # -- start / stop -------------------------------------------------------------------
 
@@ -168,7 +173,12 @@ class Broker:
         self._apply_quotas(self._starting_quotas(r.snapshot.quotas, r.allocator.capacity))
         self.events.revision = r.snapshot.revision
         self.sets.restore(r.sessions, r.snapshot.next_set_id)
-        self._journal = Journal(self.store, self.events.publish, observer=self.observers)
+        self._journal = Journal(
+            self.store,
+            self.events.publish,
+            observer=self.observers,
+            on_failure=self._store_failed,
+        )
         self.sets.reclaim_departed(self.restart_grace)
         self.ready = True
         took = time.perf_counter() - t0
@@ -201,7 +211,24 @@ class Broker:
     def require_ready(self) -> None:
         """Requests before recovery has finished (or while stopping) are UNAVAILABLE."""
         if not self.ready:
+            if self.failure is not None:
+                raise NotReady(
+                    f"the store failed ({self.failure.message}); the broker is exiting to"
+                    " recover from what is durable: retry once it is back"
+                )
             raise NotReady("broker is recovering its store; retry shortly")
+
+    def _store_failed(self, exc: StoreFailed) -> None:
+        """The first StoreFailed: nothing more is acknowledged (the journal refuses every
+        commit from now on); the server sees `failed` and exits non-zero."""
+        self.failure = exc
+        self.ready = False
+        log.critical(
+            "the store can no longer be trusted; stopping all acknowledgements and exiting"
+            " so that a restart recovers from what is durable",
+            extra={"error": exc.message},
+        )
+        self.failed.set()
 
     async def stop(self) -> None:
         """Keep every set (restored with its grace at the next start) and close cleanly."""
@@ -212,7 +239,11 @@ class Broker:
         if self._journal is not None:
             await self._journal.drain()
             self._journal.close()
-        self.store.close()
+        if self.failure is None:
+            self.store.close()
+        # else: no close, which would checkpoint the WAL from a page cache that can no
+        # longer be trusted; the process exits without it (broker.__main__), as after a
+        # kill -9, and the next start recovers from what the device holds.
         self.backend.close()
 
     # -- events (events.py) ---------------------------------------------------------------

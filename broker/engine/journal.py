@@ -2,7 +2,9 @@
 
 Every state change is applied in memory first, then queued here with the undo that
 reverses it. A change's future resolves only once its batch is durable (acknowledged =
-durable); a failed batch is undone newest first and nothing in it is acknowledged.
+durable: fsynced, with the default --durability fsync); a failed batch is undone newest
+first and nothing in it is acknowledged. Commits run on a writer thread, never on the
+event loop.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from concurrent.futures import Future as ThreadFuture
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from broker.core import StoreError, describe_error
+from broker.core import StoreError, StoreFailed, describe_error
 from broker.engine.observers import Observer
-from broker.store import CreateSet, Event, Record, SaveQuotas, SqliteStore, WouldBlock
+from broker.store import CreateSet, Event, Record, SaveQuotas, SqliteStore
 
 log = logging.getLogger("pasid_broker")
 
@@ -29,6 +31,9 @@ U = TypeVar("U")
 # A tuple, and the records in a list of their own, because the common batch is many
 # one-PASID allocs and the store takes the records as they are (docs/performance.md).
 _Waiter = tuple[Callable[[], None], "asyncio.Future[Any]", Any]
+
+# How long one slow commit keeps readiness NOT_SERVING after it ended (commit_stalled).
+SLOW_HOLD = 5.0
 
 
 class CommitPacer:
@@ -91,20 +96,22 @@ class CommitPacer:
 
 
 class Journal:
-    """Group commit in the event loop's own turn.
+    """Group commit on a writer thread that owns the store's connection.
 
     A record submitted while no batch is in flight schedules a flush for the loop's next
     turn, so everything queued in this turn (all the requests grpc delivered in one
     wakeup) commits in one transaction; or, when CommitPacer has seen it pay, a
-    millisecond later. The commit runs on the loop itself: with WAL and
-    synchronous=NORMAL it is an append to the page cache, and handing it to a writer
-    thread cost more in GIL hand-offs and wakeups than the commit (docs/performance.md).
-    It never waits there: when another process holds the write lock (WouldBlock), that
-    batch goes to the writer thread, which waits with busy_timeout; WAL checkpoints
-    (they fsync) run on that thread too. At most one batch is in flight, so batches
-    commit in order. When a batch fails, it and everything queued after it (which may
-    depend on it) are undone newest first and fail with the StoreError; nothing of them
-    was acknowledged. `observer` hears every commit_done / commit_failed, on the loop.
+    millisecond later. The flush hands the batch to the writer thread and returns: the
+    event loop never waits on the disk (a commit fsyncs by default, and a slow disk must
+    not stall health checks, GetInfo or the release of a dead holder's set). Records
+    submitted while a batch commits form the next one, so the slower the disk, the larger
+    the batches: the fsync is paid once per batch, not per request. At most one batch is
+    in flight, so batches commit in order. When a batch fails, it and everything queued
+    after it (which may depend on it) are undone newest first and fail with the
+    StoreError; nothing of them was acknowledged. A StoreFailed (a failed fsync: the
+    store can no longer be trusted) does the same, then fails every later submit at once
+    and calls `on_failure` once: the broker stops and exits. `observer` hears every
+    commit_done / commit_failed, on the loop.
     """
 
     def __init__(
@@ -113,10 +120,12 @@ class Journal:
         on_commit: Callable[[list[Event]], None] | None = None,
         *,
         observer: Observer | None = None,
+        on_failure: Callable[[StoreFailed], None] | None = None,
     ) -> None:
         self._store = store
         self._on_commit = on_commit
         self._observer = observer if observer is not None else Observer()
+        self._on_failure = on_failure
         self._loop = asyncio.get_running_loop()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="pasid-store")
         self._records: list[Record] = []  # queued, not yet in a batch
@@ -126,15 +135,37 @@ class Journal:
         self._delayed = False  # the scheduled batch waits CommitPacer.DELAY
         self._idle = asyncio.Event()
         self._idle.set()
+        # When the batch on the writer thread was handed over (monotonic; 0: none), and
+        # how long the last one took: readiness (commit_stalled).
+        self._committing_since = 0.0
+        self.last_commit_seconds = 0.0
+        self._last_commit_end = 0.0
+        # Set once, at the first StoreFailed: nothing is committed or acknowledged after.
+        self.failure: StoreFailed | None = None
 
     def submit(self, record: Record, undo: Callable[[], None], result: T) -> asyncio.Future[T]:
         """Queue `record`; the future resolves to `result` once it is durable."""
         fut: asyncio.Future[T] = self._loop.create_future()
+        if self.failure is not None:  # the store is not trusted any more: refuse, undone
+            _undo(record, undo)
+            fut.set_exception(StoreError(self.failure.message))
+            return fut
         self._records.append(record)
         self._waiters.append((undo, fut, result))
         if not self._inflight:
             self._schedule()
         return fut
+
+    def commit_stalled(self, bound: float) -> bool:
+        """Whether commits are slower than `bound` seconds: the batch on the writer
+        thread has been there that long, or the last one took that long and ended less
+        than SLOW_HOLD ago (so that a probe every few seconds sees it, and an idle broker
+        is not held unready by one slow commit for ever)."""
+        now = time.monotonic()
+        since = self._committing_since
+        if since and now - since > bound:
+            return True
+        return self.last_commit_seconds > bound and now - self._last_commit_end < SLOW_HOLD
 
     def _schedule(self) -> None:
         self._idle.clear()
@@ -149,22 +180,15 @@ class Journal:
     def _flush(self) -> None:
         records, self._records = self._records, []
         waiters, self._waiters = self._waiters, []
+        if self.failure is not None:
+            self._finish(records, waiters, 0.0, self.failure)
+            return
         self._pacer.flushed(len(records), self._delayed)
-        t0 = time.perf_counter()
-        try:
-            events = self._store.commit(records, wait=False)
-        except WouldBlock:
-            cf = self._executor.submit(_timed_commit, self._store, records)
-            cf.add_done_callback(
-                lambda f: self._loop.call_soon_threadsafe(self._done, records, waiters, f)
-            )
-            return
-        except Exception as exc:  # StoreError, or a bug: either way the batch is undone
-            self._finish(records, waiters, time.perf_counter() - t0, exc)
-            return
-        self._finish(records, waiters, time.perf_counter() - t0, events)
-        if self._store.checkpoint_due():
-            self._executor.submit(self._store.checkpoint)
+        self._committing_since = time.monotonic()
+        cf = self._executor.submit(_timed_commit, self._store, records)
+        cf.add_done_callback(
+            lambda f: self._loop.call_soon_threadsafe(self._done, records, waiters, f)
+        )
 
     def _done(
         self,
@@ -172,7 +196,11 @@ class Journal:
         waiters: list[_Waiter],
         f: ThreadFuture[tuple[float, list[Event] | BaseException]],
     ) -> None:
-        self._finish(records, waiters, *f.result())
+        self._committing_since = 0.0
+        seconds, outcome = f.result()
+        self.last_commit_seconds = seconds
+        self._last_commit_end = time.monotonic()
+        self._finish(records, waiters, seconds, outcome)
 
     def _finish(
         self,
@@ -200,23 +228,23 @@ class Journal:
                 if isinstance(exc, StoreError)
                 else StoreError(f"store commit failed: {describe_error(exc)}")
             )
-            log.error(
-                "store commit failed; undoing %d changes",
-                len(records),
-                extra={"error": str(err), "sets": sorted({set_of(r) for r in records})},
-            )
+            first_failure = isinstance(err, StoreFailed) and self.failure is None
+            if first_failure:
+                assert isinstance(err, StoreFailed)
+                self.failure = err
+            if records:
+                log.error(
+                    "store commit failed; undoing %d changes",
+                    len(records),
+                    extra={"error": str(err), "sets": sorted({set_of(r) for r in records})},
+                )
             for rec, (undo, fut, _) in zip(reversed(records), reversed(waiters), strict=True):
-                try:
-                    undo()
-                except Exception:  # an undo must not stop the others
-                    # Not %r: a CreateSet carries the token's hash, which logs never need.
-                    log.exception(
-                        "undo failed for %s",
-                        type(rec).__name__,
-                        extra={"session": set_of(rec), "set": set_of(rec)},
-                    )
+                _undo(rec, undo)
                 if not fut.done():
                     fut.set_exception(StoreError(err.message))
+            if first_failure and self._on_failure is not None:
+                assert self.failure is not None
+                self._on_failure(self.failure)
         if self._records:
             self._schedule()
         else:
@@ -229,10 +257,23 @@ class Journal:
         self._executor.shutdown(wait=True)
 
 
+def _undo(rec: Record, undo: Callable[[], None]) -> None:
+    try:
+        undo()
+    except Exception:  # an undo must not stop the others
+        # Not %r: a CreateSet carries the token's hash, which logs never need.
+        log.exception(
+            "undo failed for %s",
+            type(rec).__name__,
+            extra={"session": set_of(rec), "set": set_of(rec)},
+        )
+
+
 def _timed_commit(
     store: SqliteStore, records: Sequence[Record]
 ) -> tuple[float, list[Event] | BaseException]:
-    """On the writer thread: commit (waiting for the lock), and how long it took."""
+    """On the writer thread: commit (waiting for the lock; a due checkpoint after it),
+    and how long it took."""
     t0 = time.perf_counter()
     try:
         out: list[Event] | BaseException = store.commit(records)

@@ -166,6 +166,11 @@ class Endpoint:
     health_only: bool = False  # the --health-address probe
 
 
+# The health service name a liveness probe asks (Kubernetes: grpc.service: liveness).
+# Readiness is "" and SERVICE_NAME; a slow disk turns them NOT_SERVING, never this one.
+LIVENESS_SERVICE = "liveness"
+
+
 @dataclass
 class Endpoints:
     """Every gRPC server of the daemon, and what they share (health, servicers)."""
@@ -178,8 +183,14 @@ class Endpoints:
     health_address: str = "off"
 
     async def set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        """Readiness: "" and SERVICE_NAME (recovering, slow commits, a failed store)."""
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
+
+    async def set_liveness(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        """LIVENESS_SERVICE: SERVING from the moment the daemon listens, whether it is
+        recovering or its disk is slow; NOT_SERVING only when it is about to exit."""
+        await self.health.set(LIVENESS_SERVICE, status)
 
     async def listen(self) -> None:
         """Bind, start and publish each server in order; `started` says which to stop."""

@@ -49,9 +49,15 @@ from broker.service.status import status_of
 from broker.service.tls import TlsFiles
 from broker.service.wire import MalformedRequests
 from broker.store import SqliteStore
+from broker.store.sqlite import SYNCHRONOUS
 from broker.systemd import Notifier
 
 log = logging.getLogger("pasid_broker")
+
+# Exit status after the store failed while serving (a failed fsync: StoreFailed). Not 2
+# (a refusal, which systemd's RestartPreventExitStatus=2 does not restart): a restart
+# recovers from what is durable, which is the point (docs/runbook.md).
+EXIT_STORE_FAILED = 3
 
 __all__ = [
     "SERVICE_NAME",
@@ -112,7 +118,9 @@ async def _run(
     peer_started = store_open = False
     recovery: asyncio.Task[None] | None = None
     watchdog = asyncio.create_task(notifier.watchdog())
+    readiness: asyncio.Task[None] | None = None
     stop = asyncio.Event()
+    code = 0
     try:
         # 3. store: a file that is not a database, or not ours, refused before anything
         # is bound.
@@ -127,6 +135,7 @@ async def _run(
         # every gRPC server, then the peer handshake's socket.
         metrics_url = serve_metrics(config, engine)
         await endpoints.listen()
+        await endpoints.set_liveness(health_pb2.HealthCheckResponse.SERVING)
         start_peer_server(config, peer)
         peer_started = True
         stop_on_signals(stop)
@@ -134,17 +143,25 @@ async def _run(
         await recovery
         await endpoints.set_health(health_pb2.HealthCheckResponse.SERVING)
         announce(config, engine, endpoints, notifier, tls, metrics_url, nofile)
+        readiness = asyncio.create_task(follow_commits(config, engine, endpoints))
+        stop_on_store_failure(engine, stop)
         await stop.wait()
-        await drain(config, engine, endpoints, notifier)
+        readiness.cancel()
+        if engine.broker.failure is not None:
+            code = await store_failed(engine, endpoints, notifier)
+        else:
+            await drain(config, engine, endpoints, notifier)
     finally:
         if recovery is not None:
             # A listener refused while recovery ran: its thread cannot be cancelled, and
             # the store must not close under it (and its own error, if any, is taken).
             with contextlib.suppress(Exception):
                 await recovery
-        watchdog.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watchdog
+        for task in (watchdog, readiness):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await endpoints.close()
         if peer_started:
             await peer.close()
@@ -152,8 +169,8 @@ async def _run(
             await engine.broker.stop()
         engine.metrics.close()
         endpoints.remove_sockets()
-    log.info("stopped")
-    return 0
+    log.info("stopped", extra={"exit_status": code})
+    return code
 
 
 # -- the steps, in the order serve and _run take them ---------------------------------
@@ -232,7 +249,11 @@ def build_engine(config: Config) -> Engine:
         vfio_pasid_bits=config.vfio_pasid_bits,
         vfio_fallback=config.vfio_fallback,
     )
-    store = SqliteStore(config.db, event_retention=config.event_retention)
+    store = SqliteStore(
+        config.db,
+        synchronous=SYNCHRONOUS[config.durability],
+        event_retention=config.event_retention,
+    )
     # Handshakes on the peer socket leave tickets here; OpenSession takes them, and so
     # does the authorizer for a call's `pasid-ticket` metadata.
     tickets = TicketBook(config.ticket_seconds)
@@ -354,6 +375,60 @@ def announce(
         },
     )
     notifier.ready(f"serving on {addresses} ({serving_backend} backend)")
+
+
+async def follow_commits(config: Config, engine: Engine, endpoints: Endpoints) -> None:
+    """Readiness follows the disk: NOT_SERVING while a commit takes longer than
+    --slow-commit-seconds, SERVING again once commits are quick. The event loop never
+    waits on a commit (the journal's writer thread does), so health, GetInfo and releases
+    keep answering meanwhile, and so does the 'liveness' service."""
+    bound = config.slow_commit_seconds
+    if bound <= 0:
+        return
+    journal = engine.broker.journal
+    slow = False
+    while True:
+        await asyncio.sleep(min(bound / 4, 0.25))
+        now = journal.commit_stalled(bound)
+        if now == slow or engine.broker.stopping:
+            continue
+        slow = now
+        status = health_pb2.HealthCheckResponse
+        await endpoints.set_health(status.NOT_SERVING if slow else status.SERVING)
+        if slow:
+            log.warning(
+                "commits are slow: health NOT_SERVING until they are quick again",
+                extra={"bound_seconds": bound},
+            )
+        else:
+            log.info(
+                "commits are quick again: health SERVING",
+                extra={"last_commit_seconds": round(journal.last_commit_seconds, 6)},
+            )
+
+
+def stop_on_store_failure(engine: Engine, stop: asyncio.Event) -> None:
+    """The first StoreFailed (a failed fsync) stops the daemon, like a signal."""
+    task = asyncio.ensure_future(engine.broker.failed.wait())
+    task.add_done_callback(lambda _: stop.set())
+
+
+async def store_failed(engine: Engine, endpoints: Endpoints, notifier: Notifier) -> int:
+    """The store can no longer be trusted: every probe says NOT_SERVING, and the daemon
+    exits EXIT_STORE_FAILED at once, without a drain (nothing in flight can be
+    acknowledged any more) nor a checkpoint (Broker.stop)."""
+    failure = engine.broker.failure
+    assert failure is not None
+    await endpoints.set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+    await endpoints.set_liveness(health_pb2.HealthCheckResponse.NOT_SERVING)
+    notifier.status(f"store failed: {failure.message}; exiting for a restart")
+    log.critical(
+        "exiting: the store failed; a restart recovers from what is durable",
+        extra={"error": failure.message, "exit_status": EXIT_STORE_FAILED},
+    )
+    engine.broker.stopping = True
+    engine.broker.end_watches()
+    return EXIT_STORE_FAILED
 
 
 async def drain(config: Config, engine: Engine, endpoints: Endpoints, notifier: Notifier) -> None:

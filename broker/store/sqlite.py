@@ -17,13 +17,17 @@ from broker.store.opening import open_database
 from broker.store.records import Event, Record, Snapshot
 from broker.store.writer import Writer
 
+# --durability: what an acknowledgement means, as SQLite's synchronous pragma in WAL mode.
+# FULL fsyncs the WAL in every COMMIT; NORMAL only at checkpoints (docs/durability.md).
+SYNCHRONOUS = {"fsync": "FULL", "page-cache": "NORMAL"}
+
 
 class SqliteStore:
-    """The allocations on disk. One batch at a time goes through commit(): on the event
-    loop, or on the journal's writer thread when the write lock is held elsewhere."""
+    """The allocations on disk. One batch at a time goes through commit(), on the
+    journal's writer thread (never the event loop: a commit may wait on the disk)."""
 
     def __init__(
-        self, path: str | Path, *, synchronous: str = "NORMAL", event_retention: int = 100_000
+        self, path: str | Path, *, synchronous: str = "FULL", event_retention: int = 100_000
     ) -> None:
         self.path = Path(path)
         self.synchronous = synchronous
@@ -76,8 +80,9 @@ class SqliteStore:
         return self._writer is not None and self._writer.checkpoint_due()
 
     def checkpoint(self) -> None:
-        """Copy the WAL into the database, off the event loop (Writer.checkpoint). A
-        closed store has nothing to do: closing its last connection checkpointed."""
+        """Copy the WAL into the database, on the writer's thread (Writer.checkpoint;
+        StoreFailed on an I/O error). A closed store has nothing to do: closing its last
+        connection checkpointed."""
         if self._writer is not None:
             self._writer.checkpoint()
 

@@ -1,10 +1,14 @@
 """The write path: one batch of records per transaction on the writer's connection, and
 the checkpoints that keep the WAL file small.
 
-Durability argument (docs/durability.md): WAL with synchronous=NORMAL. A commit is in the
-WAL file before COMMIT returns, so it survives a crash of the broker process (kill -9);
-only an OS crash or power loss can roll back the last transactions, and those also kill
-every client whose PASIDs they were. Writers use BEGIN IMMEDIATE, because a deferred
+Durability argument (docs/durability.md): WAL, with synchronous=FULL by default
+(--durability fsync): COMMIT returns only once the WAL is fsynced, so an acknowledged
+commit is on the device. With --durability page-cache (synchronous=NORMAL) it returns
+once the WAL is in the page cache, which survives a crash of the broker process but not
+a device write error, a filesystem turning read-only or an OS crash. Either way, a
+failed fsync (in a commit, or any I/O error in a checkpoint) raises StoreFailed: what the
+page cache holds may never reach the device, and the broker must stop acknowledging and
+restart from what is durable (fsyncgate). Writers use BEGIN IMMEDIATE, because a deferred
 transaction that upgrades to a write gets SQLITE_BUSY at once in WAL mode, ignoring
 busy_timeout. (The pragmas are set where the connection is made: opening.connect.)
 
@@ -19,12 +23,11 @@ import functools
 import logging
 import os
 import sqlite3
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from broker.core.errors import StoreError
+from broker.core.errors import StoreError, StoreFailed
 from broker.core.namespace import runs
 from broker.store.event_log import encode_runs
 from broker.store.opening import BUSY_TIMEOUT_MS, describe
@@ -42,9 +45,27 @@ from broker.store.records import (
 log = logging.getLogger("pasid_broker")
 
 # The WAL is checkpointed into the database once it passes this size (SQLite's own
-# default is 1000 pages), by checkpoint() on a connection of its own, never inside a
-# commit: a checkpoint fsyncs, and a commit may run on the event loop.
+# default is 1000 pages), by checkpoint() after a commit on the writer's thread.
 CHECKPOINT_BYTES = 4 << 20
+
+# Errors of a commit after which the page cache can no longer be trusted: the fsync of
+# the WAL (or of its directory) failed, so the kernel may have dropped the dirty pages it
+# could not write while still serving them from memory; a retried fsync then "succeeds"
+# over a hole. A corrupt page is no better. Other commit errors (SQLITE_FULL, a write
+# refused with EPERM or EROFS, SQLITE_BUSY) leave what is already written intact: the
+# batch is undone and the next one may succeed. In a checkpoint every I/O error counts
+# (it writes and fsyncs the database file), but not SQLITE_FULL (nothing was lost).
+FATAL_COMMIT_ERRORS = frozenset(
+    {"SQLITE_IOERR_FSYNC", "SQLITE_IOERR_DIR_FSYNC", "SQLITE_IOERR_CORRUPTFS"}
+)
+
+
+def is_fatal(exc: sqlite3.Error, *, checkpoint: bool = False) -> bool:
+    """Whether this error means that the store can no longer be trusted (StoreFailed)."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    if name in FATAL_COMMIT_ERRORS or name.startswith("SQLITE_CORRUPT"):
+        return True
+    return checkpoint and name.startswith("SQLITE_IOERR")
 
 
 class WouldBlock(Exception):
@@ -136,17 +157,11 @@ class Writer:
         self._fk = True  # foreign_keys, as opening.connect set it (see commit())
         self._last_batch = 0
         self._commits = 0
-        self._ckpt: sqlite3.Connection | None = None
-        self._ckpt_lock = threading.Lock()
         # The batch being written put PASIDs into the quarantine table (commit()).
         self._quarantined = False
 
     def close(self) -> None:
         self._conn.close()
-        with self._ckpt_lock:
-            if self._ckpt is not None:
-                self._ckpt.close()
-                self._ckpt = None
 
     def set_meta(self, key: str, value: str) -> None:
         conn = self._conn
@@ -162,9 +177,10 @@ class Writer:
         """Make every record durable in one transaction, or none of them (StoreError).
 
         Returns the events logged for them, in order, with their revisions. With
-        wait=False (the event loop's own turn) it never waits: WouldBlock, with nothing
-        written, when another process holds the write lock. A WAL append without fsync
-        (synchronous=NORMAL, no checkpoint here) is otherwise a copy into the page cache.
+        wait=False it never waits: WouldBlock, with nothing written, when another process
+        holds the write lock. StoreFailed (a StoreError) when the store can no longer be
+        trusted (is_fatal): the caller must stop acknowledging anything. With wait=True a
+        due checkpoint follows the commit (its failure is StoreFailed too).
         """
         conn = self._conn
         if wait != self._waits:
@@ -210,6 +226,8 @@ class Writer:
                     conn.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
+            if is_fatal(exc):
+                raise StoreFailed(f"store commit failed: {describe(exc)}") from exc
             raise StoreError(f"store commit failed: {describe(exc)}") from exc
         self._commits += 1
         if wait and self.checkpoint_due():  # off the loop already: do it here
@@ -278,16 +296,17 @@ class Writer:
             return False
 
     def checkpoint(self) -> None:
-        """Copy the WAL into the database (PASSIVE: never blocks the writer). Runs off
-        the event loop, on a connection of its own; a failure is logged, not raised (the
-        WAL just keeps growing until the next one succeeds)."""
-        with self._ckpt_lock:
-            try:
-                if self._ckpt is None:
-                    self._ckpt = sqlite3.connect(self.path, check_same_thread=False)
-                self._ckpt.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-            except sqlite3.Error as exc:
-                log.warning("store checkpoint failed: %s", describe(exc))
+        """Copy the WAL into the database (PASSIVE), on the writer's connection and thread
+        (between commits). StoreFailed on an I/O error: it fsyncs the database file, and
+        a failed fsync there is as final as one in a commit (the WAL would then be reset
+        over pages that never reached the device). Other errors are logged: the WAL just
+        keeps growing until the next checkpoint succeeds."""
+        try:
+            self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error as exc:
+            if is_fatal(exc, checkpoint=True):
+                raise StoreFailed(f"store checkpoint failed: {describe(exc)}") from exc
+            log.warning("store checkpoint failed: %s", describe(exc))
 
     def _compact(self, conn: sqlite3.Connection, last: int) -> None:
         """Drop events older than the retention, in chunks so that it is rare and cheap."""

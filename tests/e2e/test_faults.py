@@ -265,9 +265,12 @@ def test_database_locked_by_another_process() -> None:
                 waited = time.monotonic() - t0
                 _expect_store_unavailable(ei.value, "SQLITE_BUSY: database is locked")
                 assert waited >= 4.5  # busy_timeout: it waited for the lock, then gave up
-                assert b.health() == "SERVING"
+                # A 5 s commit is slower than --slow-commit-seconds (1 s): not ready.
+                assert b.health() == "NOT_SERVING"
                 assert list(s.list().pasids()) == [1, 2]  # reads are served meanwhile
             assert s.alloc(1, 100, 1) == [3]
+            # Commits are quick again: ready again (after the slow one's hold).
+            wait_until(lambda: b.health() == "SERVING", 15)
             assert assert_memory_matches_disk(b) == {s.session_id: [1, 2, 3]}
     finally:
         b.cleanup()

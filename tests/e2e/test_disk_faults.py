@@ -1,0 +1,288 @@
+"""A failing and a slow disk, made for real under a real broker process (issue 22).
+
+strace's syscall fault injection, attached to the running daemon (`strace -f -p PID`,
+every thread): the store's own fsync/fdatasync fail with EIO, or its pwrite64 calls
+take 200 ms each. Nothing in the broker is patched. Injection counts per thread
+(strace's "tracee"): `when=N+` fails the writer thread's N-th fsync after the attach,
+whatever the other threads do. Skipped, with the reason, where strace or ptrace is
+missing.
+
+Each test keeps a ledger of the acknowledgements the client received, and ends with
+every acknowledged PASID held after the restart, and none held twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pasid_client import Client, PasidClientError
+
+from tests.harness import (
+    ROOT,
+    BrokerProcess,
+    api_holdings,
+    assert_memory_matches_disk,
+    db_holdings,
+    wait_until,
+)
+
+EXIT_STORE_FAILED = 3  # broker.service.server.EXIT_STORE_FAILED
+
+
+def _strace_works() -> str:
+    if shutil.which("strace") is None:
+        return "strace is not installed (apt-get install strace)"
+    r = subprocess.run(
+        ["strace", "-qq", "-o", "/dev/null", "-e", "inject=getppid:error=EPERM", "true"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return "" if r.returncode == 0 else f"strace cannot trace here: {r.stderr.strip()}"
+
+
+_NO_STRACE = _strace_works()
+needs_strace = pytest.mark.skipif(bool(_NO_STRACE), reason=_NO_STRACE or "strace works")
+
+
+@contextlib.contextmanager
+def strace_inject(pid: int, *exprs: str) -> Iterator[subprocess.Popen[bytes]]:
+    """strace attached to every thread of `pid` with these -e expressions; detached
+    (the process runs on unharmed) when the block ends."""
+    cmd = ["strace", "-qq", "-f", "-o", "/dev/null", "-p", str(pid)]
+    for e in exprs:
+        cmd += ["-e", e]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+    try:
+        # Attached once the tracee shows a TracerPid.
+        wait_until(lambda: _traced(pid) or proc.poll() is not None, 10, 0.02, "strace attach")
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # detach from every thread
+            proc.wait(10)
+
+
+def _traced(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return any(line.startswith("TracerPid:") and line.split()[1] != "0" for line in f)
+    except OSError:
+        return True  # gone: let the caller see it
+
+
+def health(address: str, service: str = "") -> str:
+    try:
+        with grpc.insecure_channel(address) as ch:
+            resp = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=5.0
+            )
+            return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
+    except grpc.RpcError as exc:
+        return f"DOWN ({exc.code().name})"
+
+
+@needs_strace
+def test_a_failed_fsync_stops_acknowledgements_and_the_broker_exits() -> None:
+    """fsync EIO from the writer thread's 5th fsync on: the batch fails, nothing more is
+    acknowledged, the broker exits 3 (systemd restarts it), and after the restart every
+    PASID the client saw acknowledged is held by its set, none twice."""
+    b = BrokerProcess("--restart-grace", "120")
+    try:
+        b.start()
+        assert b.proc is not None
+        acked: list[int] = []
+        after_failure: list[int] = []
+        first_error = ""
+        with Client(b.address) as c:
+            s = c.session("vm", grace_seconds=120)
+            token = s.token
+            for _ in range(10):
+                acked += s.alloc(1, 1 << 19, 1)
+            with strace_inject(
+                b.proc.pid, "trace=fsync,fdatasync", "inject=fsync,fdatasync:error=EIO:when=5+"
+            ):
+                deadline = time.monotonic() + 60
+                while b.proc.poll() is None and time.monotonic() < deadline:
+                    try:
+                        got = s.alloc(1, 1 << 19, 1)
+                    except PasidClientError as exc:
+                        first_error = first_error or str(exc)
+                        time.sleep(0.01)
+                        continue
+                    (after_failure if first_error else acked).extend(got)
+                rc = b.proc.wait(30)
+            with contextlib.suppress(PasidClientError):
+                s.close()
+        log = b.read_log()
+        print(f"acked {len(acked)} allocs; first error: {first_error}; exit {rc}")
+        assert rc == EXIT_STORE_FAILED, log[-3000:]
+        assert after_failure == [], "acknowledged after the store failed"
+        assert "SQLITE_IOERR_FSYNC" in first_error or "store failed" in first_error, first_error
+        crit = [json.loads(line) for line in log.splitlines() if '"critical"' in line]
+        assert any("can no longer be trusted" in r["msg"] for r in crit), log[-3000:]
+        assert any("SQLITE_IOERR_FSYNC" in r.get("error", "") for r in crit), crit
+        assert len(acked) >= 14  # 10 before, 4 fsyncs that worked under strace
+
+        # The restart recovers from what is durable: every acknowledged PASID is there.
+        b.start()
+        with Client(b.address) as c, c.session("vm", resume_token=token) as s2:
+            held = list(s2.list().pasids())
+        assert sorted(set(held)) == sorted(held)
+        assert set(acked) <= set(held), sorted(set(acked) - set(held))
+        # An unacknowledged alloc may have reached the WAL before its fsync failed (its
+        # outcome was unknown to the client): at most the one batch in flight.
+        assert len(set(held) - set(acked)) <= 1
+        assert_memory_matches_disk(b)
+    finally:
+        b.cleanup()
+
+
+def _timed(fn: object) -> float:
+    assert callable(fn)
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+@needs_strace
+def test_slow_writes_do_not_stall_probes_and_readiness_follows_them() -> None:
+    """Every pwrite64 of the broker takes 200 ms (strace delay). Commits run on the
+    writer thread, so health, GetInfo and a dead holder's release are answered at once
+    meanwhile; readiness turns NOT_SERVING (commits slower than the bound) while the
+    'liveness' service stays SERVING, and readiness comes back once the disk is quick."""
+    b = BrokerProcess("--slow-commit-seconds", "0.5")
+    holder: subprocess.Popen[str] | None = None
+    try:
+        b.start()
+        assert b.proc is not None
+        holder = subprocess.Popen(
+            [sys.executable, "-m", "tests.e2e.holder", b.address, "64"],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        assert holder.stdout is not None
+        held = json.loads(holder.stdout.readline())["pasids"]
+        assert len(held) == 64
+        with Client(b.address) as c, c.session("writer") as s:
+            s.alloc(1, 1 << 19, 1)
+            stop = threading.Event()
+            acks: list[float] = []
+
+            def write_load() -> None:  # keeps a commit in flight on the slow disk
+                while not stop.is_set():
+                    t0 = time.perf_counter()
+                    with contextlib.suppress(PasidClientError):
+                        s.alloc(1, 1 << 19, 1)
+                        acks.append(time.perf_counter() - t0)
+
+            with strace_inject(b.proc.pid, "trace=pwrite64", "inject=pwrite64:delay_enter=200000"):
+                load = threading.Thread(target=write_load, daemon=True)
+                load.start()
+                wait_until(lambda: health(b.address) == "NOT_SERVING", 15, 0.05, "not ready")
+                probes = [_timed(lambda: health(b.address, "liveness")) for _ in range(10)]
+                infos = [_timed(c.info) for _ in range(10)]
+                assert health(b.address, "liveness") == "SERVING"
+                # A holder dies: its PASIDs are free in memory at once, the disk or not.
+                in_use = c.info().in_use
+                t0 = time.perf_counter()
+                holder.kill()
+                holder.wait(10)
+                wait_until(lambda: c.info().in_use <= in_use - 64, 10, 0.01, "release")
+                release = time.perf_counter() - t0
+                assert health(b.address) == "NOT_SERVING"
+                stop.set()
+                load.join(30)
+            slow_acks = list(acks)
+            # Quick again: readiness returns (after the slow commits' hold).
+            wait_until(lambda: health(b.address) == "SERVING", 20, 0.1, "ready again")
+            s.alloc(1, 1 << 19, 1)
+        print(
+            f"with 200 ms per pwrite64: health(liveness) median "
+            f"{statistics.median(probes) * 1000:.1f} ms max {max(probes) * 1000:.1f} ms; "
+            f"GetInfo median {statistics.median(infos) * 1000:.1f} ms max "
+            f"{max(infos) * 1000:.1f} ms; dead holder's PASIDs free in memory after "
+            f"{release * 1000:.0f} ms; {len(slow_acks)} allocs acknowledged meanwhile, "
+            f"median {statistics.median(slow_acks or [0]) * 1000:.0f} ms"
+        )
+        # The issue's bound is 100 ms; strace stops the broker at every syscall while
+        # attached and the machine is shared, so the median carries it, the max gets room.
+        assert statistics.median(probes) < 0.1 and statistics.median(infos) < 0.1
+        assert max(probes) < 1.0 and max(infos) < 1.0 and release < 1.0
+        assert slow_acks and statistics.median(slow_acks) >= 0.2  # the disk was slow
+        # The session's end is durable once its commit lands: then memory equals disk.
+        wait_until(lambda: api_holdings(b.address) == db_holdings(b.db), 10, 0.05, "commit")
+        assert_memory_matches_disk(b)
+    finally:
+        if holder is not None and holder.poll() is None:
+            holder.kill()
+        b.cleanup()
+
+
+@needs_strace
+def test_page_cache_durability_a_failed_checkpoint_fsync_is_fatal_too() -> None:
+    """--durability page-cache: commits do not fsync, checkpoints do. The first
+    checkpoint's fsync fails: not a warning (issue 22: "kept acknowledging"), the broker
+    exits 3, and the restart holds what the client saw acknowledged."""
+    b = BrokerProcess("--durability", "page-cache", "--restart-grace", "120")
+    try:
+        b.start()
+        assert b.proc is not None
+        holding: set[int] = set()
+        inflight: set[int] = set()  # the free that got an error: outcome unknown
+        alloc_inflight = 0  # or the alloc that did: up to this many PASIDs unknown
+        first_error = ""
+        with Client(b.address) as c:
+            s = c.session("vm", grace_seconds=120)
+            token = s.token
+            holding.update(s.alloc(1, 1 << 19, 3))
+            with strace_inject(
+                b.proc.pid, "trace=fsync,fdatasync", "inject=fsync,fdatasync:error=EIO:when=1+"
+            ):
+                # Big allocs and frees grow the WAL past the checkpoint's 4 MiB quickly.
+                deadline = time.monotonic() + 90
+                while b.proc.poll() is None and time.monotonic() < deadline:
+                    try:
+                        got = s.alloc(1, 1 << 19, 500)
+                    except PasidClientError as exc:
+                        first_error = str(exc)
+                        alloc_inflight = 500
+                        break
+                    holding.update(got)
+                    try:
+                        s.free(got[0], got[-1])
+                    except PasidClientError as exc:
+                        first_error = str(exc)
+                        inflight = set(got)
+                        break
+                    holding.difference_update(got)
+                rc = b.proc.wait(30)
+            with contextlib.suppress(PasidClientError):
+                s.close()
+        log = b.read_log()
+        print(f"first error: {first_error}; exit {rc}")
+        assert rc == EXIT_STORE_FAILED, log[-3000:]
+        crit = [json.loads(line) for line in log.splitlines() if '"critical"' in line]
+        assert any("store checkpoint failed" in r.get("error", "") for r in crit), crit
+        b.start()
+        with Client(b.address) as c, c.session("vm", resume_token=token) as s2:
+            held = set(s2.list().pasids())
+        assert holding - inflight <= held, sorted(holding - held)
+        assert len(held - holding - inflight) <= alloc_inflight
+        assert_memory_matches_disk(b)
+    finally:
+        b.cleanup()
