@@ -18,7 +18,6 @@ from broker.config.values import (
     boolean,
     choice,
     default_or_socket_path,
-    file_mode,
     groups,
     host_port,
     identity_quota,
@@ -35,6 +34,7 @@ from broker.config.values import (
     show_identity_quota,
     show_octal,
     show_ranges,
+    socket_file_mode,
     socket_path,
     unix_group,
     whole_seconds,
@@ -108,7 +108,7 @@ class Config:
         metavar="PATH",
     )
     socket_mode: int = setting(
-        0o660, file_mode, "permissions of the socket file", unit="octal", show=show_octal
+        0o660, socket_file_mode, "permissions of the socket file", unit="octal", show=show_octal
     )
     socket_group: str = setting(
         "",

@@ -201,6 +201,18 @@ def file_mode(raw: object) -> int:
     return v
 
 
+def socket_file_mode(raw: object) -> int:
+    """A socket's file mode: connecting needs write permission (unix(7)), so a mode that
+    gives it to no one makes a socket only root could use."""
+    v = file_mode(raw)
+    if not v & 0o222:
+        raise ValueError(
+            f"{v:04o} lets no one connect (connecting to a Unix socket needs write "
+            "permission); e.g. 0660 for the owner and --socket-group"
+        )
+    return v
+
+
 def host_port(*, allow_zero: bool, allow_off: bool) -> Parse:
     """HOST:PORT, [V6]:PORT or :PORT (all addresses); '' or 'off' when allowed."""
 

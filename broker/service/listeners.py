@@ -29,6 +29,11 @@ class UnixListener:
     instant at which the final path accepts a connection with a wider mode. grpc unlinks
     the path it bound when it stops, whatever file is there by then; the private path is
     empty by then, and the final one is unlinked here only if its inode is ours.
+
+    grpc binds the private directory through /proc/self/fd/N/s (N: an O_PATH descriptor
+    of it, held until close()), as systemd does for long paths: the bound name is then
+    shorter than the final path, so a path that passes the configured length check
+    (MAX_SOCKET_PATH) also binds; the staging directory's own name adds nothing.
     """
 
     def __init__(self, path: Path, mode: int, group: str = "") -> None:
@@ -36,14 +41,21 @@ class UnixListener:
         self.mode = mode
         self.group = group
         self._private: Path | None = None
+        self._private_fd: int | None = None
         self._ident: tuple[int, int] | None = None
 
     def bind(self, server: grpc.aio.Server) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._private = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
-        staged = self._private / "s"
-        bind_port(server, f"unix:{staged}")
-        set_mode_and_group(staged, self.mode, self.group)
+        self._private_fd = os.open(self._private, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        via_fd = Path(f"/proc/self/fd/{self._private_fd}")
+        # Where /proc is not mounted, the full path (it is then up to 12 bytes longer).
+        staged = via_fd / "s" if via_fd.is_dir() else self._private / "s"
+        try:
+            bind_port(server, f"unix:{staged}")
+        except StartupError as exc:  # named by its final path, not the staging one
+            raise StartupError(str(exc).replace(str(staged), str(self.path))) from None
+        set_mode_and_group(self._private / "s", self.mode, self.group)
 
     def publish(self) -> None:
         """Move the listening socket to its final path (replacing a stale one)."""
@@ -59,7 +71,11 @@ class UnixListener:
             self._private = None
 
     def close(self) -> None:
+        """After grpc has stopped: it unlinks the staged name through the descriptor."""
         self._cleanup_private()
+        if self._private_fd is not None:
+            os.close(self._private_fd)
+            self._private_fd = None
         if self._ident is None:
             return
         try:

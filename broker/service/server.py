@@ -41,7 +41,7 @@ from broker.service.endpoints import (
     check_transport,
     server_options,
 )
-from broker.service.instance import InstanceLock, StartupError, preflight
+from broker.service.instance import InstanceLock, SocketPath, StartupError, preflight
 from broker.service.limits import Admission
 from broker.service.listeners import UnixListener, probe_tcp, set_mode_and_group
 from broker.service.servicer import PasidBrokerServicer
@@ -195,8 +195,20 @@ def check_config(config: Config) -> tuple[TlsFiles | None, AdminPolicy]:
             refusal=f"cannot serve metrics on {config.metrics_address}",
             hint=" (choose another --metrics-address, or 'off')",
         )
-    preflight(config.db, config.unix_sockets())
+    preflight(config.db, socket_paths(config))
     return tls, policy
+
+
+def socket_paths(config: Config) -> list[SocketPath]:
+    """The Unix sockets to bind, each with the flag that names it (or its default)."""
+    mode, group = config.socket_mode, config.socket_group
+    paths = [SocketPath("--socket", config.socket, mode, group)]
+    if config.admin_socket_path:
+        flag = "--admin-socket" if config.admin_socket else "the default --admin-socket"
+        paths.append(SocketPath(flag, config.admin_socket_path, 0o600))  # PasidAdmin: owner only
+    flag = "--peer-socket" if config.peer_socket else "the default --peer-socket"
+    paths.append(SocketPath(flag, config.peer_socket_path, mode, group))
+    return paths
 
 
 def raise_nofile_limit() -> tuple[int, int]:

@@ -29,6 +29,7 @@ class Case:
     # A wrapper command (setpriv, unshare) and what it needs to run, or a skip reason.
     wrap: Callable[[Path], list[str] | str] | None = None
     toml: str | None = None
+    link: tuple[str, str] | None = None  # a symlink in the work dir: (name, target)
 
 
 def _as_nobody(d: Path) -> list[str] | str:
@@ -102,6 +103,39 @@ CASES: dict[str, Case] = {
     "socket path too long": Case(
         ["--socket", "{dir}/" + "s" * 120 + ".sock"], "bytes, over the 107 a Unix socket path"
     ),
+    "default admin socket too long": Case(
+        # The socket fits; admin.sock and peer.sock beside it would not (issue 21).
+        ["--socket", "{dir}/" + "d" * 84 + "/s"],
+        "admin socket {dir}/" + "d" * 84 + "/admin.sock (beside --socket): 113 bytes",
+    ),
+    "socket mode 0": Case(["--socket-mode", "0"], "--socket-mode '0': 0000 lets no one connect"),
+    "socket mode without write": Case(
+        ["--socket-mode", "0444"], "--socket-mode '0444': 0444 lets no one connect"
+    ),
+    "admin socket is the socket": Case(
+        ["--admin-socket", "{dir}/b.sock"],
+        "--admin-socket {dir}/b.sock is the same file as --socket {dir}/b.sock",
+    ),
+    "peer socket is the socket": Case(
+        ["--peer-socket", "{dir}/b.sock"],
+        "--peer-socket {dir}/b.sock is the same file as --socket {dir}/b.sock",
+    ),
+    "database is the socket": Case(
+        ["--db", "{dir}/b.sock"], "--socket {dir}/b.sock is the same file as --db {dir}/b.sock"
+    ),
+    "database is the admin socket by default": Case(
+        ["--db", "{dir}/admin.sock"],
+        "the default --admin-socket {dir}/admin.sock is the same file as --db",
+    ),
+    "database is the socket's lock": Case(
+        ["--db", "{dir}/b.sock.lock"],
+        "--socket {dir}/b.sock and --db {dir}/b.sock.lock would both use {dir}/b.sock.lock",
+    ),
+    "database through a symlink to the socket": Case(
+        ["--db", "{dir}/link.db"],
+        "--socket {dir}/b.sock is the same file as --db {dir}/link.db",
+        link=("link.db", "b.sock"),
+    ),
     "malformed environment value": Case(
         [],
         "PASID_BROKER_DRAIN_SECONDS='soon': not a number",
@@ -163,6 +197,8 @@ def test_refusal_is_one_line_and_exit_2(name: str, workdir: Path) -> None:
         args = [a.format(**fill) for a in case.args]
         if case.toml is not None:
             (workdir / "broker.toml").write_text(case.toml)
+        if case.link is not None:
+            (workdir / case.link[0]).symlink_to(workdir / case.link[1])
         (workdir / "rodir").mkdir()
         (workdir / "free").mkdir(mode=0o777)
         (workdir / "free").chmod(0o777)

@@ -14,8 +14,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from pasid_client import Client
 
-from tests.e2e.other_uid import setpriv
+from tests.e2e.other_uid import SYSTEM_PYTHON, open_for_nobody, require_setpriv, setpriv
 from tests.harness import ROOT, BrokerProcess, run_broker_once
 
 
@@ -130,3 +131,83 @@ def test_socket_group_of_which_the_broker_is_not_a_member_names_the_cause(
         assert not os.path.exists(f"{d}/b.sock")
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+# -- locks keyed on the resolved file, socket paths as bound (issue 21) ----------------
+
+
+def test_second_broker_on_a_symlink_to_the_database_refuses(
+    broker: BrokerProcess, tmp_path: Path
+) -> None:
+    link = tmp_path / "link.db"
+    link.symlink_to(broker.db)
+    r = run_broker_once("--db", str(link), "--socket", str(tmp_path / "b.sock"))
+    assert r.returncode == 2, r.stderr
+    assert len(r.stderr.splitlines()) == 1, r.stderr
+    pid = broker.proc.pid  # type: ignore[union-attr]
+    assert f"{link} (= {os.path.realpath(broker.db)}) is in use by pid {pid}" in r.stderr
+    assert not (tmp_path / "b.sock").exists()
+    assert broker.health() == "SERVING"
+
+
+def test_second_broker_on_a_hard_link_to_the_database_refuses(
+    broker: BrokerProcess, tmp_path: Path
+) -> None:
+    """Another name with no symlink to follow: the database file's own flock (its device
+    and inode) finds the first broker, named from /proc/locks."""
+    other = Path(broker.dir) / "hard.db"  # a hard link stays on the same file system
+    os.link(broker.db, other)
+    r = run_broker_once("--db", str(other), "--socket", str(tmp_path / "b.sock"))
+    assert r.returncode == 2, r.stderr
+    assert len(r.stderr.splitlines()) == 1, r.stderr
+    pid = broker.proc.pid  # type: ignore[union-attr]
+    st = os.stat(broker.db)
+    assert f"{other} is in use by pid {pid}: it is the same file" in r.stderr
+    assert f"inode {st.st_ino}" in r.stderr
+    assert broker.health() == "SERVING"
+
+
+def test_socket_path_of_107_bytes_binds_and_serves(tmp_path: Path) -> None:
+    """The longest path the length check accepts really binds: the staging directory
+    adds nothing to what grpc binds (UnixListener binds through /proc/self/fd)."""
+    d = Path(tempfile.mkdtemp(prefix="pbl-", dir="/tmp"))
+    sock = d / ("s" * (107 - len(str(d)) - 1))
+    assert len(os.fsencode(str(sock))) == 107
+    b = BrokerProcess(workdir=str(d))
+    b.socket = str(sock)
+    try:
+        b.start()
+        with Client(b.address) as c, c.session("long-path") as s:
+            assert len(s.alloc(1, 100, count=2)) == 2
+        assert b.stop() == 0
+        assert not sock.exists()
+        assert not [p for p in os.listdir(d) if p.startswith(".s")], os.listdir(d)
+    finally:
+        b.cleanup()
+
+
+def test_missing_socket_directory_gets_the_sockets_mode_and_group(tmp_path: Path) -> None:
+    """--socket-mode 0660 and --socket-group work in a directory the broker creates: it
+    is made 0750 with that group (under the broker's umask it used to be 0700), so a
+    member of the group connects and anyone else is refused by the socket's mode."""
+    require_setpriv()
+    group = 65533  # no one's group: only the probe below is given it
+    b = BrokerProcess("--socket-mode", "0660", "--socket-group", str(group))
+    open_for_nobody(b.dir)
+    b.socket = str(b.dir / "run" / "sub" / "b.sock")
+    try:
+        b.start()
+        for d in (b.dir / "run", b.dir / "run" / "sub"):
+            st = os.stat(d)
+            assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o750, group), d
+        probe = "import socket,sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])"
+        member = [g if g != "--clear-groups" else f"--groups={group}" for g in setpriv()]
+        for prefix, ok in ((member, True), (setpriv(), False)):
+            r = subprocess.run(
+                [*prefix, SYSTEM_PYTHON, "-c", probe, b.socket], capture_output=True, text=True
+            )
+            assert (r.returncode == 0) is ok, (prefix, r.stderr)
+            if not ok:
+                assert "Permission denied" in r.stderr
+    finally:
+        b.cleanup()
