@@ -270,6 +270,17 @@ class Config:
         show=show_identity_quota,
         alias="quota_per_client",
     )
+    quota_anonymous: tuple[int, float] = setting(
+        (0, 0.10),
+        identity_quota,
+        "most PASIDs all callers without a verified identity may hold together (no peer "
+        "ticket on the Unix socket, plain TCP): N, or N% of the capacity; 0 = only "
+        "--quota-per-identity. One uid can take this share besides its own quota "
+        "(docs/limits.md, worst cases), so it is smaller",
+        unit="PASIDs or % of the capacity",
+        metavar="N|N%",
+        show=show_identity_quota,
+    )
     quota_global: int = setting(
         0,
         integer(0, 1 << 32),
@@ -435,6 +446,11 @@ class Config:
     max_watchers_per_identity: int = limit(
         Limits.max_watchers_per_identity,
         "Watch streams one identity may have open; 0 = no limit",
+    )
+    max_watchers_anonymous: int = limit(
+        Limits.max_watchers_anonymous,
+        "Watch streams all anonymous callers (no peer ticket, plain TCP) may have open "
+        "together; one uid may hold these besides its own; 0 = no limit",
     )
     max_pasids_per_request: int = limit(
         Limits.max_pasids_per_request,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from broker.core.errors import Exhausted, InvalidRange, NotFound, QuotaExceeded
-from broker.core.ioasid_set import IoasidSet
+from broker.core.ioasid_set import ANONYMOUS, IoasidSet
 from broker.core.namespace import Namespace
 
 # The seed returns the PASID in an int ioctl result, so its uAPI is capped at 31 bits;
@@ -118,6 +118,10 @@ class Allocator:
         self.pasid_bits = pasid_bits
         self.namespace = Namespace(pasid_bits)
         self.quotas = quotas or Quotas()
+        # PASIDs all callers without a verified identity may hold together (0 = only the
+        # per-identity quota): one uid can take the whole anonymous share besides its own
+        # quota, so that share is smaller (--quota-anonymous).
+        self.anonymous_quota = 0
         # PASID 0 is RID2PASID on VT-d: requests without a PASID use it. Never hand it out.
         self.namespace.take(0)
         for lo, hi in reserved:
@@ -405,6 +409,15 @@ class Allocator:
                 "set", s.quota, f"set quota {s.quota} exceeded: set {s.set_id} holds {len(s)}"
             )
         q = self.quotas
+        if self.anonymous_quota and s.quota_key == ANONYMOUS:
+            held = self._by_client.get(ANONYMOUS, 0)
+            if held + count > self.anonymous_quota:
+                raise QuotaExceeded(
+                    "client",
+                    self.anonymous_quota,
+                    f"anonymous quota {self.anonymous_quota} (--quota-anonymous, shared by"
+                    f" every caller without a verified identity) exceeded: {held} held",
+                )
         if q.per_client:
             held = self._by_client.get(s.quota_key, 0)
             if held + count > q.per_client:

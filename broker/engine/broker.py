@@ -83,6 +83,7 @@ class Broker:
         max_grace: int = 300,
         restart_grace: int = 10,
         identity_share: float = 0.0,
+        anonymous_quota: tuple[int, float] = (0, 0.0),
         watch_buffer: int = WATCH_BUFFER,
         clock: Callable[[], float] = time.time,
         observers: Observers | None = None,
@@ -102,6 +103,9 @@ class Broker:
         self.max_grace = max_grace
         # With no per-identity quota given: this fraction of the capacity (set at start).
         self.identity_share = identity_share
+        # What all anonymous callers may hold together: N PASIDs, or a share of the
+        # capacity (set at start); (0, 0.0) = only the per-identity quota.
+        self.anonymous_quota = anonymous_quota
         self.restart_grace = restart_grace
         self.clock = clock
         self.caps: Capabilities | None = None
@@ -171,6 +175,8 @@ class Broker:
         self.caps = r.caps
         self._allocator = r.allocator
         self._apply_quotas(self._starting_quotas(r.snapshot.quotas, r.allocator.capacity))
+        n, share = self.anonymous_quota
+        r.allocator.anonymous_quota = max(1, int(r.allocator.capacity * share)) if share else n
         self.events.revision = r.snapshot.revision
         self.sets.restore(r.sessions, r.snapshot.next_set_id)
         self._journal = Journal(

@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
-from broker.core import LimitExceeded
+from broker.core import ANONYMOUS, LimitExceeded
 from broker.engine.observers import Observer
 
 
@@ -42,6 +42,10 @@ class Limits:
     # Watch streams open at once, in all and per identity.
     max_watchers: int = 4096
     max_watchers_per_identity: int = 256
+    # ... and of all anonymous callers together: a uid can open anonymous Watches besides
+    # its verified ones (grpc does not tell the broker who an anonymous caller is), so
+    # this share is smaller; one uid's worst case is the sum of the two.
+    max_watchers_anonymous: int = 32
     # PASIDs one Alloc may ask for (count): bounds the loop's work for one request.
     max_pasids_per_request: int = 4096
     # Committed events kept in memory for live watchers; a watcher further behind is cut
@@ -185,13 +189,14 @@ class Admission(Observer):
                 f"{self.watchers} Watch streams are open, the limit (--max-watchers"
                 f" {lim.max_watchers}); retry later",
             )
-        cap = lim.max_watchers_per_identity
+        name = "max_watchers_anonymous" if key == ANONYMOUS else "max_watchers_per_identity"
+        cap = getattr(lim, name)
         if cap and self._watchers[key] >= cap:
             raise LimitExceeded(
-                "max_watchers_per_identity",
+                name,
                 cap,
                 f"identity {key} has {self._watchers[key]} Watch streams open, the limit"
-                f" (--max-watchers-per-identity {cap}); close one first",
+                f" (--{name.replace('_', '-')} {cap}); close one first",
             )
         self.watchers += 1
         self._watchers[key] += 1

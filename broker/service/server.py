@@ -278,6 +278,7 @@ def build_engine(config: Config) -> Engine:
         max_grace=config.max_grace,
         restart_grace=config.restart_grace,
         identity_share=config.identity_share,
+        anonymous_quota=config.quota_anonymous,
         tickets=tickets,
         anonymous=config.anonymous,
         watch_buffer=config.limits.watch_buffer,

@@ -272,7 +272,10 @@ def test_pipelined_unread_requests_keep_memory_bounded(make_broker: Make) -> Non
 
 
 def test_watchers_are_limited_and_a_thousand_do_not_slow_others(make_broker: Make) -> None:
-    b = make_broker("--max-watchers", "1000", "--max-watchers-per-identity", "1000")
+    b = make_broker(
+        *("--max-watchers", "1000", "--max-watchers-per-identity", "1000"),
+        *("--max-watchers-anonymous", "1000"),  # these watchers are stock, anonymous
+    )
     with Client(b.address) as c, c.session("quiet") as quiet, c.session("busy") as busy:
 
         def rate(n: int = 200) -> float:

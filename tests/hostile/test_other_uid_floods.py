@@ -98,3 +98,45 @@ def test_a_refusal_flood_grows_the_log_by_at_most_20_mb() -> None:
         held_back = sum(int(r.get("suppressed", 0)) for r in refused)
         assert len(refused) + held_back >= got["stream_UNSUPPORTED"] // 2
         assert_no_traceback(b)
+
+
+def test_one_uid_holds_at_most_its_watchers_plus_the_anonymous_share() -> None:
+    """Issue 20, point 6: one uid was admitted 256 ticketed plus 256 anonymous Watches.
+    Its verified Watches count under its uid (--max-watchers-per-identity) and its
+    anonymous ones under the smaller shared --max-watchers-anonymous (grpc does not tell
+    the broker an anonymous caller's uid): at most 256 + 32, each refusal naming its
+    limit; root's own Watch is still admitted and served."""
+    with open_broker() as b:
+        with RootServed(b):
+            got = run_as_nobody("tests.hostile.watchers", b.address, "300", timeout=300)
+            with Client(b.address) as c, c.session("root-watch") as s:
+                rev = c.info().revision + 1  # from now: the Watch may start after the alloc
+                w = c.watch(rev, session_id=s.session_id, token=s.token)
+                s.alloc(1, 100)
+                assert next(w).set_id == s.set_id  # root is not crowded out
+                w.close()
+        print(f"uid 65534's Watches: {got}")
+        assert got["ticketed"] == 256, got
+        assert got["ticketed_refusal"][0] == "RESOURCE_EXHAUSTED"
+        assert "--max-watchers-per-identity 256" in got["ticketed_refusal"][1]
+        assert got["anonymous"] == 32, got
+        assert got["anonymous_refusal"][0] == "RESOURCE_EXHAUSTED"
+        assert "--max-watchers-anonymous 32" in got["anonymous_refusal"][1]
+        assert_no_traceback(b)
+
+
+def test_one_uid_holds_at_most_its_quota_plus_the_smaller_anonymous_share() -> None:
+    """Issue 20, point 7: one uid held its own quota plus the whole anonymous share (25 %
+    each by default). Anonymous callers now share --quota-anonymous (10 % by default):
+    with 12-bit PASIDs (capacity 4,095) uid 65534 gets 1,023 verified and 409 anonymous,
+    35 % (docs/limits.md states the worst cases); root still allocates."""
+    with open_broker("--pasid-bits", "12", "--quota-per-set", "0") as b:
+        with RootServed(b):
+            got = run_as_nobody("tests.hostile.share", b.address, timeout=300)
+        print(f"uid 65534's share: {got}")
+        assert got["verified"] == 1023 and "uid:65534 holds 1023" in got["verified_refusal"]
+        assert got["anonymous_verified"] is False
+        assert got["anonymous"] == 409, got
+        reason, message = got["anonymous_refusal"]
+        assert reason == "QUOTA_EXCEEDED" and "anonymous quota 409 (--quota-anonymous" in message
+        assert_no_traceback(b)

@@ -51,6 +51,15 @@ def test_admission_limits_watchers_in_all_and_per_identity() -> None:
     assert adm.watchers == 0
 
 
+def test_anonymous_watchers_have_their_own_smaller_share() -> None:
+    adm = Admission(Limits(max_watchers_per_identity=2, max_watchers_anonymous=1))
+    with adm.watching("anonymous"), adm.watching("uid:5"), adm.watching("uid:5"):
+        with pytest.raises(LimitExceeded, match="--max-watchers-anonymous 1") as e:
+            adm.watching("anonymous").__enter__()
+        assert e.value.kind == "max_watchers_anonymous"
+    assert adm.watchers == 0
+
+
 def _ev(rev: int, set_id: int = 1) -> Event:
     return Event(rev, 0.0, "alloc", set_id, (rev,))
 
