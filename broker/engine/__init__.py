@@ -3,8 +3,10 @@
 One job per module:
 
 - broker.py        Broker: composes the parts; alloc, free, PASID_REQUEST, quotas, info
-- sessions.py      Session, Sessions: open, resume, grace, reclaim, and
-                   Sessions.destroy_set, the one function through which every set dies
+- lifecycle.py     SetEvent, Action, LIFECYCLE: what each event does to a set, one table
+- sessions.py      Session, Sessions: open, resume/re-attach; Sessions.apply, the one
+                   function that applies the lifecycle table; Sessions.destroy_set, the
+                   one function through which every set dies
 - holders.py       Holder, Holders: the holder process's identity (a ticket's) and its
                    liveness (its pidfd watched; reopened after a restart)
 - journal.py       Journal: group commit with exact undo; `then`, `done_future`
@@ -18,12 +20,15 @@ One job per module:
 from broker.engine.broker import Broker, Info
 from broker.engine.events import WATCH_BUFFER, EventFanout
 from broker.engine.journal import Journal, done_future, then
+from broker.engine.lifecycle import LIFECYCLE, Action, SetEvent
 from broker.engine.observers import Observer, Observers
 from broker.engine.recovery import RecoveryError
 from broker.engine.sessions import Session, Sessions, hash_token
 
 __all__ = [
+    "LIFECYCLE",
     "WATCH_BUFFER",
+    "Action",
     "Broker",
     "EventFanout",
     "Info",
@@ -33,6 +38,7 @@ __all__ = [
     "RecoveryError",
     "Session",
     "Sessions",
+    "SetEvent",
     "done_future",
     "hash_token",
     "then",

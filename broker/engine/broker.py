@@ -35,6 +35,7 @@ from broker.core.ioctl import PasidOp, check_pasid_request
 from broker.engine.backend_calls import BackendCalls
 from broker.engine.events import WATCH_BUFFER, EventFanout
 from broker.engine.journal import Journal, done_future, then
+from broker.engine.lifecycle import SetEvent
 from broker.engine.observers import Observers
 from broker.engine.recovery import recover
 from broker.engine.sessions import Session, Sessions
@@ -185,7 +186,7 @@ class Broker:
             observer=self.observers,
             on_failure=self._store_failed,
         )
-        self.sets.reclaim_departed(self.restart_grace)
+        self.sets.recover_holders(self.restart_grace)
         self.ready = True
         took = time.perf_counter() - t0
         sets = len(r.snapshot.sets)
@@ -273,6 +274,7 @@ class Broker:
         peer: str = "",
         ticket: str = "",
         owner: str = ANONYMOUS,
+        reattach_set_id: int = 0,
     ) -> tuple[Session, str, bool, asyncio.Future[None]]:
         """A new session with a new set, or the one `resume_token` names: (session, token,
         resumed, created), `created` resolving once the new set is durable. The set's
@@ -285,9 +287,20 @@ class Broker:
         makes its holder the set's; `pid` is then only a claim that must match it.
         Raises Unauthenticated (ticket unknown, replayed or expired; anonymous refused),
         InvalidArgument (a pid claim that is not the holder), NotFound for an unknown
-        resume token, Conflict if it is attached or the holder has exited."""
+        resume token, Conflict if it is attached or the holder has exited.
+
+        `reattach_set_id` with a ticket: that set back, detached, without its token, if
+        the ticket's holder is the set's verified holder (NotFound otherwise)."""
         self.require_ready()
-        return self.sets.open(client, pid, grace_seconds, resume_token, peer, ticket, owner)
+        return self.sets.open(
+            client, pid, grace_seconds, resume_token, peer, ticket, owner, reattach_set_id
+        )
+
+    def held_sets(self, ticket: str, peer: str) -> list[Session]:
+        """The sets whose verified holder is the ticket's holder process (the ticket is
+        used up). Raises Unauthenticated for a bad ticket, InvalidArgument without one."""
+        self.require_ready()
+        return self.sets.held_by(ticket, peer)
 
     def ticket_uid(self, ticket: str) -> int | None:
         """The verified uid a live peer-handshake ticket carries, without using it up."""
@@ -298,9 +311,18 @@ class Broker:
         self.require_ready()
         return self.sets.authenticate(session_id, token)
 
-    def end_session(self, sess: Session, reason: str) -> None:
-        """A session's stream is over: destroy its set now, or after its grace."""
-        self.sets.end(sess, reason)
+    def end_session(
+        self, sess: Session, reason: str, event: SetEvent = SetEvent.STREAM_BROKEN
+    ) -> asyncio.Future[None] | None:
+        """A session's stream is over, as `event` says (a half-close, an open abandoned, a
+        broken stream): lifecycle.py's table decides (destroy, detach, grace). Returns
+        the destroy's future if the set is destroyed."""
+        return self.sets.apply(sess, event, reason)
+
+    def release(self, sess: Session) -> asyncio.Future[int]:
+        """Its client releases the set (ReleaseRequest): destroyed now, whatever its
+        grace; resolves to how many PASIDs it freed, once durable."""
+        return self.sets.release(sess)
 
     def reclaim(self, sess: Session, reason: str) -> asyncio.Future[None]:
         """The broker takes a set now, whatever its grace: its stream, if any, ends."""

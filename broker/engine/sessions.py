@@ -1,16 +1,16 @@
-"""Sessions: open, resume, grace, reclaim, and the end of a set.
+"""Sessions: open, resume or re-attach, detach, grace, and the end of a set.
 
-`Sessions.destroy_set` is the one function through which every set is destroyed,
-whoever destroys it: its client (end with no grace), its grace expiring, its holder
-process exiting, an admin's revoke, or recovery finding its holder gone (the seed's
+What each event does to a set is one table, lifecycle.py's, and `Sessions.apply` is the
+one function that applies it: a release, a half-close, a broken stream, the holder's
+exit, a grace ending, a revoke, a broker restart. `Sessions.destroy_set` is the one
+function through which every set is destroyed, whoever destroys it (the seed's
 vfio_mm_put funnel).
 
-The liveness rule (docs/peer-identity.md): a set with a kernel-verified holder ends when
-that process exits (its pidfd polls readable) or its stream ends (then at once, or after
-its grace); never because pings went unanswered. Anonymous and remote sets are bound to
-their stream and grace only. No pid a client wrote is ever opened, signalled or read.
-Who the holder is and whether it still runs are holders.py's; what its exit does to the
-set is decided here (_holder_exited, reclaim_departed).
+The rule (docs/peer-identity.md): a set with a kernel-verified holder follows that
+process: it ends when the process exits (its pidfd polls readable) or its owner releases
+it; a stream that merely breaks detaches it. Anonymous and remote sets are bound to
+their stream and grace. No pid a client wrote is ever opened, signalled or read. Who the
+holder is and whether it still runs are holders.py's.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from broker.core import (
     uid_identity,
 )
 from broker.engine.holders import Holder, Holders, reopen_holder
+from broker.engine.lifecycle import Action, SetEvent, action_for
 from broker.peer import credentials
 from broker.peer.tickets import PeerIdentity, TicketBook
 from broker.store import CreateSet, DestroySet, SetRow
@@ -55,7 +56,8 @@ def hash_token(token: str) -> str:
 
 @dataclass(eq=False)
 class Session:
-    """A client's hold on one ioasid_set. `attached` while a stream carries it."""
+    """A client's hold on one ioasid_set. `attached` while a stream carries it; else
+    detached since `detached_unix` (wall clock)."""
 
     set: IoasidSet
     holder: Holder | None  # None: anonymous (or remote): bound to stream and grace only
@@ -64,6 +66,7 @@ class Session:
     created_unix: float
     attached: bool = True
     peer: str = ""
+    detached_unix: float = 0.0
     # Set by the stream that holds the session: ends it with the given message when the
     # broker takes the set (revoke, the holder process exited).
     on_revoke: Callable[[str], None] | None = None
@@ -85,7 +88,7 @@ class Session:
 
 
 class Sessions:
-    """Every live session (attached, or detached in its grace), by set id and by token."""
+    """Every live set's session (attached or detached), by set id and by token."""
 
     def __init__(
         self, engine: Broker, tickets: TicketBook | None = None, anonymous: str = "allow"
@@ -96,6 +99,7 @@ class Sessions:
         self._sessions: dict[int, Session] = {}
         self._by_token: dict[str, Session] = {}
         self._timers: dict[int, asyncio.TimerHandle] = {}
+        self._restart_grace = 0
         self.next_set_id = 1
 
     # -- lookups ------------------------------------------------------------------------
@@ -134,29 +138,26 @@ class Sessions:
             self._by_token[sess.token_hash] = sess
         self.next_set_id = next_set_id
 
-    def reclaim_departed(self, restart_grace: int) -> None:
-        """After recovery: destroy the sets whose verified holder is gone (pid plus start
-        time no longer match a live process); give the others their grace (at least
-        `restart_grace`) to resume, and watch the live holders again."""
+    def recover_holders(self, restart_grace: int) -> None:
+        """After recovery, every set is detached: apply the restart to each. A verified
+        set whose holder still runs (pid plus start time, reopened as a pidfd; running or
+        frozen) is kept for as long as it lives, whatever the backend; one whose holder
+        exited while the broker was down is reclaimed; an anonymous one gets its grace
+        (at least `restart_grace`) to resume."""
+        self._restart_grace = restart_grace
+        now = self._engine.clock()
         for sess in list(self._sessions.values()):
+            sess.detached_unix = sess.detached_unix or now
             h = sess.holder
             fd = reopen_holder(h) if h is not None else None
             if h is not None and fd is None:
-                self.destroy_set(
-                    sess, f"holder process {h.pid} exited before restart", "set_reclaimed"
+                self.apply(
+                    sess, SetEvent.RECOVERED_GONE, f"holder process {h.pid} exited before restart"
                 )
                 continue
-            if h is not None and fd is not None and self._engine.devices is not None:
-                # iommufd: attachments made before the restart live on in the holder's own
-                # device fd, which this broker cannot detach: the set's PASIDs go back
-                # only when the holder exits (the kernel detaches at the last close).
-                self._watch(sess, PeerIdentity(h.pid, h.uid, -1, h.ns_pid, h.start_time, fd))
-                continue
-            self._schedule_reclaim(
-                sess, max(restart_grace, sess.grace_seconds), "grace expired after restart"
-            )
             if h is not None and fd is not None:
                 self._watch(sess, PeerIdentity(h.pid, h.uid, -1, h.ns_pid, h.start_time, fd))
+            self.apply(sess, SetEvent.RECOVERED_LIVE, "recovered after restart")
 
     def close(self) -> None:
         """Stop: keep every set, cancel every timer and pidfd watch."""
@@ -176,16 +177,21 @@ class Sessions:
         peer: str,
         ticket: str = "",
         owner: str = ANONYMOUS,
+        reattach_set_id: int = 0,
     ) -> tuple[Session, str, bool, asyncio.Future[None]]:
         """See Broker.open_session. Synchronous on purpose: the set exists from here on,
         and the caller owns it (ends it in its finally) before it awaits anything.
 
         `owner` is the caller's identity as its transport verified it (a certificate
         subject over TCP, else "anonymous"); a ticket's holder overrides it: "uid:N"."""
+        if reattach_set_id and resume_token:
+            raise InvalidArgument("give resume_token or reattach_set_id, not both")
         identity = self.holders.take_identity(ticket, peer)
         if identity is not None:
             owner = uid_identity(identity.uid)
         try:
+            if reattach_set_id:
+                return self._reattach(reattach_set_id, peer, identity)
             return self._open(client, pid, grace_seconds, resume_token, peer, identity, owner)
         except BaseException:
             if identity is not None:
@@ -203,7 +209,6 @@ class Sessions:
         owner: str,
     ) -> tuple[Session, str, bool, asyncio.Future[None]]:
         e = self._engine
-        loop = asyncio.get_running_loop()
         if identity is not None:
             if pid and pid not in (identity.ns_pid, identity.pid):
                 raise InvalidArgument(
@@ -226,26 +231,7 @@ class Sessions:
                 raise NotFound(
                     "resume token matches no session (expired, reclaimed or never issued)"
                 )
-            if sess.attached:
-                raise Conflict(f"session {sess.session_id} is attached to another stream")
-            # A resuming holder re-delegates its devices (after a broker restart, what it
-            # held may still be attached: adopt counts it so that a free detaches it).
-            self._adopt_devices(sess, identity)
-            timer = self._timers.pop(sess.session_id, None)
-            if timer is not None:
-                timer.cancel()
-            sess.attached = True
-            sess.peer = peer
-            if identity is not None:
-                identity.close()  # the set keeps the holder it was created for
-            e.observers.session_opened(sess.session_id, True)
-            log.info(
-                "session resumed",
-                extra={"session": sess.session_id, "set": sess.session_id, "held": len(sess.set)},
-            )
-            done: asyncio.Future[None] = loop.create_future()
-            done.set_result(None)
-            return sess, resume_token, True, done
+            return self._attach(sess, resume_token, peer, identity)
 
         grace = min(max(grace_seconds, 0), e.max_grace)
         set_id = self.next_set_id
@@ -317,6 +303,78 @@ class Sessions:
         created.add_done_callback(opened)
         return sess, token, False, created
 
+    def _reattach(
+        self, set_id: int, peer: str, identity: PeerIdentity | None
+    ) -> tuple[Session, str, bool, asyncio.Future[None]]:
+        """A verified holder's set back without its token: the ticket's holder (the
+        process itself, or one that may signal it and presented its pidfd: the
+        handshake's delegation rule) must be the set's holder, the very process (pid and
+        start time). Anything else is NotFound and changes nothing; attached elsewhere
+        is Conflict. The answer carries no token (the broker keeps only its hash)."""
+        sess = self._sessions.get(set_id)
+        if sess is None or not self.holds(sess, identity):
+            raise NotFound(
+                f"no set {set_id} held by this process (re-attach needs a ticket of the"
+                " set's verified holder, or of a process delegating it)"
+            )
+        return self._attach(sess, "", peer, identity)
+
+    @staticmethod
+    def holds(sess: Session, identity: PeerIdentity | None) -> bool:
+        """Whether `identity` (a ticket's) is `sess`'s verified holder process."""
+        h = sess.holder
+        return (
+            identity is not None
+            and h is not None
+            and (h.pid, h.start_time) == (identity.pid, identity.start_time)
+        )
+
+    def held_by(self, ticket: str, peer: str) -> list[Session]:
+        """The sets (attached or detached) whose verified holder is the ticket's holder
+        process: what a restarted sidecar lists to re-attach. Uses the ticket up."""
+        identity = self.holders.take_identity(ticket, peer)
+        if identity is None:
+            raise InvalidArgument("listing a holder's sets needs a peer-handshake ticket")
+        try:
+            if not credentials.pidfd_alive(identity.pidfd):
+                return []
+            return [s for s in self._sessions.values() if self.holds(s, identity)]
+        finally:
+            identity.close()
+
+    def _attach(
+        self, sess: Session, token: str, peer: str, identity: PeerIdentity | None
+    ) -> tuple[Session, str, bool, asyncio.Future[None]]:
+        """A detached set goes back to a stream: THE path of a token resume and of a
+        re-attach. Raises Conflict if another stream holds it."""
+        if sess.attached:
+            raise Conflict(f"session {sess.session_id} is attached to another stream")
+        # A resuming holder re-delegates its devices (after a broker restart, what it
+        # held may still be attached: adopt counts it so that a free detaches it).
+        self._adopt_devices(sess, identity)
+        timer = self._timers.pop(sess.session_id, None)
+        if timer is not None:
+            timer.cancel()
+        detached_for = self._engine.clock() - sess.detached_unix if sess.detached_unix else 0.0
+        sess.attached = True
+        sess.detached_unix = 0.0
+        sess.peer = peer
+        if identity is not None:
+            identity.close()  # the set keeps the holder (and pidfd) it was created for
+        self._engine.observers.session_opened(sess.session_id, True)
+        log.info(
+            "session resumed",
+            extra={
+                "session": sess.session_id,
+                "set": sess.session_id,
+                "held": len(sess.set),
+                "detached_seconds": round(detached_for, 3),
+            },
+        )
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return sess, token, True, done
+
     # -- the holder's process -------------------------------------------------------------
 
     def _adopt_devices(self, sess: Session, identity: PeerIdentity | None) -> None:
@@ -341,18 +399,91 @@ class Sessions:
 
     def _holder_exited(self, sess: Session) -> None:
         self.holders.unwatch(sess.session_id)
-        if self._sessions.get(sess.session_id) is sess and not self._engine.stopping:
-            self.reclaim(sess, f"holder process {sess.pid} exited")
+        self.apply(sess, SetEvent.HOLDER_EXIT, f"holder process {sess.pid} exited")
 
-    # -- ends -----------------------------------------------------------------------------
+    # -- the lifecycle (lifecycle.py's table) ---------------------------------------------
+
+    def apply(self, sess: Session, event: SetEvent, reason: str) -> asyncio.Future[None] | None:
+        """THE function that moves a set through its lifecycle: `event` happened to it;
+        lifecycle.py's table says what that does. Returns the destroy's future (durable
+        when it resolves) if the set is destroyed, else None.
+
+        While the broker is stopping every event is its stop: sets are kept (a broker
+        restart is not the client's exit) and recovery applies the restart to them."""
+        if self._sessions.get(sess.session_id) is not sess:
+            return None  # already destroyed, or its creation was undone (failed commit)
+        if self._engine.stopping:
+            event = SetEvent.BROKER_STOP
+        action = action_for(sess.holder is not None, event)
+        if action is Action.KEEP:
+            return None
+        if action is Action.DESTROY:
+            self._cancel_timer(sess)
+            sess.attached = False
+            return self.destroy_set(sess, reason, "set_destroyed")
+        if action is Action.RECLAIM:
+            return self.reclaim(sess, reason)
+        self._detach(sess, event, reason)
+        if action is Action.GRACE:
+            grace, why = sess.grace_seconds, "grace expired"
+            if event is SetEvent.RECOVERED_LIVE:
+                grace, why = max(grace, self._restart_grace), "grace expired after restart"
+            if grace <= 0 and event is SetEvent.RECOVERED_LIVE:
+                return self.destroy_set(sess, why, "set_reclaimed")
+            if grace <= 0:
+                return self.destroy_set(sess, reason)  # grace 0: its stream was its life
+            self._schedule_reclaim(sess, grace, why)
+        return None
+
+    def _detach(self, sess: Session, event: SetEvent, reason: str) -> None:
+        """No stream holds the set any more; it lives on (until its holder exits, a
+        re-attach, or its grace)."""
+        if not sess.attached:
+            return  # recovered sets are detached already (a restart is not news)
+        sess.attached = False
+        sess.detached_unix = self._engine.clock()
+        log.info(
+            "session detached",
+            extra={
+                "session": sess.session_id,
+                "set": sess.session_id,
+                "event": event.value,
+                "reason": reason,
+                "verified": sess.holder is not None,
+                "grace": sess.grace_seconds if sess.holder is None else None,
+            },
+        )
+
+    def release(self, sess: Session) -> asyncio.Future[int]:
+        """Its owner ends the set now, whatever its grace (ReleaseRequest); resolves to
+        how many PASIDs it freed, once durable."""
+        self.require_attached(sess)
+        held = len(sess.set)
+        fut = self.apply(sess, SetEvent.RELEASE, "released by its client")
+        loop = asyncio.get_running_loop()
+        out: asyncio.Future[int] = loop.create_future()
+        if fut is None:
+            out.set_result(0)
+            return out
+
+        def done(f: asyncio.Future[None]) -> None:
+            if out.done():
+                return
+            if f.cancelled():
+                out.cancel()
+            elif (exc := f.exception()) is not None:
+                out.set_exception(exc)
+            else:
+                out.set_result(held)
+
+        fut.add_done_callback(done)
+        return out
 
     def reclaim(self, sess: Session, reason: str) -> asyncio.Future[None]:
         """The broker takes a set now, whatever its grace: its stream, if any, ends."""
         was_attached = sess.attached
         sess.attached = False
-        timer = self._timers.pop(sess.session_id, None)
-        if timer is not None:
-            timer.cancel()
+        self._cancel_timer(sess)
         if was_attached and sess.on_revoke is not None:
             sess.on_revoke(f"set {sess.session_id} reclaimed: {reason}")
         return self.destroy_set(sess, reason, "set_reclaimed")
@@ -363,45 +494,25 @@ class Sessions:
         if sess is None:
             raise NotFound(f"no set {set_id}")
         held = len(sess.set)
-        await self.reclaim(sess, f"revoked: {reason or 'by admin'}")
+        fut = self.apply(sess, SetEvent.REVOKE, f"revoked: {reason or 'by admin'}")
+        if fut is not None:
+            await fut
         return held
 
-    def end(self, sess: Session, reason: str) -> None:
-        """A session's stream is over: destroy its set now, or after its grace.
-
-        While the broker is stopping, sets are kept: a broker restart is not the client's
-        exit.
-        """
-        if not sess.attached:
-            return
-        sess.attached = False
-        if self._engine.stopping or self._sessions.get(sess.session_id) is not sess:
-            return  # kept for a restart; or its creation was undone (a failed commit)
-        if sess.grace_seconds > 0:
-            log.info(
-                "session detached",
-                extra={
-                    "session": sess.session_id,
-                    "set": sess.session_id,
-                    "reason": reason,
-                    "grace": sess.grace_seconds,
-                },
-            )
-            self._schedule_reclaim(sess, sess.grace_seconds, "grace expired")
-        else:
-            self.destroy_set(sess, reason)
+    def _cancel_timer(self, sess: Session) -> None:
+        timer = self._timers.pop(sess.session_id, None)
+        if timer is not None:
+            timer.cancel()
 
     def _schedule_reclaim(self, sess: Session, delay: float, reason: str) -> None:
         loop = asyncio.get_running_loop()
-        old = self._timers.pop(sess.session_id, None)
-        if old is not None:
-            old.cancel()
+        self._cancel_timer(sess)
         self._timers[sess.session_id] = loop.call_later(delay, self._grace_over, sess, reason)
 
     def _grace_over(self, sess: Session, reason: str) -> None:
         self._timers.pop(sess.session_id, None)
-        if not sess.attached and self._sessions.get(sess.session_id) is sess:
-            self.destroy_set(sess, reason, "set_reclaimed")
+        if not sess.attached:
+            self.apply(sess, SetEvent.GRACE_EXPIRED, reason)
 
     def destroy_set(
         self, sess: Session, reason: str, kind: str = "set_destroyed"
@@ -417,7 +528,7 @@ class Sessions:
         try:
             return self._destroy_set(sess, reason, kind)
         except Exception as exc:  # nothing of it was queued: the store still holds the set
-            self._release_failed(sess, reason)
+            self._release_failed(sess, reason, kind)
             sess.release_partial = True  # memory may have let go of some of it already
             err = StoreError(f"release of set {sess.session_id} failed: {describe_error(exc)}")
             log.error(
@@ -448,7 +559,7 @@ class Sessions:
         def undo() -> None:
             # The retry first, then memory back to what the store holds: if a step of
             # the restore fails too (MemoryError), the retry still comes, and scans.
-            self._release_failed(sess, reason)
+            self._release_failed(sess, reason, kind)
             sess.release_partial = True
             s = e.allocator.sets.get(set_id) or e.allocator.create_set(
                 set_id, client, quota, owner=owner
@@ -478,13 +589,23 @@ class Sessions:
         fut.add_done_callback(durable)
         return fut
 
-    def _release_failed(self, sess: Session, reason: str) -> None:
-        """A destroy did not land: the set is live again (detached) and its reclaim is
-        retried (the store may recover; memory may be had again)."""
+    def _release_failed(self, sess: Session, reason: str, kind: str) -> None:
+        """A destroy did not land: the set is live again (detached) and its destroy is
+        retried (the store may recover; memory may be had again). The lifecycle decided
+        already: the retry does not ask it again."""
         self._sessions[sess.session_id] = sess
         self._by_token[sess.token_hash] = sess
         sess.attached = False
-        self._schedule_reclaim(sess, RELEASE_RETRY_SECONDS, reason)
+        self._cancel_timer(sess)
+        self._timers[sess.session_id] = asyncio.get_running_loop().call_later(
+            RELEASE_RETRY_SECONDS, self._retry_destroy, sess, reason, kind
+        )
+
+    def _retry_destroy(self, sess: Session, reason: str, kind: str) -> None:
+        self._timers.pop(sess.session_id, None)
+        if self._sessions.get(sess.session_id) is sess and not self._engine.stopping:
+            sess.attached = False
+            self.destroy_set(sess, reason, kind)
 
     def _forget(self, sess: Session) -> None:
         self._sessions.pop(sess.session_id, None)

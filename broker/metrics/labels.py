@@ -49,7 +49,7 @@ RESULTS = (
 QUOTA_KINDS = ("set", "client", "global", "kernel")
 RECLAIM_REASONS = ("client_exit", "grace_expired", "restart", "revoke", "other")
 BACKEND_OPS = ("alloc", "free", "replay")
-SESSION_OPS = ("open", "alloc", "free", "list", "request")
+SESSION_OPS = ("open", "alloc", "free", "list", "request", "release")
 UNARY_RPCS = (
     "Alloc",
     "Free",
@@ -83,6 +83,6 @@ def reclaim_reason(reason: str) -> str:
         return "client_exit" if "exited" in r else "restart"
     if "grace" in r:
         return "grace_expired"
-    if "disconnect" in r or "exit" in r:
+    if "disconnect" in r or "exit" in r or "release" in r:
         return "client_exit"
     return "other"

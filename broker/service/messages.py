@@ -26,6 +26,7 @@ def set_info(sess: BrokerSession, with_ranges: bool = True) -> pb.SetInfo:
         peer=sess.peer,
         quota=sess.set.quota,
         grace_seconds=sess.grace_seconds,
+        detached_unix=0.0 if sess.attached else sess.detached_unix,
     )
     h = sess.holder
     if h is not None:

@@ -28,7 +28,7 @@ from broker.engine import Session as BrokerSession
 from broker.service import wire
 from broker.service.authz import current_caller
 from broker.service.boundary import boundary
-from broker.service.messages import list_response, watch_event
+from broker.service.messages import list_response, set_info, watch_event
 from broker.service.session_stream import SessionStreamServicer
 from broker.service.status import ADMIN_ONLY, WATCH_OWN_SETS
 
@@ -78,6 +78,9 @@ class PasidBrokerServicer(SessionStreamServicer):
             if not current_caller().admin:
                 raise PermissionDenied(ADMIN_ONLY)
             return list_response(self.broker, None, True)
+        if request.ticket:  # a holder's own sets, to re-attach them (no tokens)
+            held = self.broker.held_sets(wire.check_token(request.ticket, "ticket"), context.peer())
+            return pb.ListResponse(sets=[set_info(s) for s in held])
 
         async def one(s: BrokerSession) -> pb.ListResponse:
             return list_response(self.broker, s, False)

@@ -8,6 +8,14 @@ control. A per-request error is a reply (status.error_message), not the stream's
 the stream ends with a status only when the broker takes the set (revoke: ABORTED) or
 shuts down (UNAVAILABLE).
 
+How a stream ends is an event of the set's lifecycle (broker/engine/lifecycle.py): a
+ReleaseRequest, or a half-close (the request iterator ends normally), is its client's
+explicit end; anything else (cancelled, connection broken, client killed, generator
+closed) is a broken stream, which only detaches a verified holder's set. grpc.aio reports
+a broken stream to the reader as the same end-of-requests as a half-close, so a
+half-close counts only once the broker's answer to it (SessionResponse tag 0, `release`)
+was written: on a broken stream that write fails and the generator is closed instead.
+
 PasidBrokerServicer (servicer.py) adds the unary calls to this class; the servicer's
 state (engine, limits, identity) is set up here because the stream uses all of it.
 """
@@ -32,8 +40,9 @@ from broker.core import (
     PermissionDenied,
     uid_identity,
 )
-from broker.engine import Broker, done_future
+from broker.engine import Broker, SetEvent, done_future
 from broker.engine import Session as BrokerSession
+from broker.engine.lifecycle import action_for
 from broker.service import wire
 from broker.service.authz import current_caller
 from broker.service.boundary import Refusals, boundary, end_stream
@@ -58,6 +67,16 @@ class _End:
 _Item = _Pending | _End | None
 
 
+@dataclass
+class _Ending:
+    """What the reader saw of the stream's end: the requests ended normally (`eof`: a
+    half-close, or a broken stream grpc reported the same way), or a release request
+    was taken (`released`)."""
+
+    eof: bool = False
+    released: bool = False
+
+
 def _ignore_op(op: str | None, t0: float) -> None:
     pass
 
@@ -75,6 +94,10 @@ def _free_reply(n: int) -> pb.SessionResponse:
 
 def _request_reply(ret: int) -> pb.SessionResponse:
     return pb.SessionResponse(request=pb.PasidRequestReply(ret=ret))
+
+
+def _release_reply(freed: int) -> pb.SessionResponse:
+    return pb.SessionResponse(release=pb.ReleaseResponse(freed=freed))
 
 
 def _as_is(resp: pb.SessionResponse) -> pb.SessionResponse:
@@ -158,7 +181,7 @@ class SessionStreamServicer(pb_grpc.PasidBrokerServicer):
         wire.check_pid(o.pid)
         wire.check_token(o.resume_token, "resume_token")
         key = self.identity_key(context, o.ticket)
-        new_set = not o.resume_token
+        new_set = not o.resume_token and not o.reattach_set_id
         self.admission.admit_open(key, new_set)
         # Atomic open: the set exists once open_session returns, and this stream owns it
         # from that instant: no await until the try whose finally ends the session.
@@ -171,6 +194,7 @@ class SessionStreamServicer(pb_grpc.PasidBrokerServicer):
                 context.peer(),
                 o.ticket,
                 owner=current_caller().identity,
+                reattach_set_id=o.reattach_set_id,
             )
         except BaseException:
             if new_set:
@@ -187,12 +211,18 @@ class SessionStreamServicer(pb_grpc.PasidBrokerServicer):
         self._streams.add(replies)
         reader: asyncio.Task[None] | None = None
         end: _End | None = None
+        ending = _Ending()
+        # The client has its open's reply (the write went out): from then on it knows it
+        # holds the set, and a broken stream detaches it instead of destroying it.
+        answered = False
+        # The stream's end was its client's own (a release taken, a half-close answered).
+        explicit = False
         try:
             await created  # durable before it is acknowledged
             self._op_done("open", t_open)
             peer = self.peer_key(context)
             reader = asyncio.create_task(
-                self._read(sess, request_iterator, replies, inflight, peer)
+                self._read(sess, request_iterator, replies, inflight, peer, ending)
             )
             yield pb.SessionResponse(
                 tag=first.tag,
@@ -207,6 +237,7 @@ class SessionStreamServicer(pb_grpc.PasidBrokerServicer):
                     verified=sess.holder is not None,
                 ),
             )
+            answered = True
             while (item := await replies.get()) is not None:
                 if isinstance(item, _End):
                     end = item
@@ -232,14 +263,44 @@ class SessionStreamServicer(pb_grpc.PasidBrokerServicer):
                 resp.tag = tag
                 yield resp
                 inflight.release()
+            explicit = ending.released
+            if end is None and ending.eof and not ending.released and self._half_close_ends(sess):
+                # A half-close, or a broken stream that grpc reported as one: the answer's
+                # write tells them apart (on a broken stream it fails, and this generator
+                # is closed at the yield).
+                yield _release_reply(len(sess.set))
+                explicit = True
+                sess.on_revoke = None
+                done = self.broker.end_session(
+                    sess, "client released the set (half-closed its stream)", SetEvent.HALF_CLOSE
+                )
+                if done is not None:
+                    await done  # durable before the stream ends OK
         finally:
             if reader is not None:
                 reader.cancel()
             self._streams.discard(replies)
             sess.on_revoke = None
-            self.broker.end_session(sess, "client disconnected")
+            if not explicit:
+                if answered or resumed:
+                    self.broker.end_session(sess, "client disconnected", SetEvent.STREAM_BROKEN)
+                else:
+                    self.broker.end_session(
+                        sess,
+                        "client disconnected before its open was answered",
+                        SetEvent.OPEN_ABANDONED,
+                    )
         if end is not None:
             await end_stream(context, end.code, end.message)
+
+    @staticmethod
+    def _half_close_ends(sess: BrokerSession) -> bool:
+        """Whether a half-close does to this set what a broken stream does not (a
+        verified holder's set): only then must the two be told apart."""
+        verified = sess.holder is not None
+        return action_for(verified, SetEvent.HALF_CLOSE) is not action_for(
+            verified, SetEvent.STREAM_BROKEN
+        )
 
     async def _read(
         self,
@@ -248,6 +309,7 @@ class SessionStreamServicer(pb_grpc.PasidBrokerServicer):
         replies: asyncio.Queue[_Item],
         inflight: asyncio.Semaphore,
         peer: str,
+        ending: _Ending,
     ) -> None:
         loop = asyncio.get_running_loop()
         try:
@@ -257,7 +319,9 @@ class SessionStreamServicer(pb_grpc.PasidBrokerServicer):
                 await inflight.acquire()
                 req = await anext(requests, None)
                 if req is None:
+                    ending.eof = True
                     break
+                released = False
                 t0 = time.perf_counter()
                 op: str | None = None
                 tag = 0
@@ -271,6 +335,7 @@ class SessionStreamServicer(pb_grpc.PasidBrokerServicer):
                     ):
                         raise InvalidArgument(f"{op} on a Session stream must not name a session")
                     fut, reply = self._dispatch(sess, req, op)
+                    released = op == "release"
                 except PasidError as exc:
                     if isinstance(exc, InvalidArgument):
                         self.malformed.report(f"Session/{op or 'malformed'}", peer, exc.message)
@@ -280,6 +345,9 @@ class SessionStreamServicer(pb_grpc.PasidBrokerServicer):
                     fut.set_exception(exc)
                     reply = _as_is
                 replies.put_nowait((tag, fut, reply, op, t0))
+                if released:  # the set is gone: nothing after a release is read
+                    ending.released = True
+                    break
         except (asyncio.CancelledError, grpc.aio.AioRpcError):
             pass
         finally:
@@ -307,6 +375,10 @@ class SessionStreamServicer(pb_grpc.PasidBrokerServicer):
                 raise PermissionDenied(ADMIN_ONLY)
             resp = pb.SessionResponse(list=list_response(b, sess, req.list.all_sets))
             return done_future(resp), _as_is
+        if op == "release":
+            return b.release(sess), _release_reply
         if op == "open":
             raise InvalidArgument("this stream's session is already open")
-        raise InvalidArgument("empty SessionRequest: set one of alloc, free, list")
+        raise InvalidArgument(
+            "empty SessionRequest: set one of alloc, free, list, request, release"
+        )

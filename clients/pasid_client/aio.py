@@ -250,13 +250,16 @@ class AsyncClient:
         delegate_pid: int | None = None,
         delegate_pidfd: int | None = None,
         ticket: Ticket | None = None,
+        reattach_set_id: int = 0,
     ) -> _SessionOpener:
         """Open (or with resume_token, resume) a session. On a Unix socket the peer
         handshake runs first (docs/peer-identity.md): the set then dies exactly with this
         process. A sidecar passes `delegate_pid` or `delegate_pidfd` of the process that
         should hold the set (its VMM), or `ticket` one obtained with obtain_ticket
-        (e.g. carrying extra fds) instead of the automatic handshake. Raises NotFound for
-        an unknown resume token, FailedPrecondition if it is attached elsewhere,
+        (e.g. carrying extra fds) instead of the automatic handshake. `reattach_set_id`:
+        take back that detached set of this process (or of the delegated one) without
+        its token (see held_sets). Raises NotFound for an unknown resume token or a set
+        not held by that process, FailedPrecondition if it is attached elsewhere,
         PermissionDenied (delegation refused), Unauthenticated, Unavailable."""
 
         async def request() -> pb.OpenSession:
@@ -268,9 +271,34 @@ class AsyncClient:
                 delegate_pidfd=delegate_pidfd,
                 timeout=self.timeout,
             )
-            return open_request(client, pid, grace_seconds, resume_token, t)
+            req = open_request(client, pid, grace_seconds, resume_token, t)
+            req.reattach_set_id = reattach_set_id
+            return req
 
         return _SessionOpener(self, request)
+
+    async def held_sets(
+        self, *, delegate_pid: int | None = None, delegate_pidfd: int | None = None
+    ) -> list[SetView]:
+        """As Client.held_sets: the sets held by this process or the delegated one.
+        Raises FailedPrecondition (no peer socket), PermissionDenied, Unauthenticated,
+        Unavailable."""
+        t = await asyncio.to_thread(
+            ticket_for,
+            self.target,
+            peer_socket=self.peer_socket,
+            delegate_pid=delegate_pid,
+            delegate_pidfd=delegate_pidfd,
+            timeout=self.timeout,
+        )
+        if t is None:
+            raise make_error(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"listing a holder's sets needs the broker's peer socket; none for {self.target}",
+                "HANDSHAKE",
+            )
+        resp = await self._unary(self._stub.List, pb.ListRequest(ticket=t.ticket))
+        return [SetView.from_pb(v) for v in resp.sets]
 
     async def _open_session(
         self, make_request: Callable[[], Awaitable[pb.OpenSession]]

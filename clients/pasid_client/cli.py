@@ -20,7 +20,7 @@ from dataclasses import asdict
 from typing import Any, NoReturn
 
 from pasid_client import address, bench, top
-from pasid_client.errors import PasidClientError
+from pasid_client.errors import FailedPrecondition, PasidClientError
 from pasid_client.sync import Client
 from pasid_client.types import ALL, SetView
 
@@ -314,13 +314,34 @@ def _write_token(path: str, token: str) -> None:
 
 def cmd_hold(c: Client, args: argparse.Namespace) -> int:
     stop = threading.Event()
+    signalled: list[int] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        signalled.append(signum)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     if args.token_out and os.path.lexists(args.token_out):
         raise UsageError(f"pasidctl: the token file {args.token_out} exists already")
-    with c.session(args.client, grace_seconds=args.grace, delegate_pid=args.delegate_pid) as s:
+    reattach = _detached_set_to_reattach(c, args)
+    with c.session(
+        args.client,
+        grace_seconds=args.grace,
+        delegate_pid=args.delegate_pid,
+        reattach_set_id=reattach,
+    ) as s:
         hi = args.max if args.max is not None else (1 << s.pasid_bits) - 1
-        got = s.alloc(args.min, hi, args.count) if args.count else []
+        had = s.list().count if reattach else 0
+        need = max(args.count - had, 0)  # re-attached: top up to --count, no more
+        got = s.alloc(args.min, hi, need) if need else []
+        if reattach:
+            got = sorted(s.list().pasids())
+            print(
+                f"pasidctl: re-attached detached set {reattach} of process"
+                f" {args.delegate_pid} ({had} PASIDs)",
+                file=sys.stderr,
+            )
         if args.token_out:
             _write_token(args.token_out, s.token)
         data = {
@@ -351,6 +372,17 @@ def cmd_hold(c: Client, args: argparse.Namespace) -> int:
         if ended:
             print(f"pasidctl: session ended by the broker: {ended[0]}", file=sys.stderr)
             return 1
+        if signalled[:1] == [signal.SIGTERM] and args.delegate_pid is not None:
+            # A sidecar stopped to be restarted (kubelet): the VMM's set must not go with
+            # it. Ctrl-C (SIGINT) is the explicit release (docs/peer-identity.md). (Without
+            # --delegate-pid this process is the holder: its set ends with it either way.)
+            s.detach()
+            print(
+                f"pasidctl: detached set {s.session_id} (SIGTERM): it lives on with its"
+                " holder; `pasidctl hold` again re-attaches it",
+                file=sys.stderr,
+            )
+            return 0
     if args.token_out and args.grace == 0:
         # The set is gone with the session, and its token with it. (With a grace the
         # token still resumes the set, so the file stays.)
@@ -359,6 +391,32 @@ def cmd_hold(c: Client, args: argparse.Namespace) -> int:
     if not args.json:
         print("released", flush=True)
     return 0
+
+
+def _detached_set_to_reattach(c: Client, args: argparse.Namespace) -> int:
+    """A restarted sidecar runs the same `hold --delegate-pid P` again: the VMM's set,
+    detached when the old sidecar died, is taken back instead of a second one opened.
+    --reattach ID names it; by default the one detached set of P with this --client name
+    (several: refused, naming them). 0: open a new set."""
+    if args.reattach is not None:
+        return int(args.reattach)
+    if args.delegate_pid is None or args.no_reattach:
+        return 0
+    try:
+        mine = [
+            v
+            for v in c.held_sets(delegate_pid=args.delegate_pid)
+            if v.state == "detached" and v.client == args.client
+        ]
+    except FailedPrecondition:  # no peer socket (an older broker, TCP): nothing to find
+        return 0
+    if len(mine) > 1:
+        ids = ", ".join(str(v.set_id) for v in mine)
+        raise UsageError(
+            f"pasidctl: process {args.delegate_pid} has {len(mine)} detached sets named"
+            f" {args.client!r} ({ids}): pick one with --reattach SET_ID, or --no-reattach"
+        )
+    return mine[0].set_id if mine else 0
 
 
 def cmd_top(c: Client, args: argparse.Namespace) -> int:
@@ -575,6 +633,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="hold the set for this process instead (a sidecar for its VMM): the set dies "
         "with it; allowed if it holds no uid but this user's (root: any). The pid as this"
         " process sees it",
+    )
+    h.add_argument(
+        "--reattach",
+        type=int,
+        metavar="SET_ID",
+        default=None,
+        help="take back this detached set of the holder (--delegate-pid) without its token."
+        " Default with --delegate-pid: its one detached set of this --client name, if any",
+    )
+    h.add_argument(
+        "--no-reattach",
+        action="store_true",
+        help="always open a new set, even if the holder has a detached one",
     )
     h.add_argument(
         "--token-out",

@@ -26,6 +26,7 @@ from pasid_client.errors import (
     Unavailable,
     from_admin_rpc_error,
     from_rpc_error,
+    make_error,
 )
 from pasid_client.handshake import Ticket, identity_metadata, open_request, ticket_for
 from pasid_client.types import ALL, Event, Info, SetView
@@ -128,6 +129,16 @@ class Session:
             pass
         finally:
             self._reading.release()
+
+    def detach(self) -> None:
+        """End this stream without releasing the set (a cancel, not a half-close): a
+        verified holder's set lives on, detached, until that process exits or is
+        re-attached (`reattach_set_id`); an anonymous one waits out its grace. What a
+        sidecar that stops to be restarted does. close() instead releases it."""
+        if self._closed:
+            return
+        self._closed = True
+        self._call.cancel()
 
     def __enter__(self) -> Session:
         return self
@@ -252,13 +263,15 @@ class Client:
         delegate_pid: int | None = None,
         delegate_pidfd: int | None = None,
         ticket: Ticket | None = None,
+        reattach_set_id: int = 0,
     ) -> Session:
         """Open or resume a session. On a Unix socket the peer handshake runs first, so
         the broker knows this process from the kernel and destroys the set when it exits.
         A sidecar passes `delegate_pid` (or a pidfd it holds, `delegate_pidfd`) of the
         process that should hold the set, e.g. its VMM; it must be allowed to signal it.
         `ticket`: one obtained with pasid_client.obtain_ticket (e.g. carrying extra fds)
-        instead of the automatic handshake.
+        instead of the automatic handshake. `reattach_set_id`: take back that detached
+        set of this process (or of the delegated one), without its token (see held_sets).
         Raises NotFound, FailedPrecondition, PermissionDenied (delegation refused),
         Unauthenticated, Unavailable."""
         t = ticket or ticket_for(
@@ -268,11 +281,33 @@ class Client:
             delegate_pidfd=delegate_pidfd,
             timeout=self.timeout,
         )
-        return Session(
-            self._stub,
-            open_request(client, pid, grace_seconds, resume_token, t),
-            self.timeout,
+        req = open_request(client, pid, grace_seconds, resume_token, t)
+        req.reattach_set_id = reattach_set_id
+        return Session(self._stub, req, self.timeout)
+
+    def held_sets(
+        self, *, delegate_pid: int | None = None, delegate_pidfd: int | None = None
+    ) -> list[SetView]:
+        """The sets (attached or detached) held by this process, or by the one named by
+        `delegate_pid`/`delegate_pidfd` (which we must be allowed to signal): what a
+        restarted sidecar re-attaches (`session(reattach_set_id=...)`). Needs the peer
+        socket. Raises FailedPrecondition (no peer socket), PermissionDenied,
+        Unauthenticated, Unavailable."""
+        t = ticket_for(
+            self.target,
+            peer_socket=self.peer_socket,
+            delegate_pid=delegate_pid,
+            delegate_pidfd=delegate_pidfd,
+            timeout=self.timeout,
         )
+        if t is None:
+            raise make_error(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"listing a holder's sets needs the broker's peer socket; none for {self.target}",
+                "HANDSHAKE",
+            )
+        resp = self._unary(self._stub.List, pb.ListRequest(ticket=t.ticket))
+        return [SetView.from_pb(v) for v in resp.sets]
 
     def info(self) -> Info:
         """Raises Unavailable."""

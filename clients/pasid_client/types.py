@@ -72,6 +72,8 @@ class SetView:
     uid: int = 0
     ns_pid: int = 0
     delegated_by_pid: int = 0
+    # When it was detached (wall clock); 0 while a stream holds it.
+    detached_unix: float = 0.0
 
     @classmethod
     def from_pb(cls, m: pb.SetInfo) -> SetView:
@@ -91,6 +93,7 @@ class SetView:
             m.uid,
             m.ns_pid,
             m.delegated_by_pid,
+            m.detached_unix,
         )
 
     def pasids(self) -> Iterator[int]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -220,5 +221,70 @@ def test_sidecar_holds_pasids_for_the_vmm_against_a_real_broker(
     finally:
         for p in (vmm, sidecar):
             if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_restarted_sidecar_takes_the_vmms_set_back(broker: BrokerProcess, tmp_path: Path) -> None:
+    """The kubelet restarts the sidecar container (SIGTERM, then the same command again)
+    while the VMM runs: the set stays, detached, and the new sidecar re-attaches it, with
+    the same PASIDs (issue 19: a set follows its holder, the VMM)."""
+    import json
+
+    from pasid_client import Client
+
+    fake = tmp_path / f"vmm-{os.getpid()}"
+    sleep = shutil.which("sleep")
+    assert sleep
+    shutil.copy(sleep, fake)
+    vmm = subprocess.Popen([str(fake), "60"])
+    out = tmp_path / "pasids.json"
+    env = {
+        **os.environ,
+        "VMM_COMMAND": fake.name,
+        "PASID_COUNT": "3",
+        "PASID_BROKER_SOCKET": broker.socket,
+        "PASID_FILE": str(out),
+        "VMM_WAIT_SECONDS": "10",
+    }
+
+    def sidecar() -> subprocess.Popen[str]:
+        p = subprocess.Popen(
+            [sys.executable, str(K8S / "sidecar/pasid_sidecar.py")],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        wait_until(lambda: out.exists() or p.poll() is not None, 30, 0.05, "PASIDs")
+        assert out.exists(), p.stdout.read() if p.stdout else ""
+        return p
+
+    def the_set() -> Any:
+        with Client(broker.admin_address) as admin:
+            (s,) = [s for s in admin.list_sets() if s.client == f"vmm-{vmm.pid}"]
+            return s
+
+    first = second = None
+    try:
+        first = sidecar()
+        held = json.loads(out.read_text())
+        set_id = the_set().set_id
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(30) == 0
+        assert the_set().state == "detached"
+        out.unlink()
+        second = sidecar()
+        assert json.loads(out.read_text())["pasids"] == held["pasids"]
+        s = the_set()
+        assert (s.set_id, s.state, s.count) == (set_id, "attached", 3)
+        assert s.delegated_by_pid == first.pid  # as created; the holder is what matters
+        vmm.kill()
+        vmm.wait()
+        assert second.wait(30) == 0
+    finally:
+        for p in (vmm, first, second):
+            if p is not None and p.poll() is None:
                 p.kill()
                 p.wait()

@@ -105,7 +105,10 @@ def test_grace_expiry_reclaims_and_the_token_dies(
     make_broker: Callable[..., BrokerProcess],
 ) -> None:
     b = make_broker()
-    with Client(b.address) as c, Client(b.admin_address) as a:
+    # Anonymous (no peer socket, as over TCP): the stream-plus-grace rule. A verified
+    # holder's close is a release (tests/e2e/test_set_follows_holder.py).
+    anonymous = Client(b.address, peer_socket="/nonexistent/peer.sock")
+    with anonymous as c, Client(b.admin_address) as a:
         s = c.session("vmm", grace_seconds=1)
         s.alloc(1, 10, count=2)
         s.close()

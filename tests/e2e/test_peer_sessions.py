@@ -111,13 +111,17 @@ def event_of(b: BrokerProcess, kind: str, set_id: int) -> Any:
 
 
 def open_raw(address: str, **fields: Any) -> grpc.RpcError | pb.SessionOpened:
-    """One OpenSession on a plain stub; the error, or what was opened (then closed)."""
+    """One OpenSession on a plain stub; the error, or what was opened (then released:
+    the request stream half-closes after the open, and the stream is read to its end)."""
     with grpc.insecure_channel(address) as ch:
         call = pb_grpc.PasidBrokerStub(ch).Session(
             iter([pb.SessionRequest(tag=0, open=pb.OpenSession(client="raw", **fields))])
         )
         try:
-            return next(call).opened
+            opened = next(call).opened
+            for _ in call:
+                pass
+            return opened
         except grpc.RpcError as exc:
             return exc
         finally:
@@ -178,7 +182,7 @@ def test_sidecar_delegation_binds_the_set_to_the_vmm(
         ns_pid=str(vmm.pid),
     )
     assert held == 3
-    sidecar.kill()  # the sidecar goes: its stream ends, the set waits its grace
+    sidecar.kill()  # the sidecar goes: its stream breaks, the set is detached (lives on)
     sidecar.wait()
     wait_until(lambda: sets(broker)[ans["session_id"]].state == "detached", what="detach")
     vmm.kill()  # the VMM goes: the set goes now, grace or not

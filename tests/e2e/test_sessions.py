@@ -116,11 +116,12 @@ def test_sigkilled_client_pasids_are_released(broker: BrokerProcess, admin: Clie
             assert s.alloc(1, 100, count=25) == info["pasids"]
 
 
-def test_grace_session_survives_its_stream_and_resumes(client: Client, admin: Client) -> None:
+def test_detached_session_survives_its_stream_and_resumes(client: Client, admin: Client) -> None:
+    # Its stream breaks (a cancel; close() would release it) while its holder lives.
     s = client.session("vmm", grace_seconds=30)
     got = s.alloc(1, 100, count=3)
     token = s.token
-    s.close()
+    s.detach()
     assert client.info().in_use == 3
     [view] = admin.list_sets()
     assert view.state == "detached"

@@ -144,7 +144,10 @@ def test_gauges_match_what_the_broker_reports(broker: BrokerProcess, client: Cli
         assert m.value("pasid_broker_quota_limit_pasids", quota="set") == info.quotas.per_set
         assert m.value("pasid_broker_top_client_pasids", client="a") == 5
         assert m.value("pasid_broker_top_client_pasids", client="b") == 2
-    # a's set is destroyed as its stream ends; b has grace: detached, still holding
+        # b's stream breaks (a cancel, not a release) while its holder, this process,
+        # lives: detached, still holding (issue 19)
+        b.detach()
+    # a's set is released as its `with` ends; b is detached, still holding
     m = wait_until(
         lambda: (s := scrape(broker.metrics_url)).value("pasid_broker_pasids_in_use") == 2 and s,
         what="a's set to be destroyed",
@@ -181,8 +184,8 @@ def test_counters_move_with_what_they_count(
             assert e.value.quota == "client"
         with c.session("y") as y:
             y.alloc(count=2)  # 4 in use
-            with pytest.raises(QuotaExceeded) as e:
-                c.session("z").alloc(count=2)  # 6 > 4
+            with pytest.raises(QuotaExceeded) as e, c.session("z") as z:
+                z.alloc(count=2)  # 6 > 4
             assert e.value.quota == "global"
     m = scrape(b.metrics_url)
     assert m.value("pasid_broker_allocations_total", result="ok") == 2
@@ -193,7 +196,7 @@ def test_counters_move_with_what_they_count(
     assert m.value("pasid_broker_frees_total", result="ok") == 2
     assert m.value("pasid_broker_pasids_allocated_total") == 6
     assert m.value("pasid_broker_pasids_freed_total") == 2
-    # x (2 left), x2 (0), y (2), z (0): every set ended with its stream
+    # x (2 left), x2 (0), y (2), z (0): every set released as its `with` ended
     wait_until(
         lambda: (
             scrape(b.metrics_url).value("pasid_broker_sets_reclaimed_total", reason="client_exit")
@@ -228,7 +231,9 @@ def test_reclaims_by_grace_and_restart_and_recovery_figures(
     make_broker: Callable[..., BrokerProcess],
 ) -> None:
     b = make_broker("--restart-grace", "1")
-    with Client(b.address) as c:
+    # Anonymous sessions (no peer socket, as a TCP client's): bound to stream and grace.
+    # A verified holder's set has no grace at all (tests/e2e/test_set_follows_holder.py).
+    with Client(b.address, peer_socket="/nonexistent/peer.sock") as c:
         with c.session("short", grace_seconds=1) as s:
             s.alloc(count=2)
         wait_until(

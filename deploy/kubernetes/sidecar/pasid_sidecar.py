@@ -5,7 +5,9 @@ VMM's process. It opens a pidfd on it and hands that pidfd to the broker on its 
 socket (the verified-peer handshake with delegation, HANDSHAKE.md): the broker checks
 from the kernel that this sidecar may signal the VMM (same uid, here the pod's
 runAsUser) and makes the VMM the holder of the set. When the VMM exits, the broker
-destroys the set at once, whether this sidecar is still there or not.
+destroys the set at once, whether this sidecar is still there or not; when this sidecar
+stops (SIGTERM) or dies while the VMM runs, the set stays, and the restarted sidecar
+re-attaches it.
 
 Settings (environment): VMM_COMMAND (the VMM's executable name), PASID_COUNT,
 PASID_BROKER_SOCKET, PASID_FILE (where the PASIDs are written for the VMM to read),
@@ -71,14 +73,30 @@ def main() -> int:
     # (HANDSHAKE.md, delegation): the broker makes the VMM the holder of the set.
     with Client(socket=socket) as client:
         client.wait_ready(60)
-        with client.session(f"vmm-{pid}", delegate_pidfd=pidfd) as session:
-            pasids = session.alloc(count=count)
+        name = f"vmm-{pid}"
+        # Restarted (the kubelet, an OOM kill)? The VMM's set outlived us, detached:
+        # take it back instead of opening a second one (docs/peer-identity.md).
+        mine = [
+            v.set_id
+            for v in client.held_sets(delegate_pidfd=pidfd)
+            if v.state == "detached" and v.client == name
+        ]
+        reattach = mine[0] if len(mine) == 1 else 0
+        with client.session(name, delegate_pidfd=pidfd, reattach_set_id=reattach) as session:
+            have = sorted(session.list().pasids()) if reattach else []
+            pasids = have + session.alloc(count=count - len(have)) if count > len(have) else have
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps({"pasids": pasids, "holder_pid": pid}))
-            print(f"pasid-sidecar: holding {pasids} for pid {pid}", flush=True)
+            again = "re-attached, " if reattach else ""
+            print(f"pasid-sidecar: {again}holding {pasids} for pid {pid}", flush=True)
             # Until the VMM exits (its pidfd becomes readable) or the pod stops us.
             while not stop and not select.select([pidfd], [], [], 1.0)[0]:
                 pass
+            if stop:
+                # SIGTERM: this container stops, maybe to be restarted while the VMM runs.
+                # Let go of the stream without releasing the set: it lives on with the
+                # VMM (and goes the moment the VMM exits, pod deletion included).
+                session.detach()
     return 0
 
 
