@@ -28,8 +28,20 @@ log = logging.getLogger("pasid_broker.peer")
 VERSION = 1
 MAX_MESSAGE = 4096
 MAX_FDS = 16
-RECV_TIMEOUT = 5.0  # a peer that connects and says nothing is dropped after this
-MAX_CONCURRENT = 64
+# A handshake is one message each way, sent at once by a client that connected: a peer
+# that has not been answered within this is dropped (with DEADLINE_EXCEEDED if it still
+# listens), so a connection that never sends holds its slot no longer than this.
+HANDSHAKE_SECONDS = 2.0
+# A connection whose message is there at accept (a client sends it right after connect)
+# is answered then and there. One that has sent nothing yet waits, in one of at most
+# MAX_PER_UID slots per uid (SO_PEERCRED at accept) and MAX_CONCURRENT in all; one over
+# either is answered RESOURCE_EXHAUSTED at once, never queued: the accept loop never
+# waits for a slot, so no uid can fill the listen backlog for the others (issue 20: 193
+# connections that never sent used to stop every other uid's handshake).
+MAX_PER_UID = 32
+MAX_CONCURRENT = 512
+BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
+ACCEPT_BATCH = 64  # connections accepted (and answered) per wake-up before the loop yields
 MAX_DEPTH = 4  # {"devices": [{...}]} is 3 deep; json.loads recurses per level
 
 # A check for an extra fd role ("iommufd", "device": issue 14). It gets the fd, the
@@ -247,6 +259,32 @@ def _recv(conn: socket.socket) -> tuple[bytes, list[int], int]:
     return data, fds, flags
 
 
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    """Until `sock` is readable (or hung up)."""
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(sock.fileno(), wake)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(sock.fileno())
+
+
+def _refusal(code: str, error: str) -> dict[str, Any]:
+    return {"ok": False, "code": code, "error": error}
+
+
+def _send_now(conn: socket.socket, reply: Mapping[str, Any]) -> None:
+    """Send a reply without waiting: a fresh connection's buffer takes one small
+    message, and a peer that hung up (or never reads) gets nothing more. Best effort."""
+    with contextlib.suppress(OSError):
+        conn.send(json.dumps(reply).encode(), socket.MSG_DONTWAIT)
+
+
 class PeerServer:
     """Accepts handshakes on `path` and issues tickets into `book`."""
 
@@ -257,17 +295,24 @@ class PeerServer:
         *,
         mode: int = 0o660,
         fd_checks: Mapping[str, FdCheck] | None = None,
+        deadline: float = HANDSHAKE_SECONDS,
+        max_per_uid: int = MAX_PER_UID,
+        max_concurrent: int = MAX_CONCURRENT,
     ) -> None:
         self.path = path
         self.book = book
         self.mode = mode
         # Roles besides "pidfd" are accepted only where a check for them is registered.
         self.fd_checks: dict[str, FdCheck] = dict(fd_checks or {})
+        self.deadline = deadline
+        self.max_per_uid = max_per_uid
+        self.max_concurrent = max_concurrent
         self._sock: socket.socket | None = None
         self._task: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._conns: set[asyncio.Task[None]] = set()
-        self._slots = asyncio.Semaphore(MAX_CONCURRENT)
+        self._in_progress: dict[int, int] = {}  # uid -> connections waiting for a message
+        self._busy_total = 0
         self.refusals = RefusalLog()
 
     @property
@@ -284,7 +329,7 @@ class PeerServer:
         s.setblocking(False)
         s.bind(self.path)
         os.chmod(self.path, self.mode)
-        s.listen(128)
+        s.listen(BACKLOG)
         self._sock = s
         loop = asyncio.get_running_loop()
         self._task = loop.create_task(self._accept_loop(s))
@@ -312,49 +357,87 @@ class PeerServer:
         self.book.close()
 
     async def _accept_loop(self, s: socket.socket) -> None:
+        """Accept whatever is queued, in batches, and never wait for a free slot: a
+        connection over its uid's share (or the total) is refused at once."""
         loop = asyncio.get_running_loop()
         while True:
-            await self._slots.acquire()
-            try:
-                conn, _ = await loop.sock_accept(s)
-            except OSError as exc:
-                self._slots.release()
-                log.warning("peer socket accept failed: %s", exc)
-                await asyncio.sleep(0.1)
-                continue
-            except BaseException:
-                self._slots.release()
-                raise
-            accepted = cred.boot_ticks()
-            t = loop.create_task(self._serve(conn, accepted))
-            self._conns.add(t)
-            t.add_done_callback(self._conns.discard)
+            await _readable(loop, s)
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    conn, _ = s.accept()
+                except BlockingIOError:
+                    break
+                except OSError as exc:  # EMFILE and the like: log, let fds free up
+                    log.warning("peer socket accept failed: %s", exc)
+                    await asyncio.sleep(0.1)
+                    break
+                self._admit(loop, conn, cred.boot_ticks())
+            await asyncio.sleep(0)  # a full batch: let the handshakes in progress run
 
-    async def _serve(self, conn: socket.socket, accepted_ticks: int) -> None:
-        loop = asyncio.get_running_loop()
+    def _admit(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, accepted: int) -> None:
+        """Answer `conn` now if its message is there (a client sends it right after
+        connect); else let it wait, if its uid has a waiting slot, or refuse it at once.
+        Kept cheap: a connect flood is paid for here, per connection."""
         try:
             conn.setblocking(False)
-            uid: int | None = cred.peer_cred(conn).uid
-            ready: asyncio.Future[None] = loop.create_future()
-
-            def readable() -> None:
-                if not ready.done():
-                    ready.set_result(None)
-
-            loop.add_reader(conn.fileno(), readable)
-            try:
-                await asyncio.wait_for(ready, RECV_TIMEOUT)
-            finally:
-                loop.remove_reader(conn.fileno())
+            uid = cred.peer_cred(conn).uid
             data, fds, flags = _recv(conn)
-            # From here `answer` owns the fds: nothing may come between (no await).
-            reply = self.answer(conn, accepted_ticks, data, fds, flags, uid)
-            await loop.sock_sendall(conn, json.dumps(reply).encode())
-        except (TimeoutError, OSError):
-            pass  # a silent or vanished peer: nothing to answer
+        except BlockingIOError:
+            self._wait_for_message(loop, conn, uid, accepted)
+            return
+        except OSError:
+            conn.close()
+            return
+        try:
+            reply = self.answer(conn, accepted, data, fds, flags, uid)  # owns the fds
+            _send_now(conn, reply)
         finally:
             conn.close()
-            self._slots.release()
+
+    def _wait_for_message(
+        self, loop: asyncio.AbstractEventLoop, conn: socket.socket, uid: int, accepted: int
+    ) -> None:
+        busy = self._in_progress.get(uid, 0)
+        if busy >= self.max_per_uid or self._busy_total >= self.max_concurrent:
+            why = (
+                f"uid {uid} has {busy} connections waiting to send a handshake (at most"
+                f" {self.max_per_uid})"
+                if busy >= self.max_per_uid
+                else f"{self.max_concurrent} connections waiting to send a handshake"
+            )
+            _send_now(conn, _refusal("RESOURCE_EXHAUSTED", f"{why}; try again"))
+            conn.close()
+            self.refusals.report(uid, "RESOURCE_EXHAUSTED", why)
+            return
+        self._in_progress[uid] = busy + 1
+        self._busy_total += 1
+        t = loop.create_task(self._serve(conn, uid, accepted))
+        self._conns.add(t)
+        t.add_done_callback(self._conns.discard)
+
+    async def _serve(self, conn: socket.socket, uid: int, accepted_ticks: int) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.deadline):
+                await _readable(loop, conn)
+                data, fds, flags = _recv(conn)
+                # From here `answer` owns the fds: nothing may come between (no await).
+                reply = self.answer(conn, accepted_ticks, data, fds, flags, uid)
+                await loop.sock_sendall(conn, json.dumps(reply).encode())
+        except TimeoutError:
+            why = f"no handshake within {self.deadline:g} s of connecting"
+            _send_now(conn, _refusal("DEADLINE_EXCEEDED", why))
+            self.refusals.report(uid, "DEADLINE_EXCEEDED", why)
+        except OSError:
+            pass  # a vanished peer: nothing to answer
+        finally:
+            conn.close()
+            self._busy_total -= 1
+            left = self._in_progress.get(uid, 1) - 1
+            if left > 0:
+                self._in_progress[uid] = left
+            else:
+                self._in_progress.pop(uid, None)
 
     def answer(
         self,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -140,9 +141,9 @@ def obtain_ticket(
     msg: dict[str, Any] = {**(meta or {}), "v": 1, "pid": os.getpid(), "fds": roles}
     data = json.dumps(msg).encode()
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as s:
-        s.settimeout(timeout)
         try:
-            s.connect(path)
+            _connect(s, path, timeout)
+            s.settimeout(timeout)
             if send:
                 socket.send_fds(s, [data], send)
             else:
@@ -166,6 +167,20 @@ def obtain_ticket(
         ns_pid=int(ans["ns_pid"]),
         delegated=bool(ans["delegated"]),
     )
+
+
+def _connect(s: socket.socket, path: str, timeout: float) -> None:
+    """connect(2) that waits up to `timeout` for room in the broker's listen backlog.
+
+    A non-blocking connect (what settimeout makes of it) fails with EAGAIN at once when
+    the backlog is full, as another uid's connect flood can make it for a moment; a
+    blocking one waits in the kernel, bounded by SO_SNDTIMEO.
+    """
+    sec = max(int(timeout), 0)
+    usec = max(int((timeout - sec) * 1_000_000), 0)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", sec, usec))
+    s.setblocking(True)
+    s.connect(path)
 
 
 def open_request(

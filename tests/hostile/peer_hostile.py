@@ -9,7 +9,8 @@ python -m tests.hostile.peer_hostile PATH cases
     Kinds: null, pipe, socket, eventfd, memfd, pidfd:self, pidfd:<pid>.
 python -m tests.hostile.peer_hostile PATH halfopen N
     connects N times and never sends; prints {"open": n, "answered_at_once": m} (m: those
-    the broker answered and closed at once) and holds them until stdin closes.
+    the broker answered and closed within 1.5 s), holds them until stdin closes, then
+    prints {"replies": {code: count}}: what the broker had answered each.
 python -m tests.hostile.peer_hostile PATH churn
     connects and hangs up in a loop until stdin closes; prints {"connects": n}.
 """
@@ -23,6 +24,7 @@ import select
 import socket
 import sys
 import threading
+import time
 from collections import Counter
 from contextlib import ExitStack
 
@@ -98,11 +100,26 @@ def halfopen(path: str, n: int) -> None:
     p = select.poll()
     for s in held:
         p.register(s.fileno(), select.POLLIN | select.POLLHUP)
-    answered = len({fd for fd, _ in p.poll(500)})
+    ready: set[int] = set()
+    deadline = time.monotonic() + 1.5  # the broker's deadline for silent ones is 2 s
+    while len(ready) < len(held) and (left := deadline - time.monotonic()) > 0:
+        for fd, _ in p.poll(left * 1000):
+            ready.add(fd)
+            p.unregister(fd)
+    answered = len(ready)
     print(json.dumps({"open": len(held), "answered_at_once": answered}), flush=True)
     sys.stdin.read()
+    got: Counter[str] = Counter()
     for s in held:
+        try:
+            reply = s.recv(65536)
+            got[json.loads(reply)["code"] if reply else "SILENT"] += 1
+        except BlockingIOError:
+            got["UNANSWERED"] += 1
+        except OSError as exc:
+            got[f"SILENT: {exc.strerror}"] += 1
         s.close()
+    print(json.dumps({"replies": dict(got)}), flush=True)
 
 
 def churn(path: str) -> None:

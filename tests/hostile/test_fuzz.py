@@ -11,10 +11,17 @@ exactly what it was given, and no traceback in the log.
 
 `make test` runs a short form (about 500 cases); `make fuzz` runs 10,000
 (PASID_FUZZ_CASES).
+
+peer.sock (issue 20) is fuzzed too, by uid 65534: random bytes, JSON-ish structures and
+fd sets, with the broker's descriptor count, precise answers and other uids' service
+checked after every batch (300 cases in `make test`).
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
+import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -27,8 +34,9 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from pasid.v1 import broker_pb2 as pb
 from pasid_client import Client, NotFound
-from pasid_client.handshake import ticket_for
+from pasid_client.handshake import obtain_ticket, ticket_for
 
+from tests.e2e.other_uid import open_for_nobody, require_setpriv
 from tests.harness import BrokerProcess
 from tests.hostile.common import (
     METHODS,
@@ -39,6 +47,14 @@ from tests.hostile.common import (
     fuzz_cases,
     raw_call,
     tenants,
+)
+from tests.hostile.test_peer_socket import (
+    OTHER,
+    Attacker,
+    assert_fds_back,
+    fd_count,
+    peer_path,
+    served_as,
 )
 
 BATCH = 100 if fuzz_cases(500) <= 500 else 500
@@ -227,3 +243,130 @@ def test_fuzz_every_method_restart_after_each_batch(fuzzer: Fuzzer) -> None:
     # session (a valid token and set) succeeded.
     reached = ("Alloc", "Free", "Session", "PasidRequest")
     assert sum(fuzzer.codes[(m, "OK")] for m in reached) > 0, dict(fuzzer.codes)
+
+
+# -- peer.sock (issue 20) -------------------------------------------------------------------
+
+PEER_KEYS = ["v", "pid", "fds", "devices", "name", "pt_id", "dev_id"]
+PEER_ROLES = ["pidfd", "iommufd", "device", "", "x" * 200]
+JSON_LEAF = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.sampled_from([0, 1, -1, 2**31, 2**63, 2**64, 10**40]),
+    st.integers(),
+    st.floats(allow_nan=False),
+    st.text(max_size=30),
+    st.sampled_from(PEER_ROLES),
+)
+JSONISH = st.recursive(
+    JSON_LEAF,
+    lambda kids: st.one_of(
+        st.lists(kids, max_size=4),
+        st.dictionaries(
+            st.one_of(st.sampled_from(PEER_KEYS), st.text(max_size=8)), kids, max_size=5
+        ),
+    ),
+    max_leaves=30,
+)
+
+
+@st.composite
+def peer_messages(draw: st.DrawFn, nfds: int) -> bytes:
+    """What a hostile client sends on peer.sock: bytes, JSON-ish structures, nearly valid
+    handshakes (their role list sometimes matching the fds sent), and deep nesting."""
+    kind = draw(st.integers(0, 4))
+    if kind == 0:
+        return draw(st.binary(max_size=5000))
+    if kind == 1:
+        return json.dumps(draw(JSONISH)).encode()
+    if kind == 2:
+        depth = draw(st.integers(1, 5000))
+        return (draw(st.sampled_from(["[", "{", '{"a":'])) * depth).encode()[:6000]
+    msg: dict[str, Any] = {"v": draw(st.sampled_from([1, 1, 1, 2, "1", None, True]))}
+    roles = ["pidfd"] + ["device"] * (nfds - 1) if nfds else []
+    if draw(st.booleans()):
+        roles = draw(st.lists(st.sampled_from(PEER_ROLES), max_size=18))
+    msg["fds"] = roles
+    if draw(st.booleans()):
+        msg["pid"] = draw(JSON_LEAF)
+    if draw(st.booleans()):
+        msg["devices"] = draw(JSONISH)
+    if kind == 4:
+        msg.update(draw(st.dictionaries(st.sampled_from(PEER_KEYS), JSONISH, max_size=3)))
+    return json.dumps(msg).encode()
+
+
+# A hostile handshake's answer: a precise refusal, or a ticket (for its own processes).
+# Never INTERNAL (a bug caught by the broker), nor silence (a dead or hung handshake).
+PEER_ANSWERS = {
+    "OK",
+    "INVALID_ARGUMENT",
+    "PERMISSION_DENIED",
+    "FAILED_PRECONDITION",
+    "RESOURCE_EXHAUSTED",
+}
+
+
+@pytest.mark.timeout(120 + fuzz_cases(300) * 0.1)
+def test_fuzz_peer_socket_as_another_uid() -> None:
+    """Random bytes, structures and fd sets (pipes, sockets, /dev/null, eventfds, memfds,
+    pidfds of the sender, of pid 1, of the broker and of another uid's process) sent on
+    peer.sock by uid 65534. After every batch: the broker holds the descriptors it held
+    before (unused tickets live 1 s here), every answer was precise, no traceback, and
+    root and uid 4242 are served."""
+    require_setpriv()
+    total = fuzz_cases(300)
+    b = BrokerProcess("--socket-mode", "0666", "--ticket-seconds", "1")
+    open_for_nobody(b.dir)
+    b.start()
+    other = subprocess.Popen(["sleep", "600"])  # a root process to hand over
+    attacker = None
+    try:
+        obtain_ticket(peer_path(b))
+        time.sleep(1.6)  # its ticket expired and swept: the baseline holds no ticket
+        baseline = fd_count(b)
+        assert b.proc is not None
+        pidfds = [f"pidfd:{b.proc.pid}", f"pidfd:{other.pid}", "pidfd:self", "pidfd:1"]
+        fd_kinds = st.sampled_from(["null", "pipe", "socket", "eventfd", "memfd", *pidfds])
+        fd_sets = st.one_of(
+            st.just([]),
+            st.lists(st.sampled_from(pidfds), min_size=1, max_size=1),  # a delegation
+            st.lists(fd_kinds, max_size=20),
+        )
+        attacker = Attacker(peer_path(b))
+        codes: Counter[str] = Counter()
+
+        @settings(
+            max_examples=min(total, 100),
+            deadline=None,
+            derandomize=False,
+            print_blob=True,
+            database=None,
+            phases=[Phase.generate],
+            suppress_health_check=list(HealthCheck),
+        )
+        @given(st.data())
+        def batch(data: st.DataObject) -> None:
+            fds = data.draw(fd_sets)
+            msg = data.draw(peer_messages(len(fds)))
+            assert attacker is not None
+            got = attacker.send(msg, fds)
+            for answer in got:
+                code = answer.split(":", 1)[0]
+                codes[code] += 1
+                assert code in PEER_ANSWERS, (msg[:200], fds, answer)
+
+        for _ in range(max(total // 100, 1)):
+            batch()
+            assert_fds_back(b, baseline, "a batch of fuzzed handshakes")
+            assert obtain_ticket(peer_path(b)).uid == 0
+            assert served_as(b, OTHER)["ok"]
+            assert_no_traceback(b)
+        print(f"{codes.total()} peer.sock cases:", dict(sorted(codes.items())))
+        assert codes["INVALID_ARGUMENT"] > 0 and codes["OK"] + codes["PERMISSION_DENIED"] > 0
+    finally:
+        if attacker is not None:
+            attacker.close()
+        other.kill()
+        other.wait()
+        b.cleanup()
