@@ -113,6 +113,11 @@ class Holders:
         except TicketError as exc:
             raise Unauthenticated(str(exc)) from None
 
+    def give_back(self, ticket: str, identity: PeerIdentity) -> None:
+        """An open that took `ticket` was refused: the ticket is usable again (if its
+        process runs and its fds are intact; else they are closed)."""
+        self.tickets.give_back(ticket, identity)
+
     def watch(
         self, set_id: int, identity: PeerIdentity, exited: Callable[..., None], *args: Any
     ) -> None:

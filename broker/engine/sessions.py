@@ -194,8 +194,8 @@ class Sessions:
                 return self._reattach(reattach_set_id, peer, identity)
             return self._open(client, pid, grace_seconds, resume_token, peer, identity, owner)
         except BaseException:
-            if identity is not None:
-                identity.close()
+            if identity is not None:  # refused: the ticket is the caller's again
+                self.holders.give_back(ticket, identity)
             raise
 
     def _open(

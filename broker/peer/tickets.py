@@ -3,7 +3,9 @@
 A ticket is a bearer secret valid once and briefly; the book keeps only its hash, in
 memory (a broker restart invalidates every ticket; clients just handshake again). Each
 ticket owns the pidfd (and any delegated fds) of its identity until it is taken or
-expires; then whoever took it owns them.
+expires; then whoever took it owns them. A ticket whose process has exited (its pidfd
+polls readable) is worth nothing and is dropped, so that only live unused tickets count
+against a uid's limit; one taken by an open that was refused is given back.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import contextlib
 import hashlib
 import os
 import secrets
+import select
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +26,9 @@ TICKET_BYTES = 32
 MAX_PER_UID = 1024
 MAX_TOTAL = 8192
 MAX_SPENT = 65536  # used/expired hashes remembered for a clearer error, then forgotten
+# How often expire() (each issue, take, and the peer server's sweep) also polls every
+# ticket's pidfd for an exit; at the per-uid limit issue() polls at once anyway.
+EXIT_SWEEP_SECONDS = 0.5
 
 
 class TicketError(Exception):
@@ -59,10 +65,26 @@ class PeerIdentity:
     fds: tuple[DelegatedFd, ...] = ()
     devices: tuple[dict[str, Any], ...] = ()
     _closed: bool = field(default=False, repr=False)
+    # The deadline of the ticket it came with (monotonic), kept for a give-back.
+    ticket_deadline: float = field(default=0.0, repr=False)
 
     @property
     def delegated(self) -> bool:
         return self.delegated_by is not None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def exited(self) -> bool:
+        """Whether the process has exited (its pidfd polls readable); a closed
+        identity counts as exited."""
+        if self._closed:
+            return True
+        try:
+            return bool(select.select([self.pidfd], [], [], 0)[0])
+        except (OSError, ValueError):
+            return True
 
     def close(self) -> None:
         """Close every fd this identity holds (idempotent)."""
@@ -85,6 +107,7 @@ class TicketBook:
         self.ttl = ttl
         self._clock = clock
         self._live: dict[str, tuple[float, PeerIdentity]] = {}
+        self._exits_swept = float("-inf")  # when drop_exited last ran from expire()
         # Recently used or expired hashes, to tell a replay from a typo; pruned by age.
         self._spent: dict[str, tuple[float, str]] = {}
 
@@ -94,16 +117,48 @@ class TicketBook:
     def issue(self, identity: PeerIdentity) -> str:
         """A fresh ticket for `identity`; the book owns its fds until taken or expired."""
         self.expire()
-        if len(self._live) >= MAX_TOTAL or (
-            sum(1 for _, i in self._live.values() if i.uid == identity.uid) >= MAX_PER_UID
-        ):
-            raise TooManyTickets(
-                f"too many unused tickets (at most {MAX_PER_UID} per uid, {MAX_TOTAL} in all);"
-                f" they expire after {self.ttl:g} s"
-            )
+        if self._full(identity.uid):
+            self.drop_exited()  # a dead process's tickets count for nothing
+            if self._full(identity.uid):
+                raise TooManyTickets(
+                    f"too many unused tickets of live processes (at most {MAX_PER_UID} per"
+                    f" uid, {MAX_TOTAL} in all); they expire after {self.ttl:g} s"
+                )
         ticket = secrets.token_urlsafe(TICKET_BYTES)
-        self._live[hash_ticket(ticket)] = (self._clock() + self.ttl, identity)
+        identity.ticket_deadline = self._clock() + self.ttl
+        self._live[hash_ticket(ticket)] = (identity.ticket_deadline, identity)
         return ticket
+
+    def _full(self, uid: int) -> bool:
+        return len(self._live) >= MAX_TOTAL or (
+            sum(1 for _, i in self._live.values() if i.uid == uid) >= MAX_PER_UID
+        )
+
+    def drop_exited(self) -> int:
+        """Drop the tickets whose process has exited, closing their fds; how many."""
+        dead = [h for h, (_, identity) in self._live.items() if identity.exited()]
+        for h in dead:
+            _, identity = self._live.pop(h)
+            identity.close()
+            self._remember(h, "void: its process has exited")
+        return len(dead)
+
+    def give_back(self, ticket: str, identity: PeerIdentity) -> bool:
+        """A ticket taken by an open that was then refused is usable again, until its
+        own deadline, if its process still runs and its fds are all still open. Else
+        its fds are closed. Returns whether it was given back."""
+        h = hash_ticket(ticket)
+        if (
+            identity.closed
+            or identity.ticket_deadline <= self._clock()
+            or h in self._live
+            or identity.exited()
+        ):
+            identity.close()
+            return False
+        self._spent.pop(h, None)
+        self._live[h] = (identity.ticket_deadline, identity)
+        return True
 
     def take(self, ticket: str) -> PeerIdentity:
         """The ticket's identity, once; the caller now owns its fds. Raises TicketError."""
@@ -132,8 +187,11 @@ class TicketBook:
         self._spent[h] = (self._clock() + self.ttl, why)
 
     def expire(self) -> int:
-        """Drop what is past its deadline, closing its fds; returns how many."""
+        """Drop what is past its deadline, closing its fds; returns how many expired."""
         now = self._clock()
+        if now - self._exits_swept >= EXIT_SWEEP_SECONDS:
+            self._exits_swept = now
+            self.drop_exited()
         due = [h for h, (deadline, _) in self._live.items() if deadline <= now]
         for h in due:
             _, identity = self._live.pop(h)

@@ -310,3 +310,33 @@ def test_an_anonymous_set_is_not_reattached_by_a_ticket(b: BrokerProcess) -> Non
     ch.close()
     with Client(b.address) as c, pytest.raises(NotFound):
         c.session(reattach_set_id=opened.set_id)
+
+
+# -- tickets: a dead process's count for nothing; a refused open gives its ticket back -----
+
+
+def test_tickets_of_a_process_that_exited_lock_nobody_out(b: BrokerProcess) -> None:
+    flood = (
+        "import sys\n"
+        "from pasid_client.handshake import obtain_ticket\n"
+        "for _ in range(1024):\n"
+        "    obtain_ticket(sys.argv[1])\n"
+    )
+    r = subprocess.run([sys.executable, "-c", flood, peer_sock(b)], timeout=120)
+    assert r.returncode == 0  # 1024 unused tickets, the most a uid may hold; then exited
+    with Client(b.address) as c, c.session("after-the-flood") as s:
+        assert s.verified
+
+
+def test_an_open_refused_gives_its_ticket_back(b: BrokerProcess) -> None:
+    from tests.e2e.test_peer_sessions import open_raw
+
+    t = obtain_ticket(peer_sock(b))
+    err = open_raw(b.address, ticket=t.ticket, pid=1)  # a false claim: refused
+    assert isinstance(err, grpc.RpcError) and err.code() is grpc.StatusCode.INVALID_ARGUMENT
+    err = open_raw(b.address, ticket=t.ticket, reattach_set_id=99)  # no such set of ours
+    assert isinstance(err, grpc.RpcError) and err.code() is grpc.StatusCode.NOT_FOUND
+    opened = open_raw(b.address, ticket=t.ticket)  # the same ticket, still good
+    assert isinstance(opened, pb.SessionOpened) and opened.verified
+    err = open_raw(b.address, ticket=t.ticket)  # and used up by the open that succeeded
+    assert isinstance(err, grpc.RpcError) and "already used" in (err.details() or "")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 
@@ -74,3 +75,63 @@ def test_outstanding_tickets_per_uid_are_bounded(monkeypatch: pytest.MonkeyPatch
     extra.close()
     book.issue(ident(8))  # another uid is not starved
     book.close()
+
+
+def process_identity(proc: subprocess.Popen[bytes], uid: int = 7) -> PeerIdentity:
+    """An identity whose pidfd is a real process's (it polls readable once it exits)."""
+    return PeerIdentity(
+        pid=proc.pid, uid=uid, gid=0, ns_pid=proc.pid, start_time=1, pidfd=os.pidfd_open(proc.pid)
+    )
+
+
+def test_tickets_of_an_exited_process_no_longer_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lockout of issue 19: a process made the most tickets its uid may hold and
+    exited; each ticket's pidfd says so, and the uid's next handshake is not refused."""
+    monkeypatch.setattr(tickets, "MAX_PER_UID", 50)
+    book = TicketBook(30, Clock())
+    gone = subprocess.Popen(["sleep", "60"])
+    dead = [process_identity(gone) for _ in range(50)]
+    spent = [book.issue(i) for i in dead]
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        extra = process_identity(live)
+        with pytest.raises(TooManyTickets, match="at most 50 per uid"):
+            book.issue(extra)  # while the first process lives, its tickets count
+        gone.kill()
+        gone.wait()
+        t = book.issue(extra)  # now they count for nothing
+        assert len(book) == 1 and all(not fd_open(i.pidfd) for i in dead)
+        with pytest.raises(TicketError, match="its process has exited"):
+            book.take(spent[0])
+        assert book.take(t) is extra
+        extra.close()
+    finally:
+        live.kill()
+        live.wait()
+        book.close()
+
+
+def test_a_ticket_given_back_is_usable_again_until_its_deadline() -> None:
+    clock = Clock()
+    book = TicketBook(30, clock)
+    proc = subprocess.Popen(["sleep", "60"])
+    try:
+        i = process_identity(proc)
+        t = book.issue(i)
+        assert book.take(t) is i
+        assert book.give_back(t, i)  # the open that took it was refused
+        assert book.take(t) is i and fd_open(i.pidfd)
+        clock.now += 30
+        assert not book.give_back(t, i)  # past its deadline: closed, not kept
+        assert not fd_open(i.pidfd)
+        j = process_identity(proc)
+        t2 = book.issue(j)
+        book.take(t2)
+        proc.kill()
+        proc.wait()
+        assert not book.give_back(t2, j) and not fd_open(j.pidfd)  # its process exited
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        book.close()
