@@ -328,6 +328,23 @@ class Config:
         "on SIGTERM, how long in-flight calls may finish",
         unit="seconds, 0..3600",
     )
+    connection_idle_seconds: float = setting(
+        120.0,
+        seconds(0, 30 * 86_400),
+        "clients' Unix socket: a connection with no call open for this long is closed "
+        "(GOAWAY; a client reconnects for its next call, a Session stream is a call and "
+        "keeps its connection); 0 = never. Bounds the descriptors idle connections hold",
+        unit="seconds, 0..2592000",
+    )
+    fd_reserve: int = setting(
+        1024,
+        integer(0, 1 << 20),
+        "descriptors kept from the clients' socket's connections, for the admin socket, "
+        "the peer handshake, the database and metrics: that socket holds at most "
+        "(RLIMIT_NOFILE - this) / 2 connections at once, the rest wait in its backlog "
+        "(docs/limits.md)",
+        unit="descriptors",
+    )
     keepalive_seconds: float = setting(
         10.0,
         seconds(0, 3600, above=True),

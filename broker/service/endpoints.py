@@ -5,6 +5,7 @@ TCP probe; then bound, started and published in that order, and drained on SIGTE
 from __future__ import annotations
 
 import asyncio
+import resource
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,38 @@ def check_transport(config: Config) -> tuple[TlsFiles | None, AdminPolicy]:
     if config.admin_subjects and files is None:
         raise StartupError("--admin-subject needs a TLS listener (--listen with --tls-*)")
     return files, policy
+
+
+# A local client sends the HTTP/2 preface within milliseconds of connecting; one that
+# sends nothing holds a descriptor only this long (grpc's default is 120 s).
+HANDSHAKE_TIMEOUT_MS = 10_000
+
+
+def connection_cap(fd_reserve: int) -> int:
+    """Connections the clients' socket may hold at once: half of the descriptors left
+    after `fd_reserve` (RLIMIT_NOFILE, raised at start), since each local session also
+    holds a pidfd, and a connection can carry many sessions. The reserve keeps the
+    admin socket, the peer handshake, the database and the metrics listener working
+    however many connections one uid opens (issue 20, point 4)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(64, (soft - fd_reserve) // 2)
+
+
+def clients_socket_options(config: Config) -> list[tuple[str, int]]:
+    """What bounds the descriptors connections to the clients' socket hold: grpc gives
+    no SO_PEERCRED per connection, so no per-uid cap is possible without a proxy in the
+    accept path; instead a cap in all (beyond it, connections wait in the listen backlog,
+    holding none of the broker's descriptors), a short handshake timeout, and idle
+    connections (no call open) closed after --connection-idle-seconds."""
+    opts = [
+        ("grpc.max_allowed_incoming_connections", connection_cap(config.fd_reserve)),
+        ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
+    ]
+    if config.connection_idle_seconds:
+        opts.append(("grpc.max_connection_idle_ms", _ms(config.connection_idle_seconds)))
+    return opts
 
 
 def server_options(config: Config, *, remote: bool) -> list[tuple[str, int]]:
@@ -109,12 +142,13 @@ def _grpc_server(
     admin: PasidAdminServicer | None = None,
     *,
     remote: bool = False,
+    options: list[tuple[str, int]] | None = None,
 ) -> grpc.aio.Server:
     # The authorizer first: no servicer code (and no timer) runs for a refused call.
     # Then TolerantDecoding: a request that does not parse reaches the servicer's
     # boundary as wire.Malformed (counted, logged once per peer) instead of a traceback.
     server = grpc.aio.server(
-        options=server_options(config, remote=remote),
+        options=server_options(config, remote=remote) + (options or []),
         interceptors=[authorizer, TolerantDecoding(), metrics.rpc_timer()],
     )
     services = GenericOnly(server)
@@ -241,7 +275,14 @@ def build_endpoints(
     # On the Unix sockets a caller shows who it is with a peer ticket in the call's
     # metadata (the client library does the handshake); without one it is anonymous.
     unix_authz = Authorizer("unix", policy, take_ticket)
-    server = _grpc_server(config, servicer, health_servicer, metrics, unix_authz)
+    server = _grpc_server(
+        config,
+        servicer,
+        health_servicer,
+        metrics,
+        unix_authz,
+        options=clients_socket_options(config),
+    )
     sock = Path(config.socket)
     endpoints = Endpoints(
         health_servicer,
