@@ -1,7 +1,7 @@
 """The peer socket: one SOCK_SEQPACKET exchange that turns kernel credentials into a ticket.
 
 grpcio never shows the broker a peer's socket, so identity is learned here, on a socket the
-broker accepts itself (docs/peer-identity.md). Wire format (HANDSHAKE.md): the client sends
+broker accepts itself. Wire format (docs/peer-identity.md): the client sends
 one JSON object, optionally with SCM_RIGHTS fds whose roles `"fds"` lists in order; the
 broker answers one JSON object with a one-time ticket, or with a code and an error.
 """

@@ -66,8 +66,9 @@ class SetView:
     peer: str = ""
     quota: int = 0
     grace_seconds: int = 0
-    # The kernel-verified holder: pid (above; broker's pid namespace), uid, and the pid
-    # it sees for itself. Unverified (anonymous, TCP): verified False and zeros.
+    # The kernel-verified holder: pid (above; broker's pid namespace), uid (the set counts
+    # under it: the holder's, or for a delegated holder its delegator's), and the pid it
+    # sees for itself. Unverified (anonymous, TCP): verified False and zeros.
     verified: bool = False
     uid: int = 0
     ns_pid: int = 0

@@ -429,7 +429,8 @@ class SetInfo(_message.Message):
     grace_seconds: _builtins.int
     verified: _builtins.bool
     """The kernel-verified holder (verified = true): pid above is its pid in the broker's
-    pid namespace, uid its effective uid, ns_pid the pid it sees for itself.
+    pid namespace, uid the uid the set counts under (the holder's effective uid; for a
+    delegated holder, its delegator's), ns_pid the pid it sees for itself.
     Unverified (anonymous or TCP): pid, uid and ns_pid are 0.
     """
     uid: _builtins.int
