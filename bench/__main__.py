@@ -11,6 +11,7 @@ BENCHMARKS = {
     "rpc": "bench.rpc",
     "release": "bench.release",
     "restart": "bench.restart",
+    "watch": "bench.watch",
 }
 # Run only when named: diagnostics, not targets (bench/profile.py needs perf).
 ON_REQUEST = {"profile": "bench.profile"}

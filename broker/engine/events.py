@@ -9,19 +9,116 @@ are not woken by each other's events. A
 watcher's backlog is the log itself, so a slow watcher costs no memory of its own: when
 it falls more than `buffer` events behind it is cut off (LimitExceeded, naming the
 revision to Watch again from) and the others never wait for it.
+
+Fan-out never delays the request path (issue 20, point 6): sending is the cost (a
+message per event per watcher, on the event loop), and 512 watchers woken by one commit
+put 512 sends ahead of every request that arrived meanwhile. So watchers send through a
+FanoutGate: at most FANOUT_SLOTS of them send at once, each at most FANOUT_BATCH events
+per turn before it queues again, and while more wait, sending takes at most
+FANOUT_SHARE of the time; the watchers lag instead (a lagging watcher costs nothing but
+its cursor, and is cut off past the buffer). A slot is a lease: a watcher whose client
+stopped reading (its send blocked on flow control) loses its slot after FANOUT_LEASE
+seconds, so it cannot stall the others' fan-out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import bisect
-from collections.abc import AsyncIterator
+import collections
+import time
+from collections.abc import AsyncIterator, Callable
 
 from broker.core import Compacted, LimitExceeded, NotReady
 from broker.store import Event, SqliteStore
 
 WATCH_BUFFER = 10_000  # committed events kept in memory for live watchers (the default)
 _REPLAY_BATCH = 1000
+FANOUT_SLOTS = 4  # watchers sending at once
+FANOUT_BATCH = 32  # events one watcher sends per turn
+FANOUT_LEASE = 1.0  # seconds a watcher may hold a slot (a blocked send loses it)
+FANOUT_SHARE = 0.25  # of the time, at most, some watcher is sending
+FANOUT_BURST = 0.02  # seconds of sending saved up while idle
+
+
+class _Lease:
+    __slots__ = ("active", "timer")
+
+    def __init__(self) -> None:
+        self.active = True
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class FanoutGate:
+    """At most `slots` watchers sending at once, served in arrival order; while more
+    want to send, sending takes at most `share` of the time (a token bucket of seconds,
+    `burst` saved up): up to `slots` watchers never wait, 512 watchers of a churning set
+    lag instead of taking the event loop from the requests. Each slot is a lease that
+    expires after `lease` seconds if not given back."""
+
+    def __init__(
+        self,
+        slots: int = FANOUT_SLOTS,
+        lease: float = FANOUT_LEASE,
+        share: float = FANOUT_SHARE,
+        burst: float = FANOUT_BURST,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._free = slots
+        self._slots = slots
+        self._lease = lease
+        self._share = share
+        self._burst = burst
+        self._clock = clock
+        self._tokens = burst
+        self._stamp = clock()
+        self._waiters: collections.deque[asyncio.Future[_Lease]] = collections.deque()
+
+    def _account(self) -> float:
+        """Refill for the time passed, less that time if someone was sending; the
+        tokens (seconds of sending) left, negative when over the share."""
+        now = self._clock()
+        passed, self._stamp = now - self._stamp, now
+        # Only contended time counts: up to `slots` watchers send freely (a lone watcher
+        # of a busy set keeps up); beyond them, sending is held to the share.
+        busy = passed if self._free < self._slots and self._waiters else 0.0
+        self._tokens = min(self._burst, self._tokens + passed * self._share - busy)
+        return self._tokens
+
+    async def acquire(self) -> _Lease:
+        # Over the share: wait until it is paid back (a budget of time, not an event).
+        while (debt := -self._account()) > 0:  # noqa: ASYNC110
+            await asyncio.sleep(debt / self._share)
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return self._grant()
+        fut: asyncio.Future[_Lease] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release(fut.result())  # granted as we were cancelled: pass it on
+            raise
+
+    def _grant(self) -> _Lease:
+        lease = _Lease()
+        lease.timer = asyncio.get_running_loop().call_later(self._lease, self.release, lease)
+        return lease
+
+    def release(self, lease: _Lease) -> None:
+        if not lease.active:
+            return  # expired, then given back: already passed on
+        lease.active = False
+        if lease.timer is not None:
+            lease.timer.cancel()
+        self._account()
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(self._grant())
+                return
+        self._free += 1
 
 
 class EventFanout:
@@ -38,6 +135,7 @@ class EventFanout:
         self._wake_set: dict[int, asyncio.Future[None]] = {}  # set_id -> its watchers
         self._ended = False
         self.revision = 0  # last committed event revision
+        self._gate = FanoutGate()
 
     def publish(self, events: list[Event]) -> None:
         """Called on the loop after each commit, in revision order."""
@@ -122,15 +220,22 @@ class EventFanout:
         pos = self._position_after(last)
         while True:
             while pos < self._dropped + len(self._log):
-                if pos < self._dropped:
-                    raise self._cut_off(last)
-                ev = self._log[pos - self._dropped]
-                pos += 1
-                if ev.revision <= last:
-                    continue
-                last = ev.revision
-                if visible(ev):
-                    yield ev  # the log may be trimmed meanwhile: checked above
+                lease = await self._gate.acquire()  # a turn to send (module doc)
+                try:
+                    sent = 0
+                    while sent < FANOUT_BATCH and pos < self._dropped + len(self._log):
+                        if pos < self._dropped:
+                            raise self._cut_off(last)
+                        ev = self._log[pos - self._dropped]
+                        pos += 1
+                        if ev.revision <= last:
+                            continue
+                        last = ev.revision
+                        if visible(ev):
+                            sent += 1
+                            yield ev  # the log may be trimmed meanwhile: checked above
+                finally:
+                    self._gate.release(lease)
             if pos < self._dropped:
                 raise self._cut_off(last)
             if self._ended:

@@ -52,6 +52,15 @@ def test_daemon_benchmarks_run_and_print_their_ratios() -> None:
         assert line in r.stdout, r.stdout
 
 
+def test_watch_benchmark_runs_and_prints_its_ratio() -> None:
+    """`bench watch --quick`: 512 watchers of a churning set against another tenant's
+    allocs, end to end; the ratio the docs quote comes out (no figure is checked)."""
+    r = bench("watch", "--quick", timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "watch fan-out: p99 ratio" in r.stdout and "(target <= 5)" in r.stdout, r.stdout
+    assert "with 512 watchers of it" in r.stdout
+
+
 def test_profile_splits_each_servers_cpu_by_component() -> None:
     """`bench profile --quick`: perf samples the echo, the broker and the broker without
     SQLite, and the table the docs quote comes out (no figure is checked)."""

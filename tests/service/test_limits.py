@@ -99,3 +99,31 @@ def test_a_set_watcher_is_woken_only_by_its_own_sets_events() -> None:
             await anext(mine)
 
     asyncio.run(run())
+
+
+def test_fanout_gate_bounds_senders_and_their_share_of_time_under_contention() -> None:
+    """Issue 20, point 6: up to `slots` watchers send freely; beyond them, sending takes
+    at most `share` of the time, so 512 watchers lag instead of delaying requests."""
+    from broker.engine.events import FanoutGate
+
+    now = [0.0]
+
+    async def run() -> None:
+        gate = FanoutGate(slots=2, lease=60.0, share=0.25, burst=0.0, clock=lambda: now[0])
+        a, b = await gate.acquire(), await gate.acquire()
+        third = asyncio.ensure_future(gate.acquire())
+        await asyncio.sleep(0)
+        assert not third.done()  # both slots taken: it waits, in order
+        now[0] += 1.0  # one contended second of sending: a debt of 0.75 s
+        gate.release(a)
+        c = await third
+        gate.release(b)
+        gate.release(c)
+        assert gate._account() == pytest.approx(-0.75)
+        later = asyncio.ensure_future(gate.acquire())
+        await asyncio.sleep(0.01)
+        assert not later.done()  # over the share: it waits the debt out (3 s at 25 %)
+        now[0] += 3.0
+        await asyncio.wait_for(later, 5)  # paid back: served
+
+    asyncio.run(run())
