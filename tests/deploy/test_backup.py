@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from pasid_client import Client
 
-from tests.e2e.other_uid import NOBODY, open_for_nobody, setpriv
+from tests.e2e.other_uid import NOBODY, SYSTEM_PYTHON, open_for_nobody, setpriv
 from tests.harness import ROOT, BrokerProcess, db_holdings
 
 
@@ -84,6 +84,27 @@ def _mode(p: Path) -> int:
     return stat.S_IMODE(p.stat().st_mode)
 
 
+def _nobody_cannot_read(path: Path) -> None:
+    """Another uid (65534, setpriv) reading `path` gets EACCES, the directory being open
+    to it (skipped, saying why, where another uid cannot be taken)."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        return
+    seen = Path(tempfile.mkdtemp(prefix="pb-backup-", dir="/tmp"))
+    try:
+        seen.chmod(0o755)
+        copy = seen / path.name
+        shutil.copy2(path, copy)  # its mode with it, in a directory nobody may enter
+        r = subprocess.run(
+            [*setpriv(), SYSTEM_PYTHON, "-c", f"open({str(copy)!r}, 'rb').read()"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert r.returncode != 0 and "PermissionError" in r.stderr, (r.returncode, r.stderr)
+    finally:
+        shutil.rmtree(seen, ignore_errors=True)
+
+
 @pytest.mark.parametrize("umask", [0o000, 0o022], ids=["umask000", "umask022"])
 def test_backup_and_restore_are_0600_whatever_the_umask(tmp_path: Path, umask: int) -> None:
     """A backup names every tenant's clients and pids and holds token hashes: 0600 under
@@ -104,6 +125,7 @@ def test_backup_and_restore_are_0600_whatever_the_umask(tmp_path: Path, umask: i
             assert r.returncode == 0, r.stderr
         assert _mode(dest) == 0o600
         assert sorted(p.name for p in tmp_path.iterdir()) == ["backup.db"]  # no leftovers
+        _nobody_cannot_read(dest)
         assert b.stop() == 0
         old = os.umask(umask)
         try:
