@@ -12,6 +12,7 @@ BENCHMARKS = {
     "release": "bench.release",
     "restart": "bench.restart",
     "watch": "bench.watch",
+    "handshake": "bench.handshake",
 }
 # Run only when named: diagnostics, not targets (bench/profile.py needs perf).
 ON_REQUEST = {"profile": "bench.profile"}
