@@ -15,7 +15,7 @@ from pasid.v1 import broker_pb2_grpc as pb_grpc
 from broker.engine import Broker
 from broker.service import wire
 from broker.service.boundary import boundary
-from broker.service.messages import set_info
+from broker.service.messages import list_page
 from broker.service.servicer import PasidBrokerServicer
 
 
@@ -34,8 +34,9 @@ class PasidAdminServicer(pb_grpc.PasidAdminServicer):
     async def ListSets(
         self, request: pb.ListSetsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListResponse:
-        sessions = self.broker.sessions()
-        return pb.ListResponse(sets=[set_info(s, request.with_ranges) for s in sessions])
+        return list_page(
+            self.broker.sessions(), request.with_ranges, request.page_size, request.page_token
+        )
 
     @boundary
     async def RevokeSet(

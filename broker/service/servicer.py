@@ -77,13 +77,13 @@ class PasidBrokerServicer(SessionStreamServicer):
         if request.all_sets:
             if not current_caller().admin:
                 raise PermissionDenied(ADMIN_ONLY)
-            return list_response(self.broker, None, True)
+            return list_response(self.broker, None, request)
         if request.ticket:  # a holder's own sets, to re-attach them (no tokens)
             held = self.broker.held_sets(wire.check_token(request.ticket, "ticket"), context.peer())
             return pb.ListResponse(sets=[set_info(s) for s in held])
 
         async def one(s: BrokerSession) -> pb.ListResponse:
-            return list_response(self.broker, s, False)
+            return list_response(self.broker, s, request)
 
         return await self._unary(request.session, one)
 

@@ -373,7 +373,7 @@ class SessionStreamServicer(pb_grpc.PasidBrokerServicer):
         if op == "list":
             if req.list.all_sets and not current_caller().admin:
                 raise PermissionDenied(ADMIN_ONLY)
-            resp = pb.SessionResponse(list=list_response(b, sess, req.list.all_sets))
+            resp = pb.SessionResponse(list=list_response(b, sess, req.list))
             return done_future(resp), _as_is
         if op == "release":
             return b.release(sess), _release_reply

@@ -30,7 +30,7 @@ from pasid_client.errors import (
     make_error,
 )
 from pasid_client.handshake import Ticket, identity_metadata, open_request, ticket_for
-from pasid_client.types import ALL, Event, Info, SetView
+from pasid_client.types import ALL, LIST_PAGE_SIZE, Event, Info, SetView, join_pages
 
 
 def _error_of(err: pb.Error) -> PasidClientError:
@@ -144,9 +144,13 @@ class AsyncSession:
         return int((await self._request(request=req)).request.ret)
 
     async def list(self) -> SetView:
-        """This session's set. Raises Unavailable."""
-        resp = await self._request(list=pb.ListRequest())
-        return SetView.from_pb(resp.list.sets[0])
+        """This session's set (read in pages, however fragmented). Raises Unavailable."""
+
+        async def page(token: str) -> pb.ListResponse:
+            req = pb.ListRequest(page_size=LIST_PAGE_SIZE, page_token=token)
+            return (await self._request(list=req)).list
+
+        return join_pages(await _pages(page))[0]
 
     async def close(self) -> None:
         """End the stream: the broker destroys the set (or keeps it for the grace)."""
@@ -363,8 +367,12 @@ class AsyncClient:
     async def list_session(self, session_id: int, token: str) -> SetView:
         """A session's set. Raises NotFound."""
         ref = pb.SessionRef(session_id=session_id, token=token)
-        resp = await self._unary(self._stub.List, pb.ListRequest(session=ref))
-        return SetView.from_pb(resp.sets[0])
+
+        async def page(page_token: str) -> pb.ListResponse:
+            req = pb.ListRequest(session=ref, page_size=LIST_PAGE_SIZE, page_token=page_token)
+            return await self._unary(self._stub.List, req)  # type: ignore[no-any-return]
+
+        return join_pages(await _pages(page))[0]
 
     async def pasid_request(
         self, session_id: int, token: str, argsz: int, flags: int, min: int, max: int
@@ -397,11 +405,16 @@ class AsyncClient:
     # -- admin (on the admin socket) --------------------------------------------------
 
     async def list_sets(self, with_ranges: bool = True) -> list[SetView]:
-        """Every set with owner, peer, counts. Admin socket; else PermissionDenied."""
-        resp = await self._admin_unary(
-            self._admin.ListSets, pb.ListSetsRequest(with_ranges=with_ranges)
-        )
-        return [SetView.from_pb(s) for s in resp.sets]
+        """Every set with owner, peer, counts, read in pages however many there are.
+        Admin socket; else PermissionDenied."""
+
+        async def page(token: str) -> pb.ListResponse:
+            req = pb.ListSetsRequest(
+                with_ranges=with_ranges, page_size=LIST_PAGE_SIZE, page_token=token
+            )
+            return await self._admin_unary(self._admin.ListSets, req)  # type: ignore[no-any-return]
+
+        return join_pages(await _pages(page))
 
     async def revoke(self, set_id: int, reason: str = "") -> int:
         """Destroy a set now; returns how many PASIDs it held. Raises NotFound,
@@ -435,3 +448,12 @@ def _watch_request(from_revision: int, session_id: int, token: str) -> pb.WatchR
     if session_id or token:
         req.session.CopyFrom(pb.SessionRef(session_id=session_id, token=token))
     return req
+
+
+async def _pages(page: Callable[[str], Awaitable[pb.ListResponse]]) -> list[pb.ListResponse]:
+    """Every page of a listing: `page(token)` from the empty token until the broker's
+    next_page_token is empty (an older broker sends everything at once, and none)."""
+    pages = [await page("")]
+    while pages[-1].next_page_token:
+        pages.append(await page(pages[-1].next_page_token))
+    return pages

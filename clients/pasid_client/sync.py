@@ -10,7 +10,7 @@ import itertools
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any
 
@@ -29,7 +29,7 @@ from pasid_client.errors import (
     make_error,
 )
 from pasid_client.handshake import Ticket, identity_metadata, open_request, ticket_for
-from pasid_client.types import ALL, Event, Info, SetView
+from pasid_client.types import ALL, LIST_PAGE_SIZE, Event, Info, SetView, join_pages
 
 
 class Session:
@@ -100,8 +100,13 @@ class Session:
         return int(self._request(request=req).request.ret)
 
     def list(self) -> SetView:
-        """This session's set."""
-        return SetView.from_pb(self._request(list=pb.ListRequest()).list.sets[0])
+        """This session's set (read in pages, however fragmented)."""
+
+        def page(token: str) -> pb.ListResponse:
+            req = pb.ListRequest(page_size=LIST_PAGE_SIZE, page_token=token)
+            return self._request(list=req).list
+
+        return join_pages(_pages(page))[0]
 
     def wait_ended(self) -> PasidClientError:
         """Block until the broker ends this session's stream (its holder exited, a revoke,
@@ -331,7 +336,12 @@ class Client:
     def list_session(self, session_id: int, token: str) -> SetView:
         """Raises NotFound."""
         ref = pb.SessionRef(session_id=session_id, token=token)
-        return SetView.from_pb(self._unary(self._stub.List, pb.ListRequest(session=ref)).sets[0])
+
+        def page(page_token: str) -> pb.ListResponse:
+            req = pb.ListRequest(session=ref, page_size=LIST_PAGE_SIZE, page_token=page_token)
+            return self._unary(self._stub.List, req)  # type: ignore[no-any-return]
+
+        return join_pages(_pages(page))[0]
 
     def pasid_request(
         self, session_id: int, token: str, argsz: int, flags: int, min: int, max: int
@@ -356,9 +366,16 @@ class Client:
         )
 
     def list_sets(self, with_ranges: bool = True) -> list[SetView]:
-        """Every set (admin socket). Raises PermissionDenied elsewhere."""
-        resp = self._admin_unary(self._admin.ListSets, pb.ListSetsRequest(with_ranges=with_ranges))
-        return [SetView.from_pb(s) for s in resp.sets]
+        """Every set (admin socket), read in pages however many there are. Raises
+        PermissionDenied elsewhere."""
+
+        def page(token: str) -> pb.ListResponse:
+            req = pb.ListSetsRequest(
+                with_ranges=with_ranges, page_size=LIST_PAGE_SIZE, page_token=token
+            )
+            return self._admin_unary(self._admin.ListSets, req)  # type: ignore[no-any-return]
+
+        return join_pages(_pages(page))
 
     def revoke(self, set_id: int, reason: str = "") -> int:
         """Destroy a set now (admin socket); returns how many PASIDs it held. Raises
@@ -377,3 +394,15 @@ class Client:
         return Info.from_pb(
             self._admin_unary(self._admin.SetQuotas, pb.SetQuotasRequest(set_id=set_id, quotas=q))
         )
+
+
+def _pages(page: Callable[[str], pb.ListResponse]) -> Iterator[pb.ListResponse]:
+    """Every page of a listing: `page(token)` from the empty token until the broker's
+    next_page_token is empty (an older broker sends everything at once, and none)."""
+    token = ""
+    while True:
+        resp = page(token)
+        yield resp
+        token = resp.next_page_token
+        if not token:
+            return

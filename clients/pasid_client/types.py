@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from pasid.v1 import broker_pb2 as pb
 
 ALL = 2**32 - 1  # the widest free: "everything I hold", cheap by design
+# Entries (a set, or one of its ranges) asked for per page of a listing: about 200 KB,
+# and a few tens of milliseconds of the broker's loop per page, which serves other calls
+# between pages. The broker also keeps each page under 1 MiB (gRPC's default receive
+# limit is 4 MiB).
+LIST_PAGE_SIZE = 16384
+
+
+def join_pages(pages: Iterable[pb.ListResponse]) -> list[SetView]:
+    """The sets of a paged listing, a set split across pages joined back into one."""
+    sets: list[pb.SetInfo] = []
+    for page in pages:
+        for info in page.sets:
+            if sets and sets[-1].set_id == info.set_id:
+                sets[-1].ranges.extend(info.ranges)
+            else:
+                sets.append(info)
+    return [SetView.from_pb(s) for s in sets]
 
 
 @dataclass(frozen=True)

@@ -345,6 +345,8 @@ class ListRequest(_message.Message):
     SESSION_FIELD_NUMBER: _builtins.int
     ALL_SETS_FIELD_NUMBER: _builtins.int
     TICKET_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     all_sets: _builtins.bool
     """List every set on the broker (owner, counts and ranges) instead of the caller's;
     an admin call (PERMISSION_DENIED otherwise).
@@ -353,6 +355,9 @@ class ListRequest(_message.Message):
     """Instead of a session: a peer-handshake ticket. Lists the sets (attached or detached)
     whose verified holder is the ticket's holder process, for a re-attach without tokens.
     """
+    page_size: _builtins.int
+    """Paging (see ListSetsRequest): 0 = the whole listing in one reply."""
+    page_token: _builtins.str
     @_builtins.property
     def session(self) -> Global___SessionRef: ...
     def __init__(
@@ -361,10 +366,12 @@ class ListRequest(_message.Message):
         session: Global___SessionRef | None = ...,
         all_sets: _builtins.bool = ...,
         ticket: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_sets", b"all_sets", "session", b"session", "ticket", b"ticket"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_sets", b"all_sets", "page_size", b"page_size", "page_token", b"page_token", "session", b"session", "ticket", b"ticket"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -474,16 +481,24 @@ class ListResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SETS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Ask again with this as page_token for the next page; empty after the last one."""
     @_builtins.property
-    def sets(self) -> _containers.RepeatedCompositeFieldContainer[Global___SetInfo]: ...
+    def sets(self) -> _containers.RepeatedCompositeFieldContainer[Global___SetInfo]:
+        """In set_id order. When paged, a set too large for one page continues on the next:
+        the same set_id again, with the rest of its ranges (the client library joins them).
+        """
+
     def __init__(
         self,
         *,
         sets: _abc.Iterable[Global___SetInfo] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["sets", b"sets"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "sets", b"sets"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -772,15 +787,29 @@ class ListSetsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     WITH_RANGES_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     with_ranges: _builtins.bool
+    page_size: _builtins.int
+    """Most entries (a set, or one of its ranges) in one reply; the broker also keeps a
+    reply under 1 MiB, so that a listing of millions of fragmented PASIDs pages instead
+    of failing at gRPC's 4 MiB receive limit. 0 = the whole listing in one reply (as
+    before paging; it may exceed that limit).
+    """
+    page_token: _builtins.str
+    """next_page_token from the previous reply; empty for the first page. Each page is
+    read at once; the pages together are not one snapshot (sets may change between).
+    """
     def __init__(
         self,
         *,
         with_ranges: _builtins.bool = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["with_ranges", b"with_ranges"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "with_ranges", b"with_ranges"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
