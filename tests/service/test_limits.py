@@ -127,3 +127,18 @@ def test_fanout_gate_bounds_senders_and_their_share_of_time_under_contention() -
         await asyncio.wait_for(later, 5)  # paid back: served
 
     asyncio.run(run())
+
+
+def test_log_throttle_bounds_lines_per_peer_and_in_all() -> None:
+    """Issue 20, point 5: a burst per peer, then its rate; a cap over all peers; the next
+    line says how many were held back. Fields are clipped, saying by how much."""
+    from broker.logs import LogThrottle, clip
+
+    now = [0.0]
+    t = LogThrottle(burst=2, interval=10.0, total=2, clock=lambda: now[0])
+    assert [t.allow("a"), t.allow("a"), t.allow("a"), t.allow("a")] == [0, 0, None, None]
+    assert [t.allow("b"), t.allow("b"), t.allow("c")] == [0, 0, None]  # 4 in all: the cap
+    now[0] += 5.0  # a's bucket: one line back (2 per 10 s); the cap: two
+    assert t.allow("a") == 2  # the two held back are counted
+    assert clip("x" * 300) == "x" * 256 + "...[44 more chars]"
+    assert clip("short") == "short"
