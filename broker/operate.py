@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sqlite3
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -128,8 +130,15 @@ def _copy(db: str, tmp: Path) -> int:
 
 
 def restore(source: str, db: str, sockets: list[str]) -> str:
-    """Replace `db` by `source`, only while no broker holds it (its instance lock)."""
+    """Replace `db` by `source`, only while no broker holds it (its instance lock).
+
+    What was committed after the backup is rolled back: the copy says so (meta
+    `restored`, reported once by the next start), and the witness is reset to the
+    copy's revision, so that the start-up checks do not take the rollback for a lost
+    WAL (broker/store/checks.py)."""
+    from broker.core.errors import StoreError
     from broker.service.instance import InstanceLock, StartupError
+    from broker.store import checks
 
     # A socket whose directory is gone has no broker on it (/run after a reboot, or a
     # RuntimeDirectory= removed at stop), and making /run directories is not ours to do:
@@ -141,6 +150,10 @@ def restore(source: str, db: str, sockets: list[str]) -> str:
     except StartupError as exc:
         raise RuntimeError(f"refusing to restore under a running broker: {exc}") from None
     try:
+        try:
+            witness = checks.read_witness(Path(db))
+        except StoreError:
+            witness = None
         src = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
         try:
             check = _integrity(src)
@@ -152,6 +165,7 @@ def restore(source: str, db: str, sockets: list[str]) -> str:
                 out = sqlite3.connect(tmp)
                 try:
                     src.backup(out)
+                    revision = _mark_restored(out, source, witness)
                 finally:
                     out.close()
         finally:
@@ -159,9 +173,37 @@ def restore(source: str, db: str, sockets: list[str]) -> str:
         for stale in (Path(db + "-wal"), Path(db + "-shm")):
             stale.unlink(missing_ok=True)
         os.replace(tmp, db)
+        checks.write_witness(Path(db), revision)
     finally:
         lock.close()
-    return f"restored {db} from {source}; the next start migrates and checks it"
+    lost = (
+        f"; {witness - revision} logged changes after it are rolled back"
+        if witness is not None and witness > revision
+        else ""
+    )
+    return (
+        f"restored {db} from {source} (revision {revision}{lost}); the next start migrates"
+        " and checks it, and reports the rollback"
+    )
+
+
+def _mark_restored(out: sqlite3.Connection, source: str, witness: int | None) -> int:
+    """Note the restore in the copy (meta `restored`); returns the copy's revision."""
+    from broker.store import checks
+
+    tables = {n for (n,) in out.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    revision = 0
+    if "events" in tables:
+        (rev,) = out.execute("SELECT COALESCE(MAX(revision), 0) FROM events").fetchone()
+        revision = int(rev or 0)
+    if "meta" in tables:
+        note = {"source": source, "at": time.time(), "revision": revision, "witness": witness}
+        out.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+            (checks.RESTORED_KEY, json.dumps(note)),
+        )
+        out.commit()
+    return revision
 
 
 def health(address: str, timeout: float, service: str = "") -> tuple[bool, str]:

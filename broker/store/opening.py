@@ -17,7 +17,7 @@ import stat
 from pathlib import Path
 
 from broker.core.errors import StoreError, describe_error
-from broker.store import migrations
+from broker.store import checks, migrations
 from broker.store.records import SetRow, Snapshot
 
 log = logging.getLogger("pasid_broker")
@@ -65,15 +65,20 @@ def connect(path: Path, synchronous: str) -> sqlite3.Connection:
     return conn
 
 
-def open_database(path: Path, synchronous: str) -> tuple[sqlite3.Connection, Snapshot]:
-    """Create or load the database, migrate it, check it; return the writer's connection
-    (foreign_keys ON, busy_timeout BUSY_TIMEOUT_MS) and the stored state.
+def open_database(
+    path: Path, synchronous: str
+) -> tuple[sqlite3.Connection, Snapshot, checks.Digest]:
+    """Create or load the database, check it, migrate it; return the writer's connection
+    (foreign_keys ON, busy_timeout BUSY_TIMEOUT_MS), the stored state and its digest.
 
     StoreError (never a repair) if the file is not a database, fails SQLite's
-    quick_check or a foreign-key check, has an unknown schema, or cannot be written.
+    integrity_check or a foreign-key check, does not match its digest or is behind its
+    witness (broker/store/checks.py), has an unknown schema, or cannot be written. The
+    checks run before anything may write; a file that fails them is copied aside first.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     restrict_files(path)
+    snapshot, digest = _check_before_writing(path)
     conn: sqlite3.Connection | None = None
     try:
         # The first connection creates the file, its -wal and -shm: born 0600.
@@ -83,11 +88,24 @@ def open_database(path: Path, synchronous: str) -> tuple[sqlite3.Connection, Sna
         finally:
             os.umask(umask)
         restrict_files(path)
-        check_file(conn)
-        if not migrations.is_current(conn):
-            migrate(path, synchronous)
+        if snapshot is None:  # a new database, or one a migration changes: read it now
+            if not migrations.is_current(conn):
+                migrate(path, synchronous)
+            snapshot = load_snapshot(conn)
+            try:
+                digest = checks.verify(
+                    checks.read_digest(conn),
+                    snapshot.meta,
+                    snapshot.holdings,
+                    snapshot.revision,
+                    checks.read_witness(path),
+                )
+            except StoreError as exc:
+                raise _refuse(path, checks.read_shm(path), str(exc)) from exc
         check_writable(conn)
-        return conn, load_snapshot(conn)
+        assert digest is not None
+        _seal(conn, path, snapshot, digest)
+        return conn, snapshot, digest
     except sqlite3.Error as exc:
         if conn is not None:
             conn.close()
@@ -96,6 +114,76 @@ def open_database(path: Path, synchronous: str) -> tuple[sqlite3.Connection, Sna
         if conn is not None:
             conn.close()
         raise StoreError(f"cannot open store {path}: {exc}") from exc
+
+
+def _check_before_writing(path: Path) -> tuple[Snapshot | None, checks.Digest | None]:
+    """The checks on the files as found, by a connection that writes nothing; on any
+    doubt the files are copied aside and StoreError names where. Returns the snapshot
+    (None when the file is new or needs a migration: loaded after it, then)."""
+    shm = checks.read_shm(path)
+    try:
+        witness = checks.read_witness(path)
+        if not path.exists():
+            checks.missing_database(path, witness)
+            return None, None
+        conn = checks.connect_readonly(path)
+        try:
+            checks.integrity(conn)
+            if not migrations.is_current(conn):
+                # Its rows are checked once migrated (open_database); its revision now.
+                checks.check_witness(_revision(conn), witness, {})
+                return None, None
+            snapshot = load_snapshot(conn)
+            stored = checks.read_digest(conn)
+        finally:
+            conn.close()
+        return snapshot, checks.verify(
+            stored, snapshot.meta, snapshot.holdings, snapshot.revision, witness
+        )
+    except sqlite3.Error as exc:
+        if exc.sqlite_errorcode & 0xFF not in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+            # Not what the file says (I/O, permissions, a lock): it may pass once fixed.
+            raise StoreError(f"cannot open store {path}: {describe(exc)}") from exc
+        raise StoreError(f"cannot open store {path}: {_refuse(path, shm, describe(exc))}") from exc
+    except StoreError as exc:
+        raise StoreError(f"cannot open store {path}: {_refuse(path, shm, str(exc))}") from exc
+
+
+def _revision(conn: sqlite3.Connection) -> int:
+    """The event log's last revision in a file of any schema (0 before the log existed)."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'events'").fetchone() is None:
+        return 0
+    (rev,) = conn.execute("SELECT COALESCE(MAX(revision), 0) FROM events").fetchone()
+    return int(rev or 0)
+
+
+def _refuse(path: Path, shm: bytes | None, why: str) -> StoreError:
+    """Copy the files aside, then the refusal that says where (checks.refusal)."""
+    try:
+        kept: Path | None = checks.keep_aside(path, shm)
+    except OSError as exc:  # say so, and refuse all the same
+        log.error("cannot copy the store aside: %s", exc)
+        kept = None
+    return checks.refusal(why, kept)
+
+
+def _seal(conn: sqlite3.Connection, path: Path, snapshot: Snapshot, digest: checks.Digest) -> None:
+    """After the checks pass: store the digest if the file has none yet (a new or migrated
+    store), report a restore once, and bring the witness up to the store's revision."""
+    restored = snapshot.meta.pop(checks.RESTORED_KEY, None)
+    if checks.read_digest(conn) != digest.total or restored is not None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            checks.store_digest(conn, digest)
+            conn.execute("DELETE FROM meta WHERE key = ?", (checks.RESTORED_KEY,))
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+    if restored is not None:
+        checks.report_restore(path, restored, snapshot.revision)
+    if checks.read_witness(path) != snapshot.revision:
+        checks.write_witness(path, snapshot.revision)
 
 
 def migrate(path: Path, synchronous: str) -> None:
@@ -126,13 +214,6 @@ def migrate(path: Path, synchronous: str) -> None:
         log.info("store schema migrated", extra={"from": before or "empty", "to": after})
 
 
-def check_file(conn: sqlite3.Connection) -> None:
-    """SQLite's own structural check (pages, b-trees, NOT NULL, UNIQUE); read only."""
-    bad = [r for (r,) in conn.execute("PRAGMA quick_check(20)")]
-    if bad != ["ok"]:
-        raise StoreError("SQLITE_CORRUPT: quick_check reports " + "; ".join(str(b) for b in bad))
-
-
 def check_writable(conn: sqlite3.Connection) -> None:
     """Refuse a store that cannot persist: nothing could be acknowledged. The probe
     write is rolled back, so the file is left as it was."""
@@ -146,7 +227,7 @@ def check_writable(conn: sqlite3.Connection) -> None:
 def load_snapshot(conn: sqlite3.Connection) -> Snapshot:
     """Everything the engine rebuilds its state from, in one consistent read; checks
     the foreign key allocations.set_id -> sets on the way."""
-    conn.execute("BEGIN")  # one consistent read of all three tables
+    conn.execute("BEGIN")  # one consistent read of all the tables
     try:
         m = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         rows = [

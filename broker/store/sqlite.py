@@ -39,14 +39,15 @@ class SqliteStore:
         """Create or load the database, migrate it, check it, and return its state.
 
         StoreError (never a repair) if the file is not a database, fails SQLite's
-        quick_check or a foreign-key check, has an unknown schema, or cannot be written.
+        integrity_check or a foreign-key check, does not match its digest or is behind its
+        witness (checks.py), has an unknown schema, or cannot be written.
         """
         try:
-            conn, snapshot = open_database(self.path, self.synchronous)
+            conn, snapshot, digest = open_database(self.path, self.synchronous)
         except StoreError:
             self.close()
             raise
-        self._writer = Writer(conn, self.path, self.event_retention)
+        self._writer = Writer(conn, self.path, self.event_retention, digest)
         return snapshot
 
     def close(self) -> None:

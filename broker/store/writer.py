@@ -29,6 +29,7 @@ from pathlib import Path
 
 from broker.core.errors import StoreError, StoreFailed
 from broker.core.namespace import runs
+from broker.store.checks import DIGEST_ROW, SET_DIGEST, Digest, P, Witness, weight
 from broker.store.event_log import encode_runs
 from broker.store.opening import BUSY_TIMEOUT_MS, describe
 from broker.store.records import (
@@ -47,6 +48,11 @@ log = logging.getLogger("pasid_broker")
 # The WAL is checkpointed into the database once it passes this size (SQLite's own
 # default is 1000 pages), by checkpoint() after a commit on the writer's thread.
 CHECKPOINT_BYTES = 4 << 20
+# ... and this many seconds after a commit at the latest (the journal's timer, on the
+# writer's thread), so that the main file is never far behind the WAL: a WAL lost or
+# damaged then costs at most these seconds, and the start-up checks refuse it
+# (broker/store/checks.py).
+CHECKPOINT_SECONDS = 5.0
 
 # Errors of a commit after which the page cache can no longer be trusted: the fsync of
 # the WAL (or of its directory) failed, so the kernel may have dropped the dirty pages it
@@ -130,14 +136,29 @@ def _add_many(conn: sqlite3.Connection, sid: int, pasids: Sequence[int], adds: l
     return ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in rs)
 
 
-def _delete(conn: sqlite3.Connection, set_id: int, pasids: Sequence[int]) -> None:
+def _delete(conn: sqlite3.Connection, set_id: int, pasids: Sequence[int]) -> int:
     """Delete these allocation rows of the set's, by run: a set's free is usually a
     few runs, whatever it held. A run's every PASID is one of `pasids` (the PASID
-    is the key), and a row of another set's is never touched."""
-    conn.executemany(
+    is the key), and a row of another set's is never touched. Returns the rows deleted."""
+    cur = conn.executemany(
         "DELETE FROM allocations WHERE pasid BETWEEN ? AND ? AND set_id = ?",
         [(lo, hi, set_id) for lo, hi in runs(pasids)],
-    ).close()
+    )
+    n = cur.rowcount
+    cur.close()
+    return n
+
+
+def _count_digest(conn: sqlite3.Connection) -> tuple[int, int]:
+    """The digest (checks.Digest) counted from the table: a scan, for the rare commit
+    whose rows differ from what the engine named."""
+    count = total = 0
+    for set_id, n, s in conn.execute(
+        "SELECT set_id, COUNT(*), SUM(pasid) FROM allocations GROUP BY set_id"
+    ):
+        count += n
+        total = (total + weight(set_id) * s) % P
+    return count, total
 
 
 class Writer:
@@ -147,7 +168,9 @@ class Writer:
     through commit(): on the event loop, or on the journal's writer thread when the
     write lock is held elsewhere."""
 
-    def __init__(self, conn: sqlite3.Connection, path: Path, event_retention: int) -> None:
+    def __init__(
+        self, conn: sqlite3.Connection, path: Path, event_retention: int, digest: Digest
+    ) -> None:
         self.path = path
         # Keep at least this many events; older ones are compacted away in chunks.
         self.event_retention = event_retention
@@ -159,9 +182,19 @@ class Writer:
         self._commits = 0
         # The batch being written put PASIDs into the quarantine table (commit()).
         self._quarantined = False
+        # The allocations' digest as committed, and the batch's change to it (written in
+        # the batch's own transaction), and the witness of the last revision
+        # (broker/store/checks.py: what opening checks them against).
+        self._digest = digest
+        self._dcount = 0
+        self._dtotal = 0
+        self._recount = False
+        (rev,) = conn.execute("SELECT COALESCE(MAX(revision), 0) FROM events").fetchone()
+        self._witness = Witness(path, int(rev or 0))
 
     def close(self) -> None:
         self._conn.close()
+        self._witness.close()
 
     def set_meta(self, key: str, value: str) -> None:
         conn = self._conn
@@ -204,8 +237,16 @@ class Writer:
                 if not wait and exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY:
                     raise WouldBlock(describe(exc)) from exc
                 raise
+            self._dcount = self._dtotal = 0
+            self._recount = False
             try:
                 rows, logged = self._write(conn, records, now)
+                d = self._digest
+                count, total = d.count + self._dcount, (d.total + self._dtotal) % P
+                if self._recount:
+                    count, total = _count_digest(conn)
+                if total != d.total:
+                    conn.execute(SET_DIGEST, (total, DIGEST_ROW)).close()
                 if self._quarantined:
                     # Rows written by earlier commits that are past their time: the
                     # table stays as small as the quarantine. Only when something went
@@ -229,6 +270,8 @@ class Writer:
             if is_fatal(exc):
                 raise StoreFailed(f"store commit failed: {describe(exc)}") from exc
             raise StoreError(f"store commit failed: {describe(exc)}") from exc
+        self._digest = Digest(count, total)
+        self._witness.advance(int(last or 0))
         self._commits += 1
         if wait and self.checkpoint_due():  # off the loop already: do it here
             self.checkpoint()
@@ -263,8 +306,11 @@ class Writer:
                     p = ps[0]
                     adds += (p, sid)
                     text = str(p)
+                    self._dtotal += p * weight(sid)
                 else:
                     text = _add_many(conn, sid, ps, adds)
+                    self._dtotal += sum(ps) * weight(sid)
+                self._dcount += len(ps)
                 rows += (now, "alloc", sid, text, "", None, None, None)
                 logged.append((now, "alloc", sid, ps, "", None, None, None))
                 continue
@@ -314,6 +360,21 @@ class Writer:
         if cut > 0 and cut % 1024 < self._last_batch:
             conn.execute("DELETE FROM events WHERE revision <= ?", (cut,))
 
+    def _removed(self, set_id: int, pasids: Sequence[int], deleted: int) -> None:
+        """The digest's change for the set's allocation rows deleted. Fewer rows than the
+        engine named (it and the file disagree): the digest is counted again from the
+        table before this commit (_recount), so that it stays true to the rows."""
+        if deleted != len(pasids):
+            log.error(
+                "store: set %d freed %d PASIDs but %d rows were stored; digest recounted",
+                set_id,
+                len(pasids),
+                deleted,
+            )
+            self._recount = True
+        self._dcount -= len(pasids)
+        self._dtotal -= sum(pasids) * weight(set_id)
+
     def _quarantine(self, conn: sqlite3.Connection, pasids: Sequence[int], until: float) -> None:
         """Keep these PASIDs' release time (REPLACE: a PASID freed before has a row)."""
         conn.executemany(
@@ -341,7 +402,7 @@ class Writer:
             ).close()
             return None
         if isinstance(rec, RemovePasids):
-            _delete(conn, rec.set_id, rec.pasids)
+            self._removed(rec.set_id, rec.pasids, _delete(conn, rec.set_id, rec.pasids))
             if rec.quarantine_until is not None:
                 self._quarantine(conn, rec.pasids, rec.quarantine_until)
             return ("free", rec.set_id, rec.pasids, "")
@@ -370,7 +431,7 @@ class Writer:
         if isinstance(rec, DestroySet):
             if rec.pasids is not None:  # what the engine knew it held: no query
                 held = sorted(rec.pasids)
-                _delete(conn, rec.set_id, held)
+                self._removed(rec.set_id, held, _delete(conn, rec.set_id, held))
             else:  # a scan of allocations (no set_id index): tests and tools only
                 held = [
                     p
@@ -380,6 +441,7 @@ class Writer:
                     )
                 ]
                 conn.execute("DELETE FROM allocations WHERE set_id = ?", (rec.set_id,)).close()
+                self._removed(rec.set_id, held, len(held))
             # foreign_keys is off in this batch (commit()): no scan for children here.
             conn.execute("DELETE FROM sets WHERE set_id = ?", (rec.set_id,)).close()
             if rec.quarantine_until is not None and held:

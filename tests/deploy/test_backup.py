@@ -17,7 +17,7 @@ import pytest
 from pasid_client import Client
 
 from tests.e2e.other_uid import NOBODY, SYSTEM_PYTHON, open_for_nobody, setpriv
-from tests.harness import ROOT, BrokerProcess, db_holdings
+from tests.harness import ROOT, BrokerProcess, db_holdings, run_broker_once
 
 
 def _pb(*args: str) -> subprocess.CompletedProcess[str]:
@@ -63,12 +63,27 @@ def test_backup_while_serving_and_restore(tmp_path: Path) -> None:
         assert r.returncode == 1
         assert f"in use by pid {b.proc.pid}" in r.stderr  # type: ignore[union-attr]
         assert b.stop() == 0
+        # Copied back by hand, the older file is behind its witness: refused, not served.
+        hand = tmp_path / "hand"
+        hand.mkdir()
+        for name in ("broker.db", "broker.db.revision"):
+            shutil.copy2(Path(b.db).with_name(name), hand / name)
+        shutil.copy2(dest, hand / "broker.db")
+        r = run_broker_once("--db", str(hand / "broker.db"), "--socket", str(hand / "s.sock"))
+        assert r.returncode == 2
+        assert "logged changes are missing" in r.stderr
+        assert "`pasid-broker restore` resets the witness" in r.stderr
         r = _pb("restore", "--db", b.db, "--socket", b.socket, str(dest))
         assert r.returncode == 0, r.stderr
+        assert "logged changes after it are rolled back" in r.stdout
         b.start()
+        # The rollback is reported, once, loudly (issue 22: a restore is never silent).
+        assert "store restored from a backup" in b.read_log()
         with Client(b.address) as c, c.session(resume_token=token) as again:
             assert sorted(again.list().pasids()) == held  # as backed up: `more` is not there
             assert not set(more) & set(again.list().pasids())
+        b.restart()
+        assert b.read_log().count("store restored from a backup") == 1
     finally:
         b.cleanup()
 

@@ -62,6 +62,12 @@ def test_every_runbook_section_is_an_alert() -> None:
     assert sorted(sections) == sorted(names)
 
 
+def test_the_sections_refusals_name_exist() -> None:
+    """A refused start names its section ("see docs/runbook.md, section X"): issue 22."""
+    faults = re.findall(r"^### (.+?)\s*$", RUNBOOK.read_text(), re.M)
+    assert {"Corruption", "Restore"} <= set(faults)
+
+
 def test_an_absent_rule_watches_for_the_target_itself() -> None:
     absent = [r for r in alerts() if "absent(" in r["expr"]]
     assert [r["alert"] for r in absent] == ["PasidBrokerTargetMissing"]

@@ -1,0 +1,184 @@
+"""The store's own records that the start-up checks rest on (broker/store/checks.py): the
+digest follows every kind of commit, the witness follows the log, the checkpoint timer
+keeps the main file close behind the WAL; and what each check refuses. Real SQLite files.
+(The damage a real broker's files suffer is in tests/e2e/test_store_corruption.py.)
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from broker.core.errors import StoreError
+from broker.store import (
+    AddPasids,
+    CreateSet,
+    DestroySet,
+    RemovePasids,
+    SetRow,
+    SqliteStore,
+    checks,
+    writer,
+)
+from tests.harness import wait_until
+
+
+def _row(set_id: int) -> SetRow:
+    return SetRow(set_id, f"vm{set_id}", 0, 10_000, 0, "h", 1.0)
+
+
+def _table_digest(db: Path) -> checks.Digest:
+    con = sqlite3.connect(db)
+    held: dict[int, list[int]] = {}
+    for set_id, pasid in con.execute("SELECT set_id, pasid FROM allocations"):
+        held.setdefault(set_id, []).append(pasid)
+    con.close()
+    return checks.Digest.of(held)
+
+
+def _stored(db: Path) -> tuple[int | None, int]:
+    con = sqlite3.connect(db)
+    digest = checks.read_digest(con)
+    (rev,) = con.execute("SELECT MAX(revision) FROM events").fetchone()
+    con.close()
+    return digest, int(rev)
+
+
+def test_digest_and_witness_follow_every_kind_of_commit(tmp_path: Path) -> None:
+    db = tmp_path / "b.db"
+    st = SqliteStore(db)
+    st.open()
+    st.commit([CreateSet(_row(1)), CreateSet(_row(2)), AddPasids(1, (1,)), AddPasids(1, (2,))])
+    st.commit([AddPasids(2, tuple(range(10, 200))), AddPasids(2, (300, 302, 304))])
+    st.commit([RemovePasids(2, (11, 12, 13, 302)), AddPasids(1, (3,))])
+    st.commit([RemovePasids(1, (2,), quarantine_until=time.time() + 60)])
+    st.commit([CreateSet(_row(3)), AddPasids(3, (500, 501)), DestroySet(3, "gone", pasids=None)])
+    st.commit([DestroySet(2, "gone", pasids=(*tuple(range(14, 200)), 10, 300, 304))])
+    digest, rev = _stored(db)
+    assert digest == _table_digest(db).total
+    assert checks.read_witness(db) == rev
+    st.close()
+    for _ in range(2):  # reopened as it is: nothing refused, the state as committed
+        st = SqliteStore(db)
+        snap = st.open()
+        assert snap.holdings == {1: [1, 3]}
+        st.close()
+
+
+def test_the_digest_adds_no_page_to_a_commit(tmp_path: Path) -> None:
+    """Its rows live in sqlite_sequence, which the events' AUTOINCREMENT writes anyway:
+    an alloc's commit appends as many WAL frames as without the digest."""
+    db = tmp_path / "b.db"
+    st = SqliteStore(db)
+    st.open()
+    st.commit([CreateSet(_row(1)), AddPasids(1, (1,))])
+    wal = Path(f"{db}-wal")
+    before = wal.stat().st_size
+    st.commit([AddPasids(1, (2,))])
+    grown = wal.stat().st_size - before
+    page = 4096 + 24  # a frame: its header and a page
+    # allocations' leaf, events' leaf, sqlite_sequence: three frames (the WAL may also
+    # have restarted: then it shrank).
+    assert grown <= 3 * page, grown
+    st.close()
+
+
+def test_a_free_of_rows_not_stored_recounts_the_digest(tmp_path: Path) -> None:
+    """The engine naming a row the file lacks must not leave a digest that refuses the
+    next start: the writer counts it again from the table (and logs the disagreement)."""
+    db = tmp_path / "b.db"
+    st = SqliteStore(db)
+    st.open()
+    st.commit([CreateSet(_row(1)), AddPasids(1, (1, 2))])
+    st.commit([RemovePasids(1, (2, 7))])  # 7 was never stored
+    st.close()
+    assert _stored(db)[0] == _table_digest(db).total
+    st = SqliteStore(db)
+    assert st.open().holdings == {1: [1]}
+    st.close()
+
+
+def test_a_lagging_witness_is_accepted_and_brought_up(tmp_path: Path) -> None:
+    """A crash between a commit and the witness's rewrite leaves it behind: allowed."""
+    db = tmp_path / "b.db"
+    st = SqliteStore(db)
+    st.open()
+    st.commit([CreateSet(_row(1)), AddPasids(1, (1,))])
+    st.close()
+    rev = checks.read_witness(db)
+    assert rev == 2
+    checks.write_witness(db, 1)
+    st = SqliteStore(db)
+    st.open()
+    assert checks.read_witness(db) == 2
+    st.close()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("garbage", "not a revision"), ("99", "logged changes are missing")],
+)
+def test_a_bad_or_leading_witness_is_refused(tmp_path: Path, text: str, message: str) -> None:
+    db = tmp_path / "b.db"
+    st = SqliteStore(db)
+    st.open()
+    st.commit([CreateSet(_row(1)), AddPasids(1, (1,))])
+    st.close()
+    checks.witness_path(db).write_text(text)
+    with pytest.raises(StoreError, match=message):
+        SqliteStore(db).open()
+    (kept,) = tmp_path.glob("b.db.corrupt-*")
+    assert (kept / "b.db.revision").read_text() == text
+
+
+def test_a_deleted_digest_row_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "b.db"
+    st = SqliteStore(db)
+    st.open()
+    st.close()
+    con = sqlite3.connect(db)
+    con.execute("DELETE FROM sqlite_sequence WHERE name = ?", (checks.DIGEST_ROW,))
+    con.commit()
+    con.close()
+    with pytest.raises(StoreError, match="digest row is missing"):
+        SqliteStore(db).open()
+
+
+def test_a_cant_open_is_not_called_corruption(tmp_path: Path) -> None:
+    """A directory where the file should be: refused, but nothing is copied aside."""
+    db = tmp_path / "b.db"
+    db.mkdir()
+    with pytest.raises(StoreError) as err:
+        SqliteStore(db).open()
+    assert "cannot be trusted" not in str(err.value)
+    assert not list(tmp_path.glob("b.db.corrupt-*"))
+
+
+def test_checkpoint_timer_keeps_the_main_file_close_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Below the checkpoint size, the timer still copies the WAL into the main file: a
+    WAL lost later costs at most CHECKPOINT_SECONDS of commits (before: everything)."""
+    monkeypatch.setattr(writer, "CHECKPOINT_SECONDS", 0.2)
+    db = tmp_path / "b.db"
+    st = SqliteStore(db)
+    st.open()
+    st.commit([CreateSet(_row(1)), AddPasids(1, tuple(range(1, 50)))])
+
+    def main_file_rows() -> int:
+        alone = tmp_path / "alone.db"
+        alone.write_bytes(db.read_bytes())  # the main file without its WAL
+        con = sqlite3.connect(alone)
+        try:
+            return int(con.execute("SELECT COUNT(*) FROM allocations").fetchone()[0])
+        except sqlite3.Error:
+            return 0
+        finally:
+            con.close()
+            alone.unlink()
+
+    wait_until(lambda: main_file_rows() == 49, timeout=10, what="the timer's checkpoint")
+    st.close()
