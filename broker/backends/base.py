@@ -83,7 +83,23 @@ class Devices(Protocol):
 
     def release(self, set_id: int, pasids: Iterable[int]) -> None: ...
 
-    def drop_set(self, set_id: int) -> None: ...
+    def drop_set(self, set_id: int) -> None:
+        """Detach all the set's attachments and close its devices. DetachFailed names the
+        PASIDs the kernel would not detach: they stay attached, for retry_detach()."""
+        ...
+
+    def stuck(self) -> dict[int, list[int]]:
+        """set_id -> PASIDs gone sets left attached (a failed DETACH)."""
+        ...
+
+    def retry_detach(self) -> list[int]:
+        """Retry the failed DETACHes; the PASIDs now detached everywhere."""
+        ...
+
+    def let_go(self, set_id: int) -> list[int]:
+        """The gone set's holder exited: close its devices (the kernel detaches at the last
+        close); its PASIDs."""
+        ...
 
     def adopt_delegated(
         self,

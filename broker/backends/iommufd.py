@@ -41,8 +41,8 @@ from broker.backends.iommufd_checks import (
     vfio_device_path,
 )
 from broker.core.errors import (
-    BackendError,
     Conflict,
+    DetachFailed,
     InvalidArgument,
     InvalidRange,
     NotFound,
@@ -111,6 +111,8 @@ class IommufdBackend:
         self.held: set[int] = set()
         self._devices: dict[int, dict[str, DeviceHandle]] = {}
         self._owner: dict[int, int] = {}  # pasid -> set_id it is attached for
+        # Devices of gone sets whose DETACH failed, kept open for retry_detach().
+        self._stuck: dict[int, list[DeviceHandle]] = {}
 
     # -- discovery -----------------------------------------------------------------------
 
@@ -176,7 +178,12 @@ class IommufdBackend:
 
     def close(self) -> None:
         for set_id in list(self._devices):
-            self.drop_set(set_id)
+            with contextlib.suppress(DetachFailed):
+                self.drop_set(set_id)
+        for handles in self._stuck.values():
+            for h in handles:
+                self._close(h)  # the kernel detaches at the last close
+        self._stuck.clear()
         self.held.clear()
 
     # -- devices -------------------------------------------------------------------------
@@ -412,22 +419,86 @@ class IommufdBackend:
                 self.detach(set_id, p)
 
     def drop_set(self, set_id: int) -> None:
-        """The set is gone: detach everything attached for it and close its device fds."""
+        """The set is gone: detach everything attached for it and close its device fds.
+
+        A DETACH the kernel refuses leaves that PASID attached for the set (`_owner`
+        keeps it: no other set can attach it) and its device's fds open, so that
+        retry_detach() can try again; DetachFailed names those PASIDs, which the engine
+        withholds from the pool (docs/quarantine.md, "A failed DETACH")."""
         errors: list[str] = []
+        failed: set[int] = set()
         for handle in self._devices.pop(set_id, {}).values():
             for p in sorted(handle.attached):
                 try:
                     self._detach(handle.device_fd, p)
                 except PasidError as exc:
                     errors.append(exc.message)
-                if self._owner.get(p) == set_id:
-                    del self._owner[p]
-            handle.attached.clear()
-            for fd in (handle.device_fd, handle.iommufd):
-                with contextlib.suppress(OSError):
-                    os.close(fd)  # the kernel detaches what is left at the LAST close
+                    failed.add(p)
+                    continue
+                handle.attached.discard(p)
+            if handle.attached:
+                self._stuck.setdefault(set_id, []).append(handle)
+            else:
+                self._close(handle)  # the kernel detaches what is left at the LAST close
+        for p in [p for p, s in self._owner.items() if s == set_id and p not in failed]:
+            del self._owner[p]
         if errors:
-            raise BackendError(errno.EIO, "; ".join(errors))
+            raise DetachFailed(errno.EIO, "; ".join(errors), tuple(sorted(failed)))
+
+    @staticmethod
+    def _close(handle: DeviceHandle) -> None:
+        for fd in (handle.device_fd, handle.iommufd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def stuck(self) -> dict[int, list[int]]:
+        """set_id -> PASIDs a gone set left attached (a failed DETACH), ascending."""
+        return {
+            sid: sorted({p for h in handles for p in h.attached})
+            for sid, handles in self._stuck.items()
+        }
+
+    def retry_detach(self) -> list[int]:
+        """Try the failed DETACHes again; returns the PASIDs now detached everywhere (a
+        device with nothing left attached has its fds closed)."""
+        done: list[int] = []
+        for sid in list(self._stuck):
+            before = set(self.stuck()[sid])
+            for handle in self._stuck[sid]:
+                for p in sorted(handle.attached):
+                    try:
+                        self._detach(handle.device_fd, p)
+                    except PasidError:
+                        continue
+                    handle.attached.discard(p)
+            done += self._settle(sid, before)
+        return sorted(done)
+
+    def let_go(self, set_id: int) -> list[int]:
+        """The gone set's holder has exited: close the broker's copies of its device fds
+        (the kernel detaches at a device fd's last close); returns the PASIDs."""
+        before = set(self.stuck().get(set_id, ()))
+        for handle in self._stuck.get(set_id, []):
+            handle.attached.clear()
+        return self._settle(set_id, before)
+
+    def _settle(self, set_id: int, before: set[int]) -> list[int]:
+        """Close the fds of the set's stuck devices with nothing attached; forget the
+        owner of each PASID no device of it has attached any more; return those."""
+        keep: list[DeviceHandle] = []
+        for handle in self._stuck.pop(set_id, []):
+            if handle.attached:
+                keep.append(handle)
+            else:
+                self._close(handle)
+        if keep:
+            self._stuck[set_id] = keep
+        still = {p for h in keep for p in h.attached}
+        freed = sorted(before - still)
+        for p in freed:
+            if self._owner.get(p) == set_id:
+                del self._owner[p]
+        return freed
 
     def widths(self) -> list[tuple[str, str, int, int]]:
         out = [("iommu", unit, bits, 0) for unit, bits in sorted(self.iommu_widths.items())]

@@ -90,7 +90,8 @@ def check_free_range(lo: int, hi: int) -> None:
 class Allocator:
     """The namespace, the sets in it, the quotas that bound them, and the quarantine.
 
-    Every PASID is in exactly one of: reserved, held by one set, quarantined, free. The
+    Every PASID is in exactly one of: reserved, held by one set, quarantined (for time or
+    allocs, or withheld after a failed DETACH: withhold), free. The
     namespace bitmap marks all but the free ones used, so the lowest-free search skips
     reserved and quarantined PASIDs at no extra cost.
     """
@@ -146,6 +147,9 @@ class Allocator:
         # whose backend still holds quarantined PASIDs frees them there (see the engine).
         self._report_expired = report_expired
         self._expired: set[int] = set()
+        # PASIDs no set holds that may still be in use in the kernel (a DETACH failed):
+        # out of the pool until release_withheld; counted as quarantined.
+        self._withheld: set[int] = set()
 
     @property
     def in_use(self) -> int:
@@ -154,9 +158,10 @@ class Allocator:
 
     @property
     def quarantined(self) -> int:
-        """PASIDs freed but not yet back in the pool (after expiring what is due)."""
+        """PASIDs freed but not yet back in the pool (after expiring what is due),
+        withheld ones included."""
         self.expire_quarantine()
-        return len(self._quarantined)
+        return len(self._quarantined) + len(self._withheld)
 
     @property
     def available(self) -> int:
@@ -276,7 +281,7 @@ class Allocator:
         s = self.get_set(set_id)
         want = sorted(set(pasids))
         self.expire_quarantine()  # what is due is free, whoever freed it
-        if not self._quarantined and not self._expired:
+        if not self._quarantined and not self._expired and not self._withheld:
             # Nothing is in quarantine (recovery claims sets before restoring it): every PASID
             # must be free, and the namespace checks and takes them a word at a time.
             try:
@@ -290,18 +295,24 @@ class Allocator:
                 return want
         fresh: list[int] = []
         back: list[int] = []
+        withheld: list[int] = []
         for p in want:
             if not 0 <= p < self.namespace.size:
                 raise ValueError(f"PASID {p} outside the {self.pasid_bits}-bit namespace")
             q = self._quarantined.get(p)
             if q is not None and q.set_id == set_id:
                 back.append(p)
+            elif p in self._withheld:
+                # Undoing the destroy that withheld it: the set's again, and the backend
+                # never let go of it (not returned as fresh).
+                withheld.append(p)
             elif self.namespace.is_used(p):
                 raise ValueError(f"PASID {p} is already held, reserved or quarantined")
             else:
                 fresh.append(p)
         for p in back:
             del self._quarantined[p]
+        self._withheld.difference_update(withheld)
         for p in fresh:
             self.namespace.take(p)
         s.pasids.update(want)
@@ -390,15 +401,57 @@ class Allocator:
         return out
 
     def quarantined_pasids(self) -> list[int]:
-        """The PASIDs in quarantine now, ascending (for listings and checks)."""
+        """The PASIDs in quarantine now, withheld ones included, ascending (for listings
+        and checks)."""
         self.expire_quarantine()
-        return sorted(self._quarantined)
+        return sorted(self._quarantined.keys() | self._withheld)
+
+    def withhold(self, pasids: Iterable[int]) -> list[int]:
+        """Keep PASIDs that left a set out of the pool until release_withheld: the kernel
+        may still use them (a failed DETACH at the set's destruction). Each must be free
+        or quarantined (its quarantine is replaced). Returns those withheld, ascending."""
+        out: list[int] = []
+        for p in sorted(set(pasids)):
+            if p in self._withheld:
+                continue
+            if self._quarantined.pop(p, None) is None:
+                if self.namespace.is_used(p):
+                    raise ValueError(f"PASID {p} is held or reserved: nothing to withhold")
+                self.namespace.take(p)
+            # An expiry not yet reported: the backend still holds it, and must keep it.
+            self._expired.discard(p)
+            self._withheld.add(p)
+            out.append(p)
+        return out
+
+    def release_withheld(self, pasids: Iterable[int]) -> list[int]:
+        """The kernel no longer uses these (a DETACH succeeded, or the holder's exit closed
+        the device): into the quarantine if one is configured, else back to the pool.
+        PASIDs not withheld (a set took them back) are skipped. Returns those now free,
+        ascending: what the backend may let go of."""
+        gone = sorted(p for p in set(pasids) if p in self._withheld)
+        self._withheld.difference_update(gone)
+        if not gone:
+            return []
+        if self.quarantine.enabled:
+            now = self._now()
+            for p in gone:
+                e = _Held(p, 0, now, self.allocs)
+                self._quarantine_order.append(e)
+                self._quarantined[p] = e
+            return []
+        self.namespace.release_many(gone)
+        return gone
+
+    @property
+    def withheld(self) -> list[int]:
+        return sorted(self._withheld)
 
     def _now(self) -> float:
         return self._clock() if self._clock is not None and self.quarantine.seconds else 0.0
 
     def _quarantine_note(self) -> str:
-        n = len(self._quarantined)
+        n = len(self._quarantined) + len(self._withheld)
         return f"; {n} quarantined" if n else ""
 
     # -- quotas -------------------------------------------------------------------------
@@ -457,7 +510,7 @@ class Allocator:
             for p in s.pasids:
                 if p in seen:
                     raise AssertionError(f"PASID {p} in sets {seen[p]} and {sid}")
-                if p in self._quarantined:
+                if p in self._quarantined or p in self._withheld:
                     raise AssertionError(f"PASID {p} held by set {sid} and quarantined")
                 if not self.namespace.is_used(p):
                     raise AssertionError(f"PASID {p} held by set {sid} but marked free")
@@ -471,6 +524,9 @@ class Allocator:
         for p in self._quarantined:
             if not self.namespace.is_used(p):
                 raise AssertionError(f"quarantined PASID {p} marked free")
-        total = self.reserved + self._held + len(self._quarantined)
+        for p in self._withheld:
+            if not self.namespace.is_used(p) or p in self._quarantined:
+                raise AssertionError(f"withheld PASID {p} marked free or also quarantined")
+        total = self.reserved + self._held + len(self._quarantined) + len(self._withheld)
         if self.namespace.used != total:
             raise AssertionError(f"namespace has {self.namespace.used} used, expected {total}")

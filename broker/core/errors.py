@@ -131,6 +131,15 @@ class BackendError(PasidError):
         self.errno = err
 
 
+class DetachFailed(BackendError):
+    """The kernel refused to DETACH these PASIDs from a device: they may still be in use
+    there, so they must not return to the pool (Allocator.withhold)."""
+
+    def __init__(self, err: int, message: str, pasids: tuple[int, ...]) -> None:
+        super().__init__(err, message)
+        self.pasids = pasids
+
+
 class StoreError(PasidError):
     """The durable store could not commit; nothing was acknowledged or changed."""
 

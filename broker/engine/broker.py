@@ -31,14 +31,17 @@ from broker.core import (
     StoreFailed,
     Unsupported,
 )
+from broker.core.errors import DetachFailed
 from broker.core.ioctl import PasidOp, check_pasid_request
 from broker.engine.backend_calls import BackendCalls
 from broker.engine.events import WATCH_BUFFER, EventFanout
+from broker.engine.holders import Holder
 from broker.engine.journal import Journal, done_future, then
 from broker.engine.lifecycle import SetEvent
 from broker.engine.observers import Observers
 from broker.engine.recovery import recover
 from broker.engine.sessions import Session, Sessions
+from broker.engine.stuck import StuckDetaches
 from broker.peer.tickets import TicketBook
 from broker.store import (
     AddPasids,
@@ -115,6 +118,12 @@ class Broker:
         self._store_seconds = 0.0  # counted in recovery's time, as before the split
         self._journal: Journal | None = None
         self.backend_calls = BackendCalls(backend, lambda: self.allocator.quarantine.enabled)
+        # PASIDs a failed DETACH left in the kernel: withheld, retried (stuck.py).
+        self.stuck = (
+            StuckDetaches(devices, lambda: self.allocator, self.backend_calls)
+            if devices is not None
+            else None
+        )
         # tickets: the peer socket's handshakes (broker/peer); anonymous: --anonymous.
         self.sets = Sessions(self, tickets, anonymous)
         self.events = EventFanout(store, watch_buffer)
@@ -246,6 +255,8 @@ class Broker:
         if self._journal is not None:
             await self._journal.drain()
             self._journal.close()
+        if self.stuck is not None:
+            self.stuck.close()
         if self.failure is None:
             self.store.close()
         # else: no close, which would checkpoint the WAL from a page cache that can no
@@ -495,15 +506,22 @@ class Broker:
             self.allocator.release(set_id, got)
             raise
 
-    def drop_devices(self, set_id: int, freed: list[int]) -> None:
-        """A set is gone: detach all its attachments before its numbers are reused."""
+    def drop_devices(self, set_id: int, holder: Holder | None = None) -> list[int]:
+        """A set is gone: detach all its attachments before its numbers are reused.
+
+        Returns the PASIDs the kernel would not detach: withheld from the pool (stuck.py),
+        and the caller must not free them in the backend either."""
         if self.devices is None:
-            return
+            return []
         try:
-            self.devices.release(set_id, freed)
             self.devices.drop_set(set_id)
-        except PasidError as exc:  # DETACH does not fail on 7.2; if it ever does, say so
-            log.error("set %d: detaching its devices failed: %s", set_id, exc.message)
+        except DetachFailed as exc:
+            assert self.stuck is not None
+            self.stuck.withhold(set_id, exc.pasids, holder)
+            return list(exc.pasids)
+        except PasidError as exc:  # not a DETACH (closing fds): nothing stays attached
+            log.error("set %d: dropping its devices failed: %s", set_id, exc.message)
+        return []
 
     # -- queries ------------------------------------------------------------------------
 

@@ -553,8 +553,9 @@ class Sessions:
         freed = e.allocator.destroy_set(set_id) if set_id in e.allocator.sets else []
         self._forget(sess)
         self.holders.unwatch(set_id)
-        e.drop_devices(set_id, freed)
-        e.backend_calls.release(freed)
+        # A PASID whose DETACH failed stays out of the pool and held in the backend.
+        stuck = e.drop_devices(set_id, sess.holder)
+        e.backend_calls.release([p for p in freed if p not in stuck] if stuck else freed)
 
         def undo() -> None:
             # The retry first, then memory back to what the store holds: if a step of

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import random
 from pathlib import Path
@@ -21,8 +22,16 @@ from pathlib import Path
 import pytest
 
 from broker.backends.iommufd import DeviceHandle, IommufdBackend
-from broker.core import Exhausted, InvalidRange, NotFound, Quarantine, Unsupported
-from broker.engine import Broker, Session
+from broker.core import (
+    BackendError,
+    Conflict,
+    Exhausted,
+    InvalidRange,
+    NotFound,
+    Quarantine,
+    Unsupported,
+)
+from broker.engine import Broker, Session, stuck
 from broker.peer import PeerIdentity, TicketBook, credentials
 from broker.store import SqliteStore
 
@@ -329,3 +338,132 @@ def test_delegated_fds_of_the_wrong_kind_are_refused(tmp_path: Path) -> None:
                 holder_pid=None,
             )  # fmt: skip
         assert be.devices() == []
+
+
+# -- a failed DETACH (issue 22, point 7) ------------------------------------------------
+# Injected at the ioctl boundary: the kernel's DETACH does not fail on 7.2, and nothing on
+# this host (no /dev/iommu, no VFIO cdev) can make a real one fail. What is tested is the
+# engine's answer: a PASID the kernel may still use never returns to the pool.
+
+
+class RefusingKernel(KernelModel):
+    """DETACH fails with EIO for the PASIDs in `refuse`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refuse: set[int] = set()
+
+    def detach(self, fd: int, pasid: int) -> None:
+        if pasid in self.refuse:
+            self.log.append(("detach-failed", fd, pasid))
+            raise BackendError(errno.EIO, f"DETACH pasid {pasid}: EIO (injected)")
+        super().detach(fd, pasid)
+
+
+def real_fd() -> int:
+    """A real fd for a delegated device's handle: the broker closes it when it lets go."""
+    return os.open(os.devnull, os.O_RDONLY)
+
+
+def run_refusing(tmp_path: Path, scenario, **kw) -> None:  # type: ignore[no-untyped-def]
+    async def main() -> None:
+        kernel = RefusingKernel()
+        be = make_backend(tmp_path, kernel)
+        broker = Broker(be, SqliteStore(tmp_path / "b.db"), devices=be, **kw)
+        await broker.start()
+        try:
+            await scenario(broker, be, kernel)
+        finally:
+            await broker.stop()
+
+    asyncio.run(main())
+
+
+def test_a_failed_detach_at_destroy_withholds_the_pasid_until_a_retry_succeeds(
+    tmp_path: Path,
+) -> None:
+    async def scenario(broker: Broker, be: IommufdBackend, kernel: RefusingKernel) -> None:
+        a = await opened(broker, "vm-a")
+        b = await opened(broker, "vm-b")
+        fa, fb = real_fd(), real_fd()
+        delegate(be, kernel, a, fa)
+        delegate(be, kernel, b, fb)
+        assert await broker.alloc(a, 1, 100, 2, "dev") == [1, 2]
+        kernel.refuse = {1}
+        broker.end_session(a, "test")
+        await broker.journal.drain()
+        assert kernel.table == {(fa, 1): a.session_id}  # the kernel kept it
+        assert broker.info().quarantined == 1
+        broker.allocator.check()
+        # Never handed out while the kernel may still use it; the rest of the set is.
+        assert await broker.alloc(b, 1, 100, 1, "dev") == [2]
+        with pytest.raises(Exhausted):
+            await broker.alloc(b, 1, 1, 1, "dev")
+        with pytest.raises(Conflict):  # the backend refuses to attach it for another set
+            be.attach(b.session_id, "dev", 1)
+        await asyncio.sleep(stuck.RETRY_SECONDS * 2.5)
+        assert kernel.log.count(("detach-failed", fa, 1)) >= 2  # retried
+        assert broker.info().quarantined == 1
+        kernel.refuse.clear()  # the device recovers: the next retry detaches it
+        for _ in range(60):
+            if broker.info().quarantined == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert kernel.table == {(fb, 2): b.session_id}
+        assert broker.info().quarantined == 0
+        with pytest.raises(OSError):
+            os.fstat(fa)  # nothing left attached on it: its fd is closed
+        assert await broker.alloc(b, 1, 100, 1, "dev") == [1]
+        broker.allocator.check()
+        check_invariant(broker, kernel)
+
+    run_refusing(tmp_path, scenario)
+
+
+def test_a_failed_detach_is_let_go_when_the_holder_exits(tmp_path: Path) -> None:
+    """A DETACH that keeps failing: the holder's exit proves the PASID free once the broker
+    closes its own copy of the device fd (the kernel detaches at the last close)."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+    async def main() -> None:
+        kernel = RefusingKernel()
+        be = make_backend(tmp_path, kernel)
+        book = TicketBook(30)
+        broker = Broker(be, SqliteStore(tmp_path / "b.db"), devices=be, tickets=book)
+        await broker.start()
+        try:
+            ident = PeerIdentity(
+                holder.pid, os.getuid(), os.getgid(), holder.pid,
+                credentials.start_time(holder.pid), os.pidfd_open(holder.pid),
+            )  # fmt: skip
+            a = await opened(broker, "vm-a", ticket=book.issue(ident), peer="unix:")
+            fa = real_fd()
+            delegate(be, kernel, a, fa)
+            assert await broker.alloc(a, 1, 100, 1, "dev") == [1]
+            kernel.refuse = {1}
+            assert await broker.revoke(a.session_id, "test") == 1
+            await asyncio.sleep(stuck.RETRY_SECONDS * 2.5)
+            assert broker.info().quarantined == 1  # the holder lives: still withheld
+            os.fstat(fa)  # and the broker still holds the device open
+            holder.kill()
+            holder.wait()
+            for _ in range(80):
+                if broker.info().quarantined == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert broker.info().quarantined == 0
+            with pytest.raises(OSError):
+                os.fstat(fa)
+            b = await opened(broker, "vm-b")
+            assert await broker.alloc(b, 1, 100, 1) == [1]
+            broker.allocator.check()
+        finally:
+            await broker.stop()
+
+    try:
+        asyncio.run(main())
+    finally:
+        holder.kill()

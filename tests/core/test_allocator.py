@@ -359,3 +359,38 @@ def test_take_lowest_by_words_matches_the_bit_walk() -> None:
         assert a.used == b.used
         assert all(a.is_used(q) == b.is_used(q) for q in range(4096))
         assert a.lowest_free(0, 4095) == b.lowest_free(0, 4095)
+
+
+def test_withheld_pasids_stay_out_of_the_pool_until_released() -> None:
+    """A failed DETACH (issue 22, point 7): the PASID is in no set and never handed out
+    until release_withheld; a set that takes it back (a destroy undone) keeps it."""
+    a = Allocator(4, quarantine=Quarantine(allocs=100))
+    a.create_set(1, "vm")
+    assert a.alloc(1, 1, 15, 3) == [1, 2, 3]
+    a.destroy_set(1)  # 1, 2, 3 into quarantine (allocs)
+    assert a.withhold([2, 5]) == [2, 5]  # one quarantined, one free
+    assert a.quarantined == 4 and a.withheld == [2, 5]
+    a.check()
+    a.create_set(2, "vm2")
+    assert 5 not in a.alloc(2, 1, 15, 10)
+    a.check()
+    assert a.release_withheld([5, 9]) == []  # 9 was never withheld; 5 into quarantine
+    assert a.withheld == [2]
+    a.check()
+    a.create_set(3, "vm3")
+    assert a.claim(3, [2]) == []  # taken back: the backend never let go of it
+    assert a.withheld == []
+    a.check()
+
+
+def test_withheld_without_a_quarantine_goes_straight_back() -> None:
+    a = Allocator(4)
+    a.create_set(1, "vm")
+    a.alloc(1, 1, 15, 2)
+    a.destroy_set(1)
+    a.withhold([1])
+    a.create_set(2, "vm2")
+    assert a.alloc(2, 1, 15) == [2]
+    assert a.release_withheld([1]) == [1]
+    assert a.alloc(2, 1, 15) == [1]
+    a.check()
