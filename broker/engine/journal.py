@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from broker.core import StoreError, StoreFailed, describe_error
 from broker.engine.observers import Observer
 from broker.store import CreateSet, Event, Record, SaveQuotas, SqliteStore
+from broker.store import writer as store_writer
 
 log = logging.getLogger("pasid_broker")
 
@@ -142,6 +143,9 @@ class Journal:
         self._last_commit_end = 0.0
         # Set once, at the first StoreFailed: nothing is committed or acknowledged after.
         self.failure: StoreFailed | None = None
+        # The checkpoint due CHECKPOINT_SECONDS after a commit, on the writer thread (so
+        # that the main file is never far behind the WAL, however small: issue 22).
+        self._checkpoint_timer: asyncio.TimerHandle | None = None
 
     def submit(self, record: Record, undo: Callable[[], None], result: T) -> asyncio.Future[T]:
         """Queue `record`; the future resolves to `result` once it is durable."""
@@ -211,6 +215,10 @@ class Journal:
     ) -> None:
         self._inflight = False
         if not isinstance(outcome, BaseException):
+            if self._checkpoint_timer is None:
+                self._checkpoint_timer = self._loop.call_later(
+                    store_writer.CHECKPOINT_SECONDS, self._checkpoint
+                )
             self._observer.commit_done(records, outcome, seconds)
             for _, fut, result in waiters:
                 if not fut.done():  # its caller may have gone (cancelled)
@@ -254,7 +262,31 @@ class Journal:
         await self._idle.wait()
 
     def close(self) -> None:
+        if self._checkpoint_timer is not None:
+            self._checkpoint_timer.cancel()
+            self._checkpoint_timer = None
         self._executor.shutdown(wait=True)
+
+    def _checkpoint(self) -> None:
+        """The timer's checkpoint, queued behind any commit on the writer thread. A
+        failure there is as final as a commit's (Writer.checkpoint: StoreFailed)."""
+        self._checkpoint_timer = None
+        if self.failure is not None:
+            return
+        cf = self._executor.submit(self._store.checkpoint)
+        cf.add_done_callback(lambda f: self._loop.call_soon_threadsafe(self._checkpointed, f))
+
+    def _checkpointed(self, f: ThreadFuture[None]) -> None:
+        exc = f.exception()
+        if exc is None:
+            return
+        if isinstance(exc, StoreFailed) and self.failure is None:
+            log.error("store checkpoint failed", extra={"error": str(exc)})
+            self.failure = exc
+            if self._on_failure is not None:
+                self._on_failure(exc)
+        else:
+            log.warning("store checkpoint failed: %s", describe_error(exc))
 
 
 def _undo(rec: Record, undo: Callable[[], None]) -> None:

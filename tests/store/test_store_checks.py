@@ -21,9 +21,7 @@ from broker.store import (
     SetRow,
     SqliteStore,
     checks,
-    writer,
 )
-from tests.harness import wait_until
 
 
 def _row(set_id: int) -> SetRow:
@@ -155,30 +153,3 @@ def test_a_cant_open_is_not_called_corruption(tmp_path: Path) -> None:
         SqliteStore(db).open()
     assert "cannot be trusted" not in str(err.value)
     assert not list(tmp_path.glob("b.db.corrupt-*"))
-
-
-def test_checkpoint_timer_keeps_the_main_file_close_behind(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Below the checkpoint size, the timer still copies the WAL into the main file: a
-    WAL lost later costs at most CHECKPOINT_SECONDS of commits (before: everything)."""
-    monkeypatch.setattr(writer, "CHECKPOINT_SECONDS", 0.2)
-    db = tmp_path / "b.db"
-    st = SqliteStore(db)
-    st.open()
-    st.commit([CreateSet(_row(1)), AddPasids(1, tuple(range(1, 50)))])
-
-    def main_file_rows() -> int:
-        alone = tmp_path / "alone.db"
-        alone.write_bytes(db.read_bytes())  # the main file without its WAL
-        con = sqlite3.connect(alone)
-        try:
-            return int(con.execute("SELECT COUNT(*) FROM allocations").fetchone()[0])
-        except sqlite3.Error:
-            return 0
-        finally:
-            con.close()
-            alone.unlink()
-
-    wait_until(lambda: main_file_rows() == 49, timeout=10, what="the timer's checkpoint")
-    st.close()
