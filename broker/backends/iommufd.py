@@ -424,7 +424,7 @@ class IommufdBackend:
         A DETACH the kernel refuses leaves that PASID attached for the set (`_owner`
         keeps it: no other set can attach it) and its device's fds open, so that
         retry_detach() can try again; DetachFailed names those PASIDs, which the engine
-        withholds from the pool (docs/quarantine.md, "A failed DETACH")."""
+        withholds from the pool (docs/quarantine.md, "A failed kernel call at a set's end")."""
         errors: list[str] = []
         failed: set[int] = set()
         for handle in self._devices.pop(set_id, {}).values():

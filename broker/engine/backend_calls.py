@@ -81,14 +81,24 @@ class BackendCalls:
             self.free(freed)
         return False
 
-    def free(self, pasids: Iterable[int]) -> None:
-        """Best effort: a failure is logged, never raised."""
+    def release_gone(self, freed: list[int]) -> list[int]:
+        """A set's end: free these in the backend unless they went to quarantine; never
+        raises. Returns the PASIDs the backend kept (its free failed): the kernel may still
+        count them in use, so the caller withholds them from the pool (stuck.py)."""
+        if self._quarantining():
+            return []
+        return self.free(freed)
+
+    def free(self, pasids: Iterable[int]) -> list[int]:
+        """Best effort: a failure is logged, never raised. Returns the PASIDs the backend
+        failed to free, ascending."""
         pasids = list(pasids)
         try:
             if self._free_many(pasids):
-                return
+                return []
         except PasidError as exc:  # nothing was freed: try run by run below
             log.error("backend free of %d PASIDs failed: %s", len(pasids), exc)
+        kept: list[int] = []
         for lo, hi in runs(pasids):
             try:
                 self.backend.free(lo, hi)
@@ -96,3 +106,5 @@ class BackendCalls:
                 # The kernel's free returns nothing; a failure here leaves the backend
                 # holding more than we do, never less, so no PASID is handed out twice.
                 log.error("backend free [%d, %d] failed: %s", lo, hi, exc)
+                kept.extend(range(lo, hi + 1))
+        return kept

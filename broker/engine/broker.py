@@ -41,7 +41,7 @@ from broker.engine.lifecycle import SetEvent
 from broker.engine.observers import Observers
 from broker.engine.recovery import recover
 from broker.engine.sessions import Session, Sessions
-from broker.engine.stuck import StuckDetaches
+from broker.engine.stuck import Withheld
 from broker.peer.tickets import TicketBook
 from broker.store import (
     AddPasids,
@@ -118,12 +118,8 @@ class Broker:
         self._store_seconds = 0.0  # counted in recovery's time, as before the split
         self._journal: Journal | None = None
         self.backend_calls = BackendCalls(backend, lambda: self.allocator.quarantine.enabled)
-        # PASIDs a failed DETACH left in the kernel: withheld, retried (stuck.py).
-        self.stuck = (
-            StuckDetaches(devices, lambda: self.allocator, self.backend_calls)
-            if devices is not None
-            else None
-        )
+        # PASIDs a failed kernel call left in use at a set's end: withheld (stuck.py).
+        self.stuck = Withheld(devices, lambda: self.allocator, self.backend_calls)
         # tickets: the peer socket's handshakes (broker/peer); anonymous: --anonymous.
         self.sets = Sessions(self, tickets, anonymous)
         self.events = EventFanout(store, watch_buffer)
@@ -255,8 +251,7 @@ class Broker:
         if self._journal is not None:
             await self._journal.drain()
             self._journal.close()
-        if self.stuck is not None:
-            self.stuck.close()
+        self.stuck.close()
         if self.failure is None:
             self.store.close()
         # else: no close, which would checkpoint the WAL from a page cache that can no
@@ -516,8 +511,7 @@ class Broker:
         try:
             self.devices.drop_set(set_id)
         except DetachFailed as exc:
-            assert self.stuck is not None
-            self.stuck.withhold(set_id, exc.pasids, holder)
+            self.stuck.detach_failed(set_id, exc.pasids, holder)
             return list(exc.pasids)
         except PasidError as exc:  # not a DETACH (closing fds): nothing stays attached
             log.error("set %d: dropping its devices failed: %s", set_id, exc.message)

@@ -553,9 +553,14 @@ class Sessions:
         freed = e.allocator.destroy_set(set_id) if set_id in e.allocator.sets else []
         self._forget(sess)
         self.holders.unwatch(set_id)
-        # A PASID whose DETACH failed stays out of the pool and held in the backend.
+        # A PASID the kernel may still use (its DETACH or its free failed) stays out of
+        # the pool and held in the backend (stuck.py).
         stuck = e.drop_devices(set_id, sess.holder)
-        e.backend_calls.release([p for p in freed if p not in stuck] if stuck else freed)
+        kept = e.backend_calls.release_gone(
+            [p for p in freed if p not in stuck] if stuck else freed
+        )
+        if kept:
+            e.stuck.free_failed(set_id, kept)
 
         def undo() -> None:
             # The retry first, then memory back to what the store holds: if a step of

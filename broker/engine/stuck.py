@@ -1,11 +1,19 @@
-"""PASIDs whose DETACH failed when their set was destroyed: withheld from the pool until
-the kernel has let go of them (issue 22, point 7; docs/quarantine.md, "A failed DETACH").
+"""PASIDs a destroyed set left that the kernel may still use: withheld from the pool until
+the kernel has let go of them (issue 22, point 7; docs/quarantine.md, "A failed kernel
+call at a set's end").
 
-A failed DETACH leaves the PASID attached to the gone set's device: handed to another set,
-its DMA would land in the old owner's address space. So it is withheld (counted as
-quarantined, held by no set, still held in the backend) until either a DETACH retried
-every RETRY_SECONDS succeeds, or the set's verified holder has exited, when the broker
-closes its own copies of the device fds and the kernel detaches at the last close.
+Two kernel calls free a number when a set ends, and either may fail:
+
+- DETACH (iommufd): the PASID may still be attached to the gone set's device; handed to
+  another set, its DMA would land in the old owner's address space. Withheld until a
+  DETACH retried every RETRY_SECONDS succeeds, or the set's verified holder has exited,
+  when the broker closes its own copies of the device fds and the kernel detaches at the
+  last close.
+- the backend's free (VFIO: the kernel's ioasid free): the kernel still counts the PASID
+  allocated. Withheld until a retried free succeeds (an alloc that picked it would only
+  be refused by the kernel meanwhile).
+
+A withheld PASID is in no set, counted as quarantined, and still held in the backend.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ import os
 from collections.abc import Callable, Sequence
 
 from broker.backends.base import Devices
-from broker.core import Allocator
+from broker.core import Allocator, PasidError, runs
 from broker.engine.backend_calls import BackendCalls
 from broker.engine.holders import Holder, reopen_holder
 
@@ -33,19 +41,23 @@ def _alive(holder: Holder) -> bool:
     return True
 
 
-class StuckDetaches:
-    """The engine's withheld PASIDs and the timer that retries their DETACH."""
+class Withheld:
+    """The engine's withheld PASIDs and the timer that retries the kernel calls."""
 
     def __init__(
-        self, devices: Devices, allocator: Callable[[], Allocator], backend_calls: BackendCalls
+        self,
+        devices: Devices | None,
+        allocator: Callable[[], Allocator],
+        backend_calls: BackendCalls,
     ) -> None:
         self._devices = devices
         self._allocator = allocator
         self._backend_calls = backend_calls
         self._holders: dict[int, Holder | None] = {}  # gone set -> its verified holder
+        self._unfreed: set[int] = set()  # the backend's free failed
         self._timer: asyncio.TimerHandle | None = None
 
-    def withhold(self, set_id: int, pasids: Sequence[int], holder: Holder | None) -> None:
+    def detach_failed(self, set_id: int, pasids: Sequence[int], holder: Holder | None) -> None:
         """The set is gone but the kernel kept these attached: keep them from the pool."""
         kept = self._allocator().withhold(pasids)
         self._holders[set_id] = holder
@@ -56,28 +68,58 @@ class StuckDetaches:
             len(kept),
             extra={"session": set_id, "pasids": kept[:32]},
         )
+        self._schedule()
+
+    def free_failed(self, set_id: int, pasids: Sequence[int]) -> None:
+        """The set is gone but the backend did not free these: keep them from the pool."""
+        kept = self._allocator().withhold(pasids)
+        self._unfreed.update(kept)
+        log.error(
+            "set %d: the backend's free failed for %d PASIDs; withheld from the pool until"
+            " a retried free succeeds",
+            set_id,
+            len(kept),
+            extra={"session": set_id, "pasids": kept[:32]},
+        )
+        self._schedule()
+
+    def _schedule(self) -> None:
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(RETRY_SECONDS, self.retry)
 
     def retry(self) -> list[int]:
-        """Retry the DETACHes; let go of the sets whose holder exited; release what the
-        kernel no longer uses. Returns those PASIDs."""
+        """Retry the kernel calls; let go of the sets whose holder exited; release what
+        the kernel no longer uses. Returns those PASIDs."""
         self._timer = None
-        done = self._devices.retry_detach()
-        stuck = self._devices.stuck()
-        for set_id, holder in list(self._holders.items()):
-            if set_id not in stuck:
-                del self._holders[set_id]
-            elif holder is not None and not _alive(holder):
-                done += self._devices.let_go(set_id)
-                del self._holders[set_id]
+        done: list[int] = []
+        if self._devices is not None:
+            done = self._devices.retry_detach()
+            stuck = self._devices.stuck()
+            for set_id, holder in list(self._holders.items()):
+                if set_id not in stuck:
+                    del self._holders[set_id]
+                elif holder is not None and not _alive(holder):
+                    done += self._devices.let_go(set_id)
+                    del self._holders[set_id]
         if done:
             free = self._allocator().release_withheld(done)
-            if free:
-                self._backend_calls.free(free)
-            log.info("withheld PASIDs detached: released", extra={"pasids": sorted(done)[:32]})
-        if self._devices.stuck():
-            self._timer = asyncio.get_running_loop().call_later(RETRY_SECONDS, self.retry)
+            if free:  # detached; now the backend's free (which may fail in turn)
+                self._unfreed.update(self._backend_calls.free(free))
+                self._allocator().withhold(self._unfreed.intersection(free))
+        # A set that took one back (its destroy undone) holds it again: not ours to free.
+        self._unfreed.intersection_update(self._allocator().withheld)
+        for lo, hi in runs(sorted(self._unfreed)):
+            try:
+                self._backend_calls.backend.free(lo, hi)
+            except PasidError:
+                continue
+            self._unfreed.difference_update(range(lo, hi + 1))
+            self._allocator().release_withheld(range(lo, hi + 1))
+            done.extend(range(lo, hi + 1))
+        if done:
+            log.info("withheld PASIDs released", extra={"pasids": sorted(done)[:32]})
+        if self._unfreed or (self._devices is not None and self._devices.stuck()):
+            self._schedule()
         return sorted(done)
 
     def close(self) -> None:

@@ -401,3 +401,31 @@ def test_backend_error_on_free_changes_nothing(tmp_path: Path) -> None:
             assert assert_memory_matches_disk(b) == {s.session_id: [1, 2]}
     finally:
         b.cleanup()
+
+
+def test_backend_error_on_free_at_a_sets_end_withholds_the_pasids(tmp_path: Path) -> None:
+    """Issue 22, point 7: a kernel call that frees a number fails when a set ends. The
+    set goes (it must), but its PASIDs stay out of the pool, counted as quarantined,
+    until a retried free succeeds: never handed out while the kernel still holds them."""
+    trigger = tmp_path / "backend-free-fails"
+    b = BrokerProcess(env={FAULTS: f"backend_free_fail_file={trigger}"})
+    try:
+        b.start()
+        with Client(b.address) as c:
+            with c.session("vm") as s:
+                assert s.alloc(1, 100, 3) == [1, 2, 3]
+                trigger.write_text("")
+            # The session's end destroyed the set; its free failed in the backend.
+            wait_until(lambda: c.info().quarantined == 3, 10, what="the PASIDs withheld")
+            assert c.info().in_use == 0
+            assert "the backend's free failed for 3 PASIDs" in b.read_log()
+            with c.session("next") as t:
+                assert t.alloc(1, 100, 1) == [4]  # never 1-3 meanwhile
+                time.sleep(2.5)  # retried (every second), still failing
+                assert c.info().quarantined == 3
+                trigger.unlink()
+                wait_until(lambda: c.info().quarantined == 0, 10, what="the retried free")
+                assert t.alloc(1, 100, 3) == [1, 2, 3]  # really released in the backend
+            assert b.health() == "SERVING"
+    finally:
+        b.cleanup()
