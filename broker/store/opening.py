@@ -123,7 +123,7 @@ def _check_before_writing(path: Path) -> tuple[Snapshot | None, checks.Digest | 
     shm = checks.read_shm(path)
     try:
         witness = checks.read_witness(path)
-        if not path.exists():
+        if _empty(path):
             checks.missing_database(path, witness)
             return None, None
         conn = checks.connect_readonly(path)
@@ -147,6 +147,14 @@ def _check_before_writing(path: Path) -> tuple[Snapshot | None, checks.Digest | 
         raise StoreError(f"cannot open store {path}: {_refuse(path, shm, describe(exc))}") from exc
     except StoreError as exc:
         raise StoreError(f"cannot open store {path}: {_refuse(path, shm, str(exc))}") from exc
+
+
+def _empty(path: Path) -> bool:
+    """No database yet: no file, or an empty one (the instance lock may have made it)."""
+    try:
+        return path.stat().st_size == 0
+    except FileNotFoundError:
+        return True
 
 
 def _revision(conn: sqlite3.Connection) -> int:
