@@ -39,6 +39,9 @@ class Observer:
         """A set's destroy is durable. kind "set_destroyed": its client ended it;
         "set_reclaimed": the broker took it (grace, exit, revoke, restart)."""
 
+    def set_state_changed(self, set_id: int, kind: str) -> None:
+        """A set was detached ("set_detached") or re-attached ("set_reattached")."""
+
     def recovered(self, seconds: float, replayed: int, sets: int) -> None:
         """Start-up recovery finished."""
 
@@ -81,6 +84,10 @@ class Observers(Observer):
     def set_destroyed(self, set_id: int, reason: str, kind: str, pasids: int) -> None:
         for o in self._subs:
             o.set_destroyed(set_id, reason, kind, pasids)
+
+    def set_state_changed(self, set_id: int, kind: str) -> None:
+        for o in self._subs:
+            o.set_state_changed(set_id, kind)
 
     def recovered(self, seconds: float, replayed: int, sets: int) -> None:
         for o in self._subs:

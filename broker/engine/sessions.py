@@ -39,7 +39,7 @@ from broker.engine.holders import Holder, Holders, reopen_holder
 from broker.engine.lifecycle import Action, SetEvent, action_for
 from broker.peer import credentials
 from broker.peer.tickets import PeerIdentity, TicketBook
-from broker.store import CreateSet, DestroySet, SetRow
+from broker.store import CreateSet, DestroySet, NoteSetState, SetRow
 
 if TYPE_CHECKING:
     from broker.engine.broker import Broker
@@ -359,6 +359,7 @@ class Sessions:
         sess.attached = True
         sess.detached_unix = 0.0
         sess.peer = peer
+        self._note(sess, "set_reattached", f"detached for {detached_for:.3f} s")
         if identity is not None:
             identity.close()  # the set keeps the holder (and pidfd) it was created for
         self._engine.observers.session_opened(sess.session_id, True)
@@ -442,6 +443,7 @@ class Sessions:
             return  # recovered sets are detached already (a restart is not news)
         sess.attached = False
         sess.detached_unix = self._engine.clock()
+        self._note(sess, "set_detached", reason)
         log.info(
             "session detached",
             extra={
@@ -453,6 +455,11 @@ class Sessions:
                 "grace": sess.grace_seconds if sess.holder is None else None,
             },
         )
+
+    def _note(self, sess: Session, kind: str, reason: str) -> None:
+        """set_detached / set_reattached into the event log (Watch), and to observers."""
+        self._engine.journal.submit(NoteSetState(sess.session_id, kind, reason), _nothing, None)
+        self._engine.observers.set_state_changed(sess.session_id, kind)
 
     def release(self, sess: Session) -> asyncio.Future[int]:
         """Its owner ends the set now, whatever its grace (ReleaseRequest); resolves to
@@ -616,3 +623,7 @@ class Sessions:
     def _forget(self, sess: Session) -> None:
         self._sessions.pop(sess.session_id, None)
         self._by_token.pop(sess.token_hash, None)
+
+
+def _nothing() -> None:
+    """A note's undo: it changed no state."""

@@ -48,6 +48,10 @@ class State:
     # The largest verified sets: (set_id, client, pid, uid, ns_pid, PASIDs held).
     top_holders: tuple[tuple[int, str, int, int, int, int], ...] = ()
     widths: tuple[tuple[str, str, int, int], ...] = ()
+    # Detached sets whose verified holder still runs (it is watched: an exit destroys
+    # the set at once), and how long the oldest of them has been detached (0: none).
+    detached_verified: int = 0
+    oldest_detached_seconds: float = 0.0
 
 
 def take_state(broker: Broker, top: int = TOP_CLIENTS) -> State | None:
@@ -58,12 +62,19 @@ def take_state(broker: Broker, top: int = TOP_CLIENTS) -> State | None:
     per_client: dict[str, int] = {}
     detached = 0
     holders: list[tuple[int, str, int, int, int, int]] = []
+    now = broker.clock()
+    detached_verified = 0
+    oldest = 0.0
     for s in broker.sessions():
         per_client[s.client] = per_client.get(s.client, 0) + len(s.set)
         detached += not s.attached
         h = s.holder
         if h is not None:
             holders.append((s.session_id, s.client, h.pid, h.uid, h.ns_pid, len(s.set)))
+            if not s.attached:
+                detached_verified += 1
+                if s.detached_unix:
+                    oldest = max(oldest, now - s.detached_unix)
     ranked = sorted(per_client.items(), key=lambda kv: (-kv[1], kv[0]))
     shown = ranked[:top]
     rest = sum(n for _, n in ranked[top:])
@@ -84,6 +95,8 @@ def take_state(broker: Broker, top: int = TOP_CLIENTS) -> State | None:
         sets_anonymous=i.sets - len(holders),
         top_holders=tuple(sorted(holders, key=lambda h: (-h[5], h[0]))[:top]),
         widths=i.widths,
+        detached_verified=detached_verified,
+        oldest_detached_seconds=max(oldest, 0.0),
     )
 
 
@@ -161,13 +174,26 @@ class StateCollector(Collector):
             ("pasid_broker_pasids_in_use", "PASIDs held by sets now.", st.in_use),
             ("pasid_broker_pasids_reserved", "PASIDs never handed out.", st.reserved),
             ("pasid_broker_sessions", "Sessions attached to a stream now.", st.sessions),
+            (
+                "pasid_broker_detached_verified_sets",
+                "Detached sets whose kernel-verified holder still runs (kept until it exits"
+                " or re-attaches: a sidecar that has not come back, or a broker restart).",
+                st.detached_verified,
+            ),
+            (
+                "pasid_broker_detached_oldest_seconds",
+                "How long the oldest detached set with a live verified holder has been"
+                " detached; 0 when there is none.",
+                st.oldest_detached_seconds,
+            ),
         ):
             g = GaugeMetricFamily(name, doc)
             g.add_metric([], float(value))
             yield g
         yield _by_label(
             "pasid_broker_sets",
-            "ioasid_sets by state: attached to a session, or detached awaiting resume.",
+            "ioasid_sets by state: attached to a session's stream, or detached (no stream:"
+            " until its verified holder exits or re-attaches, or its grace ends).",
             "state",
             (("attached", st.sets_attached), ("detached", st.sets_detached)),
         )

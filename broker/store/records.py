@@ -72,6 +72,17 @@ class DestroySet:
 
 
 @dataclass(frozen=True)
+class NoteSetState:
+    """A set's stream let go of it, or took it back: only an event for the log (kind
+    "set_detached" or "set_reattached"), no change of holdings. Kept in the log so that
+    Watch, a tenant's included, sees a detach as it sees an alloc."""
+
+    set_id: int
+    kind: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
 class SaveQuotas:
     """SetQuotas changed the defaults: they outlive a restart (flags only seed them)."""
 
@@ -88,10 +99,20 @@ class SaveSetQuota:
     quota: int
 
 
-Record = CreateSet | AddPasids | RemovePasids | DestroySet | SaveQuotas | SaveSetQuota
+Record = (
+    CreateSet | AddPasids | RemovePasids | DestroySet | NoteSetState | SaveQuotas | SaveSetQuota
+)
 
 
-EVENT_KINDS = ("set_created", "alloc", "free", "set_destroyed", "set_reclaimed")
+EVENT_KINDS = (
+    "set_created",
+    "alloc",
+    "free",
+    "set_destroyed",
+    "set_reclaimed",
+    "set_detached",
+    "set_reattached",
+)
 
 
 class Event(NamedTuple):

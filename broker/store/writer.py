@@ -37,6 +37,7 @@ from broker.store.records import (
     CreateSet,
     DestroySet,
     Event,
+    NoteSetState,
     Record,
     RemovePasids,
     SaveQuotas,
@@ -401,6 +402,8 @@ class Writer:
                 "UPDATE sets SET quota = ? WHERE set_id = ?", (rec.quota, rec.set_id)
             ).close()
             return None
+        if isinstance(rec, NoteSetState):
+            return (rec.kind, rec.set_id, (), rec.reason)
         if isinstance(rec, RemovePasids):
             self._removed(rec.set_id, rec.pasids, _delete(conn, rec.set_id, rec.pasids))
             if rec.quarantine_until is not None:

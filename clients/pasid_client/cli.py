@@ -168,12 +168,12 @@ def cmd_list(c: Client, args: argparse.Namespace) -> int:
     def text() -> str:
         lines = [
             f"{'SET':>6} {'STATE':9} {'CLIENT':20} {'PID':>7} {'UID':>6} {'NS_PID':>7}"
-            f" {'COUNT':>7}  PASIDS"
+            f" {'COUNT':>7} {'DETACHED':>8}  PASIDS"
         ]
         for s in sets:
             lines.append(
                 f"{s.set_id:>6} {s.state:9} {s.client[:20]:20} {_holder(s)}"
-                f" {s.count:>7}  {_fmt_ranges(s.ranges)}"
+                f" {s.count:>7} {_detached_for(s):>8}  {_fmt_ranges(s.ranges)}"
             )
         return "\n".join(lines)
 
@@ -188,15 +188,25 @@ def _holder(s: SetView) -> str:
     return f"{s.pid:>7} {s.uid:>6} {s.ns_pid:>7}"
 
 
+def _detached_for(s: SetView, now: float | None = None) -> str:
+    """How long the set has been detached ("-" while attached), e.g. "3m07s"."""
+    if s.state != "detached" or not s.detached_unix:
+        return "-"
+    secs = max(int((time.time() if now is None else now) - s.detached_unix), 0)
+    h, rest = divmod(secs, 3600)
+    m, sec = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s" if m else f"{sec}s"
+
+
 def _sets_table(sets: Sequence[SetView]) -> str:
     lines = [
         f"{'SET':>6} {'STATE':9} {'CLIENT':20} {'PID':>7} {'UID':>6} {'NS_PID':>7}"
-        f" {'PEER':14} {'COUNT':>7} {'QUOTA':>6}  PASIDS"
+        f" {'PEER':14} {'COUNT':>7} {'QUOTA':>6} {'DETACHED':>8}  PASIDS"
     ]
     for s in sets:
         lines.append(
             f"{s.set_id:>6} {s.state:9} {s.client[:20]:20} {_holder(s)} {s.peer[:14]:14}"
-            f" {s.count:>7} {s.quota:>6}  {_fmt_ranges(s.ranges)}"
+            f" {s.count:>7} {s.quota:>6} {_detached_for(s):>8}  {_fmt_ranges(s.ranges)}"
         )
     return "\n".join(lines)
 

@@ -117,9 +117,14 @@ def test_grace_expiry_reclaims_and_the_token_dies(
         with pytest.raises(NotFound, match="resume token matches no session"):
             c.session(resume_token=s.token)
         events = a.watch(1)
-        kinds = [(e.kind, e.reason) for e in itertools.islice(events, 3)]
+        kinds = [(e.kind, e.reason) for e in itertools.islice(events, 4)]
         events.close()
-        assert kinds == [("set_created", "vmm"), ("alloc", ""), ("set_reclaimed", "grace expired")]
+        assert kinds == [
+            ("set_created", "vmm"),
+            ("alloc", ""),
+            ("set_detached", "client disconnected"),
+            ("set_reclaimed", "grace expired"),
+        ]
 
 
 def test_idle_session_survives_client_keepalive_pings(

@@ -22,6 +22,7 @@ from pasid_client.handshake import obtain_ticket
 
 from tests.e2e.test_peer_sessions import event_of, holder, read, sets, start
 from tests.harness import BrokerProcess, assert_memory_matches_disk, db_holdings, wait_until
+from tests.metrics.scrape import scrape
 
 # The longest grace any set may have on these brokers: a detached verified set must
 # outlive it (no timer applies to it at all).
@@ -81,12 +82,18 @@ def test_killed_sidecar_detaches_the_vmms_set_until_the_vmm_exits(
     view = sets(b)[set_id]
     assert view.state == "detached" and view.pid == vmm.pid and view.count == 3
     assert db_holdings(b.db)[set_id] == ans["pasids"]
+    m = scrape(b.metrics_url)
+    assert m.value("pasid_broker_detached_verified_sets") == 1
+    assert m.value("pasid_broker_sets", state="detached") == 1
+    assert m.value("pasid_broker_detached_oldest_seconds") >= LONGEST + 1
+    assert event_of(b, "set_detached", set_id).reason == "client disconnected"
     t0 = time.monotonic()
     vmm.kill()
     wait_until(lambda: set_id not in sets(b), 5, 0.01, "the set gone with the VMM")
     took = time.monotonic() - t0
     assert took < 1.0, f"the set outlived its VMM by {took:.3f} s"
     assert event_of(b, "set_reclaimed", set_id).reason == f"holder process {vmm.pid} exited"
+    assert scrape(b.metrics_url).value("pasid_broker_detached_oldest_seconds") == 0
     assert_memory_matches_disk(b)
 
 
@@ -273,6 +280,9 @@ def test_restarted_sidecar_reattaches_the_vmms_set(
     view = sets(b)[ans["session_id"]]
     assert view.state == "attached" and view.pid == vmm.pid and view.count == 3
     assert view.detached_unix == 0
+    # Watch saw it go and come back (a tenant watching its own set sees the same)
+    event_of(b, "set_detached", ans["session_id"])
+    assert event_of(b, "set_reattached", ans["session_id"]).reason.startswith("detached for")
     again.send_signal(signal.SIGINT)  # Ctrl-C: the explicit release
     assert again.wait(10) == 0
     assert not sets(b) and not db_holdings(b.db)

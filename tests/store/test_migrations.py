@@ -99,7 +99,7 @@ def test_broker_serves_a_v1_database(tmp_path: Path) -> None:
         with sqlite3.connect(b.db) as con:
             kinds = [k for (k,) in con.execute("SELECT kind FROM events ORDER BY revision")]
         con.close()
-        assert kinds[:2] == ["set_reclaimed", "alloc"]
+        assert kinds[:3] == ["set_reclaimed", "set_reattached", "alloc"]
     finally:
         b.cleanup()
 
