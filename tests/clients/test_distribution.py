@@ -126,3 +126,117 @@ def test_pasid_broker_wheel_holds_the_server_only_and_requires_the_client(
     assert meta["Name"] == ["pasid-broker"]
     client = tomllib.loads((ROOT / "clients" / "pyproject.toml").read_text())["project"]
     assert f"pasid-client=={client['version']}" in meta["Requires-Dist"]
+
+
+# -- installing the two together, never a same-named client from an index (issue 21) ---
+
+CONSTRAINTS = ROOT / "constraints.txt"
+
+
+def _stub_wheel(into: Path, name: str, version: str, module: str = "") -> Path:
+    """A wheel with metadata only (plus one module, when named): what an index would offer
+    under that name. The tests run offline (--no-index), with these standing in for the
+    public index: the server's dependencies at their pinned versions, and a squatter."""
+    dist = f"{name.replace('-', '_')}-{version}"
+    wheel = into / f"{dist}-py3-none-any.whl"
+    files = {
+        f"{dist}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{dist}.dist-info/WHEEL": (
+            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        ),
+    }
+    if module:
+        files[f"{module}.py"] = "SQUATTER = True\n"
+    into.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(wheel, "w") as z:
+        for path, text in files.items():
+            z.writestr(path, text)
+        z.writestr(f"{dist}.dist-info/RECORD", "".join(f"{p},,\n" for p in [*files, "RECORD"]))
+    return wheel
+
+
+def _fake_index(into: Path) -> Path:
+    """Every runtime dependency of pasid-broker at its constraints.txt pin, and a
+    `pasid-client 0.1.0` that is not ours (it carries a `squatter` module)."""
+    for line in CONSTRAINTS.read_text().splitlines():
+        name, _, version = line.split("#")[0].strip().partition("==")
+        if version and _norm(name) != "setuptools":
+            _stub_wheel(into, name, version)
+    _stub_wheel(into, "pasid-client", "0.1.0", module="squatter")
+    return into
+
+
+def _pip(*args: str, python: str = sys.executable) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [python, "-m", "pip", *args], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+
+
+def _resolved(report: Path) -> dict[str, dict[str, str]]:
+    """pip --report's choices: name -> version and where it came from."""
+    out = {}
+    for item in json.loads(report.read_text())["install"]:
+        meta = item["metadata"]
+        out[_norm(meta["name"])] = {"version": meta["version"], "url": item["download_info"]["url"]}
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_pip_install_dot_alone_never_takes_a_same_named_client_from_an_index(
+    tmp_path: Path,
+) -> None:
+    index = _fake_index(tmp_path / "index")
+    # The threat is real here: a requirement without the local label takes the squatter.
+    r = _pip("install", "--dry-run", "--ignore-installed", "--no-index", "--find-links",
+             str(index), "--report", str(tmp_path / "r0.json"), "pasid-client==0.1.0")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert _resolved(tmp_path / "r0.json")["pasid-client"]["version"] == "0.1.0"
+    # pasid-broker alone: its exact pin (0.1.0+local) is one no public index can hold
+    # (PyPI refuses local versions), so the install fails instead of taking the squatter.
+    r = _pip("install", "--dry-run", "--ignore-installed", "--no-index", "--find-links",
+             str(index), "--no-build-isolation", "--constraint", str(CONSTRAINTS), ".")  # fmt: skip
+    assert r.returncode != 0, r.stdout
+    assert "pasid-client==0.1.0+local" in r.stderr, r.stderr
+    assert "No matching distribution found" in r.stderr, r.stderr
+
+
+@pytest.mark.timeout(300)
+def test_the_documented_installs_take_the_client_from_this_checkout(tmp_path: Path) -> None:
+    """docs/install.md's two ways, offline, beside the squatter: from source in one
+    command (`pip install ./clients .`), and from the wheels (--no-index --find-links)."""
+    index = _fake_index(tmp_path / "index")
+    report = tmp_path / "source.json"
+    r = _pip("install", "--dry-run", "--ignore-installed", "--no-index", "--find-links",
+             str(index), "--no-build-isolation", "--constraint", str(CONSTRAINTS),
+             "--report", str(report), "./clients", ".")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    got = _resolved(report)
+    assert got["pasid-client"]["version"] == "0.1.0+local"
+    assert got["pasid-client"]["url"] == (ROOT / "clients").as_uri(), got["pasid-client"]
+
+    # The wheels, as step 1 builds them, installed as step 2 does, into a clean venv.
+    dist = tmp_path / "dist"
+    client = _build_wheel(ROOT / "clients", tmp_path / "w1")
+    server = _build_wheel(ROOT, tmp_path / "w2")
+    dist.mkdir()
+    for w in (*index.iterdir(), client, server):
+        (dist / w.name).write_bytes(w.read_bytes())
+    env = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=True, clear=True).create(env)
+    py = str(env / "bin" / "python")
+    wheels = [str(dist / client.name), str(dist / server.name)]
+    r = _pip("install", "-q", "--no-index", "--find-links", str(dist), "--constraint",
+             str(CONSTRAINTS), *wheels, python=py)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    listed = _pip("list", "--format=json", python=py)
+    versions = {_norm(p["name"]): p["version"] for p in json.loads(listed.stdout)}
+    assert versions["pasid-client"] == "0.1.0+local"
+    assert (
+        versions["pasid-broker"]
+        == tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    )
+    probe = subprocess.run(
+        [py, "-c", "import importlib.util; print(importlib.util.find_spec('squatter'))"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert probe.stdout.strip() == "None", "the squatting pasid-client was installed"
