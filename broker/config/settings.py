@@ -312,13 +312,15 @@ class Config:
     max_grace: int = setting(
         300,
         whole_seconds(0, 30 * 86_400),
-        "cap on the grace a session may ask for",
+        "cap on the grace an anonymous or TCP session may ask for (a kernel-verified "
+        "holder's set has none: it is kept while its holder process lives)",
         unit="seconds, 0..2592000",
     )
     restart_grace: int = setting(
         10,
         whole_seconds(0, 30 * 86_400),
-        "after a restart, how long clients may resume their sets before they are reclaimed "
+        "after a restart, how long anonymous and TCP clients may resume their sets before "
+        "they are reclaimed (a live verified holder's set is kept for as long as it runs) "
         "(a broker crash is not a client's exit)",
         unit="seconds, 0..2592000",
     )

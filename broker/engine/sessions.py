@@ -307,7 +307,7 @@ class Sessions:
         self, set_id: int, peer: str, identity: PeerIdentity | None
     ) -> tuple[Session, str, bool, asyncio.Future[None]]:
         """A verified holder's set back without its token: the ticket's holder (the
-        process itself, or one that may signal it and presented its pidfd: the
+        process itself, or one allowed to delegate it that presented its pidfd: the
         handshake's delegation rule) must be the set's holder, the very process (pid and
         start time). Anything else is NotFound and changes nothing; attached elsewhere
         is Conflict. The answer carries no token (the broker keeps only its hash)."""

@@ -294,7 +294,7 @@ class Client:
         self, *, delegate_pid: int | None = None, delegate_pidfd: int | None = None
     ) -> list[SetView]:
         """The sets (attached or detached) held by this process, or by the one named by
-        `delegate_pid`/`delegate_pidfd` (which we must be allowed to signal): what a
+        `delegate_pid`/`delegate_pidfd` (which we must be allowed to delegate): what a
         restarted sidecar re-attaches (`session(reattach_set_id=...)`). Needs the peer
         socket. Raises FailedPrecondition (no peer socket), PermissionDenied,
         Unauthenticated, Unavailable."""
