@@ -40,8 +40,12 @@ VENV = "/opt/pasid-broker"
 SOCKET = "/run/pasid-broker/broker.sock"
 MAX_EXPOSURE = 2.5
 # Short enough for a test, long enough for a loaded 2-core machine: a drop-in, not the
-# shipped WatchdogSec=30.
+# shipped WatchdogSec=30 and restart_grace 10.
 WATCHDOG_SEC = 3
+RESTART_GRACE = 3
+TEST_DROPIN = f"""[Service]
+Environment=PASID_BROKER_RESTART_GRACE={RESTART_GRACE}
+"""
 # Changes when _build_wheels builds differently (its part of the cache key).
 BUILD_RECIPE = "dist and dist-new (pyproject and __version__ +upgrade) v2"
 
@@ -197,15 +201,26 @@ def _client_alloc(m: Machine, user: str, count: int = 2) -> subprocess.Completed
     return m.run(f"runuser -u {user} -- {VENV}/bin/python -c {shlex.quote(code)}")
 
 
-def _start_holder(m: Machine, unit: str, user: str, count: int) -> dict[str, Any]:
-    """`pasidctl hold` as `user`, running on in a transient unit of its own; its set."""
-    m.check(
-        f"systemd-run --unit={unit} --uid={user} --collect"
-        f" {VENV}/bin/pasidctl hold --count {count} --client {unit}"
+def _start_holder(
+    m: Machine, unit: str, user: str, count: int, pasidctl: bool = True
+) -> dict[str, Any]:
+    """A holder as `user`, running on in a transient unit of its own; its set.
+    `pasidctl hold`, or (pasidctl=False) a VMM-like process that allocates through the
+    library and then only lives, whatever becomes of its stream."""
+    code = (
+        "import time\nfrom pasid_client import Client\n"
+        f"s = Client(socket={SOCKET!r}).session({unit!r})\n"
+        f"print(s.alloc(1, 1000, count={count}), flush=True)\ntime.sleep(86400)\n"
     )
+    argv = (
+        f"{VENV}/bin/pasidctl hold --count {count} --client {unit}"
+        if pasidctl
+        else f"{VENV}/bin/python -c {shlex.quote(code)}"
+    )
+    m.check(f"systemd-run --unit={unit} --uid={user} --collect {argv}")
 
-    def its_set() -> dict[str, Any] | None:
-        return next((s for s in _sets(m) if s["client"] == unit), None)
+    def its_set() -> dict[str, Any] | None:  # once allocated: the set exists before
+        return next((s for s in _sets(m) if s["client"] == unit and s["count"] == count), None)
 
     try:
         found = wait_until(its_set, 30, 0.5, f"the set of {unit}")
@@ -342,6 +357,27 @@ def test_restart_keeps_the_socket_directory(machine: Machine) -> None:
             assert r.returncode == 0, f"after `{how}`, through the bind mount: {r.stdout}{r.stderr}"
     finally:
         m.run("umount /mnt/pb")
+
+
+def test_restart_keeps_live_holders_sets(machine: Machine) -> None:
+    """A live kernel-verified holder keeps its set across `systemctl restart`, past
+    --restart-grace, whether or not its client comes back (issue 19: no restart grace for
+    live verified holders). The holder here never resumes: it only lives."""
+    m = machine
+    _dropin(m, "zz-restart-grace", TEST_DROPIN)
+    m.check(f"systemctl restart {UNIT}")
+    held = _start_holder(m, "pb-vmm-restart", "qemu", 3, pasidctl=False)
+    m.check(f"systemctl restart {UNIT}")
+    assert _active(m), m.diagnose()
+    time.sleep(RESTART_GRACE + 2)  # past the restart grace
+    after = [s for s in _sets(m) if s["client"] == "pb-vmm-restart"]
+    assert m.show("pb-vmm-restart", "ActiveState") == "active", "the holder itself died"
+    assert after and after[0]["ranges"] == held["ranges"], (
+        f"the live holder's set {held['set_id']} ({held['ranges']}) is gone"
+        f" {RESTART_GRACE + 2} s after `systemctl restart` (restart_grace {RESTART_GRACE}):"
+        f" sets now {after}\n{m.diagnose()}"
+    )
+    m.check("systemctl stop pb-vmm-restart")
 
 
 def test_stop_backup_restore_after_stop(machine: Machine, tmp_path: Path) -> None:
