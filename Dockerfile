@@ -1,10 +1,10 @@
 # syntax=docker/dockerfile:1
 # pasid-broker's image: a builder stage makes the wheels (pasid-broker and its pinned
 # dependencies, constraints.txt), the runtime stage installs them into a venv and runs as
-# an unprivileged user. Build: `docker build -t pasid-broker .`. The machines this repo is
-# developed and tested on have no container runtime, so no image is built here:
-# tests/deploy/test_image_install.py runs the same install steps in a clean venv, and
-# tests/deploy/test_dockerfile.py lints this file with hadolint.
+# an unprivileged user. Build: `docker build -t pasid-broker .`, or `buildah bud --format
+# docker` (the OCI format drops HEALTHCHECK). `make image-test` builds it with buildah on a
+# local Debian base and runs it (tests/deploy/test_image_build.py); `make test` runs its
+# install steps in a clean venv and lints this file with hadolint (test_image.py).
 # The base is pinned by digest; to move it, `docker buildx imagetools inspect
 # python:3.11-slim-bookworm` and replace the digest (in both stages: one ARG).
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:2e32f7d302adc1c37428355c1e646897c0c53f4fd60b6a551245fb90ee129f91

@@ -5,7 +5,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 VAR     ?= var
 
-.PHONY: run test fuzz kernel-test lint fmt proto lock bench bench-core profile crash-test clean
+.PHONY: run test fuzz kernel-test image-test lint fmt proto lock bench bench-core profile crash-test clean
 
 $(STAMP): pyproject.toml clients/pyproject.toml constraints-dev.txt
 	@python3 -m venv --help >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq python3-venv)
@@ -42,6 +42,12 @@ fuzz: $(STAMP)
 # The real-kernel tier alone: boots Debian's kernel under QEMU and prints what it answered.
 kernel-test: $(STAMP)
 	$(PY) -m pytest -v tests/kernel
+
+# The container images built (buildah, from a Debian base made by mmdebstrap) and run as
+# containers: the broker as PID 1, its HEALTHCHECK, a client through the mounted socket,
+# SIGTERM. Installs buildah and mmdebstrap if missing; caches in /var/cache/pasid-broker/.
+image-test: $(STAMP)
+	PASID_IMAGE_TEST=1 $(PY) -m pytest -v -s tests/deploy/test_image_build.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
