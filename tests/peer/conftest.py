@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
@@ -23,15 +24,34 @@ from tests.harness import ROOT
 T = TypeVar("T")
 
 
+class ManualClock:
+    """A monotonic clock that moves only when a test says so: a ticket's expiry is then
+    the test's decision, not a race between a short TTL and a loaded machine."""
+
+    def __init__(self) -> None:
+        self.now = time.monotonic()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 class PeerFixture:
-    def __init__(self, ttl: float = 30.0, fd_checks: dict[str, FdCheck] | None = None) -> None:
+    def __init__(
+        self,
+        ttl: float = 30.0,
+        fd_checks: dict[str, FdCheck] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.dir = tempfile.mkdtemp(prefix="pp-", dir="/tmp")
         os.chmod(self.dir, 0o755)  # other uids (setpriv) must reach the socket
         self.path = os.path.join(self.dir, "peer.sock")
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.book = TicketBook(ttl)
+        self.book = TicketBook(ttl, clock=clock)
         self.server = PeerServer(self.path, self.book, mode=0o666, fd_checks=fd_checks)
         self.call(self._start())
 

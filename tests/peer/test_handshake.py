@@ -6,14 +6,13 @@ import json
 import os
 import socket
 import subprocess
-import time
 
 import pytest
 
 from broker.peer import credentials as cred
 from broker.peer.tickets import TicketError
 from tests.harness import wait_until
-from tests.peer.conftest import PeerFixture, need
+from tests.peer.conftest import ManualClock, PeerFixture, need
 
 NOBODY = 65534
 OTHER = 4242
@@ -39,36 +38,57 @@ def test_own_identity_from_the_kernel(peer: PeerFixture) -> None:
 
 
 def test_ticket_is_one_time(peer: PeerFixture) -> None:
-    ans = peer.client()
-    first = peer.on_loop(lambda: peer.book.take(ans["ticket"]))
-    first.close()
-    with pytest.raises(TicketError, match="already used"):
-        peer.on_loop(lambda: peer.book.take(ans["ticket"]))
-    with pytest.raises(TicketError, match="unknown ticket"):
-        peer.on_loop(lambda: peer.book.take("x" * 43))
+    # The client lingers: an exited client's ticket is voided (issue 19), which would
+    # race this test's first take.
+    ans, proc = peer.client(linger=True)
+    try:
+        first = peer.on_loop(lambda: peer.book.take(ans["ticket"]))
+        first.close()
+        with pytest.raises(TicketError, match="already used"):
+            peer.on_loop(lambda: peer.book.take(ans["ticket"]))
+        with pytest.raises(TicketError, match="unknown ticket"):
+            peer.on_loop(lambda: peer.book.take("x" * 43))
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_stale_ticket_is_refused_and_its_pidfd_closed() -> None:
-    f = PeerFixture(ttl=0.2)
+    # The client stays alive (an exited client's ticket is voided at once, which is
+    # another rule: test_tickets) and the book's clock moves only when told, so the
+    # ticket is live until this test expires it, however slow the machine.
+    clock = ManualClock()
+    f = PeerFixture(ttl=0.2, clock=clock)
+    proc = None
     try:
-        ans = f.client()
+        ans, proc = f.client(linger=True)
+        assert ans["ok"], ans
         assert len(f.book) == 1
-        time.sleep(0.3)
-        # Its client has exited too, which voids a ticket sooner than its expiry.
-        with pytest.raises(TicketError, match=r"expired|its process has exited"):
+        clock.advance(0.3)
+        with pytest.raises(TicketError, match=r"expired \(valid 0.2 s\)"):
             f.on_loop(lambda: f.book.take(ans["ticket"]))
         assert len(f.book) == 0
     finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait()
         f.close()
 
 
 def test_unused_tickets_are_swept_without_further_traffic() -> None:
-    f = PeerFixture(ttl=0.2)
+    clock = ManualClock()
+    f = PeerFixture(ttl=0.2, clock=clock)
+    proc = None
     try:
-        f.client()
+        ans, proc = f.client(linger=True)
+        assert ans["ok"], ans
         assert len(f.book) == 1
+        clock.advance(0.3)  # past its TTL; no handshake or open follows
         wait_until(lambda: len(f.book) == 0, 5, 0.05, "the sweeper closes the unused ticket")
     finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait()
         f.close()
 
 
@@ -121,14 +141,19 @@ def test_unregistered_fd_role_is_refused(peer: PeerFixture) -> None:
 def test_extra_fd_roles_travel_with_the_ticket() -> None:
     seen: list[int] = []
     f = PeerFixture(fd_checks={"device": lambda fd, msg, facts: seen.append(facts.pid)})
+    proc = None
     try:
-        ans = f.client("--fd-role", "device")
+        # Lingering: an exited client's ticket would be voided before the take.
+        ans, proc = f.client("--fd-role", "device", linger=True)
         assert ans["ok"], ans
         ident = f.on_loop(lambda: f.book.take(ans["ticket"]))
         assert [d.role for d in ident.fds] == ["device"] and seen == [ans["pid"]]
         os.fstat(ident.fds[0].fd)  # a live fd the broker now holds
         ident.close()
     finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait()
         f.close()
 
 
