@@ -140,6 +140,10 @@ class PasidBrokerServicer(SessionStreamServicer):
     ) -> AsyncIterator[pb.WatchEvent]:
         from_revision = wire.check_revision(request.from_revision)
         set_id = self._watched_set(request)
-        with self.admission.watching(self.identity_key(context)):
+        # A Watch naming a session counts under that set's owner, whoever presents its
+        # token (with a ticket or without): one uid's Watches of its own sets share its
+        # cap (issue 20, point 6); an admin's full Watch, under the admin's identity.
+        owner = self.admission.owner_of(set_id) if set_id is not None else None
+        with self.admission.watching(owner or self.identity_key(context)):
             async for ev in self.broker.watch(from_revision, set_id):
                 yield watch_event(ev)

@@ -106,10 +106,12 @@ def test_a_refusal_flood_grows_the_log_by_at_most_20_mb() -> None:
 
 def test_one_uid_holds_at_most_its_watchers_plus_the_anonymous_share() -> None:
     """Issue 20, point 6: one uid was admitted 256 ticketed plus 256 anonymous Watches.
-    Its verified Watches count under its uid (--max-watchers-per-identity) and its
-    anonymous ones under the smaller shared --max-watchers-anonymous (grpc does not tell
-    the broker an anonymous caller's uid): at most 256 + 32, each refusal naming its
-    limit; root's own Watch is still admitted and served."""
+    A Watch naming a session counts under the set's owner, with a ticket or without: the
+    uid's Watches of its verified set stop at --max-watchers-per-identity (256) however
+    they are asked for; Watches of an anonymous set count under the smaller shared
+    --max-watchers-anonymous (32; grpc does not tell the broker an anonymous caller's
+    uid): at most 256 + 32, each refusal naming its limit; root's own Watch is still
+    admitted and served."""
     with open_broker() as b:
         with RootServed(b):
             got = run_as_nobody("tests.hostile.watchers", b.address, "300", timeout=300)
@@ -123,6 +125,8 @@ def test_one_uid_holds_at_most_its_watchers_plus_the_anonymous_share() -> None:
         assert got["ticketed"] == 256, got
         assert got["ticketed_refusal"][0] == "RESOURCE_EXHAUSTED"
         assert "--max-watchers-per-identity 256" in got["ticketed_refusal"][1]
+        assert got["unticketed"] == 0, got  # its own set's Watches without a ticket: its cap
+        assert "uid:65534 has 256 Watch streams open" in got["unticketed_refusal"][1]
         assert got["anonymous"] == 32, got
         assert got["anonymous_refusal"][0] == "RESOURCE_EXHAUSTED"
         assert "--max-watchers-anonymous 32" in got["anonymous_refusal"][1]

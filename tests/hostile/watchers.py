@@ -2,16 +2,19 @@
 tests/hostile/test_other_uid_floods.py.
 
 argv: ADDRESS N. Opens one session (verified: the client library's handshake), then N
-Watches of it presenting a peer ticket each (counted under the uid) and N without one
-(anonymous); prints a JSON object: how many of each were admitted, and the status and
-message of the first refusal of each kind.
+Watches of it presenting a peer ticket each and N more without one (all count under the
+uid, the set's owner); then an anonymous session (no ticket) and N Watches of it (the
+anonymous share). Prints a JSON object: how many of each were admitted, and the status
+and message of the first refusal of each kind.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from pasid.v1 import broker_pb2 as pb
@@ -36,11 +39,32 @@ def main() -> None:
         req = pb.WatchRequest(session=pb.SessionRef(session_id=s.session_id, token=s.token))
         ticketed = [stub.Watch(req, metadata=c._identity()) for _ in range(n)]
         admitted(ticketed, out, "ticketed")
-        anonymous = [stub.Watch(req) for _ in range(n)]
+        unticketed = [stub.Watch(req) for _ in range(n)]
+        admitted(unticketed, out, "unticketed")
+        out["verified"] = s.verified
+        opened = threading.Event()
+        hold = threading.Event()
+        anon: dict[str, Any] = {}
+
+        def requests() -> Iterator[pb.SessionRequest]:
+            yield pb.SessionRequest(tag=0, open=pb.OpenSession(client="anon"))
+            hold.wait()
+
+        def anonymous_session() -> None:
+            for resp in stub.Session(requests()):
+                anon["ref"] = pb.SessionRef(
+                    session_id=resp.opened.session_id, token=resp.opened.token
+                )
+                opened.set()
+
+        t = threading.Thread(target=anonymous_session, daemon=True)
+        t.start()
+        opened.wait(10)
+        anonymous = [stub.Watch(pb.WatchRequest(session=anon["ref"])) for _ in range(n)]
         admitted(anonymous, out, "anonymous")
-        out["verified"] = s.verified if hasattr(s, "verified") else None
-        for call in ticketed + anonymous:
+        for call in ticketed + unticketed + anonymous:
             call.cancel()
+        hold.set()
     print(json.dumps(out))
 
 
