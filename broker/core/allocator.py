@@ -150,6 +150,8 @@ class Allocator:
         # PASIDs no set holds that may still be in use in the kernel (a DETACH failed):
         # out of the pool until release_withheld; counted as quarantined.
         self._withheld: set[int] = set()
+        # PASIDs a witness claimed while another set held them (contest).
+        self._contested: set[int] = set()
 
     @property
     def in_use(self) -> int:
@@ -327,8 +329,15 @@ class Allocator:
     # -- quarantine ---------------------------------------------------------------------
 
     def _retire(self, set_id: int, freed: list[int]) -> None:
-        """PASIDs a set gave up: into quarantine, or straight back to the pool."""
+        """PASIDs a set gave up: into quarantine, or straight back to the pool; a
+        contested one is withheld instead."""
         self._held -= len(freed)
+        if self._contested:
+            kept = self._contested.intersection(freed)
+            if kept:
+                self._contested -= kept
+                self._withheld |= kept  # still marked used in the namespace
+                freed = [p for p in freed if p not in kept]
         if not self.quarantine.enabled:
             self.namespace.release_many(freed)
             return
@@ -446,6 +455,23 @@ class Allocator:
     @property
     def withheld(self) -> list[int]:
         return sorted(self._withheld)
+
+    def owners(self, pasids: Iterable[int]) -> dict[int, int]:
+        """PASID -> the set holding it, for those of `pasids` a set holds (0: reserved,
+        quarantined or withheld: used, in no set). Free ones are absent. O(all held)
+        when any is used: for a witness's claims, not a hot path."""
+        want = {p for p in pasids if 0 <= p < self.namespace.size and self.namespace.is_used(p)}
+        out = dict.fromkeys(want, 0)
+        if want:
+            for sid, s in self.sets.items():
+                for p in want.intersection(s.pasids):
+                    out[p] = sid
+        return out
+
+    def contest(self, pasids: Iterable[int]) -> None:
+        """Two holders claim these (a witness and the store's set): whenever the set that
+        holds one gives it up, it is withheld (never back in the pool silently)."""
+        self._contested.update(pasids)
 
     def _now(self) -> float:
         return self._clock() if self._clock is not None and self.quarantine.seconds else 0.0

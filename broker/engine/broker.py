@@ -55,6 +55,9 @@ from broker.store import (
 
 log = logging.getLogger("pasid_broker")
 
+# After a restore, new allocations wait at most this long for live holders to re-attach.
+WITNESS_WAIT_SECONDS = 30.0
+
 
 @dataclass(frozen=True)
 class Info:
@@ -125,6 +128,9 @@ class Broker:
         self.events = EventFanout(store, watch_buffer)
         self.stopping = False
         self.ready = False
+        # After a restore: allocations wait for these sets' holders (witness_seen).
+        self._witnesses: set[int] | None = None
+        self._witness_gate: asyncio.Event | None = None
         # Set at the first StoreFailed (a failed fsync): the broker acknowledges nothing
         # more and its server exits, so that a restart recovers from what is durable.
         self.failure: StoreFailed | None = None
@@ -192,6 +198,8 @@ class Broker:
             on_failure=self._store_failed,
         )
         self.sets.recover_holders(self.restart_grace)
+        if r.snapshot.restored:
+            self._hold_allocs_for_witnesses()
         self.ready = True
         took = time.perf_counter() - t0
         sets = len(r.snapshot.sets)
@@ -204,6 +212,41 @@ class Broker:
             took,
             extra={"sets": sets, "replayed": r.replayed, "seconds": round(took, 6)},
         )
+
+    def _hold_allocs_for_witnesses(self) -> None:
+        """After a restore the store is behind what clients were told: new allocations
+        wait (at most WITNESS_WAIT_SECONDS, capped by --restart-grace) until every set
+        whose verified holder is alive has resumed or re-attached (a witnessed one is
+        reconciled then) or is gone, so that a PASID the store lost is not handed to
+        another set before its holder could claim it back (issue 22)."""
+        waiting = {s.session_id for s in self.sets.all() if s.holder is not None}
+        if not waiting:
+            return
+        self._witnesses = waiting
+        self._witness_gate = asyncio.Event()
+        bound = min(WITNESS_WAIT_SECONDS, max(self.restart_grace, 1.0))
+        asyncio.get_running_loop().call_later(bound, self._open_alloc_gate, "bound reached")
+        log.warning(
+            "store restored: new allocations wait up to %.0f s for %d live holders to re-attach",
+            bound,
+            len(waiting),
+            extra={"sets": sorted(waiting)[:32]},
+        )
+
+    def witness_seen(self, set_id: int) -> None:
+        """A set awaited after a restore resumed, re-attached or went."""
+        if self._witnesses is not None:
+            self._witnesses.discard(set_id)
+            if not self._witnesses:
+                self._open_alloc_gate("every live holder re-attached")
+
+    def _open_alloc_gate(self, why: str) -> None:
+        gate, self._witness_gate = self._witness_gate, None
+        if gate is not None and not gate.is_set():
+            left = sorted(self._witnesses or ())
+            log.info("allocations open after the restore: %s", why, extra={"waiting": left[:32]})
+            gate.set()
+        self._witnesses = None
 
     def _starting_quotas(self, saved: tuple[int, int, int] | None, capacity: int) -> Quotas:
         """What SetQuotas saved, else the flags, with a per-identity share of the
@@ -281,6 +324,7 @@ class Broker:
         ticket: str = "",
         owner: str = ANONYMOUS,
         reattach_set_id: int = 0,
+        held: Sequence[int] | None = None,
     ) -> tuple[Session, str, bool, asyncio.Future[None]]:
         """A new session with a new set, or the one `resume_token` names: (session, token,
         resumed, created), `created` resolving once the new set is durable. The set's
@@ -296,10 +340,14 @@ class Broker:
         resume token, Conflict if it is attached or the holder has exited.
 
         `reattach_set_id` with a ticket: that set back, detached, without its token, if
-        the ticket's holder is the set's verified holder (NotFound otherwise)."""
+        the ticket's holder is the set's verified holder (NotFound otherwise).
+
+        `held` (a resume or re-attach with OpenSession.witness): the PASIDs the client
+        holds in the set; the store is reconciled with them (Sessions.reconcile), and
+        `created` resolves once the reclaimed ones are durable."""
         self.require_ready()
         return self.sets.open(
-            client, pid, grace_seconds, resume_token, peer, ticket, owner, reattach_set_id
+            client, pid, grace_seconds, resume_token, peer, ticket, owner, reattach_set_id, held
         )
 
     def held_sets(self, ticket: str, peer: str) -> list[Session]:
@@ -375,6 +423,21 @@ class Broker:
     # -- requests -----------------------------------------------------------------------
 
     def alloc(
+        self, sess: Session, lo: int, hi: int, count: int = 1, device: str = ""
+    ) -> asyncio.Future[list[int]]:
+        """Allocate and queue the commit; the future resolves once durable. Checks raise
+        (after a restore, while allocations wait for the witnesses: in the future)."""
+        gate = self._witness_gate
+        if gate is not None:
+
+            async def after_gate() -> list[int]:
+                await gate.wait()
+                return await self._alloc(sess, lo, hi, count, device)
+
+            return asyncio.ensure_future(after_gate())
+        return self._alloc(sess, lo, hi, count, device)
+
+    def _alloc(
         self, sess: Session, lo: int, hi: int, count: int = 1, device: str = ""
     ) -> asyncio.Future[list[int]]:
         """Allocate and queue the commit; the future resolves once durable. Checks raise.

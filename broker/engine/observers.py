@@ -45,6 +45,9 @@ class Observer:
     def recovered(self, seconds: float, replayed: int, sets: int) -> None:
         """Start-up recovery finished."""
 
+    def pasid_conflict(self, set_id: int, pasids: int) -> None:
+        """A resuming client (a witness) holds `pasids` PASIDs the store gives elsewhere."""
+
 
 class Observers(Observer):
     """Fans every hook out to its subscribers, in subscription order."""
@@ -92,3 +95,7 @@ class Observers(Observer):
     def recovered(self, seconds: float, replayed: int, sets: int) -> None:
         for o in self._subs:
             o.recovered(seconds, replayed, sets)
+
+    def pasid_conflict(self, set_id: int, pasids: int) -> None:
+        for o in self._subs:
+            o.pasid_conflict(set_id, pasids)

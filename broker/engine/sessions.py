@@ -16,11 +16,12 @@ holder is and whether it still runs are holders.py's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import secrets
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from broker.core import (
@@ -39,7 +40,7 @@ from broker.engine.holders import Holder, Holders, reopen_holder
 from broker.engine.lifecycle import Action, SetEvent, action_for
 from broker.peer import credentials
 from broker.peer.tickets import PeerIdentity, TicketBook
-from broker.store import CreateSet, DestroySet, NoteSetState, SetRow
+from broker.store import AddPasids, CreateSet, DestroySet, LogConflict, NoteSetState, SetRow
 
 if TYPE_CHECKING:
     from broker.engine.broker import Broker
@@ -72,6 +73,9 @@ class Session:
     on_revoke: Callable[[str], None] | None = None
     # A failed destroy's undo did not complete: the next try deletes what the store has.
     release_partial: bool = False
+    # The last witnessed resume's outcome (Sessions.reconcile): for SessionOpened.
+    reclaimed: list[int] = field(default_factory=list)
+    conflicts: list[int] = field(default_factory=list)
 
     @property
     def session_id(self) -> int:
@@ -178,6 +182,7 @@ class Sessions:
         ticket: str = "",
         owner: str = ANONYMOUS,
         reattach_set_id: int = 0,
+        held: Sequence[int] | None = None,
     ) -> tuple[Session, str, bool, asyncio.Future[None]]:
         """See Broker.open_session. Synchronous on purpose: the set exists from here on,
         and the caller owns it (ends it in its finally) before it awaits anything.
@@ -191,12 +196,90 @@ class Sessions:
             owner = uid_identity(identity.uid)
         try:
             if reattach_set_id:
-                return self._reattach(reattach_set_id, peer, identity)
-            return self._open(client, pid, grace_seconds, resume_token, peer, identity, owner)
+                out = self._reattach(reattach_set_id, peer, identity)
+            else:
+                out = self._open(client, pid, grace_seconds, resume_token, peer, identity, owner)
         except BaseException:
             if identity is not None:  # refused: the ticket is the caller's again
                 self.holders.give_back(ticket, identity)
             raise
+        sess, token, resumed, _ = out
+        if resumed:
+            self._engine.witness_seen(sess.session_id)
+        if resumed and held is not None:
+            return sess, token, resumed, self.reconcile(sess, held)
+        return out
+
+    def reconcile(self, sess: Session, held: Sequence[int]) -> asyncio.Future[None]:
+        """The client as witness (issue 22): `held` is what it holds in `sess`'s set, as it
+        last heard. A PASID the store lost that is still free is claimed for the set again
+        (durably: the returned future resolves once it is); one the store gives to another
+        set, or holds back, is a conflict: logged at ERROR, a pasid_conflict event on both
+        sets, and contested in the allocator (when its holder gives it up it is withheld,
+        never back in the pool silently). Results in sess.reclaimed / sess.conflicts.
+        PASIDs the set holds that the witness does not claim are left as they are."""
+        e = self._engine
+        set_id = sess.session_id
+        mine = set(sess.set.pasids)
+        want = sorted({p for p in held if p not in mine and 0 < p < e.allocator.namespace.size})
+        owners = e.allocator.owners(want)
+        free = [p for p in want if p not in owners]
+        clash = dict(owners)  # another set's (or quarantined, withheld, reserved: 0)
+        sess.reclaimed, sess.conflicts = free, sorted(clash)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        if clash:
+            e.allocator.contest(p for p, o in clash.items() if o)
+            for p, o in clash.items():
+                if not o:  # quarantined: withheld instead, so that no expiry reissues it
+                    with contextlib.suppress(ValueError):  # reserved: never reissued
+                        e.allocator.withhold([p])
+            by_owner: dict[int, list[int]] = {}
+            for p, o in clash.items():
+                by_owner.setdefault(o, []).append(p)
+            log.error(
+                "pasid conflict: a resuming client holds PASIDs the store gives to another"
+                " set or holds back; they are contested, never reissued silently",
+                extra={
+                    "session": set_id,
+                    "conflicts": sorted(clash)[:32],
+                    "owners": sorted(by_owner),
+                },
+            )
+            e.observers.pasid_conflict(set_id, len(clash))
+            undo_nothing: Callable[[], None] = lambda: None  # noqa: E731 - a log record
+            for o, ps in sorted(by_owner.items()):
+                ps_t = tuple(sorted(ps))
+                e.journal.submit(
+                    LogConflict(set_id, ps_t, f"held by set {o}" if o else "held back"),
+                    undo_nothing,
+                    None,
+                )
+                if o:
+                    e.journal.submit(
+                        LogConflict(o, ps_t, f"claimed by set {set_id}'s client"),
+                        undo_nothing,
+                        None,
+                    )
+        if free:
+            got = e.allocator.claim(set_id, free)
+            try:
+                e.backend_calls.alloc_exact(got)
+            except BaseException:
+                e.allocator.release(set_id, free)
+                sess.reclaimed = []
+                raise
+
+            def undo() -> None:
+                e.backend_calls.free(got)
+                e.allocator.release(set_id, free)
+
+            log.warning(
+                "witness: PASIDs the store had lost claimed for their set again",
+                extra={"session": set_id, "reclaimed": free[:32], "count": len(free)},
+            )
+            done = e.journal.submit(AddPasids(set_id, tuple(free)), undo, None)
+        return done
 
     def _open(
         self,
@@ -623,6 +706,7 @@ class Sessions:
     def _forget(self, sess: Session) -> None:
         self._sessions.pop(sess.session_id, None)
         self._by_token.pop(sess.token_hash, None)
+        self._engine.witness_seen(sess.session_id)  # a set gone is awaited no more
 
 
 def _nothing() -> None:

@@ -141,6 +141,13 @@ class Metrics(Observer):
         )
         self._opened_new = opened.labels("new")
         self._opened_resumed = opened.labels("resumed")
+        # A witness's claim the store gives elsewhere (issue 22): an alert fires on any.
+        self._conflicts = Counter(
+            "pasid_broker_pasid_conflicts",
+            "PASIDs a resuming client holds that the store gives to another set (or holds"
+            " back): two holders for one PASID, contested, never reissued silently.",
+            registry=r,
+        )
         self._malformed = Counter(
             "pasid_broker_malformed_requests",
             "Requests refused as INVALID_ARGUMENT (undecodable, or a field out of range),"
@@ -267,6 +274,9 @@ class Metrics(Observer):
 
     def session_opened(self, set_id: int, resumed: bool) -> None:
         (self._opened_resumed if resumed else self._opened_new).inc()
+
+    def pasid_conflict(self, set_id: int, pasids: int) -> None:
+        self._conflicts.inc(pasids)
 
     def recovered(self, seconds: float, replayed: int, sets: int) -> None:
         self._recovery_seconds.set(seconds)

@@ -38,6 +38,7 @@ from broker.core import (
     LimitExceeded,
     PasidError,
     PermissionDenied,
+    runs,
     uid_identity,
 )
 from broker.engine import Broker, SetEvent, done_future
@@ -58,6 +59,10 @@ _Pending = tuple[int, asyncio.Future[Any], Callable[[Any], pb.SessionResponse], 
 
 # What the Session writer loop reads: a reply to await, or the end of the stream with a
 # status (revoke: ABORTED; broker shutdown: UNAVAILABLE).
+def ranges(pasids: list[int]) -> list[pb.PasidRange]:
+    return [pb.PasidRange(min=lo, max=hi) for lo, hi in runs(pasids)]
+
+
 @dataclass(frozen=True)
 class _End:
     code: grpc.StatusCode
@@ -195,6 +200,7 @@ class SessionStreamServicer(pb_grpc.PasidBrokerServicer):
                 o.ticket,
                 owner=current_caller().identity,
                 reattach_set_id=o.reattach_set_id,
+                held=wire.pasids_of(o.held) if o.witness else None,
             )
         except BaseException:
             if new_set:
@@ -235,6 +241,8 @@ class SessionStreamServicer(pb_grpc.PasidBrokerServicer):
                     resumed=resumed,
                     grace_seconds=sess.grace_seconds,
                     verified=sess.holder is not None,
+                    reclaimed=ranges(sess.reclaimed) if resumed else [],
+                    conflicts=ranges(sess.conflicts) if resumed else [],
                 ),
             )
             answered = True

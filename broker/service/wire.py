@@ -137,6 +137,28 @@ def check_reason(reason: str) -> str:
     return reason
 
 
+# A witness states at most the whole 20-bit PCIe space, in at most this many ranges.
+MAX_WITNESS_PASIDS = 1 << 20
+MAX_WITNESS_RANGES = 1 << 16
+
+
+def pasids_of(ranges: Any) -> list[int]:
+    """OpenSession.held (PasidRange min..max each) as PASIDs, checked: min <= max, at most
+    MAX_WITNESS_RANGES ranges and MAX_WITNESS_PASIDS PASIDs (else InvalidArgument)."""
+    if len(ranges) > MAX_WITNESS_RANGES:
+        raise InvalidArgument(
+            f"held has {len(ranges)} ranges; a witness states at most {MAX_WITNESS_RANGES}"
+        )
+    out: set[int] = set()
+    for r in ranges:
+        if r.min > r.max:
+            raise InvalidArgument(f"held range [{r.min}, {r.max}]: min > max")
+        if len(out) + r.max - r.min + 1 > MAX_WITNESS_PASIDS:
+            raise InvalidArgument(f"held states over {MAX_WITNESS_PASIDS} PASIDs")
+        out.update(range(r.min, r.max + 1))
+    return sorted(out)
+
+
 def check_count(count: int, limits: Limits) -> int:
     """An Alloc's count (0 means 1), at most --max-pasids-per-request."""
     n = count or 1

@@ -189,6 +189,7 @@ def _seal(conn: sqlite3.Connection, path: Path, snapshot: Snapshot, digest: chec
             raise
         conn.execute("COMMIT")
     if restored is not None:
+        snapshot.restored = True
         checks.report_restore(path, restored, snapshot.revision)
     if checks.read_witness(path) != snapshot.revision:
         checks.write_witness(path, snapshot.revision)

@@ -99,8 +99,25 @@ class SaveSetQuota:
     quota: int
 
 
+@dataclass(frozen=True)
+class LogConflict:
+    """A witness (a resuming client) claimed PASIDs the store gives to another set, or
+    holds back: logged as a pasid_conflict event on `set_id`; changes no holdings."""
+
+    set_id: int
+    pasids: tuple[int, ...]
+    reason: str
+
+
 Record = (
-    CreateSet | AddPasids | RemovePasids | DestroySet | NoteSetState | SaveQuotas | SaveSetQuota
+    CreateSet
+    | AddPasids
+    | RemovePasids
+    | DestroySet
+    | NoteSetState
+    | SaveQuotas
+    | SaveSetQuota
+    | LogConflict
 )
 
 
@@ -112,6 +129,7 @@ EVENT_KINDS = (
     "set_reclaimed",
     "set_detached",
     "set_reattached",
+    "pasid_conflict",
 )
 
 
@@ -146,6 +164,8 @@ class Snapshot:
     # Quarantined PASIDs and the wall-clock time they may be reissued (Unix seconds);
     # rows already past it may still be here (they are deleted lazily).
     quarantine: dict[int, float] = field(default_factory=dict)
+    # The first start after `pasid-broker restore`: acknowledged changes were rolled back.
+    restored: bool = False
 
     @property
     def next_set_id(self) -> int:

@@ -37,6 +37,7 @@ from broker.store.records import (
     CreateSet,
     DestroySet,
     Event,
+    LogConflict,
     NoteSetState,
     Record,
     RemovePasids,
@@ -397,6 +398,8 @@ class Writer:
                 (rec.per_set, rec.per_client, rec.global_, time.time()),
             ).close()
             return None
+        if isinstance(rec, LogConflict):
+            return ("pasid_conflict", rec.set_id, rec.pasids, rec.reason)
         if isinstance(rec, SaveSetQuota):
             conn.execute(
                 "UPDATE sets SET quota = ? WHERE set_id = ?", (rec.quota, rec.set_id)
