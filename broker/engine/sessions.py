@@ -247,18 +247,17 @@ class Sessions:
                 },
             )
             e.observers.pasid_conflict(set_id, len(clash))
-            undo_nothing: Callable[[], None] = lambda: None  # noqa: E731 - a log record
             for o, ps in sorted(by_owner.items()):
                 ps_t = tuple(sorted(ps))
                 e.journal.submit(
                     LogConflict(set_id, ps_t, f"held by set {o}" if o else "held back"),
-                    undo_nothing,
+                    _nothing,
                     None,
                 )
                 if o:
                     e.journal.submit(
                         LogConflict(o, ps_t, f"claimed by set {set_id}'s client"),
-                        undo_nothing,
+                        _nothing,
                         None,
                     )
         if free:
