@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script to warm the cache: the repo root on the path
@@ -90,28 +91,48 @@ def ensure_sid_source() -> None:
         raise Unavailable(f"apt-get update failed: {r.stderr.strip()[-300:]}")
 
 
-def sid_version(pkg: str) -> str:
-    r = _run(["apt-cache", "madison", pkg])
+def sid_versions(pkgs: Iterable[str]) -> dict[str, str]:
+    """Debian sid's version of each of `pkgs` that apt knows, in one apt-cache call (a
+    call per package cost a cold run minutes: QEMU's closure is some 55 packages, each
+    tried under several names)."""
+    names = sorted(set(pkgs))
+    if not names:
+        return {}
+    r = _run(["apt-cache", "madison", *names])
+    found: dict[str, str] = {}
     for line in r.stdout.splitlines():
         parts = [p.strip() for p in line.split("|")]
         if len(parts) >= 3 and "sid" in parts[2]:
-            return parts[1]
-    raise Unavailable(f"{pkg}: no version from Debian sid in apt's lists")
+            found.setdefault(parts[0], parts[1])
+    return found
+
+
+def sid_version(pkg: str) -> str:
+    version = sid_versions([pkg]).get(pkg)
+    if version is None:
+        raise Unavailable(f"{pkg}: no version from Debian sid in apt's lists")
+    return version
 
 
 def _download(pkg: str, version: str, into: Path) -> Path:
+    return _download_all({pkg: version}, into)[0]
+
+
+def _download_all(versions: dict[str, str], into: Path) -> list[Path]:
+    """The .deb of each package at its version, fetched by one `apt-get download`."""
     into.mkdir(parents=True, exist_ok=True)
-    r = _run(
-        ["apt-get", "-o", f"DPkg::Lock::Timeout={apt.LOCK_WAIT}", "download", f"{pkg}={version}"],
-        cwd=into,
-        timeout=900,
-    )
+    wanted = [f"{pkg}={v}" for pkg, v in sorted(versions.items())]
+    lock = f"DPkg::Lock::Timeout={apt.LOCK_WAIT}"
+    r = _run(["apt-get", "-o", lock, "download", *wanted], cwd=into, timeout=1800)
     if r.returncode != 0:
-        raise Unavailable(f"apt-get download {pkg}={version}: {r.stderr.strip()[-300:]}")
-    debs = sorted(into.glob(f"{pkg}_*.deb"), key=lambda p: p.stat().st_mtime)
-    if not debs:
-        raise Unavailable(f"apt-get download {pkg}: no .deb appeared")
-    return debs[-1]
+        raise Unavailable(f"apt-get download {' '.join(wanted)}: {r.stderr.strip()[-300:]}")
+    debs = []
+    for pkg, v in sorted(versions.items()):
+        found = sorted(into.glob(f"{pkg}_{v.replace(':', '%3a')}_*.deb"))
+        if not found:
+            raise Unavailable(f"apt-get download {pkg}={v}: no .deb appeared")
+        debs.append(found[-1])
+    return debs
 
 
 def kernel_key(source_version: str) -> str:
@@ -217,9 +238,11 @@ def _unpacked(prefix: str, pkgs: tuple[str, ...], anchor: str) -> Path:
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for pkg in pkgs:
-        v = version if pkg == pkgs[0] else sid_version(pkg)
-        deb = _download(pkg, v, CACHE / "debs")
+    versions = sid_versions(pkgs)
+    lacking = [p for p in pkgs if p not in versions]
+    if lacking:
+        raise Unavailable(f"{', '.join(lacking)}: no version from Debian sid in apt's lists")
+    for deb in _download_all(versions, CACHE / "debs"):
         _log(f"unpacking {deb.name}")
         subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp)], check=True)
     if not (tmp / anchor).exists():
@@ -244,18 +267,16 @@ def qemu_root() -> Path:
     tried: set[str] = set()
     for _ in range(10):
         missing, from_host = _libs(root)
-        pkgs = set()
-        for lib in sorted(missing | from_host):
-            pkg = _lib_package(lib)
-            if pkg is None and lib in missing:
+        pkgs: dict[str, str] = {}
+        for lib, found in _lib_packages(missing | from_host).items():
+            if found is None and lib in missing:
                 raise Unavailable(f"QEMU needs {lib}: no sid package found for it")
-            if pkg is not None and pkg not in tried:
-                pkgs.add(pkg)
+            if found is not None and found[0] not in tried:
+                pkgs[found[0]] = found[1]
         if not pkgs:
             break
-        for pkg in sorted(pkgs):
-            tried.add(pkg)
-            deb = _download(pkg, sid_version(pkg), CACHE / "debs")
+        tried |= pkgs.keys()
+        for deb in _download_all(pkgs, CACHE / "debs"):
             _log(f"unpacking {deb.name} for QEMU")
             subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
     missing, _ = _libs(root)
@@ -265,22 +286,24 @@ def qemu_root() -> Path:
     return root
 
 
-def _lib_package(lib: str) -> str | None:
-    """Guess a Debian package from a soname (libfoo-1.0.so.3 -> libfoo-1.0-3 or libfoo3)."""
-    stem, _, ver = lib.partition(".so.")
-    ver = ver.split(".")[0]
-    cands = [f"{stem}{ver}", f"{stem}-{ver}", f"{stem}{ver}t64", f"{stem}-{ver}t64"]
-    owner = _run(["dpkg", "-S", f"*/{lib}"])
-    if owner.returncode == 0:
-        pkg = owner.stdout.split(":")[0].strip()
-        cands = [pkg, f"{pkg}t64", *cands]
-    for c in cands:
-        try:
-            sid_version(c)
-        except Unavailable:
-            continue
-        return c
-    return None
+def _lib_packages(libs: set[str]) -> dict[str, tuple[str, str] | None]:
+    """Each soname's sid package and version, guessed (libfoo-1.0.so.3 -> libfoo-1.0-3 or
+    libfoo3; the host's owner by dpkg -S first), with one apt-cache call for all."""
+    cands: dict[str, list[str]] = {}
+    for lib in sorted(libs):
+        stem, _, ver = lib.partition(".so.")
+        ver = ver.split(".")[0]
+        names = [f"{stem}{ver}", f"{stem}-{ver}", f"{stem}{ver}t64", f"{stem}-{ver}t64"]
+        owner = _run(["dpkg", "-S", f"*/{lib}"])
+        if owner.returncode == 0:
+            pkg = owner.stdout.split(":")[0].strip()
+            names = [pkg, f"{pkg}t64", *names]
+        cands[lib] = names
+    versions = sid_versions(n for names in cands.values() for n in names)
+    return {
+        lib: next(((n, versions[n]) for n in names if n in versions), None)
+        for lib, names in cands.items()
+    }
 
 
 def _ld_so(root: Path) -> Path:
