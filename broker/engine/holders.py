@@ -127,6 +127,12 @@ class Holders:
         self._held[set_id] = identity
         asyncio.get_running_loop().add_reader(identity.pidfd, exited, *args)
 
+    def exited(self, set_id: int) -> bool:
+        """Whether set `set_id`'s watched holder has exited already (its pidfd polls
+        readable), before the loop has run the watch's callback."""
+        identity = self._held.get(set_id)
+        return identity is not None and identity.exited()
+
     def unwatch(self, set_id: int) -> None:
         identity = self._held.pop(set_id, None)
         if identity is not None:

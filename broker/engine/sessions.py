@@ -497,6 +497,10 @@ class Sessions:
             return None  # already destroyed, or its creation was undone (failed commit)
         if self._engine.stopping:
             event = SetEvent.BROKER_STOP
+        elif event is SetEvent.STREAM_BROKEN and self.holders.exited(sess.session_id):
+            # A killed holder's stream often ends before its pidfd's callback runs: its
+            # exit it is, now (no detach to note, no wait for the watch).
+            event, reason = SetEvent.HOLDER_EXIT, f"holder process {sess.pid} exited"
         action = action_for(sess.holder is not None, event)
         if action is Action.KEEP:
             return None

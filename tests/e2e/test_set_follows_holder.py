@@ -350,3 +350,22 @@ def test_an_open_refused_gives_its_ticket_back(b: BrokerProcess) -> None:
     assert isinstance(opened, pb.SessionOpened) and opened.verified
     err = open_raw(b.address, ticket=t.ticket)  # and used up by the open that succeeded
     assert isinstance(err, grpc.RpcError) and "already used" in (err.details() or "")
+
+
+def test_a_killed_holder_is_its_exit_not_a_detach(
+    b: BrokerProcess, procs: list[subprocess.Popen[str]]
+) -> None:
+    """A client holding its own set is SIGKILLed: its stream breaks and its pidfd fires
+    at nearly the same instant; whichever the broker sees first, the set goes at once,
+    as the holder's exit."""
+    held = [holder(procs, b.address) for _ in range(5)]
+    t0 = time.monotonic()
+    for _, p in held:
+        p.kill()
+    wait_until(lambda: not sets(b), 5, 0.01, "every killed holder's set gone")
+    took = time.monotonic() - t0
+    assert took < 1.0, f"sets outlived their holders by {took:.3f} s"
+    for ans, p in held:
+        ev = event_of(b, "set_reclaimed", ans["session_id"])
+        assert ev.reason == f"holder process {p.pid} exited"
+    assert_memory_matches_disk(b)
