@@ -12,7 +12,7 @@ import pytest
 from pasid_client import Client
 
 from broker.config import build_parser as broker_parser
-from tests.harness import BACKEND, ROOT, BrokerProcess, run_broker_once
+from tests.harness import BACKEND, ROOT, BrokerProcess, run_broker_once, wait_until
 
 
 def pasidctl(b: BrokerProcess, *args: str) -> subprocess.CompletedProcess[str]:
@@ -217,7 +217,8 @@ def test_tokens_never_reach_the_log(broker: BrokerProcess, client: Client) -> No
     s = client.session("vmm", grace_seconds=30)
     s.alloc(1, 3)
     token = s.token
-    s.close()
+    s.detach()  # a broken stream detaches it (close() would release it, issue 19)
+    wait_until(lambda: any(v.detached_unix for v in client.held_sets()), what="detached")
     with client.session(resume_token=token) as again:
         again.free()
     broker.stop()

@@ -51,7 +51,9 @@ def test_set_quotas_outlive_a_restart(make_broker: Callable[..., BrokerProcess])
         admin.set_quotas(per_set=20, per_client=6, global_=500)
         admin.set_quotas(per_set=5, set_id=s.set_id)
         token = s.token
-        s.close()
+        # Its stream broken, not released (close() would destroy it, issue 19): detached,
+        # kept across the restart while its holder, this process, lives.
+        s.detach()
     b.restart()
     with Client(b.address) as c:
         q = c.info().quotas
