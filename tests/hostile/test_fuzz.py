@@ -97,10 +97,16 @@ def messages(draw: st.DrawFn, desc: Descriptor, depth: int = 0) -> Any:
     for f in fields:
         if not draw(st.booleans()):
             continue
+        repeated = getattr(f, "is_repeated", False) or getattr(f, "label", 0) == 3  # REPEATED
         if f.type == FieldDescriptor.TYPE_MESSAGE:
-            if depth < 2:
+            if depth >= 2:
+                continue
+            if repeated:  # e.g. OpenSession.held: a list of messages, each filled in turn
+                for item in draw(st.lists(messages(f.message_type, depth + 1), max_size=3)):
+                    getattr(msg, f.name).add().CopyFrom(item)
+            else:
                 getattr(msg, f.name).CopyFrom(draw(messages(f.message_type, depth + 1)))
-        elif getattr(f, "is_repeated", False) or getattr(f, "label", 0) == 3:  # REPEATED
+        elif repeated:
             getattr(msg, f.name).extend(draw(st.lists(SCALARS[f.type], max_size=3)))
         else:
             setattr(msg, f.name, draw(SCALARS[f.type]))
