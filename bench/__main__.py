@@ -13,6 +13,7 @@ BENCHMARKS = {
     "restart": "bench.restart",
     "watch": "bench.watch",
     "handshake": "bench.handshake",
+    "memory": "bench.memory",
 }
 # Run only when named: diagnostics, not targets (bench/profile.py needs perf).
 ON_REQUEST = {"profile": "bench.profile"}

@@ -43,6 +43,7 @@ def test_daemon_benchmarks_run_and_print_their_ratios() -> None:
         "(target >= 0.85)",
         "(target <= 1.3)",
         "(target >= 100,000)",
+        "what fsync per commit costs",
         "server CPU per call: echo",
         "p99 / target 50 ms",
         "exec -> first RPC",
@@ -59,6 +60,14 @@ def test_watch_benchmark_runs_and_prints_its_ratio() -> None:
     assert r.returncode == 0, r.stderr[-2000:]
     assert "watch fan-out: p99 ratio" in r.stdout and "(target <= 5)" in r.stdout, r.stdout
     assert "with 512 watchers of it" in r.stdout
+
+
+def test_memory_benchmark_runs_and_prints_the_sizing_figures() -> None:
+    """`bench memory --quick`: recovery's peak per PASID and per set, from real starts."""
+    r = bench("memory", "--quick", timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for line in ("per held PASID:", "per set (session):", "sizing:"):
+        assert line in r.stdout, r.stdout
 
 
 def test_profile_splits_each_servers_cpu_by_component() -> None:
