@@ -8,6 +8,7 @@ and changes nothing else).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -170,16 +171,42 @@ def run_broker_once(*args: str, timeout: float = 30.0) -> subprocess.CompletedPr
     )
 
 
+@contextlib.contextmanager
+def open_db(db: str | Path) -> Iterator[sqlite3.Connection]:
+    """A read-only connection to what the SQLite file holds. A live broker holds its file
+    exclusively (no other process can read it), so its file is read through a copy made
+    by SQLite's backup API on the broker's own connection (PasidAdmin.Backup, as
+    `pasid-broker backup` makes it): what is committed, not what the engine remembers.
+    A file no broker holds (a killed or stopped one's) is opened directly."""
+    from broker.operate import _fetch
+    from broker.service.instance import running_broker
+
+    running = running_broker(str(db))
+    if running is None:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+        try:
+            yield con
+        finally:
+            con.close()
+        return
+    assert running[1], f"{db}: its broker has no admin socket to copy it through"
+    with tempfile.TemporaryDirectory(prefix="pbcopy-") as d:
+        copy = Path(d) / "copy.db"
+        _fetch(running[1], copy)
+        con = sqlite3.connect(f"file:{copy}?mode=ro", uri=True)
+        try:
+            yield con
+        finally:
+            con.close()
+
+
 def db_holdings(db: str | Path) -> dict[int, list[int]]:
-    """Who holds what, read straight from the SQLite file (not through the broker)."""
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
-    try:
+    """Who holds what in the SQLite file (not what the broker's memory says: open_db)."""
+    with open_db(db) as con:
         out: dict[int, list[int]] = {s: [] for (s,) in con.execute("SELECT set_id FROM sets")}
         for set_id, pasid in con.execute("SELECT set_id, pasid FROM allocations ORDER BY pasid"):
             out.setdefault(set_id, []).append(pasid)
         return out
-    finally:
-        con.close()
 
 
 def admin_address_of(address: str) -> str:

@@ -1,4 +1,4 @@
-"""PasidAdmin: the operators' calls (list every set, revoke one, set quotas).
+"""PasidAdmin: the operators' calls (list every set, revoke one, set quotas, backup).
 
 Registered only on the admin socket (and over TCP for admin certificates); its errors
 go through the same boundary as PasidBroker's.
@@ -6,6 +6,10 @@ go through the same boundary as PasidBroker's.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -52,3 +56,32 @@ class PasidAdminServicer(pb_grpc.PasidAdminServicer):
         q = request.quotas
         await self.broker.set_quotas(request.set_id, q.per_set, q.per_client, getattr(q, "global"))
         return await self.main.GetInfo(pb.GetInfoRequest(), context)
+
+    @boundary
+    async def Backup(
+        self, request: pb.BackupRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.BackupChunk]:
+        """The copy is made into a private file beside the database (the broker may write
+        there, and only there, under systemd's ProtectSystem=strict), streamed, then
+        removed."""
+        copy = await self.broker.backup()
+        if isinstance(copy, bytes):  # made in memory: its filesystem is full
+            for i in range(0, max(len(copy), 1), BACKUP_CHUNK):
+                yield pb.BackupChunk(
+                    data=copy[i : i + BACKUP_CHUNK], total_bytes=len(copy) if i == 0 else 0
+                )
+            return
+        try:
+            total = copy.stat().st_size
+            with copy.open("rb") as f:
+                first = True
+                while chunk := await asyncio.to_thread(f.read, BACKUP_CHUNK):
+                    yield pb.BackupChunk(data=chunk, total_bytes=total if first else 0)
+                    first = False
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(copy)
+
+
+# A chunk of a Backup stream: well under grpc's default 4 MiB message limit.
+BACKUP_CHUNK = 1 << 20

@@ -134,8 +134,9 @@ def preflight(db: str, sockets: list[SocketPath]) -> None:
         writable_dir(Path(s.path).parent, "socket")
 
 
-def _lock(path: Path, guarded: str) -> IO[str]:
-    """flock `path` for the process's life; StartupError naming the holder's pid if taken."""
+def _lock(path: Path, guarded: str, extra: str = "") -> IO[str]:
+    """flock `path` for the process's life; StartupError naming the holder's pid if taken.
+    The file says "pid N" on its first line, then `extra` (lines for the holder's tools)."""
     try:
         f = path.open("a+")
     except OSError as exc:
@@ -147,7 +148,7 @@ def _lock(path: Path, guarded: str) -> IO[str]:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
-        holder = f.read().strip() or "another process"
+        holder = (f.read().splitlines() or ["another process"])[0]
         f.close()
         raise StartupError(
             f"{guarded} is in use by {holder} (lock {path}); one broker per host: stop it, "
@@ -155,7 +156,7 @@ def _lock(path: Path, guarded: str) -> IO[str]:
         ) from None
     f.seek(0)
     f.truncate()
-    f.write(f"pid {os.getpid()}\n")
+    f.write(f"pid {os.getpid()}\n{extra}")
     f.flush()
     return f
 
@@ -199,6 +200,26 @@ def flock_holder(dev: int, ino: int) -> str:
     return ""
 
 
+def running_broker(db: str) -> tuple[str, str] | None:
+    """The broker holding `db` now, as its lock file says: ("pid N", its admin socket
+    path or ""); None when no process holds the lock. `pasid-broker backup` asks that
+    broker for the copy: it holds the database exclusively (broker/store/opening.py)."""
+    path = Path(f"{resolved(db)}.lock")
+    try:
+        f = path.open("r")
+    except FileNotFoundError:
+        return None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lines = f.read().splitlines()
+            admin = next((ln[6:] for ln in lines if ln.startswith("admin ")), "")
+            return (lines[0] if lines else "another process"), admin
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return None
+
+
 @dataclass
 class InstanceLock:
     """The flocks on every socket path and on the database, held until close()."""
@@ -206,13 +227,15 @@ class InstanceLock:
     files: list[IO[str] | IO[bytes]] = field(default_factory=list)
 
     @classmethod
-    def acquire(cls, db: str, sockets: list[str]) -> InstanceLock:
+    def acquire(cls, db: str, sockets: list[str], admin_socket: str = "") -> InstanceLock:
         """Each lock beside the resolved file: a symlink to another broker's database or
         socket finds that broker's lock. The database file's own flock comes last, so a
-        start refused for a socket leaves no new database behind."""
+        start refused for a socket leaves no new database behind. `admin_socket` is
+        written into the database's lock file (running_broker: pasid-broker backup)."""
         lock = cls()
+        extra = f"admin {Path(admin_socket).absolute()}\n" if admin_socket else ""
         try:
-            lock.files.append(_lock(Path(f"{resolved(db)}.lock"), _shown(db)))
+            lock.files.append(_lock(Path(f"{resolved(db)}.lock"), _shown(db), extra))
             for s in sockets:
                 lock.files.append(_lock(Path(f"{resolved(s)}.lock"), _shown(s)))
             database = _lock_database(db)

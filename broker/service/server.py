@@ -83,7 +83,9 @@ async def serve(config: Config) -> int:
         # 1. config: every refusal that needs nothing opened.
         tls, policy = check_config(config)
         # 2. locks: another broker on this database or these sockets, named by its pid.
-        lock = InstanceLock.acquire(config.db, config.unix_sockets())
+        lock = InstanceLock.acquire(
+            config.db, config.unix_sockets(), admin_socket=config.admin_socket_path
+        )
     except StartupError as exc:
         notifier.status(f"cannot start: {exc}")
         raise

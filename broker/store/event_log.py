@@ -1,14 +1,13 @@
 """The event log as stored: PASIDs as runs text ("1-3,7"), and the reads Watch replays.
 
-Each read opens a connection of its own: WAL lets it run beside the writer, whose
-connection belongs to the writer alone.
+The reads run on the store's one connection, between commits: the broker holds the file
+with exclusive locking (opening.connect), so no other connection could read it.
 """
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from broker.core.namespace import runs
 from broker.store.records import Event
@@ -26,28 +25,24 @@ def decode_runs(text: str) -> tuple[int, ...]:
     return tuple(out)
 
 
-def read_events(path: Path, after: int, limit: int) -> list[Event]:
+# A query on the store's one connection (Writer.read): rows of (sql, params).
+Read = Callable[[str, Sequence[object]], list[tuple[Any, ...]]]
+
+
+def read_events(read: Read, after: int, limit: int) -> list[Event]:
     """Logged events with revision > after, oldest first, at most `limit`."""
-    conn = sqlite3.connect(path, check_same_thread=False)
-    try:
-        rows = conn.execute(
-            "SELECT revision, ts, kind, set_id, pasids, reason, holder_pid, holder_uid,"
-            " holder_ns_pid FROM events WHERE revision > ? ORDER BY revision LIMIT ?",
-            (after, limit),
-        ).fetchall()
-    finally:
-        conn.close()
+    rows = read(
+        "SELECT revision, ts, kind, set_id, pasids, reason, holder_pid, holder_uid,"
+        " holder_ns_pid FROM events WHERE revision > ? ORDER BY revision LIMIT ?",
+        (after, limit),
+    )
     return [
         Event(rev, ts, k, sid, decode_runs(ps), why, hpid, huid, hns)
         for rev, ts, k, sid, ps, why, hpid, huid, hns in rows
     ]
 
 
-def oldest_revision(path: Path) -> int:
+def oldest_revision(read: Read) -> int:
     """The first revision still in the log (0 when it is empty)."""
-    conn = sqlite3.connect(path, check_same_thread=False)
-    try:
-        (v,) = conn.execute("SELECT COALESCE(MIN(revision), 0) FROM events").fetchone()
-    finally:
-        conn.close()
+    ((v,),) = read("SELECT COALESCE(MIN(revision), 0) FROM events", ())
     return int(v or 0)

@@ -36,7 +36,8 @@ def describe(exc: BaseException) -> str:
 
 def restrict_files(path: Path) -> None:
     """Give the database and its -wal, -shm and .lock files mode 0600 where they exist
-    (a file made by an older broker, or under a loose umask, was 0644)."""
+    (a file made by an older broker, or under a loose umask, was 0644; no -shm is made
+    since exclusive locking, but an older broker's may be there)."""
     for p in (path, *(path.with_name(path.name + s) for s in ("-wal", "-shm", ".lock"))):
         with contextlib.suppress(FileNotFoundError):
             if stat.S_IMODE(p.stat().st_mode) != DATA_FILE_MODE:
@@ -53,6 +54,12 @@ def connect(path: Path, synchronous: str) -> sqlite3.Connection:
     conn = sqlite3.connect(
         path, isolation_level=None, check_same_thread=False, cached_statements=512
     )
+    # Before WAL mode is entered: the WAL index then lives in this process's heap, not in
+    # a -shm file mapped into memory. On a nearly full filesystem that mapping could not
+    # be backed and the broker died of SIGBUS (issue 22). The broker is the only process
+    # on its database anyway (its instance lock); backups and Watch's reads go through
+    # this connection (writer.py), and other processes get SQLITE_BUSY.
+    conn.execute("PRAGMA locking_mode=EXCLUSIVE")
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute(f"PRAGMA synchronous={synchronous}")
     conn.execute("PRAGMA foreign_keys=ON")
@@ -79,18 +86,19 @@ def open_database(
     path.parent.mkdir(parents=True, exist_ok=True)
     restrict_files(path)
     snapshot, digest = _check_before_writing(path)
+    check_open_for_writing(path)
     conn: sqlite3.Connection | None = None
     try:
-        # The first connection creates the file, its -wal and -shm: born 0600.
-        umask = os.umask(0o077)
-        try:
-            conn = connect(path, synchronous)
-        finally:
-            os.umask(umask)
+        conn = _connect_private(path, synchronous)
         restrict_files(path)
         if snapshot is None:  # a new database, or one a migration changes: read it now
             if not migrations.is_current(conn):
+                # Alembic opens a connection of its own, which this one's exclusive lock
+                # would refuse: close it for the migration, then open it again.
+                conn.close()
+                conn = None
                 migrate(path, synchronous)
+                conn = _connect_private(path, synchronous)
             snapshot = load_snapshot(conn)
             try:
                 digest = checks.verify(
@@ -114,6 +122,30 @@ def open_database(
         if conn is not None:
             conn.close()
         raise StoreError(f"cannot open store {path}: {exc}") from exc
+
+
+def _connect_private(path: Path, synchronous: str) -> sqlite3.Connection:
+    """connect(), with the file and its -wal born 0600 whatever the umask."""
+    umask = os.umask(0o077)
+    try:
+        return connect(path, synchronous)
+    finally:
+        os.umask(umask)
+
+
+def check_open_for_writing(path: Path) -> None:
+    """A file the broker cannot write is refused by name: with exclusive locking SQLite
+    would only say SQLITE_IOERR_LOCK (it opens such a file read-only, then cannot lock
+    it as the writer)."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return  # a new database
+    except OSError as exc:
+        raise StoreError(
+            f"SQLITE_READONLY: the file cannot be opened for writing ({exc.strerror})"
+        ) from None
+    os.close(fd)
 
 
 def _check_before_writing(path: Path) -> tuple[Snapshot | None, checks.Digest | None]:
@@ -205,6 +237,7 @@ def migrate(path: Path, synchronous: str) -> None:
 
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_conn: sqlite3.Connection, _rec: object) -> None:
+        dbapi_conn.execute("PRAGMA locking_mode=EXCLUSIVE")  # no -shm here either
         dbapi_conn.execute(f"PRAGMA synchronous={synchronous}")
         dbapi_conn.execute("PRAGMA foreign_keys=ON")
         dbapi_conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")

@@ -2,18 +2,20 @@
 
 Each job in a module of its own: opening.py opens the file (create, migrate, check, load
 the snapshot); writer.py is the write path (the commit, the broker's hot path, and WAL
-checkpoints; the durability argument and why plain sqlite3 are there); event_log.py reads
-the event log back for Watch.
+checkpoints; the durability argument and why plain sqlite3 are there) and owns the one
+connection (exclusive locking: Watch's reads and backups go through it too);
+event_log.py reads the event log back for Watch.
 """
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 
 from broker.core.errors import StoreError
 from broker.store import event_log
-from broker.store.opening import open_database
+from broker.store.opening import describe, open_database
 from broker.store.records import Event, Record, Snapshot
 from broker.store.writer import Writer
 
@@ -88,11 +90,19 @@ class SqliteStore:
             self._writer.checkpoint()
 
     def read_events(self, after: int, limit: int = 1000) -> list[Event]:
-        """Logged events with revision > after, oldest first (for Watch's replay)."""
-        self._require()
-        return event_log.read_events(self.path, after, limit)
+        """Logged events with revision > after, oldest first (for Watch's replay), read on
+        the writer's connection between commits (call it off the event loop)."""
+        return event_log.read_events(self._require().read, after, limit)
 
     def oldest_revision(self) -> int:
         """The first revision still in the log (0 when it is empty)."""
-        self._require()
-        return event_log.oldest_revision(self.path)
+        return event_log.oldest_revision(self._require().read)
+
+    def backup(self, dest: Path | None) -> tuple[int, bytes]:
+        """A consistent copy of the database into the new file `dest`, or (None) into
+        memory, on the writer's connection (Writer.backup; off the event loop). Returns
+        its page count, and its bytes when made in memory."""
+        try:
+            return self._require().backup(dest)
+        except sqlite3.Error as exc:
+            raise StoreError(f"backup failed: {describe(exc)}") from exc

@@ -23,6 +23,7 @@ import functools
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -176,12 +177,15 @@ class Writer:
         self.path = path
         # Keep at least this many events; older ones are compacted away in chunks.
         self.event_retention = event_retention
-        # Readers (Watch replay) open their own: WAL lets them run beside the writer.
+        # The only connection to the file (exclusive locking): Watch reads through it.
         self._conn = conn
         self._waits = True  # busy_timeout is BUSY_TIMEOUT_MS, as opening.connect set it
         self._fk = True  # foreign_keys, as opening.connect set it (see commit())
         self._last_batch = 0
         self._commits = 0
+        # The connection is the only way into the file (exclusive locking): commits (the
+        # journal's writer thread), Watch's reads and backups (worker threads) take turns.
+        self.lock = threading.Lock()
         # The batch being written put PASIDs into the quarantine table (commit()).
         self._quarantined = False
         # The allocations' digest as committed, and the batch's change to it (written in
@@ -195,10 +199,35 @@ class Writer:
         self._witness = Witness(path, int(rev or 0))
 
     def close(self) -> None:
-        self._conn.close()
+        with self.lock:
+            self._conn.close()
         self._witness.close()
 
+    def read(self, sql: str, params: Sequence[object] = ()) -> list[tuple[object, ...]]:
+        """Rows of a query on the writer's connection, between commits (Watch's replay:
+        no other connection can read the file)."""
+        with self.lock:
+            return self._conn.execute(sql, params).fetchall()
+
+    def backup(self, dest: Path | None) -> tuple[int, bytes]:
+        """A consistent copy of the database (SQLite's backup API on the writer's
+        connection, between commits; they wait meanwhile, about a second per 100 MB of
+        database): into the new file `dest`, or with dest None into memory, returned as
+        the file's bytes. Returns (its page count, the bytes or b"")."""
+        out = sqlite3.connect(":memory:" if dest is None else dest)
+        try:
+            with self.lock:
+                self._conn.backup(out)
+            pages = int(out.execute("PRAGMA page_count").fetchone()[0])
+            return pages, out.serialize() if dest is None else b""
+        finally:
+            out.close()
+
     def set_meta(self, key: str, value: str) -> None:
+        with self.lock:
+            self._set_meta(key, value)
+
+    def _set_meta(self, key: str, value: str) -> None:
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -209,6 +238,12 @@ class Writer:
         conn.execute("COMMIT")
 
     def commit(self, records: Sequence[Record], *, wait: bool = True) -> list[Event]:
+        """Make every record durable in one transaction, or none of them (StoreError):
+        _commit, with the connection to itself."""
+        with self.lock:
+            return self._commit(records, wait)
+
+    def _commit(self, records: Sequence[Record], wait: bool) -> list[Event]:
         """Make every record durable in one transaction, or none of them (StoreError).
 
         Returns the events logged for them, in order, with their revisions. With
@@ -276,7 +311,7 @@ class Writer:
         self._witness.advance(int(last or 0))
         self._commits += 1
         if wait and self.checkpoint_due():  # off the loop already: do it here
-            self.checkpoint()
+            self._checkpoint()
         # Events are tuples (records.Event): built here without a Python-level __init__.
         rev = int(last or 0) - len(logged)
         new = tuple.__new__
@@ -344,6 +379,10 @@ class Writer:
             return False
 
     def checkpoint(self) -> None:
+        with self.lock:
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
         """Copy the WAL into the database (PASSIVE), on the writer's connection and thread
         (between commits). StoreFailed on an I/O error: it fsyncs the database file, and
         a failed fsync there is as final as one in a commit (the WAL would then be reset

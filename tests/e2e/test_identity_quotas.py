@@ -8,13 +8,12 @@ test_tls.py, another uid in test_other_uid.py.
 from __future__ import annotations
 
 import os
-import sqlite3
 from collections.abc import Callable
 
 import pytest
 from pasid_client import Client, QuotaExceeded
 
-from tests.harness import BrokerProcess
+from tests.harness import BrokerProcess, open_db
 
 
 def test_renaming_or_more_sessions_do_not_escape_the_identity_quota(
@@ -68,9 +67,6 @@ def test_set_quotas_outlive_a_restart(make_broker: Callable[..., BrokerProcess])
                     o.alloc(1, 1000, 3)  # the identity holds 4 (recovered) + 3 > 6
                 assert e.value.quota == "client"
                 assert o.alloc(1, 1000, 2) == [5, 6]
-    con = sqlite3.connect(f"file:{b.db}?mode=ro", uri=True)
-    try:
+    with open_db(b.db) as con:
         rows = con.execute("SELECT scope, per_set, per_client, global_ FROM quotas").fetchall()
         assert rows == [("default", 20, 6, 500)]
-    finally:
-        con.close()

@@ -7,14 +7,13 @@ not reissue it before that time.
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Callable
 
 import pytest
 from pasid_client import Client, ResourceExhausted
 
-from tests.harness import BrokerProcess
+from tests.harness import BrokerProcess, open_db
 
 SECONDS = 8.0  # long enough that the restart fits inside it on a loaded machine
 
@@ -28,7 +27,7 @@ def test_quarantine_survives_kill_9(make_broker: Callable[..., BrokerProcess]) -
             assert s.free(1, 2) == 2  # Free: 1 and 2 into quarantine
         # The session ended: its set was destroyed, and 3 went into quarantine too.
         assert c.info().quarantined == 3
-    with sqlite3.connect(b.db) as db:  # what the restart will find
+    with open_db(b.db) as db:  # what the restart will find
         assert sorted(p for (p,) in db.execute("SELECT pasid FROM quarantine")) == [1, 2, 3]
 
     b.kill()  # SIGKILL: no shutdown path runs
@@ -72,7 +71,7 @@ def test_expired_rows_are_deleted_by_a_later_free(
         assert s.free(1, 1) == 1
         time.sleep(0.6)
         assert s.free(2, 2) == 1
-        with sqlite3.connect(b.db) as db:
+        with open_db(b.db) as db:
             assert [p for (p,) in db.execute("SELECT pasid FROM quarantine")] == [2]
 
 
@@ -81,5 +80,5 @@ def test_without_quarantine_nothing_is_stored(broker: BrokerProcess) -> None:
     with Client(broker.address) as c, c.session("vm") as s:
         assert s.alloc(1, 10) == [1]
         assert s.free(1, 1) == 1
-    with sqlite3.connect(broker.db) as db:
+    with open_db(broker.db) as db:
         assert db.execute("SELECT count(*) FROM quarantine").fetchone() == (0,)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from pasid_client import AsyncClient, Client, NotFound
 
-from tests.harness import ROOT, BrokerProcess, wait_until
+from tests.harness import ROOT, BrokerProcess, open_db, wait_until
 
 
 def spawn_holder(
@@ -161,13 +161,11 @@ def test_sets_of_dead_clients_are_reclaimed_at_restart(make_broker: object) -> N
 
 
 def test_db_file_is_real_sqlite(broker: BrokerProcess, client: Client) -> None:
-    import sqlite3
 
     with client.session("vm") as s:
         got = s.alloc(1, 10, count=2)
-        con = sqlite3.connect(broker.db)
-        rows = con.execute("SELECT pasid FROM allocations ORDER BY pasid").fetchall()
-        con.close()
+        with open_db(broker.db) as con:  # a copy made by the broker: it holds the file
+            rows = con.execute("SELECT pasid FROM allocations ORDER BY pasid").fetchall()
         assert [r[0] for r in rows] == got
     assert Path(broker.db).exists()
 

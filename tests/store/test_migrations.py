@@ -18,7 +18,7 @@ from sqlalchemy import create_engine
 from broker.core import StoreError
 from broker.store import AddPasids, SqliteStore, migrations
 from broker.store.schema import metadata
-from tests.harness import BrokerProcess, wait_until
+from tests.harness import BrokerProcess, open_db, wait_until
 
 V1_SQL = Path(__file__).parent / "fixtures" / "schema_v1.sql"
 TOKEN = "resume-me-1"
@@ -60,7 +60,9 @@ def test_the_only_foreign_key_is_the_one_the_store_checks() -> None:
 def test_store_upgrades_a_v1_database_in_place(tmp_path: Path) -> None:
     db = tmp_path / "b.db"
     make_v1_db(db)
-    snap = SqliteStore(db).open()
+    st = SqliteStore(db)
+    snap = st.open()
+    st.close()  # the store holds its file exclusively while open
     assert snap.holdings == {1: [1, 2, 7], 2: [3, 4]}
     with sqlite3.connect(db) as c:
         assert c.execute("SELECT version_num FROM alembic_version").fetchall() == [
@@ -96,9 +98,8 @@ def test_broker_serves_a_v1_database(tmp_path: Path) -> None:
             with c.session(resume_token=TOKEN) as s:
                 assert s.resumed and list(s.list().pasids()) == [1, 2, 7]
                 assert s.alloc(1, 10, 2) == [3, 4]  # set 2's PASIDs were freed
-        with sqlite3.connect(b.db) as con:
+        with open_db(b.db) as con:  # through the broker: it holds the file
             kinds = [k for (k,) in con.execute("SELECT kind FROM events ORDER BY revision")]
-        con.close()
         assert kinds[:3] == ["set_reclaimed", "set_reattached", "alloc"]
     finally:
         b.cleanup()
@@ -106,7 +107,9 @@ def test_broker_serves_a_v1_database(tmp_path: Path) -> None:
 
 def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     db = tmp_path / "b.db"
-    SqliteStore(db).open()
+    st = SqliteStore(db)
+    st.open()
+    st.close()
     with sqlite3.connect(db) as c:
         c.execute("UPDATE alembic_version SET version_num = '0099'")
     c.close()

@@ -40,10 +40,15 @@ def test_no_quarantine_writes_no_row_and_a_later_free_deletes_expired_ones(
     db = tmp_path / "b.db"
     st = _store_with_set(db)
     st.commit([RemovePasids(1, (1,))])  # quarantine off: no row
+    st.close()  # the store holds its file exclusively while open
     with sqlite3.connect(db) as c:
         assert c.execute("SELECT count(*) FROM quarantine").fetchone() == (0,)
+    c.close()
+    st = SqliteStore(db)
+    st.open()
     st.commit([RemovePasids(1, (2,), 1.0)])  # already past (1970): deleted by a later free
     st.commit([RemovePasids(1, (3,), 4_000_000_000.0)])
+    st.close()
     with sqlite3.connect(db) as c:
         assert c.execute("SELECT pasid FROM quarantine").fetchall() == [(3,)]
-    st.close()
+    c.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,6 @@ from broker.store import (
     RemovePasids,
     SetRow,
     SqliteStore,
-    WouldBlock,
 )
 
 
@@ -80,26 +78,32 @@ def test_destroy_with_the_engines_pasids_and_the_holder_in_the_log(tmp_path: Pat
     st.close()
 
 
-def test_commit_without_waiting_refuses_a_held_lock_and_writes_nothing(tmp_path: Path) -> None:
-    """The event loop's commit (wait=False) must never sleep on another process's lock:
-    it raises WouldBlock at once, and the same batch then commits with wait=True."""
+def test_the_store_holds_its_file_exclusively_and_makes_no_shm(tmp_path: Path) -> None:
+    """Exclusive locking (issue 22): no -shm file (its mapping faulted SIGBUS on a full
+    disk); another connection cannot even read while the store is open; reads (Watch's)
+    and backups go through the store's own connection."""
     db = tmp_path / "b.db"
     st = SqliteStore(db)
     st.open()
-    st.commit([CreateSet(row(1))], wait=False)
-    other = sqlite3.connect(db, isolation_level=None)
-    other.execute("BEGIN IMMEDIATE")
-    t0 = time.monotonic()
-    with pytest.raises(WouldBlock):
-        st.commit([AddPasids(1, (5,))], wait=False)
-    assert time.monotonic() - t0 < 1.0  # not the 5 s busy_timeout
-    other.execute("ROLLBACK")
-    [ev] = st.commit([AddPasids(1, (5,))])  # the retry, as the writer thread does it
-    assert ev.revision == 2  # the refused attempt logged nothing
+    st.commit([CreateSet(row(1)), AddPasids(1, (5, 6))])
+    assert not Path(f"{db}-shm").exists()
+    with pytest.raises(sqlite3.OperationalError, match=r"locked|unable to open"):
+        other = sqlite3.connect(db, timeout=0)
+        try:
+            other.execute("SELECT count(*) FROM allocations").fetchall()
+        finally:
+            other.close()
+    assert [e.kind for e in st.read_events(0)] == ["set_created", "alloc"]
+    assert st.oldest_revision() == 1
+    pages, data = st.backup(None)  # in memory: the bytes of a database file
+    (tmp_path / "copy.db").write_bytes(data)
+    copy = sqlite3.connect(tmp_path / "copy.db")
+    assert copy.execute("SELECT pasid FROM allocations ORDER BY pasid").fetchall() == [(5,), (6,)]
+    assert copy.execute("PRAGMA page_count").fetchone() == (pages,)
+    copy.close()
     st.checkpoint()
     st.close()
-    other.close()
-    assert SqliteStore(db).open().holdings == {1: [5]}
+    assert SqliteStore(db).open().holdings == {1: [5, 6]}
 
 
 def test_a_batch_applies_its_records_in_order(tmp_path: Path) -> None:

@@ -417,6 +417,11 @@ class PasidAdminStub:
                 request_serializer=pasid_dot_v1_dot_broker__pb2.SetQuotasRequest.SerializeToString,
                 response_deserializer=pasid_dot_v1_dot_broker__pb2.GetInfoResponse.FromString,
                 _registered_method=True)
+        self.Backup = channel.unary_stream(
+                '/pasid.v1.PasidAdmin/Backup',
+                request_serializer=pasid_dot_v1_dot_broker__pb2.BackupRequest.SerializeToString,
+                response_deserializer=pasid_dot_v1_dot_broker__pb2.BackupChunk.FromString,
+                _registered_method=True)
 
 
 class PasidAdminServicer:
@@ -451,6 +456,16 @@ class PasidAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Backup(self, request, context):
+        """Backup streams a consistent copy of the database, made by the broker itself with
+        SQLite's backup API on its own connection: the broker holds the file exclusively
+        (no shared-memory WAL index to fault on a full disk), so no other process can read
+        it while it runs. `pasid-broker backup DEST` calls it (docs/install.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PasidAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -468,6 +483,11 @@ def add_PasidAdminServicer_to_server(servicer, server):
                     servicer.SetQuotas,
                     request_deserializer=pasid_dot_v1_dot_broker__pb2.SetQuotasRequest.FromString,
                     response_serializer=pasid_dot_v1_dot_broker__pb2.GetInfoResponse.SerializeToString,
+            ),
+            'Backup': grpc.unary_stream_rpc_method_handler(
+                    servicer.Backup,
+                    request_deserializer=pasid_dot_v1_dot_broker__pb2.BackupRequest.FromString,
+                    response_serializer=pasid_dot_v1_dot_broker__pb2.BackupChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -556,6 +576,33 @@ class PasidAdmin:
             '/pasid.v1.PasidAdmin/SetQuotas',
             pasid_dot_v1_dot_broker__pb2.SetQuotasRequest.SerializeToString,
             pasid_dot_v1_dot_broker__pb2.GetInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Backup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pasid.v1.PasidAdmin/Backup',
+            pasid_dot_v1_dot_broker__pb2.BackupRequest.SerializeToString,
+            pasid_dot_v1_dot_broker__pb2.BackupChunk.FromString,
             options,
             channel_credentials,
             insecure,

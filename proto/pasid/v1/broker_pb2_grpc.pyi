@@ -232,6 +232,12 @@ class PasidAdminStub:
     after a restart (the flags only seed them). The defaults for all sets, or with
     `set_id` one set's quota.
     """
+    Backup: _grpc.UnaryStreamMultiCallable[_broker_pb2.BackupRequest, _broker_pb2.BackupChunk]
+    """Backup streams a consistent copy of the database, made by the broker itself with
+    SQLite's backup API on its own connection: the broker holds the file exclusively
+    (no shared-memory WAL index to fault on a full disk), so no other process can read
+    it while it runs. `pasid-broker backup DEST` calls it (docs/install.md).
+    """
 
 @_typing.type_check_only
 class PasidAdminAsyncStub(PasidAdminStub):
@@ -253,6 +259,12 @@ class PasidAdminAsyncStub(PasidAdminStub):
     """SetQuotas changes quotas at run time, durably: answered once stored, and in force
     after a restart (the flags only seed them). The defaults for all sets, or with
     `set_id` one set's quota.
+    """
+    Backup: _aio.UnaryStreamMultiCallable[_broker_pb2.BackupRequest, _broker_pb2.BackupChunk]  # type: ignore[assignment]
+    """Backup streams a consistent copy of the database, made by the broker itself with
+    SQLite's backup API on its own connection: the broker holds the file exclusively
+    (no shared-memory WAL index to fault on a full disk), so no other process can read
+    it while it runs. `pasid-broker backup DEST` calls it (docs/install.md).
     """
 
 class PasidAdminServicer(metaclass=_abc_1.ABCMeta):
@@ -290,6 +302,18 @@ class PasidAdminServicer(metaclass=_abc_1.ABCMeta):
         """SetQuotas changes quotas at run time, durably: answered once stored, and in force
         after a restart (the flags only seed them). The defaults for all sets, or with
         `set_id` one set's quota.
+        """
+
+    @_abc_1.abstractmethod
+    def Backup(
+        self,
+        request: _broker_pb2.BackupRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_broker_pb2.BackupChunk], _abc.AsyncIterator[_broker_pb2.BackupChunk]]:
+        """Backup streams a consistent copy of the database, made by the broker itself with
+        SQLite's backup API on its own connection: the broker holds the file exclusively
+        (no shared-memory WAL index to fault on a full disk), so no other process can read
+        it while it runs. `pasid-broker backup DEST` calls it (docs/install.md).
         """
 
 def add_PasidAdminServicer_to_server(servicer: PasidAdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
