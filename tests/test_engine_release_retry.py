@@ -36,7 +36,13 @@ class FailingDestroys(SqliteStore):
         return super().commit(records, wait=wait)
 
 
-def stored(db: Path) -> tuple[list[int], list[int]]:
+def stored(db: Path, store: SqliteStore | None = None) -> tuple[list[int], list[int]]:
+    """Sets and PASIDs in the file; while `store` holds it (exclusively), in a copy
+    made by SQLite's backup API on the store's own connection."""
+    if store is not None:
+        _, data = store.backup(None)
+        db = db.with_name("copy.db")
+        db.write_bytes(data)
     conn = sqlite3.connect(db)
     try:
         sets = [r for (r,) in conn.execute("SELECT set_id FROM sets ORDER BY set_id")]
@@ -83,13 +89,13 @@ def test_failed_release_is_retried_until_it_lands(
             # Undone: held again in memory (detached), and still on disk.
             assert broker.session_of(s1.session_id) is s1 and not s1.attached
             assert broker.info().in_use == 5
-            assert stored(db) == ([1], [1, 2, 3, 4, 5])
+            assert stored(db, store) == ([1], [1, 2, 3, 4, 5])
             # Retried each second: the second try fails too, the third lands.
             await wait_for(lambda: broker.session_of(s1.session_id) is None, 10)
             await broker.journal.drain()
             assert store.failures == 0
             assert broker.info().in_use == 0
-            assert stored(db) == ([], [])
+            assert stored(db, store) == ([], [])
         finally:
             await broker.stop()
 
@@ -129,7 +135,7 @@ def test_release_retried_after_an_undo_that_failed_too(tmp_path: Path) -> None:
             assert s1.release_partial and len(s1.set) == 0
             await wait_for(lambda: broker.session_of(s1.session_id) is None, 10)
             await broker.journal.drain()
-            assert stored(db) == ([2], [5, 6])
+            assert stored(db, store) == ([2], [5, 6])
         finally:
             await broker.stop()
 
