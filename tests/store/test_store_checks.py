@@ -55,10 +55,10 @@ def test_digest_and_witness_follow_every_kind_of_commit(tmp_path: Path) -> None:
     st.commit([RemovePasids(1, (2,), quarantine_until=time.time() + 60)])
     st.commit([CreateSet(_row(3)), AddPasids(3, (500, 501)), DestroySet(3, "gone", pasids=None)])
     st.commit([DestroySet(2, "gone", pasids=(*tuple(range(14, 200)), 10, 300, 304))])
+    st.close()  # the store holds its file exclusively while open
     digest, rev = _stored(db)
     assert digest == _table_digest(db).total
     assert checks.read_witness(db) == rev
-    st.close()
     for _ in range(2):  # reopened as it is: nothing refused, the state as committed
         st = SqliteStore(db)
         snap = st.open()
