@@ -15,7 +15,6 @@ engineer's work (clients/pasid_client); the wire is what is tested here.
 from __future__ import annotations
 
 import queue
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -31,7 +30,7 @@ from pasid_client.handshake import open_request, ticket_for
 
 from broker.core import runs
 from tests.faults.ledger import Ledger
-from tests.harness import ROOT, BrokerProcess, api_holdings, db_holdings
+from tests.harness import ROOT, BrokerProcess, api_holdings, db_holdings, open_db
 
 
 def _pb(*args: str) -> subprocess.CompletedProcess[str]:
@@ -142,11 +141,10 @@ def test_a_witness_after_the_bound_reclaims_what_is_free_and_reports_conflicts(
         assert "claimed for their set again" in log
         metrics = urllib.request.urlopen(b.metrics_url, timeout=5).read().decode()
         assert "pasid_broker_pasid_conflicts_total 2.0" in metrics
-        con = sqlite3.connect(f"file:{b.db}?mode=ro", uri=True)
-        events = con.execute(
-            "SELECT set_id, pasids FROM events WHERE kind = 'pasid_conflict' ORDER BY set_id"
-        ).fetchall()
-        con.close()
+        with open_db(b.db) as con:  # through the broker: it holds the file exclusively
+            events = con.execute(
+                "SELECT set_id, pasids FROM events WHERE kind = 'pasid_conflict' ORDER BY set_id"
+            ).fetchall()
         assert events == sorted([(set_a, "5-6"), (other.set_id, "5-6")]), events
     finally:
         b.cleanup()
