@@ -23,12 +23,12 @@ import pytest
 from pasid_client import Client, PasidClientError
 
 from tests.faults.ledger import Ledger
-from tests.harness import ROOT, BrokerProcess, api_holdings, db_holdings
+from tests.harness import LAUNCHER, ROOT, BrokerProcess, api_holdings, db_holdings
 
 
 def _pb(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "broker", *args],
+        [sys.executable, "-m", LAUNCHER, *args],
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -30,12 +30,12 @@ from pasid_client.handshake import open_request, ticket_for
 
 from broker.core import runs
 from tests.faults.ledger import Ledger
-from tests.harness import ROOT, BrokerProcess, api_holdings, db_holdings, open_db
+from tests.harness import LAUNCHER, ROOT, BrokerProcess, api_holdings, db_holdings, open_db
 
 
 def _pb(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "broker", *args], capture_output=True, text=True, cwd=ROOT,
+        [sys.executable, "-m", LAUNCHER, *args], capture_output=True, text=True, cwd=ROOT,
         timeout=120,
     )  # fmt: skip
 
