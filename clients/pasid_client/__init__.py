@@ -1,7 +1,9 @@
 """Client library for pasid-broker: AsyncClient/AsyncSession, and the Client/Session facade.
 
 A session is an ioasid_set: open it for as long as you need its PASIDs; closing it (or
-dying) frees them. Failures raise PasidClientError subclasses carrying the gRPC status.
+dying) frees them. It outlives a broker restart: it reconnects and resumes by itself
+(reconnect.py; `on_state_change` tells). Failures raise PasidClientError subclasses
+carrying the gRPC status.
 """
 
 from pasid_client.address import Tls
@@ -12,15 +14,18 @@ from pasid_client.errors import (
     InvalidArgument,
     InvalidRange,
     NotFound,
+    OutcomeUnknown,
     OutOfRange,
     PasidClientError,
     PermissionDenied,
     QuotaExceeded,
     ResourceExhausted,
+    SessionLost,
     Unauthenticated,
     Unavailable,
 )
 from pasid_client.handshake import Ticket, obtain_ticket
+from pasid_client.reconnect import SessionState, StateChange
 from pasid_client.sync import Client, Session
 from pasid_client.types import ALL, Event, Info, Quotas, SetView
 
@@ -37,13 +42,17 @@ __all__ = [
     "InvalidRange",
     "NotFound",
     "OutOfRange",
+    "OutcomeUnknown",
     "PasidClientError",
     "PermissionDenied",
     "QuotaExceeded",
     "Quotas",
     "ResourceExhausted",
     "Session",
+    "SessionLost",
+    "SessionState",
     "SetView",
+    "StateChange",
     "Ticket",
     "Tls",
     "Unauthenticated",

@@ -4,33 +4,68 @@ async with AsyncClient() as client:
     async with client.session("qemu-vm42") as s:
         pasid, = await s.alloc(1, 1023)
         ...
-# leaving the session frees every PASID it still holds
+# leaving the session releases every PASID it still holds
+
+When the broker goes away (a crash, a restart), the session reconnects and resumes its set
+by itself (reconnect.py); `on_state_change` tells the application.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
+import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pasid.v1 import broker_pb2 as pb
 from pasid.v1 import broker_pb2_grpc as pb_grpc
 
 from pasid_client import address as _address
 from pasid_client.errors import (
+    NotFound,
+    OutcomeUnknown,
     PasidClientError,
+    SessionLost,
     Unavailable,
     from_admin_rpc_error,
     from_rpc_error,
     from_status_code_int,
     make_error,
 )
-from pasid_client.handshake import Ticket, identity_metadata, open_request, ticket_for
+from pasid_client.handshake import (
+    Ticket,
+    identity_metadata,
+    open_request,
+    peer_socket_path,
+    ticket_for,
+    unix_path,
+)
+from pasid_client.reconnect import (
+    RECONNECT_DEADLINE_SECONDS,
+    Backoff,
+    HeldPasids,
+    SessionState,
+    StateCallback,
+    StateChange,
+    log,
+    notify,
+    open_retryable,
+    ranges_of,
+    stream_end_resumable,
+)
 from pasid_client.types import ALL, LIST_PAGE_SIZE, Event, Info, SetView, join_pages
+
+# VFIO_IOMMU_FLAG_ALLOC_PASID / _FREE_PASID: how a pasid_request's reply changes the set.
+_FLAG_ALLOC, _FLAG_FREE = 1 << 0, 1 << 1
+# Requests whose effect a broken stream leaves unknown (a listing changes nothing).
+_MUTATING = frozenset({"alloc", "free", "request", "release"})
 
 
 def _error_of(err: pb.Error) -> PasidClientError:
@@ -39,18 +74,59 @@ def _error_of(err: pb.Error) -> PasidClientError:
     )
 
 
+TicketSource = Ticket | Callable[[], Ticket] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class _SessionSpec:
+    """What opens a session, and opens it again on every reconnect."""
+
+    client: str
+    pid: int | None
+    grace_seconds: int
+    # The holder's pidfd when delegating (ours when made from delegate_pid): every
+    # resume re-proves the same process, never a pid number that may have been reused.
+    delegate_pidfd: int | None
+    delegate_pid: int | None
+    ticket: TicketSource
+    on_state_change: StateCallback | None
+    deadline: float
+    # The first open re-attaches this detached set of the holder (no token).
+    reattach_set_id: int = 0
+
+
+_Stream = tuple[Any, AsyncIterator[pb.SessionResponse]]
+
+
 class AsyncSession:
-    """One ioasid_set, held while this session's stream is open.
+    """One ioasid_set, held by this session until it is released (close(), release(),
+    leaving its `async with`, or the client's) or its holder process exits.
 
     Requests may be issued concurrently; they are pipelined on the stream and answered in
     order. Every method raises a PasidClientError subclass on failure.
+
+    When the stream breaks because the broker went away, the session reconnects (backoff
+    with jitter) and resumes its set with its token, a fresh peer handshake and the
+    PASIDs it holds as witness, within `reconnect_deadline_seconds`. Meanwhile `state` is
+    RECONNECTING and new requests wait for the resume. A request already sent when the
+    stream broke fails with OutcomeUnknown if it may have changed the set (never sent
+    again: an alloc may have committed before a crash); `list()` is asked again. After
+    the deadline, or when the broker no longer knows the set, the session is LOST and
+    every call raises SessionLost.
     """
 
     def __init__(
-        self, call: Any, responses: AsyncIterator[pb.SessionResponse], opened: pb.SessionOpened
+        self,
+        client: AsyncClient,
+        spec: _SessionSpec,
+        stream: _Stream,
+        opened: pb.SessionOpened,
+        owned_pidfd: int = -1,
     ) -> None:
-        self._call = call
-        self._responses = responses
+        self._client = client
+        self._spec = spec
+        self._owned_pidfd = owned_pidfd
+        self._call, self._responses = stream
         self.session_id: int = opened.session_id
         self.set_id: int = opened.set_id
         self.token: str = opened.token
@@ -60,60 +136,251 @@ class AsyncSession:
         self.grace_seconds: int = opened.grace_seconds
         # The broker knows this set's holder from the kernel (the handshake ran).
         self.verified: bool = opened.verified
+        self.state: SessionState = SessionState.CONNECTED
+        # Reconnects that resumed the set since it was opened.
+        self.reconnects: int = 0
+        self._held = HeldPasids()
         self._tags = itertools.count(1)
-        self._waiting: dict[int, asyncio.Future[pb.SessionResponse]] = {}
+        self._waiting: dict[int, tuple[asyncio.Future[pb.SessionResponse], pb.SessionRequest]] = {}
         self._write_lock = asyncio.Lock()
         self._final: PasidClientError | None = None
-        self._reader = asyncio.create_task(self._read())
-        self._closed = False
+        # Set while requests may go out (connected, or ended: then they raise at once).
+        self._ready = asyncio.Event()
+        self._ready.set()
+        self._ended = asyncio.Event()
+        self._closed = False  # no new requests
+        self._closing = False  # the stream's end is ours (close, release): not resumed
+        self._resync = False  # re-read the set once resumed: an outcome is unknown
+        self._supervisor = asyncio.create_task(self._supervise())
 
-    async def _read(self) -> None:
-        """Route replies by tag; when the stream ends, fail what is still waiting with the
-        stream's own final status (ABORTED for a revoke, UNAVAILABLE for a shutdown)."""
-        err: PasidClientError
+    @property
+    def held(self) -> list[tuple[int, int]]:
+        """The PASIDs this session holds as it last heard from the broker (the witness it
+        states on a resume), as inclusive ranges."""
+        return self._held.ranges()
+
+    # -- the stream, and what happens when it breaks ------------------------------------
+
+    async def _supervise(self) -> None:
+        """Read the stream; when it breaks, resume, until the session ends."""
+        while True:
+            err = await self._read()
+            if self._closing:
+                self._end(SessionState.CLOSED, Unavailable(grpc.StatusCode.CANCELLED, "closed"))
+                return
+            if not stream_end_resumable(err) or self._spec.deadline <= 0:
+                self._end(SessionState.LOST, err)
+                return
+            self._ready.clear()
+            self._fail_in_flight(err)
+            self.state = SessionState.RECONNECTING
+            log.info(
+                "pasid session %d (set %d): stream broke (%s); reconnecting",
+                self.session_id,
+                self.set_id,
+                err,
+            )
+            notify(self._spec.on_state_change, StateChange(self.state, self.set_id, err))
+            if not await self._resume(err):
+                return
+
+    async def _read(self) -> PasidClientError:
+        """Route replies by tag until the stream ends; how it ended. The iterator, not
+        call.read(): read() on a call whose status has arrived raises at once and drops
+        replies still buffered (grpc.aio _call.py), so a request the broker answered just
+        before ending the stream (SIGTERM drain) would look failed although committed."""
         try:
-            # The iterator, not call.read(): read() on a call whose status has arrived
-            # raises at once and drops replies still buffered (grpc.aio _call.py), so a
-            # request the broker answered just before ending the stream (SIGTERM drain)
-            # would look failed although it was committed.
             async for resp in self._responses:
-                fut = self._waiting.pop(resp.tag, None)
-                if fut is not None and not fut.done():
+                entry = self._waiting.pop(resp.tag, None)
+                if entry is None:
+                    continue
+                fut, req = entry
+                self._track(req, resp)
+                if not fut.done():
                     fut.set_result(resp)
-            err = Unavailable(grpc.StatusCode.UNAVAILABLE, "session stream ended")
+            return Unavailable(grpc.StatusCode.UNAVAILABLE, "session stream ended")
         except grpc.RpcError as exc:
             err = from_rpc_error(exc)
             if err.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
                 # The broker never ends a stream with these: grpc reports them when a
                 # write races the broker's end of the stream. The stream is just gone.
                 err = Unavailable(grpc.StatusCode.UNAVAILABLE, f"session stream ended ({err})")
-        except asyncio.CancelledError:
-            err = Unavailable(grpc.StatusCode.CANCELLED, "session closed")
+            return err
+
+    def _track(self, req: pb.SessionRequest, resp: pb.SessionResponse) -> None:
+        """What an answered request did to the set, for the witness; in reply order, so
+        a listing replaces exactly what the requests before it made."""
+        kind = resp.WhichOneof("result")
+        if kind == "alloc":
+            self._held.add(resp.alloc.pasids)
+        elif kind == "free":
+            self._held.free(req.free.min, req.free.max)
+        elif kind == "request":
+            r = req.request
+            if r.flags == _FLAG_ALLOC:
+                self._held.add((resp.request.ret,))
+            elif r.flags == _FLAG_FREE:
+                self._held.free(r.min, r.max)
+        elif (
+            kind == "list"
+            and len(resp.list.sets) == 1
+            and not req.list.page_token
+            and not resp.list.next_page_token
+        ):  # a whole listing in one page (a page of several says too little)
+            self._held.replace(ranges_of(resp.list.sets[0].ranges))
+        elif kind == "release":
+            self._held.replace(())
+            self._closing = True  # the broker ends the stream next: not a break
+
+    def _fail_in_flight(self, err: PasidClientError) -> None:
+        waiting, self._waiting = self._waiting, {}
+        for fut, req in waiting.values():
+            op = req.WhichOneof("op") or "request"
+            self._resync |= op in _MUTATING
+            if not fut.done():
+                fut.set_exception(
+                    OutcomeUnknown(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"the session's stream broke before the broker answered this {op}"
+                        f" ({err.message}); it may or may not have been applied, and is not"
+                        " sent again. The session resumes by itself: its listing tells what"
+                        " the set holds",
+                    )
+                )
+
+    async def _resume(self, broke: PasidClientError) -> bool:
+        """Open again with the token, within the deadline; False when the session is lost."""
+        deadline = time.monotonic() + self._spec.deadline
+        backoff = Backoff()
+        last = broke
+        attempts = 0
+        while (remaining := deadline - time.monotonic()) > 0:
+            attempts += 1
+            try:
+                stream, opened = await self._client._open_stream(
+                    self._spec,
+                    self.token,
+                    self._held,
+                    # A re-attached session has no token (the broker keeps only its
+                    # hash): it re-attaches again, by its holder's ticket.
+                    reattach_set_id=0 if self.token else self.set_id,
+                    verified=self.verified,
+                    ticket=None,
+                    within=min(self._client.timeout, remaining),
+                )
+            except PasidClientError as exc:
+                last = exc
+                if not open_retryable(exc, resuming=True, own_ticket=True):
+                    why = "the broker no longer has its set" if isinstance(exc, NotFound) else exc
+                    self._end(
+                        SessionState.LOST,
+                        SessionLost(f"session {self.session_id} not resumed: {why}", exc),
+                        attempts,
+                    )
+                    return False
+                await asyncio.sleep(min(backoff.next(), max(deadline - time.monotonic(), 0)))
+                continue
+            self._resumed(stream, opened, attempts)
+            return True
+        self._end(
+            SessionState.LOST,
+            SessionLost(
+                f"session {self.session_id} not resumed within {self._spec.deadline:g} s"
+                f" (reconnect_deadline_seconds): {last.message}",
+                last,
+            ),
+            attempts,
+        )
+        return False
+
+    def _resumed(self, stream: _Stream, opened: pb.SessionOpened, attempts: int) -> None:
+        self._call, self._responses = stream
+        self.resumed = True
+        self.reconnects += 1
+        self.verified = opened.verified
+        self.quota = opened.quota
+        reclaimed, conflicts = ranges_of(opened.reclaimed), ranges_of(opened.conflicts)
+        for lo, hi in reclaimed:
+            self._held.add(range(lo, hi + 1))
+        self._held.drop(conflicts)
+        if reclaimed:
+            log.warning(
+                "pasid session %d (set %d): the broker had lost PASIDs %s and took them back"
+                " on this session's word",
+                self.session_id,
+                self.set_id,
+                reclaimed,
+            )
+        if conflicts:
+            log.warning(
+                "pasid session %d (set %d): PASIDs %s that this session held now belong to"
+                " another set: they are no longer this session's",
+                self.session_id,
+                self.set_id,
+                conflicts,
+            )
+        self.state = SessionState.RESUMED
+        self._ready.set()
+        log.info(
+            "pasid session %d (set %d): resumed after %d attempt(s)",
+            self.session_id,
+            self.set_id,
+            attempts,
+        )
+        notify(
+            self._spec.on_state_change,
+            StateChange(self.state, self.set_id, None, attempts, reclaimed, conflicts),
+        )
+        if self._resync:
+            self._resync = False
+            asyncio.get_running_loop().create_task(self._relist())
+
+    async def _relist(self) -> None:
+        """After an unknown outcome: what the broker says the set holds becomes what we
+        state on the next resume (a listing reply replaces the witness, _track)."""
+        with contextlib.suppress(PasidClientError):
+            await self.list()
+
+    def _end(self, state: SessionState, err: PasidClientError, attempts: int = 0) -> None:
+        """The session's last state: fail what waits, wake what waits for a resume."""
+        if self.state in (SessionState.LOST, SessionState.CLOSED):
+            return
+        self.state = state
         self._final = err
-        for fut in self._waiting.values():
+        self._closed = True
+        waiting, self._waiting = self._waiting, {}
+        for fut, _ in waiting.values():
             if not fut.done():
                 fut.set_exception(err)
-        self._waiting.clear()
+        self._ready.set()
+        self._ended.set()
+        self._client._sessions.discard(self)
+        if self._owned_pidfd >= 0:
+            os.close(self._owned_pidfd)
+            self._owned_pidfd = -1
+        if state is SessionState.LOST:
+            log.warning("pasid session %d (set %d): lost: %s", self.session_id, self.set_id, err)
+            notify(self._spec.on_state_change, StateChange(state, self.set_id, err, attempts))
+
+    # -- requests -------------------------------------------------------------------------
 
     async def _request(self, **op: Any) -> pb.SessionResponse:
-        if self._closed or self._reader.done():
+        if not self._ready.is_set():
+            await self._ready.wait()  # a reconnect: bounded by its deadline
+        if self._closed:
             raise self._final or Unavailable(grpc.StatusCode.UNAVAILABLE, "session is closed")
         tag = next(self._tags)
+        req = pb.SessionRequest(tag=tag, **op)
         fut: asyncio.Future[pb.SessionResponse] = asyncio.get_running_loop().create_future()
-        self._waiting[tag] = fut
+        self._waiting[tag] = (fut, req)
+        call = self._call
         try:
             async with self._write_lock:
-                await self._call.write(pb.SessionRequest(tag=tag, **op))
+                await call.write(req)
         except (grpc.RpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
-            # The stream ended under the write: report how it ended, not the write.
-            self._waiting.pop(tag, None)
-            if fut.done():
-                fut.exception()  # the reader failed it already; nobody else awaits it
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._reader), 5)
-            raise self._final or Unavailable(
-                grpc.StatusCode.UNAVAILABLE, "session stream ended"
-            ) from None
+            # The stream ended under the write: the supervisor fails or resumes what
+            # waits, and says how the stream ended.
+            pass
         resp = await fut
         if resp.WhichOneof("result") == "error":
             raise _error_of(resp.error)
@@ -124,7 +391,8 @@ class AsyncSession:
     ) -> list[int]:
         """The `count` lowest free PASIDs in [min, max] (max defaults to the top of the
         namespace), attached to the delegated `device` if named (iommufd backend).
-        Raises InvalidRange, ResourceExhausted, QuotaExceeded, Unavailable."""
+        Raises InvalidRange, ResourceExhausted, QuotaExceeded, Unavailable; OutcomeUnknown
+        if the stream broke before the answer; SessionLost, Aborted once the session is."""
         hi = (1 << self.pasid_bits) - 1 if max is None else max
         req = pb.AllocRequest(min=min, max=hi, count=count, device=device)
         resp = await self._request(alloc=req)
@@ -132,37 +400,98 @@ class AsyncSession:
 
     async def free(self, min: int = 0, max: int = ALL) -> int:
         """Free this session's PASIDs in [min, max]; returns how many. Raises InvalidRange
-        (min > max) or Unavailable."""
+        (min > max), Unavailable, OutcomeUnknown, SessionLost, Aborted."""
         resp = await self._request(free=pb.FreeRequest(min=min, max=max))
         return resp.free.freed
 
     async def pasid_request(self, argsz: int, flags: int, min: int, max: int) -> int:
         """VFIO_IOMMU_PASID_REQUEST on this session: the PASID for ALLOC, 0 for FREE. Raises
         as the ioctl fails, with `.errno` set (InvalidArgument EINVAL, ResourceExhausted
-        ENOSPC, QuotaExceeded EDQUOT)."""
+        ENOSPC, QuotaExceeded EDQUOT); OutcomeUnknown, SessionLost, Aborted as alloc."""
         req = pb.PasidRequestMessage(argsz=argsz, flags=flags, min=min, max=max)
         return int((await self._request(request=req)).request.ret)
 
     async def list(self) -> SetView:
-        """This session's set (read in pages, however fragmented). Raises Unavailable."""
+        """This session's set, as the broker has it (read in pages, however fragmented).
+        Asked again (once resumed) if the stream breaks first: a listing changes nothing.
+        Raises Unavailable, SessionLost, Aborted."""
 
         async def page(token: str) -> pb.ListResponse:
             req = pb.ListRequest(page_size=LIST_PAGE_SIZE, page_token=token)
             return (await self._request(list=req)).list
 
-        return join_pages(await _pages(page))[0]
+        try:
+            return join_pages(await _pages(page))[0]
+        except OutcomeUnknown:
+            return join_pages(await _pages(page))[0]
+
+    async def detach(self) -> None:
+        """End this stream without releasing the set (a cancel, not a half-close), and
+        stop reconnecting: a verified holder's set lives on, detached, until that process
+        exits or is re-attached (`reattach_set_id`); an anonymous one waits out its
+        grace. What a sidecar that stops to be restarted does; close() releases instead.
+        Raises nothing."""
+        if self.state in (SessionState.LOST, SessionState.CLOSED):
+            return
+        self._closed = True
+        self._closing = True
+        self._call.cancel()
+        self._supervisor.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._supervisor
+        self._end(SessionState.CLOSED, Unavailable(grpc.StatusCode.CANCELLED, "detached"))
+
+    async def release(self) -> int:
+        """Release the set now, whatever its grace (ReleaseRequest: the seed's close of
+        the fd); returns how many PASIDs it held. The session ends. Raises
+        InvalidArgument from a broker that predates ReleaseRequest (the session stays),
+        OutcomeUnknown if the stream broke first (if the release landed, the resume finds
+        no set and the session is lost: released), SessionLost, Aborted."""
+        resp = await self._request(release=pb.ReleaseRequest())
+        self._closed = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._supervisor), self._client.timeout)
+        self._end(SessionState.CLOSED, Unavailable(grpc.StatusCode.CANCELLED, "released"))
+        return resp.release.freed
+
+    async def wait_ended(self) -> PasidClientError:
+        """Wait until the session ends for good and return how: Aborted (the broker took
+        the set: revoked, its holder exited), SessionLost (not resumed in time, or the set
+        was gone), or the error of a close(). Reconnects do not end it. Raises nothing."""
+        await self._ended.wait()
+        assert self._final is not None
+        return self._final
 
     async def close(self) -> None:
-        """End the stream: the broker destroys the set (or keeps it for the grace)."""
-        if self._closed:
+        """Release the session: half-close its stream and wait (the client's timeout at
+        most) for the broker to end it. The broker then ends the set: the seed's close of
+        the fd (a set with a grace may wait for a resume, docs/peer-identity.md). Closed
+        while reconnecting, it stops reconnecting at once: no stream can carry the
+        release, and the broker keeps the set as it keeps any whose stream broke. Raises
+        nothing."""
+        if self._closed and self.state in (SessionState.LOST, SessionState.CLOSED):
             return
         self._closed = True
         try:
-            await self._call.done_writing()
-            await asyncio.wait_for(asyncio.shield(self._reader), 5)
-        except (grpc.RpcError, TimeoutError, asyncio.InvalidStateError):
-            self._call.cancel()
-        self._reader.cancel()
+            if self.state in (SessionState.CONNECTED, SessionState.RESUMED):
+                self._closing = True
+                try:
+                    await self._call.done_writing()
+                    await asyncio.wait_for(asyncio.shield(self._supervisor), self._client.timeout)
+                except (grpc.RpcError, TimeoutError, asyncio.InvalidStateError):
+                    self._call.cancel()
+            elif self.state is SessionState.RECONNECTING:
+                log.warning(
+                    "pasid session %d (set %d): closed while reconnecting; the broker keeps"
+                    " the set as after any broken stream",
+                    self.session_id,
+                    self.set_id,
+                )
+        finally:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+            self._end(SessionState.CLOSED, Unavailable(grpc.StatusCode.CANCELLED, "session closed"))
 
     async def __aenter__(self) -> AsyncSession:
         return self
@@ -176,18 +505,17 @@ class AsyncSession:
 class _SessionOpener:
     """`await client.session(...)` or `async with client.session(...) as s`."""
 
-    def __init__(
-        self, client: AsyncClient, open_req: Callable[[], Awaitable[pb.OpenSession]]
-    ) -> None:
+    def __init__(self, client: AsyncClient, spec: _SessionSpec, resume_token: str) -> None:
         self._client = client
-        self._open = open_req
+        self._spec = spec
+        self._resume_token = resume_token
         self._session: AsyncSession | None = None
 
     def __await__(self) -> Any:
-        return self._client._open_session(self._open).__await__()
+        return self._client._open_session(self._spec, self._resume_token).__await__()
 
     async def __aenter__(self) -> AsyncSession:
-        self._session = await self._client._open_session(self._open)
+        self._session = await self._client._open_session(self._spec, self._resume_token)
         return self._session
 
     async def __aexit__(
@@ -205,8 +533,11 @@ class AsyncClient:
     _CERT and _KEY are given, else in plain text (a broker allows that on loopback with
     --insecure only). `keepalive_seconds`: the ping interval on TCP, where a silent peer
     is otherwise never noticed; a Unix socket is never pinged (a stopped broker is not a
-    dead one, and the kernel reports a dead one at once). Raises OSError if a TLS file
-    cannot be read.
+    dead one, and the kernel reports a dead one at once). `reconnect_deadline_seconds`
+    bounds how long a session reconnects after its broker went away, and how long
+    opening one waits for a broker that is starting or recovering (0: never retry).
+    Leaving `async with` (close()) releases every session opened through this client.
+    Raises OSError if a TLS file cannot be read.
     """
 
     def __init__(
@@ -218,9 +549,11 @@ class AsyncClient:
         keepalive_seconds: float = 10.0,
         peer_socket: str | None = None,
         tls: _address.TlsArg = None,
+        reconnect_deadline_seconds: float = RECONNECT_DEADLINE_SECONDS,
     ) -> None:
         self.target = _address.resolve(address, socket)
         self.timeout = timeout
+        self.reconnect_deadline_seconds = reconnect_deadline_seconds
         # Where sessions do the peer handshake (None: beside a Unix socket target).
         self.peer_socket = peer_socket
         options = _address.channel_options(self.target, keepalive_seconds)
@@ -232,8 +565,12 @@ class AsyncClient:
         )
         self._stub = pb_grpc.PasidBrokerStub(self._channel)
         self._admin = pb_grpc.PasidAdminStub(self._channel)
+        self._sessions: set[AsyncSession] = set()
 
     async def close(self) -> None:
+        """Release every session opened through this client (each one's close()), then
+        close the channel. Raises nothing."""
+        await asyncio.gather(*(s.close() for s in list(self._sessions)), return_exceptions=True)
         await self._channel.close()
 
     async def __aenter__(self) -> AsyncClient:
@@ -253,33 +590,49 @@ class AsyncClient:
         resume_token: str = "",
         delegate_pid: int | None = None,
         delegate_pidfd: int | None = None,
-        ticket: Ticket | None = None,
+        ticket: TicketSource = None,
+        on_state_change: StateCallback | None = None,
+        reconnect_deadline_seconds: float | None = None,
         reattach_set_id: int = 0,
     ) -> _SessionOpener:
         """Open (or with resume_token, resume) a session. On a Unix socket the peer
         handshake runs first (docs/peer-identity.md): the set then dies exactly with this
-        process. A sidecar passes `delegate_pid` or `delegate_pidfd` of the process that
-        should hold the set (its VMM), or `ticket` one obtained with obtain_ticket
-        (e.g. carrying extra fds) instead of the automatic handshake. `reattach_set_id`:
-        take back that detached set of this process (or of the delegated one) without
-        its token (see held_sets). Raises NotFound for an unknown resume token or a set
-        not held by that process, FailedPrecondition if it is attached elsewhere,
-        PermissionDenied (delegation refused), Unauthenticated, Unavailable."""
+        process. A sidecar passes `delegate_pid` (the library keeps a pidfd on it for
+        the session's life) or `delegate_pidfd` (keep it open as long) of the process
+        that should hold the set (its VMM). `ticket`: one obtained with obtain_ticket
+        (e.g. carrying extra fds) instead of the automatic handshake; a callable making
+        one is called again on every reconnect, a plain Ticket is used once (reconnects
+        then handshake as this process). `reattach_set_id`: take back that detached set
+        of this process (or of the delegated one) without its token (see held_sets).
 
-        async def request() -> pb.OpenSession:
-            t = ticket or await asyncio.to_thread(
-                ticket_for,
-                self.target,
-                peer_socket=self.peer_socket,
-                delegate_pid=delegate_pid,
-                delegate_pidfd=delegate_pidfd,
-                timeout=self.timeout,
-            )
-            req = open_request(client, pid, grace_seconds, resume_token, t)
-            req.reattach_set_id = reattach_set_id
-            return req
+        `on_state_change(StateChange)` is called (on the event loop) when the stream
+        breaks (RECONNECTING), when the set is back (RESUMED, with what the broker
+        reclaimed or reports in conflict) and when the session is LOST.
+        `reconnect_deadline_seconds` (default: the client's) bounds both the reconnects
+        and this open's wait for a broker that is starting or recovering.
 
-        return _SessionOpener(self, request)
+        Raises NotFound for an unknown resume token or delegate_pid, or a set not held by
+        that process; FailedPrecondition
+        if the token's session is attached elsewhere, PermissionDenied (delegation
+        refused), Unauthenticated, Unavailable (no broker within the deadline),
+        QuotaExceeded (a limit)."""
+        deadline = (
+            self.reconnect_deadline_seconds
+            if reconnect_deadline_seconds is None
+            else reconnect_deadline_seconds
+        )
+        spec = _SessionSpec(
+            client,
+            pid,
+            grace_seconds,
+            delegate_pidfd,
+            delegate_pid,
+            ticket,
+            on_state_change,
+            deadline,
+            reattach_set_id,
+        )
+        return _SessionOpener(self, spec, resume_token)
 
     async def held_sets(
         self, *, delegate_pid: int | None = None, delegate_pidfd: int | None = None
@@ -304,25 +657,138 @@ class AsyncClient:
         resp = await self._unary(self._stub.List, pb.ListRequest(ticket=t.ticket))
         return [SetView.from_pb(v) for v in resp.sets]
 
-    async def _open_session(
-        self, make_request: Callable[[], Awaitable[pb.OpenSession]]
-    ) -> AsyncSession:
-        open_req = await make_request()
-        call = self._stub.Session(wait_for_ready=False)
+    async def _open_session(self, spec: _SessionSpec, resume_token: str) -> AsyncSession:
+        """Open, waiting (within the deadline) for a broker that is not there yet."""
+        owned = -1
+        if spec.delegate_pid is not None:
+            try:
+                owned = os.pidfd_open(spec.delegate_pid)
+            except ProcessLookupError:
+                raise make_error(
+                    grpc.StatusCode.NOT_FOUND,
+                    f"no process {spec.delegate_pid} to delegate",
+                    "HANDSHAKE",
+                ) from None
+            spec = dataclasses.replace(spec, delegate_pidfd=owned, delegate_pid=None)
+        given = spec.ticket if isinstance(spec.ticket, Ticket) else None
+        deadline = time.monotonic() + spec.deadline
+        backoff = Backoff()
+        try:
+            while True:
+                try:
+                    stream, opened = await self._open_stream(
+                        spec,
+                        resume_token,
+                        None,
+                        reattach_set_id=spec.reattach_set_id,
+                        verified=None,
+                        ticket=given,
+                        within=min(self.timeout, max(deadline - time.monotonic(), 0.1)),
+                    )
+                    break
+                except PasidClientError as exc:
+                    if (
+                        not open_retryable(exc, resuming=False, own_ticket=given is None)
+                        or time.monotonic() >= deadline
+                    ):
+                        raise
+                await asyncio.sleep(min(backoff.next(), max(deadline - time.monotonic(), 0)))
+        except BaseException:
+            if owned >= 0:
+                os.close(owned)
+            raise
+        s = AsyncSession(self, spec, stream, opened, owned)
+        self._sessions.add(s)
+        if resume_token or spec.reattach_set_id:
+            # Taken back by hand: what the set holds is the broker's word until we hear more.
+            with contextlib.suppress(PasidClientError):
+                await s.list()
+        return s
+
+    async def _open_stream(
+        self,
+        spec: _SessionSpec,
+        resume_token: str,
+        held: HeldPasids | None,
+        *,
+        reattach_set_id: int = 0,
+        verified: bool | None,
+        ticket: Ticket | None,
+        within: float,
+    ) -> tuple[_Stream, pb.SessionOpened]:
+        """One open: handshake, OpenSession (with the witness when resuming), its answer.
+        Waits for the channel to be ready (gRPC wait-for-ready), `within` seconds at most."""
+        t = ticket or await self._ticket(spec, verified)
+        req = open_request(spec.client, spec.pid, spec.grace_seconds, resume_token, t)
+        req.reattach_set_id = reattach_set_id
+        if held is not None:
+            held.witness(req)
+        call = self._stub.Session(wait_for_ready=True)
         responses = call.__aiter__()
         try:
-            await call.write(pb.SessionRequest(tag=0, open=open_req))
-            resp = await asyncio.wait_for(anext(responses, None), self.timeout)
+            async with asyncio.timeout(within):
+                await call.write(pb.SessionRequest(tag=0, open=req))
+                resp = await anext(responses, None)
         except grpc.RpcError as exc:
+            call.cancel()
             raise from_rpc_error(exc) from None
         except TimeoutError:
             call.cancel()
-            raise Unavailable(grpc.StatusCode.DEADLINE_EXCEEDED, "no answer to open") from None
+            raise Unavailable(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no answer to the open from {self.target} within {within:.3g} s",
+            ) from None
+        except BaseException:
+            call.cancel()
+            raise
         if resp is None:
             raise from_rpc_error(await _finished(call))
         if resp.WhichOneof("result") == "error":
+            call.cancel()
             raise _error_of(resp.error)
-        return AsyncSession(call, responses, resp.opened)
+        return (call, responses), resp.opened
+
+    async def _ticket(self, spec: _SessionSpec, verified: bool | None) -> Ticket | None:
+        """A fresh ticket for an open. `verified`: whether the session being resumed was
+        (None for a first open). A Unix broker whose peer socket is missing is starting
+        (it binds it just after the gRPC socket) unless it serves without one."""
+        if callable(spec.ticket) and not isinstance(spec.ticket, Ticket):
+            return await asyncio.to_thread(spec.ticket)
+        missing = _missing_socket(self.target, self.peer_socket)
+        if missing is not None:
+            peer, sock = missing
+            if verified:
+                raise Unavailable(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"no peer socket at {peer} yet: the holder must be proved again to resume",
+                )
+            if sock is not None:
+                raise Unavailable(grpc.StatusCode.UNAVAILABLE, f"no broker socket at {sock}")
+            if not await self._serving():
+                raise Unavailable(
+                    grpc.StatusCode.UNAVAILABLE, f"broker at {self.target} not serving yet"
+                )
+        t = await asyncio.to_thread(
+            ticket_for,
+            self.target,
+            peer_socket=self.peer_socket,
+            delegate_pidfd=spec.delegate_pidfd,
+            timeout=self.timeout,
+        )
+        if t is None and verified:
+            # The peer socket went between the two looks (a broker replacing it as it
+            # starts): without a ticket the resume would be anonymous, and refused.
+            raise Unavailable(grpc.StatusCode.UNAVAILABLE, "no peer socket to handshake on")
+        return t
+
+    async def _serving(self) -> bool:
+        try:
+            resp = await health_pb2_grpc.HealthStub(self._channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=min(2.0, self.timeout)
+            )
+        except grpc.RpcError:
+            return False
+        return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
 
     async def _unary(self, method: Any, request: Any) -> Any:
         try:
@@ -434,6 +900,16 @@ class AsyncClient:
             self._admin.SetQuotas, pb.SetQuotasRequest(set_id=set_id, quotas=q)
         )
         return Info.from_pb(resp)
+
+
+def _missing_socket(target: str, peer_socket: str | None) -> tuple[str, str | None] | None:
+    """For a Unix target whose peer socket does not exist: (its path, the gRPC socket's
+    path if that is missing too, else None). None when the peer socket is there, or TCP."""
+    peer = peer_socket_path(target, peer_socket)
+    if peer is None or os.path.exists(peer):
+        return None
+    sock = unix_path(target)
+    return peer, sock if sock is not None and not os.path.exists(sock) else None
 
 
 async def _finished(call: Any) -> grpc.RpcError:

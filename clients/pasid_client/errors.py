@@ -85,6 +85,23 @@ class Unavailable(PasidClientError):
     """UNAVAILABLE: the broker, its store or its backend cannot serve now; retry later."""
 
 
+class OutcomeUnknown(Unavailable):
+    """A request was on its way when the session's stream broke (the broker went away),
+    and no answer came: it may or may not have been applied (an alloc may have committed
+    just before a crash). The library never sends it again by itself; the session resumes
+    on its own, and its listing (`session.list()`) tells what the set holds."""
+
+
+class SessionLost(Unavailable):
+    """The session is gone for good: its stream broke and it could not be resumed before
+    `reconnect_deadline_seconds` ran out, or the broker no longer knows its set. `cause`
+    is the last failure (e.g. NotFound: the set was reclaimed meanwhile)."""
+
+    def __init__(self, message: str, cause: PasidClientError | None = None) -> None:
+        super().__init__(grpc.StatusCode.UNAVAILABLE, message, "SESSION_LOST")
+        self.cause = cause
+
+
 _BY_REASON: dict[str, type[PasidClientError]] = {
     "INVALID_RANGE": InvalidRange,
     "INVALID_ARGUMENT": InvalidArgument,

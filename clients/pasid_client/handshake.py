@@ -38,21 +38,32 @@ class Ticket:
     delegated: bool
 
 
-def peer_socket_for(target: str, peer_socket: str | None = None) -> str | None:
-    """Where to handshake for a gRPC target: `peer_socket`, else $PASID_BROKER_PEER_SOCKET,
-    else peer.sock beside a "unix:" target; None for TCP or when no such socket exists
-    (a broker without the handshake: the session is anonymous)."""
+def unix_path(target: str) -> str | None:
+    """The socket file of a "unix:" target; None for TCP."""
     if not target.startswith("unix:"):
         return None
     path = target[len("unix:") :]
-    if path.startswith("//"):
-        path = path[2:]
-    peer = (
+    return path[2:] if path.startswith("//") else path
+
+
+def peer_socket_path(target: str, peer_socket: str | None = None) -> str | None:
+    """Where the handshake for a gRPC target is: `peer_socket`, else
+    $PASID_BROKER_PEER_SOCKET, else peer.sock beside a "unix:" target; None for TCP."""
+    path = unix_path(target)
+    if path is None:
+        return None
+    return (
         peer_socket
         or os.environ.get("PASID_BROKER_PEER_SOCKET")
         or os.path.join(os.path.dirname(path) or ".", PEER_SOCKET)
     )
-    return peer if os.path.exists(peer) else None
+
+
+def peer_socket_for(target: str, peer_socket: str | None = None) -> str | None:
+    """peer_socket_path if that socket exists; None for TCP or when it does not (a broker
+    without the handshake: the session is anonymous)."""
+    peer = peer_socket_path(target, peer_socket)
+    return peer if peer is not None and os.path.exists(peer) else None
 
 
 def ticket_for(

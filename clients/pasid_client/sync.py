@@ -6,13 +6,14 @@ with Client() as client, client.session("sidecar") as s:
 
 from __future__ import annotations
 
-import itertools
-import queue
+import asyncio
+import concurrent.futures
+import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -20,7 +21,7 @@ from pasid.v1 import broker_pb2 as pb
 from pasid.v1 import broker_pb2_grpc as pb_grpc
 
 from pasid_client import address as _address
-from pasid_client.aio import _error_of, _watch_request
+from pasid_client.aio import AsyncClient, AsyncSession, TicketSource, _watch_request
 from pasid_client.errors import (
     PasidClientError,
     Unavailable,
@@ -28,122 +29,154 @@ from pasid_client.errors import (
     from_rpc_error,
     make_error,
 )
-from pasid_client.handshake import Ticket, identity_metadata, open_request, ticket_for
+from pasid_client.handshake import identity_metadata, ticket_for
+from pasid_client.reconnect import RECONNECT_DEADLINE_SECONDS, SessionState, StateCallback
 from pasid_client.types import ALL, LIST_PAGE_SIZE, Event, Info, SetView, join_pages
+
+T = TypeVar("T")
+
+
+class _Loop:
+    """An event loop on a thread of its own: the blocking Session runs AsyncSession there,
+    so that both share one implementation of the stream and of its reconnects."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._stopped = False
+        self._thread = threading.Thread(target=self.loop.run_forever, name="pasid-client")
+        self._thread.daemon = True
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run `coro` there and wait for its result (or exception). Raises Unavailable
+        once the client is closed (its loop would never answer)."""
+        if self._stopped:
+            coro.close()
+            raise Unavailable(grpc.StatusCode.CANCELLED, "the client is closed")
+        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        while True:
+            try:
+                return fut.result(timeout=1.0)
+            except concurrent.futures.TimeoutError:
+                if self._stopped and not fut.done():
+                    raise Unavailable(grpc.StatusCode.CANCELLED, "the client is closed") from None
+
+    def stop(self) -> None:
+        self._stopped = True
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        if not self._thread.is_alive():
+            self.loop.close()
 
 
 class Session:
-    """One ioasid_set, held while this object is open. Not thread-safe: one caller."""
+    """One ioasid_set, held until it is released (close(), release(), leaving its `with`
+    block or the client's) or its holder process exits. The blocking face of
+    AsyncSession, whose docstring says how it reconnects; safe to use from several
+    threads. Every method raises a PasidClientError subclass on failure."""
 
-    def __init__(
-        self, stub: pb_grpc.PasidBrokerStub, open_req: pb.OpenSession, timeout: float
-    ) -> None:
-        self._q: queue.SimpleQueue[pb.SessionRequest | None] = queue.SimpleQueue()
-        self._tags = itertools.count(1)
-        self._closed = False
-        self._timeout = timeout
-        # One reader of the stream at a time: close() may run while wait_ended() reads in
-        # another thread (pasidctl hold), and two readers of one call fail inside grpc
-        # ("Internal gRPC call error 8").
-        self._reading = threading.Lock()
-        self._q.put(pb.SessionRequest(tag=0, open=open_req))
-        self._call: Any = stub.Session(iter(self._q.get, None))
-        self._responses: Iterator[pb.SessionResponse] = self._call
-        resp = self._next()
-        if resp.WhichOneof("result") == "error":
-            raise _error_of(resp.error)
-        o = resp.opened
-        self.session_id: int = o.session_id
-        self.set_id: int = o.set_id
-        self.token: str = o.token
-        self.pasid_bits: int = o.pasid_bits
-        self.quota: int = o.quota
-        self.resumed: bool = o.resumed
-        self.grace_seconds: int = o.grace_seconds
-        # The broker knows this set's holder from the kernel (the handshake ran).
-        self.verified: bool = o.verified
+    def __init__(self, loop: _Loop, session: AsyncSession) -> None:
+        self._loop = loop
+        self._s = session
 
-    def _next(self) -> pb.SessionResponse:
-        try:
-            with self._reading:
-                return next(self._responses)
-        except StopIteration:
-            raise Unavailable(grpc.StatusCode.UNAVAILABLE, "session stream ended") from None
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+    @property
+    def session_id(self) -> int:
+        return self._s.session_id
 
-    def _request(self, **op: Any) -> pb.SessionResponse:
-        if self._closed:
-            raise Unavailable(grpc.StatusCode.UNAVAILABLE, "session is closed")
-        self._q.put(pb.SessionRequest(tag=next(self._tags), **op))
-        resp = self._next()
-        if resp.WhichOneof("result") == "error":
-            raise _error_of(resp.error)
-        return resp
+    @property
+    def set_id(self) -> int:
+        return self._s.set_id
+
+    @property
+    def token(self) -> str:
+        """The session's secret: names it in unary calls and resumes it."""
+        return self._s.token
+
+    @property
+    def pasid_bits(self) -> int:
+        return self._s.pasid_bits
+
+    @property
+    def quota(self) -> int:
+        return self._s.quota
+
+    @property
+    def resumed(self) -> bool:
+        """True when the open resumed an earlier session, or a reconnect resumed this one."""
+        return self._s.resumed
+
+    @property
+    def grace_seconds(self) -> int:
+        return self._s.grace_seconds
+
+    @property
+    def verified(self) -> bool:
+        """The broker knows this set's holder from the kernel (the handshake ran)."""
+        return self._s.verified
+
+    @property
+    def state(self) -> SessionState:
+        """CONNECTED, RECONNECTING, RESUMED, LOST or CLOSED (reconnect.SessionState)."""
+        return self._s.state
+
+    @property
+    def reconnects(self) -> int:
+        return self._s.reconnects
+
+    @property
+    def held(self) -> list[tuple[int, int]]:
+        """The PASIDs held as last heard from the broker (the witness of a resume)."""
+        return self._s.held
 
     def alloc(
         self, min: int = 1, max: int | None = None, count: int = 1, device: str = ""
     ) -> list[int]:
-        """As AsyncSession.alloc. Raises InvalidRange, ResourceExhausted, QuotaExceeded."""
-        hi = (1 << self.pasid_bits) - 1 if max is None else max
-        req = pb.AllocRequest(min=min, max=hi, count=count, device=device)
-        return list(self._request(alloc=req).alloc.pasids)
+        """As AsyncSession.alloc. Raises InvalidRange, ResourceExhausted, QuotaExceeded,
+        Unavailable, OutcomeUnknown, SessionLost, Aborted."""
+        return self._loop.run(self._s.alloc(min, max, count, device))
 
     def free(self, min: int = 0, max: int = ALL) -> int:
-        """As AsyncSession.free. Raises InvalidRange."""
-        return int(self._request(free=pb.FreeRequest(min=min, max=max)).free.freed)
+        """As AsyncSession.free. Raises InvalidRange, Unavailable, OutcomeUnknown,
+        SessionLost, Aborted."""
+        return self._loop.run(self._s.free(min, max))
 
     def pasid_request(self, argsz: int, flags: int, min: int, max: int) -> int:
         """VFIO_IOMMU_PASID_REQUEST on this session: the PASID for ALLOC, 0 for FREE.
-        Raises InvalidArgument (errno EINVAL), ResourceExhausted, QuotaExceeded."""
-        req = pb.PasidRequestMessage(argsz=argsz, flags=flags, min=min, max=max)
-        return int(self._request(request=req).request.ret)
+        Raises InvalidArgument (errno EINVAL), ResourceExhausted, QuotaExceeded;
+        OutcomeUnknown, SessionLost, Aborted."""
+        return self._loop.run(self._s.pasid_request(argsz, flags, min, max))
 
     def list(self) -> SetView:
-        """This session's set (read in pages, however fragmented)."""
+        """This session's set. Raises Unavailable, SessionLost, Aborted."""
+        return self._loop.run(self._s.list())
 
-        def page(token: str) -> pb.ListResponse:
-            req = pb.ListRequest(page_size=LIST_PAGE_SIZE, page_token=token)
-            return self._request(list=req).list
+    def detach(self) -> None:
+        """As AsyncSession.detach: end this stream without releasing the set (a verified
+        holder's set lives on, detached, until that process exits or is re-attached), and
+        stop reconnecting. close() releases instead. Raises nothing."""
+        with contextlib.suppress(Unavailable):  # the client is closed: so is the session
+            self._loop.run(self._s.detach())
 
-        return join_pages(_pages(page))[0]
+    def release(self) -> int:
+        """As AsyncSession.release: the set is destroyed now; returns how many PASIDs it
+        held. Raises InvalidArgument (a broker without ReleaseRequest), OutcomeUnknown,
+        SessionLost, Aborted."""
+        return self._loop.run(self._s.release())
 
     def wait_ended(self) -> PasidClientError:
-        """Block until the broker ends this session's stream (its holder exited, a revoke,
-        a shutdown) and return how it ended (Aborted, Unavailable, ...). Call it only with
-        no request in flight: the session is not thread-safe."""
+        """Block until the session ends for good and return how (Aborted: the broker took
+        the set; SessionLost: not resumed in time; or close()'s). Reconnects do not end
+        it. Raises nothing."""
         try:
-            while True:
-                self._next()
-        except PasidClientError as exc:
+            return self._loop.run(self._s.wait_ended())
+        except Unavailable as exc:  # the client is closed
             return exc
 
     def close(self) -> None:
-        """End the stream; the broker destroys the set (or keeps it for the grace)."""
-        if self._closed:
-            return
-        self._closed = True
-        self._q.put(None)  # done writing: the broker ends the stream
-        if not self._reading.acquire(timeout=self._timeout):
-            self._call.cancel()  # a reader elsewhere never saw the end
-            return
-        try:
-            for _ in self._responses:
-                pass
-        except grpc.RpcError:
-            pass
-        finally:
-            self._reading.release()
-
-    def detach(self) -> None:
-        """End this stream without releasing the set (a cancel, not a half-close): a
-        verified holder's set lives on, detached, until that process exits or is
-        re-attached (`reattach_set_id`); an anonymous one waits out its grace. What a
-        sidecar that stops to be restarted does. close() instead releases it."""
-        if self._closed:
-            return
-        self._closed = True
-        self._call.cancel()
+        """As AsyncSession.close: release the set (half-close the stream) and wait for the
+        broker's end of it. Raises nothing."""
+        with contextlib.suppress(Unavailable):  # the client is closed: so is the session
+            self._loop.run(self._s.close())
 
     def __enter__(self) -> Session:
         return self
@@ -187,7 +220,10 @@ class WatchStream:
 
 class Client:
     """A blocking connection to the broker; see AsyncClient for each call's meaning (and
-    for `tls`: mutual TLS to a TCP address)."""
+    for `tls`: mutual TLS to a TCP address; `keepalive_seconds`: TCP only;
+    `reconnect_deadline_seconds`: how long sessions reconnect, and opens wait for a
+    starting broker). Leaving `with` (close()) releases every session opened through it.
+    Raises OSError if a TLS file cannot be read."""
 
     def __init__(
         self,
@@ -198,11 +234,15 @@ class Client:
         keepalive_seconds: float = 10.0,
         peer_socket: str | None = None,
         tls: _address.TlsArg = None,
+        reconnect_deadline_seconds: float = RECONNECT_DEADLINE_SECONDS,
     ) -> None:
         self.target = _address.resolve(address, socket)
         self.timeout = timeout
+        self.reconnect_deadline_seconds = reconnect_deadline_seconds
         # Where sessions do the peer handshake (None: beside a Unix socket target).
         self.peer_socket = peer_socket
+        self._keepalive_seconds = keepalive_seconds
+        self._tls = tls
         options = _address.channel_options(self.target, keepalive_seconds)
         t = _address.tls_of(tls) if not self.target.startswith("unix:") else None
         self._channel = (
@@ -212,9 +252,39 @@ class Client:
         )
         self._stub = pb_grpc.PasidBrokerStub(self._channel)
         self._admin = pb_grpc.PasidAdminStub(self._channel)
+        # Sessions run on an AsyncClient in a loop thread, made at the first session.
+        self._sessions_lock = threading.Lock()
+        self._loop: _Loop | None = None
+        self._aio: AsyncClient | None = None
 
     def close(self) -> None:
+        """Release every session opened through this client (each one's close()), then
+        close the connection. Raises nothing."""
+        with self._sessions_lock:
+            loop, aio, self._loop, self._aio = self._loop, self._aio, None, None
+        if loop is not None and aio is not None:
+            loop.run(aio.close())
+            loop.stop()
         self._channel.close()
+
+    def _async(self) -> tuple[_Loop, AsyncClient]:
+        with self._sessions_lock:
+            if self._loop is None or self._aio is None:
+                loop = _Loop()
+
+                async def make() -> AsyncClient:  # grpc.aio binds a channel to its loop
+                    return AsyncClient(
+                        self.target,
+                        timeout=self.timeout,
+                        keepalive_seconds=self._keepalive_seconds,
+                        peer_socket=self.peer_socket,
+                        tls=self._tls,
+                        reconnect_deadline_seconds=self.reconnect_deadline_seconds,
+                    )
+
+                self._aio = loop.run(make())
+                self._loop = loop
+            return self._loop, self._aio
 
     def __enter__(self) -> Client:
         return self
@@ -267,34 +337,47 @@ class Client:
         resume_token: str = "",
         delegate_pid: int | None = None,
         delegate_pidfd: int | None = None,
-        ticket: Ticket | None = None,
+        ticket: TicketSource = None,
+        on_state_change: StateCallback | None = None,
+        reconnect_deadline_seconds: float | None = None,
         reattach_set_id: int = 0,
     ) -> Session:
-        """Open or resume a session. On a Unix socket the peer handshake runs first, so
-        the broker knows this process from the kernel and destroys the set when it exits.
-        A sidecar passes `delegate_pid` (or a pidfd it holds, `delegate_pidfd`) of the
-        process that should hold the set, e.g. its VMM; it must be allowed to signal it.
-        `ticket`: one obtained with pasid_client.obtain_ticket (e.g. carrying extra fds)
-        instead of the automatic handshake. `reattach_set_id`: take back that detached
-        set of this process (or of the delegated one), without its token (see held_sets).
+        """Open or resume a session; as AsyncClient.session, whose docstring says what each
+        argument does. On a Unix socket the peer handshake runs first, so the broker knows
+        this process from the kernel and destroys the set when it exits. A sidecar passes
+        `delegate_pid` (or a pidfd it holds, `delegate_pidfd`) of the process that should
+        hold the set, e.g. its VMM; it must be allowed to signal it. `on_state_change` is
+        called on the library's own thread: keep it short. The session reconnects by
+        itself after its broker went away, within `reconnect_deadline_seconds`.
+        `reattach_set_id`: take back that detached set of this process (or of the
+        delegated one), without its token (see held_sets).
         Raises NotFound, FailedPrecondition, PermissionDenied (delegation refused),
-        Unauthenticated, Unavailable."""
-        t = ticket or ticket_for(
-            self.target,
-            peer_socket=self.peer_socket,
+        Unauthenticated, Unavailable (no broker within the deadline), QuotaExceeded."""
+        loop, aio = self._async()
+        opener = aio.session(
+            client,
+            pid=pid,
+            grace_seconds=grace_seconds,
+            resume_token=resume_token,
             delegate_pid=delegate_pid,
             delegate_pidfd=delegate_pidfd,
-            timeout=self.timeout,
+            ticket=ticket,
+            on_state_change=on_state_change,
+            reconnect_deadline_seconds=reconnect_deadline_seconds,
+            reattach_set_id=reattach_set_id,
         )
-        req = open_request(client, pid, grace_seconds, resume_token, t)
-        req.reattach_set_id = reattach_set_id
-        return Session(self._stub, req, self.timeout)
+
+        async def open_() -> AsyncSession:
+            s: AsyncSession = await opener
+            return s
+
+        return Session(loop, loop.run(open_()))
 
     def held_sets(
         self, *, delegate_pid: int | None = None, delegate_pidfd: int | None = None
     ) -> list[SetView]:
         """The sets (attached or detached) held by this process, or by the one named by
-        `delegate_pid`/`delegate_pidfd` (which we must be allowed to delegate): what a
+        `delegate_pid`/`delegate_pidfd` (which we must be allowed to signal): what a
         restarted sidecar re-attaches (`session(reattach_set_id=...)`). Needs the peer
         socket. Raises FailedPrecondition (no peer socket), PermissionDenied,
         Unauthenticated, Unavailable."""

@@ -63,7 +63,8 @@ def worker(address: str, ledger_path: str, gen_file: str, grace: int, seed: int)
     n = 0
     while True:
         gen = _read_gen(gen_path)
-        client = Client(address, timeout=10)
+        # Resumed by hand below, after the controller's checks: no reconnect of its own.
+        client = Client(address, timeout=10, reconnect_deadline_seconds=0)
         try:
             if not token:
                 s = client.session(f"crash-{os.getpid()}", grace_seconds=grace)

@@ -19,7 +19,11 @@ def main() -> None:
     address, count = sys.argv[1], int(sys.argv[2])
     grace = int(sys.argv[3]) if len(sys.argv) > 3 else 0
     loops = int(sys.argv[4]) if len(sys.argv) > 4 else 0
-    with Client(address) as c, c.session("holder", grace_seconds=grace) as s:
+    # No reconnect of its own: the tests resume its set by hand after a broker restart.
+    with (
+        Client(address, reconnect_deadline_seconds=0) as c,
+        c.session("holder", grace_seconds=grace) as s,
+    ):
         seen: list[int] = []
         for _ in range(loops):
             got = s.alloc(1, (1 << s.pasid_bits) - 1, count)

@@ -156,7 +156,7 @@ def test_sigterm_drains_and_keeps_sets_for_restart(
     make_broker: Callable[..., BrokerProcess],
 ) -> None:
     b = make_broker("--restart-grace", "30")
-    with Client(b.address) as c:
+    with Client(b.address, reconnect_deadline_seconds=0) as c:  # resumed by hand below
         s = c.session("vmm", grace_seconds=0)
         got = s.alloc(1, 10, count=2)
         token = s.token

@@ -98,14 +98,15 @@ class Tenant:
         token = self.session.token
         with contextlib.suppress(Exception):  # the old stream died with the broker
             self.session.close()
-        self.session = client.session(resume_token=token)
+        self.session = client.session(resume_token=token, reconnect_deadline_seconds=0)
         assert self.session.resumed and self.session.set_id == self.set_id
 
 
 def tenants(client: Client, n: int, held: int) -> list[Tenant]:
     out = []
     for i in range(n):
-        s = client.session(f"tenant-{i}", grace_seconds=600)
+        # No reconnect of its own: resume() takes the set back by hand after a restart.
+        s = client.session(f"tenant-{i}", grace_seconds=600, reconnect_deadline_seconds=0)
         t = Tenant(f"tenant-{i}", s)
         t.given.update(s.alloc(1, (1 << 20) - 1, count=held))
         out.append(t)

@@ -119,7 +119,7 @@ class Fuzzer:
 
     def __init__(self, b: BrokerProcess) -> None:
         self.b = b
-        self.client = Client(b.address)
+        self.client = Client(b.address, reconnect_deadline_seconds=0)  # resumed by hand
         self.tenants: list[Tenant] = tenants(self.client, 3, 40)
         self.own = self.client.session("fuzzer", grace_seconds=600)
         self.codes: Counter[tuple[str, str]] = Counter()  # (method, status) seen
@@ -172,7 +172,7 @@ class Fuzzer:
         self.b.restart()
         self._channels()
         self.client.close()
-        self.client = Client(self.b.address)
+        self.client = Client(self.b.address, reconnect_deadline_seconds=0)
         for t in self.tenants:
             t.resume(self.client)
         try:

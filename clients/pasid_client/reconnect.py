@@ -1,0 +1,178 @@
+"""What a session does when its stream breaks: the rules both clients (aio.py, sync.py) share.
+
+A session's stream breaks when the broker goes away (a crash, a SIGTERM restart, a reset
+connection). The set does not: the broker keeps it (a verified holder's until it exits,
+others for their grace), and the session resumes it with its token, re-proving who holds
+it with a fresh peer handshake, as etcd's lease keep-alive and ZooKeeper's session
+reconnect do for their users. The application sees this only through `on_state_change`
+and `session.state`; the library gives up after `reconnect_deadline_seconds`.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import grpc
+from pasid.v1 import broker_pb2 as pb
+
+from pasid_client.errors import (
+    FailedPrecondition,
+    PasidClientError,
+    QuotaExceeded,
+    Unauthenticated,
+    Unavailable,
+)
+
+log = logging.getLogger("pasid_client")
+
+# The default bound on reconnecting (and on an open waiting for a starting broker): a
+# broker restart with 1 M PASIDs serves within 2 s; 60 s also covers a slow service
+# manager or a DaemonSet's rolling update.
+RECONNECT_DEADLINE_SECONDS = 60.0
+
+
+class SessionState(enum.StrEnum):
+    """Where a session is. CONNECTED and RESUMED serve requests at once; RECONNECTING
+    holds them until the resume (bounded by the deadline); LOST and CLOSED are final."""
+
+    CONNECTED = "connected"
+    RECONNECTING = "reconnecting"
+    RESUMED = "resumed"  # connected again, after at least one reconnect
+    LOST = "lost"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True)
+class StateChange:
+    """What `on_state_change` receives.
+
+    `error`: why the stream broke (RECONNECTING), or why the session is LOST. `attempts`:
+    open attempts so far in this reconnect. On RESUMED, `reclaimed` are PASIDs the broker
+    had lost and took back for this set on the client's word (the witness), `conflicts`
+    PASIDs the client held that the broker now gives to another set: they are no longer
+    this session's, and the device using them must stop (logged as a warning too)."""
+
+    state: SessionState
+    set_id: int
+    error: PasidClientError | None = None
+    attempts: int = 0
+    reclaimed: tuple[tuple[int, int], ...] = ()
+    conflicts: tuple[tuple[int, int], ...] = ()
+
+
+StateCallback = Callable[[StateChange], object]
+
+
+def notify(callback: StateCallback | None, change: StateChange) -> None:
+    """Tell the application; its callback's failure is logged, never raised into the
+    library's reconnect loop."""
+    if callback is None:
+        return
+    try:
+        callback(change)
+    except Exception:
+        log.exception("on_state_change callback failed (%s)", change.state.value)
+
+
+class Backoff:
+    """Exponential backoff with jitter ("equal jitter": half fixed, half random), so that
+    the holders of a restarted broker do not all knock at the same instant."""
+
+    def __init__(
+        self, first: float = 0.05, cap: float = 2.0, rng: random.Random | None = None
+    ) -> None:
+        self.first = first
+        self.cap = cap
+        self._n = 0
+        self._rng = rng or random.Random()
+
+    def next(self) -> float:
+        d: float = min(self.cap, self.first * 2.0**self._n)
+        self._n += 1
+        return d / 2 + self._rng.uniform(0, d / 2)
+
+
+def stream_end_resumable(err: PasidClientError) -> bool:
+    """Whether a stream that ended with `err` is worth resuming. ABORTED is the broker
+    taking the set (revoked, its holder exited): final. A broken connection, a shutting
+    down broker or an unexplained end may have left the set waiting: the resume tells
+    (NOT_FOUND when it is gone)."""
+    return err.code in (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.OK,
+    )
+
+
+def open_retryable(err: PasidClientError, *, resuming: bool, own_ticket: bool) -> bool:
+    """Whether an open (first, or a reconnect's resume) that failed with `err` may be
+    tried again: the broker is not there or not ready yet, or a limit says "later".
+    `resuming`: our own reconnect (its old stream may still look attached to the broker
+    for a moment); `own_ticket`: the library made the handshake, so a ticket that the
+    broker does not know (issued by the broker that has just died) is made again."""
+    if isinstance(err, Unavailable) or err.code in (
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    ):
+        return True
+    if isinstance(err, QuotaExceeded) and err.quota == "session_opens_per_second":
+        return True
+    if isinstance(err, Unauthenticated) and err.reason == "TICKET":
+        return own_ticket
+    return resuming and isinstance(err, FailedPrecondition) and err.reason == "CONFLICT"
+
+
+class HeldPasids:
+    """The PASIDs a session holds as it last heard from the broker: each acknowledged
+    alloc adds, each acknowledged free removes. Sent as the witness on every resume."""
+
+    def __init__(self) -> None:
+        self._held: set[int] = set()
+
+    def add(self, pasids: Iterable[int]) -> None:
+        self._held.update(pasids)
+
+    def free(self, lo: int, hi: int) -> None:
+        """The broker freed every PASID of ours in [lo, hi]."""
+        if hi - lo + 1 >= len(self._held):
+            self._held = {p for p in self._held if not lo <= p <= hi}
+        else:
+            self._held.difference_update(range(lo, hi + 1))
+
+    def replace(self, ranges: Iterable[tuple[int, int]]) -> None:
+        self._held = {p for lo, hi in ranges for p in range(lo, hi + 1)}
+
+    def drop(self, ranges: Iterable[tuple[int, int]]) -> None:
+        for lo, hi in ranges:
+            self.free(lo, hi)
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """Inclusive runs, ascending, as listings show them."""
+        out: list[tuple[int, int]] = []
+        for p in sorted(self._held):
+            if out and out[-1][1] == p - 1:
+                out[-1] = (out[-1][0], p)
+            else:
+                out.append((p, p))
+        return out
+
+    def witness(self, req: pb.OpenSession) -> pb.OpenSession:
+        """`req` stating what we hold (OpenSession.held, witness)."""
+        req.held.extend(pb.PasidRange(min=lo, max=hi) for lo, hi in self.ranges())
+        req.witness = True
+        return req
+
+
+def ranges_of(m: Iterable[pb.PasidRange]) -> tuple[tuple[int, int], ...]:
+    return tuple((r.min, r.max) for r in m)

@@ -1,0 +1,210 @@
+"""A session outlives its broker's restart (issue 19 point 4): real broker processes,
+killed (SIGKILL) and stopped (SIGTERM) under sessions of this process.
+
+The session reconnects and resumes by itself; the application hears of it only through
+`on_state_change` and `state`; a request in flight when the broker died fails with
+OutcomeUnknown and is never sent twice; requests made meanwhile wait for the resume; an
+open waits for a broker that is starting; and after `reconnect_deadline_seconds` without a
+broker the session is lost, with a typed error.
+
+Until the broker keeps verified sets for as long as their holder lives (issue 19, point
+3), it keeps them after a restart for --restart-grace (10 s by default): every resume here
+comes well within that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from pasid.v1 import broker_pb2 as pb
+from pasid_client import (
+    AsyncClient,
+    Client,
+    OutcomeUnknown,
+    Session,
+    SessionLost,
+    SessionState,
+    StateChange,
+)
+from pasid_client.reconnect import Backoff, HeldPasids
+
+from tests.harness import BrokerProcess, wait_until
+
+Make = Callable[..., BrokerProcess]
+
+
+class Changes:
+    """What on_state_change reported, from whichever thread."""
+
+    def __init__(self) -> None:
+        self.seen: list[StateChange] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, change: StateChange) -> None:
+        with self._lock:
+            self.seen.append(change)
+
+    def states(self) -> list[SessionState]:
+        with self._lock:
+            return [c.state for c in self.seen]
+
+
+def wait_resumed(s: Session, b: BrokerProcess) -> None:
+    """Until the session is RESUMED; failing, with the broker's log to say why."""
+    try:
+        wait_until(lambda: s.state is SessionState.RESUMED, 30, 0.02, "the resume")
+    except AssertionError:
+        log = [x for x in b.read_log().splitlines() if "alembic" not in x]
+        raise AssertionError(f"not resumed ({s.state}):\n" + "\n".join(log[-30:])) from None
+
+
+def held_by_broker(b: BrokerProcess) -> dict[int, tuple[str, tuple[tuple[int, int], ...]]]:
+    with Client(b.admin_address) as a:
+        return {s.set_id: (s.state, s.ranges) for s in a.list_sets()}
+
+
+@pytest.mark.parametrize("how", ["kill -9", "SIGTERM"])
+def test_a_session_resumes_its_set_after_a_broker_restart(make_broker: Make, how: str) -> None:
+    b = make_broker()
+    changes = Changes()
+    with Client(b.address) as c, c.session("vmm", on_state_change=changes) as s:
+        assert s.verified and s.grace_seconds == 0
+        got = s.alloc(1, 100, count=4)
+        s.free(2, 2)
+        if how == "kill -9":
+            b.kill(signal.SIGKILL)
+        else:
+            assert b.stop() == 0
+        b.start()
+        wait_resumed(s, b)
+        assert changes.states() == [SessionState.RECONNECTING, SessionState.RESUMED]
+        assert changes.seen[0].error is not None and changes.seen[1].conflicts == ()
+        assert s.resumed and s.reconnects == 1 and s.held == [(1, 1), (3, 4)]
+        assert held_by_broker(b) == {s.set_id: ("attached", ((1, 1), (3, 4)))}
+        assert s.alloc(1, 100) == [2]  # the same stream serves again
+        assert s.list().ranges == ((1, got[-1]),)
+    assert held_by_broker(b) == {}  # leaving the block released the set
+
+
+def test_an_async_session_resumes_and_waits_out_the_restart(make_broker: Make) -> None:
+    """Requests made while the broker is away wait for the resume, then go."""
+    b = make_broker()
+    changes = Changes()
+
+    async def run() -> None:
+        async with (
+            AsyncClient(b.address) as c,
+            c.session("vmm-async", on_state_change=changes) as s,
+        ):
+            assert await s.alloc(1, 100, count=3) == [1, 2, 3]
+            b.kill(signal.SIGKILL)
+            await asyncio.sleep(0.3)  # the session has seen its stream break
+            assert s.state is SessionState.RECONNECTING
+            waiting = asyncio.ensure_future(s.alloc(1, 100))
+            await asyncio.sleep(0.5)
+            assert not waiting.done()
+            await asyncio.to_thread(b.start)
+            assert await asyncio.wait_for(waiting, 30) == [4]
+            assert s.state is SessionState.RESUMED and s.held == [(1, 4)]
+
+    asyncio.run(run())
+    assert changes.states() == [SessionState.RECONNECTING, SessionState.RESUMED]
+
+
+def test_a_request_in_flight_when_the_broker_dies_is_not_sent_again(make_broker: Make) -> None:
+    """The broker is frozen, an alloc sent, then the broker killed: the alloc's outcome is
+    unknown to the client (here it never ran), so it fails OutcomeUnknown; the session
+    resumes, and its listing says what the set holds."""
+    b = make_broker()
+    assert b.proc is not None
+    with Client(b.address) as c, c.session("vmm") as s:
+        assert s.alloc(1, 100, count=2) == [1, 2]
+        pool = ThreadPoolExecutor(1)
+        b.proc.send_signal(signal.SIGSTOP)
+        in_flight = pool.submit(s.alloc, 1, 100)
+        time.sleep(0.5)
+        b.kill(signal.SIGKILL)
+        with pytest.raises(OutcomeUnknown, match="may or may not have been applied"):
+            in_flight.result(30)
+        pool.shutdown()
+        b.start()
+        assert s.list().ranges == ((1, 2),)  # waits for the resume
+        assert s.state is SessionState.RESUMED
+        assert s.alloc(1, 100) == [3]  # sent once, by us, now
+
+
+def test_the_session_is_lost_after_the_deadline(make_broker: Make) -> None:
+    b = make_broker()
+    changes = Changes()
+    with Client(b.address, reconnect_deadline_seconds=2) as c:
+        s = c.session("vmm", on_state_change=changes)
+        s.alloc(1, 100)
+        b.kill(signal.SIGKILL)
+        t0 = time.monotonic()
+        wait_until(lambda: s.state is SessionState.LOST, 30, 0.02, "the deadline")
+        waited = time.monotonic() - t0
+        assert changes.states() == [SessionState.RECONNECTING, SessionState.LOST]
+        lost = changes.seen[-1].error
+        assert isinstance(lost, SessionLost) and "not resumed within 2 s" in lost.message
+        with pytest.raises(SessionLost):
+            s.alloc(1, 100)
+        assert isinstance(s.wait_ended(), SessionLost)
+    assert waited >= 2.0  # it tried for the whole deadline
+
+
+def test_an_open_waits_for_a_broker_that_is_starting(make_broker: Make) -> None:
+    """Opened before the broker's socket exists: the open waits (gRPC wait-for-ready, the
+    missing socket, then UNAVAILABLE while it recovers) and is verified, not anonymous."""
+    b = make_broker(start=False)
+    with Client(b.address) as c, ThreadPoolExecutor(1) as pool:
+        opening = pool.submit(c.session, "early")
+        time.sleep(1.0)
+        assert not opening.done()
+        b.start(wait=False)
+        s = opening.result(60)
+        assert s.verified and s.alloc(1, 10) == [1]
+        s.close()
+
+
+def test_an_open_gives_up_at_the_deadline(tmp_path: object) -> None:
+    with Client(socket=f"{tmp_path}/none.sock", reconnect_deadline_seconds=1) as c:
+        t0 = time.monotonic()
+        with pytest.raises(Exception, match="UNAVAILABLE"):
+            c.session("nobody")
+        assert time.monotonic() - t0 >= 1.0
+
+
+def test_leaving_the_client_releases_its_sessions(make_broker: Make) -> None:
+    """Every session the client opened ends by a release, before close() returns."""
+    b = make_broker()
+    with Client(b.address) as c:
+        for name in ("a", "b"):
+            c.session(name).alloc(1, 100, count=2)  # never closed by hand
+        assert len(held_by_broker(b)) == 2
+    assert held_by_broker(b) == {}
+
+
+def test_held_follows_every_acknowledged_change() -> None:
+    h = HeldPasids()
+    h.add([1, 2, 3, 7, 8])
+    h.free(2, 2)
+    assert h.ranges() == [(1, 1), (3, 3), (7, 8)]
+    h.free(0, 2**32 - 1)
+    assert h.ranges() == []
+    h.replace([(5, 6)])
+    h.drop([(6, 6)])
+    assert h.ranges() == [(5, 5)]
+    h.add([9, 10, 11])
+    req = h.witness(pb.OpenSession(resume_token="t"))
+    assert req.witness and [(r.min, r.max) for r in req.held] == [(5, 5), (9, 11)]
+    assert not HeldPasids().witness(pb.OpenSession()).held  # "I hold nothing", said
+    delays = [Backoff(0.05, 2.0).next() for _ in range(1)] + [
+        d for b in [Backoff(0.05, 2.0)] for d in [b.next() for _ in range(10)]
+    ]
+    assert all(0 < d <= 2.0 for d in delays) and max(delays) > 0.5
