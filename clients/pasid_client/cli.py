@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -19,10 +20,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, fields
 from typing import Any, NoReturn
 
+import grpc
+
 from pasid_client import address, bench, top
-from pasid_client.errors import FailedPrecondition, PasidClientError
+from pasid_client.errors import FailedPrecondition, PasidClientError, Unavailable
+from pasid_client.reconnect import Backoff, SessionState, StateChange
 from pasid_client.sync import Client
-from pasid_client.types import ALL, SetView
+from pasid_client.types import ALL, Event, SetView
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -154,7 +158,16 @@ def cmd_free(c: Client, args: argparse.Namespace) -> int:
 
 
 def _admin(args: argparse.Namespace) -> Client:
-    return Client(address.resolve_admin(args.admin_socket, args.socket), timeout=args.timeout)
+    return Client(
+        address.resolve_admin(args.admin_socket, args.socket),
+        timeout=args.timeout,
+        reconnect_deadline_seconds=args.reconnect_deadline,
+    )
+
+
+def _say(message: str) -> None:
+    """One line on stderr: what the command lives through (stdout stays its output)."""
+    print(f"pasidctl: {message}", file=sys.stderr, flush=True)
 
 
 def cmd_list(c: Client, args: argparse.Namespace) -> int:
@@ -272,44 +285,71 @@ def cmd_watch(c: Client, args: argparse.Namespace) -> int:
 
 
 def _watch(c: Client, args: argparse.Namespace, sid: int, token: str) -> int:
+    """Print events; when the broker goes away, Watch again from the revision after the
+    last one printed (no gap, no duplicate), within --reconnect-deadline."""
     n = 0
+    after = args.from_revision - 1 if args.from_revision else c.info().revision
     try:
-        for ev in c.watch(args.from_revision, session_id=sid, token=token):
-            if args.json:
-                print(
-                    json.dumps(
-                        {
-                            "revision": ev.revision,
-                            "ts": ev.ts_unix,
-                            "kind": ev.kind,
-                            "set_id": ev.set_id,
-                            "ranges": [list(r) for r in ev.ranges],
-                            "reason": ev.reason,
-                            **(
-                                {"pid": ev.pid, "uid": ev.uid, "ns_pid": ev.ns_pid}
-                                if ev.verified
-                                else {}
-                            ),
-                        }
-                    ),
-                    flush=True,
-                )
-            else:
-                when = time.strftime("%H:%M:%S", time.localtime(ev.ts_unix))
-                extra = f"  ({ev.reason})" if ev.reason else ""
-                if ev.verified:
-                    extra += f"  pid {ev.pid} uid {ev.uid} ns_pid {ev.ns_pid}"
-                print(
-                    f"{ev.revision:>8} {when} {ev.kind:14} set {ev.set_id:<6}"
-                    f" {_fmt_ranges(ev.ranges)}{extra}",
-                    flush=True,
-                )
-            n += 1
-            if args.count and n >= args.count:
-                break
+        while True:
+            try:
+                for ev in c.watch(after + 1, session_id=sid, token=token):
+                    _print_event(args, ev)
+                    after = ev.revision
+                    n += 1
+                    if args.count and n >= args.count:
+                        return 0
+                raise Unavailable(grpc.StatusCode.UNAVAILABLE, "watch ended")
+            except Unavailable as exc:
+                _say(f"watch: broker went away ({exc.message}); reconnecting")
+                _wait_for_broker(c, args.reconnect_deadline, exc)
+                _say(f"watch: reconnected; following from revision {after + 1}")
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _wait_for_broker(c: Client, deadline_seconds: float, why: PasidClientError) -> None:
+    """Back off until the broker answers GetInfo; raises `why` after the deadline."""
+    deadline = time.monotonic() + deadline_seconds
+    backoff = Backoff()
+    while True:
+        try:
+            c.info()
+            return
+        except Unavailable as exc:
+            why = exc
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise why
+        time.sleep(min(backoff.next(), left))
+
+
+def _print_event(args: argparse.Namespace, ev: Event) -> None:
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "revision": ev.revision,
+                    "ts": ev.ts_unix,
+                    "kind": ev.kind,
+                    "set_id": ev.set_id,
+                    "ranges": [list(r) for r in ev.ranges],
+                    "reason": ev.reason,
+                    **({"pid": ev.pid, "uid": ev.uid, "ns_pid": ev.ns_pid} if ev.verified else {}),
+                }
+            ),
+            flush=True,
+        )
+    else:
+        when = time.strftime("%H:%M:%S", time.localtime(ev.ts_unix))
+        extra = f"  ({ev.reason})" if ev.reason else ""
+        if ev.verified:
+            extra += f"  pid {ev.pid} uid {ev.uid} ns_pid {ev.ns_pid}"
+        print(
+            f"{ev.revision:>8} {when} {ev.kind:14} set {ev.set_id:<6}"
+            f" {_fmt_ranges(ev.ranges)}{extra}",
+            flush=True,
+        )
 
 
 def _write_token(path: str, token: str) -> None:
@@ -336,11 +376,27 @@ def cmd_hold(c: Client, args: argparse.Namespace) -> int:
     if args.token_out and os.path.lexists(args.token_out):
         raise UsageError(f"pasidctl: the token file {args.token_out} exists already")
     reattach = _detached_set_to_reattach(c, args)
+
+    def told(change: StateChange) -> None:
+        """One line when the broker goes away, one when the set is back (issue 19)."""
+        if change.state is SessionState.RECONNECTING:
+            _say(f"broker went away ({change.error}); reconnecting to resume set {change.set_id}")
+        elif change.state is SessionState.RESUMED:
+            _say(f"resumed set {change.set_id} after {change.attempts} attempt(s)")
+            if change.reclaimed:
+                _say(f"the broker had lost PASIDs {_fmt_ranges(change.reclaimed)}: reclaimed")
+            if change.conflicts:
+                _say(
+                    f"PASIDs {_fmt_ranges(change.conflicts)} now belong to another set:"
+                    " no longer held"
+                )
+
     with c.session(
         args.client,
         grace_seconds=args.grace,
         delegate_pid=args.delegate_pid,
         reattach_set_id=reattach,
+        on_state_change=told,
     ) as s:
         hi = args.max if args.max is not None else (1 << s.pasid_bits) - 1
         had = s.list().count if reattach else 0
@@ -374,7 +430,7 @@ def cmd_hold(c: Client, args: argparse.Namespace) -> int:
         _emit(args, data, text)
         ended: list[PasidClientError] = []
 
-        def watch_end() -> None:  # the broker may end the session first
+        def watch_end() -> None:  # the broker may end the session first (reconnects do not)
             ended.append(s.wait_ended())
             stop.set()
 
@@ -439,6 +495,8 @@ def cmd_top(c: Client, args: argparse.Namespace) -> int:
             once=args.once,
             as_json=args.json,
             top=args.top,
+            reconnect_deadline=args.reconnect_deadline,
+            say=_say,
         )
 
 
@@ -491,6 +549,14 @@ def _common_options(suppress: bool) -> _Parser:
         "[PASID_BROKER_PEER_SOCKET; default peer.sock beside the socket]",
     )
     common.add_argument("--timeout", type=float, default=d(10.0), help="seconds per call")
+    common.add_argument(
+        "--reconnect-deadline",
+        type=float,
+        default=d(60.0),
+        metavar="SECONDS",
+        help="how long hold, watch and top reconnect after the broker went away, and hold"
+        " waits for a broker that is starting (default 60; 0: never)",
+    )
     return common
 
 
@@ -736,6 +802,9 @@ def _usage_error(exc: UsageError, as_json: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # pasidctl says on stderr itself what the library's sessions live through.
+    logging.getLogger("pasid_client").addHandler(logging.NullHandler())
+    logging.getLogger("pasid_client").propagate = False
     raw = sys.argv[1:] if argv is None else argv
     # Known before parsing, so that a command line argparse refuses still gets JSON.
     as_json = "--json" in raw[: raw.index("--")] if "--" in raw else "--json" in raw
@@ -745,7 +814,11 @@ def main(argv: list[str] | None = None) -> int:
         return _usage_error(exc, as_json)
     try:
         with Client(
-            args.address, socket=args.socket, timeout=args.timeout, peer_socket=args.peer_socket
+            args.address,
+            socket=args.socket,
+            timeout=args.timeout,
+            peer_socket=args.peer_socket,
+            reconnect_deadline_seconds=args.reconnect_deadline,
         ) as c:
             return COMMANDS[args.command](c, args)
     except UsageError as exc:

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from pasid_client.errors import Unavailable
+from pasid_client.reconnect import Backoff
 from pasid_client.sync import Client
 from pasid_client.types import Info, SetView
 
@@ -122,9 +124,13 @@ def run(
     as_json: bool = False,
     top: int = 10,
     out: TextIO = sys.stdout,
+    reconnect_deadline: float = 0.0,
+    say: Callable[[str], None] | None = None,
 ) -> int:
     """Refresh every `interval` seconds, `count` frames (0: until interrupted). `once`:
-    one frame from two samples `interval` apart, so that it has rates. Raises
+    one frame from two samples `interval` apart, so that it has rates. A broker that goes
+    away after the first screen is waited for up to `reconnect_deadline` seconds (its
+    restart), said once each way through `say`; rates then span the gap. Raises
     PasidClientError subclasses when the broker cannot be asked."""
     clear = not as_json and not once and out.isatty()
     prev = sample(client)
@@ -138,7 +144,7 @@ def run(
                 cur = prev  # the first screen at once, without rates
                 prev_for_frame = None
             else:
-                cur = sample(client)
+                cur = _sample_through_restarts(client, reconnect_deadline, say)
                 prev_for_frame = prev
             f = frame(prev_for_frame, cur, top)
             if as_json:
@@ -153,3 +159,29 @@ def run(
             time.sleep(interval)
     except KeyboardInterrupt:
         return 0
+
+
+def _sample_through_restarts(
+    client: Client, deadline_seconds: float, say: Callable[[str], None] | None
+) -> Sample:
+    """A sample, waiting out a broker restart (backoff, within the deadline)."""
+    try:
+        return sample(client)
+    except Unavailable as exc:
+        if deadline_seconds <= 0:
+            raise
+        if say is not None:
+            say(f"top: broker went away ({exc.message}); reconnecting")
+        deadline = time.monotonic() + deadline_seconds
+        backoff = Backoff()
+        while True:
+            time.sleep(min(backoff.next(), max(deadline - time.monotonic(), 0)))
+            try:
+                cur = sample(client)
+            except Unavailable:
+                if time.monotonic() >= deadline:
+                    raise
+                continue
+            if say is not None:
+                say("top: reconnected")
+            return cur

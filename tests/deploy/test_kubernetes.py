@@ -288,3 +288,62 @@ def test_restarted_sidecar_takes_the_vmms_set_back(broker: BrokerProcess, tmp_pa
             if p is not None and p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def test_sidecar_lives_through_a_broker_restart(broker: BrokerProcess, tmp_path: Path) -> None:
+    """The broker is killed (a DaemonSet update, a crash) under a running sidecar: the
+    sidecar says so, resumes the same set for the same VMM, and keeps running."""
+    import signal
+    import threading
+
+    from pasid_client import Client
+
+    fake = tmp_path / f"vmm-{os.getpid()}"
+    sleep = shutil.which("sleep")
+    assert sleep
+    shutil.copy(sleep, fake)
+    vmm = subprocess.Popen([str(fake), "120"])
+    out = tmp_path / "pasids.json"
+    env = {
+        **os.environ,
+        "VMM_COMMAND": fake.name,
+        "PASID_COUNT": "2",
+        "PASID_BROKER_SOCKET": broker.socket,
+        "PASID_FILE": str(out),
+        "VMM_WAIT_SECONDS": "10",
+    }
+    sidecar = subprocess.Popen(
+        [sys.executable, str(K8S / "sidecar/pasid_sidecar.py")],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    said: list[str] = []
+    threading.Thread(target=lambda: said.extend(sidecar.stdout or ()), daemon=True).start()
+    try:
+        wait_until(lambda: out.exists() or sidecar.poll() is not None, 30, 0.05, "PASIDs")
+        assert out.exists(), said
+        with Client(broker.admin_address) as admin:
+            (before,) = admin.list_sets()
+        broker.kill(signal.SIGKILL)
+        broker.start()
+        wait_until(lambda: any("resumed set" in x for x in said), 30, 0.05, "the resume")
+        assert any("broker went away" in x for x in said) and sidecar.poll() is None
+        with Client(broker.admin_address) as admin:
+            (after,) = admin.list_sets()
+        assert (after.set_id, after.ranges, after.state) == (
+            before.set_id,
+            before.ranges,
+            "attached",
+        )
+        assert after.verified and after.pid == vmm.pid
+        vmm.kill()
+        vmm.wait()
+        assert sidecar.wait(30) == 0
+    finally:
+        for p in (vmm, sidecar):
+            if p.poll() is None:
+                p.kill()
+                p.wait()

@@ -60,7 +60,7 @@ def main() -> int:
     # A pidfd, never the number: the broker must not adopt a recycled pid.
     pidfd = os.pidfd_open(pid)
 
-    from pasid_client import Client
+    from pasid_client import Client, SessionState, StateChange
 
     stop = False
 
@@ -68,9 +68,20 @@ def main() -> int:
         nonlocal stop
         stop = True
 
+    def told(change: StateChange) -> None:
+        """A broker restart (a DaemonSet update) is lived through, and said on stderr."""
+        what = {
+            SessionState.RECONNECTING: f"broker went away ({change.error}); reconnecting",
+            SessionState.RESUMED: f"resumed set {change.set_id}",
+            SessionState.LOST: f"set {change.set_id} lost: {change.error}",
+        }.get(change.state)
+        if what:
+            print(f"pasid-sidecar: {what}", file=sys.stderr, flush=True)
+
     signal.signal(signal.SIGTERM, on_term)
     # The library handshakes on peer.sock beside the socket, sending the VMM's pidfd
-    # (HANDSHAKE.md, delegation): the broker makes the VMM the holder of the set.
+    # (HANDSHAKE.md, delegation): the broker makes the VMM the holder of the set. The
+    # session reconnects by itself when the broker restarts, proving the VMM again.
     with Client(socket=socket) as client:
         client.wait_ready(60)
         name = f"vmm-{pid}"
@@ -82,7 +93,9 @@ def main() -> int:
             if v.state == "detached" and v.client == name
         ]
         reattach = mine[0] if len(mine) == 1 else 0
-        with client.session(name, delegate_pidfd=pidfd, reattach_set_id=reattach) as session:
+        with client.session(
+            name, delegate_pidfd=pidfd, reattach_set_id=reattach, on_state_change=told
+        ) as session:
             have = sorted(session.list().pasids()) if reattach else []
             pasids = have + session.alloc(count=count - len(have)) if count > len(have) else have
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -91,7 +104,8 @@ def main() -> int:
             print(f"pasid-sidecar: {again}holding {pasids} for pid {pid}", flush=True)
             # Until the VMM exits (its pidfd becomes readable) or the pod stops us.
             while not stop and not select.select([pidfd], [], [], 1.0)[0]:
-                pass
+                if session.state is SessionState.LOST:
+                    return 1  # the kubelet restarts us
             if stop:
                 # SIGTERM: this container stops, maybe to be restarted while the VMM runs.
                 # Let go of the stream without releasing the set: it lives on with the

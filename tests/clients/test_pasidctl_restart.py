@@ -1,0 +1,157 @@
+"""pasidctl hold, watch and top live through a broker restart (issue 19 point 4): real
+processes, the broker killed with SIGKILL under them and started again.
+
+Each says so on stderr, one line as the broker goes and one as it is back; stdout keeps
+its own output (valid JSON with --json). `hold` keeps the same set and PASIDs, attached;
+`watch` goes on from the revision after the last it printed, without gap or duplicate;
+an open started before the broker exists waits for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from pasid_client import Client
+
+from tests.harness import ROOT, BrokerProcess, wait_until
+
+Make = Callable[..., BrokerProcess]
+
+
+class Command:
+    """A pasidctl process whose stdout and stderr lines are collected as they come."""
+
+    def __init__(self, *args: str) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PASID_")}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pasid_client.cli", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env=env,
+        )
+        self.out: list[str] = []
+        self.err: list[str] = []
+        for stream, lines in ((self.proc.stdout, self.out), (self.proc.stderr, self.err)):
+            threading.Thread(target=self._collect, args=(stream, lines), daemon=True).start()
+
+    @staticmethod
+    def _collect(stream: Any, lines: list[str]) -> None:
+        for line in stream:
+            lines.append(line.rstrip("\n"))
+
+    def said(self, text: str) -> bool:
+        return any(text in line for line in self.err)
+
+    def interrupt(self) -> int:
+        self.proc.send_signal(signal.SIGINT)
+        return self.proc.wait(30)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+def sets(b: BrokerProcess) -> dict[int, tuple[str, tuple[tuple[int, int], ...], int]]:
+    with Client(b.admin_address) as a:
+        return {s.set_id: (s.state, s.ranges, s.pid) for s in a.list_sets()}
+
+
+def test_hold_stays_attached_through_a_broker_kill(make_broker: Make) -> None:
+    b = make_broker()
+    hold = Command("hold", "--count", "3", "--json", "--socket", b.socket)
+    try:
+        wait_until(lambda: hold.out or hold.proc.poll() is not None, 30, 0.02, "hold's JSON")
+        doc = json.loads(hold.out[0])
+        sid, pasids = doc["session_id"], doc["pasids"]
+        assert doc["verified"] and pasids == [1, 2, 3]
+        b.kill(signal.SIGKILL)
+        b.start()
+        wait_until(lambda: hold.said("resumed set"), 30, 0.02, "hold to resume")
+        assert hold.proc.poll() is None
+        assert hold.said("broker went away") and len(hold.err) == 2, hold.err
+        assert sets(b) == {sid: ("attached", ((1, 3),), hold.proc.pid)}
+        listed = Command("list", "--json", "--socket", b.socket)
+        assert listed.proc.wait(30) == 0
+        wait_until(lambda: listed.out, 5, 0.02, "list's output")
+        (view,) = json.loads(listed.out[0])["sets"]
+        assert (view["set_id"], view["state"]) == (sid, "attached")
+        assert hold.interrupt() == 0  # Ctrl-C releases
+        assert [json.loads(x) for x in hold.out] == [doc]  # stdout: one JSON document
+        assert sets(b) == {}
+    finally:
+        hold.kill()
+
+
+def test_hold_started_before_the_broker_waits_for_it(make_broker: Make) -> None:
+    """A script that starts the broker and then allocates: hold waits through the missing
+    socket and the recovery instead of failing UNAVAILABLE."""
+    b = make_broker(start=False)
+    hold = Command("hold", "--count", "2", "--json", "--socket", b.socket)
+    try:
+        wait_until(lambda: hold.proc.poll() is None, 1, 0.02, "hold to start")
+        b.start(wait=False)
+        wait_until(lambda: hold.out or hold.proc.poll() is not None, 60, 0.02, "hold's JSON")
+        doc = json.loads(hold.out[0])
+        assert doc["verified"] and doc["pasids"] == [1, 2], hold.err
+        assert hold.interrupt() == 0
+    finally:
+        hold.kill()
+
+
+def test_watch_goes_on_without_gap_or_duplicate(make_broker: Make) -> None:
+    b = make_broker()
+    watch = Command("watch", "--json", "--from", "1", "--socket", b.socket)
+    try:
+        with Client(b.address) as c, c.session("watched") as s:
+            s.alloc(1, 100, count=2)
+            s.alloc(1, 100)
+            wait_until(lambda: len(watch.out) >= 3, 30, 0.02, "the first events")
+            b.kill(signal.SIGKILL)
+            b.start()
+            wait_until(lambda: watch.said("reconnected"), 30, 0.02, "watch to reconnect")
+            s.free(2, 2)
+            s.alloc(50, 60)
+            final = c.info().revision
+            wait_until(
+                lambda: watch.out and json.loads(watch.out[-1])["revision"] >= final,
+                30,
+                0.02,
+                "the events after the restart",
+            )
+        assert watch.interrupt() == 0
+        revisions = [json.loads(x)["revision"] for x in watch.out]
+        assert revisions == list(range(1, len(revisions) + 1)), revisions
+        kinds = [json.loads(x)["kind"] for x in watch.out]
+        assert kinds[:3] == ["set_created", "alloc", "alloc"] and "free" in kinds[3:]
+        assert watch.said("broker went away") and len(watch.err) == 2, watch.err
+    finally:
+        watch.kill()
+
+
+def test_top_keeps_refreshing_through_a_broker_kill(make_broker: Make) -> None:
+    b = make_broker()
+    top = Command("top", "--json", "--interval", "0.2", "--socket", b.socket)
+    try:
+        wait_until(lambda: len(top.out) >= 2, 30, 0.02, "top's first frames")
+        b.kill(signal.SIGKILL)
+        wait_until(lambda: top.said("broker went away"), 30, 0.02, "top to notice")
+        b.start()
+        wait_until(lambda: top.said("reconnected"), 30, 0.02, "top to reconnect")
+        seen = len(top.out)
+        wait_until(lambda: len(top.out) >= seen + 2, 30, 0.02, "frames after the restart")
+        assert top.proc.poll() is None
+        assert top.interrupt() == 0
+        frames = [json.loads(x) for x in top.out]  # every line still one JSON document
+        assert all("in_use" in f for f in frames) and len(top.err) == 2, top.err
+    finally:
+        top.kill()
