@@ -113,7 +113,8 @@ def stream_end_resumable(err: PasidClientError) -> bool:
 
 def open_retryable(err: PasidClientError, *, resuming: bool, own_ticket: bool) -> bool:
     """Whether an open (first, or a reconnect's resume) that failed with `err` may be
-    tried again: the broker is not there or not ready yet, or a limit says "later".
+    tried again: the broker is not there or not ready yet, or (resuming) the open rate
+    limit says "later".
     `resuming`: our own reconnect (its old stream may still look attached to the broker
     for a moment); `own_ticket`: the library made the handshake, so a ticket that the
     broker does not know (issued by the broker that has just died) is made again."""
@@ -124,7 +125,7 @@ def open_retryable(err: PasidClientError, *, resuming: bool, own_ticket: bool) -
     ):
         return True
     if isinstance(err, QuotaExceeded) and err.quota == "session_opens_per_second":
-        return True
+        return resuming  # a restart's holders all resume at once; a first open is told
     if isinstance(err, Unauthenticated) and err.reason == "TICKET":
         return own_ticket
     return resuming and isinstance(err, FailedPrecondition) and err.reason == "CONFLICT"
