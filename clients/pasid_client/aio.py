@@ -612,7 +612,8 @@ class AsyncClient:
         and this open's wait for a broker that is starting or recovering.
 
         Raises NotFound for an unknown resume token or delegate_pid, or a set not held by
-        that process; FailedPrecondition
+        that process; InvalidArgument for a delegate_pid that is a thread's id;
+        FailedPrecondition
         if the token's session is attached elsewhere, PermissionDenied (delegation
         refused), Unauthenticated, Unavailable (no broker within the deadline),
         QuotaExceeded (a limit)."""
@@ -667,6 +668,14 @@ class AsyncClient:
                 raise make_error(
                     grpc.StatusCode.NOT_FOUND,
                     f"no process {spec.delegate_pid} to delegate",
+                    "HANDSHAKE",
+                ) from None
+            except OSError as exc:  # EINVAL: a thread's id, which pidfd_open will not open
+                raise make_error(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{spec.delegate_pid} is not a process to delegate ({exc.strerror}): a"
+                    " thread id? A set follows a process: delegate the process (Tgid: in"
+                    f" /proc/{spec.delegate_pid}/status)",
                     "HANDSHAKE",
                 ) from None
             spec = dataclasses.replace(spec, delegate_pidfd=owned, delegate_pid=None)
