@@ -682,6 +682,7 @@ class AsyncClient:
         given = spec.ticket if isinstance(spec.ticket, Ticket) else None
         deadline = time.monotonic() + spec.deadline
         backoff = Backoff()
+        within = self.timeout  # the first try has the whole call timeout, as ever
         try:
             while True:
                 try:
@@ -692,7 +693,7 @@ class AsyncClient:
                         reattach_set_id=spec.reattach_set_id,
                         verified=None,
                         ticket=given,
-                        within=min(self.timeout, max(deadline - time.monotonic(), 0.1)),
+                        within=within,
                     )
                     break
                 except PasidClientError as exc:
@@ -702,6 +703,7 @@ class AsyncClient:
                     ):
                         raise
                 await asyncio.sleep(min(backoff.next(), max(deadline - time.monotonic(), 0)))
+                within = max(min(self.timeout, deadline - time.monotonic()), 0.1)
         except BaseException:
             if owned >= 0:
                 os.close(owned)
