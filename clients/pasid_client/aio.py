@@ -150,6 +150,7 @@ class AsyncSession:
         self._ended = asyncio.Event()
         self._closed = False  # no new requests
         self._closing = False  # the stream's end is ours (close, release): not resumed
+        self._how_closed = "session closed"  # or released, detached: what later calls say
         self._resync = False  # re-read the set once resumed: an outcome is unknown
         self._supervisor = asyncio.create_task(self._supervise())
 
@@ -166,7 +167,9 @@ class AsyncSession:
         while True:
             err = await self._read()
             if self._closing:
-                self._end(SessionState.CLOSED, Unavailable(grpc.StatusCode.CANCELLED, "closed"))
+                self._end(
+                    SessionState.CLOSED, Unavailable(grpc.StatusCode.CANCELLED, self._how_closed)
+                )
                 return
             if not stream_end_resumable(err) or self._spec.deadline <= 0:
                 self._end(SessionState.LOST, err)
@@ -231,6 +234,7 @@ class AsyncSession:
         elif kind == "release":
             self._held.replace(())
             self._closing = True  # the broker ends the stream next: not a break
+            self._how_closed = "session released"
 
     def _fail_in_flight(self, err: PasidClientError) -> None:
         waiting, self._waiting = self._waiting, {}
@@ -435,11 +439,12 @@ class AsyncSession:
             return
         self._closed = True
         self._closing = True
+        self._how_closed = "session detached"
         self._call.cancel()
         self._supervisor.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._supervisor
-        self._end(SessionState.CLOSED, Unavailable(grpc.StatusCode.CANCELLED, "detached"))
+        self._end(SessionState.CLOSED, Unavailable(grpc.StatusCode.CANCELLED, self._how_closed))
 
     async def release(self) -> int:
         """Release the set now, whatever its grace (ReleaseRequest: the seed's close of
@@ -451,7 +456,7 @@ class AsyncSession:
         self._closed = True
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(self._supervisor), self._client.timeout)
-        self._end(SessionState.CLOSED, Unavailable(grpc.StatusCode.CANCELLED, "released"))
+        self._end(SessionState.CLOSED, Unavailable(grpc.StatusCode.CANCELLED, self._how_closed))
         return resp.release.freed
 
     async def wait_ended(self) -> PasidClientError:
@@ -491,7 +496,7 @@ class AsyncSession:
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
-            self._end(SessionState.CLOSED, Unavailable(grpc.StatusCode.CANCELLED, "session closed"))
+            self._end(SessionState.CLOSED, Unavailable(grpc.StatusCode.CANCELLED, self._how_closed))
 
     async def __aenter__(self) -> AsyncSession:
         return self

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -88,6 +89,30 @@ def test_hold_stays_attached_through_a_broker_kill(make_broker: Make) -> None:
         assert hold.interrupt() == 0  # Ctrl-C releases
         assert [json.loads(x) for x in hold.out] == [doc]  # stdout: one JSON document
         assert sets(b) == {}
+    finally:
+        hold.kill()
+
+
+def test_a_frozen_hold_resumes_after_a_restart_it_slept_through(make_broker: Make) -> None:
+    """Issue 19: a SIGSTOPped holder's resume after SIGCONT got NOT_FOUND once the restart
+    grace was over. Frozen across the broker's kill -9 and well past --restart-grace, it
+    now resumes the same set."""
+    b = make_broker("--restart-grace", "1")
+    hold = Command("hold", "--count", "2", "--json", "--socket", b.socket)
+    try:
+        wait_until(lambda: hold.out or hold.proc.poll() is not None, 30, 0.02, "hold's JSON")
+        doc = json.loads(hold.out[0])
+        hold.proc.send_signal(signal.SIGSTOP)
+        try:
+            b.kill(signal.SIGKILL)
+            b.start()
+            time.sleep(2.5)  # the restart grace (1 s) is long over
+            assert sets(b) == {doc["session_id"]: ("detached", ((1, 2),), hold.proc.pid)}
+        finally:
+            hold.proc.send_signal(signal.SIGCONT)
+        wait_until(lambda: hold.said("resumed set"), 30, 0.02, "hold to resume")
+        assert sets(b) == {doc["session_id"]: ("attached", ((1, 2),), hold.proc.pid)}
+        assert hold.interrupt() == 0
     finally:
         hold.kill()
 

@@ -55,7 +55,10 @@ def main() -> None:
         return stock(args)
     try:
         with (
-            Client(args.address, keepalive_seconds=args.keepalive) as c,
+            # No reconnect of its own: the tests look at what the broker keeps by itself.
+            Client(
+                args.address, keepalive_seconds=args.keepalive, reconnect_deadline_seconds=0
+            ) as c,
             c.session("peer-holder", grace_seconds=args.grace, delegate_pid=args.delegate_pid) as s,
         ):
             got = s.alloc(1, 1000, args.count)

@@ -24,7 +24,8 @@ def main() -> None:
     p.add_argument("--count", type=int, default=2)
     args = p.parse_args()
     out: dict[int, dict[str, object]] = {}
-    with Client(args.address) as c:
+    # No reconnect of its own: the restart tests look at what the broker keeps by itself.
+    with Client(args.address, reconnect_deadline_seconds=0) as c:
         sessions = []
         for pid in args.pids:
             s = c.session(f"vmm-{pid}", delegate_pid=pid)
