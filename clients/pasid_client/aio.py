@@ -483,7 +483,12 @@ class AsyncSession:
                 try:
                     await self._call.done_writing()
                     await asyncio.wait_for(asyncio.shield(self._supervisor), self._client.timeout)
-                except (grpc.RpcError, TimeoutError, asyncio.InvalidStateError):
+                except (
+                    grpc.RpcError,
+                    TimeoutError,
+                    asyncio.InvalidStateError,
+                    grpc.aio.UsageError,
+                ):
                     self._call.cancel()
             elif self.state is SessionState.RECONNECTING:
                 log.warning(
