@@ -58,6 +58,7 @@ def test_backup_while_serving_and_restore(tmp_path: Path) -> None:
             snapshot = db_holdings(dest)
             assert sorted(snapshot[s.set_id]) == held
             more = s.alloc(1, 1000, count=3)  # after the backup: not in it
+            s.detach()  # kept for the resume below (leaving the client releases)
         # Restore refuses under the running broker, naming it.
         r = _pb("restore", "--db", b.db, "--socket", b.socket, str(dest))
         assert r.returncode == 1
@@ -208,6 +209,7 @@ def test_restore_when_the_socket_directory_is_gone(tmp_path: Path) -> None:
             s = c.session("vm", grace_seconds=300)
             held = s.alloc(1, 1000, count=3)
             token = s.token
+            s.detach()  # kept for the resume below (leaving the client releases)
         dest = tmp_path / "backup.db"
         assert _pb("backup", "--db", b.db, str(dest)).returncode == 0
         gone = str(tmp_path / "run/pasid-broker/broker.sock")
