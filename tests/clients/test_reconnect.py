@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from pasid.v1 import broker_pb2 as pb
@@ -34,7 +37,7 @@ from pasid_client import (
 )
 from pasid_client.reconnect import Backoff, HeldPasids
 
-from tests.harness import BrokerProcess, wait_until
+from tests.harness import ROOT, BrokerProcess, wait_until
 
 Make = Callable[..., BrokerProcess]
 
@@ -233,3 +236,40 @@ def test_release_and_detach_are_explicit(make_broker: Make) -> None:
             assert again.resumed and again.held == [(1, 2)]  # re-read on the re-attach
             assert again.alloc(1, 100) == [3]
     assert held_by_broker(b) == {}
+
+
+def test_the_session_witnesses_its_set_after_a_restore(tmp_path: Path) -> None:
+    """Issue 22 point 2 through the library: the broker is restored from a backup that
+    predates half of the session's PASIDs; the session resumes by itself, states what it
+    holds, and hears (RESUMED: reclaimed) that the broker took the lost ones back."""
+    b = BrokerProcess("--restart-grace", "300")
+    changes = Changes()
+    b.start()
+    try:
+        with Client(b.address) as c:
+            a = c.session("vm-a", on_state_change=changes)
+            assert a.alloc(1, 100, count=4) == [1, 2, 3, 4]
+            backup = tmp_path / "backup.db"
+            assert _broker("backup", "--db", b.db, str(backup)).returncode == 0
+            assert a.alloc(1, 100, count=4) == [5, 6, 7, 8]  # after the backup
+            assert b.stop() == 0
+            r = _broker("restore", "--db", b.db, "--socket", b.socket, str(backup))
+            assert r.returncode == 0, r.stderr
+            b.start()
+            wait_resumed(a, b)
+            resumed = changes.seen[-1]
+            assert (resumed.reclaimed, resumed.conflicts) == (((5, 8),), ())
+            assert a.held == [(1, 8)] and a.list().ranges == ((1, 8),)
+            assert a.alloc(1, 100) == [9]
+    finally:
+        b.cleanup()
+
+
+def _broker(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "broker", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
