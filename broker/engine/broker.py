@@ -132,9 +132,16 @@ class Broker:
         self.events = EventFanout(store, watch_buffer)
         self.stopping = False
         self.ready = False
-        # After a restore: allocations wait for these sets' holders (witness_seen).
+        # After a restore or an unclean start: allocations wait for these sets' holders
+        # (witness_seen); `_waiting_after` names which, for the logs.
         self._witnesses: set[int] | None = None
         self._witness_gate: asyncio.Event | None = None
+        self._waiting_after = ""
+        # The revision the last clean stop recorded (its marker, taken at open), and
+        # whether the store is known to hold what clients were told: only then may a stop
+        # be recorded as clean (a stop during the wait leaves the next start waiting too).
+        self._clean_stop: int | None = None
+        self._store_whole = False
         # Set at the first StoreFailed (a failed fsync): the broker acknowledges nothing
         # more and its server exits, so that a restart recovers from what is durable.
         self.failure: StoreFailed | None = None
@@ -164,6 +171,9 @@ class Broker:
         StoreError (never a repair) for a file that is not a database or not ours: the
         daemon does this before anything listens, so a bad file refuses the start."""
         t0 = time.perf_counter()
+        # The clean-stop marker goes before anything may write: a crash from here on
+        # leaves none behind.
+        self._clean_stop = await asyncio.to_thread(self.store.take_clean_stop)
         self._snapshot = await asyncio.to_thread(self.store.open)
         self._store_seconds = time.perf_counter() - t0
 
@@ -202,8 +212,7 @@ class Broker:
             on_failure=self._store_failed,
         )
         self.sets.recover_holders(self.restart_grace)
-        if r.snapshot.restored:
-            self._hold_allocs_for_witnesses()
+        self._log_start_kind(r.snapshot.restored, r.snapshot.revision)
         self.ready = True
         took = time.perf_counter() - t0
         sets = len(r.snapshot.sets)
@@ -217,28 +226,54 @@ class Broker:
             extra={"sets": sets, "replayed": r.replayed, "seconds": round(took, 6)},
         )
 
-    def _hold_allocs_for_witnesses(self) -> None:
-        """After a restore the store is behind what clients were told: new allocations
-        wait (at most WITNESS_WAIT_SECONDS, capped by --restart-grace) until every set
-        whose verified holder is alive has resumed or re-attached (a witnessed one is
-        reconciled then) or is gone, so that a PASID the store lost is not handed to
-        another set before its holder could claim it back (issue 22)."""
+    def _log_start_kind(self, restored: bool, revision: int) -> None:
+        """Say once which kind of start this is; after a restore or an unclean start (no
+        valid clean-stop marker: a crash, a kill -9, a failed fsync's exit), hold new
+        allocations for the live holders (issue 22)."""
+        marker = self._clean_stop
+        if restored:
+            log.warning("start after a restore", extra={"start": "restored"})
+            self._hold_allocs_for_witnesses("restore", "store restored")
+        elif marker is not None and marker == revision:
+            log.info(
+                "clean start: the last stop was clean at revision %d",
+                revision,
+                extra={"start": "clean"},
+            )
+        else:
+            why = (
+                "no clean-stop marker (a crash, kill -9 or failed fsync ended the last run)"
+                if marker is None
+                else f"the clean-stop marker names revision {marker}, the store {revision}"
+            )
+            log.warning("unclean start: %s", why, extra={"start": "unclean"})
+            self._hold_allocs_for_witnesses("unclean start", "unclean start")
+        self._store_whole = self._witness_gate is None
+
+    def _hold_allocs_for_witnesses(self, after: str, what: str) -> None:
+        """After a restore or an unclean start the store may be behind what clients were
+        told: new allocations wait (at most WITNESS_WAIT_SECONDS, capped by
+        --restart-grace) until every set whose verified holder is alive has resumed or
+        re-attached (a witnessed one is reconciled then) or is gone, so that a PASID the
+        store lost is not handed to another set before its holder could claim it back."""
         waiting = {s.session_id for s in self.sets.all() if s.holder is not None}
         if not waiting:
             return
         self._witnesses = waiting
         self._witness_gate = asyncio.Event()
+        self._waiting_after = after
         bound = min(WITNESS_WAIT_SECONDS, max(self.restart_grace, 1.0))
         asyncio.get_running_loop().call_later(bound, self._open_alloc_gate, "bound reached")
         log.warning(
-            "store restored: new allocations wait up to %.0f s for %d live holders to re-attach",
+            "%s: new allocations wait up to %.0f s for %d live holders to re-attach",
+            what,
             bound,
             len(waiting),
             extra={"sets": sorted(waiting)[:32]},
         )
 
     def witness_seen(self, set_id: int) -> None:
-        """A set awaited after a restore resumed, re-attached or went."""
+        """A set awaited after a restore or an unclean start resumed, re-attached or went."""
         if self._witnesses is not None:
             self._witnesses.discard(set_id)
             if not self._witnesses:
@@ -248,9 +283,15 @@ class Broker:
         gate, self._witness_gate = self._witness_gate, None
         if gate is not None and not gate.is_set():
             left = sorted(self._witnesses or ())
-            log.info("allocations open after the restore: %s", why, extra={"waiting": left[:32]})
+            log.info(
+                "allocations open after the %s: %s",
+                self._waiting_after,
+                why,
+                extra={"waiting": left[:32]},
+            )
             gate.set()
         self._witnesses = None
+        self._store_whole = True
 
     def _starting_quotas(self, saved: tuple[int, int, int] | None, capacity: int) -> Quotas:
         """What SetQuotas saved, else the flags, with a per-identity share of the
@@ -301,10 +342,22 @@ class Broker:
         self.stuck.close()
         if self.failure is None:
             self.store.close()
+            self._mark_clean_stop()
         # else: no close, which would checkpoint the WAL from a page cache that can no
         # longer be trusted; the process exits without it (broker.__main__), as after a
         # kill -9, and the next start recovers from what the device holds.
         self.backend.close()
+
+    def _mark_clean_stop(self) -> None:
+        """After the last commit and a clean close: the next start need not wait for the
+        live holders, unless this run was still waiting for them itself."""
+        if not self._store_whole:
+            log.warning("stop not recorded as clean: the live holders had not all re-attached")
+            return
+        try:
+            self.store.mark_clean_stop(self.revision)
+        except OSError as exc:  # the next start only waits for the holders
+            log.error("clean stop not recorded: %s", exc.strerror)
 
     # -- events (events.py) ---------------------------------------------------------------
 

@@ -145,6 +145,62 @@ class Witness:
             os.close(self._fd)
 
 
+# -- the clean-stop marker -----------------------------------------------------------------
+
+CLEAN_STOP_SUFFIX = ".clean-stop"
+
+
+def clean_stop_path(path: Path) -> Path:
+    return path.with_name(path.name + CLEAN_STOP_SUFFIX)
+
+
+def _sync_dir(path: Path) -> None:
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_clean_stop(path: Path, revision: int) -> None:
+    """Say that the store was closed cleanly at `revision`, after its last commit: a new
+    file, fsynced, renamed into place, the directory fsynced. Written only then, so a crash
+    (kill -9, a failed fsync's exit, a power cut) can never leave one behind."""
+    marker = clean_stop_path(path)
+    tmp = marker.with_name(marker.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, _encode(revision))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, marker)
+    _sync_dir(path)
+
+
+def take_clean_stop(path: Path) -> int | None:
+    """The revision the last clean stop recorded, or None (none, or unreadable), and the
+    marker removed durably before anything may write the store: whatever happens from here
+    on, the next start finds none unless this run also stops cleanly."""
+    marker = clean_stop_path(path)
+    try:
+        text = marker.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        text = ""
+    try:
+        marker.unlink()
+        _sync_dir(path)
+    except OSError as exc:
+        raise StoreError(f"cannot remove {marker}: {exc.strerror}") from exc
+    try:
+        return int(text.strip())
+    except ValueError:
+        log.warning("ignoring an invalid clean-stop marker", extra={"marker": str(marker)})
+        return None
+
+
 # -- the checks ----------------------------------------------------------------------------
 
 

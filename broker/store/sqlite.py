@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from broker.core.errors import StoreError
-from broker.store import event_log
+from broker.store import checks, event_log
 from broker.store.opening import describe, open_database
 from broker.store.records import Event, Record, Snapshot
 from broker.store.writer import Writer
@@ -51,6 +51,15 @@ class SqliteStore:
             raise
         self._writer = Writer(conn, self.path, self.event_retention, digest)
         return snapshot
+
+    def take_clean_stop(self) -> int | None:
+        """The revision at which the last run stopped cleanly, or None (an unclean stop, or
+        the first start); the marker is gone once this returns (checks.take_clean_stop)."""
+        return checks.take_clean_stop(self.path)
+
+    def mark_clean_stop(self, revision: int) -> None:
+        """After close(): record that the store was closed cleanly at `revision`."""
+        checks.write_clean_stop(self.path, revision)
 
     def close(self) -> None:
         writer, self._writer = self._writer, None
