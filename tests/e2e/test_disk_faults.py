@@ -139,9 +139,12 @@ def test_a_failed_fsync_stops_acknowledgements_and_the_broker_exits() -> None:
         assert any("can no longer be trusted" in r["msg"] for r in crit), log[-3000:]
         assert any("SQLITE_IOERR_FSYNC" in r.get("error", "") for r in crit), crit
         assert len(acked) >= 14  # 10 before, 4 fsyncs that worked under strace
+        # The exit after a failed fsync is no clean stop: none recorded, the restart says so.
+        assert not Path(b.db + ".clean-stop").exists()
 
         # The restart recovers from what is durable: every acknowledged PASID is there.
         b.start()
+        assert "unclean start: no clean-stop marker" in b.read_log()[len(log) :]
         with Client(b.address) as c, c.session("vm", resume_token=token) as s2:
             held = list(s2.list().pasids())
         assert sorted(set(held)) == sorted(held)
