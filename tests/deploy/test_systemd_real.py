@@ -209,7 +209,8 @@ def _start_holder(
     library and then only lives, whatever becomes of its stream."""
     code = (
         "import time\nfrom pasid_client import Client\n"
-        f"s = Client(socket={SOCKET!r}).session({unit!r})\n"
+        # reconnect_deadline_seconds=0: it never resumes by itself, it only lives.
+        f"s = Client(socket={SOCKET!r}, reconnect_deadline_seconds=0).session({unit!r})\n"
         f"print(s.alloc(1, 1000, count={count}), flush=True)\ntime.sleep(86400)\n"
     )
     argv = (
@@ -378,6 +379,27 @@ def test_restart_keeps_live_holders_sets(machine: Machine) -> None:
         f" sets now {after}\n{m.diagnose()}"
     )
     m.check("systemctl stop pb-vmm-restart")
+
+
+def test_pasidctl_hold_survives_a_restart(machine: Machine) -> None:
+    """`pasidctl hold` reconnects and re-attaches by itself after `systemctl restart`
+    (issue 19, point 4): still running, its set the same and attached again."""
+    m = machine
+    held = _start_holder(m, "pb-holder-restart", "qemu", 3)
+    m.check(f"systemctl restart {UNIT}")
+    assert _active(m), m.diagnose()
+    time.sleep(RESTART_GRACE + 2)  # past the restart grace
+    after = [s for s in _sets(m) if s["client"] == "pb-holder-restart"]
+    hold_log = m.run("journalctl -u pb-holder-restart -o cat --no-pager").stdout
+    assert m.show("pb-holder-restart", "ActiveState") == "active", (
+        f"`pasidctl hold` did not survive the restart:\n{hold_log}"
+    )
+    assert after and after[0]["ranges"] == held["ranges"], (
+        f"`pasidctl hold`'s set {held['set_id']} ({held['ranges']}) is gone after"
+        f" `systemctl restart`: sets now {after}; it said:\n{hold_log}\n{m.diagnose()}"
+    )
+    assert after[0]["state"] == "attached", f"not re-attached: {after[0]}\n{hold_log}"
+    m.check("systemctl stop pb-holder-restart")
 
 
 def test_stop_backup_restore_after_stop(machine: Machine, tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ Run as a script to warm the cache (`python3 tests/kernel/build_kernel.py all`). 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -155,10 +156,20 @@ def cached_kernel() -> Path | None:
 
 
 def build_kernel() -> Path:
-    """Return the cached bzImage, building it first if the fragment or source changed."""
+    """Return the cached bzImage, building it first if the fragment or source changed.
+    One build at a time: a second caller (another test run, the warm-up script) waits
+    for the first one's kernel instead of running make in the same source tree."""
     found = cached_kernel()
     if found is not None:
         return found
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / "kernel-build.lock", "w") as lock:
+        _log("waiting for the kernel build lock")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return cached_kernel() or _build_kernel()
+
+
+def _build_kernel() -> Path:
     ensure_sid_source()
     why = apt.install(*BUILD_DEPS)
     for tool in ("flex", "bison", "bc", "make", "gcc"):
