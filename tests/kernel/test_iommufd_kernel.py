@@ -199,16 +199,58 @@ def test_everything_is_detached_at_the_end(guest: tuple[Events, object]) -> None
 def test_qemu_saw_pasid_cache_invalidations(guest: tuple[Events, vm.Boot]) -> None:
     """The emulated IOMMU's side: the guest driver invalidated the PASID-cache entries of
     exactly the PASIDs the broker attached (5, 7, 9 directly; 1, 2 by the daemon for a
-    delegated device; 0 is the devices' RID entries), and none for 6 (the page table
-    without PASID: refused) or 2^20 (beyond the width)."""
+    delegated device; 11, 12 across the daemon's restart; 0 is the devices' RID entries),
+    and none for 6 (the page table without PASID: refused) or 2^20 (beyond the width)."""
     _, b = guest
     traced = {
         int(ln.rsplit(" ", 1)[-1], 16)
         for ln in b.trace.splitlines()
         if ln.startswith("vtd_inv_desc_pasid_cache_psi")
     }
-    assert {1, 2, 5, 7, 9} <= traced
-    assert traced <= {0, 1, 2, 5, 7, 9}, traced
+    assert {1, 2, 5, 7, 9, 11, 12} <= traced
+    assert traced <= {0, 1, 2, 5, 7, 9, 11, 12}, traced
+
+
+def test_a_broker_kill_keeps_a_live_holders_attachments_and_its_exit_detaches_them(
+    guest: tuple[Events, object],
+) -> None:
+    """Issue 19, points 3 and 7: the daemon is kill -9'd while a delegated device has
+    PASIDs 11 and 12 attached, and restarted on its store with --restart-grace 0. The
+    IOMMU keeps both (the holder's fds); the new broker keeps the set, detached, for its
+    live verified holder; the holder re-attaches re-delegating its device, and a free of
+    11 detaches it (the broker took what was still attached as its own); the holder's
+    exit, releasing nothing, detaches 12 (the broker holds the device's fd too: the
+    kernel alone would keep it) and ends the set."""
+    ev, _ = guest
+    r = ev["broker restart"]
+    assert "error" not in r, r
+    holder = r["holder"]
+    assert isinstance(holder, dict)
+    set_id, pid = holder["set_id"], holder["pid"]
+    assert holder["pasids"] == [11, 12] and holder["verified"] is True
+    for when in ("attached", "after broker kill", "after restart"):
+        assert {11, 12} <= set(r[when]), (when, r[when])  # type: ignore[call-overload]
+
+    def the_set(when: str) -> dict[str, object]:
+        views = [v for v in r[when] if v["set_id"] == set_id]  # type: ignore[attr-defined]
+        assert len(views) == 1, (when, r[when])
+        return views[0]  # type: ignore[no-any-return]
+
+    kept = the_set("sets after restart")
+    assert kept["state"] == "detached" and kept["verified"] is True and kept["pid"] == pid
+    assert kept["detached_unix"] > 0  # type: ignore[operator]
+    assert kept["ranges"] == [[11, 12]]
+    back = r["reattached"]
+    assert isinstance(back, dict)
+    assert back["held"] == [[set_id, True]]  # the holder lists its detached set
+    assert back["resumed"] is True and back["set_id"] == set_id
+    assert back["ranges"] == [[11, 12]] and back["freed"] == 1
+    assert 11 not in r["after reattach"] and 12 in r["after reattach"]  # type: ignore[operator]
+    again = the_set("sets after reattach")
+    assert again["state"] == "attached" and again["detached_unix"] == 0
+    assert 12 not in r["after holder exit"]  # type: ignore[operator]
+    assert all(v["set_id"] != set_id for v in r["sets after holder exit"])  # type: ignore[attr-defined]
+    assert r["status"] == 0
 
 
 def test_a_device_delegated_over_the_handshake_follows_its_session(

@@ -410,7 +410,7 @@ def prepare_iommufd(*, build: bool = True) -> Prepared:
     )
 
 
-def boot_iommufd(p: Prepared, script: Path, timeout: float = 240.0) -> Boot:
+def boot_iommufd(p: Prepared, script: Path, timeout: float = 420.0) -> Boot:
     """Start the vfio-user device servers, boot, run `script` in the guest, power off."""
     with tempfile.TemporaryDirectory(prefix="pbk-iommufd-") as tmp:
         servers = []
