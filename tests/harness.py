@@ -102,9 +102,12 @@ class BrokerProcess:
         return self
 
     def health(self) -> str:
-        """SERVING / NOT_SERVING / DOWN, via grpc.health.v1 as a probe would ask."""
+        """SERVING / NOT_SERVING / DOWN, via grpc.health.v1 as a probe would ask: each
+        call connects anew (a local subchannel pool), as a probe process does, instead
+        of sharing a subchannel that may still be backing off from a failed connect."""
         try:
-            with grpc.insecure_channel(self.address) as ch:
+            opts = [("grpc.use_local_subchannel_pool", 1)]
+            with grpc.insecure_channel(self.address, options=opts) as ch:
                 resp = health_pb2_grpc.HealthStub(ch).Check(
                     health_pb2.HealthCheckRequest(service=""), timeout=1.0
                 )

@@ -194,7 +194,8 @@ def test_health_transitions_and_sigterm_drain(
     sleeper = subprocess.Popen(["sleep", "120"])  # a live declared pid keeps the sets
     try:
         recs: list[object] = []
-        for i in range(1, 201):
+        # 800k PASIDs: recovery takes about a second, a window a probe sees under load.
+        for i in range(1, 801):
             recs += [
                 CreateSet(SetRow(i, f"vm{i}", sleeper.pid, 0, 60, f"{i:064x}", 0.0)),
                 AddPasids(i, tuple(range(i * 1000, i * 1000 + 1000))),
