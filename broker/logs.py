@@ -17,6 +17,8 @@ import types
 from collections.abc import Callable
 from typing import TextIO
 
+from broker.core.rate import TokenBucket
+
 _STD = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
 # Clients choose device names, client names, reasons, and the text of refusals that quote
@@ -63,39 +65,23 @@ class LogThrottle:
         self._burst = float(max(burst, 1))
         self._rate = self._burst / interval
         self._clock = clock
-        self._all = _Bucket(self._burst * max(total, 1), self._rate * max(total, 1), clock())
-        self._keys: dict[str, _Bucket] = {}
+        self._all = TokenBucket(self._rate * max(total, 1), self._burst * max(total, 1), clock())
+        self._keys: dict[str, TokenBucket] = {}
+        self._held: dict[str, int] = {}  # lines held back per key since its last one
 
     def allow(self, key: str) -> int | None:
         now = self._clock()
         bucket = self._keys.get(key)
         if bucket is None:
             if len(self._keys) >= self._MAX_KEYS:
-                self._keys = {k: b for k, b in self._keys.items() if not b.full(now)}
-            bucket = self._keys[key] = _Bucket(self._burst, self._rate, now)
+                self._keys = {
+                    k: b for k, b in self._keys.items() if k in self._held or not b.full(now)
+                }
+            bucket = self._keys[key] = TokenBucket(self._rate, self._burst, now)
         if not (bucket.take(now) and self._all.take(now)):
-            bucket.held += 1
+            self._held[key] = self._held.get(key, 0) + 1
             return None
-        held, bucket.held = bucket.held, 0
-        return held
-
-
-class _Bucket:
-    __slots__ = ("burst", "held", "rate", "stamp", "tokens")
-
-    def __init__(self, burst: float, rate: float, now: float) -> None:
-        self.burst, self.rate, self.tokens, self.stamp, self.held = burst, rate, burst, now, 0
-
-    def take(self, now: float) -> bool:
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
-
-    def full(self, now: float) -> bool:
-        return self.held == 0 and self.tokens + (now - self.stamp) * self.rate >= self.burst
+        return self._held.pop(key, 0)
 
 
 class JsonFormatter(logging.Formatter):

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 from broker.core import ANONYMOUS, LimitExceeded
+from broker.core.rate import TokenBucket
 from broker.engine.observers import Observer
 
 
@@ -54,29 +55,6 @@ class Limits:
     # Largest request message gRPC accepts (bytes); no request needs more than a few
     # hundred.
     max_request_bytes: int = 65_536
-
-
-class TokenBucket:
-    """`rate` tokens a second, at most `burst` saved up."""
-
-    __slots__ = ("burst", "rate", "stamp", "tokens")
-
-    def __init__(self, rate: float, burst: int, now: float) -> None:
-        self.rate = rate
-        self.burst = float(max(burst, 1))
-        self.tokens = self.burst
-        self.stamp = now
-
-    def take(self, now: float) -> bool:
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
-
-    def full(self, now: float) -> bool:
-        return self.tokens + (now - self.stamp) * self.rate >= self.burst
 
 
 class Admission(Observer):

@@ -10,8 +10,9 @@ import asyncio
 import pytest
 
 from broker.core import LimitExceeded
+from broker.core.rate import TokenBucket
 from broker.engine.events import EventFanout
-from broker.service.limits import Admission, Limits, TokenBucket
+from broker.service.limits import Admission, Limits
 from broker.store import Event
 
 
