@@ -41,7 +41,9 @@ from pasid_client.errors import (
 )
 from pasid_client.handshake import (
     Ticket,
+    holder_ticket,
     identity_metadata,
+    open_delegate,
     open_request,
     peer_socket_path,
     ticket_for,
@@ -652,19 +654,13 @@ class AsyncClient:
         Raises FailedPrecondition (no peer socket), PermissionDenied, Unauthenticated,
         Unavailable."""
         t = await asyncio.to_thread(
-            ticket_for,
+            holder_ticket,
             self.target,
             peer_socket=self.peer_socket,
             delegate_pid=delegate_pid,
             delegate_pidfd=delegate_pidfd,
             timeout=self.timeout,
         )
-        if t is None:
-            raise make_error(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"listing a holder's sets needs the broker's peer socket; none for {self.target}",
-                "HANDSHAKE",
-            )
         resp = await self._unary(self._stub.List, pb.ListRequest(ticket=t.ticket))
         return [SetView.from_pb(v) for v in resp.sets]
 
@@ -672,22 +668,7 @@ class AsyncClient:
         """Open, waiting (within the deadline) for a broker that is not there yet."""
         owned = -1
         if spec.delegate_pid is not None:
-            try:
-                owned = os.pidfd_open(spec.delegate_pid)
-            except ProcessLookupError:
-                raise make_error(
-                    grpc.StatusCode.NOT_FOUND,
-                    f"no process {spec.delegate_pid} to delegate",
-                    "HANDSHAKE",
-                ) from None
-            except OSError as exc:  # EINVAL: a thread's id, which pidfd_open will not open
-                raise make_error(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"{spec.delegate_pid} is not a process to delegate ({exc.strerror}): a"
-                    " thread id? A set follows a process: delegate the process (Tgid: in"
-                    f" /proc/{spec.delegate_pid}/status)",
-                    "HANDSHAKE",
-                ) from None
+            owned = open_delegate(spec.delegate_pid)
             spec = dataclasses.replace(spec, delegate_pidfd=owned, delegate_pid=None)
         given = spec.ticket if isinstance(spec.ticket, Ticket) else None
         deadline = time.monotonic() + spec.deadline

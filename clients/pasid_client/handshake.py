@@ -89,22 +89,7 @@ def ticket_for(
                 "HANDSHAKE",
             )
         return None
-    own = -1
-    if delegate_pid is not None:
-        try:
-            own = os.pidfd_open(delegate_pid)
-        except ProcessLookupError:
-            raise make_error(
-                grpc.StatusCode.NOT_FOUND, f"no process {delegate_pid} to delegate", "HANDSHAKE"
-            ) from None
-        except OSError as exc:  # EINVAL: a thread's id, which pidfd_open will not open
-            raise make_error(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"{delegate_pid} is not a process to delegate ({exc.strerror}): a thread id?"
-                " A set follows a process: delegate the process (Tgid: in"
-                f" /proc/{delegate_pid}/status)",
-                "HANDSHAKE",
-            ) from None
+    own = open_delegate(delegate_pid) if delegate_pid is not None else -1
     try:
         return obtain_ticket(
             path, delegate_pidfd=own if own >= 0 else delegate_pidfd, timeout=timeout
@@ -115,6 +100,53 @@ def ticket_for(
 
 
 TICKET_METADATA = "pasid-ticket"
+
+
+def open_delegate(pid: int) -> int:
+    """A pidfd of the process `pid` (in our own pid namespace) to delegate a set to; the
+    caller closes it. Raises NotFound for no such process, InvalidArgument for a thread's
+    id (pidfd_open's EINVAL)."""
+    try:
+        return os.pidfd_open(pid)
+    except ProcessLookupError:
+        raise make_error(
+            grpc.StatusCode.NOT_FOUND, f"no process {pid} to delegate", "HANDSHAKE"
+        ) from None
+    except OSError as exc:
+        raise make_error(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"{pid} is not a process to delegate ({exc.strerror}): a thread id?"
+            " A set follows a process: delegate the process (Tgid: in"
+            f" /proc/{pid}/status)",
+            "HANDSHAKE",
+        ) from None
+
+
+def holder_ticket(
+    target: str,
+    *,
+    peer_socket: str | None = None,
+    delegate_pid: int | None = None,
+    delegate_pidfd: int | None = None,
+    timeout: float = 5.0,
+) -> Ticket:
+    """ticket_for, where a ticket is required (listing a holder's sets): the broker names
+    the holder only from a handshake. Raises as ticket_for; FailedPrecondition where the
+    target has no peer socket."""
+    t = ticket_for(
+        target,
+        peer_socket=peer_socket,
+        delegate_pid=delegate_pid,
+        delegate_pidfd=delegate_pidfd,
+        timeout=timeout,
+    )
+    if t is None:
+        raise make_error(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"listing a holder's sets needs the broker's peer socket; none for {target}",
+            "HANDSHAKE",
+        )
+    return t
 
 
 def identity_metadata(

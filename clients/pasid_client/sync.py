@@ -27,9 +27,8 @@ from pasid_client.errors import (
     Unavailable,
     from_admin_rpc_error,
     from_rpc_error,
-    make_error,
 )
-from pasid_client.handshake import identity_metadata, ticket_for
+from pasid_client.handshake import holder_ticket, identity_metadata
 from pasid_client.reconnect import RECONNECT_DEADLINE_SECONDS, SessionState, StateCallback
 from pasid_client.types import ALL, LIST_PAGE_SIZE, Event, Info, SetView, join_pages
 
@@ -381,19 +380,13 @@ class Client:
         restarted sidecar re-attaches (`session(reattach_set_id=...)`). Needs the peer
         socket. Raises FailedPrecondition (no peer socket), PermissionDenied,
         Unauthenticated, Unavailable."""
-        t = ticket_for(
+        t = holder_ticket(
             self.target,
             peer_socket=self.peer_socket,
             delegate_pid=delegate_pid,
             delegate_pidfd=delegate_pidfd,
             timeout=self.timeout,
         )
-        if t is None:
-            raise make_error(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"listing a holder's sets needs the broker's peer socket; none for {self.target}",
-                "HANDSHAKE",
-            )
         resp = self._unary(self._stub.List, pb.ListRequest(ticket=t.ticket))
         return [SetView.from_pb(v) for v in resp.sets]
 
