@@ -101,15 +101,16 @@ class BrokerProcess:
             self.wait_serving(timeout)
         return self
 
-    def health(self) -> str:
-        """SERVING / NOT_SERVING / DOWN, via grpc.health.v1 as a probe would ask: each
-        call connects anew (a local subchannel pool), as a probe process does, instead
-        of sharing a subchannel that may still be backing off from a failed connect."""
+    def health(self, service: str = "", timeout: float = 1.0) -> str:
+        """SERVING / NOT_SERVING / DOWN of `service` ("" readiness, "liveness"), via
+        grpc.health.v1 as a probe would ask: each call connects anew (a local subchannel
+        pool), as a probe process does, instead of sharing a subchannel that may still be
+        backing off from a failed connect."""
         try:
             opts = [("grpc.use_local_subchannel_pool", 1)]
             with grpc.insecure_channel(self.address, options=opts) as ch:
                 resp = health_pb2_grpc.HealthStub(ch).Check(
-                    health_pb2.HealthCheckRequest(service=""), timeout=1.0
+                    health_pb2.HealthCheckRequest(service=service), timeout=timeout
                 )
                 return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
         except grpc.RpcError:

@@ -21,17 +21,15 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pasid_client import Client, PasidClientError
 
+from tests.e2e.filesystems import NO_LOOP, fill, small_ext4
 from tests.harness import (
     ROOT,
     BrokerProcess,
@@ -85,17 +83,6 @@ def _traced(pid: int) -> bool:
             return any(line.startswith("TracerPid:") and line.split()[1] != "0" for line in f)
     except OSError:
         return True  # gone: let the caller see it
-
-
-def health(address: str, service: str = "") -> str:
-    try:
-        with grpc.insecure_channel(address) as ch:
-            resp = health_pb2_grpc.HealthStub(ch).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=5.0
-            )
-            return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
-    except grpc.RpcError as exc:
-        return f"DOWN ({exc.code().name})"
 
 
 @needs_strace
@@ -199,10 +186,10 @@ def test_slow_writes_do_not_stall_probes_and_readiness_follows_them() -> None:
             with strace_inject(b.proc.pid, "trace=pwrite64", "inject=pwrite64:delay_enter=200000"):
                 load = threading.Thread(target=write_load, daemon=True)
                 load.start()
-                wait_until(lambda: health(b.address) == "NOT_SERVING", 15, 0.05, "not ready")
-                probes = [_timed(lambda: health(b.address, "liveness")) for _ in range(10)]
+                wait_until(lambda: b.health(timeout=5.0) == "NOT_SERVING", 15, 0.05, "not ready")
+                probes = [_timed(lambda: b.health("liveness", timeout=5.0)) for _ in range(10)]
                 infos = [_timed(c.info) for _ in range(10)]
-                assert health(b.address, "liveness") == "SERVING"
+                assert b.health("liveness", timeout=5.0) == "SERVING"
                 # A holder dies: its PASIDs are free in memory at once, the disk or not.
                 in_use = c.info().in_use
                 t0 = time.perf_counter()
@@ -210,12 +197,12 @@ def test_slow_writes_do_not_stall_probes_and_readiness_follows_them() -> None:
                 holder.wait(10)
                 wait_until(lambda: c.info().in_use <= in_use - 64, 10, 0.01, "release")
                 release = time.perf_counter() - t0
-                assert health(b.address) == "NOT_SERVING"
+                assert b.health(timeout=5.0) == "NOT_SERVING"
                 stop.set()
                 load.join(30)
             slow_acks = list(acks)
             # Quick again: readiness returns (after the slow commits' hold).
-            wait_until(lambda: health(b.address) == "SERVING", 20, 0.1, "ready again")
+            wait_until(lambda: b.health(timeout=5.0) == "SERVING", 20, 0.1, "ready again")
             s.alloc(1, 1 << 19, 1)
             for service in ("", "liveness"):  # as an operator's probe asks
                 r = subprocess.run(
@@ -315,56 +302,6 @@ def test_page_cache_durability_a_failed_checkpoint_fsync_is_fatal_too() -> None:
 # -- a nearly full filesystem: no SIGBUS -----------------------------------------------
 
 
-def _loop_tools() -> str:
-    if os.geteuid() != 0:
-        return "needs root (losetup, mount)"
-    for tool in ("losetup", "mkfs.ext4", "mount", "umount"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed"
-    if not os.path.exists("/dev/loop-control"):
-        return "no loop devices here (/dev/loop-control)"
-    return ""
-
-
-_NO_LOOP = _loop_tools()
-
-
-@contextlib.contextmanager
-def small_ext4(size_kb: int) -> Iterator[Path]:
-    """ext4 with 1 KiB blocks on a loop device: a 4 KiB page of a sparse file mapped
-    into memory then needs blocks the filesystem may not have (SIGBUS when it is full)."""
-    d = Path(tempfile.mkdtemp(prefix="pbext4-", dir="/tmp"))
-    img, mnt = d / "img", d / "mnt"
-    mnt.mkdir()
-    with img.open("wb") as f:
-        f.truncate(size_kb * 1024)
-    subprocess.run(["mkfs.ext4", "-q", "-b", "1024", "-m", "0", str(img)], check=True)
-    loop = subprocess.run(
-        ["losetup", "-f", "--show", str(img)], check=True, capture_output=True, text=True
-    ).stdout.strip()
-    try:
-        subprocess.run(["mount", loop, str(mnt)], check=True)
-        try:
-            yield mnt
-        finally:
-            subprocess.run(["umount", "-l", str(mnt)], check=False)
-    finally:
-        subprocess.run(["losetup", "-d", loop], check=False)
-        shutil.rmtree(d, ignore_errors=True)
-
-
-def _fill(fs: Path) -> Path:
-    filler = fs / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
-    try:
-        with contextlib.suppress(OSError):
-            while True:
-                os.write(fd, b"\0" * 1024)
-    finally:
-        os.close(fd)
-    return filler
-
-
 # What the broker did before issue 22: SQLite in WAL mode with its -shm file mapped.
 _SHARED_WAL_INDEX = r"""
 import sqlite3, sys
@@ -376,7 +313,7 @@ for i in range(300):
 """
 
 
-@pytest.mark.skipif(bool(_NO_LOOP), reason=_NO_LOOP or "loop devices work")
+@pytest.mark.skipif(bool(NO_LOOP), reason=NO_LOOP or "loop devices work")
 def test_a_nearly_full_filesystem_never_kills_the_broker(tmp_path: Path) -> None:
     """ext4 with 1 KiB blocks, filled up, then a few KiB freed at a time. At each step a
     plain SQLite process with the shared-memory WAL index (the broker's old setting) is
@@ -395,7 +332,7 @@ def test_a_nearly_full_filesystem_never_kills_the_broker(tmp_path: Path) -> None
             with Client(b.address) as c, c.session("vm", grace_seconds=60) as s:
                 s.alloc(1, 1 << 19, 100)
             assert b.stop() == 0
-            filler = _fill(fs)
+            filler = fill(fs)
             for _step in range(8):
                 os.truncate(filler, max(os.path.getsize(filler) - 4096, 0))  # 4 KiB more
                 ctl = subprocess.run(

@@ -7,17 +7,13 @@ the SQLite file). Root is needed for tmpfs mounts and chattr; those tests skip o
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import shutil
 import socket
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -26,6 +22,7 @@ from pasid_client import Client, Unavailable
 
 from broker.store import AddPasids, CreateSet, SetRow, SqliteStore
 from broker.store.checks import Digest, store_digest
+from tests.e2e.filesystems import fill, tmpfs
 from tests.harness import (
     BrokerProcess,
     assert_memory_matches_disk,
@@ -40,30 +37,6 @@ FAULTS = "PASID_BROKER_TEST_FAULTS"
 
 def sha(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-@contextlib.contextmanager
-def tmpfs(size_kb: int) -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="pbfs-", dir="/tmp"))
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(d)], check=True)
-    try:
-        yield d
-    finally:
-        subprocess.run(["umount", "-l", str(d)], check=False)
-        shutil.rmtree(d, ignore_errors=True)
-
-
-def fill(fs: Path) -> Path:
-    """Write a file until the filesystem is full; returns it (delete it to make room)."""
-    filler = fs / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
-    try:
-        with contextlib.suppress(OSError):
-            while True:
-                os.write(fd, b"\0" * 4096)
-    finally:
-        os.close(fd)
-    return filler
 
 
 # -- at start: the file is refused, untouched, with the reason -------------------------
