@@ -394,7 +394,8 @@ class Broker:
         makes its holder the set's; `pid` is then only a claim that must match it.
         Raises Unauthenticated (ticket unknown, replayed or expired; anonymous refused),
         InvalidArgument (a pid claim that is not the holder), NotFound for an unknown
-        resume token, Conflict if it is attached or the holder has exited.
+        resume token, Conflict if it is attached or the holder has exited, NotReady while
+        draining after SIGTERM.
 
         `reattach_set_id` with a ticket: that set back, detached, without its token, if
         the ticket's holder is the set's verified holder (NotFound otherwise).
@@ -403,6 +404,14 @@ class Broker:
         holds in the set; the store is reconciled with them (Sessions.reconcile), and
         `created` resolves once the reclaimed ones are durable."""
         self.require_ready()
+        if self.stopping:
+            # A stream begun before SIGTERM may still send its open. No set is taken up or
+            # made now: the drain ends no stream opened from here, and every set is kept
+            # for the restart, where the client (its reconnect retries on UNAVAILABLE)
+            # finds it.
+            if resume_token or reattach_set_id:
+                raise NotReady("broker is shutting down; resume after the restart")
+            raise NotReady("broker is shutting down; open the session after the restart")
         return self.sets.open(
             client, pid, grace_seconds, resume_token, peer, ticket, owner, reattach_set_id, held
         )
