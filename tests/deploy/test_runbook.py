@@ -66,6 +66,15 @@ def test_the_sections_refusals_name_exist() -> None:
     """A refused start names its section ("see docs/runbook.md, section X"): issue 22."""
     faults = re.findall(r"^### (.+?)\s*$", RUNBOOK.read_text(), re.M)
     assert {"Corruption", "Restore"} <= set(faults)
+    # One section for each storage fault issue 22 lists (what the operator sees, what to do).
+    assert {
+        "A failed fsync (exit status 3)",
+        "A device failing its writes",
+        "A filesystem turned read-only",
+        "Acknowledgements lost with page-cache durability",
+        "A full filesystem",
+        "A slow disk (readiness NOT_SERVING)",
+    } <= set(faults)
 
 
 def test_an_absent_rule_watches_for_the_target_itself() -> None:

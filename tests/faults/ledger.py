@@ -19,7 +19,8 @@ from typing import Protocol
 
 
 class _Session(Protocol):
-    set_id: int
+    @property
+    def set_id(self) -> int: ...
 
     def alloc(self, min: int = 1, max: int | None = None, count: int = 1) -> list[int]: ...
 
