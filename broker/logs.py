@@ -209,6 +209,11 @@ def setup(fmt: str = "text", level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # Alembic tells at INFO what every migration does ("Context impl SQLiteImpl.", "Will
+    # assume transactional DDL.", each step); the broker logs the migration itself
+    # ("store schema migrated", from and to), so alembic's lines are for --log-level DEBUG.
+    quiet = root.getEffectiveLevel() > logging.DEBUG
+    logging.getLogger("alembic").setLevel(logging.WARNING if quiet else logging.NOTSET)
     logging.captureWarnings(True)
     sys.excepthook = _log_uncaught
     threading.excepthook = _log_uncaught_in_thread

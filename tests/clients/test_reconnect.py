@@ -63,7 +63,7 @@ def wait_resumed(s: Session, b: BrokerProcess) -> None:
     try:
         wait_until(lambda: s.state is SessionState.RESUMED, 30, 0.02, "the resume")
     except AssertionError:
-        log = [x for x in b.read_log().splitlines() if "alembic" not in x]
+        log = b.read_log().splitlines()
         raise AssertionError(f"not resumed ({s.state}):\n" + "\n".join(log[-30:])) from None
 
 

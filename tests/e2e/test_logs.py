@@ -200,3 +200,27 @@ def test_grpc_core_lines_become_json_in_json_mode() -> None:
         assert all(":" in str(e["source"]) for e in core)  # file.cc:line
     finally:
         b.cleanup()
+
+
+def test_the_start_log_has_no_alembic_chatter_unless_debug() -> None:
+    """A first start migrates an empty store: the broker says so once ("store schema
+    migrated"); alembic's own INFO lines ("Context impl SQLiteImpl.", "Will assume
+    transactional DDL.", "Running upgrade ...") appear only at --log-level DEBUG."""
+    logs = {}
+    for level in ("INFO", "DEBUG"):
+        b = BrokerProcess("--log-level", level)
+        try:
+            b.start()
+            assert b.stop() == 0
+            logs[level] = _json_lines(b.read_log())
+        finally:
+            b.cleanup()
+    info = logs["INFO"]
+    assert [e for e in info if str(e["logger"]).startswith("alembic")] == []
+    assert not any(
+        "SQLiteImpl" in str(e["msg"]) or "transactional DDL" in str(e["msg"]) for e in info
+    )
+    [migrated] = [e for e in info if e["msg"] == "store schema migrated"]
+    assert migrated["from"] == "empty"
+    chatter = {str(e["msg"]) for e in logs["DEBUG"] if str(e["logger"]).startswith("alembic")}
+    assert "Context impl SQLiteImpl." in chatter, chatter
