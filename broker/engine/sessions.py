@@ -31,7 +31,10 @@ from broker.core import (
     IoasidSet,
     NotFound,
     NotReady,
+    PasidError,
+    PermissionDenied,
     StoreError,
+    Unauthenticated,
     Unsupported,
     describe_error,
     uid_identity,
@@ -89,6 +92,30 @@ class Session:
     @property
     def client(self) -> str:
         return self.set.client
+
+
+def _not_the_owner(sess: Session, caller: str) -> PasidError:
+    """Why a valid token does not resume its set for `caller`: the set is a verified
+    identity's. Said precisely (the caller holds the token, so its set's existence is
+    no secret to it); nothing about the set changes."""
+    if sess.holder is not None:
+        what = f"a kernel-verified process of {sess.set.owner}"
+        how = (
+            f"a peer ticket of {sess.set.owner} (the handshake on the Unix socket, which"
+            " the client library does), or re-attach it (reattach_set_id) from its holder"
+        )
+    else:
+        what = "a verified identity (a client certificate's subject)"
+        how = "that identity's certificate"
+    if caller == ANONYMOUS:
+        return Unauthenticated(
+            f"session {sess.session_id}'s set is held by {what}: a resume without an"
+            f" identity is refused; resume it with {how}"
+        )
+    return PermissionDenied(
+        f"session {sess.session_id}'s set is held by {what}, not by {caller}: it resumes"
+        f" only with {how}"
+    )
 
 
 class Sessions:
@@ -310,9 +337,7 @@ class Sessions:
                 # for it: another identity would allocate on its quota. An anonymous set
                 # (its owner never proved anything) resumes for whoever holds the token,
                 # and stays anonymous: its PASIDs keep counting where they did.
-                raise NotFound(
-                    "resume token matches no session (expired, reclaimed or never issued)"
-                )
+                raise _not_the_owner(sess, owner)
             return self._attach(sess, resume_token, peer, identity)
 
         grace = min(max(grace_seconds, 0), e.max_grace)

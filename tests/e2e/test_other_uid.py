@@ -120,6 +120,33 @@ def test_another_uid_on_an_open_clients_socket_is_a_tenant_not_an_admin() -> Non
         # Its set ended with its stream; nothing of root's changed (probe_beside_root).
 
 
+def test_another_uid_with_a_stolen_token_is_told_whose_set_it_is() -> None:
+    """Root's verified set, detached, and its token in uid 65534's hands (with a ticket of
+    its own): PERMISSION_DENIED naming whose set it is, not "matches no session"; root's
+    set is unchanged and resumes for root."""
+    with open_to_nobody("--socket-mode", "0666") as b:
+        b.start()
+        with Client(b.address) as c:
+            s = c.session("root-vm", grace_seconds=60)
+            s.alloc(1, 100, 3)
+            token, set_id = s.token, s.set_id
+            s.detach()
+            before = state(b)
+            got = probe([{"address": b.address, "call": f"resume:{token}"}])
+            assert state(b) == before, got
+            assert got == [
+                [
+                    "PERMISSION_DENIED",
+                    f"session {set_id}'s set is held by a kernel-verified process of uid:0,"
+                    " not by uid:65534: it resumes only with a peer ticket of uid:0 (the"
+                    " handshake on the Unix socket, which the client library does), or"
+                    " re-attach it (reattach_set_id) from its holder",
+                ]
+            ], got
+            with c.session(resume_token=token) as again:
+                assert again.resumed and again.set_id == set_id
+
+
 def test_another_uid_over_tls_with_and_without_a_certificate() -> None:
     with open_to_nobody() as b:
         pki = _pki_for_nobody(b)

@@ -413,3 +413,34 @@ def test_session_with_a_ticket_obtained_beforehand(broker: BrokerProcess) -> Non
         assert s.verified and sets(broker)[s.set_id].pid == os.getpid()
     with Client(broker.address) as c, pytest.raises(Unauthenticated, match="already used"):
         c.session("again", ticket=t)
+
+
+def test_a_ticketless_resume_of_a_verified_set_says_what_it_needs(
+    broker: BrokerProcess,
+) -> None:
+    """A verified holder's token presented without a ticket (a stock gRPC client) is
+    refused UNAUTHENTICATED saying that the set is a verified process's and how to resume
+    it, not "matches no session" (which sent people looking for an expired token). The
+    set stays as it was, and resumes with a ticket."""
+    with Client(broker.address) as c:
+        s = c.session("vm", grace_seconds=60)
+        assert s.verified
+        s.alloc(1, 100, 2)
+        token, set_id = s.token, s.set_id
+        s.detach()
+        before = sets(broker)[set_id]
+        err = open_raw(broker.address, resume_token=token)
+        assert isinstance(err, grpc.RpcError), err
+        assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert err.details() == (
+            f"session {set_id}'s set is held by a kernel-verified process of"
+            f" uid:{os.getuid()}: a resume without an identity is refused; resume it with a"
+            f" peer ticket of uid:{os.getuid()} (the handshake on the Unix socket, which the"
+            " client library does), or re-attach it (reattach_set_id) from its holder"
+        )
+        assert dict(err.trailing_metadata() or ())["pasid-reason"] == "TICKET"
+        after = sets(broker)[set_id]
+        assert (after.state, list(after.pasids())) == (before.state, list(before.pasids()))
+        assert after.state == "detached"
+        with c.session(resume_token=token) as again:
+            assert again.resumed and again.set_id == set_id
