@@ -68,13 +68,21 @@ def make_backend(tmp_path: Path, kernel: KernelModel, ecap: str = ECAP_20_BITS) 
     )
 
 
-def delegate(
-    be: IommufdBackend, kernel: KernelModel, sess: Session, fd: int, bits: int = 20
-) -> None:
-    """What adopt_device() leaves behind once the kernel has checked the device."""
+def real_fd() -> int:
+    """A real fd of this process for a delegated device's handle: the backend closes a
+    handle's fds when it lets go, so a made-up number could close one of the test
+    process's own (SQLite's, pytest's). Never closed here: the backend owns it."""
+    return os.open(os.devnull, os.O_RDONLY)
+
+
+def delegate(be: IommufdBackend, kernel: KernelModel, sess: Session, bits: int = 20) -> int:
+    """What adopt_device() leaves behind once the kernel has checked the device; returns
+    the device fd (a real one, see real_fd; the iommufd is -1, which no close touches)."""
+    fd = real_fd()
     h = DeviceHandle("dev", sess.session_id, -1, fd, 1, 2, bits, "intel-vtd", 0, "/sys/x")
     be._devices.setdefault(sess.session_id, {})["dev"] = h
     kernel.fd_set[fd] = sess.session_id
+    return fd
 
 
 def check_invariant(broker: Broker, kernel: KernelModel) -> None:
@@ -91,14 +99,18 @@ async def opened(broker: Broker, client: str, **kw: object) -> Session:
     return sess
 
 
-def run(tmp_path: Path, scenario, **kw) -> None:  # type: ignore[no-untyped-def]
+def run(  # type: ignore[no-untyped-def]
+    tmp_path: Path, scenario, kernel: KernelModel | None = None, **kw
+) -> None:
+    """`scenario(broker, backend, kernel)` on a started Broker, stopped after."""
+    model = kernel or KernelModel()
+
     async def main() -> None:
-        kernel = KernelModel()
-        be = make_backend(tmp_path, kernel)
+        be = make_backend(tmp_path, model)
         broker = Broker(be, SqliteStore(tmp_path / "b.db"), devices=be, **kw)
         await broker.start()
         try:
-            await scenario(broker, be, kernel)
+            await scenario(broker, be, model)
         finally:
             await broker.stop()
 
@@ -130,16 +142,15 @@ def test_alloc_attaches_free_detaches_before_reuse(tmp_path: Path) -> None:
     async def scenario(broker: Broker, be: IommufdBackend, kernel: KernelModel) -> None:
         a = await opened(broker, "vm-a")
         b = await opened(broker, "vm-b")
-        delegate(be, kernel, a, 100)
-        delegate(be, kernel, b, 200)
+        fa, fb = delegate(be, kernel, a), delegate(be, kernel, b)
         assert await broker.alloc(a, 1, 100, 1, "dev") == [1]
-        assert kernel.table == {(100, 1): a.session_id}
+        assert kernel.table == {(fa, 1): a.session_id}
         assert await broker.free(a, 1, 1) == 1
         assert kernel.table == {}
         assert await broker.alloc(b, 1, 100, 1, "dev") == [1]  # the same number, now B's
-        assert kernel.table == {(200, 1): b.session_id}
+        assert kernel.table == {(fb, 1): b.session_id}
         # The detach for A came before the attach for B.
-        assert kernel.log.index(("detach", 100, 1)) < kernel.log.index(("attach", 200, 1))
+        assert kernel.log.index(("detach", fa, 1)) < kernel.log.index(("attach", fb, 1))
         check_invariant(broker, kernel)
 
     run(tmp_path, scenario)
@@ -149,13 +160,14 @@ def test_revoke_and_session_end_detach(tmp_path: Path) -> None:
     async def scenario(broker: Broker, be: IommufdBackend, kernel: KernelModel) -> None:
         a = await opened(broker, "vm-a")
         b = await opened(broker, "vm-b")
-        delegate(be, kernel, a, 100)
-        delegate(be, kernel, b, 200)
+        fa, fb = delegate(be, kernel, a), delegate(be, kernel, b)
         assert await broker.alloc(a, 1, 100, 3, "dev") == [1, 2, 3]
         assert await broker.alloc(b, 1, 100, 1, "dev") == [4]
         assert await broker.revoke(a.session_id, "test") == 3
-        assert sorted(kernel.table) == [(200, 4)]
+        assert sorted(kernel.table) == [(fb, 4)]
         assert be.devices(a.session_id) == []  # its fds are closed with it
+        with pytest.raises(OSError):
+            os.fstat(fa)
         broker.end_session(b, "test")
         await broker.journal.drain()
         assert kernel.table == {}
@@ -168,11 +180,11 @@ def test_quarantine_still_detaches_at_free(tmp_path: Path) -> None:
 
     async def scenario(broker: Broker, be: IommufdBackend, kernel: KernelModel) -> None:
         a = await opened(broker, "vm-a")
-        delegate(be, kernel, a, 100)
+        fa = delegate(be, kernel, a)
         assert await broker.alloc(a, 1, 100, 2, "dev") == [1, 2]
         assert await broker.free(a, 1, 1) == 1
         assert broker.info().quarantined == 1
-        assert kernel.table == {(100, 2): a.session_id}
+        assert kernel.table == {(fa, 2): a.session_id}
 
     run(tmp_path, scenario, quarantine=Quarantine(allocs=5))
 
@@ -180,7 +192,7 @@ def test_quarantine_still_detaches_at_free(tmp_path: Path) -> None:
 def test_beyond_the_device_width_is_refused_before_any_ioctl(tmp_path: Path) -> None:
     async def scenario(broker: Broker, be: IommufdBackend, kernel: KernelModel) -> None:
         a = await opened(broker, "vm-a")
-        delegate(be, kernel, a, 100, bits=4)
+        delegate(be, kernel, a, bits=4)
         with pytest.raises(InvalidRange, match="beyond device dev's PASID width"):
             await broker.alloc(a, 16, 100, 1, "dev")
         assert kernel.log == [] and broker.info().in_use == 0
@@ -198,7 +210,7 @@ def test_beyond_the_device_width_is_refused_before_any_ioctl(tmp_path: Path) -> 
 def test_a_failed_attach_gives_the_numbers_back(tmp_path: Path) -> None:
     async def scenario(broker: Broker, be: IommufdBackend, kernel: KernelModel) -> None:
         a = await opened(broker, "vm-a")
-        delegate(be, kernel, a, 100)
+        delegate(be, kernel, a)
         real = kernel.attach
 
         def failing(fd: int, pt: int, pasid: int) -> None:
@@ -220,13 +232,11 @@ def test_random_mix_keeps_the_invariant(tmp_path: Path) -> None:
     async def scenario(broker: Broker, be: IommufdBackend, kernel: KernelModel) -> None:
         rng = random.Random(14)
         sessions: list[Session] = []
-        fd = 1000
-        for _ in range(400):
+        for n in range(400):
             op = rng.random()
             if op < 0.15 or not sessions:
-                s = await opened(broker, f"vm{fd}")
-                delegate(be, kernel, s, fd)
-                fd += 1
+                s = await opened(broker, f"vm{n}")
+                delegate(be, kernel, s)
                 sessions.append(s)
             elif op < 0.6:
                 s = rng.choice(sessions)
@@ -271,9 +281,9 @@ def test_after_a_restart_a_live_holders_set_waits_for_its_exit(tmp_path: Path) -
             credentials.start_time(holder.pid), os.pidfd_open(holder.pid),
         )  # fmt: skip
         a = await opened(broker, "vm-a", grace_seconds=1, ticket=book.issue(ident), peer="unix:")
-        delegate(be, kernel, a, 100)
+        delegate(be, kernel, a)
         assert await broker.alloc(a, 1, 100, 2, "dev") == [1, 2]
-        await broker.stop()  # the kernel keeps (100, 1), (100, 2): the holder's fd lives
+        await broker.stop()  # the kernel keeps (fd, 1), (fd, 2): the holder's fd lives
 
         kernel2 = KernelModel()
         (tmp_path / "k2").mkdir()
@@ -287,12 +297,13 @@ def test_after_a_restart_a_live_holders_set_waits_for_its_exit(tmp_path: Path) -
             (sess,) = broker2.sessions()
             assert list(sess.set.pasids) == [1, 2]  # not reclaimed: the holder lives
             # The holder resumes and re-delegates: what it holds counts as attached.
-            kernel2.fd_set[300] = sess.session_id
-            h = DeviceHandle("dev", sess.session_id, -1, 300, 1, 2, 20, "intel-vtd", 0, "/x")
+            fd = real_fd()
+            kernel2.fd_set[fd] = sess.session_id
+            h = DeviceHandle("dev", sess.session_id, -1, fd, 1, 2, 20, "intel-vtd", 0, "/x")
             be2._devices[sess.session_id] = {"dev": h}
             be2.assume_attached(h, sess.set.pasids)  # what adopt_device(held=...) does
             assert await broker2.free(sess, 1, 1) == 1
-            assert ("detach", 300, 1) in kernel2.log
+            assert ("detach", fd, 1) in kernel2.log
             holder.kill()
             holder.wait()
             for _ in range(50):
@@ -360,34 +371,13 @@ class RefusingKernel(KernelModel):
         super().detach(fd, pasid)
 
 
-def real_fd() -> int:
-    """A real fd for a delegated device's handle: the broker closes it when it lets go."""
-    return os.open(os.devnull, os.O_RDONLY)
-
-
-def run_refusing(tmp_path: Path, scenario, **kw) -> None:  # type: ignore[no-untyped-def]
-    async def main() -> None:
-        kernel = RefusingKernel()
-        be = make_backend(tmp_path, kernel)
-        broker = Broker(be, SqliteStore(tmp_path / "b.db"), devices=be, **kw)
-        await broker.start()
-        try:
-            await scenario(broker, be, kernel)
-        finally:
-            await broker.stop()
-
-    asyncio.run(main())
-
-
 def test_a_failed_detach_at_destroy_withholds_the_pasid_until_a_retry_succeeds(
     tmp_path: Path,
 ) -> None:
     async def scenario(broker: Broker, be: IommufdBackend, kernel: RefusingKernel) -> None:
         a = await opened(broker, "vm-a")
         b = await opened(broker, "vm-b")
-        fa, fb = real_fd(), real_fd()
-        delegate(be, kernel, a, fa)
-        delegate(be, kernel, b, fb)
+        fa, fb = delegate(be, kernel, a), delegate(be, kernel, b)
         assert await broker.alloc(a, 1, 100, 2, "dev") == [1, 2]
         kernel.refuse = {1}
         broker.end_session(a, "test")
@@ -417,7 +407,7 @@ def test_a_failed_detach_at_destroy_withholds_the_pasid_until_a_retry_succeeds(
         broker.allocator.check()
         check_invariant(broker, kernel)
 
-    run_refusing(tmp_path, scenario)
+    run(tmp_path, scenario, kernel=RefusingKernel())
 
 
 def test_a_failed_detach_is_let_go_when_the_holder_exits(tmp_path: Path) -> None:
@@ -440,8 +430,7 @@ def test_a_failed_detach_is_let_go_when_the_holder_exits(tmp_path: Path) -> None
                 credentials.start_time(holder.pid), os.pidfd_open(holder.pid),
             )  # fmt: skip
             a = await opened(broker, "vm-a", ticket=book.issue(ident), peer="unix:")
-            fa = real_fd()
-            delegate(be, kernel, a, fa)
+            fa = delegate(be, kernel, a)
             assert await broker.alloc(a, 1, 100, 1, "dev") == [1]
             kernel.refuse = {1}
             assert await broker.revoke(a.session_id, "test") == 1
