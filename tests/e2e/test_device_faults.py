@@ -39,7 +39,15 @@ from pasid_client.reconnect import SessionState, StateChange
 
 from tests.e2e.filesystems import ext4_on_tmpfs, failing_device_unavailable
 from tests.faults.ledger import Ledger
-from tests.harness import LAUNCHER, ROOT, BrokerProcess, api_holdings, db_holdings, wait_until
+from tests.harness import (
+    LAUNCHER,
+    ROOT,
+    BrokerProcess,
+    api_holdings,
+    db_holdings,
+    open_db,
+    wait_until,
+)
 
 EXIT_STORE_FAILED = 3  # broker.service.server.EXIT_STORE_FAILED
 SPACE = (1, 1 << 19)
@@ -150,7 +158,11 @@ def _check_resumed(workers: list[Worker], b: BrokerProcess) -> None:
     wait_until(lambda: all(w.resumed() for w in workers), 60, 0.1, "sessions to resume")
     for w in workers:
         for c in w.changes:
-            assert not c.reclaimed and not c.conflicts, (w.name, c)
+            assert not c.conflicts, (w.name, c)
+            # Only a free whose answer never came may have committed while the client
+            # still states the PASID: the broker takes it back, nothing else.
+            back = {p for lo, hi in c.reclaimed for p in range(lo, hi + 1)}
+            assert back <= w.unknown_free, (w.name, c)
     merged(workers).audit(api_holdings(b.address)).assert_clean()
 
 
@@ -437,6 +449,17 @@ def test_page_cache_durability_loses_acks_to_a_device_error_and_the_witnesses_re
                 assert counted and float(counted.group(1)) == len(conflicts), counted
                 if conflicts:
                     assert "pasid conflict" in b.read_log()[before_log:]
+                # Both sides hear of each conflict: a pasid_conflict event on the set that
+                # claimed it and on the set the store gives it to.
+                owner = {p: s for s, ps in served.items() for p in ps}
+                with open_db(b.db) as con:
+                    noted = {
+                        s
+                        for (s,) in con.execute(
+                            "SELECT set_id FROM events WHERE kind = 'pasid_conflict'"
+                        )
+                    }
+                assert noted == {s for s, _p in conflicts} | {owner[p] for _s, p in conflicts}
                 print(
                     f"restart: {'refused, restored' if refusal else 'served'}: {refusal[:160]};"
                     f" page-cache durability: {synced} acks synced, {after_sync} after; exit"
