@@ -361,12 +361,15 @@ def test_page_cache_durability_loses_acks_to_a_device_error_and_the_witnesses_re
     allocate and free; the broker acknowledges on, until its checkpoint's fsync fails
     (exit 3). The filesystem is unmounted while the device still fails, so what only the
     page cache held is gone: a real loss of acknowledged operations, measured on the
-    repaired device. Restarted, the broker waits for the live holders; their sessions
-    resume stating what they hold, and the broker claims back every lost PASID that is
-    still free. A PASID the device shows in another set (that set's free was lost too,
-    then the PASID was given to this one) is a conflict: told to the claimant, counted,
-    contested, never handed out again. A new client gets none of the live clients'
-    PASIDs: 0 held twice."""
+    repaired device. The start refuses that store (its witness file, rewritten in place,
+    reached the device and says more was committed), naming the runbook's section; as
+    the runbook says, the copy it kept is restored (if the witness was lost too, the
+    start is unclean instead: the same wait follows). The broker waits for the live
+    holders; their sessions resume stating what they hold, and the broker claims back
+    every lost PASID that is still free. A PASID the device shows in another set (that
+    set's free was lost too, then the PASID was given to this one) is a conflict: told
+    to the claimant, counted, contested, never handed out again. A new client gets none
+    of the live clients' PASIDs: 0 held twice."""
     with ext4_on_tmpfs() as dev:
         b = BrokerProcess(
             "--durability", "page-cache", "--restart-grace", "120", workdir=str(tmp_path / "w")
