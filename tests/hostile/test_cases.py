@@ -9,6 +9,7 @@ import logging
 import os
 import resource
 import sqlite3
+import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -280,24 +281,33 @@ def test_pipelined_unread_requests_keep_memory_bounded(make_broker: Make) -> Non
 
 
 def test_watchers_are_limited_and_a_thousand_do_not_slow_others(make_broker: Make) -> None:
-    b = make_broker(
+    """1,000 watchers (the limit) are admitted and the next is refused naming the limit;
+    meanwhile another tenant's alloc+free rate stays above half of a baseline's. The
+    baseline is a twin broker without watchers, measured in the same rounds, alternately
+    (a shared machine's load falls on both alike); the median of the rounds' ratios is
+    what is compared."""
+    flags = (
         *("--max-watchers", "1000", "--max-watchers-per-identity", "1000"),
         *("--max-watchers-anonymous", "1000"),  # these watchers are stock, anonymous
     )
-    with Client(b.address) as c, c.session("quiet") as quiet, c.session("busy") as busy:
+    b, twin = make_broker(*flags), make_broker(*flags)
+    with (
+        Client(b.address) as c,
+        c.session("quiet") as quiet,
+        c.session("busy") as busy,
+        Client(twin.address) as tc,
+        tc.session("busy") as twin_busy,
+    ):
 
-        def rate(n: int = 200) -> float:
-            """alloc+free per second, best of three (the machine is shared)."""
-            best = 0.0
-            for _ in range(3):
-                t = time.perf_counter()
-                for _ in range(n):
-                    p = busy.alloc(1, 1000)
-                    busy.free(p[0], p[0])
-                best = max(best, n / (time.perf_counter() - t))
-            return best
+        def rate(s: object, n: int = 50) -> float:
+            """alloc+free per second on session `s`."""
+            t = time.perf_counter()
+            for _ in range(n):
+                p = s.alloc(1, 1000)  # type: ignore[attr-defined]
+                s.free(p[0], p[0])  # type: ignore[attr-defined]
+            return n / (time.perf_counter() - t)
 
-        alone = rate()
+        rate(busy), rate(twin_busy)  # warm both up alike
         main = grpc.insecure_channel(b.address)
         admin = grpc.insecure_channel(b.admin_address)
         stubs = pb_grpc.PasidBrokerStub(main), pb_grpc.PasidBrokerStub(admin)
@@ -317,12 +327,21 @@ def test_watchers_are_limited_and_a_thousand_do_not_slow_others(make_broker: Mak
         err = _rpc_error(lambda: next(stubs[0].Watch(pb.WatchRequest(session=ref), timeout=10)))
         assert err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "--max-watchers 1000" in err.details()
-        watched = rate()
+        ratios = []
+        for i in range(15):  # which goes first alternates too
+            if i % 2:
+                alone, watched = rate(twin_busy), rate(busy)
+            else:
+                watched, alone = rate(busy), rate(twin_busy)
+            ratios.append(watched / alone)
         quiet.alloc()  # a tenant's watcher sees its own set's event
         assert next(calls[0]).set_id == quiet.set_id
-        ratio = watched / alone
-        print(f"ops/s alone {alone:.0f}, with 1,000 watchers {watched:.0f}: ratio {ratio:.2f}")
-        assert ratio > 0.5
+        ratio = statistics.median(ratios)
+        print(
+            "ops/s with 1,000 watchers / without (twin broker, same rounds): median"
+            f" {ratio:.2f}, rounds {' '.join(f'{r:.2f}' for r in ratios)}"
+        )
+        assert ratio > 0.5, ratios
         for call in calls:
             call.cancel()
         main.close()
