@@ -29,11 +29,11 @@ class FailingDestroys(SqliteStore):
         super().__init__(path)
         self.failures = failures
 
-    def commit(self, records: Sequence[Record], *, wait: bool = True) -> list[Event]:
+    def commit(self, records: Sequence[Record]) -> list[Event]:
         if self.failures and any(isinstance(r, DestroySet) for r in records):
             self.failures -= 1
             raise MemoryError()
-        return super().commit(records, wait=wait)
+        return super().commit(records)
 
 
 def stored(db: Path, store: SqliteStore | None = None) -> tuple[list[int], list[int]]:

@@ -15,7 +15,6 @@ from broker.store.records import (
     Snapshot,
 )
 from broker.store.sqlite import SqliteStore
-from broker.store.writer import WouldBlock
 
 __all__ = [
     "AddPasids",
@@ -31,5 +30,4 @@ __all__ = [
     "SetRow",
     "Snapshot",
     "SqliteStore",
-    "WouldBlock",
 ]

@@ -71,17 +71,15 @@ class SqliteStore:
             raise StoreError("store is not open")
         return self._writer
 
-    def commit(self, records: Sequence[Record], *, wait: bool = True) -> list[Event]:
+    def commit(self, records: Sequence[Record]) -> list[Event]:
         """Make every record durable in one transaction, or none of them (StoreError).
 
-        Returns the events logged for them, in order, with their revisions. With
-        wait=False (the event loop's own turn) it never waits: WouldBlock, with nothing
-        written, when another process holds the write lock (Writer.commit).
+        Returns the events logged for them, in order, with their revisions (Writer.commit).
         """
         writer = self._writer  # the hot path: no call to _require
         if writer is None:
             raise StoreError("store is not open")
-        return writer.commit(records, wait=wait)
+        return writer.commit(records)
 
     def set_meta(self, key: str, value: str) -> None:
         self._require().set_meta(key, value)

@@ -32,7 +32,7 @@ from broker.core.errors import StoreError, StoreFailed
 from broker.core.namespace import runs
 from broker.store.checks import DIGEST_ROW, SET_DIGEST, Digest, P, Witness, weight
 from broker.store.event_log import encode_runs
-from broker.store.opening import BUSY_TIMEOUT_MS, describe
+from broker.store.opening import describe
 from broker.store.records import (
     AddPasids,
     CreateSet,
@@ -75,11 +75,6 @@ def is_fatal(exc: sqlite3.Error, *, checkpoint: bool = False) -> bool:
     if name in FATAL_COMMIT_ERRORS or name.startswith("SQLITE_CORRUPT"):
         return True
     return checkpoint and name.startswith("SQLITE_IOERR")
-
-
-class WouldBlock(Exception):
-    """commit(wait=False) found the write lock held by another process; nothing was
-    written. Retry with wait=True off the event loop."""
 
 
 # Rows lo..hi of one set in one statement (1,024 PASIDs: 0.6-0.7 ms vs 1.3-1.7 ms by
@@ -168,8 +163,7 @@ class Writer:
     """The writer's connection (opening.open_database made it) and what the write path
     remembers between commits: the pragmas it last set, the commits since the WAL was
     last looked at, whether quarantine rows may be due. One batch at a time goes
-    through commit(): on the event loop, or on the journal's writer thread when the
-    write lock is held elsewhere."""
+    through commit(), on the journal's writer thread."""
 
     def __init__(
         self, conn: sqlite3.Connection, path: Path, event_retention: int, digest: Digest
@@ -179,7 +173,6 @@ class Writer:
         self.event_retention = event_retention
         # The only connection to the file (exclusive locking): Watch reads through it.
         self._conn = conn
-        self._waits = True  # busy_timeout is BUSY_TIMEOUT_MS, as opening.connect set it
         self._fk = True  # foreign_keys, as opening.connect set it (see commit())
         self._last_batch = 0
         self._commits = 0
@@ -237,25 +230,21 @@ class Writer:
             raise
         conn.execute("COMMIT")
 
-    def commit(self, records: Sequence[Record], *, wait: bool = True) -> list[Event]:
+    def commit(self, records: Sequence[Record]) -> list[Event]:
         """Make every record durable in one transaction, or none of them (StoreError):
         _commit, with the connection to itself."""
         with self.lock:
-            return self._commit(records, wait)
+            return self._commit(records)
 
-    def _commit(self, records: Sequence[Record], wait: bool) -> list[Event]:
+    def _commit(self, records: Sequence[Record]) -> list[Event]:
         """Make every record durable in one transaction, or none of them (StoreError).
 
-        Returns the events logged for them, in order, with their revisions. With
-        wait=False it never waits: WouldBlock, with nothing written, when another process
-        holds the write lock. StoreFailed (a StoreError) when the store can no longer be
-        trusted (is_fatal): the caller must stop acknowledging anything. With wait=True a
-        due checkpoint follows the commit (its failure is StoreFailed too).
+        Returns the events logged for them, in order, with their revisions. StoreFailed
+        (a StoreError) when the store can no longer be trusted (is_fatal): the caller
+        must stop acknowledging anything. A due checkpoint follows the commit (its
+        failure is StoreFailed too).
         """
         conn = self._conn
-        if wait != self._waits:
-            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS if wait else 0}")
-            self._waits = wait
         # Without an index on allocations.set_id (migration 0006), deleting a set's row
         # with foreign_keys=ON scans allocations for its children. A batch that destroys
         # a set deletes the set's rows itself first, so it runs with the check off; every
@@ -267,13 +256,7 @@ class Writer:
             if fk != self._fk:
                 conn.execute(f"PRAGMA foreign_keys={'ON' if fk else 'OFF'}")
                 self._fk = fk
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                # Any SQLITE_BUSY (extended codes included, e.g. BUSY_RECOVERY).
-                if not wait and exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY:
-                    raise WouldBlock(describe(exc)) from exc
-                raise
+            conn.execute("BEGIN IMMEDIATE")
             self._dcount = self._dtotal = 0
             self._recount = False
             try:
@@ -310,7 +293,7 @@ class Writer:
         self._digest = Digest(count, total)
         self._witness.advance(int(last or 0))
         self._commits += 1
-        if wait and self.checkpoint_due():  # off the loop already: do it here
+        if self.checkpoint_due():  # off the loop already: do it here
             self._checkpoint()
         # Events are tuples (records.Event): built here without a Python-level __init__.
         rev = int(last or 0) - len(logged)

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from broker import backends
 from broker.backends import Backend, BackendOptions
 from broker.engine.journal import Journal
-from broker.store import Event, Record, SqliteStore, WouldBlock
+from broker.store import Event, Record, SqliteStore
 from tests.faults.faults import ENV, FailingBackend, TestFaults, load
 
 T = TypeVar("T")
@@ -58,17 +58,15 @@ def _failing(factory: backends.BackendFactory, faults: TestFaults) -> backends.B
 def _slow_commit(delay: float) -> None:
     commit = SqliteStore.commit
 
-    def slow(self: SqliteStore, records: Sequence[Record], *, wait: bool = True) -> list[Event]:
-        if not wait:  # a slow disk would block the event loop: to the writer thread
-            raise WouldBlock("slow store (test fault)")
-        time.sleep(delay)
+    def slow(self: SqliteStore, records: Sequence[Record]) -> list[Event]:
+        time.sleep(delay)  # on the journal's writer thread, as a slow disk's fsync
         return commit(self, records)
 
     SqliteStore.commit = slow  # type: ignore[method-assign]
 
 
 def _store_writes_nothing() -> None:
-    def nothing(self: SqliteStore, records: Sequence[Record], *, wait: bool = True) -> list[Event]:
+    def nothing(self: SqliteStore, records: Sequence[Record]) -> list[Event]:
         return []  # no events either: nobody watches a bench
 
     SqliteStore.commit = nothing  # type: ignore[method-assign]
