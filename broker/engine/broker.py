@@ -50,6 +50,8 @@ from broker.peer.tickets import TicketBook
 from broker.store import (
     AddPasids,
     Event,
+    Record,
+    ReleaseWithheld,
     RemovePasids,
     SaveQuotas,
     SaveSetQuota,
@@ -126,7 +128,9 @@ class Broker:
         self._journal: Journal | None = None
         self.backend_calls = BackendCalls(backend, lambda: self.allocator.quarantine.enabled)
         # PASIDs a failed kernel call left in use at a set's end: withheld (stuck.py).
-        self.stuck = Withheld(devices, lambda: self.allocator, self.backend_calls)
+        self.stuck = Withheld(
+            devices, lambda: self.allocator, self.backend_calls, self.persist, self.quarantine_until
+        )
         # tickets: the peer socket's handshakes (broker/peer); anonymous: --anonymous.
         self.sets = Sessions(self, tickets, anonymous)
         self.events = EventFanout(store, watch_buffer)
@@ -212,6 +216,9 @@ class Broker:
             on_failure=self._store_failed,
         )
         self.sets.recover_holders(self.restart_grace)
+        self.stuck.restore(r.withheld_detach, r.withheld_unfreed)
+        if r.stale_withheld:
+            self.persist(ReleaseWithheld(tuple(r.stale_withheld)))
         self._log_start_kind(r.snapshot.restored, r.snapshot.revision)
         self.ready = True
         took = time.perf_counter() - t0
@@ -335,11 +342,11 @@ class Broker:
         self.stopping = True
         self.ready = False
         self.sets.close()
+        self.stuck.close()  # before the drain: what a retry queued is committed by it
         self.end_watches()
         if self._journal is not None:
             await self._journal.drain()
             self._journal.close()
-        self.stuck.close()
         if self.failure is None:
             self.store.close()
             self._mark_clean_stop()
@@ -358,6 +365,14 @@ class Broker:
             self.store.mark_clean_stop(self.revision)
         except OSError as exc:  # the next start only waits for the holders
             log.error("clean stop not recorded: %s", exc.strerror)
+
+    def persist(self, record: Record) -> None:
+        """Queue a record whose change memory has made already and need not undo: a
+        withheld or contested PASID's row, a detach time. It commits in order with every
+        other change; a failure is logged (the store then keeps the more cautious state,
+        or the set's destroy in the same batch is undone and retried)."""
+        fut = self.journal.submit(record, _nothing, None)
+        fut.add_done_callback(_log_persist_failure)
 
     # -- events (events.py) ---------------------------------------------------------------
 
@@ -686,6 +701,15 @@ class Broker:
             quarantined=a.quarantined,
             widths=tuple(self.devices.widths()) if self.devices is not None else (),
         )
+
+
+def _nothing() -> None:
+    """Broker.persist's undo: the record changed no state of its own."""
+
+
+def _log_persist_failure(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled() and (exc := fut.exception()) is not None:
+        log.error("store: a withheld PASID or detach time was not stored: %s", exc)
 
 
 def _backup_beside(store: SqliteStore) -> tuple[Path | bytes, int, int]:

@@ -19,7 +19,16 @@ from typing import Any, TypeVar
 
 from broker.core import StoreError, StoreFailed, describe_error
 from broker.engine.observers import Observer
-from broker.store import CreateSet, Event, Record, SaveQuotas, SqliteStore
+from broker.store import (
+    CreateSet,
+    Event,
+    MarkDetached,
+    Record,
+    ReleaseWithheld,
+    SaveQuotas,
+    SqliteStore,
+    Withhold,
+)
 from broker.store import writer as store_writer
 
 log = logging.getLogger("pasid_broker")
@@ -315,11 +324,14 @@ def _timed_commit(
 
 
 def set_of(rec: Record) -> int:
-    """The set a record is about; 0 for broker-wide ones (the default quotas)."""
+    """The set a record is about; 0 for broker-wide ones (the default quotas, withheld
+    PASIDs' rows, detach times)."""
     if isinstance(rec, CreateSet):
         return rec.row.set_id
-    if isinstance(rec, SaveQuotas):
+    if isinstance(rec, (SaveQuotas, MarkDetached, ReleaseWithheld)):
         return 0
+    if isinstance(rec, Withhold):
+        return rec.set_id or 0
     return rec.set_id
 
 

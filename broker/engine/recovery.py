@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from broker.backends.base import Backend, Capabilities, replay
 from broker.core import WIRE_PASID_BITS, Allocator, Quarantine, Quotas, Unsupported
@@ -31,6 +31,44 @@ class Recovered:
     snapshot: Snapshot
     sessions: list[Session]  # every stored set, detached
     replayed: int
+    # Withheld PASIDs taken up again (stuck.Withheld.restore): "detach" ones by gone set
+    # (its holder, whose exit frees them), "free" ones (their free is retried).
+    withheld_detach: dict[int, tuple[Holder | None, list[int]]] = field(default_factory=dict)
+    withheld_unfreed: list[int] = field(default_factory=list)
+    # Stored withheld rows that no longer mean anything (a set holds the PASID): deleted.
+    stale_withheld: list[int] = field(default_factory=list)
+
+
+def _restore_withheld(
+    allocator: Allocator, snap: Snapshot
+) -> tuple[list[int], dict[int, tuple[Holder | None, list[int]]], list[int], list[int]]:
+    """Withhold the stored withheld PASIDs again and contest the contested ones (after
+    the sets are claimed, before the quarantine). Returns (withheld, by "detach" set,
+    "free" ones, stale rows)."""
+    # PASID -> the set holding it (0: reserved); free ones are absent.
+    owners = allocator.owners(snap.withheld) if snap.withheld else {}
+    withheld: list[int] = []
+    detach: dict[int, tuple[Holder | None, list[int]]] = {}
+    unfreed: list[int] = []
+    stale: list[int] = []
+    for p, row in sorted(snap.withheld.items()):
+        if row.kind == "contested" and owners.get(p):
+            allocator.contest([p])  # its set holds it still: withheld when it lets go
+            continue
+        try:
+            allocator.withhold([p])
+        except ValueError:  # a set holds it (the row is stale), or it is reserved
+            stale.append(p)
+            continue
+        withheld.append(p)
+        if row.kind == "detach":
+            holder = None
+            if row.holder_pid is not None and row.holder_start_time is not None:
+                holder = Holder(row.holder_pid, -1, 0, row.holder_start_time)
+            detach.setdefault(row.set_id or 0, (holder, []))[1].append(p)
+        elif row.kind == "free":
+            unfreed.append(p)
+    return withheld, detach, unfreed, stale
 
 
 def recover(
@@ -87,7 +125,16 @@ def recover(
                 row.token_hash,
                 row.created_unix,
                 attached=False,
+                detached_unix=row.detached_unix or 0.0,
             )
+        )
+    # After the sets: a PASID withheld when the last run ended (the kernel may still use
+    # it) or contested is so again, whatever a restart did; then the quarantine.
+    withheld, detach, unfreed, stale = _restore_withheld(allocator, snap)
+    if withheld or stale:
+        log.warning(
+            "withheld PASIDs restored: kept from the pool until the kernel lets go",
+            extra={"withheld": len(withheld), "pasids": withheld[:32], "stale": stale[:32]},
         )
     # After the sets: a PASID a set holds is not quarantined, whatever a stale row says.
     now = time.time()
@@ -104,7 +151,9 @@ def recover(
         store.set_meta("pasid_bits", str(caps.pasid_bits))
     # The backend holds quarantined PASIDs too, until they leave quarantine (the engine
     # frees them there then), so no kernel user outside the broker is given them early.
+    # Withheld ones too: a "free" one's retried free then lets go of it in the backend.
     held.extend(quarantined)
+    held.extend(withheld)
     held.sort()
     replayed = replay(backend, held)
-    return Recovered(caps, allocator, snap, sessions, replayed)
+    return Recovered(caps, allocator, snap, sessions, replayed, detach, unfreed, stale)

@@ -43,7 +43,16 @@ from broker.engine.holders import Holder, Holders, reopen_holder
 from broker.engine.lifecycle import Action, SetEvent, action_for
 from broker.peer import credentials
 from broker.peer.tickets import PeerIdentity, TicketBook
-from broker.store import AddPasids, CreateSet, DestroySet, LogConflict, NoteSetState, SetRow
+from broker.store import (
+    AddPasids,
+    CreateSet,
+    DestroySet,
+    LogConflict,
+    MarkDetached,
+    NoteSetState,
+    SetRow,
+    Withhold,
+)
 
 if TYPE_CHECKING:
     from broker.engine.broker import Broker
@@ -177,6 +186,11 @@ class Sessions:
         (at least `restart_grace`) to resume."""
         self._restart_grace = restart_grace
         now = self._engine.clock()
+        # Attached when the last run ended: detached from now on, stored so that the
+        # next restart does not reset the age again.
+        since_now = tuple(s.session_id for s in self._sessions.values() if not s.detached_unix)
+        if since_now:
+            self._engine.persist(MarkDetached(since_now, now))
         for sess in list(self._sessions.values()):
             sess.detached_unix = sess.detached_unix or now
             h = sess.holder
@@ -256,11 +270,14 @@ class Sessions:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         done.set_result(None)
         if clash:
-            e.allocator.contest(p for p, o in clash.items() if o)
+            contested = [p for p, o in clash.items() if o]
+            e.allocator.contest(contested)
             for p, o in clash.items():
                 if not o:  # quarantined: withheld instead, so that no expiry reissues it
                     with contextlib.suppress(ValueError):  # reserved: never reissued
-                        e.allocator.withhold([p])
+                        contested += e.allocator.withhold([p])
+            if contested:  # a restart keeps the contest (recovery.py)
+                e.persist(Withhold(tuple(sorted(contested)), "contested"))
             by_owner: dict[int, list[int]] = {}
             for p, o in clash.items():
                 by_owner.setdefault(o, []).append(p)
@@ -554,7 +571,7 @@ class Sessions:
             return  # recovered sets are detached already (a restart is not news)
         sess.attached = False
         sess.detached_unix = self._engine.clock()
-        self._note(sess, "set_detached", reason)
+        self._note(sess, "set_detached", reason, sess.detached_unix)
         log.info(
             "session detached",
             extra={
@@ -567,9 +584,10 @@ class Sessions:
             },
         )
 
-    def _note(self, sess: Session, kind: str, reason: str) -> None:
-        """set_detached / set_reattached into the event log (Watch), and to observers."""
-        self._engine.journal.submit(NoteSetState(sess.session_id, kind, reason), _nothing, None)
+    def _note(self, sess: Session, kind: str, reason: str, at: float | None = None) -> None:
+        """set_detached / set_reattached into the event log (Watch), and to observers;
+        the store keeps the detach time `at` (sets.detached_unix) for a restart."""
+        self._engine.journal.submit(NoteSetState(sess.session_id, kind, reason, at), _nothing, None)
         self._engine.observers.set_state_changed(sess.session_id, kind)
 
     def release(self, sess: Session) -> asyncio.Future[int]:

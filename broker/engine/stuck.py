@@ -14,6 +14,13 @@ Two kernel calls free a number when a set ends, and either may fail:
   be refused by the kernel meanwhile).
 
 A withheld PASID is in no set, counted as quarantined, and still held in the backend.
+It is stored too (a quarantine row of kind "detach" or "free", in the commit of the
+set's destroy; broker/store/schema.py), so that a restart, even a kill -9, does not
+hand it out: recovery withholds it again (recovery.py) and restore() takes up the wait.
+After a restart the broker's copies of the device fds are gone (the kernel closed them
+with the old process), so no DETACH can be retried: a "detach" PASID waits for the gone
+set's holder to exit (its pid and start time are stored). A "free" PASID was replayed
+into the backend, and its free is retried.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from broker.backends.base import Devices
 from broker.core import Allocator, PasidError, runs
 from broker.engine.backend_calls import BackendCalls
 from broker.engine.holders import Holder, reopen_holder
+from broker.store import Record, ReleaseWithheld, Withhold
 
 log = logging.getLogger("pasid_broker")
 
@@ -49,18 +57,47 @@ class Withheld:
         devices: Devices | None,
         allocator: Callable[[], Allocator],
         backend_calls: BackendCalls,
+        persist: Callable[[Record], None],
+        quarantine_until: Callable[[], float | None],
     ) -> None:
         self._devices = devices
         self._allocator = allocator
         self._backend_calls = backend_calls
+        # Queues a record in the journal: it commits in the same batch as the set's
+        # destroy queued with it, and before any later alloc that may pick what we let go.
+        self._persist = persist
+        self._quarantine_until = quarantine_until
         self._holders: dict[int, Holder | None] = {}  # gone set -> its verified holder
+        # Restored after a restart (no device fds any more): gone set -> its holder and
+        # the PASIDs that wait for its exit.
+        self._restored: dict[int, tuple[Holder | None, list[int]]] = {}
         self._unfreed: set[int] = set()  # the backend's free failed
         self._timer: asyncio.TimerHandle | None = None
+
+    def restore(
+        self, detach: dict[int, tuple[Holder | None, list[int]]], unfreed: Sequence[int]
+    ) -> None:
+        """After recovery withheld the stored PASIDs again: wait for each "detach" set's
+        holder to exit, and retry each "free" (the backend holds it again: replayed)."""
+        self._restored.update(detach)
+        self._unfreed.update(unfreed)
+        if detach or unfreed:
+            self._schedule()
 
     def detach_failed(self, set_id: int, pasids: Sequence[int], holder: Holder | None) -> None:
         """The set is gone but the kernel kept these attached: keep them from the pool."""
         kept = self._allocator().withhold(pasids)
         self._holders[set_id] = holder
+        if kept:
+            self._persist(
+                Withhold(
+                    tuple(kept),
+                    "detach",
+                    set_id,
+                    holder.pid if holder is not None else None,
+                    holder.start_time if holder is not None else None,
+                )
+            )
         log.error(
             "set %d: DETACH failed for %d PASIDs; withheld from the pool until a DETACH"
             " succeeds or the holder exits",
@@ -74,6 +111,8 @@ class Withheld:
         """The set is gone but the backend did not free these: keep them from the pool."""
         kept = self._allocator().withhold(pasids)
         self._unfreed.update(kept)
+        if kept:
+            self._persist(Withhold(tuple(kept), "free", set_id))
         log.error(
             "set %d: the backend's free failed for %d PASIDs; withheld from the pool until"
             " a retried free succeeds",
@@ -101,6 +140,12 @@ class Withheld:
                 elif holder is not None and not _alive(holder):
                     done += self._devices.let_go(set_id)
                     del self._holders[set_id]
+        for set_id, (holder, pasids) in list(self._restored.items()):
+            # No holder: nothing but the old broker's own fds (closed by its exit) could
+            # keep it attached (devices are delegated only by a verified holder).
+            if holder is None or not _alive(holder):
+                done += pasids
+                del self._restored[set_id]
         if done:
             free = self._allocator().release_withheld(done)
             if free:  # detached; now the backend's free (which may fail in turn)
@@ -117,10 +162,21 @@ class Withheld:
             self._allocator().release_withheld(range(lo, hi + 1))
             done.extend(range(lo, hi + 1))
         if done:
+            self._store(done)
             log.info("withheld PASIDs released", extra={"pasids": sorted(done)[:32]})
-        if self._unfreed or (self._devices is not None and self._devices.stuck()):
+        if self._unfreed or self._restored or (self._devices is not None and self._devices.stuck()):
             self._schedule()
         return sorted(done)
+
+    def _store(self, touched: Sequence[int]) -> None:
+        """What retry() changed, for the store: those no longer withheld lose their rows
+        (or become quarantine rows); a detached one whose free then failed is "free"."""
+        still = set(self._allocator().withheld).intersection(touched)
+        gone = tuple(sorted(set(touched) - still))
+        if gone:
+            self._persist(ReleaseWithheld(gone, self._quarantine_until()))
+        if still:
+            self._persist(Withhold(tuple(sorted(still)), "free"))
 
     def close(self) -> None:
         if self._timer is not None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from broker.core.errors import StoreError, describe_error
 from broker.store import checks, migrations
-from broker.store.records import SetRow, Snapshot
+from broker.store.records import SetRow, Snapshot, WithheldRow
 
 log = logging.getLogger("pasid_broker")
 
@@ -277,7 +277,7 @@ def load_snapshot(conn: sqlite3.Connection) -> Snapshot:
             for r in conn.execute(
                 "SELECT set_id, client, pid, quota, grace_seconds, token_hash,"
                 " created_unix, holder_start_time, holder_uid, holder_ns_pid,"
-                " delegated_by_pid, owner FROM sets ORDER BY set_id"
+                " delegated_by_pid, owner, detached_unix FROM sets ORDER BY set_id"
             )
         ]
         holdings: dict[int, list[int]] = {r.set_id: [] for r in rows}
@@ -300,11 +300,20 @@ def load_snapshot(conn: sqlite3.Connection) -> Snapshot:
             bad = ", ".join(f"allocations rowid {p} -> sets" for p in sorted(orphans)[:5])
             raise StoreError(f"foreign key check failed: {bad}")
         (rev,) = conn.execute("SELECT COALESCE(MAX(revision), 0) FROM events").fetchone()
-        quarantine = dict(conn.execute("SELECT pasid, release_unix FROM quarantine"))
+        quarantine: dict[int, float] = {}
+        withheld: dict[int, WithheldRow] = {}
+        for p, until, kind, sid, hpid, hstart in conn.execute(
+            "SELECT pasid, release_unix, kind, set_id, holder_pid, holder_start_time"
+            " FROM quarantine"
+        ):
+            if kind == "time":
+                quarantine[p] = until
+            else:
+                withheld[p] = WithheldRow(kind, sid, hpid, hstart)
         q = conn.execute(
             "SELECT per_set, per_client, global_ FROM quotas WHERE scope = 'default'"
         ).fetchone()
     finally:
         conn.execute("COMMIT")
     saved = (int(q[0]), int(q[1]), int(q[2])) if q is not None else None
-    return Snapshot(rows, holdings, m, int(rev or 0), saved, quarantine)
+    return Snapshot(rows, holdings, m, int(rev or 0), saved, quarantine, withheld)

@@ -30,6 +30,8 @@ class SetRow:
     delegated_by_pid: int | None = None
     # The verified identity that holds it (the per-identity quota's key).
     owner: str = ANONYMOUS
+    # When its stream last let go of it (wall clock); None: attached at the last write.
+    detached_unix: float | None = None
 
     @property
     def verified(self) -> bool:
@@ -73,13 +75,50 @@ class DestroySet:
 
 @dataclass(frozen=True)
 class NoteSetState:
-    """A set's stream let go of it, or took it back: only an event for the log (kind
+    """A set's stream let go of it, or took it back: an event for the log (kind
     "set_detached" or "set_reattached"), no change of holdings. Kept in the log so that
-    Watch, a tenant's included, sees a detach as it sees an alloc."""
+    Watch, a tenant's included, sees a detach as it sees an alloc. `at`: when it
+    detached (stored as sets.detached_unix, so that a restart keeps the age)."""
 
     set_id: int
     kind: str
     reason: str = ""
+    at: float | None = None
+
+
+@dataclass(frozen=True)
+class MarkDetached:
+    """After a restart, sets that were attached when the last run ended are detached
+    from `at` on (sets.detached_unix); no event (a restart is not news to Watch)."""
+
+    set_ids: tuple[int, ...]
+    at: float
+
+
+WITHHELD_KINDS = ("detach", "free", "contested")
+
+
+@dataclass(frozen=True)
+class Withhold:
+    """PASIDs kept out of the pool whatever the clock (broker/engine/stuck.py): a
+    quarantine row each, of `kind` (WITHHELD_KINDS; schema.quarantine says what each
+    means). "detach" names the gone set and its verified holder, whose exit frees
+    them. No event: the set's destroy or the conflict is in the log already."""
+
+    pasids: tuple[int, ...]
+    kind: str
+    set_id: int | None = None
+    holder_pid: int | None = None
+    holder_start_time: int | None = None
+
+
+@dataclass(frozen=True)
+class ReleaseWithheld:
+    """The kernel let go of these withheld PASIDs: their rows go, or become "time" rows
+    until `quarantine_until` (--quarantine-seconds). No event."""
+
+    pasids: tuple[int, ...]
+    quarantine_until: float | None = None
 
 
 @dataclass(frozen=True)
@@ -118,6 +157,9 @@ Record = (
     | SaveQuotas
     | SaveSetQuota
     | LogConflict
+    | MarkDetached
+    | Withhold
+    | ReleaseWithheld
 )
 
 
@@ -151,6 +193,15 @@ class Event(NamedTuple):
     ns_pid: int | None = None
 
 
+class WithheldRow(NamedTuple):
+    """A stored withheld or contested PASID's row besides the PASID (Withhold)."""
+
+    kind: str
+    set_id: int | None = None
+    holder_pid: int | None = None
+    holder_start_time: int | None = None
+
+
 @dataclass
 class Snapshot:
     """The store's state at open: sets and who holds what."""
@@ -164,6 +215,8 @@ class Snapshot:
     # Quarantined PASIDs and the wall-clock time they may be reissued (Unix seconds);
     # rows already past it may still be here (they are deleted lazily).
     quarantine: dict[int, float] = field(default_factory=dict)
+    # Withheld and contested PASIDs (Withhold), which no clock releases.
+    withheld: dict[int, WithheldRow] = field(default_factory=dict)
     # The first start after `pasid-broker restore`: acknowledged changes were rolled back.
     restored: bool = False
 

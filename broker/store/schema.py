@@ -37,6 +37,9 @@ sets = Table(
     Column("delegated_by_pid", Integer, nullable=True),
     # The verified identity that holds it, the per-identity quota's key (migration 0004).
     Column("owner", String, nullable=False, server_default="anonymous"),
+    # When its stream last let go of it (migration 0007): the age `pasidctl sets` and
+    # the PasidSetDetachedLong alert show outlives a restart. NULL while attached.
+    Column("detached_unix", Float, nullable=True),
 )
 
 # Quotas set at run time by SetQuotas (scope "default": the broker-wide ones). A row
@@ -51,15 +54,25 @@ quotas = Table(
     Column("updated_unix", Float, nullable=False),
 )
 
-# PASIDs freed under --quarantine-seconds and the wall-clock time they may be reissued
-# (migration 0005), written in the free's own commit so a restart keeps the quarantine.
-# A row past its time means nothing; the store deletes those lazily. A PASID held by a
-# set (allocations) wins over a stale row here.
+# PASIDs in no set that must not be reissued yet, one row each, written in the commit
+# that put them there so that a restart keeps them out of the pool. kind "time"
+# (migration 0005): freed under --quarantine-seconds, reissued after release_unix; a
+# row past its time means nothing, and the store deletes those lazily. The other kinds
+# (migration 0007; release_unix +inf: no time releases them) are withheld until the
+# kernel lets go (broker/engine/stuck.py): "detach" (a DETACH failed at set `set_id`'s
+# end; its verified holder's exit frees it), "free" (the backend's free failed),
+# "contested" (a witness claimed it while the store gave it to another set; that set
+# may still hold it: then it is withheld when the set gives it up). A PASID held by a
+# set (allocations) wins over a stale "time", "detach" or "free" row.
 quarantine = Table(
     "quarantine",
     metadata,
     Column("pasid", Integer, primary_key=True, autoincrement=False),
     Column("release_unix", Float, nullable=False, index=True),
+    Column("kind", String, nullable=False, server_default="time"),
+    Column("set_id", Integer, nullable=True),
+    Column("holder_pid", Integer, nullable=True),
+    Column("holder_start_time", Integer, nullable=True),
 )
 
 # The PASID is the primary key: the database itself refuses a PASID in two sets. No

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import sqlite3
 import threading
@@ -39,11 +40,14 @@ from broker.store.records import (
     DestroySet,
     Event,
     LogConflict,
+    MarkDetached,
     NoteSetState,
     Record,
+    ReleaseWithheld,
     RemovePasids,
     SaveQuotas,
     SaveSetQuota,
+    Withhold,
 )
 
 log = logging.getLogger("pasid_broker")
@@ -272,7 +276,10 @@ class Writer:
                     # table stays as small as the quarantine. Only when something went
                     # into quarantine, so a broker without one never pays for it.
                     self._quarantined = False
-                    conn.execute("DELETE FROM quarantine WHERE release_unix <= ?", (now,)).close()
+                    conn.execute(
+                        "DELETE FROM quarantine WHERE release_unix <= ? AND kind = 'time'",
+                        (now,),
+                    ).close()
                 if rows:
                     last = _insert(conn, _EVENT_HEAD, 8, rows)
                 else:
@@ -400,10 +407,41 @@ class Writer:
         self._dtotal -= sum(pasids) * weight(set_id)
 
     def _quarantine(self, conn: sqlite3.Connection, pasids: Sequence[int], until: float) -> None:
-        """Keep these PASIDs' release time (REPLACE: a PASID freed before has a row)."""
+        """Keep these PASIDs' release time (a PASID freed before has a "time" row: its
+        time is replaced). A contested one keeps its row: the engine withheld it."""
         conn.executemany(
-            "INSERT OR REPLACE INTO quarantine (pasid, release_unix) VALUES (?, ?)",
+            "INSERT INTO quarantine (pasid, release_unix) VALUES (?, ?) ON CONFLICT (pasid)"
+            " DO UPDATE SET release_unix = excluded.release_unix WHERE kind = 'time'",
             [(p, until) for p in pasids],
+        ).close()
+        self._quarantined = True
+
+    @staticmethod
+    def _withhold(conn: sqlite3.Connection, rec: Withhold) -> None:
+        """A withheld or contested row per PASID (REPLACE: it was quarantined, or
+        withheld for another reason, before)."""
+        conn.executemany(
+            "INSERT OR REPLACE INTO quarantine (pasid, release_unix, kind, set_id,"
+            " holder_pid, holder_start_time) VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                (p, math.inf, rec.kind, rec.set_id, rec.holder_pid, rec.holder_start_time)
+                for p in rec.pasids
+            ],
+        ).close()
+
+    def _release_withheld(self, conn: sqlite3.Connection, rec: ReleaseWithheld) -> None:
+        """The kernel let go: the rows go, or become "time" rows until the quarantine's
+        end. A "time" row (none of ours) is left as it is."""
+        rows = [(p,) for p in rec.pasids]
+        if rec.quarantine_until is None:
+            conn.executemany(
+                "DELETE FROM quarantine WHERE pasid = ? AND kind != 'time'", rows
+            ).close()
+            return
+        conn.executemany(
+            "UPDATE quarantine SET kind = 'time', release_unix = ?, set_id = NULL,"
+            " holder_pid = NULL, holder_start_time = NULL WHERE pasid = ? AND kind != 'time'",
+            [(rec.quarantine_until, p) for p in rec.pasids],
         ).close()
         self._quarantined = True
 
@@ -428,7 +466,24 @@ class Writer:
             ).close()
             return None
         if isinstance(rec, NoteSetState):
+            if rec.kind in ("set_detached", "set_reattached"):
+                at = rec.at if rec.kind == "set_detached" else None
+                conn.execute(
+                    "UPDATE sets SET detached_unix = ? WHERE set_id = ?", (at, rec.set_id)
+                ).close()
             return (rec.kind, rec.set_id, (), rec.reason)
+        if isinstance(rec, Withhold):
+            self._withhold(conn, rec)
+            return None
+        if isinstance(rec, ReleaseWithheld):
+            self._release_withheld(conn, rec)
+            return None
+        if isinstance(rec, MarkDetached):
+            conn.executemany(
+                "UPDATE sets SET detached_unix = ? WHERE set_id = ?",
+                [(rec.at, sid) for sid in rec.set_ids],
+            ).close()
+            return None
         if isinstance(rec, RemovePasids):
             self._removed(rec.set_id, rec.pasids, _delete(conn, rec.set_id, rec.pasids))
             if rec.quarantine_until is not None:

@@ -456,3 +456,117 @@ def test_a_failed_detach_is_let_go_when_the_holder_exits(tmp_path: Path) -> None
         asyncio.run(main())
     finally:
         holder.kill()
+
+
+# -- withheld across a restart (issue 22, point 7; the store keeps it) -------------------
+
+
+def _withhold_then_stop(db: str, sysfs: str, holder_pid: int, how: str) -> None:
+    """A broker (in a child process: tests below) whose set's DETACH of PASID 1 fails at
+    its revoke; once that is durable, it stops: `how` "sigterm" (the graceful stop
+    SIGTERM runs) or "kill9" (SIGKILL to itself: no shutdown path runs)."""
+    import signal
+
+    async def main() -> None:
+        kernel = RefusingKernel()
+        be = make_backend(Path(sysfs), kernel)
+        book = TicketBook(30)
+        broker = Broker(be, SqliteStore(db), devices=be, tickets=book)
+        await broker.start()
+        ident = PeerIdentity(
+            holder_pid, os.getuid(), os.getgid(), holder_pid,
+            credentials.start_time(holder_pid), os.pidfd_open(holder_pid),
+        )  # fmt: skip
+        a = await opened(broker, "vm-a", ticket=book.issue(ident), peer="unix:")
+        delegate(be, kernel, a)
+        assert await broker.alloc(a, 1, 100, 2, "dev") == [1, 2]
+        kernel.refuse = {1}
+        assert await broker.revoke(a.session_id, "test") == 2
+        await broker.journal.drain()  # the destroy and the withheld row are durable
+        assert broker.info().quarantined == 1
+        if how == "kill9":
+            os.kill(os.getpid(), signal.SIGKILL)
+        await broker.stop()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("how", "holder_dies_while_down"),
+    [("sigterm", False), ("kill9", False), ("kill9", True)],
+)
+def test_a_withheld_pasid_is_not_reissued_after_a_restart(
+    tmp_path: Path, how: str, holder_dies_while_down: bool
+) -> None:
+    """The broker that withheld PASID 1 (a failed DETACH) stops, gracefully or by kill -9.
+    The restarted broker has no fd to retry the DETACH on (the kernel closed the old
+    process's), so 1 stays out of the pool for as long as the gone set's holder lives,
+    and comes back within a retry of its exit (or at once if it died meanwhile)."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    db = tmp_path / "b.db"
+    (tmp_path / "k1").mkdir()
+    code = (
+        "import sys; from tests.backends.test_iommufd_engine import _withhold_then_stop;"
+        " _withhold_then_stop(*sys.argv[1:3], int(sys.argv[3]), sys.argv[4])"
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", code, str(db), str(tmp_path / "k1"), str(holder.pid), how],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert child.returncode == (-9 if how == "kill9" else 0), child.stderr
+    if holder_dies_while_down:
+        holder.kill()
+        holder.wait()
+
+    async def main() -> None:
+        kernel = RefusingKernel()
+        (tmp_path / "k2").mkdir()
+        be = make_backend(tmp_path / "k2", kernel)
+        broker = Broker(be, SqliteStore(db), devices=be)
+        await broker.start()
+        try:
+            b = await opened(broker, "vm-b")
+            if holder_dies_while_down:
+                await asyncio.sleep(stuck.RETRY_SECONDS * 2)
+                assert broker.info().quarantined == 0
+                assert await broker.alloc(b, 1, 100, 1) == [1]
+                return
+            assert broker.info().quarantined == 1
+            assert await broker.alloc(b, 1, 100, 1) == [2]  # never 1
+            with pytest.raises(Exhausted):
+                await broker.alloc(b, 1, 1, 1)
+            await asyncio.sleep(stuck.RETRY_SECONDS * 2.5)
+            assert broker.info().quarantined == 1  # the holder lives: still withheld
+            holder.kill()
+            holder.wait()
+            for _ in range(80):
+                if broker.info().quarantined == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert broker.info().quarantined == 0
+            assert await broker.alloc(b, 1, 100, 1) == [1]
+            broker.allocator.check()
+        finally:
+            await broker.stop()
+
+    try:
+        asyncio.run(main())
+        # The release was stored too: a third start does not withhold 1 again.
+        db_rows = _withheld_rows(db)
+        assert db_rows == []
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def _withheld_rows(db: Path) -> list[tuple[int, str]]:
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(db)) as c:
+        return c.execute("SELECT pasid, kind FROM quarantine").fetchall()

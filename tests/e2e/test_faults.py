@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -27,6 +28,7 @@ from tests.harness import (
     BrokerProcess,
     assert_memory_matches_disk,
     db_holdings,
+    open_db,
     run_broker_once,
     wait_until,
 )
@@ -341,5 +343,41 @@ def test_backend_error_on_free_at_a_sets_end_withholds_the_pasids(tmp_path: Path
                 wait_until(lambda: c.info().quarantined == 0, 10, what="the retried free")
                 assert t.alloc(1, 100, 3) == [1, 2, 3]  # really released in the backend
             assert b.health() == "SERVING"
+    finally:
+        b.cleanup()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill9", "sigterm"])
+def test_pasids_withheld_at_a_sets_end_stay_withheld_across_a_restart(
+    tmp_path: Path, sig: int
+) -> None:
+    """The withheld PASIDs are stored (issue 22, point 7): a broker killed with -9, or
+    stopped by SIGTERM, comes back with them still out of the pool, and retries the
+    kernel call that failed (the backend holds them again: replayed at recovery)."""
+    trigger = tmp_path / "backend-free-fails"
+    b = BrokerProcess(env={FAULTS: f"backend_free_fail_file={trigger}"})
+    try:
+        b.start()
+        with Client(b.address) as c:
+            with c.session("vm") as s:
+                assert s.alloc(1, 100, 3) == [1, 2, 3]
+                trigger.write_text("")
+            wait_until(lambda: c.info().quarantined == 3, 10, what="the PASIDs withheld")
+        with open_db(b.db) as db:  # what the restart will find
+            rows = db.execute("SELECT pasid, kind FROM quarantine ORDER BY pasid").fetchall()
+        assert rows == [(1, "free"), (2, "free"), (3, "free")]
+        b.kill(sig)
+        b.start()
+        assert "withheld PASIDs restored" in b.read_log()
+        with Client(b.address) as c, c.session("next") as t:
+            assert (c.info().in_use, c.info().quarantined) == (0, 3)
+            assert t.alloc(1, 100, 1) == [4]  # never 1-3
+            time.sleep(2.5)  # the free is retried every second, and still fails
+            assert c.info().quarantined == 3
+            trigger.unlink()
+            wait_until(lambda: c.info().quarantined == 0, 10, what="the retried free")
+            assert t.alloc(1, 100, 3) == [1, 2, 3]  # really released in the backend
+        with open_db(b.db) as db:  # the release is stored: a third start keeps nothing
+            assert db.execute("SELECT count(*) FROM quarantine").fetchone() == (0,)
     finally:
         b.cleanup()

@@ -253,6 +253,29 @@ def test_restart_keeps_every_live_holders_set_and_only_those(
     )
 
 
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill9", "sigterm"])
+def test_a_detached_sets_age_outlives_broker_restarts(
+    b: BrokerProcess, procs: list[subprocess.Popen[str]], sig: int
+) -> None:
+    """sets.detached_unix is stored: `pasidctl sets` and the PasidSetDetachedLong alert
+    see how long a set has really been detached, not the time since the last restart."""
+    vmm = start(procs, ["sleep", "120"])
+    ans, sidecar = holder(procs, b.address, "--delegate-pid", str(vmm.pid))
+    set_id = ans["session_id"]
+    sidecar.kill()
+    sidecar.wait()
+    wait_until(lambda: sets(b)[set_id].state == "detached", what="the set detached")
+    since = sets(b)[set_id].detached_unix
+    assert 0 < since <= time.time()
+    for _ in range(2):  # a second restart must not reset it either
+        time.sleep(0.5)
+        b.kill(sig)
+        b.start()
+        view = sets(b)[set_id]
+        assert view.state == "detached"
+        assert view.detached_unix == pytest.approx(since, abs=1e-3)
+
+
 # -- re-attach without a token --------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ engineer's work (clients/pasid_client); the wire is what is tested here.
 from __future__ import annotations
 
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -147,4 +148,45 @@ def test_a_witness_after_the_bound_reclaims_what_is_free_and_reports_conflicts(
             ).fetchall()
         assert events == sorted([(set_a, "5-6"), (other.set_id, "5-6")]), events
     finally:
+        b.cleanup()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill9", "sigterm"])
+def test_the_contest_outlives_a_broker_restart(tmp_path: Path, sig: int) -> None:
+    """A contested PASID is stored (a quarantine row of kind "contested"): after a kill -9
+    or a SIGTERM restart, one the other set gave up is still withheld, and one it still
+    holds is withheld when it gives it up: never back in the pool silently."""
+    b, ledger, token, set_a = _restored(tmp_path, "2")
+    # Not closed before the restart: leaving its `with` would release its sets.
+    holder = Client(b.address)
+    try:
+        other = holder.session("vm-b", grace_seconds=300)
+        other_id = other.set_id
+        assert other.alloc(1, 100, count=2) == [5, 6]  # lost by the store: "free"
+        with Client(b.address) as c:
+            opened, q, call = witnessed_resume(c, token, sorted(ledger.held[set_a]))
+            assert _pasids(opened.conflicts) == [5, 6]
+            assert other.free(5, 5) == 1  # withheld: a witness claims it
+            q.put(None)
+            for _ in call:
+                pass
+        with open_db(b.db) as con:
+            rows = con.execute("SELECT pasid, kind FROM quarantine ORDER BY pasid").fetchall()
+        assert rows == [(5, "contested"), (6, "contested")]
+        b.kill(sig)
+        b.start()
+        with Client(b.address) as c, Client(b.admin_address) as admin:
+            assert api_holdings(b.address)[other_id] == [6]  # its holder (us) lives
+            assert c.info().quarantined == 1  # 5, withheld again
+            third = c.session("vm-c")
+            with pytest.raises(ResourceExhausted):
+                third.alloc(5, 5)
+            assert admin.revoke(other_id, "test") == 1  # 6 leaves its set: withheld
+            assert c.info().quarantined == 2
+            with pytest.raises(ResourceExhausted):
+                third.alloc(5, 6)
+            got = third.alloc(1, 100, count=3)
+            assert 5 not in got and 6 not in got, got
+    finally:
+        holder.close()
         b.cleanup()
