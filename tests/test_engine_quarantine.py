@@ -7,12 +7,14 @@ test (what the backend holds) is not visible over the wire.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 from pathlib import Path
 
 from broker.backends.simulator import SimulatorBackend
 from broker.core import Quarantine
 from broker.engine import Broker
-from broker.store import SqliteStore
+from broker.store import AddPasids, CreateSet, SetRow, SqliteStore, Withhold
 
 
 def backend_holds(b: SimulatorBackend) -> list[int]:
@@ -50,3 +52,49 @@ def test_backend_holds_quarantined_pasids_until_they_leave(tmp_path: Path) -> No
             await broker.stop()
 
     asyncio.run(scenario())
+
+
+def test_recovery_withholds_stored_pasids_and_drops_stale_rows(tmp_path: Path) -> None:
+    """What a restart finds in the store (issue 22, point 7): a "free" row for a PASID no
+    set holds is withheld again, held in the backend, and let go once the retried free
+    succeeds; a "detach" row for a PASID a set holds is stale (the set's alloc came after
+    the release, whose row change was lost) and is deleted; a "contested" row for a held
+    PASID contests it again."""
+    db = tmp_path / "b.db"
+    st = SqliteStore(db)
+    st.open()
+    st.commit(
+        [
+            CreateSet(SetRow(1, "vm", 0, 1000, 0, "h", 1.0)),
+            AddPasids(1, (5, 6)),
+            Withhold((5,), "detach", 9, 1, 1),
+            Withhold((6,), "contested"),
+            Withhold((7,), "free", 9),
+        ]
+    )
+    st.close()
+
+    async def scenario() -> None:
+        backend = SimulatorBackend(pasid_bits=8)
+        broker = Broker(backend, SqliteStore(db))
+        await broker.start()
+        try:
+            assert broker.info().quarantined == 1  # 7
+            assert backend_holds(backend) == [5, 6, 7]
+            assert broker.allocator.withheld == [7]
+            for _ in range(60):  # the retried free (every stuck.RETRY_SECONDS) lets go
+                if broker.info().quarantined == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert broker.info().quarantined == 0
+            assert backend_holds(backend) == [5, 6]
+            (sess,) = broker.sessions()
+            await broker.revoke(sess.session_id, "test")  # 6 is contested: withheld
+            assert broker.allocator.withheld == [6]
+            await broker.journal.drain()
+        finally:
+            await broker.stop()
+
+    asyncio.run(scenario())
+    with contextlib.closing(sqlite3.connect(db)) as c:
+        assert c.execute("SELECT pasid, kind FROM quarantine").fetchall() == [(6, "contested")]

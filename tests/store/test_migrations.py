@@ -170,3 +170,32 @@ def test_an_up_to_date_store_opens_without_alembic(tmp_path: Path) -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "[]"
+
+
+def test_0007_keeps_a_0006_quarantine_and_round_trips(tmp_path: Path) -> None:
+    """0006 -> 0007: existing quarantine rows become kind "time" (nothing else changes
+    meaning), sets get no detach time; and 0007's downgrade gives back 0006's tables."""
+    from alembic import command
+
+    db = tmp_path / "b.db"
+    engine = create_engine(f"sqlite:///{db}")
+    with engine.begin() as conn:
+        command.upgrade(migrations._config(conn), "0006")
+        conn.exec_driver_sql(
+            "INSERT INTO sets (set_id, client, pid, quota, grace_seconds, token_hash,"
+            " created_unix) VALUES (1, 'vm', 0, 1000, 0, 'h', 1.0)"
+        )
+        conn.exec_driver_sql("INSERT INTO quarantine VALUES (9, 4000000000.0)")
+    engine.dispose()
+    st = SqliteStore(db)
+    snap = st.open()
+    st.close()
+    assert snap.quarantine == {9: 4_000_000_000.0} and snap.withheld == {}
+    assert [r.detached_unix for r in snap.sets] == [None]
+    engine = create_engine(f"sqlite:///{db}")
+    with engine.begin() as conn:
+        command.downgrade(migrations._config(conn), "0006")
+        cols = [r[1] for r in conn.exec_driver_sql("PRAGMA table_info(quarantine)")]
+        assert cols == ["pasid", "release_unix"]
+        assert conn.exec_driver_sql("SELECT * FROM quarantine").fetchall() == [(9, 4_000_000_000.0)]
+    engine.dispose()
