@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from subprocess import Popen
 from typing import Any
 
 import pytest
@@ -150,20 +151,47 @@ def test_vmm_pod_shares_its_pid_namespace_without_host_pid() -> None:
     assert "delegate_pidfd=pidfd" in script and "os.pidfd_open(pid)" in script
 
 
+def start_fake_vmm(tmp_path: Path, seconds: int, prefix: str = "vmm") -> tuple[str, Popen[bytes]]:
+    """A stand-in VMM that the sidecar finds by its command name: a copy of sleep(1)
+    named for this test process. Returns that name and the process."""
+    fake = tmp_path / f"{prefix}-{os.getpid()}"
+    sleep = shutil.which("sleep")
+    assert sleep
+    shutil.copy(sleep, fake)
+    return fake.name, subprocess.Popen([str(fake), str(seconds)])
+
+
+def start_sidecar(broker: BrokerProcess, vmm: str, out: Path, count: int) -> Popen[str]:
+    """The example sidecar script, run as the pod runs it: it finds `vmm`, holds `count`
+    PASIDs for it and writes them to `out`; its output on stdout."""
+    env = {
+        **os.environ,
+        "VMM_COMMAND": vmm,
+        "PASID_COUNT": str(count),
+        "PASID_BROKER_SOCKET": broker.socket,
+        "PASID_FILE": str(out),
+        "VMM_WAIT_SECONDS": "10",
+    }
+    return subprocess.Popen(
+        [sys.executable, str(K8S / "sidecar/pasid_sidecar.py")],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
 def test_sidecar_finds_the_vmm_process_of_its_own_uid(tmp_path: Path) -> None:
     sys.path.insert(0, str(K8S / "sidecar"))
     try:
         import pasid_sidecar
     finally:
         sys.path.pop(0)
-    fake = tmp_path / f"fake-vmm-{os.getpid()}"
-    sleep = shutil.which("sleep")
-    assert sleep
-    shutil.copy(sleep, fake)
-    proc = subprocess.Popen([str(fake), "30"])
+    name, proc = start_fake_vmm(tmp_path, 30, "fake-vmm")
     try:
         # Just after fork the child may not have exec'd yet: poll.
-        found = wait_until(lambda: pasid_sidecar.find_vmm(fake.name), 10, 0.02, "the VMM")
+        found = wait_until(lambda: pasid_sidecar.find_vmm(name), 10, 0.02, "the VMM")
         assert found == proc.pid
         assert pasid_sidecar.find_vmm(f"no-such-vmm-{os.getpid()}") is None
     finally:
@@ -178,28 +206,9 @@ def test_sidecar_holds_pasids_for_the_vmm_against_a_real_broker(
     is the 'VMM' (a process the sidecar only found), and it ends when the VMM exits."""
     from pasid_client import Client
 
-    fake = tmp_path / f"vmm-{os.getpid()}"
-    sleep = shutil.which("sleep")
-    assert sleep
-    shutil.copy(sleep, fake)
-    vmm = subprocess.Popen([str(fake), "60"])
+    name, vmm = start_fake_vmm(tmp_path, 60)
     out = tmp_path / "pasids.json"
-    env = {
-        **os.environ,
-        "VMM_COMMAND": fake.name,
-        "PASID_COUNT": "3",
-        "PASID_BROKER_SOCKET": broker.socket,
-        "PASID_FILE": str(out),
-        "VMM_WAIT_SECONDS": "10",
-    }
-    sidecar = subprocess.Popen(
-        [sys.executable, str(K8S / "sidecar/pasid_sidecar.py")],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    sidecar = start_sidecar(broker, name, out, 3)
     try:
         wait_until(lambda: out.exists() or sidecar.poll() is not None, 30, 0.05, "PASIDs")
         assert out.exists(), sidecar.stdout.read() if sidecar.stdout else ""
@@ -233,30 +242,11 @@ def test_restarted_sidecar_takes_the_vmms_set_back(broker: BrokerProcess, tmp_pa
 
     from pasid_client import Client
 
-    fake = tmp_path / f"vmm-{os.getpid()}"
-    sleep = shutil.which("sleep")
-    assert sleep
-    shutil.copy(sleep, fake)
-    vmm = subprocess.Popen([str(fake), "60"])
+    name, vmm = start_fake_vmm(tmp_path, 60)
     out = tmp_path / "pasids.json"
-    env = {
-        **os.environ,
-        "VMM_COMMAND": fake.name,
-        "PASID_COUNT": "3",
-        "PASID_BROKER_SOCKET": broker.socket,
-        "PASID_FILE": str(out),
-        "VMM_WAIT_SECONDS": "10",
-    }
 
-    def sidecar() -> subprocess.Popen[str]:
-        p = subprocess.Popen(
-            [sys.executable, str(K8S / "sidecar/pasid_sidecar.py")],
-            env=env,
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+    def sidecar() -> Popen[str]:
+        p = start_sidecar(broker, name, out, 3)
         wait_until(lambda: out.exists() or p.poll() is not None, 30, 0.05, "PASIDs")
         assert out.exists(), p.stdout.read() if p.stdout else ""
         return p
@@ -298,28 +288,9 @@ def test_sidecar_lives_through_a_broker_restart(broker: BrokerProcess, tmp_path:
 
     from pasid_client import Client
 
-    fake = tmp_path / f"vmm-{os.getpid()}"
-    sleep = shutil.which("sleep")
-    assert sleep
-    shutil.copy(sleep, fake)
-    vmm = subprocess.Popen([str(fake), "120"])
+    name, vmm = start_fake_vmm(tmp_path, 120)
     out = tmp_path / "pasids.json"
-    env = {
-        **os.environ,
-        "VMM_COMMAND": fake.name,
-        "PASID_COUNT": "2",
-        "PASID_BROKER_SOCKET": broker.socket,
-        "PASID_FILE": str(out),
-        "VMM_WAIT_SECONDS": "10",
-    }
-    sidecar = subprocess.Popen(
-        [sys.executable, str(K8S / "sidecar/pasid_sidecar.py")],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    sidecar = start_sidecar(broker, name, out, 2)
     said: list[str] = []
     threading.Thread(target=lambda: said.extend(sidecar.stdout or ()), daemon=True).start()
     try:
