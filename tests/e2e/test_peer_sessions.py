@@ -45,17 +45,6 @@ def broker() -> Iterator[BrokerProcess]:
     b.cleanup()
 
 
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[str]]]:
-    made: list[subprocess.Popen[str]] = []
-    yield made
-    for p in made:
-        if p.poll() is None:
-            p.send_signal(signal.SIGCONT)
-            p.kill()
-        p.wait(10)
-
-
 def start(procs: list[subprocess.Popen[str]], cmd: list[str]) -> subprocess.Popen[str]:
     p = subprocess.Popen(
         cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=ENV

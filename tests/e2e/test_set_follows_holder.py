@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -27,17 +26,6 @@ from tests.metrics.scrape import scrape
 # The longest grace any set may have on these brokers: a detached verified set must
 # outlive it (no timer applies to it at all).
 LONGEST = 1
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[str]]]:
-    made: list[subprocess.Popen[str]] = []
-    yield made
-    for p in made:
-        if p.poll() is None:
-            p.send_signal(signal.SIGCONT)
-            p.kill()
-        p.wait(10)
 
 
 @pytest.fixture
