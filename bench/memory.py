@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import subprocess
 
-from bench.restart import fill, start_to_first_rpc
+from bench.restart import BROKER_ARGS, fill, start_to_first_rpc
 from tests.harness import BrokerProcess
 
 PASIDS_A, SETS_A = 1_000_000, 1_000
@@ -61,16 +61,7 @@ def main(quick: bool = False) -> int:
     a_held, a_sets = PASIDS_A // scale, SETS_A // scale
     b_held, b_sets = PASIDS_B // scale, SETS_B // scale
     holder = subprocess.Popen(["sleep", "3600"])  # every set's holder: alive
-    args = (
-        "--quota-per-set",
-        "0",
-        "--restart-grace",
-        "600",
-        "--metrics-address",
-        "off",
-        "--log-level",
-        "WARNING",
-    )
+    args = BROKER_ARGS
     try:
         base, base_rss, _ = peak(0, 0, holder.pid, args)
         pa, ra, ta = peak(a_held, a_sets, holder.pid, args)
