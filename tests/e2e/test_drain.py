@@ -76,7 +76,7 @@ def test_resume_and_reattach_are_refused_while_draining() -> None:
     library's reconnect retries on it); after the restart the resume and the re-attach
     succeed: both sets were kept."""
     b = BrokerProcess(
-        "--drain-seconds", "30", env={"PASID_BROKER_TEST_FAULTS": "commit_delay_ms=3000"}
+        "--drain-seconds", "30", env={"PASID_BROKER_TEST_FAULTS": "commit_delay_ms=4000"}
     )
     try:
         b.start()
@@ -91,7 +91,7 @@ def test_resume_and_reattach_are_refused_while_draining() -> None:
             done: list[object] = []
             t = threading.Thread(target=lambda: done.append(busy.alloc()), daemon=True)
             t.start()
-            time.sleep(0.5)  # the alloc is now waiting for its slow commit
+            time.sleep(1.0)  # the alloc is now waiting for its slow commit (4 s)
             assert b.proc is not None
             b.proc.send_signal(signal.SIGTERM)
             wait_until(lambda: "draining" in b.read_log(), what="draining")
