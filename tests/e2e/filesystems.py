@@ -130,7 +130,12 @@ class Device:
         return os.path.basename(self.loop)
 
     def fill(self) -> None:
-        """Fill the tmpfs: from now on the loop device fails writes to unbacked blocks."""
+        """Fill the tmpfs: from now on the loop device fails writes to unbacked blocks.
+        fstrim first: the loop device punches every free block of the filesystem out of
+        the image, so that whatever ext4 allocates from now on (a growing WAL, or one
+        regrown after a checkpoint truncated it) fails at writeback, not only blocks never
+        written before; blocks in use (overwritten in place) still work."""
+        subprocess.run(["fstrim", str(self.mnt)], check=False, capture_output=True)
         fill(self.tmpfs)
 
     def unfill(self) -> None:
