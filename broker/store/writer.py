@@ -33,7 +33,7 @@ from broker.core.errors import StoreError, StoreFailed
 from broker.core.namespace import runs
 from broker.store.checks import DIGEST_ROW, SET_DIGEST, Digest, P, Witness, weight
 from broker.store.event_log import encode_runs
-from broker.store.opening import describe
+from broker.store.opening import WAL_BYTES, describe
 from broker.store.records import (
     AddPasids,
     CreateSet,
@@ -53,8 +53,9 @@ from broker.store.records import (
 log = logging.getLogger("pasid_broker")
 
 # The WAL is checkpointed into the database once it passes this size (SQLite's own
-# default is 1000 pages), by checkpoint() after a commit on the writer's thread.
-CHECKPOINT_BYTES = 4 << 20
+# default is 1000 pages), by checkpoint() after a commit on the writer's thread. Its
+# file is cut back to this size, not to nothing, when it restarts (opening.connect).
+CHECKPOINT_BYTES = WAL_BYTES
 # ... and this many seconds after a commit at the latest (the journal's timer, on the
 # writer's thread), so that the main file is never far behind the WAL: a WAL lost or
 # damaged then costs at most these seconds, and the start-up checks refuse it
@@ -359,7 +360,9 @@ class Writer:
         return rows, logged
 
     def checkpoint_due(self) -> bool:
-        """Whether the WAL has grown past CHECKPOINT_BYTES (looked at every 64 commits)."""
+        """Whether the WAL has grown past CHECKPOINT_BYTES (looked at every 64 commits).
+        Its file keeps that size between checkpoints (journal_size_limit), so it passes it
+        only when more than that is not yet checkpointed."""
         if self._commits < 64:
             return False
         self._commits = 0

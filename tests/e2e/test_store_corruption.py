@@ -136,16 +136,33 @@ def _edit_set_id(d: Path) -> None:
     con.close()
 
 
+def _live_frames(data: bytes) -> int:
+    """Frames of the WAL's current log: the leading ones that carry its header's salts.
+    The file is kept at its size when the log restarts after a checkpoint
+    (opening.WAL_BYTES), so frames of an older log may follow them, which SQLite ignores:
+    damage must land in the live ones to be damage at all."""
+    page = int.from_bytes(data[8:12], "big")
+    salts = data[16:24]
+    n = 0
+    while (at := WAL_HEADER + n * (FRAME_HEADER + page)) + FRAME_HEADER + page <= len(data):
+        if data[at + 8 : at + 16] != salts:
+            break
+        n += 1
+    return n
+
+
 def _cut_wal(d: Path) -> None:
     wal = d / "broker.db-wal"
-    os.truncate(wal, wal.stat().st_size // 2)
+    data = wal.read_bytes()
+    page = int.from_bytes(data[8:12], "big")
+    os.truncate(wal, WAL_HEADER + (_live_frames(data) // 2) * (FRAME_HEADER + page))
 
 
 def _flip_wal_bit(d: Path) -> None:
     wal = d / "broker.db-wal"
     data = bytearray(wal.read_bytes())
     page = int.from_bytes(data[8:12], "big")
-    frames = (len(data) - WAL_HEADER) // (FRAME_HEADER + page)
+    frames = _live_frames(data)
     at = WAL_HEADER + (frames // 3) * (FRAME_HEADER + page) + FRAME_HEADER + 100
     data[at] ^= 0x10
     wal.write_bytes(bytes(data))

@@ -6,6 +6,7 @@ keeps the main file close behind the WAL; and what each check refuses. Real SQLi
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from broker.store import (
     SqliteStore,
     checks,
 )
+from broker.store.opening import WAL_BYTES
 
 
 def _row(set_id: int) -> SetRow:
@@ -82,6 +84,36 @@ def test_the_digest_adds_no_page_to_a_commit(tmp_path: Path) -> None:
     # have restarted: then it shrank).
     assert grown <= 3 * page, grown
     st.close()
+
+
+def test_the_wal_keeps_its_file_across_a_checkpoint_and_a_crash_reads_the_live_log(
+    tmp_path: Path,
+) -> None:
+    """After a checkpoint the WAL restarts from its beginning but keeps its file (up to
+    opening.WAL_BYTES): the next commits overwrite blocks it already has, so their fsync
+    writes data only (no new file size to journal). The files a crash leaves then (the
+    new log, followed by an older log's frames) open as exactly what was committed."""
+    db = tmp_path / "b.db"
+    st = SqliteStore(db)
+    st.open()
+    st.commit([CreateSet(_row(1))])
+    for p in range(1, 201):
+        st.commit([AddPasids(1, (p,))])
+    wal = Path(f"{db}-wal")
+    grown = wal.stat().st_size
+    assert 200 * 4096 < grown < WAL_BYTES
+    st.checkpoint()
+    st.commit([RemovePasids(1, (1, 2))])
+    st.commit([AddPasids(1, (500,))])
+    # Restarted (the two commits wrote over its first frames), not cut back to them.
+    assert wal.stat().st_size == grown
+    crash = tmp_path / "crash"
+    crash.mkdir()
+    for f in (db, wal, checks.witness_path(db)):  # as a SIGKILL would leave them
+        shutil.copyfile(f, crash / f.name)
+    st.close()
+    snap = SqliteStore(crash / db.name).open()
+    assert snap.holdings == {1: [*range(3, 201), 500]}
 
 
 def test_a_free_of_rows_not_stored_recounts_the_digest(tmp_path: Path) -> None:
