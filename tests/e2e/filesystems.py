@@ -86,7 +86,8 @@ def fill(fs: Path) -> Path:
 # the file has not backed yet fails (ENOSPC from the tmpfs, "critical space allocation
 # error" in the kernel log), so ext4's writeback and its journal get I/O errors, as on a
 # device that fails its writes; overwriting a block already backed still works, as on a
-# partly failing disk. Freeing the tmpfs (`Device.unfill`) repairs the device; `repair`
+# partly failing disk (fill() trims first, so blocks ext4 freed are unbacked too).
+# Freeing the tmpfs (`Device.unfill`) repairs the device; `repair`
 # then unmounts (dropping the page cache of everything on it), runs e2fsck and mounts
 # again. `trigger_fs_error` makes ext4 report an error itself (its sysfs test hook), which
 # with `errors=remount-ro` turns the filesystem read-only under its writers.
