@@ -473,6 +473,11 @@ class Allocator:
         holds one gives it up, it is withheld (never back in the pool silently)."""
         self._contested.update(pasids)
 
+    def uncontest(self, pasids: Iterable[int]) -> None:
+        """One of the two claimants let go (the witness's set ended): the set that holds
+        these may give them up as any other."""
+        self._contested.difference_update(pasids)
+
     def _now(self) -> float:
         return self._clock() if self._clock is not None and self.quarantine.seconds else 0.0
 

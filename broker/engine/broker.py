@@ -215,8 +215,9 @@ class Broker:
             observer=self.observers,
             on_failure=self._store_failed,
         )
+        # Before the holders: a witness's set reclaimed now lets go of its contest.
+        self.stuck.restore(r.withheld_detach, r.withheld_unfreed, r.claimed_by)
         self.sets.recover_holders(self.restart_grace)
-        self.stuck.restore(r.withheld_detach, r.withheld_unfreed)
         if r.stale_withheld:
             self.persist(ReleaseWithheld(tuple(r.stale_withheld)))
         self._log_start_kind(r.snapshot.restored, r.snapshot.revision)

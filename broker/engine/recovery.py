@@ -37,38 +37,53 @@ class Recovered:
     withheld_unfreed: list[int] = field(default_factory=list)
     # Stored withheld rows that no longer mean anything (a set holds the PASID): deleted.
     stale_withheld: list[int] = field(default_factory=list)
+    # Contested PASID -> the witness's set that claims it.
+    claimed_by: dict[int, int] = field(default_factory=dict)
 
 
-def _restore_withheld(
-    allocator: Allocator, snap: Snapshot
-) -> tuple[list[int], dict[int, tuple[Holder | None, list[int]]], list[int], list[int]]:
+@dataclass
+class _Restored:
+    """What _restore_withheld found: see Recovered's fields."""
+
+    in_backend: list[int] = field(default_factory=list)  # to replay
+    detach: dict[int, tuple[Holder | None, list[int]]] = field(default_factory=dict)
+    unfreed: list[int] = field(default_factory=list)
+    stale: list[int] = field(default_factory=list)
+    claimed_by: dict[int, int] = field(default_factory=dict)
+    withheld: int = 0
+
+
+def _restore_withheld(allocator: Allocator, snap: Snapshot) -> _Restored:
     """Withhold the stored withheld PASIDs again and contest the contested ones (after
-    the sets are claimed, before the quarantine). Returns (withheld, by "detach" set,
-    "free" ones, stale rows)."""
+    the sets are claimed, before the quarantine)."""
     # PASID -> the set holding it (0: reserved); free ones are absent.
     owners = allocator.owners(snap.withheld) if snap.withheld else {}
-    withheld: list[int] = []
-    detach: dict[int, tuple[Holder | None, list[int]]] = {}
-    unfreed: list[int] = []
-    stale: list[int] = []
+    out = _Restored()
     for p, row in sorted(snap.withheld.items()):
+        if row.kind == "contested" and row.set_id:
+            out.claimed_by[p] = row.set_id
         if row.kind == "contested" and owners.get(p):
             allocator.contest([p])  # its set holds it still: withheld when it lets go
             continue
         try:
             allocator.withhold([p])
         except ValueError:  # a set holds it (the row is stale), or it is reserved
-            stale.append(p)
+            out.stale.append(p)
+            out.claimed_by.pop(p, None)
             continue
-        withheld.append(p)
+        out.withheld += 1
+        # A contested one is held in the backend only under a quarantine (as when its
+        # set gave it up: its free or destroy let go there otherwise).
+        if row.kind != "contested" or allocator.quarantine.enabled:
+            out.in_backend.append(p)
         if row.kind == "detach":
             holder = None
             if row.holder_pid is not None and row.holder_start_time is not None:
                 holder = Holder(row.holder_pid, -1, 0, row.holder_start_time)
-            detach.setdefault(row.set_id or 0, (holder, []))[1].append(p)
+            out.detach.setdefault(row.set_id or 0, (holder, []))[1].append(p)
         elif row.kind == "free":
-            unfreed.append(p)
-    return withheld, detach, unfreed, stale
+            out.unfreed.append(p)
+    return out
 
 
 def recover(
@@ -130,11 +145,15 @@ def recover(
         )
     # After the sets: a PASID withheld when the last run ended (the kernel may still use
     # it) or contested is so again, whatever a restart did; then the quarantine.
-    withheld, detach, unfreed, stale = _restore_withheld(allocator, snap)
-    if withheld or stale:
+    w = _restore_withheld(allocator, snap)
+    if w.withheld or w.stale:
         log.warning(
             "withheld PASIDs restored: kept from the pool until the kernel lets go",
-            extra={"withheld": len(withheld), "pasids": withheld[:32], "stale": stale[:32]},
+            extra={
+                "withheld": w.withheld,
+                "pasids": allocator.withheld[:32],
+                "stale": w.stale[:32],
+            },
         )
     # After the sets: a PASID a set holds is not quarantined, whatever a stale row says.
     now = time.time()
@@ -153,7 +172,9 @@ def recover(
     # frees them there then), so no kernel user outside the broker is given them early.
     # Withheld ones too: a "free" one's retried free then lets go of it in the backend.
     held.extend(quarantined)
-    held.extend(withheld)
+    held.extend(w.in_backend)
     held.sort()
     replayed = replay(backend, held)
-    return Recovered(caps, allocator, snap, sessions, replayed, detach, unfreed, stale)
+    return Recovered(
+        caps, allocator, snap, sessions, replayed, w.detach, w.unfreed, w.stale, w.claimed_by
+    )

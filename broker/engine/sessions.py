@@ -51,7 +51,6 @@ from broker.store import (
     MarkDetached,
     NoteSetState,
     SetRow,
-    Withhold,
 )
 
 if TYPE_CHECKING:
@@ -276,8 +275,9 @@ class Sessions:
                 if not o:  # quarantined: withheld instead, so that no expiry reissues it
                     with contextlib.suppress(ValueError):  # reserved: never reissued
                         contested += e.allocator.withhold([p])
-            if contested:  # a restart keeps the contest (recovery.py)
-                e.persist(Withhold(tuple(sorted(contested)), "contested"))
+            # Stored, with this set as the claimant: a restart keeps the contest, and this
+            # set's end lets go of it (stuck.Withheld.claimant_gone).
+            e.stuck.contested(set_id, contested)
             by_owner: dict[int, list[int]] = {}
             for p, o in clash.items():
                 by_owner.setdefault(o, []).append(p)
@@ -727,6 +727,7 @@ class Sessions:
         def durable(f: asyncio.Future[None]) -> None:
             if not f.cancelled() and f.exception() is None:
                 e.observers.set_destroyed(set_id, reason, kind, len(freed))
+                e.stuck.claimant_gone(set_id)  # a witness's contest ends with its set
 
         fut.add_done_callback(durable)
         return fut

@@ -72,17 +72,69 @@ class Withheld:
         # the PASIDs that wait for its exit.
         self._restored: dict[int, tuple[Holder | None, list[int]]] = {}
         self._unfreed: set[int] = set()  # the backend's free failed
+        # Contested PASIDs -> the witness's set that claims them (Sessions.reconcile).
+        self._claimed_by: dict[int, int] = {}
         self._timer: asyncio.TimerHandle | None = None
 
     def restore(
-        self, detach: dict[int, tuple[Holder | None, list[int]]], unfreed: Sequence[int]
+        self,
+        detach: dict[int, tuple[Holder | None, list[int]]],
+        unfreed: Sequence[int],
+        claimed_by: dict[int, int] | None = None,
     ) -> None:
         """After recovery withheld the stored PASIDs again: wait for each "detach" set's
-        holder to exit, and retry each "free" (the backend holds it again: replayed)."""
+        holder to exit, retry each "free" (the backend holds it again: replayed), and
+        know again which witness's set claims each contested one."""
         self._restored.update(detach)
         self._unfreed.update(unfreed)
+        self._claimed_by.update(claimed_by or {})
         if detach or unfreed:
             self._schedule()
+
+    def contested(self, witness_set: int, pasids: Sequence[int]) -> None:
+        """A witness's set claims these while the store gives them to another set (or
+        holds them back); the allocator contests them: stored, with the claimant."""
+        for p in pasids:
+            self._claimed_by[p] = witness_set
+        if pasids:
+            self._persist(Withhold(tuple(sorted(pasids)), "contested", witness_set))
+
+    def claimant_gone(self, set_id: int) -> list[int]:
+        """The witness's set `set_id` is gone (durably): nobody claims its contested PASIDs
+        besides the set the store gave them to. One that set still holds is no longer
+        contested; one it gave up (withheld) goes back to the pool, or to the time
+        quarantine, unless a failed kernel call withholds it too. Returns the PASIDs let
+        go of."""
+        mine = sorted(p for p, s in self._claimed_by.items() if s == set_id)
+        if not mine:
+            return []
+        for p in mine:
+            del self._claimed_by[p]
+        a = self._allocator()
+        withheld = set(a.withheld)
+        busy = set(self._unfreed)
+        for _holder, ps in self._restored.values():
+            busy.update(ps)
+        if self._devices is not None:
+            for ps in self._devices.stuck().values():
+                busy.update(ps)
+        held = [p for p in mine if p not in withheld]
+        free = [p for p in mine if p in withheld and p not in busy]
+        a.uncontest(held)
+        # Not held in the backend (its set's free or destroy let go there), unless under
+        # a quarantine (then its expiry frees it there, as any quarantined PASID).
+        a.release_withheld(free)
+        if held:
+            self._persist(ReleaseWithheld(tuple(held)))
+        if free:
+            self._persist(ReleaseWithheld(tuple(free), self._quarantine_until()))
+            log.warning(
+                "contested PASIDs released: the witness's set %d is gone and the other"
+                " set gave them up",
+                set_id,
+                extra={"session": set_id, "pasids": free[:32]},
+            )
+        return free
 
     def detach_failed(self, set_id: int, pasids: Sequence[int], holder: Holder | None) -> None:
         """The set is gone but the kernel kept these attached: keep them from the pool."""

@@ -155,7 +155,8 @@ def test_a_witness_after_the_bound_reclaims_what_is_free_and_reports_conflicts(
 def test_the_contest_outlives_a_broker_restart(tmp_path: Path, sig: int) -> None:
     """A contested PASID is stored (a quarantine row of kind "contested"): after a kill -9
     or a SIGTERM restart, one the other set gave up is still withheld, and one it still
-    holds is withheld when it gives it up: never back in the pool silently."""
+    holds is withheld when it gives it up: never back in the pool silently. Only once
+    the witness's set is gone too do they go back."""
     b, ledger, token, set_a = _restored(tmp_path, "2")
     # Not closed before the restart: leaving its `with` would release its sets.
     holder = Client(b.address)
@@ -164,12 +165,12 @@ def test_the_contest_outlives_a_broker_restart(tmp_path: Path, sig: int) -> None
         other_id = other.set_id
         assert other.alloc(1, 100, count=2) == [5, 6]  # lost by the store: "free"
         with Client(b.address) as c:
-            opened, q, call = witnessed_resume(c, token, sorted(ledger.held[set_a]))
+            opened, _q, call = witnessed_resume(c, token, sorted(ledger.held[set_a]))
             assert _pasids(opened.conflicts) == [5, 6]
             assert other.free(5, 5) == 1  # withheld: a witness claims it
-            q.put(None)
-            for _ in call:
-                pass
+            # No half-close (that would release the witness's set, and with it the
+            # contest): the stream just breaks, and the verified set lives on, detached.
+            call.cancel()
         with open_db(b.db) as con:
             rows = con.execute("SELECT pasid, kind FROM quarantine ORDER BY pasid").fetchall()
         assert rows == [(5, "contested"), (6, "contested")]
@@ -187,6 +188,11 @@ def test_the_contest_outlives_a_broker_restart(tmp_path: Path, sig: int) -> None
                 third.alloc(5, 6)
             got = third.alloc(1, 100, count=3)
             assert 5 not in got and 6 not in got, got
+            # The witness's set ends too: nobody claims them any more; back in the pool.
+            assert admin.revoke(set_a, "test") == 6
+            assert c.info().quarantined == 0
+            assert third.alloc(5, 6, count=2) == [5, 6]
+        assert "contested PASIDs released" in b.read_log()
     finally:
         holder.close()
         b.cleanup()
