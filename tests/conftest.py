@@ -9,9 +9,12 @@ from tests.harness import BrokerProcess
 
 
 @pytest.fixture
-def broker() -> Iterator[BrokerProcess]:
-    """A running broker on the simulator (20 bits, set quota 1000)."""
-    b = BrokerProcess()
+def broker(request: pytest.FixtureRequest) -> Iterator[BrokerProcess]:
+    """A running broker on the simulator (20 bits, set quota 1000), with the flags of the
+    test's `broker_args` marker (`pytestmark = pytest.mark.broker_args(...)` for a
+    module)."""
+    mark = request.node.get_closest_marker("broker_args")
+    b = BrokerProcess(*(mark.args if mark is not None else ()))
     b.start()
     yield b
     b.cleanup()

@@ -9,7 +9,6 @@ test_prometheus_server.py.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 
 import pytest
 from pasid_client import Client
@@ -17,6 +16,10 @@ from pasid_client import Client
 from tests.deploy.dashboards import dashboard, dashboard_exprs, metric_names, rule_exprs
 from tests.harness import BrokerProcess
 from tests.metrics.scrape import scrape
+
+# /metrics names tenants on these tests' brokers, as the dashboard's top-holders panel
+# needs (docs/observability.md); by default only over mutual TLS.
+pytestmark = pytest.mark.broker_args("--metrics-tenants", "on")
 
 # Metrics Prometheus itself adds to every target.
 PROMETHEUS_SYNTHETIC = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
@@ -52,16 +55,6 @@ def test_dashboard_structure() -> None:
     titles = " ".join(p["title"].lower() for p in d["panels"])
     for must in ("utilisation", "rates", "latency", "top holders"):
         assert must in titles, must
-
-
-@pytest.fixture
-def broker() -> Iterator[BrokerProcess]:
-    """A broker whose /metrics names tenants (--metrics-tenants on), as the dashboard's
-    top-holders panel needs (docs/observability.md)."""
-    b = BrokerProcess("--metrics-tenants", "on")
-    b.start()
-    yield b
-    b.cleanup()
 
 
 def test_dashboard_and_rules_use_only_exported_metrics(

@@ -19,6 +19,10 @@ from tests.deploy.conftest import PrometheusTools
 from tests.deploy.dashboards import RULES, concrete, dashboard_exprs, rule_exprs
 from tests.harness import BrokerProcess, wait_until
 
+# /metrics names tenants on the brokers of these tests (by default only over mutual TLS):
+# they read the top clients and holders.
+pytestmark = pytest.mark.broker_args("--metrics-tenants", "on")
+
 JOB = "pasid-broker"
 
 
@@ -52,16 +56,6 @@ class Prometheus:
             return None
         assert len(res) == 1, res
         return float(res[0]["value"][1])
-
-
-@pytest.fixture
-def broker() -> Iterator[BrokerProcess]:
-    """A running broker whose /metrics names tenants (--metrics-tenants on: these tests
-    read the top clients and holders; by default they are served only over mutual TLS)."""
-    b = BrokerProcess("--metrics-tenants", "on")
-    b.start()
-    yield b
-    b.cleanup()
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -33,16 +32,9 @@ from tests.metrics.scrape import scrape
 from tests.peer.conftest import need
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
-
-
-@pytest.fixture
-def broker() -> Iterator[BrokerProcess]:
-    """A running broker whose /metrics names tenants (--metrics-tenants on: these tests
-    read the top clients and holders; by default they are served only over mutual TLS)."""
-    b = BrokerProcess("--metrics-tenants", "on")
-    b.start()
-    yield b
-    b.cleanup()
+# /metrics names tenants on the brokers of these tests (by default only over mutual TLS):
+# they read the top clients and holders.
+pytestmark = pytest.mark.broker_args("--metrics-tenants", "on")
 
 
 def start(procs: list[subprocess.Popen[str]], cmd: list[str]) -> subprocess.Popen[str]:
@@ -56,6 +48,7 @@ def start(procs: list[subprocess.Popen[str]], cmd: list[str]) -> subprocess.Pope
 def holder(
     procs: list[subprocess.Popen[str]], address: str, *args: str, prefix: tuple[str, ...] = ()
 ) -> tuple[dict[str, Any], subprocess.Popen[str]]:
+
     cmd = [*prefix, sys.executable, "-m", "tests.e2e.peer_holder", address, *args]
     p = start(procs, cmd)
     return read(p), p

@@ -8,7 +8,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,15 +18,9 @@ from broker.metrics import LATENCY_BUCKETS, RECLAIM_REASONS, TOP_CLIENTS, reclai
 from tests.harness import ROOT, BrokerProcess, run_broker_once, wait_until
 from tests.metrics.scrape import scrape
 
-
-@pytest.fixture
-def broker() -> Iterator[BrokerProcess]:
-    """A running broker whose /metrics names tenants (--metrics-tenants on: these tests
-    read the top clients and holders; by default they are served only over mutual TLS)."""
-    b = BrokerProcess("--metrics-tenants", "on")
-    b.start()
-    yield b
-    b.cleanup()
+# /metrics names tenants on the brokers of these tests (by default only over mutual TLS):
+# they read the top clients and holders.
+pytestmark = pytest.mark.broker_args("--metrics-tenants", "on")
 
 
 COUNTERS = {
