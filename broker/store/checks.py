@@ -110,16 +110,22 @@ def _encode(revision: int) -> bytes:
     return b"%020d\n" % revision
 
 
-def write_witness(path: Path, revision: int) -> None:
-    """Replace the witness (at open, and by restore): a new file, renamed into place."""
-    tmp = witness_path(path).with_name(witness_path(path).name + ".tmp")
+def _replace_file(target: Path, revision: int) -> None:
+    """`target` now holds `revision`: a new file, fsynced, renamed into place, so that
+    a reader sees the old content or the new, never a part."""
+    tmp = target.with_name(target.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(fd, _encode(revision))
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(tmp, witness_path(path))
+    os.replace(tmp, target)
+
+
+def write_witness(path: Path, revision: int) -> None:
+    """Replace the witness (at open, and by restore): a new file, renamed into place."""
+    _replace_file(witness_path(path), revision)
 
 
 class Witness:
@@ -166,15 +172,7 @@ def write_clean_stop(path: Path, revision: int) -> None:
     """Say that the store was closed cleanly at `revision`, after its last commit: a new
     file, fsynced, renamed into place, the directory fsynced. Written only then, so a crash
     (kill -9, a failed fsync's exit, a power cut) can never leave one behind."""
-    marker = clean_stop_path(path)
-    tmp = marker.with_name(marker.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, _encode(revision))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, marker)
+    _replace_file(clean_stop_path(path), revision)
     _sync_dir(path)
 
 
