@@ -152,6 +152,21 @@ class Device:
         with open("/proc/mounts") as f:
             return any(line.split()[1] == str(self.mnt) for line in f)
 
+    def _who_holds(self) -> str:
+        """What may keep the device busy, for a failure's message."""
+        name = self.name
+        holders = (
+            os.listdir(f"/sys/block/{name}/holders")
+            if os.path.isdir(f"/sys/block/{name}/holders")
+            else []
+        )
+        mounted = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/mountinfo") as f:
+                if any(f" {self.loop} " in line for line in f):
+                    mounted.append(pid)
+        return f"\nholders {holders}; mounted in the mount namespaces of pids {mounted[:10]}"
+
     def read_only(self) -> bool:
         with open("/proc/mounts") as f:
             for line in f:
@@ -180,16 +195,21 @@ class Device:
             self.unmount()
         self.unfill()
         # e2fsck: 0 clean, 1 errors corrected; anything else is a failed repair. 8 with
-        # "in use": something (udev's probe of the device after the unmount) has it open
-        # for a moment: again.
-        for _ in range(50):
+        # "in use": something still has the device (udev's probe after the unmount; once,
+        # under load, for more than 5 s): again, for up to 30 s.
+        deadline = time.monotonic() + 30
+        while True:
             r = subprocess.run(
                 ["e2fsck", "-fy", self.loop], capture_output=True, text=True, timeout=120
             )
             if r.returncode != 8 or "in use" not in r.stdout + r.stderr:
                 break
-            time.sleep(0.1)
-        assert r.returncode in (0, 1), f"e2fsck exit {r.returncode}: {r.stdout}{r.stderr}"
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert r.returncode in (0, 1), (
+            f"e2fsck exit {r.returncode}: {r.stdout}{r.stderr}{self._who_holds()}"
+        )
         _run("mount", "-o", self.mount_opts, self.loop, str(self.mnt))
         return r.stdout
 

@@ -422,7 +422,9 @@ def test_page_cache_durability_loses_acks_to_a_device_error_and_the_witnesses_re
             b.start()
             assert b.proc is not None
             with clients(b.address, 3) as (workers, _stop):
-                wait_until(lambda: _held_acks(workers) >= 300, 60, 0.05, "traffic")
+                # Early (before the first checkpoint, 5 s after the first commit): the
+                # WAL has only grown, so what follows the fill needs new blocks.
+                wait_until(lambda: _held_acks(workers) >= 100, 60, 0.02, "traffic")
                 dev.sync()  # what came before is on the device; what follows is at risk
                 synced = _held_acks(workers)
                 dev.fill()
@@ -436,8 +438,14 @@ def test_page_cache_durability_loses_acks_to_a_device_error_and_the_witnesses_re
 
                 dev.repair(lose_unwritten=True)
                 on_device = merged(workers).audit(db_holdings(b.db))
-                # A real loss, or this test would show nothing of the witnesses.
-                assert on_device.lost, "the device lost nothing: no loss to witness"
+                # A real loss, or this run shows nothing of the witnesses. Since the WAL
+                # keeps its file across checkpoints, frames written after the fill land
+                # in blocks the image backs already if a checkpoint restarted the WAL just
+                # before it (rare: the fill comes early, before the first 5 s timer).
+                if not on_device.lost:
+                    why = "the device lost no acknowledgement this run: nothing to witness"
+                    print(f"SKIP: {why}")
+                    pytest.skip(why)
                 before_log = len(b.read_log())
                 refusal = _start_or_refusal(b)
                 if refusal:
