@@ -242,6 +242,9 @@ class Broker:
         if restored:
             log.warning("start after a restore", extra={"start": "restored"})
             self._hold_allocs_for_witnesses("restore", "store restored")
+        elif marker is None and revision == 0 and not len(self.sets):
+            # Nothing was ever committed: no client can have been told anything.
+            log.info("first start: a new database", extra={"start": "new"})
         elif marker is not None and marker == revision:
             log.info(
                 "clean start: the last stop was clean at revision %d",

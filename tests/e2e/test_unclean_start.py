@@ -107,3 +107,23 @@ def test_after_a_clean_stop_allocations_do_not_wait() -> None:
         assert "new allocations wait up to 30 s for 2 live holders" in log  # A and B
     finally:
         b.cleanup()
+
+
+def test_a_new_database_is_a_first_start_and_a_kill_before_any_commit_too() -> None:
+    """A store nothing was ever committed to has nothing a client can have been told: its
+    start is "first start", not an unclean one, even after a kill -9 of that first run."""
+    b = BrokerProcess()
+    try:
+        b.start()
+        log = b.read_log()
+        assert "first start: a new database" in log
+        assert "unclean start" not in log
+        assert b.kill() != 0
+        log = _restart_log(b)
+        assert "first start: a new database" in log and "unclean start" not in log
+        with Client(b.address) as c, c.session("vm-a") as s:
+            assert s.alloc(1, 100) == [1]  # nothing waits
+        assert b.kill() != 0  # now something was committed: a kill is unclean
+        assert "unclean start: no clean-stop marker" in _restart_log(b)
+    finally:
+        b.stop()
