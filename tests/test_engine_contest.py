@@ -10,6 +10,8 @@ with OpenSession.witness does (tests/e2e/test_witness.py sends it over the wire)
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 from pathlib import Path
 
 from broker.backends.simulator import SimulatorBackend
@@ -83,3 +85,54 @@ def test_the_contest_and_its_claimant_outlive_a_restart(tmp_path: Path) -> None:
 
     ids = asyncio.run(before())
     asyncio.run(after(*ids))
+
+
+def test_a_witness_claim_on_a_withheld_pasid_outlasts_the_retried_free(tmp_path: Path) -> None:
+    """A PASID withheld after a failed backend free, then claimed by a witness: the retried
+    free succeeding must not put it back in the pool while the witness's set lives, nor
+    may a restart. The backend's failure is the simulator's own fault injection."""
+    db = tmp_path / "b.db"
+
+    async def before() -> int:
+        backend = SimulatorBackend(pasid_bits=8)
+        broker = Broker(backend, SqliteStore(db))
+        await broker.start()
+        try:
+            owner = await _opened(broker, "owner")
+            witness = await _opened(broker, "witness")
+            other = await _opened(broker, "other")
+            assert await broker.alloc(owner, 1, 255, 2) == [1, 2]
+            backend.fail_next = 2  # free_many, then the run-by-run free
+            await broker.revoke(owner.session_id, "test")
+            assert broker.allocator.withheld == [1, 2]
+            await broker.sets.reconcile(witness, [1])
+            assert witness.conflicts == [1]
+            # The retry (every second) frees both in the backend; only 2 goes back.
+            await asyncio.sleep(2.5)
+            assert backend.fail_next == 0
+            assert broker.allocator.withheld == [1]
+            assert await broker.alloc(other, 1, 255, 2) == [2, 3]
+            return witness.session_id
+        finally:
+            await broker.stop()
+
+    async def after(witness_id: int) -> None:
+        broker = Broker(SimulatorBackend(pasid_bits=8), SqliteStore(db), restart_grace=60)
+        await broker.start()
+        try:
+            assert broker.allocator.withheld == [1]  # stored as the witness's contest
+            other = await _opened(broker, "other2")
+            assert await broker.alloc(other, 1, 255) == [4]
+            await broker.revoke(witness_id, "test")
+            await broker.journal.drain()
+            assert broker.allocator.withheld == []
+            assert await broker.alloc(other, 1, 255) == [1]  # the backend agrees
+            broker.allocator.check()
+        finally:
+            await broker.stop()
+
+    witness_id = asyncio.run(before())
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        rows = conn.execute("SELECT pasid, kind, set_id FROM quarantine").fetchall()
+    assert rows == [(1, "contested", witness_id)]
+    asyncio.run(after(witness_id))

@@ -456,6 +456,9 @@ class Allocator:
     def withheld(self) -> list[int]:
         return sorted(self._withheld)
 
+    def is_withheld(self, pasid: int) -> bool:
+        return pasid in self._withheld
+
     def owners(self, pasids: Iterable[int]) -> dict[int, int]:
         """PASID -> the set holding it, for those of `pasids` a set holds (0: reserved,
         quarantined or withheld: used, in no set). Free ones are absent. O(all held)

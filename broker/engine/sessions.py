@@ -274,7 +274,11 @@ class Sessions:
             for p, o in clash.items():
                 if not o:  # quarantined: withheld instead, so that no expiry reissues it
                     with contextlib.suppress(ValueError):  # reserved: never reissued
-                        contested += e.allocator.withhold([p])
+                        e.allocator.withhold([p])
+                    # Withheld already (a failed kernel call) counts too: a later DETACH
+                    # or free must not put it back in the pool while the witness holds it.
+                    if e.allocator.is_withheld(p):
+                        contested.append(p)
             # Stored, with this set as the claimant: a restart keeps the contest, and this
             # set's end lets go of it (stuck.Withheld.claimant_gone).
             e.stuck.contested(set_id, contested)

@@ -199,9 +199,13 @@ class Withheld:
                 done += pasids
                 del self._restored[set_id]
         if done:
-            free = self._allocator().release_withheld(done)
-            if free:  # detached; now the backend's free (which may fail in turn)
-                self._unfreed.update(self._backend_calls.free(free))
+            # The kernel let go, but a live witness may still claim some (a contest):
+            # those stay withheld until its set ends (claimant_gone); the backend's free
+            # is theirs all the same, as claimant_gone expects.
+            claimed = [p for p in done if p in self._claimed_by]
+            free = self._allocator().release_withheld(p for p in done if p not in claimed)
+            if free or claimed:  # detached; now the backend's free (which may fail too)
+                self._unfreed.update(self._backend_calls.free(sorted([*free, *claimed])))
                 self._allocator().withhold(self._unfreed.intersection(free))
         # A set that took one back (its destroy undone) holds it again: not ours to free.
         self._unfreed.intersection_update(self._allocator().withheld)
@@ -211,7 +215,9 @@ class Withheld:
             except PasidError:
                 continue
             self._unfreed.difference_update(range(lo, hi + 1))
-            self._allocator().release_withheld(range(lo, hi + 1))
+            self._allocator().release_withheld(
+                p for p in range(lo, hi + 1) if p not in self._claimed_by
+            )
             done.extend(range(lo, hi + 1))
         if done:
             self._store(done)
@@ -227,8 +233,15 @@ class Withheld:
         gone = tuple(sorted(set(touched) - still))
         if gone:
             self._persist(ReleaseWithheld(gone, self._quarantine_until()))
-        if still:
-            self._persist(Withhold(tuple(sorted(still)), "free"))
+        by_claimant: dict[int, list[int]] = {}
+        for p in sorted(still):
+            if p in self._claimed_by and p not in self._unfreed:
+                by_claimant.setdefault(self._claimed_by[p], []).append(p)
+        for witness_set, ps in sorted(by_claimant.items()):
+            self._persist(Withhold(tuple(ps), "contested", witness_set))
+        unfreed = tuple(sorted(p for p in still if p in self._unfreed))
+        if unfreed:
+            self._persist(Withhold(unfreed, "free"))
 
     def close(self) -> None:
         if self._timer is not None:
