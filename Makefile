@@ -26,12 +26,17 @@ run: $(STAMP)
 	@echo "try:   $(VENV)/bin/pasidctl --socket $(VAR)/broker.sock info"
 	@exec $(VENV)/bin/pasid-broker --backend simulator --db $(VAR)/broker.db --socket $(VAR)/broker.sock
 
-# The whole suite (its real-kernel tier, tests/kernel, boots QEMU; it installs its Debian
-# packages or skips saying why), then the e2e suite once more on the VFIO backend over the
-# test-only fake of the patched kernel, which no mainline kernel is.
+# The whole suite, in one pytest run spread over TEST_WORKERS workers (pytest-xdist: most
+# tests wait on brokers, sockets and QEMU, not on a core; tests/conftest.py keeps the tests
+# that share a machine or a boot on one worker). Its real-kernel tiers (tests/kernel) boot
+# QEMU and its real-systemd tier boots systemd; each installs its Debian packages or skips
+# saying why. The e2e suite runs on both backends in the same pool (tests/e2e/conftest.py):
+# the simulator, and the VFIO backend over the test-only fake of the patched kernel, which
+# no mainline kernel is; only the e2e tests that choose their daemons' backend themselves,
+# or start none, run once. What each part costs: docs/test-time.md.
+TEST_WORKERS ?= 4
 test: $(STAMP) lint
-	$(PY) -m pytest
-	PASID_BROKER_BACKEND=vfio-fake $(PY) -m pytest -q tests/e2e
+	PASID_E2E_BACKENDS=simulator,vfio-fake $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 # The long form of the hostile-client fuzz (the suite runs about 500 cases): every method
 # of a live broker, a restart and the invariants after every batch. FUZZ_CASES=N to change.

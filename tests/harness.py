@@ -27,12 +27,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
-# The backend the daemons under test use: the daemon reads PASID_BROKER_BACKEND itself, so
-# `PASID_BROKER_BACKEND=vfio-fake pytest tests/e2e` runs the whole suite on the VFIO
-# backend over the test-only fake of the patched kernel (`make test` does both); the
-# launcher registers that backend.
+# The daemons under test read PASID_BROKER_BACKEND themselves (the launcher registers the
+# test-only vfio-fake): tests/e2e/conftest.py sets it for each e2e test, so that `make
+# test` runs the e2e suite on the simulator and on the VFIO backend over the fake of the
+# patched kernel.
 LAUNCHER = "tests.faults.launch"
-BACKEND = os.environ.get("PASID_BROKER_BACKEND", "simulator")
+
+
+def backend() -> str:
+    """The backend the brokers started now will use."""
+    return os.environ.get("PASID_BROKER_BACKEND", "simulator")
 
 
 def wait_until(

@@ -32,7 +32,11 @@ from tests.harness import ROOT, db_holdings, wait_until
 
 # The first test also waits for the module's set-up: the wheels (cold: ~1 min), the boot
 # and the install steps (~1 min).
-pytestmark = pytest.mark.timeout(1200)
+pytestmark = [
+    pytest.mark.timeout(1200),
+    # One boot, the tests in order on it: one worker (tests/conftest.py).
+    pytest.mark.xdist_group("systemd"),
+]
 DOC = ROOT / "docs/install.md"
 CACHE = Path("/var/cache/pasid-broker/systemd-tier")
 UNIT = "pasid-broker"

@@ -12,7 +12,7 @@ import pytest
 from pasid_client import Client
 
 from broker.config import build_parser as broker_parser
-from tests.harness import BACKEND, ROOT, BrokerProcess, run_broker_once, wait_until
+from tests.harness import ROOT, BrokerProcess, backend, run_broker_once, wait_until
 
 
 def pasidctl(b: BrokerProcess, *args: str) -> subprocess.CompletedProcess[str]:
@@ -29,6 +29,7 @@ def _flags(parser: object) -> set[str]:
     return {s for a in parser._actions for s in a.option_strings if s.startswith("--")}  # type: ignore[attr-defined]
 
 
+@pytest.mark.backend_pinned  # starts no broker
 def test_broker_help_explains_every_flag() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "broker", "--help"],
@@ -45,6 +46,7 @@ def test_broker_help_explains_every_flag() -> None:
             assert env in out, f"{flag}: its environment variable {env} is not documented"
 
 
+@pytest.mark.backend_pinned  # starts no broker
 def test_pasidctl_help_covers_every_command() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "pasid_client.cli", "--help"],
@@ -78,6 +80,7 @@ def test_pasidctl_help_covers_every_command() -> None:
         assert "--json" in sub and "--socket" in sub
 
 
+@pytest.mark.backend_pinned  # loads the settings in-process, no broker
 def test_env_configures_the_broker(monkeypatch: pytest.MonkeyPatch) -> None:
     from broker import config
 
@@ -96,6 +99,7 @@ def test_env_configures_the_broker(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (q.seconds, q.allocs) == (2.5, 64)
 
 
+@pytest.mark.backend_pinned  # its daemon's backend is --backend vfio
 def test_vfio_backend_without_vfio_refuses_clearly(tmp_path: object) -> None:
     if os.path.exists("/dev/vfio/vfio"):
         pytest.skip("this machine has /dev/vfio/vfio; the refusal is tested where it has not")
@@ -108,6 +112,7 @@ def test_vfio_backend_without_vfio_refuses_clearly(tmp_path: object) -> None:
     assert "--vfio-fallback simulator" in r.stderr and "--backend simulator" in r.stderr
 
 
+@pytest.mark.backend_pinned  # its daemon's backend is --backend vfio
 def test_vfio_backend_fallback_serves_with_the_simulator(
     make_broker: Callable[..., BrokerProcess],
 ) -> None:
@@ -134,7 +139,7 @@ def test_pasidctl_json_and_errors(broker: BrokerProcess) -> None:
     with Client(broker.address) as c, c.session("vm") as s:
         s.alloc(1, 10, count=3)
         info = json.loads(pasidctl(broker, "info", "--json").stdout)
-        assert info["in_use"] == 3 and info["backend"] == BACKEND
+        assert info["in_use"] == 3 and info["backend"] == backend()
         env_args = ("--session", str(s.session_id), "--token", s.token)
         r = pasidctl(broker, "alloc", "--count", "2", "--json", *env_args)
         assert r.returncode == 0, r.stderr
@@ -262,6 +267,7 @@ def test_common_options_work_before_and_after_the_command(broker: BrokerProcess)
     assert (b["backend"], b["capacity"]) == (a["backend"], a["capacity"])
 
 
+@pytest.mark.backend_pinned  # its daemon's backend is --backend iommufd
 def test_iommufd_backend_without_iommufd_refuses_in_one_line(tmp_path: object) -> None:
     if os.path.exists("/dev/iommu"):
         pytest.skip("this machine has /dev/iommu; the refusal is tested where it has not")

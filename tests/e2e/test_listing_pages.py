@@ -77,6 +77,7 @@ def _pasidctl(b: BrokerProcess, *args: str) -> dict[str, list[dict[str, object]]
 
 
 @pytest.mark.slow
+@pytest.mark.backend_pinned  # big_broker runs --backend simulator (21 bits)
 def test_sets_and_list_all_with_a_million_fragmented_pasids(big_broker: BrokerProcess) -> None:
     b = big_broker
     # The premise: as one reply, the listing is over what a client accepts by default.

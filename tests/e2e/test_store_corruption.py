@@ -31,6 +31,8 @@ from tests.harness import BrokerProcess, api_holdings, db_holdings, run_broker_o
 FILES = ("broker.db", "broker.db-wal", "broker.db-shm", "broker.db.revision")
 WAL_HEADER = 32
 FRAME_HEADER = 24
+# The module's tests share `crashed` (one per backend): one worker (tests/conftest.py).
+pytestmark = pytest.mark.xdist_group("store-corruption")
 
 
 def _sha(p: Path) -> str:
@@ -53,8 +55,9 @@ def _main_file_count(d: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def crashed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Ledger]:
-    """The files of a real broker SIGKILLed with acknowledged changes in its WAL only."""
+def crashed(tmp_path_factory: pytest.TempPathFactory, e2e_backend: str) -> tuple[Path, Ledger]:
+    """The files of a real broker SIGKILLed with acknowledged changes in its WAL only (on
+    each backend: made again for each, tests/e2e/conftest.py)."""
     for _attempt in range(4):
         b = BrokerProcess("--restart-grace", "120")
         ledger = Ledger()

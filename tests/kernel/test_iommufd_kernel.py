@@ -22,18 +22,24 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests import terminal
 from tests.kernel import vm
 from tests.kernel.build_kernel import Unavailable
 
-pytestmark = pytest.mark.timeout(3600)  # the first run builds the kernel
+pytestmark = [
+    pytest.mark.timeout(3600),  # the first run builds the kernel
+    # One worker for both kernel tiers (tests/conftest.py): each QEMU boot is TCG and keeps
+    # a core busy, and the module's tests share one boot.
+    pytest.mark.xdist_group("qemu"),
+]
 
 Events = dict[str, dict[str, object]]
 
 
 def _say(request: pytest.FixtureRequest, text: str) -> None:
-    capture = request.config.pluginmanager.getplugin("capturemanager")
-    with capture.global_and_fixture_disabled():
-        print(f"\n[iommufd tier] {text}", flush=True)
+    """On the run's terminal, captured or not, on workers too: CI logs must show what the
+    kernel said."""
+    terminal.note(f"[iommufd tier] {text}")
 
 
 @pytest.fixture(scope="module")

@@ -19,17 +19,22 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests import terminal
 from tests.kernel import vm
 
 # Installing packages (about 75 s here) and booting (about 50 s in TCG) share one budget.
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [
+    pytest.mark.timeout(600),
+    # One worker for both kernel tiers (tests/conftest.py): each QEMU boot is TCG and keeps
+    # a core busy, and the module's tests share one boot.
+    pytest.mark.xdist_group("qemu"),
+]
 
 
 def _say(request: pytest.FixtureRequest, text: str) -> None:
-    """Straight to the terminal, captured or not: CI logs must show what the kernel said."""
-    capture = request.config.pluginmanager.getplugin("capturemanager")
-    with capture.global_and_fixture_disabled():
-        print(f"\n[kernel tier] {text}", flush=True)
+    """On the run's terminal, captured or not, on workers too: CI logs must show what the
+    kernel said."""
+    terminal.note(f"[kernel tier] {text}")
 
 
 @pytest.fixture(scope="module")
