@@ -196,10 +196,13 @@ def _sets(m: Machine) -> list[dict[str, Any]]:
 
 
 def _client_alloc(m: Machine, user: str, count: int = 2) -> subprocess.CompletedProcess[str]:
-    """A one-shot client as `user`: open a session on the socket, allocate, print."""
+    """A one-shot client as `user`: open a session on the socket, allocate, print. It
+    tries once (the unit is active): a refused user's open would otherwise retry the
+    refused handshake for the library's 60 s reconnect deadline, to the same answer."""
     code = (
         "from pasid_client import Client\n"
-        f"with Client(socket={SOCKET!r}) as c, c.session('probe') as s:\n"
+        f"with Client(socket={SOCKET!r}, reconnect_deadline_seconds=0) as c,"
+        " c.session('probe') as s:\n"
         f"    print(s.alloc(1, 1000, count={count}))\n"
     )
     return m.run(f"runuser -u {user} -- {VENV}/bin/python -c {shlex.quote(code)}")
