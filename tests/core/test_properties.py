@@ -42,8 +42,9 @@ from broker.core import (
 
 # Pure CPU (no I/O, no timer: hypothesis's own deadline is off below): on a 2-core machine
 # at load 20 TestAllocatorProperties took 109 s of the suite's 120 s timeout, and failed
-# once on it. A longer timeout for this module only; the examples stay as many.
-pytestmark = pytest.mark.timeout(600)
+# once on it. A longer timeout for this module only; the examples stay as many. `slow`:
+# one core's work that cannot be split, dealt out first on workers (tests/conftest.py).
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
 EXAMPLES = int(os.environ.get("PASID_PROPERTY_EXAMPLES", "1000"))
 U32 = 2**32 - 1
