@@ -22,7 +22,10 @@ from tests.harness import BrokerProcess
 # Dealt out first, in this order, when the suite runs on workers: the groups and tests that
 # take longest (measured in docs/test-time.md), so that none of them starts last and keeps
 # one worker busy after the others have finished. Then the `slow`-marked tests, then the rest.
-LONGEST_GROUPS = ("systemd", "qemu")
+# `blockdev`: the tests that mount loop devices, and every test that makes a mount
+# namespace (which copies the host's mounts at that moment and would keep a loop device
+# busy); the real-systemd tier is one of them.
+LONGEST_GROUPS = ("blockdev", "qemu")
 
 
 def _deal_order(item: pytest.Item) -> tuple[int, int]:
@@ -53,18 +56,20 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     """Print the notes where the reports arrive: the run's own terminal."""
     notes = [str(v) for k, v in report.user_properties if k == "terminal-note"]
-    if notes and _terminal is not None:
-        for text in notes:
-            _terminal.write_line(f"\n{text}")
+    if notes and _config is not None and not hasattr(_config, "workerinput"):
+        # Looked up now: it registers after this file's pytest_configure has run. A
+        # worker's terminal goes nowhere; its notes reach the controller's.
+        tr = _config.pluginmanager.get_plugin("terminalreporter")
+        for text in notes if tr is not None else ():
+            tr.write_line(f"\n{text}")
 
 
-_terminal: pytest.TerminalReporter | None = None
+_config: pytest.Config | None = None
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    global _terminal
-    if not hasattr(config, "workerinput"):  # a worker's terminal goes nowhere
-        _terminal = config.pluginmanager.get_plugin("terminalreporter")
+    global _config
+    _config = config
 
 
 @pytest.fixture

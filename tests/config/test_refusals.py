@@ -188,7 +188,17 @@ CASES: dict[str, Case] = {
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
+# A case that makes a mount namespace copies the host's mounts (and would keep a loop
+# device of another test busy): on the loop-device tests' worker (tests/conftest.py).
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.xdist_group("blockdev"))
+        if CASES[n].wrap is _readonly_mount
+        else n
+        for n in CASES
+    ],
+)
 def test_refusal_is_one_line_and_exit_2(name: str, workdir: Path) -> None:
     case = CASES[name]
     taken, port = _taken_port()

@@ -34,8 +34,10 @@ from tests.harness import ROOT, db_holdings, wait_until
 # and the install steps (~1 min).
 pytestmark = [
     pytest.mark.timeout(1200),
-    # One boot, the tests in order on it: one worker (tests/conftest.py).
-    pytest.mark.xdist_group("systemd"),
+    # One boot, the tests in order on it: one worker (tests/conftest.py). `blockdev`: its
+    # container's mount namespace copies the host's mounts at boot, and would keep a loop
+    # device mounted then busy for its whole life.
+    pytest.mark.xdist_group("blockdev"),
 ]
 DOC = ROOT / "docs/install.md"
 CACHE = Path("/var/cache/pasid-broker/systemd-tier")

@@ -317,6 +317,7 @@ for i in range(300):
 
 
 @pytest.mark.skipif(bool(NO_LOOP), reason=NO_LOOP or "loop devices work")
+@pytest.mark.xdist_group("blockdev")  # a loop device (tests/conftest.py)
 def test_a_nearly_full_filesystem_never_kills_the_broker(tmp_path: Path) -> None:
     """ext4 with 1 KiB blocks, filled up, then a few KiB freed at a time. At each step a
     plain SQLite process with the shared-memory WAL index (the broker's old setting) is

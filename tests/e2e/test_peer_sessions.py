@@ -113,6 +113,7 @@ def open_raw(address: str, **fields: Any) -> grpc.RpcError | pb.SessionOpened:
 # -- identity from the kernel ------------------------------------------------------------
 
 
+@pytest.mark.xdist_group("blockdev")  # --mount-proc: a mount namespace (tests/conftest.py)
 def test_namespace_client_is_not_confused_with_the_host_process_of_its_pid(
     broker: BrokerProcess, procs: list[subprocess.Popen[str]]
 ) -> None:

@@ -92,6 +92,7 @@ def test_unused_tickets_are_swept_without_further_traffic() -> None:
         f.close()
 
 
+@pytest.mark.xdist_group("blockdev")  # --mount-proc: a mount namespace (tests/conftest.py)
 def test_namespace_client_gets_its_host_pid(peer: PeerFixture) -> None:
     need("unshare", "--pid", "--fork", "--mount-proc")
     ans, proc = peer.client(prefix=("unshare", "--pid", "--fork", "--mount-proc"), linger=True)
