@@ -10,6 +10,7 @@ defines them. npm, @grafana/schema and typescript are installed by this test int
 
 from __future__ import annotations
 
+import fcntl
 import json
 import shutil
 import subprocess
@@ -41,16 +42,24 @@ export const dashboard = """
 
 @pytest.fixture(scope="module")
 def tsc() -> Path:
-    """tsc with @grafana/schema beside it, installed once into .cache/."""
+    """tsc with @grafana/schema beside it, installed once into .cache/. Under a lock:
+    pytest-xdist workers may ask at once, and a half-done install looks installed."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with (CACHE.parent / "grafana-schema.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _install_tsc()
+
+
+def _install_tsc() -> Path:
     binary = CACHE / "node_modules" / ".bin" / "tsc"
-    if binary.exists() and (CACHE / "node_modules" / "@grafana" / "schema").exists():
+    done = CACHE / ".installed"
+    if binary.exists() and done.exists():
         return binary
     npm = shutil.which("npm")
     if npm is None:
         reason = "npm is not installed: cannot fetch @grafana/schema to check the dashboard"
         print(f"[grafana schema] SKIP: {reason}")
         pytest.skip(reason)
-    CACHE.mkdir(parents=True, exist_ok=True)
     r = subprocess.run(
         [npm, "install", "--prefix", str(CACHE), "--no-audit", "--no-fund", *PACKAGES],
         capture_output=True, text=True, timeout=300,
@@ -59,6 +68,7 @@ def tsc() -> Path:
         reason = f"npm install {' '.join(PACKAGES)} failed: {r.stderr.strip()[-300:]}"
         print(f"[grafana schema] SKIP: {reason}")
         pytest.skip(reason)
+    done.touch()
     return binary
 
 
