@@ -239,10 +239,26 @@ def _build_kernel() -> Path:
 
 
 def _unpacked(prefix: str, pkgs: tuple[str, ...], anchor: str) -> Path:
-    """sid packages unpacked with dpkg-deb -x under CACHE/<prefix>-<version of pkgs[0]>."""
+    """sid packages unpacked with dpkg-deb -x under CACHE/<prefix>-<version of pkgs[0]>.
+    One unpack of a prefix at a time: pytest-xdist workers (the uapi test and the kernel
+    tier) ask for the same headers at once on a cold cache, and shared one .tmp dir."""
+    found = _unpacked_already(prefix, anchor)
+    if found is not None:
+        return found
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / f"{prefix}-unpack.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _unpacked_already(prefix, anchor) or _unpack(prefix, pkgs, anchor)
+
+
+def _unpacked_already(prefix: str, anchor: str) -> Path | None:
     for d in sorted(CACHE.glob(f"{prefix}-*")):
         if (d / anchor).exists():
             return d
+    return None
+
+
+def _unpack(prefix: str, pkgs: tuple[str, ...], anchor: str) -> Path:
     ensure_sid_source()
     version = sid_version(pkgs[0])
     dest = CACHE / f"{prefix}-{version.replace(':', '_')}"
