@@ -27,17 +27,20 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pasid.v1 import broker_pb2 as pb
 from pasid.v1 import broker_pb2_grpc as pb_grpc
 
+from pasid_client import access
 from pasid_client import address as _address
 from pasid_client.errors import (
     NotFound,
     OutcomeUnknown,
     PasidClientError,
+    PermissionDenied,
     SessionLost,
     Unavailable,
     from_admin_rpc_error,
     from_rpc_error,
     from_status_code_int,
     make_error,
+    socket_refused,
 )
 from pasid_client.handshake import (
     Ticket,
@@ -46,6 +49,7 @@ from pasid_client.handshake import (
     open_delegate,
     open_request,
     peer_socket_path,
+    socket_exists,
     ticket_for,
     unix_path,
 )
@@ -736,6 +740,10 @@ class AsyncClient:
             raise from_rpc_error(exc) from None
         except TimeoutError:
             call.cancel()
+            # wait-for-ready waits out any connect failure, a refused one too.
+            path = unix_path(self.target)
+            if path is not None and access.probe_refused(path):
+                raise socket_refused(path) from None
             raise Unavailable(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"no answer to the open from {self.target} within {within:.3g} s",
@@ -788,7 +796,9 @@ class AsyncClient:
             resp = await health_pb2_grpc.HealthStub(self._channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=min(2.0, self.timeout)
             )
-        except grpc.RpcError:
+        except grpc.RpcError as exc:
+            if isinstance(err := from_rpc_error(exc), PermissionDenied):
+                raise err from None  # a socket we may not connect to: final
             return False
         return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
 
@@ -906,12 +916,13 @@ class AsyncClient:
 
 def _missing_socket(target: str, peer_socket: str | None) -> tuple[str, str | None] | None:
     """For a Unix target whose peer socket does not exist: (its path, the gRPC socket's
-    path if that is missing too, else None). None when the peer socket is there, or TCP."""
+    path if that is missing too, else None). None when the peer socket is there, or TCP.
+    Raises PermissionDenied (SOCKET_ACCESS) where a directory above it is closed to us."""
     peer = peer_socket_path(target, peer_socket)
-    if peer is None or os.path.exists(peer):
+    if peer is None or socket_exists(peer):
         return None
     sock = unix_path(target)
-    return peer, sock if sock is not None and not os.path.exists(sock) else None
+    return peer, sock if sock is not None and not socket_exists(sock) else None
 
 
 async def _finished(call: Any) -> grpc.RpcError:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import grpc
 
+from pasid_client import access
+
 
 class PasidClientError(Exception):
     """Any failure the broker reported (or the transport, as Unavailable)."""
@@ -69,7 +71,9 @@ class OutOfRange(PasidClientError):
 
 
 class PermissionDenied(PasidClientError):
-    """PERMISSION_DENIED (or UNIMPLEMENTED admin calls): use the admin socket."""
+    """PERMISSION_DENIED (or UNIMPLEMENTED admin calls): use the admin socket. With reason
+    SOCKET_ACCESS, this process may not connect to the broker's Unix socket at all (not
+    in its group): never retried, the message names the socket and the cause."""
 
 
 class Unauthenticated(PasidClientError):
@@ -134,10 +138,21 @@ def make_error(
     return cls(code, message, reason, errno)
 
 
+def socket_refused(path: str) -> PermissionDenied:
+    """connect(2) to the Unix socket `path` was refused by permission: why, in one line."""
+    return PermissionDenied(
+        grpc.StatusCode.PERMISSION_DENIED, access.why_refused(path), "SOCKET_ACCESS"
+    )
+
+
 def from_rpc_error(exc: grpc.RpcError) -> PasidClientError:
-    """Translate a failed unary call or stream (grpc.RpcError) into a typed error."""
+    """Translate a failed unary call or stream (grpc.RpcError) into a typed error. gRPC
+    reports a Unix socket that refuses us by permission as UNAVAILABLE, as it does a broker
+    not there yet: that one becomes PermissionDenied (SOCKET_ACCESS)."""
     code: grpc.StatusCode = exc.code()
     details: str = exc.details() or ""
+    if code == grpc.StatusCode.UNAVAILABLE and (path := access.grpc_refused_path(details)):
+        return socket_refused(path)
     md = dict(exc.trailing_metadata() or ())
     err = make_error(
         code,

@@ -19,7 +19,8 @@ from typing import Any
 import grpc
 from pasid.v1 import broker_pb2 as pb
 
-from pasid_client.errors import PasidClientError, Unavailable, make_error
+from pasid_client import access
+from pasid_client.errors import PasidClientError, Unavailable, make_error, socket_refused
 
 PEER_SOCKET = "peer.sock"
 MAX_REPLY = 4096
@@ -63,7 +64,16 @@ def peer_socket_for(target: str, peer_socket: str | None = None) -> str | None:
     """peer_socket_path if that socket exists; None for TCP or when it does not (a broker
     without the handshake: the session is anonymous)."""
     peer = peer_socket_path(target, peer_socket)
-    return peer if peer is not None and os.path.exists(peer) else None
+    return peer if peer is not None and socket_exists(peer) else None
+
+
+def socket_exists(path: str) -> bool:
+    """Whether the socket file `path` is there. Raises PermissionDenied (SOCKET_ACCESS)
+    where a directory above it is closed to us: that is not a broker still starting."""
+    try:
+        return access.exists(path)
+    except PermissionError:
+        raise socket_refused(path) from None
 
 
 def ticket_for(
@@ -174,7 +184,8 @@ def obtain_ticket(
     counts as ours). `fds`: extra (role, fd) pairs sent with SCM_RIGHTS; `meta`: extra
     fields of the message (e.g. "devices"). Our fds stay ours (the kernel gives the broker copies).
     Raises PermissionDenied (delegation not allowed, pid mismatch), InvalidArgument,
-    ResourceExhausted, Unavailable (no broker on `path`).
+    ResourceExhausted, Unavailable (no broker on `path`); PermissionDenied with reason
+    SOCKET_ACCESS where this user may not connect to `path` (not in its group).
     """
     roles = [r for r, _ in fds]
     send = [fd for _, fd in fds]
@@ -186,6 +197,13 @@ def obtain_ticket(
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as s:
         try:
             _connect(s, path, timeout)
+        except OSError as exc:
+            if access.refused(exc):  # our own connect's errno: not a broker starting
+                raise socket_refused(path) from None
+            raise Unavailable(
+                grpc.StatusCode.UNAVAILABLE, f"peer handshake on {path} failed: {exc}"
+            ) from None
+        try:
             s.settimeout(timeout)
             if send:
                 socket.send_fds(s, [data], send)

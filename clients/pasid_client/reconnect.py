@@ -22,6 +22,7 @@ from pasid.v1 import broker_pb2 as pb
 from pasid_client.errors import (
     FailedPrecondition,
     PasidClientError,
+    PermissionDenied,
     QuotaExceeded,
     Unauthenticated,
     Unavailable,
@@ -117,7 +118,11 @@ def open_retryable(err: PasidClientError, *, resuming: bool, own_ticket: bool) -
     limit says "later".
     `resuming`: our own reconnect (its old stream may still look attached to the broker
     for a moment); `own_ticket`: the library made the handshake, so a ticket that the
-    broker does not know (issued by the broker that has just died) is made again."""
+    broker does not know (issued by the broker that has just died) is made again.
+    A socket that refuses us by permission (SOCKET_ACCESS) is final: it says so at once
+    instead of after the deadline; a socket not there yet (a starting broker) is waited for."""
+    if isinstance(err, PermissionDenied):
+        return False
     if isinstance(err, Unavailable) or err.code in (
         grpc.StatusCode.INTERNAL,
         grpc.StatusCode.UNKNOWN,

@@ -24,6 +24,7 @@ from pasid_client import address as _address
 from pasid_client.aio import AsyncClient, AsyncSession, TicketSource, _watch_request
 from pasid_client.errors import (
     PasidClientError,
+    PermissionDenied,
     Unavailable,
     from_admin_rpc_error,
     from_rpc_error,
@@ -311,7 +312,8 @@ class Client:
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Block until the broker says SERVING (grpc.health.v1): it listens before its
-        recovery is done, and answers UNAVAILABLE until then. Raises Unavailable."""
+        recovery is done, and answers UNAVAILABLE until then. Raises Unavailable;
+        PermissionDenied (SOCKET_ACCESS) at once where this user may not connect."""
         stub = health_pb2_grpc.HealthStub(self._channel)
         deadline = time.monotonic() + timeout
         while True:
@@ -319,8 +321,9 @@ class Client:
                 req = health_pb2.HealthCheckRequest()
                 if stub.Check(req, timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
                     return
-            except grpc.RpcError:
-                pass
+            except grpc.RpcError as exc:
+                if isinstance(err := from_rpc_error(exc), PermissionDenied):
+                    raise err from None  # a socket we may not connect to: final
             if time.monotonic() > deadline:
                 raise Unavailable(
                     grpc.StatusCode.UNAVAILABLE, f"broker at {self.target} not serving"

@@ -368,5 +368,10 @@ def test_host_client_allocates_through_the_mounted_socket_with_pid_host(
             [*base, "--clear-groups", sys.executable, "-c", code, sock],
             capture_output=True, text=True, timeout=60, cwd=ROOT,
         )  # fmt: skip
-        assert r.returncode != 0 and "Permission denied" in r.stderr, r.stdout + r.stderr
+        # Told at once which socket and why (the library's PermissionDenied, SOCKET_ACCESS).
+        peer = host_dirs["/run/pasid-broker"] / "peer.sock"
+        assert r.returncode != 0 and (
+            f"PERMISSION_DENIED: permission denied connecting to {peer}: this user (uid 65534)"
+            " is not in its group" in r.stderr
+        ), r.stdout + r.stderr
         assert b.stop(signal.SIGTERM) == 0, b.output()

@@ -1,7 +1,8 @@
 """A hostile caller's probe, run as another uid by tests/e2e/test_other_uid.py.
 
 argv[1]: JSON list of {"address", "tls": [ca, cert, key] or null, "call"}. Prints a JSON
-list with, for each call, "OK" or the gRPC status name it ended with (and the message).
+list with, for each call, "OK" or the gRPC status name it ended with, the result or the
+message, the seconds it took, and (for an error) the library's reason.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import sys
+import time
 from typing import Any
 
 import grpc
@@ -60,15 +62,15 @@ def main() -> None:
     out = []
     for spec in json.loads(sys.argv[1]):
         tls = tuple(spec["tls"]) if spec.get("tls") else None
+        t0 = time.monotonic()
         try:
-            # Once, as a refused caller sees it: an open that finds no way in would
-            # otherwise retry the refused handshake for the library's 60 s reconnect
-            # deadline (it waits for a broker that is starting), to the same answer.
-            with Client(spec["address"], tls=tls, timeout=5, reconnect_deadline_seconds=0) as c:
+            # The library's own reconnect deadline (60 s): a refused caller must be told
+            # at once, not after waiting for a broker as if it were starting.
+            with Client(spec["address"], tls=tls, timeout=5) as c:
                 got = run(c, spec["call"])
-            out.append(["OK", got])
+            out.append(["OK", got, time.monotonic() - t0, ""])
         except PasidClientError as exc:
-            out.append([exc.code.name, exc.message])
+            out.append([exc.code.name, exc.message, time.monotonic() - t0, exc.reason])
     print(json.dumps(out))
 
 

@@ -16,23 +16,32 @@ from pathlib import Path
 from typing import Any
 
 from pasid_client import Client
+from pasid_client.reconnect import RECONNECT_DEADLINE_SECONDS
 
 from tests.e2e.other_uid import as_nobody, open_for_nobody, require_setpriv
 from tests.e2e.test_tls import OPS_SUBJECT, Pki, tcp_address
 from tests.harness import ROOT, BrokerProcess, api_holdings
 
+# Half the client library's reconnect deadline (60 s): a refusal that took longer was
+# retried as if the broker were starting, instead of being told at once.
+RETRIED_SECONDS = RECONNECT_DEADLINE_SECONDS / 2
+
 
 def probe(calls: list[dict[str, Any]]) -> list[list[Any]]:
-    """Run the calls as uid 65534; [status name or "OK", message or result] for each."""
+    """Run the calls as uid 65534; [status name or "OK", message or result, reason] for
+    each. None of them waits out the library's reconnect deadline: a refusal is final."""
     p = as_nobody(
         [sys.executable, "-m", "tests.e2e.probe", json.dumps(calls)],
         stdout=-1,
         stderr=-1,
         cwd=ROOT,
     )
-    out, err = p.communicate(timeout=120)
+    out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
-    return list(json.loads(out))
+    got = json.loads(out)
+    waited = [g for g in got if g[2] >= RETRIED_SECONDS]
+    assert not waited, f"retried as if the broker were starting: {waited}"
+    return [[code, msg, reason] for code, msg, _, reason in got]
 
 
 def state(b: BrokerProcess) -> tuple[dict[int, list[int]], Any]:
@@ -86,8 +95,16 @@ def test_another_uid_reaches_neither_socket() -> None:
                 {"address": b.admin_address, "call": "revoke"},
             ],
         )
-        assert [g[0] for g in got] == ["UNAVAILABLE"] * 5, got
-        assert all("Permission denied" in g[1] or "connect" in g[1] for g in got), got
+        # Told at once (probe), by name: the socket it may not connect to and why.
+        assert [g[0] for g in got] == ["PERMISSION_DENIED"] * 5, got
+        assert {g[2] for g in got} == {"SOCKET_ACCESS"}, got
+        not_in_group = "this user (uid 65534) is not in its group 'root' (mode 0660)"
+        # GetInfo goes straight to the gRPC socket; a session and the admin calls prove
+        # who they are on the peer socket first (docs/peer-identity.md), refused there.
+        assert got[0][1].startswith(f"permission denied connecting to {b.socket}: "), got
+        for g in got[1:]:
+            assert g[1].startswith(f"permission denied connecting to {b.dir}/peer.sock: "), got
+        assert all(not_in_group in g[1] for g in got), got
 
 
 def test_another_uid_on_an_open_clients_socket_is_a_tenant_not_an_admin() -> None:
@@ -141,6 +158,7 @@ def test_another_uid_with_a_stolen_token_is_told_whose_set_it_is() -> None:
                     " not by uid:65534: it resumes only with a peer ticket of uid:0 (the"
                     " handshake on the Unix socket, which the client library does), or"
                     " re-attach it (reattach_set_id) from its holder",
+                    "PERMISSION_DENIED",
                 ]
             ], got
             with c.session(resume_token=token) as again:
@@ -206,3 +224,102 @@ def test_another_uid_on_an_open_admin_socket_is_refused_per_call() -> None:
         assert codes == ["PERMISSION_DENIED"] * 4 + ["UNAUTHENTICATED"], got
         assert "uid:65534 is not an admin" in got[0][1]
         assert "anonymous" in got[4][1]
+
+
+def test_another_uid_is_told_which_directory_it_may_not_enter() -> None:
+    """The socket's directory closed to the user (the test's own, mode 0700): refused at
+    once, naming the directory, not taken for a broker whose socket is not there yet."""
+    require_setpriv()
+    b = BrokerProcess()
+    try:
+        b.start()
+        got = probe([{"address": b.address, "call": "session_alloc"}])
+        assert got == [
+            [
+                "PERMISSION_DENIED",
+                f"permission denied connecting to {b.dir}/peer.sock: this user (uid 65534)"
+                f" may not enter its directory {b.dir} (mode 0700, owner root, group root)",
+                "SOCKET_ACCESS",
+            ]
+        ], got
+    finally:
+        b.cleanup()
+
+
+def _probe_started(b: BrokerProcess, call: str) -> Any:
+    """The probe as uid 65534, started now (the caller starts its broker later)."""
+    return as_nobody(
+        [
+            sys.executable,
+            "-m",
+            "tests.e2e.probe",
+            json.dumps([{"address": b.address, "call": call}]),
+        ],
+        stdout=-1,
+        stderr=-1,
+        cwd=ROOT,
+    )
+
+
+def _waits_then_allocates(p: Any, b: BrokerProcess, start: Any) -> None:
+    """`p` (an open as uid 65534) is still waiting after a while; once `start()` brings the
+    broker up, it allocates."""
+    with contextlib.suppress(Exception):
+        out, err = p.communicate(timeout=1.5)
+        raise AssertionError(f"the open did not wait for the broker: {out} {err}")
+    start()
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    assert [g[0] for g in json.loads(out)] == ["OK"], out
+
+
+def test_another_uid_waits_for_a_broker_that_is_starting() -> None:
+    """A permitted user (--socket-mode 0666) whose open comes before the broker's
+    sockets exist (ENOENT) waits for it, as issue 19 asked: only a refusal is final."""
+    with open_to_nobody("--socket-mode", "0666") as b:
+        p = _probe_started(b, "session_alloc")
+        _waits_then_allocates(p, b, lambda: b.start(wait=False))
+
+
+def test_another_uid_waits_for_a_broker_that_is_restarting() -> None:
+    """The broker killed (-9) leaves its sockets behind: connect(2) says ECONNREFUSED,
+    which is a broker to wait for, not a refusal of this user."""
+    with open_to_nobody("--socket-mode", "0666") as b:
+        b.start()
+        b.kill()
+        assert Path(b.socket).exists() and Path(b.dir, "peer.sock").exists()
+        p = _probe_started(b, "session_alloc")
+        _waits_then_allocates(p, b, lambda: b.restart(wait=False))
+
+
+def test_pasidctl_as_another_uid_says_it_may_not_connect() -> None:
+    """pasidctl as a user outside the socket's group: exit 1 at once, PERMISSION_DENIED
+    naming the socket and the cause, in text on stderr and with --json on stdout."""
+    with open_to_nobody() as b:
+        b.start()
+        for argv in (["info"], ["hold", "--count", "1"]):
+            p = as_nobody(
+                [sys.executable, "-m", "pasid_client.cli", "--socket", b.socket, *argv],
+                stdout=-1,
+                stderr=-1,
+                cwd=ROOT,
+            )
+            out, err = p.communicate(timeout=RETRIED_SECONDS)
+            assert p.returncode == 1, (argv, out, err)
+            sock = b.socket if argv == ["info"] else f"{b.dir}/peer.sock"
+            assert err.startswith(
+                f"pasidctl: PERMISSION_DENIED: permission denied connecting to {sock}: this"
+                " user (uid 65534) is not in its group 'root' (mode 0660)"
+            ), err
+            p = as_nobody(
+                [sys.executable, "-m", "pasid_client.cli", "--socket", b.socket, "--json", *argv],
+                stdout=-1,
+                stderr=-1,
+                cwd=ROOT,
+            )
+            out, _ = p.communicate(timeout=RETRIED_SECONDS)
+            assert p.returncode == 1, out
+            doc = json.loads(out)
+            assert doc["error"]["code"] == "PERMISSION_DENIED", doc
+            assert doc["error"]["reason"] == "SOCKET_ACCESS", doc
+            assert doc["error"]["message"] == err.split(": ", 2)[2].strip(), doc

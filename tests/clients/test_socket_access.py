@@ -1,0 +1,102 @@
+"""Why a user may not connect, as the client library words it (PermissionDenied,
+SOCKET_ACCESS): each cause that a socket's mode, owner and group can make, met by a real
+process of uid 65534 (setpriv) calling a real listening Unix socket. The broker is not
+needed: the kernel refuses the connect before anyone answers (tests/e2e/test_other_uid.py
+meets a real broker)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.other_uid import NOBODY, open_for_nobody, require_setpriv, setpriv
+from tests.harness import ROOT
+
+CALL = """
+import json, sys
+from pasid_client import Client, PasidClientError
+try:
+    with Client(socket=sys.argv[1], timeout=5) as c:
+        c.info()
+    print(json.dumps(["OK"]))
+except PasidClientError as exc:
+    print(json.dumps([exc.code.name, exc.reason, exc.message]))
+"""
+
+
+@pytest.fixture
+def listening() -> Iterator[Path]:
+    """A listening Unix socket in a directory uid 65534 may enter (pytest's tmp_path is
+    under a 0700 directory)."""
+    require_setpriv()
+    d = Path(tempfile.mkdtemp(prefix="pb-access-", dir="/tmp"))
+    open_for_nobody(d)
+    path = d / "broker.sock"
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.bind(str(path))
+            s.listen()
+            yield path
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def info_as_nobody(path: Path, groups: str = "--clear-groups") -> list[str]:
+    prefix = [g if g != "--clear-groups" else groups for g in setpriv()]
+    r = subprocess.run(
+        [*prefix, sys.executable, "-c", CALL, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stderr
+    return list(json.loads(r.stdout))
+
+
+def test_outside_the_group(listening: Path) -> None:
+    os.chmod(listening, 0o660)
+    assert info_as_nobody(listening) == [
+        "PERMISSION_DENIED",
+        "SOCKET_ACCESS",
+        f"permission denied connecting to {listening}: this user (uid {NOBODY}) is not in"
+        " its group 'root' (mode 0660): add it (usermod -aG root USER), then log in again",
+    ]
+
+
+def test_in_the_group_that_may_not_write(listening: Path) -> None:
+    os.chmod(listening, 0o640)
+    assert info_as_nobody(listening, "--groups=0") == [
+        "PERMISSION_DENIED",
+        "SOCKET_ACCESS",
+        f"permission denied connecting to {listening}: its group 'root', which this user is"
+        " in, may not write it (mode 0640, owner root, group 'root')",
+    ]
+
+
+def test_the_owner_that_may_not_write(listening: Path) -> None:
+    os.chown(listening, NOBODY, 0)
+    os.chmod(listening, 0o466)
+    assert info_as_nobody(listening) == [
+        "PERMISSION_DENIED",
+        "SOCKET_ACCESS",
+        f"permission denied connecting to {listening}: its owner (this user, uid {NOBODY})"
+        " may not write it (mode 0466, owner nobody, group 'root')",
+    ]
+
+
+def test_a_socket_that_lets_us_in_is_not_refused(listening: Path) -> None:
+    """The mode allows the connect: whatever the call then meets (here a socket that
+    never speaks gRPC), it is not a refusal of this user."""
+    os.chmod(listening, 0o666)
+    got = info_as_nobody(listening)
+    assert got[:2] != ["PERMISSION_DENIED", "SOCKET_ACCESS"], got
