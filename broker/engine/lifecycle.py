@@ -14,8 +14,11 @@ anonymous or remote set has no process to follow: it keeps the stream-plus-grace
 (any end of its stream but a release starts its grace, then it is reclaimed; grace 0:
 at once), and resumes by token.
 
-An open whose reply never reached its client (OPEN_ABANDONED) leaves nothing: nobody
-knows the set exists, so there is nothing to detach (the atomic open).
+An open whose reply was never sent (OPEN_ABANDONED: its stream ended while the open was
+committing) leaves nothing: nobody knows the set exists, so there is nothing to detach
+(the atomic open). Once the reply is handed to grpc the client may know it, so a broken
+stream detaches it: whether a reply in flight arrived cannot be known, and destroying a
+set its client knows is the error that must not happen.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ class SetEvent(enum.Enum):
 
     RELEASE = "release request"
     HALF_CLOSE = "half-close"  # its stream's requests ended normally: an explicit end
-    OPEN_ABANDONED = "open abandoned"  # the stream ended before its open was answered
+    OPEN_ABANDONED = "open abandoned"  # the stream ended before its open's reply was sent
     STREAM_BROKEN = "stream broken"  # cancelled, connection lost, client killed
     HOLDER_EXIT = "holder exit"  # the verified holder's pidfd polled readable
     GRACE_EXPIRED = "grace expired"
