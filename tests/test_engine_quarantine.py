@@ -98,3 +98,44 @@ def test_recovery_withholds_stored_pasids_and_drops_stale_rows(tmp_path: Path) -
     asyncio.run(scenario())
     with contextlib.closing(sqlite3.connect(db)) as c:
         assert c.execute("SELECT pasid, kind FROM quarantine").fetchall() == [(6, "contested")]
+
+
+def test_claims_of_a_witness_set_that_is_gone_end_at_the_start(tmp_path: Path) -> None:
+    """The witness's set's destroy was durable, the end of its claims not (a crash between
+    the two commits): the start ends them. 5 (its set holds it) is no longer contested, 6
+    goes back to the pool, 7 still waits for its retried free, then goes back too."""
+    db = tmp_path / "b.db"
+    st = SqliteStore(db)
+    st.open()
+    st.commit(
+        [
+            CreateSet(SetRow(1, "vm", 0, 1000, 0, "h", 1.0)),
+            AddPasids(1, (5,)),
+            Withhold((5, 6), "contested", 3, claimant=3),  # set 3: gone
+            Withhold((7,), "free", 9, claimant=3),
+        ]
+    )
+    st.close()
+
+    async def scenario() -> None:
+        backend = SimulatorBackend(pasid_bits=8)
+        broker = Broker(backend, SqliteStore(db))
+        await broker.start()
+        try:
+            assert broker.allocator.withheld == [7]  # 6 is free at once
+            for _ in range(60):  # the retried free lets go of 7
+                if broker.info().quarantined == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert broker.allocator.withheld == []
+            (sess,) = broker.sessions()
+            await broker.revoke(sess.session_id, "test")
+            assert broker.allocator.withheld == []  # 5: nobody claims it any more
+            await broker.journal.drain()
+            broker.allocator.check()
+        finally:
+            await broker.stop()
+
+    asyncio.run(scenario())
+    with contextlib.closing(sqlite3.connect(db)) as c:
+        assert c.execute("SELECT pasid, kind FROM quarantine").fetchall() == []

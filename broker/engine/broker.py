@@ -217,6 +217,10 @@ class Broker:
         )
         # Before the holders: a witness's set reclaimed now lets go of its contest.
         self.stuck.restore(r.withheld_detach, r.withheld_unfreed, r.claimed_by)
+        # A claimant whose set's destroy was durable but the end of its claims was not
+        # (a crash between the two commits): its claims end now.
+        for set_id in sorted(set(r.claimed_by.values()) - {s.set_id for s in r.snapshot.sets}):
+            self.stuck.claimant_gone(set_id)
         self.sets.recover_holders(self.restart_grace)
         if r.stale_withheld:
             self.persist(ReleaseWithheld(tuple(r.stale_withheld)))

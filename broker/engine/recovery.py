@@ -60,8 +60,10 @@ def _restore_withheld(allocator: Allocator, snap: Snapshot) -> _Restored:
     owners = allocator.owners(snap.withheld) if snap.withheld else {}
     out = _Restored()
     for p, row in sorted(snap.withheld.items()):
-        if row.kind == "contested" and row.set_id:
-            out.claimed_by[p] = row.set_id
+        # A "detach" or "free" row may be claimed too (its claimant outlives the wait).
+        claimant = row.claimant or (row.set_id if row.kind == "contested" else None)
+        if claimant:
+            out.claimed_by[p] = claimant
         if row.kind == "contested" and owners.get(p):
             allocator.contest([p])  # its set holds it still: withheld when it lets go
             continue

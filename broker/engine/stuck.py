@@ -21,6 +21,11 @@ After a restart the broker's copies of the device fds are gone (the kernel close
 with the old process), so no DETACH can be retried: a "detach" PASID waits for the gone
 set's holder to exit (its pid and start time are stored). A "free" PASID was replayed
 into the backend, and its free is retried.
+
+A witness may claim a withheld PASID too (Sessions.reconcile; `_claimed_by`): when the
+kernel lets go it stays withheld until the witness's set is gone (claimant_gone). Its
+row keeps both the wait and the claimant (`_rows`, the one place rows are made), so a
+restart keeps both.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from broker.backends.base import Devices
 from broker.core import Allocator, PasidError, runs
@@ -47,6 +52,15 @@ def _alive(holder: Holder) -> bool:
         return False
     os.close(fd)
     return True
+
+
+# A row's fields besides its PASIDs: kind, set_id, holder pid, holder start, claimant.
+_RowKey = tuple[str, int | None, int | None, int | None, int | None]
+
+
+def _by_first(item: tuple[_RowKey, list[int]]) -> int:
+    """Rows in the order of their first PASID (deterministic, as the tests read them)."""
+    return item[1][0]
 
 
 class Withheld:
@@ -93,11 +107,11 @@ class Withheld:
 
     def contested(self, witness_set: int, pasids: Sequence[int]) -> None:
         """A witness's set claims these while the store gives them to another set (or
-        holds them back); the allocator contests them: stored, with the claimant."""
+        holds them back); the allocator contests them: stored, with the claimant (and
+        whatever kernel call a withheld one still waits for)."""
         for p in pasids:
             self._claimed_by[p] = witness_set
-        if pasids:
-            self._persist(Withhold(tuple(sorted(pasids)), "contested", witness_set))
+        self._persist_rows(pasids)
 
     def claimant_gone(self, set_id: int) -> list[int]:
         """The witness's set `set_id` is gone (durably): nobody claims its contested PASIDs
@@ -126,6 +140,9 @@ class Withheld:
         a.release_withheld(free)
         if held:
             self._persist(ReleaseWithheld(tuple(held)))
+        # A failed kernel call still withholds these: their rows keep the wait, not the
+        # claim (a restart must not wait for a gone claimant).
+        self._persist_rows([p for p in mine if p in withheld and p in busy])
         if free:
             self._persist(ReleaseWithheld(tuple(free), self._quarantine_until()))
             log.warning(
@@ -138,18 +155,13 @@ class Withheld:
 
     def detach_failed(self, set_id: int, pasids: Sequence[int], holder: Holder | None) -> None:
         """The set is gone but the kernel kept these attached: keep them from the pool."""
-        kept = self._allocator().withhold(pasids)
+        a = self._allocator()
+        a.withhold(pasids)
+        # A contested one was withheld already (its set gave it up): its row now waits
+        # for the DETACH too, and keeps its claimant.
+        kept = [p for p in sorted(pasids) if a.is_withheld(p)]
         self._holders[set_id] = holder
-        if kept:
-            self._persist(
-                Withhold(
-                    tuple(kept),
-                    "detach",
-                    set_id,
-                    holder.pid if holder is not None else None,
-                    holder.start_time if holder is not None else None,
-                )
-            )
+        self._persist_rows(kept)
         log.error(
             "set %d: DETACH failed for %d PASIDs; withheld from the pool until a DETACH"
             " succeeds or the holder exits",
@@ -161,10 +173,13 @@ class Withheld:
 
     def free_failed(self, set_id: int, pasids: Sequence[int]) -> None:
         """The set is gone but the backend did not free these: keep them from the pool."""
-        kept = self._allocator().withhold(pasids)
+        a = self._allocator()
+        a.withhold(pasids)
+        # A contested one was withheld already (its set gave it up): its free is retried
+        # too, and its row keeps its claimant.
+        kept = [p for p in sorted(pasids) if a.is_withheld(p)]
         self._unfreed.update(kept)
-        if kept:
-            self._persist(Withhold(tuple(kept), "free", set_id))
+        self._persist_rows(kept, set_id)
         log.error(
             "set %d: the backend's free failed for %d PASIDs; withheld from the pool until"
             " a retried free succeeds",
@@ -228,20 +243,53 @@ class Withheld:
 
     def _store(self, touched: Sequence[int]) -> None:
         """What retry() changed, for the store: those no longer withheld lose their rows
-        (or become quarantine rows); a detached one whose free then failed is "free"."""
+        (or become quarantine rows); the others' rows say what keeps them now."""
         still = set(self._allocator().withheld).intersection(touched)
         gone = tuple(sorted(set(touched) - still))
         if gone:
             self._persist(ReleaseWithheld(gone, self._quarantine_until()))
-        by_claimant: dict[int, list[int]] = {}
-        for p in sorted(still):
-            if p in self._claimed_by and p not in self._unfreed:
-                by_claimant.setdefault(self._claimed_by[p], []).append(p)
-        for witness_set, ps in sorted(by_claimant.items()):
-            self._persist(Withhold(tuple(ps), "contested", witness_set))
-        unfreed = tuple(sorted(p for p in still if p in self._unfreed))
-        if unfreed:
-            self._persist(Withhold(unfreed, "free"))
+        self._persist_rows(still)
+
+    def _persist_rows(self, pasids: Iterable[int], gone_set: int | None = None) -> None:
+        for rec in self._rows(pasids, gone_set):
+            self._persist(rec)
+
+    def _rows(self, pasids: Iterable[int], gone_set: int | None = None) -> list[Withhold]:
+        """THE place a withheld or contested PASID's stored row is made, from what keeps
+        it now: the kind is what the broker waits for ("detach": a gone set's DETACH or
+        its holder's exit, with that set and holder; "free": the backend's free, of
+        `gone_set` if known; "contested": only a witness's claim), and `claimant` is the
+        witness's set that claims it, whatever the kind. A restart reads both back
+        (recovery._restore_withheld). PASIDs that nothing keeps get no row."""
+        waits: dict[int, tuple[int, Holder | None]] = {}  # pasid -> gone set, its holder
+        if self._devices is not None:
+            for sid, ps in self._devices.stuck().items():
+                for p in ps:
+                    waits[p] = (sid, self._holders.get(sid))
+        for sid, (holder, ps) in self._restored.items():
+            for p in ps:
+                waits[p] = (sid, holder)
+        rows: dict[_RowKey, list[int]] = {}
+        for p in sorted(set(pasids)):
+            claimant = self._claimed_by.get(p)
+            key: _RowKey
+            if p in waits:
+                sid, holder = waits[p]
+                key = (
+                    "detach",
+                    sid,
+                    holder.pid if holder is not None else None,
+                    holder.start_time if holder is not None else None,
+                    claimant,
+                )
+            elif p in self._unfreed:
+                key = ("free", gone_set, None, None, claimant)
+            elif claimant is not None:
+                key = ("contested", claimant, None, None, claimant)
+            else:
+                continue
+            rows.setdefault(key, []).append(p)
+        return [Withhold(tuple(ps), *key) for key, ps in sorted(rows.items(), key=_by_first)]
 
     def close(self) -> None:
         if self._timer is not None:

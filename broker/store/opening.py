@@ -311,14 +311,14 @@ def load_snapshot(conn: sqlite3.Connection) -> Snapshot:
         (rev,) = conn.execute("SELECT COALESCE(MAX(revision), 0) FROM events").fetchone()
         quarantine: dict[int, float] = {}
         withheld: dict[int, WithheldRow] = {}
-        for p, until, kind, sid, hpid, hstart in conn.execute(
-            "SELECT pasid, release_unix, kind, set_id, holder_pid, holder_start_time"
-            " FROM quarantine"
+        for p, until, kind, sid, hpid, hstart, claimant in conn.execute(
+            "SELECT pasid, release_unix, kind, set_id, holder_pid, holder_start_time,"
+            " claimant FROM quarantine"
         ):
             if kind == "time":
                 quarantine[p] = until
             else:
-                withheld[p] = WithheldRow(kind, sid, hpid, hstart)
+                withheld[p] = WithheldRow(kind, sid, hpid, hstart, claimant)
         q = conn.execute(
             "SELECT per_set, per_client, global_ FROM quotas WHERE scope = 'default'"
         ).fetchone()

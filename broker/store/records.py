@@ -103,13 +103,16 @@ class Withhold:
     """PASIDs kept out of the pool whatever the clock (broker/engine/stuck.py): a
     quarantine row each, of `kind` (WITHHELD_KINDS; schema.quarantine says what each
     means). "detach" names the gone set and its verified holder, whose exit frees
-    them. No event: the set's destroy or the conflict is in the log already."""
+    them; `claimant`, the witness's set that claims them, whatever the kind (a
+    "contested" row's set_id is its claimant too). No event: the set's destroy or the
+    conflict is in the log already. Made in one place: stuck.Withheld._rows."""
 
     pasids: tuple[int, ...]
     kind: str
     set_id: int | None = None
     holder_pid: int | None = None
     holder_start_time: int | None = None
+    claimant: int | None = None
 
 
 @dataclass(frozen=True)
@@ -200,6 +203,7 @@ class WithheldRow(NamedTuple):
     set_id: int | None = None
     holder_pid: int | None = None
     holder_start_time: int | None = None
+    claimant: int | None = None
 
 
 @dataclass

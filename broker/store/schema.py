@@ -62,8 +62,10 @@ quotas = Table(
 # kernel lets go (broker/engine/stuck.py): "detach" (a DETACH failed at set `set_id`'s
 # end; its verified holder's exit frees it), "free" (the backend's free failed),
 # "contested" (a witness claimed it while the store gave it to another set; that set
-# may still hold it: then it is withheld when the set gives it up). A PASID held by a
-# set (allocations) wins over a stale "time", "detach" or "free" row.
+# may still hold it: then it is withheld when the set gives it up). `claimant`
+# (migration 0008): the witness's set that claims it, for any kind (a "detach" or
+# "free" row may be claimed too: both the wait and the claim outlive a restart). A
+# PASID held by a set (allocations) wins over a stale "time", "detach" or "free" row.
 quarantine = Table(
     "quarantine",
     metadata,
@@ -73,6 +75,7 @@ quarantine = Table(
     Column("set_id", Integer, nullable=True),
     Column("holder_pid", Integer, nullable=True),
     Column("holder_start_time", Integer, nullable=True),
+    Column("claimant", Integer, nullable=True),
 )
 
 # The PASID is the primary key: the database itself refuses a PASID in two sets. No

@@ -425,9 +425,17 @@ class Writer:
         withheld for another reason, before)."""
         conn.executemany(
             "INSERT OR REPLACE INTO quarantine (pasid, release_unix, kind, set_id,"
-            " holder_pid, holder_start_time) VALUES (?, ?, ?, ?, ?, ?)",
+            " holder_pid, holder_start_time, claimant) VALUES (?, ?, ?, ?, ?, ?, ?)",
             [
-                (p, math.inf, rec.kind, rec.set_id, rec.holder_pid, rec.holder_start_time)
+                (
+                    p,
+                    math.inf,
+                    rec.kind,
+                    rec.set_id,
+                    rec.holder_pid,
+                    rec.holder_start_time,
+                    rec.claimant,
+                )
                 for p in rec.pasids
             ],
         ).close()
@@ -443,7 +451,8 @@ class Writer:
             return
         conn.executemany(
             "UPDATE quarantine SET kind = 'time', release_unix = ?, set_id = NULL,"
-            " holder_pid = NULL, holder_start_time = NULL WHERE pasid = ? AND kind != 'time'",
+            " holder_pid = NULL, holder_start_time = NULL, claimant = NULL"
+            " WHERE pasid = ? AND kind != 'time'",
             [(rec.quarantine_until, p) for p in rec.pasids],
         ).close()
         self._quarantined = True

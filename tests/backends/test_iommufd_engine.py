@@ -573,3 +573,101 @@ def _withheld_rows(db: Path) -> list[tuple[int, str]]:
 
     with contextlib.closing(sqlite3.connect(db)) as c:
         return c.execute("SELECT pasid, kind FROM quarantine").fetchall()
+
+
+# -- a contested PASID whose kernel calls fail: the claim outlives a restart ------------
+
+
+class FreeFailingBackend(IommufdBackend):
+    """Its free fails with EIO while `fail_free` is set. Injected: the iommufd backend's
+    free is bookkeeping, and nothing on this host makes it fail; what is tested is the
+    engine's store path after a late DETACH whose free then fails."""
+
+    fail_free = False
+    failed = 0
+
+    def free(self, lo: int, hi: int) -> None:
+        if self.fail_free:
+            self.failed += 1
+            raise BackendError(errno.EIO, f"free [{lo}, {hi}]: EIO (injected)")
+        super().free(lo, hi)
+
+
+def _free_failing(tmp_path: Path, kernel: KernelModel) -> FreeFailingBackend:
+    be = make_backend(tmp_path, kernel)
+    out = FreeFailingBackend(
+        dev_iommu=be.dev_iommu, sysfs_iommu=be.sysfs_iommu, attach=kernel.attach,
+        detach=kernel.detach,
+    )  # fmt: skip
+    return out
+
+
+def _claimed_rows(db: Path) -> list[tuple[int, str, int | None]]:
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(db)) as c:
+        return c.execute("SELECT pasid, kind, claimant FROM quarantine ORDER BY pasid").fetchall()
+
+
+def test_a_contested_pasid_whose_late_free_fails_keeps_its_claim_across_a_restart(
+    tmp_path: Path,
+) -> None:
+    """PASID 1 is contested (a witness's set claims it) when its set ends; its DETACH
+    fails, then succeeds on a retry, and the backend's free that follows fails. Its row
+    must keep the claim (kind "free", the claimant): after a restart the retried free
+    succeeds, and 1 still stays out of the pool until the witness's set is gone."""
+    db = tmp_path / "b.db"
+
+    async def before() -> int:
+        kernel = RefusingKernel()
+        be = _free_failing(tmp_path, kernel)
+        broker = Broker(be, SqliteStore(db), devices=be)
+        await broker.start()
+        try:
+            a = await opened(broker, "vm-a")
+            w = await opened(broker, "witness")
+            delegate(be, kernel, a)
+            assert await broker.alloc(a, 1, 100, 2, "dev") == [1, 2]
+            await broker.sets.reconcile(w, [1])
+            assert w.conflicts == [1]
+            kernel.refuse = {1}
+            broker.end_session(a, "test")
+            await broker.journal.drain()
+            assert broker.allocator.withheld == [1]
+            be.fail_free = True
+            kernel.refuse.clear()  # the retry detaches 1; the free then fails
+            for _ in range(100):
+                if be.failed:
+                    break
+                await asyncio.sleep(0.05)
+            assert be.failed and kernel.table == {}
+            assert broker.allocator.withheld == [1]
+            return w.session_id
+        finally:
+            await broker.stop()  # the store holds its file while open: read after
+
+    async def after(witness: int) -> None:
+        (tmp_path / "k2").mkdir()
+        be = make_backend(tmp_path / "k2", KernelModel())
+        broker = Broker(be, SqliteStore(db), devices=be, restart_grace=60)
+        await broker.start()
+        try:
+            assert broker.allocator.withheld == [1]
+            await asyncio.sleep(stuck.RETRY_SECONDS * 2.5)  # the free is retried: it lands
+            assert broker.allocator.withheld == [1]  # still claimed
+            other = await opened(broker, "other")
+            assert await broker.alloc(other, 1, 100, 2) == [2, 3]
+            with pytest.raises(Exhausted):
+                await broker.alloc(other, 1, 1, 1)
+            await broker.revoke(witness, "test")
+            await broker.journal.drain()
+            assert broker.allocator.withheld == []
+            assert await broker.alloc(other, 1, 100, 1) == [1]
+            broker.allocator.check()
+        finally:
+            await broker.stop()
+
+    witness = asyncio.run(before())
+    assert _claimed_rows(db) == [(1, "free", witness)]  # the wait and the claim
+    asyncio.run(after(witness))
+    assert _claimed_rows(db) == []

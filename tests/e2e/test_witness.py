@@ -58,10 +58,12 @@ def witnessed_resume(c: Client, token: str, held: list[int]) -> tuple[Any, Any, 
     return resp.opened, q, call
 
 
-def _restored(tmp_path: Path, grace: str) -> tuple[BrokerProcess, Ledger, str, int]:
+def _restored(
+    tmp_path: Path, grace: str, env: dict[str, str] | None = None
+) -> tuple[BrokerProcess, Ledger, str, int]:
     """A broker whose set A got 1-4 before a backup and 5-8 after, restored from it:
-    (the restarted broker, the ledger, A's token, A's set)."""
-    b = BrokerProcess("--restart-grace", grace)
+    (the restarted broker, the ledger, A's token, A's set). `env`: the broker's."""
+    b = BrokerProcess("--restart-grace", grace, env=env)
     ledger = Ledger()
     b.start()
     with Client(b.address) as c:

@@ -16,7 +16,7 @@ from pasid_client import Client
 from sqlalchemy import create_engine
 
 from broker.core import StoreError
-from broker.store import AddPasids, SqliteStore, migrations
+from broker.store import AddPasids, SqliteStore, WithheldRow, migrations
 from broker.store.schema import metadata
 from tests.harness import BrokerProcess, open_db, wait_until
 
@@ -198,4 +198,47 @@ def test_0007_keeps_a_0006_quarantine_and_round_trips(tmp_path: Path) -> None:
         cols = [r[1] for r in conn.exec_driver_sql("PRAGMA table_info(quarantine)")]
         assert cols == ["pasid", "release_unix"]
         assert conn.exec_driver_sql("SELECT * FROM quarantine").fetchall() == [(9, 4_000_000_000.0)]
+    engine.dispose()
+
+
+def test_0008_names_the_claimant_of_0007_contests_and_round_trips(tmp_path: Path) -> None:
+    """0007 -> 0008: a contested row's claimant (0007 kept it in set_id) is copied into
+    quarantine.claimant; the others have none. The downgrade folds a claimed "free" row
+    into the claimant's contest (0007 has one set_id per row)."""
+    from alembic import command
+
+    db = tmp_path / "b.db"
+    engine = create_engine(f"sqlite:///{db}")
+    with engine.begin() as conn:
+        command.upgrade(migrations._config(conn), "0007")
+        conn.exec_driver_sql(
+            "INSERT INTO quarantine (pasid, release_unix, kind, set_id, holder_pid,"
+            " holder_start_time) VALUES (5, 1e999, 'contested', 3, NULL, NULL),"
+            " (6, 1e999, 'detach', 9, 42, 7), (7, 4000000000.0, 'time', NULL, NULL, NULL)"
+        )
+    engine.dispose()
+    st = SqliteStore(db)
+    snap = st.open()
+    st.close()
+    assert snap.withheld == {
+        5: WithheldRow("contested", 3, claimant=3),
+        6: WithheldRow("detach", 9, 42, 7),
+    }
+    assert snap.quarantine == {7: 4_000_000_000.0}
+    engine = create_engine(f"sqlite:///{db}")
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO quarantine (pasid, release_unix, kind, set_id, claimant)"
+            " VALUES (8, 1e999, 'free', 9, 3)"
+        )
+        command.downgrade(migrations._config(conn), "0007")
+        rows = conn.exec_driver_sql(
+            "SELECT pasid, kind, set_id FROM quarantine ORDER BY pasid"
+        ).fetchall()
+        assert rows == [
+            (5, "contested", 3),
+            (6, "detach", 9),
+            (7, "time", None),
+            (8, "contested", 3),
+        ]
     engine.dispose()

@@ -78,6 +78,7 @@ def test_withheld_rows_outlive_time_and_a_later_quarantine(tmp_path: Path) -> No
             Withhold((10, 11), "detach", 7, 4242, 99),
             Withhold((12,), "free", 7),
             Withhold((2,), "contested"),  # set 1 still holds it
+            Withhold((13,), "free", 7, claimant=5),  # a witness's set claims it too
         ]
     )
     st.commit([RemovePasids(1, (1,), 1.0)])  # a past row: the lazy delete runs
@@ -88,6 +89,7 @@ def test_withheld_rows_outlive_time_and_a_later_quarantine(tmp_path: Path) -> No
         10: WithheldRow("detach", 7, 4242, 99),
         11: WithheldRow("detach", 7, 4242, 99),
         12: WithheldRow("free", 7),
+        13: WithheldRow("free", 7, claimant=5),
         2: WithheldRow("contested"),
     }
     assert snap.quarantine == {}  # 1's row was past its time; 2 is not a "time" row

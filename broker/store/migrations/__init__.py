@@ -4,7 +4,8 @@ Revision 0001 is the first released schema (meta, sets, allocations); 0002 adds 
 append-only event log; 0003 the kernel-verified holder of each set; 0004 the owner
 (verified identity) of each set and the quotas SetQuotas saved; 0005 the quarantine's
 release times; 0006 drops the allocations' set_id index (each commit paid for it); 0007
-the withheld and contested PASIDs (quarantine.kind) and sets.detached_unix. A
+the withheld and contested PASIDs (quarantine.kind) and sets.detached_unix; 0008 the
+claimant of a withheld PASID whatever its kind (quarantine.claimant). A
 database made before Alembic (no alembic_version table) is stamped with the revision its
 tables show, then upgraded.
 
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 HERE = Path(__file__).resolve().parent
 
 # The newest revision in versions/; a database at it needs no migration.
-HEAD = "0007"
+HEAD = "0008"
 
 
 class SchemaError(Exception):
