@@ -314,6 +314,8 @@ class PeerServer:
         self._in_progress: dict[int, int] = {}  # uid -> connections waiting for a message
         self._busy_total = 0
         self.refusals = RefusalLog()
+        # Set by refuse_all (the broker draining): why every handshake is now refused.
+        self._stopping: str | None = None
 
     @property
     def roles(self) -> frozenset[str]:
@@ -341,6 +343,15 @@ class PeerServer:
         while True:
             await asyncio.sleep(max(self.book.ttl / 2, 0.5))
             self.book.expire()
+
+    def refuse_all(self, why: str) -> None:
+        """Answer every handshake from now on UNAVAILABLE with `why` (the broker drains
+        after SIGTERM): a ticket issued now would die with this process, and the open it
+        is for is refused anyway. The client library retries UNAVAILABLE, so its
+        reconnect hands over to the restarted broker as it does for the gRPC socket's
+        refusal. The socket stays bound: a missing one would read as a broker without
+        the handshake, or one still starting."""
+        self._stopping = why
 
     async def close(self) -> None:
         for task in (self._task, self._sweeper):
@@ -455,6 +466,8 @@ class PeerServer:
         """
         pending = list(fds)  # closed below unless handed on
         try:
+            if self._stopping is not None:
+                raise Refused("UNAVAILABLE", self._stopping)
             if flags & socket.MSG_CTRUNC:
                 raise Refused("INVALID_ARGUMENT", f"at most {MAX_FDS} fds per handshake")
             if flags & socket.MSG_TRUNC or len(data) > MAX_MESSAGE:

@@ -150,9 +150,9 @@ async def _run(
         await stop.wait()
         readiness.cancel()
         if engine.broker.failure is not None:
-            code = await store_failed(engine, endpoints, notifier)
+            code = await store_failed(engine, endpoints, peer, notifier)
         else:
-            await drain(config, engine, endpoints, notifier)
+            await drain(config, engine, endpoints, peer, notifier)
     finally:
         if recovery is not None:
             # A listener refused while recovery ran: its thread cannot be cancelled, and
@@ -428,7 +428,9 @@ def stop_on_store_failure(engine: Engine, stop: asyncio.Event) -> None:
     task.add_done_callback(lambda _: stop.set())
 
 
-async def store_failed(engine: Engine, endpoints: Endpoints, notifier: Notifier) -> int:
+async def store_failed(
+    engine: Engine, endpoints: Endpoints, peer: PeerServer, notifier: Notifier
+) -> int:
     """The store can no longer be trusted: every probe says NOT_SERVING, and the daemon
     exits EXIT_STORE_FAILED at once, without a drain (nothing in flight can be
     acknowledged any more) nor a checkpoint (Broker.stop)."""
@@ -442,15 +444,25 @@ async def store_failed(engine: Engine, endpoints: Endpoints, notifier: Notifier)
         extra={"error": failure.message, "exit_status": EXIT_STORE_FAILED},
     )
     engine.broker.stopping = True
+    peer.refuse_all(PEER_SHUTTING_DOWN)
     engine.broker.end_watches()
     return EXIT_STORE_FAILED
 
 
-async def drain(config: Config, engine: Engine, endpoints: Endpoints, notifier: Notifier) -> None:
-    """SIGTERM: refuse new work, end Watches, let in-flight calls finish."""
+# The peer socket's answer while the broker stops: as the gRPC socket's opens are told
+# (broker/engine/broker.py), "retry after the restart", which the client library does.
+PEER_SHUTTING_DOWN = "broker is shutting down; handshake again after the restart"
+
+
+async def drain(
+    config: Config, engine: Engine, endpoints: Endpoints, peer: PeerServer, notifier: Notifier
+) -> None:
+    """SIGTERM: refuse new work (opens, and handshakes whose tickets would die with this
+    process), end Watches, let in-flight calls finish."""
     log.info("draining", extra={"seconds": config.drain_seconds})
     notifier.stopping(f"draining in-flight calls for up to {config.drain_seconds:g} s")
     engine.broker.stopping = True
+    peer.refuse_all(PEER_SHUTTING_DOWN)
     engine.broker.end_watches()
     await endpoints.drain(config.drain_seconds)
 

@@ -10,12 +10,14 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
+import pytest
 from pasid.v1 import broker_pb2 as pb
 from pasid.v1 import broker_pb2_grpc as pb_grpc
-from pasid_client import Client
+from pasid_client import Client, SessionState, Unavailable
 from pasid_client.handshake import obtain_ticket
 
 from tests.harness import BrokerProcess, wait_until
@@ -92,10 +94,11 @@ def test_resume_and_reattach_are_refused_while_draining() -> None:
             t = threading.Thread(target=lambda: done.append(busy.alloc()), daemon=True)
             t.start()
             time.sleep(1.0)  # the alloc is now waiting for its slow commit (4 s)
+            # Before SIGTERM: a draining broker's peer socket issues no ticket.
+            ticket = obtain_ticket(os.path.join(b.dir, "peer.sock")).ticket
             assert b.proc is not None
             b.proc.send_signal(signal.SIGTERM)
             wait_until(lambda: "draining" in b.read_log(), what="draining")
-            ticket = obtain_ticket(os.path.join(b.dir, "peer.sock")).ticket
             resumed = pending[0].open(resume_token=token, grace_seconds=120)
             reattached = pending[1].open(reattach_set_id=vm_id, ticket=ticket)
             new = pending[2].open()
@@ -117,5 +120,50 @@ def test_resume_and_reattach_are_refused_while_draining() -> None:
         ticket = obtain_ticket(os.path.join(b.dir, "peer.sock")).ticket
         back = PendingOpen(b.address).open(reattach_set_id=vm_id, ticket=ticket)
         assert isinstance(back, pb.SessionOpened) and back.set_id == vm_id, back
+    finally:
+        b.cleanup()
+
+
+def test_the_peer_socket_refuses_handshakes_while_draining() -> None:
+    """While the broker drains, its peer socket issues no ticket (one would die with the
+    process): every handshake is answered UNAVAILABLE "handshake again after the
+    restart". The client library takes it as it takes the gRPC socket's refusal: an open
+    made during the drain waits and opens, verified, on the restarted broker, and a
+    session whose stream the drain ended resumes its set there."""
+    b = BrokerProcess(
+        "--drain-seconds", "30", env={"PASID_BROKER_TEST_FAULTS": "commit_delay_ms=4000"}
+    )
+    try:
+        b.start()
+        with Client(b.address) as c, ThreadPoolExecutor(1) as pool:
+            vm = c.session("vm", grace_seconds=120)
+            assert vm.verified
+            vm_id = vm.set_id
+            busy = c.session("busy")
+            done: list[object] = []
+            t = threading.Thread(target=lambda: done.append(busy.alloc()), daemon=True)
+            t.start()
+            time.sleep(1.0)  # the alloc is now waiting for its slow commit (4 s)
+            assert b.proc is not None
+            b.proc.send_signal(signal.SIGTERM)
+            wait_until(lambda: "draining" in b.read_log(), what="draining")
+            with pytest.raises(Unavailable) as refused:
+                obtain_ticket(os.path.join(b.dir, "peer.sock"))
+            assert (refused.value.code, refused.value.message) == (
+                grpc.StatusCode.UNAVAILABLE,
+                "broker is shutting down; handshake again after the restart",
+            )
+            late = pool.submit(c.session, "late")
+            assert b.proc.poll() is None, "the broker was still draining"
+            t.join(30)
+            assert done, "the in-flight alloc was answered before the broker went"
+            assert b.proc.wait(40) == 0
+            assert not late.done(), f"the open did not wait for the restart: {late.result()}"
+            b.env.pop("PASID_BROKER_TEST_FAULTS")  # the restarted broker commits at speed
+            b.start()
+            opened = late.result(60)
+            assert opened.verified and len(opened.alloc(1, 1000)) == 1
+            wait_until(lambda: vm.state is SessionState.RESUMED, 60, 0.05, "the resume")
+            assert vm.set_id == vm_id and vm.verified and len(vm.alloc(1, 1000)) == 1
     finally:
         b.cleanup()

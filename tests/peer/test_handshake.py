@@ -158,6 +158,30 @@ def test_extra_fd_roles_travel_with_the_ticket() -> None:
         f.close()
 
 
+def test_a_stopping_broker_refuses_every_handshake_and_keeps_no_fd() -> None:
+    """refuse_all (the broker draining): UNAVAILABLE with the broker's words, no ticket,
+    and an fd sent with the handshake is closed, not adopted."""
+    seen: list[int] = []
+    f = PeerFixture(fd_checks={"device": lambda fd, msg, facts: seen.append(fd)})
+    try:
+        assert f.client()["ok"]
+        issued = f.on_loop(lambda: len(f.book))
+        f.on_loop(lambda: f.server.refuse_all("broker is shutting down; try later"))
+        open_fds = len(os.listdir("/proc/self/fd"))  # the server runs in this process
+        for args in ((), ("--fd-role", "device")):
+            ans = f.client(*args)
+            assert (ans["ok"], ans["code"], ans["error"]) == (
+                False,
+                "UNAVAILABLE",
+                "broker is shutting down; try later",
+            ), ans
+            assert "ticket" not in ans, ans
+        assert seen == [] and f.on_loop(lambda: len(f.book)) == issued
+        assert len(os.listdir("/proc/self/fd")) == open_fds
+    finally:
+        f.close()
+
+
 def test_not_a_pidfd_is_refused(peer: PeerFixture) -> None:
     ans = peer.client("--fd-role", "pidfd")  # an eventfd sent as a pidfd
     assert ans["code"] == "INVALID_ARGUMENT" and "not a pidfd" in ans["error"]
