@@ -263,7 +263,8 @@ def _mark_restored(out: sqlite3.Connection, source: str, witness: int | None) ->
 
 def health(address: str, timeout: float, service: str = "") -> tuple[bool, str]:
     """grpc.health.v1 Check on `address`, as a container HEALTHCHECK asks. Service ""
-    is readiness (NOT_SERVING while recovering, draining or while commits are slow);
+    is readiness (NOT_SERVING while recovering, draining, or while commits are slow or
+    failing);
     "liveness" answers SERVING whenever the process does."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -300,8 +301,9 @@ def main(argv: list[str]) -> int:
             "--service",
             default="",
             help="health service: '' (default) is readiness, NOT_SERVING while recovering,"
-            " draining or while commits are slower than --slow-commit-seconds; 'liveness'"
-            " is SERVING whenever the process answers",
+            " draining, while commits are slower than --slow-commit-seconds or while they"
+            " fail (a full or read-only disk); 'liveness' is SERVING whenever the process"
+            " answers",
         )
         ns, rest = p.parse_known_args(rest)
         ok, what = health(ns.address or f"unix:{_settings(rest).socket}", ns.timeout, ns.service)

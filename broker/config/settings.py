@@ -167,6 +167,16 @@ class Config:
         "service keeps answering SERVING. 0 = never",
         unit="seconds, 0..3600",
     )
+    store_error_exit_seconds: float = setting(
+        30.0,
+        seconds(0, 86400),
+        "while commits fail, readiness is NOT_SERVING (SERVING again once one lands); if "
+        "they keep failing with an I/O error (a device refusing writes, a filesystem turned "
+        "read-only: SQLITE_IOERR_*, SQLITE_READONLY_*) for this long, the broker exits 3 "
+        "for a restart, as after a failed fsync; a full disk (SQLITE_FULL) never ends it. "
+        "0 = never exit (docs/durability.md)",
+        unit="seconds, 0..86400",
+    )
     event_retention: int = setting(
         100_000,
         integer(1, 1 << 40),

@@ -141,10 +141,16 @@ class DetachFailed(BackendError):
 
 
 class StoreError(PasidError):
-    """The durable store could not commit; nothing was acknowledged or changed."""
+    """The durable store could not commit; nothing was acknowledged or changed. `code`:
+    SQLite's error name when SQLite raised it ("SQLITE_FULL", "SQLITE_IOERR_WRITE"), else
+    "": whether the broker waits for the disk or gives up on it (docs/durability.md)."""
 
     errno = _errno.EIO
     reason = "STORE"
+
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class StoreFailed(StoreError):

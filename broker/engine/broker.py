@@ -103,6 +103,7 @@ class Broker:
         tickets: TicketBook | None = None,
         anonymous: str = "allow",
         devices: Devices | None = None,
+        store_error_exit: float = 0.0,
     ) -> None:
         # Whoever watches the engine (metrics) subscribes here at wiring time.
         self.observers = observers if observers is not None else Observers()
@@ -110,6 +111,9 @@ class Broker:
         # Delegated devices (the iommufd backend): kernel attachments that follow the sets.
         self.devices = devices
         self.store = store
+        # Seconds of failing writes (an I/O error) after which the broker exits as after
+        # a failed fsync (Journal: give_up_after); 0: never.
+        self.store_error_exit = store_error_exit
         self.quotas = quotas or Quotas()
         self.reserved_ranges = tuple(reserved)
         self.quarantine = quarantine or Quarantine()
@@ -214,6 +218,7 @@ class Broker:
             self.events.publish,
             observer=self.observers,
             on_failure=self._store_failed,
+            give_up_after=self.store_error_exit,
         )
         # Before the holders: a witness's set reclaimed now lets go of its contest.
         self.stuck.restore(r.withheld_detach, r.withheld_unfreed, r.claimed_by)
@@ -322,6 +327,11 @@ class Broker:
         if self.identity_share and not self.quotas.per_client:
             return replace(self.quotas, per_client=max(1, int(capacity * self.identity_share)))
         return self.quotas
+
+    def store_failing_seconds(self) -> float:
+        """How long commits have been failing, none landing since (0.0: they land, or
+        the broker is not started)."""
+        return self._journal.failing_seconds() if self._journal is not None else 0.0
 
     def require_ready(self) -> None:
         """Requests before recovery has finished (or while stopping) are UNAVAILABLE."""

@@ -47,6 +47,18 @@ _Waiter = tuple[Callable[[], None], "asyncio.Future[Any]", Any]
 # How long one slow commit keeps readiness NOT_SERVING after it ended (commit_stalled).
 SLOW_HOLD = 5.0
 
+# While commits fail, a small write (Store.probe) is tried this often, so that readiness
+# learns that they land again even when no request comes to try one (an unready broker
+# is sent none).
+PROBE_SECONDS = 1.0
+
+# Failed writes that, lasting the journal's `give_up_after` seconds, end the broker as a
+# failed fsync does: the device or the filesystem refuses writes (EIO; EROFS or EPERM
+# from a filesystem that turned read-only: SQLITE_IOERR_WRITE, SQLITE_READONLY_*), which
+# clears only once the operator has unmounted and repaired it, and that needs the broker
+# gone from it. SQLITE_FULL clears in place (space freed): the broker waits for it.
+GIVE_UP_CODES = ("SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_CANTOPEN")
+
 
 class CommitPacer:
     """When a batch is flushed: on the loop's next turn, or DELAY later.
@@ -162,6 +174,11 @@ class Journal:
     store can no longer be trusted) does the same, then fails every later submit at once
     and calls `on_failure` once: the broker stops and exits. `observer` hears every
     commit_done / commit_failed, on the loop.
+
+    Between the first failed commit and the next one that lands, commits are failing
+    (`failing_since`; readiness is NOT_SERVING): a small write is tried every
+    PROBE_SECONDS meanwhile. If they keep failing with an I/O error (GIVE_UP_CODES) for
+    `give_up_after` seconds (0: never), that becomes a StoreFailed too.
     """
 
     def __init__(
@@ -171,8 +188,10 @@ class Journal:
         *,
         observer: Observer | None = None,
         on_failure: Callable[[StoreFailed], None] | None = None,
+        give_up_after: float = 0.0,
     ) -> None:
         self._store = store
+        self._give_up_after = give_up_after
         self._on_commit = on_commit
         self._observer = observer if observer is not None else Observer()
         self._on_failure = on_failure
@@ -195,6 +214,11 @@ class Journal:
         # The checkpoint due CHECKPOINT_SECONDS after a commit, on the writer thread (so
         # that the main file is never far behind the WAL, however small: issue 22).
         self._checkpoint_timer: asyncio.TimerHandle | None = None
+        # Since when (monotonic; 0: the last write landed) writes fail, with what, and
+        # the next probe write (PROBE_SECONDS).
+        self.failing_since = 0.0
+        self.failing_error: StoreError | None = None
+        self._probe_timer: asyncio.TimerHandle | None = None
 
     def submit(self, record: Record, undo: Callable[[], None], result: T) -> asyncio.Future[T]:
         """Queue `record`; the future resolves to `result` once it is durable."""
@@ -219,6 +243,75 @@ class Journal:
         if since and now - since > bound:
             return True
         return self.last_commit_seconds > bound and now - self._last_commit_end < SLOW_HOLD
+
+    def failing_seconds(self) -> float:
+        """How long commits have been failing, none landing since (0.0: they land)."""
+        since = self.failing_since
+        return time.monotonic() - since if since else 0.0
+
+    def _write_landed(self) -> None:
+        self.failing_since = 0.0
+        self.failing_error = None
+        if self._probe_timer is not None:
+            self._probe_timer.cancel()
+            self._probe_timer = None
+
+    def _write_failed(self, err: StoreError) -> None:
+        """A commit or a probe failed without StoreFailed: commits are failing; give up
+        (StoreFailed) once an I/O error has lasted give_up_after, else probe again."""
+        now = time.monotonic()
+        if not self.failing_since:
+            self.failing_since = now
+        self.failing_error = err
+        lasted = now - self.failing_since
+        if (
+            self._give_up_after
+            and lasted >= self._give_up_after
+            and err.code.startswith(GIVE_UP_CODES)
+        ):
+            self._fail(
+                StoreFailed(f"store writes failed for {lasted:.0f} s: {err.message}", err.code)
+            )
+            return
+        if self._probe_timer is None:
+            self._probe_timer = self._loop.call_later(PROBE_SECONDS, self._probe)
+
+    def _probe(self) -> None:
+        """While commits fail: a small write on the writer thread, unless a batch is
+        committing (its outcome tells as much); then look again later."""
+        self._probe_timer = None
+        if self.failure is not None or not self.failing_since:
+            return
+        if self._inflight:
+            self._probe_timer = self._loop.call_later(PROBE_SECONDS, self._probe)
+            return
+        self._writer.submit(self._store.probe, self._probed)
+
+    def _probed(self, exc: BaseException | None) -> None:
+        if self.failure is not None:
+            return
+        if exc is None:
+            self._write_landed()
+        elif isinstance(exc, StoreFailed):  # e.g. the probe's fsync failed: fsyncgate
+            log.error("store write probe failed", extra={"error": exc.message})
+            self._fail(exc)
+        else:
+            err = (
+                exc
+                if isinstance(exc, StoreError)
+                else StoreError(f"store write probe failed: {describe_error(exc)}")
+            )
+            self._write_failed(err)
+
+    def _fail(self, exc: StoreFailed) -> None:
+        """The first StoreFailed (the callers see to that): nothing is committed or
+        acknowledged after it, and the broker exits (on_failure)."""
+        self.failure = exc
+        if self._probe_timer is not None:
+            self._probe_timer.cancel()
+            self._probe_timer = None
+        if self._on_failure is not None:
+            self._on_failure(exc)
 
     def _schedule(self, at_once: bool = False) -> None:
         """Flush the queued records on the loop's next turn (or CommitPacer's DELAY
@@ -268,6 +361,8 @@ class Journal:
     ) -> None:
         self._inflight = False
         if not isinstance(outcome, BaseException):
+            if self.failing_since:
+                self._write_landed()
             if self._records:
                 # What was submitted while this batch committed goes to the writer now,
                 # before this batch's callers are answered: the disk works on it while
@@ -295,7 +390,7 @@ class Journal:
                 else StoreError(f"store commit failed: {describe_error(exc)}")
             )
             first_failure = isinstance(err, StoreFailed) and self.failure is None
-            if first_failure:
+            if first_failure:  # before the undos: nothing they submit may commit
                 assert isinstance(err, StoreFailed)
                 self.failure = err
             if records:
@@ -307,10 +402,12 @@ class Journal:
             for rec, (undo, fut, _) in zip(reversed(records), reversed(waiters), strict=True):
                 _undo(rec, undo)
                 if not fut.done():
-                    fut.set_exception(StoreError(err.message))
-            if first_failure and self._on_failure is not None:
-                assert self.failure is not None
-                self._on_failure(self.failure)
+                    fut.set_exception(StoreError(err.message, err.code))
+            if first_failure:
+                assert isinstance(err, StoreFailed)
+                self._fail(err)
+            elif self.failure is None:
+                self._write_failed(err)
         if self._inflight:  # the next batch is on its way already
             return
         if self._records:
@@ -322,9 +419,10 @@ class Journal:
         await self._idle.wait()
 
     def close(self) -> None:
-        if self._checkpoint_timer is not None:
-            self._checkpoint_timer.cancel()
-            self._checkpoint_timer = None
+        for timer in (self._checkpoint_timer, self._probe_timer):
+            if timer is not None:
+                timer.cancel()
+        self._checkpoint_timer = self._probe_timer = None
         self._writer.close()
 
     def _checkpoint(self) -> None:
@@ -340,9 +438,7 @@ class Journal:
             return
         if isinstance(exc, StoreFailed) and self.failure is None:
             log.error("store checkpoint failed", extra={"error": str(exc)})
-            self.failure = exc
-            if self._on_failure is not None:
-                self._on_failure(exc)
+            self._fail(exc)
         else:
             log.warning("store checkpoint failed: %s", describe_error(exc))
 

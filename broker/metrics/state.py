@@ -52,6 +52,8 @@ class State:
     # the set at once), and how long the oldest of them has been detached (0: none).
     detached_verified: int = 0
     oldest_detached_seconds: float = 0.0
+    # How long commits have been failing, none landing since (0: they land).
+    store_failing_seconds: float = 0.0
 
 
 def take_state(broker: Broker, top: int = TOP_CLIENTS) -> State | None:
@@ -97,6 +99,7 @@ def take_state(broker: Broker, top: int = TOP_CLIENTS) -> State | None:
         widths=i.widths,
         detached_verified=detached_verified,
         oldest_detached_seconds=max(oldest, 0.0),
+        store_failing_seconds=broker.store_failing_seconds(),
     )
 
 
@@ -185,6 +188,13 @@ class StateCollector(Collector):
                 "How long the oldest detached set with a live verified holder has been"
                 " detached; 0 when there is none.",
                 st.oldest_detached_seconds,
+            ),
+            (
+                "pasid_broker_store_failing_seconds",
+                "How long commits have been failing with none landing since (the broker"
+                " refuses every change and readiness is NOT_SERVING meanwhile); 0 while"
+                " they land.",
+                st.store_failing_seconds,
             ),
         ):
             g = GaugeMetricFamily(name, doc)

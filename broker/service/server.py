@@ -144,8 +144,10 @@ async def _run(
         # 6. ready: recovery done, health SERVING, READY to systemd.
         await recovery
         await endpoints.set_health(health_pb2.HealthCheckResponse.SERVING)
-        announce(config, engine, endpoints, notifier, tls, metrics_url, nofile)
-        readiness = asyncio.create_task(follow_commits(config, engine, endpoints))
+        serving = announce(config, engine, endpoints, notifier, tls, metrics_url, nofile)
+        readiness = asyncio.create_task(
+            follow_commits(config, engine, endpoints, notifier, serving)
+        )
         stop_on_store_failure(engine, stop)
         await stop.wait()
         readiness.cancel()
@@ -285,6 +287,7 @@ def build_engine(config: Config) -> Engine:
         anonymous=config.anonymous,
         watch_buffer=config.limits.watch_buffer,
         devices=backend if isinstance(backend, IommufdBackend) else None,
+        store_error_exit=config.store_error_exit_seconds,
     )
     # Metrics observe the engine (commits, set ends, recovery); the engine knows no
     # metric names. RPCs are timed by the interceptor, stream ops by the servicer's hook.
@@ -368,8 +371,8 @@ def announce(
     tls: TlsFiles | None,
     metrics_url: str | None,
     nofile: tuple[int, int],
-) -> None:
-    """The one "serving" log line, and READY to systemd."""
+) -> str:
+    """The one "serving" log line, and READY to systemd; returns its STATUS text."""
     broker = engine.broker
     addresses = ",".join(endpoints.addresses)
     serving_backend = broker.caps.name if broker.caps else config.backend
@@ -389,37 +392,59 @@ def announce(
             "health_address": endpoints.health_address,
         },
     )
-    notifier.ready(f"serving on {addresses} ({serving_backend} backend)")
+    text = f"serving on {addresses} ({serving_backend} backend)"
+    notifier.ready(text)
+    return text
 
 
-async def follow_commits(config: Config, engine: Engine, endpoints: Endpoints) -> None:
-    """Readiness follows the disk: NOT_SERVING while a commit takes longer than
-    --slow-commit-seconds, SERVING again once commits are quick. The event loop never
-    waits on a commit (the journal's writer thread does), so health, GetInfo and releases
-    keep answering meanwhile, and so does the 'liveness' service."""
+async def follow_commits(
+    config: Config, engine: Engine, endpoints: Endpoints, notifier: Notifier, serving: str
+) -> None:
+    """Readiness follows the disk: NOT_SERVING while commits fail (from the first failed
+    one until one lands: the broker can change nothing, so it must not be sent clients)
+    and while a commit takes longer than --slow-commit-seconds; SERVING again once commits
+    land and are quick. The event loop never waits on a commit (the journal's writer
+    thread does), so health, GetInfo and releases keep answering meanwhile, and so does
+    the 'liveness' service. systemd's STATUS says the same (`serving`: the text for
+    when all is well)."""
     bound = config.slow_commit_seconds
-    if bound <= 0:
-        return
     journal = engine.broker.journal
-    slow = False
+    status = health_pb2.HealthCheckResponse
+    slow = failing = False
     while True:
-        await asyncio.sleep(min(bound / 4, 0.25))
-        now = journal.commit_stalled(bound)
-        if now == slow or engine.broker.stopping:
+        await asyncio.sleep(min(bound / 4, 0.25) if bound > 0 else 0.25)
+        if engine.broker.stopping:
             continue
-        slow = now
-        status = health_pb2.HealthCheckResponse
-        await endpoints.set_health(status.NOT_SERVING if slow else status.SERVING)
-        if slow:
+        now_slow = bound > 0 and journal.commit_stalled(bound)
+        now_failing = journal.failing_seconds() > 0
+        if (now_slow, now_failing) == (slow, failing):
+            continue
+        error = journal.failing_error.message if journal.failing_error is not None else ""
+        if now_failing and not failing:
+            log.error(
+                "commits are failing: health NOT_SERVING until one lands",
+                extra={"error": error, "exit_after_seconds": config.store_error_exit_seconds},
+            )
+        elif failing and not now_failing:
+            log.info("commits land again: health SERVING unless they are slow")
+        if now_slow and not slow:
             log.warning(
                 "commits are slow: health NOT_SERVING until they are quick again",
                 extra={"bound_seconds": bound},
             )
-        else:
+        elif slow and not now_slow:
             log.info(
                 "commits are quick again: health SERVING",
                 extra={"last_commit_seconds": round(journal.last_commit_seconds, 6)},
             )
+        slow, failing = now_slow, now_failing
+        await endpoints.set_health(status.NOT_SERVING if slow or failing else status.SERVING)
+        if failing:
+            notifier.status(f"not ready: commits are failing ({error}); every change refused")
+        elif slow:
+            notifier.status(f"not ready: commits are slower than {bound:g} s")
+        else:
+            notifier.status(serving)
 
 
 def stop_on_store_failure(engine: Engine, stop: asyncio.Event) -> None:

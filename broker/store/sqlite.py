@@ -81,6 +81,10 @@ class SqliteStore:
             raise StoreError("store is not open")
         return writer.commit(records)
 
+    def probe(self) -> None:
+        """A small durable write, while commits fail (Writer.probe; StoreError)."""
+        self._require().probe()
+
     def set_meta(self, key: str, value: str) -> None:
         self._require().set_meta(key, value)
 

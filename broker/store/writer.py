@@ -62,6 +62,9 @@ CHECKPOINT_BYTES = WAL_BYTES
 # (broker/store/checks.py).
 CHECKPOINT_SECONDS = 5.0
 
+# The `meta` row that Writer.probe rewrites (when it last wrote: nothing reads it back).
+PROBE_KEY = "write_probe"
+
 # Errors of a commit after which the page cache can no longer be trusted: the fsync of
 # the WAL (or of its directory) failed, so the kernel may have dropped the dirty pages it
 # could not write while still serving them from memory; a retried fsync then "succeeds"
@@ -69,6 +72,7 @@ CHECKPOINT_SECONDS = 5.0
 # refused with EPERM or EROFS, SQLITE_BUSY) leave what is already written intact: the
 # batch is undone and the next one may succeed. In a checkpoint every I/O error counts
 # (it writes and fsyncs the database file), but not SQLITE_FULL (nothing was lost).
+# (Such errors that last are the journal's to judge: engine/journal.py, CommitHealth.)
 FATAL_COMMIT_ERRORS = frozenset(
     {"SQLITE_IOERR_FSYNC", "SQLITE_IOERR_DIR_FSYNC", "SQLITE_IOERR_CORRUPTFS"}
 )
@@ -80,6 +84,13 @@ def is_fatal(exc: sqlite3.Error, *, checkpoint: bool = False) -> bool:
     if name in FATAL_COMMIT_ERRORS or name.startswith("SQLITE_CORRUPT"):
         return True
     return checkpoint and name.startswith("SQLITE_IOERR")
+
+
+def _commit_error(what: str, exc: sqlite3.Error) -> StoreError:
+    """The StoreError for a failed write (StoreFailed if is_fatal), with SQLite's code."""
+    code = getattr(exc, "sqlite_errorname", "") or ""
+    cls = StoreFailed if is_fatal(exc) else StoreError
+    return cls(f"{what}: {describe(exc)}", code)
 
 
 # Rows lo..hi of one set in one statement (1,024 PASIDs: 0.6-0.7 ms vs 1.3-1.7 ms by
@@ -235,6 +246,16 @@ class Writer:
             raise
         conn.execute("COMMIT")
 
+    def probe(self) -> None:
+        """One small durable write (a `meta` row, fsynced like a commit), to learn whether
+        commits can land again while they fail and no request comes to try (the journal
+        calls it then: docs/durability.md, "Commits failing"). StoreError as a commit's."""
+        with self.lock:
+            try:
+                self._set_meta(PROBE_KEY, f"{time.time():.3f}")
+            except sqlite3.Error as exc:
+                raise _commit_error("store write probe failed", exc) from exc
+
     def commit(self, records: Sequence[Record]) -> list[Event]:
         """Make every record durable in one transaction, or none of them (StoreError):
         _commit, with the connection to itself."""
@@ -295,9 +316,7 @@ class Writer:
                     conn.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
-            if is_fatal(exc):
-                raise StoreFailed(f"store commit failed: {describe(exc)}") from exc
-            raise StoreError(f"store commit failed: {describe(exc)}") from exc
+            raise _commit_error("store commit failed", exc) from exc
         self._digest = Digest(count, total)
         self._witness.advance(int(last or 0))
         self._commits += 1

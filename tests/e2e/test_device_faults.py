@@ -38,6 +38,7 @@ from pasid_client import Client, PasidClientError, ResourceExhausted
 from pasid_client.reconnect import SessionState, StateChange
 
 from tests.e2e.filesystems import ext4_on_tmpfs, failing_device_unavailable
+from tests.e2e.test_sessions import spawn_holder
 from tests.faults.ledger import Audit, Ledger
 from tests.harness import (
     LAUNCHER,
@@ -119,6 +120,40 @@ class Worker:
     def close(self) -> None:
         with contextlib.suppress(PasidClientError):
             self.client.close()
+
+
+class HealthWatch:
+    """A readiness and a liveness probe, as an orchestrator runs them: grpc.health.v1
+    Check on a new connection every 50 ms (BrokerProcess.health), in a thread; keeps
+    each change of (readiness, liveness) with its time (monotonic)."""
+
+    def __init__(self, b: BrokerProcess) -> None:
+        self.b = b
+        self.seen: list[tuple[float, str, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            now = (self.b.health(timeout=2), self.b.health("liveness", timeout=2))
+            if not self.seen or self.seen[-1][1:] != now:
+                self.seen.append((time.monotonic(), *now))
+            time.sleep(0.05)
+
+    def first(self, ready: str, liveness: str = "", after: float = 0.0) -> float | None:
+        """When (ready, liveness) was first seen after `after`; liveness "": any."""
+        for t, r, live in self.seen:
+            if t >= after and r == ready and liveness in ("", live):
+                return t
+        return None
+
+    def states(self) -> list[tuple[str, str]]:
+        return [(r, live) for _t, r, live in self.seen]
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
 
 
 def merged(workers: list[Worker]) -> Ledger:
@@ -323,10 +358,16 @@ def test_device_write_errors_at_writeback_stop_the_broker_and_lose_no_ack(
 def test_a_filesystem_turning_read_only_under_load_loses_no_ack(tmp_path: Path) -> None:
     """ext4 mounted errors=remount-ro reports an error while three clients allocate and
     free (`trigger_fs_error`, ext4's own sysfs hook): it turns read-only at once. The
-    broker acknowledges nothing more: its fsync fails (exit 3), or its write does first
-    (it refuses every change until the operator stops it). Repaired and restarted, the
-    live clients resume stating what they hold: every acknowledged PASID is held by its
-    set, none twice.
+    broker acknowledges nothing more. If its fsync meets the error first: exit 3 at
+    once (fsyncgate). If a write does (EROFS: SQLITE_IOERR_WRITE), every change is
+    refused; a readiness probe sees NOT_SERVING while the process is alive and its
+    liveness SERVING, and after --store-error-exit-seconds of failing writes the broker
+    exits 3 too (it cannot recover in place: the filesystem must be unmounted and
+    repaired first). Started again on the still read-only filesystem, it refuses at once
+    (exit 2, which systemd does not restart), naming it. A holder that died while writes
+    failed keeps its set in the store; repaired and restarted, the broker releases it,
+    and the live clients resume stating what they hold: every acknowledged PASID is held
+    by its set, none twice.
 
     Linux may lose the last commit whose fdatasync it had answered with success when
     ext4 aborts its journal (measured here with a plain write+fdatasync loop: the last
@@ -334,16 +375,27 @@ def test_a_filesystem_turning_read_only_under_load_loses_no_ack(tmp_path: Path) 
     allowed to have lost acknowledged changes, and the witnesses must bring back every
     lost allocation. A lost free cannot be undone that way: the PASID comes back in the
     set that freed it (never in another: the witness leaves what it does not state)."""
+    exit_after = 3.0
     with ext4_on_tmpfs(mount_opts="errors=remount-ro") as dev:
-        b = BrokerProcess("--restart-grace", "120", workdir=str(tmp_path / "w"))
+        b = BrokerProcess(
+            "--restart-grace", "120", "--store-error-exit-seconds", str(exit_after),
+            workdir=str(tmp_path / "w"),
+        )  # fmt: skip
         b.dir.mkdir()
         b.db = str(dev.mnt / "broker.db")
+        holder: subprocess.Popen[str] | None = None
+        watch: HealthWatch | None = None
         try:
             b.start()
             assert b.proc is not None
+            holder, held = spawn_holder(b, 4)  # a verified holder, grace 0
             with clients(b.address, 3) as (workers, _stop):
                 wait_until(lambda: _held_acks(workers) >= 300, 60, 0.05, "traffic")
+                watch = HealthWatch(b)
+                wait_until(lambda: bool(watch.seen), 10, 0.02, "the first probe")
+                assert watch.states() == [("SERVING", "SERVING")], watch.seen
                 before = _held_acks(workers)
+                t_error = time.monotonic()
                 dev.trigger_fs_error()
                 assert dev.read_only()
                 for w in workers:
@@ -360,35 +412,87 @@ def test_a_filesystem_turning_read_only_under_load_loses_no_ack(tmp_path: Path) 
                     assert rc == EXIT_STORE_FAILED, b.read_log()[-3000:]
                     outcome = f"fsync failed, exit {rc}"
                 else:
-                    # A write saw it first (EIO): every change is refused, reads are
-                    # served, until the operator stops the broker to repair (runbook).
-                    assert b.proc.poll() is None, b.read_log()[-3000:]
-                    with Client(b.address, reconnect_deadline_seconds=0) as c:
-                        assert c.info().in_use >= 1
-                        with pytest.raises(PasidClientError, match="SQLITE_IOERR"):
-                            c.session("during")
-                    rc = b.stop()
-                    assert rc >= 0, f"killed by signal {-rc}"
-                    outcome = f"writes refused, stopped with SIGTERM, exit {rc}"
+                    # A write saw it first (EROFS): every change is refused, reads and
+                    # liveness are answered, readiness is NOT_SERVING.
+                    t_unready = watch.first("NOT_SERVING", "SERVING", after=t_error)
+                    if t_unready is None:
+                        wait_until(
+                            lambda: watch.first("NOT_SERVING", "SERVING", t_error) is not None
+                            or b.proc.poll() is not None,
+                            exit_after + 30, 0.02, "readiness NOT_SERVING",
+                        )  # fmt: skip
+                        t_unready = watch.first("NOT_SERVING", "SERVING", after=t_error)
+                    assert t_unready is not None, (watch.seen, b.read_log()[-3000:])
+                    if b.proc.poll() is None:
+                        with Client(b.address, reconnect_deadline_seconds=0) as c:
+                            assert c.info().in_use >= 1
+                    holder.send_signal(signal.SIGKILL)  # its release cannot land now
+                    holder.wait(10)
+                    # ... and then the broker gives up on the disk: exit 3.
+                    rc = b.proc.wait(exit_after + 60)
+                    t_exit = time.monotonic()
+                    log = b.read_log()
+                    assert rc == EXIT_STORE_FAILED, log[-3000:]
+                    assert "commits are failing: health NOT_SERVING" in log, log[-3000:]
+                    crit = _critical(log)
+                    assert any(
+                        r.get("error", "").startswith("store writes failed for ") for r in crit
+                    ), crit
+                    # Not before the bound (the clock starts at the first failed
+                    # commit, after the error), nor much after it.
+                    assert exit_after <= t_exit - t_error < exit_after + 30, t_exit - t_error
+                    outcome = (
+                        f"writes refused; readiness NOT_SERVING {t_unready - t_error:.2f} s"
+                        f" after the error, liveness SERVING; exit {rc}"
+                        f" {t_exit - t_error:.2f} s after the error"
+                    )
+                time.sleep(0.3)
+                watch.stop()
+                states = watch.states()
+                # Readiness went down before the process did, never back up meanwhile.
+                assert states[0] == ("SERVING", "SERVING"), watch.seen
+                assert states[-1] == ("DOWN", "DOWN"), watch.seen
+                assert ("SERVING", "SERVING") not in states[1:], watch.seen
+                if holder.poll() is None:
+                    holder.send_signal(signal.SIGKILL)
+                    holder.wait(10)
                 assert not Path(b.db + ".clean-stop").exists()  # none on a read-only fs
+
+                # A restart on the filesystem still read-only: refused at once, named.
+                refusal = _start_or_refusal(b)
+                # (ext4's emergency read-only on Linux 6.x is not a read-only mount for
+                # access(2): the first write refuses, the lock file's open.)
+                assert "read-only file system" in refusal.lower(), refusal
 
                 dev.repair()
                 assert not dev.read_only()
                 on_device = merged(workers).audit(db_holdings(b.db))
+                # The dead holder's set is still stored: its release never landed.
+                assert held["session_id"] in db_holdings(b.db)
                 log = _restart(b)
                 assert "unclean start" in log, log
-                reclaimed, conflicts, _final, _ = _check_witnessed(workers, on_device, b)
+                reclaimed, conflicts, _final, served = _check_witnessed(workers, on_device, b)
+                # ... and released now: its PASIDs are in no set.
+                assert held["session_id"] not in served, served
+                assert not set(held["pasids"]) & {p for ps in served.values() for p in ps}
+                assert held["session_id"] not in db_holdings(b.db)
                 print(
                     f"{before} acks before the error, {_held_acks(workers) - before} after;"
-                    f" the broker: {outcome}; client errors: {sorted(set(errors))}; on the"
-                    f" device after the repair: {len(on_device.lost)} acknowledged PASIDs"
-                    f" lost {on_device.lost[:8]}, {len(on_device.resurrected)} frees lost"
-                    f" {on_device.resurrected[:8]}; reclaimed by the witnesses:"
+                    f" the broker: {outcome}; health seen: {states}; restart on the"
+                    f" read-only fs: {refusal[:120]}; client errors: {sorted(set(errors))};"
+                    f" on the device after the repair: {len(on_device.lost)} acknowledged"
+                    f" PASIDs lost {on_device.lost[:8]}, {len(on_device.resurrected)} frees"
+                    f" lost {on_device.resurrected[:8]}; reclaimed by the witnesses:"
                     f" {sorted(reclaimed)[:8]}; conflicts: {sorted(conflicts)[:8]}"
                 )
                 with Client(b.address) as c, c.session("after") as s:
                     assert len(s.alloc(*SPACE, count=2)) == 2
         finally:
+            if watch is not None:
+                watch.stop()
+            if holder is not None and holder.poll() is None:
+                holder.send_signal(signal.SIGKILL)
+                holder.wait(10)
             if b.proc is not None and b.proc.poll() is None:
                 b.proc.send_signal(signal.SIGKILL)
                 b.proc.wait(10)

@@ -1,8 +1,9 @@
 """Faults of the store and the backend, each on a real broker process.
 
-After each: a precise status and message, the daemon still SERVING, a further request
-works once the fault is gone, and memory (List, GetInfo) equals disk (a direct read of
-the SQLite file). Root is needed for tmpfs mounts and chattr; those tests skip otherwise.
+After each: a precise status and message, the daemon SERVING again once the fault is
+gone (readiness is NOT_SERVING while commits fail), a further request works, and memory
+(List, GetInfo) equals disk (a direct read of the SQLite file). Root is needed for tmpfs
+mounts and chattr; those tests skip otherwise.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ import grpc
 import pytest
 from pasid_client import Client, Unavailable
 
+from broker.service.endpoints import SERVICE_NAME
 from broker.store import AddPasids, CreateSet, SetRow, SqliteStore
 from broker.store.checks import Digest, store_digest
 from tests.e2e.filesystems import fill, tmpfs
+from tests.e2e.test_sessions import spawn_holder
 from tests.harness import (
     BrokerProcess,
     assert_memory_matches_disk,
@@ -32,9 +35,14 @@ from tests.harness import (
     run_broker_once,
     wait_until,
 )
+from tests.metrics.scrape import scrape
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (tmpfs mount, chattr)")
 FAULTS = "PASID_BROKER_TEST_FAULTS"
+
+
+def _metric(b: BrokerProcess, name: str) -> float:
+    return scrape(b.metrics_url).value(name)
 
 
 def sha(path: str | Path) -> str:
@@ -181,8 +189,16 @@ def _expect_store_unavailable(exc: Unavailable, code_name: str) -> None:
 
 @root_only
 def test_disk_full_then_recovers() -> None:
+    """A full disk: every change is refused (SQLITE_FULL, nothing changed), readiness
+    turns NOT_SERVING (a broker that can change nothing must not be sent VMMs) while
+    liveness and reads answer, and for longer than --store-error-exit-seconds (a full
+    disk is waited for, never a reason to exit). Room again: the broker's own probe write
+    lands, readiness is SERVING again without any request, and the reclaim of a session
+    that ended meanwhile lands (retried every second)."""
     with tmpfs(1024) as fs:
-        b = BrokerProcess("--restart-grace", "1", workdir=str(fs))
+        b = BrokerProcess(
+            "--restart-grace", "1", "--store-error-exit-seconds", "1", workdir=str(fs)
+        )
         try:
             b.start()
             with Client(b.address) as c:
@@ -190,23 +206,38 @@ def test_disk_full_then_recovers() -> None:
                 kept = keep.alloc(1, 1000, 10)
                 doomed = c.session("doomed")
                 doomed.alloc(2000, 3000, 5)
+                holder, held = spawn_holder(b, 3)  # a verified holder, grace 0
                 filler = fill(fs)
                 with pytest.raises(Unavailable) as ei:
                     for _ in range(200):  # the WAL grows until the disk refuses
                         keep.alloc(10_000, 1 << 19, 500)
                 _expect_store_unavailable(ei.value, "SQLITE_FULL")
-                assert b.health() == "SERVING"
+                wait_until(lambda: b.health() == "NOT_SERVING", 10, 0.05, "NOT_SERVING")
+                assert b.health("liveness") == "SERVING"
+                assert b.health(SERVICE_NAME) == "NOT_SERVING"
+                assert _metric(b, "pasid_broker_store_failing_seconds") > 0
                 state = assert_memory_matches_disk(b)
                 assert state[keep.session_id][:10] == kept
                 # A session's end cannot be committed either: its set stays, detached,
                 # and the broker retries the reclaim every second.
                 doomed.close()
+                # A holder dies: its release cannot land either, and is retried too.
+                holder.send_signal(signal.SIGKILL)
+                holder.wait(10)
                 time.sleep(1.5)
-                assert doomed.session_id in assert_memory_matches_disk(b)
+                state = assert_memory_matches_disk(b)
+                assert {doomed.session_id, held["session_id"]} <= set(state), state
+                assert b.proc is not None and b.proc.poll() is None  # past the exit time
+                assert b.health() == "NOT_SERVING"
                 filler.unlink()
+                wait_until(lambda: b.health() == "SERVING", 10, 0.05, "SERVING again")
                 wait_until(
-                    lambda: doomed.session_id not in db_holdings(b.db), 10, 0.1, "reclaim retry"
+                    lambda: not {doomed.session_id, held["session_id"]} & set(db_holdings(b.db)),
+                    10,
+                    0.1,
+                    "reclaim retries",
                 )
+                assert _metric(b, "pasid_broker_store_failing_seconds") == 0
                 assert keep.alloc(1, 1000, 1) == [11]
                 state = assert_memory_matches_disk(b)
                 assert set(state) == {keep.session_id}
@@ -261,10 +292,14 @@ def test_read_only_files_while_serving() -> None:
                     s.alloc(1, 100, 1)
                 assert ei.value.reason == "STORE"
                 assert ei.value.message.startswith("store commit failed: SQLITE_"), ei.value
-                assert b.health() == "SERVING"
+                wait_until(lambda: b.health() == "NOT_SERVING", 10, 0.05, "NOT_SERVING")
+                assert b.health("liveness") == "SERVING"
                 assert list(s.list().pasids()) == [1, 2]
             finally:
                 subprocess.run(["chattr", "-i", *files], check=True)
+            # Writable again before --store-error-exit-seconds (30 s by default): the
+            # probe write lands, and readiness is back without any request.
+            wait_until(lambda: b.health() == "SERVING", 10, 0.05, "SERVING again")
             assert s.alloc(1, 100, 1) == [3]
             assert assert_memory_matches_disk(b) == {s.session_id: [1, 2, 3]}
     finally:
