@@ -8,6 +8,7 @@ mounts and chattr; those tests skip otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -16,11 +17,12 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-from pasid_client import Client, Unavailable
+from pasid_client import Client, Session, Unavailable
 
 from broker.service.endpoints import SERVICE_NAME
 from broker.store import AddPasids, CreateSet, SetRow, SqliteStore
@@ -306,52 +308,83 @@ def test_read_only_files_while_serving() -> None:
         b.cleanup()
 
 
-def test_backend_error_mid_request_changes_nothing(tmp_path: Path) -> None:
-    trigger = tmp_path / "backend-fails"
-    b = BrokerProcess(env={FAULTS: f"backend_fail_file={trigger}"})
+@contextlib.contextmanager
+def backend_failing_on(trigger: Path, fault: str) -> Iterator[BrokerProcess]:
+    """A started broker whose backend fails while the file `trigger` exists (its text,
+    if any, says from which call on): `fault` is the test-only knob that watches it
+    (tests/faults/). Cleaned up after."""
+    b = BrokerProcess(env={FAULTS: f"{fault}={trigger}"})
     try:
         b.start()
-        with Client(b.address) as c, c.session("vm") as s:
-            assert s.alloc(1, 100, 2) == [1, 2]
-            before = assert_memory_matches_disk(b)
-            trigger.write_text("2")  # the 3rd and later backend calls fail
-            with pytest.raises(Unavailable) as ei:
-                s.alloc(1, 100, 4)
-            assert ei.value.reason == "BACKEND"
-            assert "alloc [5, 5] failed: EIO (injected)" in ei.value.message, ei.value
-            assert assert_memory_matches_disk(b) == before
-            assert b.health() == "SERVING"
-            trigger.unlink()
-            # The same lowest PASIDs again: the two the backend had given were given back.
-            assert s.alloc(1, 100, 4) == [3, 4, 5, 6]
-            assert assert_memory_matches_disk(b) == {s.session_id: [1, 2, 3, 4, 5, 6]}
+        yield b
     finally:
         b.cleanup()
+
+
+def withhold_three(c: Client, trigger: Path) -> None:
+    """A set of PASIDs 1-3 ends while the backend's free fails: they are withheld."""
+    with c.session("vm") as s:
+        assert s.alloc(1, 100, 3) == [1, 2, 3]
+        trigger.write_text("")
+    # The session's end destroyed the set; its free failed in the backend.
+    wait_until(lambda: c.info().quarantined == 3, 10, what="the PASIDs withheld")
+
+
+def withheld_until_the_retried_free(c: Client, t: Session, trigger: Path) -> None:
+    """PASIDs 1-3 withheld: never given to `t` while the backend's free (retried every
+    second) fails; given once it succeeds, so really released in the backend."""
+    assert t.alloc(1, 100, 1) == [4]  # never 1-3 meanwhile
+    time.sleep(2.5)  # retried (every second), still failing
+    assert c.info().quarantined == 3
+    trigger.unlink()
+    wait_until(lambda: c.info().quarantined == 0, 10, what="the retried free")
+    assert t.alloc(1, 100, 3) == [1, 2, 3]  # really released in the backend
+
+
+def test_backend_error_mid_request_changes_nothing(tmp_path: Path) -> None:
+    trigger = tmp_path / "backend-fails"
+    with (
+        backend_failing_on(trigger, "backend_fail_file") as b,
+        Client(b.address) as c,
+        c.session("vm") as s,
+    ):
+        assert s.alloc(1, 100, 2) == [1, 2]
+        before = assert_memory_matches_disk(b)
+        trigger.write_text("2")  # the 3rd and later backend calls fail
+        with pytest.raises(Unavailable) as ei:
+            s.alloc(1, 100, 4)
+        assert ei.value.reason == "BACKEND"
+        assert "alloc [5, 5] failed: EIO (injected)" in ei.value.message, ei.value
+        assert assert_memory_matches_disk(b) == before
+        assert b.health() == "SERVING"
+        trigger.unlink()
+        # The same lowest PASIDs again: the two the backend had given were given back.
+        assert s.alloc(1, 100, 4) == [3, 4, 5, 6]
+        assert assert_memory_matches_disk(b) == {s.session_id: [1, 2, 3, 4, 5, 6]}
 
 
 def test_backend_error_on_free_changes_nothing(tmp_path: Path) -> None:
     trigger = tmp_path / "backend-free-fails"
-    b = BrokerProcess(env={FAULTS: f"backend_free_fail_file={trigger}"})
-    try:
-        b.start()
-        with Client(b.address) as c, c.session("vm") as s:
-            assert s.alloc(1, 100, 5) == [1, 2, 3, 4, 5]
-            assert s.free(2, 2) == 1
-            before = assert_memory_matches_disk(b)
-            trigger.write_text("1")  # runs [1, 1] then [3, 5]: the second fails
-            with pytest.raises(Unavailable) as ei:
-                s.free(1, 5)
-            assert ei.value.reason == "BACKEND"
-            assert "free [3, 5] failed: EIO (injected)" in ei.value.message, ei.value
-            assert assert_memory_matches_disk(b) == before  # [1] was taken back
-            assert b.health() == "SERVING"
-            assert s.alloc(1, 100, 1) == [2]  # the allocator and the backend agree
-            trigger.unlink()
-            assert s.free(1, 5) == 5
-            assert s.alloc(1, 100, 2) == [1, 2]  # really released in the backend
-            assert assert_memory_matches_disk(b) == {s.session_id: [1, 2]}
-    finally:
-        b.cleanup()
+    with (
+        backend_failing_on(trigger, "backend_free_fail_file") as b,
+        Client(b.address) as c,
+        c.session("vm") as s,
+    ):
+        assert s.alloc(1, 100, 5) == [1, 2, 3, 4, 5]
+        assert s.free(2, 2) == 1
+        before = assert_memory_matches_disk(b)
+        trigger.write_text("1")  # runs [1, 1] then [3, 5]: the second fails
+        with pytest.raises(Unavailable) as ei:
+            s.free(1, 5)
+        assert ei.value.reason == "BACKEND"
+        assert "free [3, 5] failed: EIO (injected)" in ei.value.message, ei.value
+        assert assert_memory_matches_disk(b) == before  # [1] was taken back
+        assert b.health() == "SERVING"
+        assert s.alloc(1, 100, 1) == [2]  # the allocator and the backend agree
+        trigger.unlink()
+        assert s.free(1, 5) == 5
+        assert s.alloc(1, 100, 2) == [1, 2]  # really released in the backend
+        assert assert_memory_matches_disk(b) == {s.session_id: [1, 2]}
 
 
 def test_backend_error_on_free_at_a_sets_end_withholds_the_pasids(tmp_path: Path) -> None:
@@ -359,27 +392,13 @@ def test_backend_error_on_free_at_a_sets_end_withholds_the_pasids(tmp_path: Path
     set goes (it must), but its PASIDs stay out of the pool, counted as quarantined,
     until a retried free succeeds: never handed out while the kernel still holds them."""
     trigger = tmp_path / "backend-free-fails"
-    b = BrokerProcess(env={FAULTS: f"backend_free_fail_file={trigger}"})
-    try:
-        b.start()
-        with Client(b.address) as c:
-            with c.session("vm") as s:
-                assert s.alloc(1, 100, 3) == [1, 2, 3]
-                trigger.write_text("")
-            # The session's end destroyed the set; its free failed in the backend.
-            wait_until(lambda: c.info().quarantined == 3, 10, what="the PASIDs withheld")
-            assert c.info().in_use == 0
-            assert "the backend's free failed for 3 PASIDs" in b.read_log()
-            with c.session("next") as t:
-                assert t.alloc(1, 100, 1) == [4]  # never 1-3 meanwhile
-                time.sleep(2.5)  # retried (every second), still failing
-                assert c.info().quarantined == 3
-                trigger.unlink()
-                wait_until(lambda: c.info().quarantined == 0, 10, what="the retried free")
-                assert t.alloc(1, 100, 3) == [1, 2, 3]  # really released in the backend
-            assert b.health() == "SERVING"
-    finally:
-        b.cleanup()
+    with backend_failing_on(trigger, "backend_free_fail_file") as b, Client(b.address) as c:
+        withhold_three(c, trigger)
+        assert c.info().in_use == 0
+        assert "the backend's free failed for 3 PASIDs" in b.read_log()
+        with c.session("next") as t:
+            withheld_until_the_retried_free(c, t, trigger)
+        assert b.health() == "SERVING"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill9", "sigterm"])
@@ -390,14 +409,9 @@ def test_pasids_withheld_at_a_sets_end_stay_withheld_across_a_restart(
     stopped by SIGTERM, comes back with them still out of the pool, and retries the
     kernel call that failed (the backend holds them again: replayed at recovery)."""
     trigger = tmp_path / "backend-free-fails"
-    b = BrokerProcess(env={FAULTS: f"backend_free_fail_file={trigger}"})
-    try:
-        b.start()
+    with backend_failing_on(trigger, "backend_free_fail_file") as b:
         with Client(b.address) as c:
-            with c.session("vm") as s:
-                assert s.alloc(1, 100, 3) == [1, 2, 3]
-                trigger.write_text("")
-            wait_until(lambda: c.info().quarantined == 3, 10, what="the PASIDs withheld")
+            withhold_three(c, trigger)
         with open_db(b.db) as db:  # what the restart will find
             rows = db.execute("SELECT pasid, kind FROM quarantine ORDER BY pasid").fetchall()
         assert rows == [(1, "free"), (2, "free"), (3, "free")]
@@ -406,13 +420,6 @@ def test_pasids_withheld_at_a_sets_end_stay_withheld_across_a_restart(
         assert "withheld PASIDs restored" in b.read_log()
         with Client(b.address) as c, c.session("next") as t:
             assert (c.info().in_use, c.info().quarantined) == (0, 3)
-            assert t.alloc(1, 100, 1) == [4]  # never 1-3
-            time.sleep(2.5)  # the free is retried every second, and still fails
-            assert c.info().quarantined == 3
-            trigger.unlink()
-            wait_until(lambda: c.info().quarantined == 0, 10, what="the retried free")
-            assert t.alloc(1, 100, 3) == [1, 2, 3]  # really released in the backend
+            withheld_until_the_retried_free(c, t, trigger)
         with open_db(b.db) as db:  # the release is stored: a third start keeps nothing
             assert db.execute("SELECT count(*) FROM quarantine").fetchone() == (0,)
-    finally:
-        b.cleanup()
