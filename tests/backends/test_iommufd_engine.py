@@ -17,6 +17,9 @@ import contextlib
 import errno
 import os
 import random
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -115,6 +118,33 @@ def run(  # type: ignore[no-untyped-def]
             await broker.stop()
 
     asyncio.run(main())
+
+
+@contextlib.contextmanager
+def live_holder() -> Iterator[subprocess.Popen[bytes]]:
+    """A process that holds sets until the test kills it; killed and reaped after."""
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def identity_of(pid: int) -> PeerIdentity:
+    """What the peer socket learns of process `pid` from the kernel (a pidfd of it)."""
+    return PeerIdentity(
+        pid, os.getuid(), os.getgid(), pid, credentials.start_time(pid), os.pidfd_open(pid)
+    )
+
+
+async def settle(done: Callable[[], object], seconds: float) -> None:
+    """Until `done()` is true, polled every 50 ms for at most `seconds` (a retry runs every
+    stuck.RETRY_SECONDS); the caller then asserts what it expects."""
+    for _ in range(round(seconds / 0.05)):
+        if done():
+            return
+        await asyncio.sleep(0.05)
 
 
 def test_open_reads_the_width_from_vtd_ecap(tmp_path: Path) -> None:
@@ -263,12 +293,8 @@ def test_after_a_restart_a_live_holders_set_waits_for_its_exit(tmp_path: Path) -
     which the new broker cannot detach; so the set's PASIDs stay out of the pool until the
     holder exits (not merely until the grace ends), and a re-delegation counts them as
     attached so that a later free detaches them."""
-    import subprocess
-    import sys
 
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-
-    async def main() -> None:
+    async def main(holder: subprocess.Popen[bytes]) -> None:
         kernel = KernelModel()
         be = make_backend(tmp_path, kernel)
         book = TicketBook(30)
@@ -276,10 +302,7 @@ def test_after_a_restart_a_live_holders_set_waits_for_its_exit(tmp_path: Path) -
             be, SqliteStore(tmp_path / "b.db"), devices=be, restart_grace=0, tickets=book
         )
         await broker.start()
-        ident = PeerIdentity(
-            holder.pid, os.getuid(), os.getgid(), holder.pid,
-            credentials.start_time(holder.pid), os.pidfd_open(holder.pid),
-        )  # fmt: skip
+        ident = identity_of(holder.pid)
         a = await opened(broker, "vm-a", grace_seconds=1, ticket=book.issue(ident), peer="unix:")
         delegate(be, kernel, a)
         assert await broker.alloc(a, 1, 100, 2, "dev") == [1, 2]
@@ -306,19 +329,13 @@ def test_after_a_restart_a_live_holders_set_waits_for_its_exit(tmp_path: Path) -
             assert ("detach", fd, 1) in kernel2.log
             holder.kill()
             holder.wait()
-            for _ in range(50):
-                if not broker2.sessions():
-                    break
-                await asyncio.sleep(0.05)
+            await settle(lambda: not broker2.sessions(), 2.5)
             assert broker2.sessions() == []  # the holder's exit reclaims it
         finally:
             await broker2.stop()
 
-    try:
-        asyncio.run(main())
-    finally:
-        holder.kill()
-        holder.wait()
+    with live_holder() as holder:
+        asyncio.run(main(holder))
 
 
 def test_widths_from_ecap_and_config_space() -> None:
@@ -395,10 +412,7 @@ def test_a_failed_detach_at_destroy_withholds_the_pasid_until_a_retry_succeeds(
         assert kernel.log.count(("detach-failed", fa, 1)) >= 2  # retried
         assert broker.info().quarantined == 1
         kernel.refuse.clear()  # the device recovers: the next retry detaches it
-        for _ in range(60):
-            if broker.info().quarantined == 0:
-                break
-            await asyncio.sleep(0.05)
+        await settle(lambda: broker.info().quarantined == 0, 3)
         assert kernel.table == {(fb, 2): b.session_id}
         assert broker.info().quarantined == 0
         with pytest.raises(OSError):
@@ -413,22 +427,15 @@ def test_a_failed_detach_at_destroy_withholds_the_pasid_until_a_retry_succeeds(
 def test_a_failed_detach_is_let_go_when_the_holder_exits(tmp_path: Path) -> None:
     """A DETACH that keeps failing: the holder's exit proves the PASID free once the broker
     closes its own copy of the device fd (the kernel detaches at the last close)."""
-    import subprocess
-    import sys
 
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-
-    async def main() -> None:
+    async def main(holder: subprocess.Popen[bytes]) -> None:
         kernel = RefusingKernel()
         be = make_backend(tmp_path, kernel)
         book = TicketBook(30)
         broker = Broker(be, SqliteStore(tmp_path / "b.db"), devices=be, tickets=book)
         await broker.start()
         try:
-            ident = PeerIdentity(
-                holder.pid, os.getuid(), os.getgid(), holder.pid,
-                credentials.start_time(holder.pid), os.pidfd_open(holder.pid),
-            )  # fmt: skip
+            ident = identity_of(holder.pid)
             a = await opened(broker, "vm-a", ticket=book.issue(ident), peer="unix:")
             fa = delegate(be, kernel, a)
             assert await broker.alloc(a, 1, 100, 1, "dev") == [1]
@@ -439,10 +446,7 @@ def test_a_failed_detach_is_let_go_when_the_holder_exits(tmp_path: Path) -> None
             os.fstat(fa)  # and the broker still holds the device open
             holder.kill()
             holder.wait()
-            for _ in range(80):
-                if broker.info().quarantined == 0:
-                    break
-                await asyncio.sleep(0.05)
+            await settle(lambda: broker.info().quarantined == 0, 4)
             assert broker.info().quarantined == 0
             with pytest.raises(OSError):
                 os.fstat(fa)
@@ -452,10 +456,8 @@ def test_a_failed_detach_is_let_go_when_the_holder_exits(tmp_path: Path) -> None
         finally:
             await broker.stop()
 
-    try:
-        asyncio.run(main())
-    finally:
-        holder.kill()
+    with live_holder() as holder:
+        asyncio.run(main(holder))
 
 
 # -- withheld across a restart (issue 22, point 7; the store keeps it) -------------------
@@ -473,10 +475,7 @@ def _withhold_then_stop(db: str, sysfs: str, holder_pid: int, how: str) -> None:
         book = TicketBook(30)
         broker = Broker(be, SqliteStore(db), devices=be, tickets=book)
         await broker.start()
-        ident = PeerIdentity(
-            holder_pid, os.getuid(), os.getgid(), holder_pid,
-            credentials.start_time(holder_pid), os.pidfd_open(holder_pid),
-        )  # fmt: skip
+        ident = identity_of(holder_pid)
         a = await opened(broker, "vm-a", ticket=book.issue(ident), peer="unix:")
         delegate(be, kernel, a)
         assert await broker.alloc(a, 1, 100, 2, "dev") == [1, 2]
@@ -502,10 +501,13 @@ def test_a_withheld_pasid_is_not_reissued_after_a_restart(
     The restarted broker has no fd to retry the DETACH on (the kernel closed the old
     process's), so 1 stays out of the pool for as long as the gone set's holder lives,
     and comes back within a retry of its exit (or at once if it died meanwhile)."""
-    import subprocess
-    import sys
+    with live_holder() as holder:
+        _withheld_across_a_restart(tmp_path, holder, how, holder_dies_while_down)
 
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+def _withheld_across_a_restart(
+    tmp_path: Path, holder: subprocess.Popen[bytes], how: str, holder_dies_while_down: bool
+) -> None:
     db = tmp_path / "b.db"
     (tmp_path / "k1").mkdir()
     code = (
@@ -533,10 +535,7 @@ def test_a_withheld_pasid_is_not_reissued_after_a_restart(
         try:
             b = await opened(broker, "vm-b")
             if holder_dies_while_down:  # released at the first retry after the start
-                for _ in range(200):
-                    if broker.info().quarantined == 0:
-                        break
-                    await asyncio.sleep(0.05)
+                await settle(lambda: broker.info().quarantined == 0, 10)
                 assert broker.info().quarantined == 0
                 assert await broker.alloc(b, 1, 100, 1) == [1]
                 return
@@ -548,24 +547,17 @@ def test_a_withheld_pasid_is_not_reissued_after_a_restart(
             assert broker.info().quarantined == 1  # the holder lives: still withheld
             holder.kill()
             holder.wait()
-            for _ in range(200):  # within a retry of its exit (10 s: a loaded machine)
-                if broker.info().quarantined == 0:
-                    break
-                await asyncio.sleep(0.05)
+            # Within a retry of its exit (10 s: a loaded machine).
+            await settle(lambda: broker.info().quarantined == 0, 10)
             assert broker.info().quarantined == 0
             assert await broker.alloc(b, 1, 100, 1) == [1]
             broker.allocator.check()
         finally:
             await broker.stop()
 
-    try:
-        asyncio.run(main())
-        # The release was stored too: a third start does not withhold 1 again.
-        db_rows = _withheld_rows(db)
-        assert db_rows == []
-    finally:
-        holder.kill()
-        holder.wait()
+    asyncio.run(main())
+    # The release was stored too: a third start does not withhold 1 again.
+    assert _withheld_rows(db) == []
 
 
 def _withheld_rows(db: Path) -> list[tuple[int, str]]:
@@ -636,10 +628,7 @@ def test_a_contested_pasid_whose_late_free_fails_keeps_its_claim_across_a_restar
             assert broker.allocator.withheld == [1]
             be.fail_free = True
             kernel.refuse.clear()  # the retry detaches 1; the free then fails
-            for _ in range(100):
-                if be.failed:
-                    break
-                await asyncio.sleep(0.05)
+            await settle(lambda: be.failed, 5)
             assert be.failed and kernel.table == {}
             assert broker.allocator.withheld == [1]
             return w.session_id
