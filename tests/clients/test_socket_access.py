@@ -63,34 +63,40 @@ def info_as_nobody(path: Path, groups: str = "--clear-groups") -> list[str]:
     return list(json.loads(r.stdout))
 
 
-def test_outside_the_group(listening: Path) -> None:
-    os.chmod(listening, 0o660)
-    assert info_as_nobody(listening) == [
+@pytest.mark.parametrize(
+    ("mode", "owner", "groups", "why"),
+    [
+        (
+            0o660,
+            0,
+            "--clear-groups",
+            f"this user (uid {NOBODY}) is not in its group 'root' (mode 0660): add it"
+            " (usermod -aG root USER), then log in again",
+        ),
+        (
+            0o640,
+            0,
+            "--groups=0",
+            "its group 'root', which this user is in, may not write it (mode 0640, owner"
+            " root, group 'root')",
+        ),
+        (
+            0o466,
+            NOBODY,
+            "--clear-groups",
+            f"its owner (this user, uid {NOBODY}) may not write it (mode 0466, owner nobody,"
+            " group 'root')",
+        ),
+    ],
+    ids=["outside-the-group", "group-without-write", "owner-without-write"],
+)
+def test_each_cause_is_named(listening: Path, mode: int, owner: int, groups: str, why: str) -> None:
+    os.chown(listening, owner, 0)
+    os.chmod(listening, mode)
+    assert info_as_nobody(listening, groups) == [
         "PERMISSION_DENIED",
         "SOCKET_ACCESS",
-        f"permission denied connecting to {listening}: this user (uid {NOBODY}) is not in"
-        " its group 'root' (mode 0660): add it (usermod -aG root USER), then log in again",
-    ]
-
-
-def test_in_the_group_that_may_not_write(listening: Path) -> None:
-    os.chmod(listening, 0o640)
-    assert info_as_nobody(listening, "--groups=0") == [
-        "PERMISSION_DENIED",
-        "SOCKET_ACCESS",
-        f"permission denied connecting to {listening}: its group 'root', which this user is"
-        " in, may not write it (mode 0640, owner root, group 'root')",
-    ]
-
-
-def test_the_owner_that_may_not_write(listening: Path) -> None:
-    os.chown(listening, NOBODY, 0)
-    os.chmod(listening, 0o466)
-    assert info_as_nobody(listening) == [
-        "PERMISSION_DENIED",
-        "SOCKET_ACCESS",
-        f"permission denied connecting to {listening}: its owner (this user, uid {NOBODY})"
-        " may not write it (mode 0466, owner nobody, group 'root')",
+        f"permission denied connecting to {listening}: {why}",
     ]
 
 
