@@ -21,9 +21,11 @@ import stat
 # (EACCES or EPERM) refuses.
 REFUSED_ERRNOS = (errno.EACCES, errno.EPERM)
 
-# gRPC core's text for a failed Unix connect (1.5x-1.8x, posix event engine):
-# "unix:/p: connect failed: addr: unix:/p error: Permission denied".
-_GRPC_CONNECT = re.compile(r"addr: unix:(?P<path>.+?) error: (?P<why>[^;\n]+)")
+# gRPC core's text for a failed Unix connect (1.85, posix event engine):
+# "unix:/p: connect failed: addr: unix:/p error: Permission denied"; older releases
+# name the target otherwise, so any "unix:/p" with the errno's text is a candidate.
+_GRPC_CONNECT = re.compile(r"addr: unix:(?P<path>.+?) error: ")
+_GRPC_TARGET = re.compile(r"unix:(?P<path>/[^\s:;,]+)")
 
 
 def refused(exc: OSError) -> bool:
@@ -35,8 +37,10 @@ def grpc_refused_path(details: str) -> str | None:
     """The Unix socket path that gRPC's UNAVAILABLE `details` say was refused by
     permission, confirmed by a connect of our own; None for any other failure (no socket
     yet, a broker not listening), which is worth waiting for."""
-    m = _GRPC_CONNECT.search(details)
-    if m is None or m.group("why").strip() not in {os.strerror(e) for e in REFUSED_ERRNOS}:
+    if not any(os.strerror(e) in details for e in REFUSED_ERRNOS):
+        return None
+    m = _GRPC_CONNECT.search(details) or _GRPC_TARGET.search(details)
+    if m is None:
         return None
     path = m.group("path")
     # gRPC's text is not an API: only our own connect's errno decides.

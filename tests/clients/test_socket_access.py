@@ -106,3 +106,33 @@ def test_a_socket_that_lets_us_in_is_not_refused(listening: Path) -> None:
     os.chmod(listening, 0o666)
     got = info_as_nobody(listening)
     assert got[:2] != ["PERMISSION_DENIED", "SOCKET_ACCESS"], got
+
+
+def test_grpc_text_is_only_a_hint_our_own_connect_decides(listening: Path) -> None:
+    """gRPC's UNAVAILABLE text (its 1.85 form, an older form without "addr:") names a
+    refused path only where our own connect is refused too: the text alone, or another
+    errno's text, is not a refusal."""
+    os.chmod(listening, 0o660)
+    code = (
+        "import json, sys\nfrom pasid_client.access import grpc_refused_path\n"
+        "p = sys.argv[1]\nprint(json.dumps([grpc_refused_path(t) for t in ["
+        "f'unix:{p}: connect failed: addr: unix:{p} error: Permission denied',"
+        "f'last error: UNKNOWN: unix:{p}: Permission denied',"
+        "f'unix:{p}: connect failed: addr: unix:{p} error: No such file or directory',"
+        "]]))\n"
+    )
+
+    def paths_as_nobody() -> list[str | None]:
+        r = subprocess.run(
+            [*setpriv(), sys.executable, "-c", code, str(listening)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
+        assert r.returncode == 0, r.stderr
+        return list(json.loads(r.stdout))
+
+    assert paths_as_nobody() == [str(listening), str(listening), None]
+    os.chmod(listening, 0o666)  # the same text, but this user may connect: not refused
+    assert paths_as_nobody() == [None, None, None]
