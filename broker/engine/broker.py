@@ -34,6 +34,7 @@ from broker.core import (
     StoreError,
     StoreFailed,
     Unsupported,
+    runs,
 )
 from broker.core.errors import DetachFailed
 from broker.core.ioctl import PasidOp, check_pasid_request
@@ -415,6 +416,7 @@ class Broker:
         owner: str = ANONYMOUS,
         reattach_set_id: int = 0,
         held: Sequence[int] | None = None,
+        complete_epoch: int = 0,
     ) -> tuple[Session, str, bool, asyncio.Future[None]]:
         """A new session with a new set, or the one `resume_token` names: (session, token,
         resumed, created), `created` resolving once the new set is durable. The set's
@@ -435,7 +437,11 @@ class Broker:
 
         `held` (a resume or re-attach with OpenSession.witness): the PASIDs the client
         holds in the set; the store is reconciled with them (Sessions.reconcile), and
-        `created` resolves once the reclaimed ones are durable."""
+        `created` resolves once the reclaimed ones are durable. `complete_epoch` (a
+        complete witness, OpenSession.witness_complete, with the epoch it states): when
+        it is the set's, the set's PASIDs `held` omits are freed too, durably before
+        `created` resolves. A resume or re-attach without a witness (by hand) gives the
+        set a new witness epoch."""
         self.require_ready()
         if self.stopping:
             # A stream begun before SIGTERM may still send its open. No set is taken up or
@@ -446,8 +452,24 @@ class Broker:
                 raise NotReady("broker is shutting down; resume after the restart")
             raise NotReady("broker is shutting down; open the session after the restart")
         return self.sets.open(
-            client, pid, grace_seconds, resume_token, peer, ticket, owner, reattach_set_id, held
+            client,
+            pid,
+            grace_seconds,
+            resume_token,
+            peer,
+            ticket,
+            owner,
+            reattach_set_id,
+            held,
+            complete_epoch,
         )
+
+    def change_by_token(self, sess: Session) -> None:
+        """A unary call (by token, not on the set's stream) is about to change the set:
+        its stream client will not see it, so its complete witnesses stating the current
+        witness epoch are partial from now on (docs/durability.md)."""
+        self.sets.require_attached(sess)
+        self.sets.new_witness_epoch(sess)
 
     def held_sets(self, ticket: str, peer: str) -> list[Session]:
         """The sets whose verified holder is the ticket's holder process (the ticket is
@@ -582,7 +604,6 @@ class Broker:
     def free(self, sess: Session, lo: int, hi: int) -> asyncio.Future[int]:
         """Free the session's PASIDs in [lo, hi]; resolves to the count once durable."""
         set_id = sess.session_id
-        bc = self.backend_calls
         try:
             self.sets.require_attached(sess)
             freed = self.allocator.free_range(set_id, lo, hi)
@@ -592,6 +613,30 @@ class Broker:
         if not freed:
             self.observers.free_nothing()
             return done_future(0)
+        return self._free_taken(sess, freed)
+
+    def free_pasids(self, sess: Session, pasids: Sequence[int], reason: str) -> asyncio.Future[int]:
+        """Free exactly these PASIDs of the session's set (each held by it), as a client's
+        free does; `reason` goes in the free event. For a complete witness (Sessions.
+        reconcile): what its client no longer holds. Resolves to the count once durable."""
+        set_id = sess.session_id
+        self.sets.require_attached(sess)
+        freed: list[int] = []
+        try:
+            for lo, hi in runs(sorted(pasids)):
+                freed += self.allocator.free_range(set_id, lo, hi)
+        except BaseException:
+            self.allocator.claim(set_id, freed)
+            raise
+        if not freed:
+            return done_future(0)
+        return self._free_taken(sess, freed, reason)
+
+    def _free_taken(self, sess: Session, freed: list[int], reason: str = "") -> asyncio.Future[int]:
+        """The rest of a free, once the allocator let go of `freed`: devices detached,
+        backend (quarantine rules), durable; each step undone if a later one fails."""
+        set_id = sess.session_id
+        bc = self.backend_calls
         if self.devices is not None:
             # Detach before the numbers can go to anyone else (the kernel's DETACH never
             # fails; a failed commit leaves the set holding them, unattached).
@@ -613,7 +658,7 @@ class Broker:
                 bc.alloc_exact(freed)
                 self.allocator.claim(set_id, freed)
 
-        rec = RemovePasids(set_id, tuple(freed), self.quarantine_until())
+        rec = RemovePasids(set_id, tuple(freed), self.quarantine_until(), reason)
         return self.journal.submit(rec, undo, len(freed))
 
     def quarantine_until(self) -> float | None:

@@ -48,6 +48,10 @@ class Observer:
     def pasid_conflict(self, set_id: int, pasids: int) -> None:
         """A resuming client (a witness) holds `pasids` PASIDs the store gives elsewhere."""
 
+    def pasids_refreed(self, set_id: int, pasids: int) -> None:
+        """A complete witness freed `pasids` PASIDs its set held that its client no longer
+        holds (acknowledged frees the store lost)."""
+
 
 class Observers(Observer):
     """Fans every hook out to its subscribers, in subscription order."""
@@ -99,3 +103,7 @@ class Observers(Observer):
     def pasid_conflict(self, set_id: int, pasids: int) -> None:
         for o in self._subs:
             o.pasid_conflict(set_id, pasids)
+
+    def pasids_refreed(self, set_id: int, pasids: int) -> None:
+        for o in self._subs:
+            o.pasids_refreed(set_id, pasids)

@@ -143,6 +143,7 @@ def recover(
                 row.created_unix,
                 attached=False,
                 detached_unix=row.detached_unix or 0.0,
+                witness_epoch=row.witness_epoch,
             )
         )
     # After the sets: a PASID withheld when the last run ended (the kernel may still use

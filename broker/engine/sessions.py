@@ -22,7 +22,7 @@ import logging
 import secrets
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from broker.core import (
     ANONYMOUS,
@@ -51,6 +51,7 @@ from broker.store import (
     MarkDetached,
     NoteSetState,
     SetRow,
+    SetWitnessEpoch,
 )
 
 if TYPE_CHECKING:
@@ -64,6 +65,12 @@ RELEASE_RETRY_SECONDS = 1.0
 
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_epoch() -> int:
+    """A witness epoch: random, never 0 (no epoch), so that a store rolled back to an
+    older one cannot match an epoch a client learnt on a branch the store lost."""
+    return secrets.randbits(63) | 1
 
 
 @dataclass(eq=False)
@@ -87,10 +94,26 @@ class Session:
     # The last witnessed resume's outcome (Sessions.reconcile): for SessionOpened.
     reclaimed: list[int] = field(default_factory=list)
     conflicts: list[int] = field(default_factory=list)
+    # ... and what a complete witness freed (frees whose acknowledgement the store lost),
+    # and whether the witness was taken as complete.
+    refreed: list[int] = field(default_factory=list)
+    witness_complete: bool = False
+    # A complete witness is honoured only when it states this epoch: it changes when
+    # something the set's stream client cannot see changes the set (new_witness_epoch).
+    witness_epoch: int = 0
+    # The epoch was told to a client (a new set's open, a listing) since it last changed:
+    # the next unseen change needs a new one (else the current one stays unknown).
+    epoch_told: bool = True
 
     @property
     def session_id(self) -> int:
         return self.set.set_id
+
+    def tell_witness_epoch(self) -> int:
+        """The witness epoch, as a listing or a new set's open gives it with the whole set
+        (the next change its client cannot see then needs a new one)."""
+        self.epoch_told = True
+        return self.witness_epoch
 
     @property
     def pid(self) -> int:
@@ -223,6 +246,7 @@ class Sessions:
         owner: str = ANONYMOUS,
         reattach_set_id: int = 0,
         held: Sequence[int] | None = None,
+        complete_epoch: int = 0,
     ) -> tuple[Session, str, bool, asyncio.Future[None]]:
         """See Broker.open_session. Synchronous on purpose: the set exists from here on,
         and the caller owns it (ends it in its finally) before it awaits anything.
@@ -244,23 +268,58 @@ class Sessions:
                 self.holders.give_back(ticket, identity)
             raise
         sess, token, resumed, _ = out
+        sess.reclaimed, sess.conflicts, sess.refreed = [], [], []
+        sess.witness_complete = False
         if resumed:
             self._engine.witness_seen(sess.session_id)
         if resumed and held is not None:
-            return sess, token, resumed, self.reconcile(sess, held)
+            return sess, token, resumed, self.reconcile(sess, held, complete_epoch)
+        if resumed:
+            # Taken back by hand (no witness): what an earlier client of the set knew is
+            # no longer the whole set; this one learns it from a listing.
+            return sess, token, resumed, self.new_witness_epoch(sess)
         return out
 
-    def reconcile(self, sess: Session, held: Sequence[int]) -> asyncio.Future[None]:
+    def new_witness_epoch(self, sess: Session) -> asyncio.Future[None]:
+        """Something `sess`'s stream client cannot see changes its set (a unary call by
+        token, a resume or re-attach by hand): complete witnesses stating the old epoch
+        are partial from now on. Stored in the journal before the change's own records,
+        so never behind them. Resolves once durable (at once when no new one was due)."""
+        if not sess.epoch_told:
+            return _done()
+        sess.witness_epoch = new_epoch()
+        sess.epoch_told = False
+        return self._engine.journal.submit(
+            SetWitnessEpoch(sess.session_id, sess.witness_epoch), _nothing, None
+        )
+
+    def reconcile(
+        self, sess: Session, held: Sequence[int], complete_epoch: int = 0
+    ) -> asyncio.Future[None]:
         """The client as witness (issue 22): `held` is what it holds in `sess`'s set, as it
         last heard. A PASID the store lost that is still free is claimed for the set again
         (durably: the returned future resolves once it is); one the store gives to another
         set, or holds back, is a conflict: logged at ERROR, a pasid_conflict event on both
         sets, and contested in the allocator (when its holder gives it up it is withheld,
         never back in the pool silently). Results in sess.reclaimed / sess.conflicts.
-        PASIDs the set holds that the witness does not claim are left as they are."""
+
+        A complete witness (`complete_epoch`, the set's current epoch: the client saw
+        every change of the set) also frees the set's PASIDs it does not state: frees the
+        client was acknowledged that the store lost (sess.refreed). Anything else (a
+        partial witness, a stale or zero epoch) leaves them as they are: a PASID is freed
+        only on its own set's client's word that it no longer holds it."""
         e = self._engine
         set_id = sess.session_id
         mine = set(sess.set.pasids)
+        if complete_epoch and complete_epoch == sess.witness_epoch:
+            sess.witness_complete = True
+            sess.refreed = sorted(mine.difference(held))
+        elif complete_epoch:
+            log.info(
+                "witness: a complete witness states an old epoch (the set changed where"
+                " its client could not see it); taken as partial",
+                extra={"session": set_id},
+            )
         want = sorted({p for p in held if p not in mine and 0 < p < e.allocator.namespace.size})
         owners = e.allocator.owners(want)
         free = [p for p in want if p not in owners]
@@ -326,7 +385,47 @@ class Sessions:
                 extra={"session": set_id, "reclaimed": free[:32], "count": len(free)},
             )
             done = e.journal.submit(AddPasids(set_id, tuple(free)), undo, None)
+        if sess.refreed:
+            done = self._refree(sess, done)
         return done
+
+    def _refree(self, sess: Session, before: asyncio.Future[None]) -> asyncio.Future[None]:
+        """Free sess.refreed as the client's own free would (Broker.free_pasids: devices
+        detached, backend, quarantine, a free event), logged at WARNING; the future
+        resolves once this and `before` are durable. If the free is refused, nothing is
+        freed (the set keeps them, as a partial witness would) and the open fails."""
+        e = self._engine
+        set_id = sess.session_id
+        ps = sess.refreed
+        try:
+            freed = e.free_pasids(sess, ps, "witness: a free acknowledged to the set's client")
+        except BaseException:
+            sess.refreed = []
+            raise
+        log.warning(
+            "witness: PASIDs the set's client no longer holds freed again (their"
+            " acknowledged free was lost by the store)",
+            extra={"session": set_id, "refreed": ps[:32], "count": len(ps)},
+        )
+        e.observers.pasids_refreed(set_id, len(ps))
+        loop = asyncio.get_running_loop()
+        out: asyncio.Future[None] = loop.create_future()
+
+        def both(_f: asyncio.Future[Any]) -> None:
+            if out.done() or not (before.done() and freed.done()):
+                return
+            for f in (before, freed):
+                if f.cancelled():
+                    out.cancel()
+                    return
+                if (exc := f.exception()) is not None:
+                    out.set_exception(exc)
+                    return
+            out.set_result(None)
+
+        before.add_done_callback(both)
+        freed.add_done_callback(both)
+        return out
 
     def _open(
         self,
@@ -371,7 +470,7 @@ class Sessions:
         now = e.clock()
         s = e.allocator.create_set(set_id, client, owner=owner)
         holder = Holder.of(identity) if identity is not None else None
-        sess = Session(s, holder, grace, th, now, peer=peer)
+        sess = Session(s, holder, grace, th, now, peer=peer, witness_epoch=new_epoch())
         self._sessions[set_id] = sess
         self._by_token[th] = sess
         if identity is not None:
@@ -404,6 +503,7 @@ class Sessions:
             h.ns_pid if h else None,
             (h.delegated_by_pid or None) if h else None,
             owner,
+            witness_epoch=sess.witness_epoch,
         )
         created = e.journal.submit(CreateSet(row), undo, None)
 
@@ -762,3 +862,9 @@ class Sessions:
 
 def _nothing() -> None:
     """A note's undo: it changed no state."""
+
+
+def _done() -> asyncio.Future[None]:
+    fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    fut.set_result(None)
+    return fut

@@ -148,6 +148,13 @@ class Metrics(Observer):
             " back): two holders for one PASID, contested, never reissued silently.",
             registry=r,
         )
+        # A complete witness's frees (issue 22): acknowledged frees the store had lost.
+        self._refreed = Counter(
+            "pasid_broker_pasids_refreed",
+            "PASIDs a resuming client's complete witness no longer holds while the store"
+            " still gave them to its set (an acknowledged free the store lost): freed again.",
+            registry=r,
+        )
         self._malformed = Counter(
             "pasid_broker_malformed_requests",
             "Requests refused as INVALID_ARGUMENT (undecodable, or a field out of range),"
@@ -277,6 +284,9 @@ class Metrics(Observer):
 
     def pasid_conflict(self, set_id: int, pasids: int) -> None:
         self._conflicts.inc(pasids)
+
+    def pasids_refreed(self, set_id: int, pasids: int) -> None:
+        self._refreed.inc(pasids)
 
     def recovered(self, seconds: float, replayed: int, sets: int) -> None:
         self._recovery_seconds.set(seconds)

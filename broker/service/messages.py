@@ -30,6 +30,8 @@ def set_info(sess: BrokerSession, with_ranges: bool = True) -> pb.SetInfo:
         grace_seconds=sess.grace_seconds,
         detached_unix=0.0 if sess.attached else sess.detached_unix,
     )
+    if with_ranges:  # the whole set, with the epoch that goes with it (a witness's)
+        info.witness_epoch = sess.tell_witness_epoch()
     h = sess.holder
     if h is not None:
         info.verified = True
@@ -92,6 +94,8 @@ def list_page(
                 out.sets.append(info)
                 out.next_page_token = f"{sess.session_id}:{rest}"
                 return out
+            if start == 0:  # the whole set in this page: with its witness epoch
+                info.witness_epoch = sess.tell_witness_epoch()
         out.sets.append(info)
     return out
 

@@ -43,8 +43,16 @@ class PasidBrokerServicer(SessionStreamServicer):
 
     # -- unary calls --------------------------------------------------------------------
 
-    async def _unary(self, ref: pb.SessionRef, call: Callable[[BrokerSession], Awaitable[T]]) -> T:
+    async def _unary(
+        self,
+        ref: pb.SessionRef,
+        call: Callable[[BrokerSession], Awaitable[T]],
+        changes: bool = False,
+    ) -> T:
+        """`changes`: the call may change the set, where its stream's client cannot see."""
         sess = self._authenticate(ref)
+        if changes:
+            self.broker.change_by_token(sess)
         return await call(sess)
 
     def _authenticate(self, ref: pb.SessionRef) -> BrokerSession:
@@ -58,6 +66,7 @@ class PasidBrokerServicer(SessionStreamServicer):
         got = await self._unary(
             request.session,
             lambda s: self.broker.alloc(s, request.min, request.max, count, request.device),
+            changes=True,
         )
         return pb.AllocResponse(pasids=got)
 
@@ -66,7 +75,7 @@ class PasidBrokerServicer(SessionStreamServicer):
         self, request: pb.FreeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.FreeResponse:
         n = await self._unary(
-            request.session, lambda s: self.broker.free(s, request.min, request.max)
+            request.session, lambda s: self.broker.free(s, request.min, request.max), changes=True
         )
         return pb.FreeResponse(freed=n)
 
@@ -121,6 +130,7 @@ class PasidBrokerServicer(SessionStreamServicer):
         ret = await self._unary(
             r.session,
             lambda s: self.broker.pasid_request(s, r.argsz, r.flags, r.min, r.max),
+            changes=True,
         )
         return pb.PasidRequestReply(ret=ret)
 

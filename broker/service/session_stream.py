@@ -201,6 +201,7 @@ class SessionStreamServicer(pb_grpc.PasidBrokerServicer):
                 owner=current_caller().identity,
                 reattach_set_id=o.reattach_set_id,
                 held=wire.pasids_of(o.held) if o.witness else None,
+                complete_epoch=o.witness_epoch if o.witness and o.witness_complete else 0,
             )
         except BaseException:
             if new_set:
@@ -251,6 +252,13 @@ class SessionStreamServicer(pb_grpc.PasidBrokerServicer):
                     verified=sess.holder is not None,
                     reclaimed=ranges(sess.reclaimed) if resumed else [],
                     conflicts=ranges(sess.conflicts) if resumed else [],
+                    refreed=ranges(sess.refreed) if resumed else [],
+                    witness_complete=resumed and sess.witness_complete,
+                    # A new set's epoch, or the one a complete witness stated: the client
+                    # knows the whole set with it. Otherwise it learns it from a listing.
+                    witness_epoch=sess.tell_witness_epoch()
+                    if not resumed or sess.witness_complete
+                    else 0,
                 ),
             )
             while (item := await replies.get()) is not None:

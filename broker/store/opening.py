@@ -286,7 +286,8 @@ def load_snapshot(conn: sqlite3.Connection) -> Snapshot:
             for r in conn.execute(
                 "SELECT set_id, client, pid, quota, grace_seconds, token_hash,"
                 " created_unix, holder_start_time, holder_uid, holder_ns_pid,"
-                " delegated_by_pid, owner, detached_unix FROM sets ORDER BY set_id"
+                " delegated_by_pid, owner, detached_unix, witness_epoch FROM sets"
+                " ORDER BY set_id"
             )
         ]
         holdings: dict[int, list[int]] = {r.set_id: [] for r in rows}

@@ -32,6 +32,8 @@ class SetRow:
     owner: str = ANONYMOUS
     # When its stream last let go of it (wall clock); None: attached at the last write.
     detached_unix: float | None = None
+    # A complete witness is honoured only when it states this (docs/durability.md).
+    witness_epoch: int = 0
 
     @property
     def verified(self) -> bool:
@@ -56,6 +58,18 @@ class RemovePasids:
     # With --quarantine-seconds: the wall-clock time (Unix seconds) before which these
     # PASIDs must not be reissued, kept so that a restart does not end the quarantine.
     quarantine_until: float | None = None
+    # For the free event: why, when not the client's own free (a complete witness's).
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class SetWitnessEpoch:
+    """Something the set's stream client cannot see changed the set (a unary call by
+    token, a resume or re-attach by hand): its complete witnesses are partial until it
+    learns the new epoch with the whole set. No event."""
+
+    set_id: int
+    epoch: int
 
 
 @dataclass(frozen=True)
@@ -161,6 +175,7 @@ Record = (
     | SaveSetQuota
     | LogConflict
     | MarkDetached
+    | SetWitnessEpoch
     | Withhold
     | ReleaseWithheld
 )

@@ -40,6 +40,9 @@ sets = Table(
     # When its stream last let go of it (migration 0007): the age `pasidctl sets` and
     # the PasidSetDetachedLong alert show outlives a restart. NULL while attached.
     Column("detached_unix", Float, nullable=True),
+    # Changes (a new random value) when something its stream client cannot see changes
+    # the set: a complete witness is honoured only with the current one (migration 0009).
+    Column("witness_epoch", Integer, nullable=False, server_default="0"),
 )
 
 # Quotas set at run time by SetQuotas (scope "default": the broker-wide ones). A row

@@ -47,6 +47,7 @@ from broker.store.records import (
     RemovePasids,
     SaveQuotas,
     SaveSetQuota,
+    SetWitnessEpoch,
     Withhold,
 )
 
@@ -509,6 +510,11 @@ class Writer:
         if isinstance(rec, ReleaseWithheld):
             self._release_withheld(conn, rec)
             return None
+        if isinstance(rec, SetWitnessEpoch):
+            conn.execute(
+                "UPDATE sets SET witness_epoch = ? WHERE set_id = ?", (rec.epoch, rec.set_id)
+            ).close()
+            return None
         if isinstance(rec, MarkDetached):
             conn.executemany(
                 "UPDATE sets SET detached_unix = ? WHERE set_id = ?",
@@ -519,13 +525,14 @@ class Writer:
             self._removed(rec.set_id, rec.pasids, _delete(conn, rec.set_id, rec.pasids))
             if rec.quarantine_until is not None:
                 self._quarantine(conn, rec.pasids, rec.quarantine_until)
-            return ("free", rec.set_id, rec.pasids, "")
+            return ("free", rec.set_id, rec.pasids, rec.reason)
         if isinstance(rec, CreateSet):
             r = rec.row
             conn.execute(
                 "INSERT INTO sets (set_id, client, pid, quota, grace_seconds, token_hash,"
                 " created_unix, holder_start_time, holder_uid, holder_ns_pid,"
-                " delegated_by_pid, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " delegated_by_pid, owner, witness_epoch)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     r.set_id,
                     r.client,
@@ -539,6 +546,7 @@ class Writer:
                     r.ns_pid,
                     r.delegated_by_pid,
                     r.owner,
+                    r.witness_epoch,
                 ),
             ).close()
             return ("set_created", r.set_id, (), r.client)

@@ -242,3 +242,32 @@ def test_0008_names_the_claimant_of_0007_contests_and_round_trips(tmp_path: Path
             (8, "contested", 3),
         ]
     engine.dispose()
+
+
+def test_0009_gives_existing_sets_a_witness_epoch_and_round_trips(tmp_path: Path) -> None:
+    """0008 -> 0009: each existing set gets a random, non-zero witness epoch that no
+    client knows yet (so no client's complete witness is honoured on it until a listing
+    tells it); 0009's downgrade gives back 0008's sets table."""
+    from alembic import command
+
+    db = tmp_path / "b.db"
+    engine = create_engine(f"sqlite:///{db}")
+    with engine.begin() as conn:
+        command.upgrade(migrations._config(conn), "0008")
+        for set_id in (1, 2):
+            conn.exec_driver_sql(
+                "INSERT INTO sets (set_id, client, pid, quota, grace_seconds, token_hash,"
+                f" created_unix) VALUES ({set_id}, 'vm', 0, 1000, 0, 'h{set_id}', 1.0)"
+            )
+    engine.dispose()
+    st = SqliteStore(db)
+    snap = st.open()
+    st.close()
+    epochs = [r.witness_epoch for r in snap.sets]
+    assert all(0 < e < 2**63 for e in epochs) and len(set(epochs)) == 2, epochs
+    engine = create_engine(f"sqlite:///{db}")
+    with engine.begin() as conn:
+        command.downgrade(migrations._config(conn), "0008")
+        cols = [r[1] for r in conn.exec_driver_sql("PRAGMA table_info(sets)")]
+        assert "witness_epoch" not in cols and "detached_unix" in cols
+    engine.dispose()

@@ -102,6 +102,8 @@ class OpenSession(_message.Message):
     REATTACH_SET_ID_FIELD_NUMBER: _builtins.int
     HELD_FIELD_NUMBER: _builtins.int
     WITNESS_FIELD_NUMBER: _builtins.int
+    WITNESS_COMPLETE_FIELD_NUMBER: _builtins.int
+    WITNESS_EPOCH_FIELD_NUMBER: _builtins.int
     client: _builtins.str
     """A name for operators (e.g. "qemu-vm42"), shown in listings. Not an identity: quotas
     count by the caller's verified identity (uid, certificate subject, or anonymous).
@@ -133,6 +135,20 @@ class OpenSession(_message.Message):
     else is NOT_FOUND, and nothing changes. 0: not a re-attach.
     """
     witness: _builtins.bool
+    witness_complete: _builtins.bool
+    """A complete witness (docs/durability.md): `held` is everything the client holds in the
+    set, not only what it claims. The broker then also frees the set's PASIDs that `held`
+    does not state (SessionOpened.refreed: frees it acknowledged and its store lost), as
+    a free would. Honoured only with `witness`, on a resume or re-attach, and when
+    `witness_epoch` is the set's current one (nothing the client could not see changed
+    the set since: a unary change by token, a resume or re-attach by hand); otherwise the
+    witness counts as partial. A client sends it only when no outcome is unknown to it.
+    Older brokers ignore it (the witness is then partial).
+    """
+    witness_epoch: _builtins.int
+    """The set's witness epoch, as the client last learnt it together with the whole set
+    (SessionOpened of a new set, or a listing of its set): see witness_complete.
+    """
     @_builtins.property
     def held(self) -> _containers.RepeatedCompositeFieldContainer[Global___PasidRange]:
         """The client as witness (docs/durability.md): on a resume or a re-attach, the PASIDs the
@@ -152,10 +168,12 @@ class OpenSession(_message.Message):
         reattach_set_id: _builtins.int = ...,
         held: _abc.Iterable[Global___PasidRange] | None = ...,
         witness: _builtins.bool = ...,
+        witness_complete: _builtins.bool = ...,
+        witness_epoch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client", b"client", "grace_seconds", b"grace_seconds", "held", b"held", "pid", b"pid", "reattach_set_id", b"reattach_set_id", "resume_token", b"resume_token", "ticket", b"ticket", "witness", b"witness"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client", b"client", "grace_seconds", b"grace_seconds", "held", b"held", "pid", b"pid", "reattach_set_id", b"reattach_set_id", "resume_token", b"resume_token", "ticket", b"ticket", "witness", b"witness", "witness_complete", b"witness_complete", "witness_epoch", b"witness_epoch"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -177,6 +195,9 @@ class SessionOpened(_message.Message):
     VERIFIED_FIELD_NUMBER: _builtins.int
     RECLAIMED_FIELD_NUMBER: _builtins.int
     CONFLICTS_FIELD_NUMBER: _builtins.int
+    REFREED_FIELD_NUMBER: _builtins.int
+    WITNESS_EPOCH_FIELD_NUMBER: _builtins.int
+    WITNESS_COMPLETE_FIELD_NUMBER: _builtins.int
     session_id: _builtins.int
     set_id: _builtins.int
     token: _builtins.str
@@ -190,6 +211,13 @@ class SessionOpened(_message.Message):
     """Granted grace, after capping."""
     verified: _builtins.bool
     """True when the set's holder is a kernel-verified process (a ticket was presented)."""
+    witness_epoch: _builtins.int
+    """The set's witness epoch now. A new set's, or the one a complete witness stated when
+    it was honoured, is one the client may state again; otherwise the client learns the
+    whole set (a listing) before it states a complete witness.
+    """
+    witness_complete: _builtins.bool
+    """Whether the witness was taken as complete (refreed may then be empty)."""
     @_builtins.property
     def reclaimed(self) -> _containers.RepeatedCompositeFieldContainer[Global___PasidRange]:
         """A witnessed resume or re-attach: PASIDs the client holds that the store had lost and
@@ -200,6 +228,13 @@ class SessionOpened(_message.Message):
     def conflicts(self) -> _containers.RepeatedCompositeFieldContainer[Global___PasidRange]:
         """A witnessed resume or re-attach: PASIDs the client holds that the store gives to
         another set. A conflict: reported loudly (event, metric, alert), never re-issued.
+        """
+
+    @_builtins.property
+    def refreed(self) -> _containers.RepeatedCompositeFieldContainer[Global___PasidRange]:
+        """A complete witness honoured (OpenSession.witness_complete): the set's PASIDs the
+        client no longer holds (a free it was acknowledged, that the store lost), freed now
+        as a free is (backend, devices, quarantine), durably before this answer.
         """
 
     def __init__(
@@ -215,10 +250,13 @@ class SessionOpened(_message.Message):
         verified: _builtins.bool = ...,
         reclaimed: _abc.Iterable[Global___PasidRange] | None = ...,
         conflicts: _abc.Iterable[Global___PasidRange] | None = ...,
+        refreed: _abc.Iterable[Global___PasidRange] | None = ...,
+        witness_epoch: _builtins.int = ...,
+        witness_complete: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conflicts", b"conflicts", "grace_seconds", b"grace_seconds", "pasid_bits", b"pasid_bits", "quota", b"quota", "reclaimed", b"reclaimed", "resumed", b"resumed", "session_id", b"session_id", "set_id", b"set_id", "token", b"token", "verified", b"verified"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conflicts", b"conflicts", "grace_seconds", b"grace_seconds", "pasid_bits", b"pasid_bits", "quota", b"quota", "reclaimed", b"reclaimed", "refreed", b"refreed", "resumed", b"resumed", "session_id", b"session_id", "set_id", b"set_id", "token", b"token", "verified", b"verified", "witness_complete", b"witness_complete", "witness_epoch", b"witness_epoch"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -460,6 +498,7 @@ class SetInfo(_message.Message):
     NS_PID_FIELD_NUMBER: _builtins.int
     DELEGATED_BY_PID_FIELD_NUMBER: _builtins.int
     DETACHED_UNIX_FIELD_NUMBER: _builtins.int
+    WITNESS_EPOCH_FIELD_NUMBER: _builtins.int
     set_id: _builtins.int
     session_id: _builtins.int
     client: _builtins.str
@@ -485,6 +524,11 @@ class SetInfo(_message.Message):
     """Set when a sidecar delegated the holder: the delegating process's pid."""
     detached_unix: _builtins.float
     """When the set was last detached (its stream ended without a release); 0 while attached."""
+    witness_epoch: _builtins.int
+    """The set's witness epoch (OpenSession.witness_complete) as of this listing: a client
+    that reads its whole set in one page, with no change of its own in flight, may
+    state it with a complete witness.
+    """
     @_builtins.property
     def ranges(self) -> _containers.RepeatedCompositeFieldContainer[Global___PasidRange]: ...
     def __init__(
@@ -506,10 +550,11 @@ class SetInfo(_message.Message):
         ns_pid: _builtins.int = ...,
         delegated_by_pid: _builtins.int = ...,
         detached_unix: _builtins.float = ...,
+        witness_epoch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client", b"client", "count", b"count", "created_unix", b"created_unix", "delegated_by_pid", b"delegated_by_pid", "detached_unix", b"detached_unix", "grace_seconds", b"grace_seconds", "ns_pid", b"ns_pid", "peer", b"peer", "pid", b"pid", "quota", b"quota", "ranges", b"ranges", "session_id", b"session_id", "set_id", b"set_id", "state", b"state", "uid", b"uid", "verified", b"verified"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client", b"client", "count", b"count", "created_unix", b"created_unix", "delegated_by_pid", b"delegated_by_pid", "detached_unix", b"detached_unix", "grace_seconds", b"grace_seconds", "ns_pid", b"ns_pid", "peer", b"peer", "pid", b"pid", "quota", b"quota", "ranges", b"ranges", "session_id", b"session_id", "set_id", b"set_id", "state", b"state", "uid", b"uid", "verified", b"verified", "witness_epoch", b"witness_epoch"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,161 @@
+"""A complete witness (issue 22, point 2): on a resume, a client that states everything it
+holds, with the set's current witness epoch, has the set's PASIDs it omits freed (frees
+it was acknowledged that the store lost); anything less frees nothing.
+
+In process, with the real simulator backend and a real SQLite file: whether a refreed
+PASID really went back to the backend's pool, and what the store holds, are not visible
+over the wire. The resume is Broker.open_session with a witness, as the Session stream
+calls it (tests/e2e/test_witness.py drives the same over a socket, with a real lost free).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from pathlib import Path
+
+from broker.backends.simulator import SimulatorBackend
+from broker.core import Quarantine
+from broker.engine import Broker, Session
+from broker.engine.lifecycle import SetEvent
+from broker.store import SqliteStore
+
+
+async def _opened(broker: Broker, client: str, grace: int = 0) -> tuple[Session, str]:
+    sess, token, _, created = broker.open_session(client, grace_seconds=grace)
+    await created
+    return sess, token
+
+
+async def _resumed(
+    broker: Broker, sess: Session, token: str, held: list[int] | None, epoch: int = 0
+) -> Session:
+    """`sess`'s stream breaks, and its client resumes stating `held` (None: by hand)."""
+    broker.end_session(sess, "test: stream broke", SetEvent.STREAM_BROKEN)
+    assert not sess.attached
+    again, _, resumed, done = broker.open_session(
+        "vm", resume_token=token, held=held, complete_epoch=epoch
+    )
+    assert resumed and again is sess
+    await done
+    return again
+
+
+def _rows(db: Path, set_id: int) -> list[int]:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return [
+            p
+            for (p,) in conn.execute(
+                "SELECT pasid FROM allocations WHERE set_id = ? ORDER BY pasid", (set_id,)
+            )
+        ]
+
+
+def test_a_complete_witness_frees_what_its_client_no_longer_holds(tmp_path: Path) -> None:
+    db = tmp_path / "b.db"
+
+    async def before() -> tuple[int, str, int]:
+        broker = Broker(SimulatorBackend(pasid_bits=8), SqliteStore(db))
+        await broker.start()
+        try:
+            sess, token = await _opened(broker, "vm", grace=300)
+            assert await broker.alloc(sess, 1, 255, 6) == [1, 2, 3, 4, 5, 6]
+            return sess.session_id, token, sess.tell_witness_epoch()
+        finally:
+            await broker.stop()  # keeps the set (and its epoch) for the restart
+
+    async def after(set_id: int, token: str, epoch: int) -> None:
+        broker = Broker(SimulatorBackend(pasid_bits=8), SqliteStore(db), restart_grace=60)
+        await broker.start()
+        try:
+            sess = broker.session_of(set_id)
+            assert sess is not None and sess.witness_epoch == epoch  # stored
+            # The client freed 2 and 5 (acknowledged; the store lost it) and holds 7,
+            # which the store lost too: 2 and 5 are freed again, 7 claimed back.
+            await _resumed(broker, sess, token, [1, 3, 4, 6, 7], epoch)
+            assert sess.witness_complete
+            assert sess.refreed == [2, 5]
+            assert sess.reclaimed == [7]
+            assert list(sess.set.pasids) == [1, 3, 4, 6, 7]
+            other, _ = await _opened(broker, "other")
+            assert await broker.alloc(other, 1, 255, 2) == [2, 5]  # the backend agrees
+            broker.allocator.check()
+        finally:
+            await broker.stop()
+        assert _rows(db, set_id) == [1, 3, 4, 6, 7]
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            ev = conn.execute(
+                "SELECT pasids, reason FROM events WHERE kind = 'free' AND set_id = ?", (set_id,)
+            ).fetchall()
+        assert ev == [("2,5", "witness: a free acknowledged to the set's client")], ev
+
+    asyncio.run(after(*asyncio.run(before())))
+
+
+def test_a_refreed_pasid_keeps_the_quarantine_rules(tmp_path: Path) -> None:
+    """A refree is a free: with --quarantine-seconds the PASIDs wait before reuse."""
+
+    async def scenario() -> None:
+        broker = Broker(
+            SimulatorBackend(pasid_bits=8),
+            SqliteStore(tmp_path / "b.db"),
+            quarantine=Quarantine(seconds=300),
+        )
+        await broker.start()
+        try:
+            sess, token = await _opened(broker, "vm", grace=300)
+            assert await broker.alloc(sess, 1, 255, 3) == [1, 2, 3]
+            epoch = sess.tell_witness_epoch()
+            await _resumed(broker, sess, token, [1, 3], epoch)
+            assert sess.refreed == [2]
+            assert broker.allocator.quarantined == 1
+            other, _ = await _opened(broker, "other")
+            assert await broker.alloc(other, 1, 255) == [4]  # 2 waits out its quarantine
+        finally:
+            await broker.stop()
+
+    asyncio.run(scenario())
+
+
+def test_anything_short_of_a_complete_current_witness_frees_nothing(tmp_path: Path) -> None:
+    """A partial witness; a complete one with no epoch; one with an epoch the set has left
+    (a unary change by token, a resume by hand): each leaves the set's PASIDs alone."""
+
+    async def scenario() -> None:
+        broker = Broker(SimulatorBackend(pasid_bits=8), SqliteStore(tmp_path / "b.db"))
+        await broker.start()
+        try:
+            sess, token = await _opened(broker, "vm", grace=300)
+            assert await broker.alloc(sess, 1, 255, 4) == [1, 2, 3, 4]
+            epoch = sess.tell_witness_epoch()
+
+            await _resumed(broker, sess, token, [1])  # partial
+            assert not sess.witness_complete and sess.refreed == []
+            await _resumed(broker, sess, token, [1], 0)  # complete, but no epoch
+            assert not sess.witness_complete and len(sess.set) == 4
+
+            # A tool allocates by token: the stream's client does not see it.
+            broker.change_by_token(sess)
+            assert await broker.alloc(sess, 1, 255) == [5]
+            assert sess.witness_epoch != epoch
+            await _resumed(broker, sess, token, [1, 2, 3, 4], epoch)
+            assert not sess.witness_complete
+            assert list(sess.set.pasids) == [1, 2, 3, 4, 5]  # the tool's 5 stays
+
+            # A listing tells the new epoch (with the whole set); a resume by hand (no
+            # witness) changes it again: whoever knew the old one may not free.
+            epoch = sess.tell_witness_epoch()
+            await _resumed(broker, sess, token, None)
+            assert sess.witness_epoch != epoch
+            await _resumed(broker, sess, token, [1], epoch)
+            assert not sess.witness_complete and len(sess.set) == 5
+
+            # Only a witness with the current epoch is complete.
+            await _resumed(broker, sess, token, [1, 2, 3, 4, 5], sess.tell_witness_epoch())
+            assert sess.witness_complete and sess.refreed == []
+            broker.allocator.check()
+        finally:
+            await broker.stop()
+
+    asyncio.run(scenario())
