@@ -146,6 +146,11 @@ class AsyncSession:
         # Reconnects that resumed the set since it was opened.
         self.reconnects: int = 0
         self._held = HeldPasids()
+        if not opened.resumed:  # a new set: empty, and we know it whole
+            self._held.epoch = opened.witness_epoch
+        # Listings asked while no change of ours was in flight: their reply is the whole
+        # set as it is, with its witness epoch (HeldPasids.learn).
+        self._clean_lists: set[int] = set()
         self._tags = itertools.count(1)
         self._waiting: dict[int, tuple[asyncio.Future[pb.SessionResponse], pb.SessionRequest]] = {}
         self._write_lock = asyncio.Lock()
@@ -165,6 +170,14 @@ class AsyncSession:
         """The PASIDs this session holds as it last heard from the broker (the witness it
         states on a resume), as inclusive ranges."""
         return self._held.ranges()
+
+    @property
+    def witness_complete(self) -> bool:
+        """Whether `held` is known to be everything the set holds, so that a resume now
+        states a complete witness (the broker may then free what it omits: frees it
+        acknowledged and lost). False while an outcome is unknown or the set was taken
+        back by hand, until a listing with nothing in flight settles it."""
+        return self._held.epoch != 0
 
     # -- the stream, and what happens when it breaks ------------------------------------
 
@@ -230,23 +243,37 @@ class AsyncSession:
                 self._held.add((resp.request.ret,))
             elif r.flags == _FLAG_FREE:
                 self._held.free(r.min, r.max)
-        elif (
-            kind == "list"
-            and len(resp.list.sets) == 1
-            and not req.list.page_token
-            and not resp.list.next_page_token
-        ):  # a whole listing in one page (a page of several says too little)
-            self._held.replace(ranges_of(resp.list.sets[0].ranges))
+        elif kind == "list":
+            clean = resp.tag in self._clean_lists
+            self._clean_lists.discard(resp.tag)
+            if len(resp.list.sets) == 1 and not req.list.page_token:
+                # A whole listing in one page (a page of several says too little).
+                self._listed(resp.list, clean)
         elif kind == "release":
             self._held.replace(())
             self._closing = True  # the broker ends the stream next: not a break
             self._how_closed = "session released"
 
+    def _listed(self, page: pb.ListResponse, clean: bool) -> None:
+        """A listing of the whole set. Asked while nothing of ours was in flight it is the
+        set as it is (with its witness epoch); else it may show a change in flight that
+        its commit then undid: taken only while in doubt anyway (a partial witness)."""
+        if page.next_page_token:
+            return
+        ranges, epoch = ranges_of(page.sets[0].ranges), page.sets[0].witness_epoch
+        if clean and epoch:
+            self._held.learn(ranges, epoch)
+        elif not self._held.epoch:
+            self._held.replace(ranges)
+
     def _fail_in_flight(self, err: PasidClientError) -> None:
         waiting, self._waiting = self._waiting, {}
+        self._clean_lists.clear()
         for fut, req in waiting.values():
             op = req.WhichOneof("op") or "request"
-            self._resync |= op in _MUTATING
+            if op in _MUTATING:
+                self._resync = True
+                self._held.doubt()  # it may or may not have changed the set
             if not fut.done():
                 fut.set_exception(
                     OutcomeUnknown(
@@ -310,9 +337,25 @@ class AsyncSession:
         self.verified = opened.verified
         self.quota = opened.quota
         reclaimed, conflicts = ranges_of(opened.reclaimed), ranges_of(opened.conflicts)
+        refreed = ranges_of(opened.refreed)
         for lo, hi in reclaimed:
             self._held.add(range(lo, hi + 1))
         self._held.drop(conflicts)
+        self._held.drop(refreed)  # not ours already: the broker agrees again
+        complete = opened.witness_complete and opened.witness_epoch == self._held.epoch != 0
+        if not complete:
+            # Partial (in doubt, an older broker, or the set changed where we could not
+            # see): learn the whole set again before stating a complete witness.
+            self._held.doubt()
+            self._resync = True
+        if refreed:
+            log.warning(
+                "pasid session %d (set %d): the broker had lost this session's frees of"
+                " PASIDs %s and still gave them to the set: freed again on its witness",
+                self.session_id,
+                self.set_id,
+                refreed,
+            )
         if reclaimed:
             log.warning(
                 "pasid session %d (set %d): the broker had lost PASIDs %s and took them back"
@@ -330,6 +373,11 @@ class AsyncSession:
                 conflicts,
             )
         self.state = SessionState.RESUMED
+        if self._resync:
+            # Before the application's requests (which wait for _ready): the listing is
+            # asked with nothing of ours in flight, so it is the whole set as it is.
+            self._resync = False
+            asyncio.get_running_loop().create_task(self._relist())
         self._ready.set()
         log.info(
             "pasid session %d (set %d): resumed after %d attempt(s)",
@@ -339,15 +387,22 @@ class AsyncSession:
         )
         notify(
             self._spec.on_state_change,
-            StateChange(self.state, self.set_id, None, attempts, reclaimed, conflicts),
+            StateChange(
+                self.state,
+                self.set_id,
+                None,
+                attempts,
+                reclaimed,
+                conflicts,
+                refreed,
+                complete,
+            ),
         )
-        if self._resync:
-            self._resync = False
-            asyncio.get_running_loop().create_task(self._relist())
 
     async def _relist(self) -> None:
-        """After an unknown outcome: what the broker says the set holds becomes what we
-        state on the next resume (a listing reply replaces the witness, _track)."""
+        """After an unknown outcome or a partial witness: what the broker says the set
+        holds becomes what we state on the next resume (a listing reply replaces the
+        witness, _track; asked with nothing of ours in flight, it makes it complete)."""
         with contextlib.suppress(PasidClientError):
             await self.list()
 
@@ -382,6 +437,10 @@ class AsyncSession:
         tag = next(self._tags)
         req = pb.SessionRequest(tag=tag, **op)
         fut: asyncio.Future[pb.SessionResponse] = asyncio.get_running_loop().create_future()
+        if "list" in op and not any(
+            r.WhichOneof("op") in _MUTATING for _, r in self._waiting.values()
+        ):
+            self._clean_lists.add(tag)
         self._waiting[tag] = (fut, req)
         call = self._call
         try:

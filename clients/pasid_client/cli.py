@@ -390,6 +390,11 @@ def cmd_hold(c: Client, args: argparse.Namespace) -> int:
                     f"PASIDs {_fmt_ranges(change.conflicts)} now belong to another set:"
                     " no longer held"
                 )
+            if change.refreed:
+                _say(
+                    f"the broker had lost the frees of PASIDs {_fmt_ranges(change.refreed)}:"
+                    " freed again"
+                )
 
     with c.session(
         args.client,

@@ -55,7 +55,12 @@ class StateChange:
     open attempts so far in this reconnect. On RESUMED, `reclaimed` are PASIDs the broker
     had lost and took back for this set on the client's word (the witness), `conflicts`
     PASIDs the client held that the broker now gives to another set: they are no longer
-    this session's, and the device using them must stop (logged as a warning too)."""
+    this session's, and the device using them must stop (logged as a warning too).
+    `refreed` are PASIDs this session had freed (acknowledged) that the broker had lost
+    the free of and still gave to the set: freed again on its complete witness (nothing
+    to do for the application: it freed them already). `witness_complete`: whether the
+    broker took the witness as everything the session holds (only then is anything
+    refreed; a session with an outcome it never heard states a partial one)."""
 
     state: SessionState
     set_id: int
@@ -63,6 +68,8 @@ class StateChange:
     attempts: int = 0
     reclaimed: tuple[tuple[int, int], ...] = ()
     conflicts: tuple[tuple[int, int], ...] = ()
+    refreed: tuple[tuple[int, int], ...] = ()
+    witness_complete: bool = False
 
 
 StateCallback = Callable[[StateChange], object]
@@ -138,10 +145,26 @@ def open_retryable(err: PasidClientError, *, resuming: bool, own_ticket: bool) -
 
 class HeldPasids:
     """The PASIDs a session holds as it last heard from the broker: each acknowledged
-    alloc adds, each acknowledged free removes. Sent as the witness on every resume."""
+    alloc adds, each acknowledged free removes. Sent as the witness on every resume.
+
+    `epoch` is the set's witness epoch while this is known to be the whole set: learnt
+    with a new set (empty) or with a listing of the whole set taken while no change of
+    ours was in flight, and kept by every answered request since. 0 while in doubt (an
+    outcome never heard, a set taken back by hand, a listing that may include a change
+    still in flight): the witness is then partial, and the broker frees nothing on it."""
 
     def __init__(self) -> None:
         self._held: set[int] = set()
+        self.epoch = 0
+
+    def doubt(self) -> None:
+        """Something may have changed the set that we did not hear of."""
+        self.epoch = 0
+
+    def learn(self, ranges: Iterable[tuple[int, int]], epoch: int) -> None:
+        """The whole set, from a listing with nothing of ours in flight, and its epoch."""
+        self.replace(ranges)
+        self.epoch = epoch
 
     def add(self, pasids: Iterable[int]) -> None:
         self._held.update(pasids)
@@ -174,9 +197,13 @@ class HeldPasids:
         return out
 
     def witness(self, req: pb.OpenSession) -> pb.OpenSession:
-        """`req` stating what we hold (OpenSession.held, witness)."""
+        """`req` stating what we hold (OpenSession.held, witness): complete, with its
+        epoch, when we know it is everything (an older broker ignores that)."""
         req.held.extend(pb.PasidRange(min=lo, max=hi) for lo, hi in self.ranges())
         req.witness = True
+        if self.epoch:
+            req.witness_complete = True
+            req.witness_epoch = self.epoch
         return req
 
 

@@ -128,6 +128,11 @@ class Session:
         """The PASIDs held as last heard from the broker (the witness of a resume)."""
         return self._s.held
 
+    @property
+    def witness_complete(self) -> bool:
+        """Whether a resume now states a complete witness (AsyncSession's)."""
+        return self._s.witness_complete
+
     def alloc(
         self, min: int = 1, max: int | None = None, count: int = 1, device: str = ""
     ) -> list[int]:
