@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
+from collections.abc import Iterator
 
 import pytest
 
@@ -53,10 +55,12 @@ def test_ticket_is_one_time(peer: PeerFixture) -> None:
         proc.wait()
 
 
-def test_stale_ticket_is_refused_and_its_pidfd_closed() -> None:
-    # The client stays alive (an exited client's ticket is voided at once, which is
-    # another rule: test_tickets) and the book's clock moves only when told, so the
-    # ticket is live until this test expires it, however slow the machine.
+@contextlib.contextmanager
+def a_live_ticket_past_its_ttl() -> Iterator[tuple[PeerFixture, str]]:
+    """A book (TTL 0.2 s) holding one ticket, on a clock that moves only when told, then
+    moved past the TTL: the ticket is live until then, however slow the machine. Its
+    client stays alive (an exited client's ticket is voided at once, which is another
+    rule: test_tickets). All closed after."""
     clock = ManualClock()
     f = PeerFixture(ttl=0.2, clock=clock)
     proc = None
@@ -65,31 +69,24 @@ def test_stale_ticket_is_refused_and_its_pidfd_closed() -> None:
         assert ans["ok"], ans
         assert len(f.book) == 1
         clock.advance(0.3)
-        with pytest.raises(TicketError, match=r"expired \(valid 0.2 s\)"):
-            f.on_loop(lambda: f.book.take(ans["ticket"]))
-        assert len(f.book) == 0
+        yield f, ans["ticket"]
     finally:
         if proc is not None:
             proc.kill()
             proc.wait()
         f.close()
+
+
+def test_stale_ticket_is_refused_and_its_pidfd_closed() -> None:
+    with a_live_ticket_past_its_ttl() as (f, ticket):
+        with pytest.raises(TicketError, match=r"expired \(valid 0.2 s\)"):
+            f.on_loop(lambda: f.book.take(ticket))
+        assert len(f.book) == 0
 
 
 def test_unused_tickets_are_swept_without_further_traffic() -> None:
-    clock = ManualClock()
-    f = PeerFixture(ttl=0.2, clock=clock)
-    proc = None
-    try:
-        ans, proc = f.client(linger=True)
-        assert ans["ok"], ans
-        assert len(f.book) == 1
-        clock.advance(0.3)  # past its TTL; no handshake or open follows
+    with a_live_ticket_past_its_ttl() as (f, _):  # no handshake or open follows
         wait_until(lambda: len(f.book) == 0, 5, 0.05, "the sweeper closes the unused ticket")
-    finally:
-        if proc is not None:
-            proc.kill()
-            proc.wait()
-        f.close()
 
 
 @pytest.mark.xdist_group("blockdev")  # --mount-proc: a mount namespace (tests/conftest.py)
