@@ -20,7 +20,7 @@ from broker.core import PasidError
 from broker.engine import RecoveryError
 from broker.service.server import EXIT_STORE_FAILED, StartupError, serve
 
-SUBCOMMANDS = ("backup", "restore", "health")
+SUBCOMMANDS = ("backup", "restore", "withheld", "health")
 
 
 def refuse(message: str, log_format: str = "text") -> int:

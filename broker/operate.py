@@ -1,4 +1,4 @@
-"""Operator subcommands of `pasid-broker`: backup, restore, health.
+"""Operator subcommands of `pasid-broker`: backup, restore, withheld, health.
 
 They read --db / --socket exactly as the daemon does (flag > env > file > default), so
 `pasid-broker backup DEST` in the daemon's environment copies the daemon's database.
@@ -242,6 +242,74 @@ def restore(source: str, db: str, sockets: list[str]) -> str:
     )
 
 
+def _parse_pasids(text: str) -> list[int]:
+    """ "5,7-9" -> [5, 7, 8, 9]."""
+    out: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        lo, _, hi = part.partition("-")
+        try:
+            a, b = int(lo), int(hi or lo)
+        except ValueError:
+            raise config.ConfigError(f"--release: {part!r} is not a PASID or a range") from None
+        if not 0 < a <= b:
+            raise config.ConfigError(f"--release: {part!r} is not a PASID range")
+        out.extend(range(a, b + 1))
+    return out
+
+
+def withheld(db: str, sockets: list[str], release: list[int] | None) -> str:
+    """List the withheld PASIDs the store keeps from the pool (quarantine rows of kind
+    detach/free/contested), or release the named ones: their rows go, so that the next
+    start does not withhold them. Only while no broker holds `db` (its instance lock):
+    a running one keeps them in memory, and holds the file exclusively.
+
+    Releasing is the operator's proof, for what the broker cannot prove itself: a
+    "detach" PASID whose device was open elsewhere for good, or whose row names no
+    device (docs/runbook.md, "Withheld PASIDs")."""
+    from broker.service.instance import InstanceLock, StartupError
+
+    if not Path(db).exists():
+        raise RuntimeError(f"no database at {db}")
+    present = [s for s in sockets if Path(s).parent.is_dir()]
+    try:
+        lock = InstanceLock.acquire(db, present)
+    except StartupError as exc:
+        raise RuntimeError(f"stop the broker first: {exc}") from None
+    try:
+        con = sqlite3.connect(db)
+        try:
+            rows = con.execute(
+                "SELECT pasid, kind, set_id, holder_pid, claimant, devices FROM quarantine"
+                " WHERE kind != 'time' ORDER BY pasid"
+            ).fetchall()
+            if release is None:
+                lines = [f"{len(rows)} withheld PASIDs in {db}"]
+                for pasid, kind, set_id, holder, claimant, devices in rows:
+                    what = {
+                        "detach": f"DETACH failed at set {set_id}'s end; holder pid {holder},"
+                        f" devices {devices or 'not recorded'}",
+                        "free": f"the backend's free failed (set {set_id})",
+                        "contested": "claimed by a witness",
+                    }.get(kind, kind)
+                    claim = f"; claimed by set {claimant}" if claimant else ""
+                    lines.append(f"{pasid} {kind}: {what}{claim}")
+                return "\n".join(lines)
+            known = {r[0] for r in rows}
+            missing = sorted(set(release) - known)
+            if missing:
+                raise RuntimeError(f"not withheld in {db}: {missing[:16]}; nothing released")
+            with con:
+                con.executemany(
+                    "DELETE FROM quarantine WHERE pasid = ? AND kind != 'time'",
+                    [(p,) for p in release],
+                )
+        finally:
+            con.close()
+    finally:
+        lock.close()
+    return f"released {len(release)} withheld PASIDs from {db}; the next start hands them out"
+
+
 def _mark_restored(out: sqlite3.Connection, source: str, witness: int | None) -> int:
     """Note the restore in the copy (meta `restored`); returns the copy's revision."""
     from broker.store import checks
@@ -293,6 +361,23 @@ def main(argv: list[str]) -> int:
             source, rest = _last(p, "SOURCE", rest)
             cfg = _settings(rest)
             print(restore(source, cfg.db, cfg.unix_sockets()))
+            return 0
+        if name == "withheld":
+            p = _parser(
+                name,
+                "List the withheld PASIDs (a failed kernel call, a witness's claim) while"
+                " the broker is stopped, or release some with --release.",
+            )
+            p.add_argument(
+                "--release",
+                metavar="PASIDS",
+                help="e.g. 5,7-9: delete their rows, so that the next start hands them out;"
+                " only once you know the kernel no longer uses them (docs/runbook.md)",
+            )
+            ns, rest = p.parse_known_args(rest)
+            cfg = _settings(rest)
+            release = _parse_pasids(ns.release) if ns.release is not None else None
+            print(withheld(cfg.db, cfg.unix_sockets(), release))
             return 0
         p = _parser(name, "Exit 0 if the broker answers SERVING on grpc.health.v1, else 1.")
         p.add_argument("--address", help="unix:PATH or HOST:PORT (default: unix:--socket)")

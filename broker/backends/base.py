@@ -97,8 +97,17 @@ class Devices(Protocol):
         ...
 
     def let_go(self, set_id: int) -> list[int]:
-        """The gone set's holder exited: close its devices (the kernel detaches at the last
-        close); its PASIDs."""
+        """The gone set's holder exited and nobody else has its devices open: close them
+        (the kernel detaches at the last close); its PASIDs."""
+        ...
+
+    def stuck_devices(self, set_id: int) -> list[str]:
+        """Keys of the gone set's devices that still have a PASID attached (stored)."""
+        ...
+
+    def still_open(self, keys: Sequence[str]) -> str | None:
+        """None if no other process has any of these devices open (nothing can be
+        attached through them any more); else why not."""
         ...
 
     def adopt_delegated(

@@ -35,7 +35,9 @@ from broker.backends.base import Capabilities
 from broker.backends.iommufd_checks import (
     check_iommufd,
     config_pasid_bits,
+    device_key,
     holder_has,
+    open_elsewhere,
     pasid_bits_from_config,
     pasid_bits_from_ecap,
     vfio_device_path,
@@ -74,6 +76,10 @@ class DeviceHandle:
     capabilities: int
     syspath: str
     attached: set[int] = field(default_factory=set)
+    # The device's name across a restart (iommufd_checks.device_key): stored with a
+    # PASID whose DETACH failed, so that a restarted broker can tell whether any
+    # process still has the device open.
+    key: str = ""
 
     def describe(self) -> dict[str, object]:
         return {
@@ -284,6 +290,7 @@ class IommufdBackend:
             hw_type=hw_type,
             capabilities=int(info.out_capabilities),
             syspath=syspath,
+            key=device_key(device_fd),
         )
         self._devices.setdefault(set_id, {})[name] = handle
         log.info(
@@ -458,6 +465,20 @@ class IommufdBackend:
             for sid, handles in self._stuck.items()
         }
 
+    def stuck_devices(self, set_id: int) -> list[str]:
+        """The keys (DeviceHandle.key) of the gone set's devices with a PASID still
+        attached, for the store: what a restarted broker looks for (still_open)."""
+        return sorted({h.key for h in self._stuck.get(set_id, []) if h.key and h.attached})
+
+    @staticmethod
+    def still_open(keys: Sequence[str]) -> str | None:
+        """None if no other process has any of these devices open: then no binding of
+        them is left, and nothing is attached through one (iommufd_checks.open_elsewhere);
+        else why not. No keys: nothing to look for, no proof."""
+        if not keys:
+            return "no device was recorded for them"
+        return open_elsewhere(keys)
+
     def retry_detach(self) -> list[int]:
         """Try the failed DETACHes again; returns the PASIDs now detached everywhere (a
         device with nothing left attached has its fds closed)."""
@@ -475,8 +496,9 @@ class IommufdBackend:
         return sorted(done)
 
     def let_go(self, set_id: int) -> list[int]:
-        """The gone set's holder has exited: close the broker's copies of its device fds
-        (the kernel detaches at a device fd's last close); returns the PASIDs."""
+        """The gone set's holder has exited and no other process has its devices open
+        (still_open): close the broker's copies of its device fds, the last ones (the
+        kernel detaches at a device fd's last close); returns the PASIDs."""
         before = set(self.stuck().get(set_id, ()))
         for handle in self._stuck.get(set_id, []):
             handle.attached.clear()

@@ -9,6 +9,7 @@ import ctypes
 import errno
 import os
 import stat
+from collections.abc import Iterable
 
 from broker.core.errors import InvalidArgument
 
@@ -107,3 +108,53 @@ def holder_has(pid: int, fd: int) -> bool:
             if stat.S_ISCHR(st.st_mode) and st.st_rdev == mine:
                 return True
     return False
+
+
+def _key(st: os.stat_result) -> str:
+    if stat.S_ISCHR(st.st_mode):
+        return f"c:{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+    return f"f:{st.st_dev}:{st.st_ino}"
+
+
+def device_key(fd: int) -> str:
+    """What names a delegated device across a restart (stored with a PASID whose DETACH
+    failed): "c:MAJOR:MINOR" for a character device (a VFIO cdev, whatever node it was
+    opened by), "f:DEV:INODE" for anything else (a test's stand-in)."""
+    return _key(os.fstat(fd))
+
+
+def open_elsewhere(keys: Iterable[str], proc: str = "/proc") -> str | None:
+    """None if no process but this one has any of these devices open, else why not (the
+    pids). A VFIO cdev is bound to an iommufd through one open file at a time, and the
+    kernel detaches its PASIDs when that file's last fd closes: open nowhere, nothing is
+    attached through it any more. Open somewhere (a VMM, a child that inherited its fd,
+    one it was passed to, or a new user of the device), it may be. Reads /proc: the
+    processes of this pid namespace, whose fds this process may read; one it may not
+    read counts as holding it. An fd in flight (SCM_RIGHTS not yet received) is not seen."""
+    want = set(keys)
+    me = str(os.getpid())
+    holding: list[str] = []
+    unreadable: list[str] = []
+    for pid in os.listdir(proc):
+        if not pid.isdigit() or pid == me:
+            continue
+        try:
+            entries = os.listdir(f"{proc}/{pid}/fd")
+        except FileNotFoundError:
+            continue  # exited meanwhile
+        except OSError:
+            unreadable.append(pid)
+            continue
+        for entry in entries:
+            try:
+                st = os.stat(f"{proc}/{pid}/fd/{entry}")
+            except OSError:
+                continue  # closed meanwhile, or not a file to stat (an anon inode's fd)
+            if _key(st) in want:
+                holding.append(pid)
+                break
+    if holding:
+        return f"device open in pid {', '.join(sorted(holding, key=int)[:8])}"
+    if unreadable:
+        return f"cannot read the fds of pid {', '.join(sorted(unreadable, key=int)[:8])}"
+    return None

@@ -15,6 +15,7 @@ from broker.backends.base import Backend, Capabilities, replay
 from broker.core import WIRE_PASID_BITS, Allocator, Quarantine, Quotas, Unsupported
 from broker.engine.holders import Holder
 from broker.engine.sessions import Session
+from broker.engine.stuck import DetachWait
 from broker.store import Snapshot, SqliteStore
 
 log = logging.getLogger("pasid_broker")
@@ -32,8 +33,8 @@ class Recovered:
     sessions: list[Session]  # every stored set, detached
     replayed: int
     # Withheld PASIDs taken up again (stuck.Withheld.restore): "detach" ones by gone set
-    # (its holder, whose exit frees them), "free" ones (their free is retried).
-    withheld_detach: dict[int, tuple[Holder | None, list[int]]] = field(default_factory=dict)
+    # (its holder and devices: see stuck.py), "free" ones (their free is retried).
+    withheld_detach: dict[int, DetachWait] = field(default_factory=dict)
     withheld_unfreed: list[int] = field(default_factory=list)
     # Stored withheld rows that no longer mean anything (a set holds the PASID): deleted.
     stale_withheld: list[int] = field(default_factory=list)
@@ -46,7 +47,7 @@ class _Restored:
     """What _restore_withheld found: see Recovered's fields."""
 
     in_backend: list[int] = field(default_factory=list)  # to replay
-    detach: dict[int, tuple[Holder | None, list[int]]] = field(default_factory=dict)
+    detach: dict[int, DetachWait] = field(default_factory=dict)
     unfreed: list[int] = field(default_factory=list)
     stale: list[int] = field(default_factory=list)
     claimed_by: dict[int, int] = field(default_factory=dict)
@@ -82,7 +83,8 @@ def _restore_withheld(allocator: Allocator, snap: Snapshot) -> _Restored:
             holder = None
             if row.holder_pid is not None and row.holder_start_time is not None:
                 holder = Holder(row.holder_pid, -1, 0, row.holder_start_time)
-            out.detach.setdefault(row.set_id or 0, (holder, []))[1].append(p)
+            devices = tuple(filter(None, (row.devices or "").split(",")))
+            out.detach.setdefault(row.set_id or 0, DetachWait(holder, [], devices)).pasids.append(p)
         elif row.kind == "free":
             out.unfreed.append(p)
     return out

@@ -6,9 +6,9 @@ Two kernel calls free a number when a set ends, and either may fail:
 
 - DETACH (iommufd): the PASID may still be attached to the gone set's device; handed to
   another set, its DMA would land in the old owner's address space. Withheld until a
-  DETACH retried every RETRY_SECONDS succeeds, or the set's verified holder has exited,
-  when the broker closes its own copies of the device fds and the kernel detaches at the
-  last close.
+  DETACH retried every RETRY_SECONDS succeeds, or there is proof that nothing can be
+  attached through the device any more (below), when the broker closes its own copies
+  of the device fds.
 - the backend's free (VFIO: the kernel's ioasid free): the kernel still counts the PASID
   allocated. Withheld until a retried free succeeds (an alloc that picked it would only
   be refused by the kernel meanwhile).
@@ -18,9 +18,20 @@ It is stored too (a quarantine row of kind "detach" or "free", in the commit of 
 set's destroy; broker/store/schema.py), so that a restart, even a kill -9, does not
 hand it out: recovery withholds it again (recovery.py) and restore() takes up the wait.
 After a restart the broker's copies of the device fds are gone (the kernel closed them
-with the old process), so no DETACH can be retried: a "detach" PASID waits for the gone
-set's holder to exit (its pid and start time are stored). A "free" PASID was replayed
-into the backend, and its free is retried.
+with the old process), so no DETACH can be retried. A "free" PASID was replayed into
+the backend, and its free is retried.
+
+The rule for a failed DETACH, once no DETACH is left to retry (the holder exited, or a
+restart closed the broker's fds): a VFIO cdev is bound to an iommufd through one open
+file at a time, and the kernel detaches every PASID attached through it when that
+file's last fd closes. So the PASIDs are proven free when no process (but the broker)
+has the device open any more: `Devices.still_open` reads /proc for the device (its
+key, stored in the "detach" row). The holder's exit is proof only together with that:
+a child that inherited the device fd, or a process it was passed to, keeps the binding
+and the attachment. While the holder lives, the broker waits for it (it has the device
+open). A row without devices (written before migration 0010), or a device open
+elsewhere for good, stays withheld, said at ERROR, until the operator releases it
+(`pasid-broker withheld --release`, docs/runbook.md, "Withheld PASIDs").
 
 A witness may claim a withheld PASID too (Sessions.reconcile; `_claimed_by`): when the
 kernel lets go it stays withheld until the witness's set is gone (claimant_gone). Its
@@ -33,7 +44,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple
 
 from broker.backends.base import Devices
 from broker.core import Allocator, PasidError, runs
@@ -44,6 +57,17 @@ from broker.store import Record, ReleaseWithheld, Withhold
 log = logging.getLogger("pasid_broker")
 
 RETRY_SECONDS = 1.0
+# A gone set's devices found open elsewhere are looked for again after this long: the
+# look reads every process's fds in /proc.
+RESCAN_SECONDS = 10.0
+
+
+class DetachWait(NamedTuple):
+    """A gone set's PASIDs whose DETACH failed, as a restart finds them in the store."""
+
+    holder: Holder | None
+    pasids: list[int]
+    devices: tuple[str, ...]  # their devices' keys (iommufd_checks.device_key)
 
 
 def _alive(holder: Holder) -> bool:
@@ -54,8 +78,9 @@ def _alive(holder: Holder) -> bool:
     return True
 
 
-# A row's fields besides its PASIDs: kind, set_id, holder pid, holder start, claimant.
-_RowKey = tuple[str, int | None, int | None, int | None, int | None]
+# A row's fields besides its PASIDs: kind, set_id, holder pid, holder start, claimant,
+# devices.
+_RowKey = tuple[str, int | None, int | None, int | None, int | None, str | None]
 
 
 def _by_first(item: tuple[_RowKey, list[int]]) -> int:
@@ -82,9 +107,11 @@ class Withheld:
         self._persist = persist
         self._quarantine_until = quarantine_until
         self._holders: dict[int, Holder | None] = {}  # gone set -> its verified holder
-        # Restored after a restart (no device fds any more): gone set -> its holder and
-        # the PASIDs that wait for its exit.
-        self._restored: dict[int, tuple[Holder | None, list[int]]] = {}
+        # Restored after a restart (no device fds any more): gone set -> its holder, the
+        # PASIDs and their devices, which no process may have open any more.
+        self._restored: dict[int, DetachWait] = {}
+        # Gone set -> when its devices may be looked for again, and what was last said.
+        self._rescan: dict[int, tuple[float, str]] = {}
         self._unfreed: set[int] = set()  # the backend's free failed
         # Contested PASIDs -> the witness's set that claims them (Sessions.reconcile).
         self._claimed_by: dict[int, int] = {}
@@ -92,13 +119,13 @@ class Withheld:
 
     def restore(
         self,
-        detach: dict[int, tuple[Holder | None, list[int]]],
+        detach: dict[int, DetachWait],
         unfreed: Sequence[int],
         claimed_by: dict[int, int] | None = None,
     ) -> None:
         """After recovery withheld the stored PASIDs again: wait for each "detach" set's
-        holder to exit, retry each "free" (the backend holds it again: replayed), and
-        know again which witness's set claims each contested one."""
+        devices to be open nowhere, retry each "free" (the backend holds it again:
+        replayed), and know again which witness's set claims each contested one."""
         self._restored.update(detach)
         self._unfreed.update(unfreed)
         self._claimed_by.update(claimed_by or {})
@@ -127,8 +154,8 @@ class Withheld:
         a = self._allocator()
         withheld = set(a.withheld)
         busy = set(self._unfreed)
-        for _holder, ps in self._restored.values():
-            busy.update(ps)
+        for wait in self._restored.values():
+            busy.update(wait.pasids)
         if self._devices is not None:
             for ps in self._devices.stuck().values():
                 busy.update(ps)
@@ -164,7 +191,7 @@ class Withheld:
         self._persist_rows(kept)
         log.error(
             "set %d: DETACH failed for %d PASIDs; withheld from the pool until a DETACH"
-            " succeeds or the holder exits",
+            " succeeds or, the holder gone, no process has the device open",
             set_id,
             len(kept),
             extra={"session": set_id, "pasids": kept[:32]},
@@ -204,14 +231,17 @@ class Withheld:
             for set_id, holder in list(self._holders.items()):
                 if set_id not in stuck:
                     del self._holders[set_id]
-                elif holder is not None and not _alive(holder):
+                    self._rescan.pop(set_id, None)
+                elif (holder is None or not _alive(holder)) and self._unused(
+                    set_id, stuck[set_id], self._devices.stuck_devices(set_id)
+                ):
                     done += self._devices.let_go(set_id)
                     del self._holders[set_id]
-        for set_id, (holder, pasids) in list(self._restored.items()):
-            # No holder: nothing but the old broker's own fds (closed by its exit) could
-            # keep it attached (devices are delegated only by a verified holder).
-            if holder is None or not _alive(holder):
-                done += pasids
+        for set_id, wait in list(self._restored.items()):
+            if (wait.holder is None or not _alive(wait.holder)) and self._unused(
+                set_id, wait.pasids, wait.devices
+            ):
+                done += wait.pasids
                 del self._restored[set_id]
         if done:
             # The kernel let go, but a live witness may still claim some (a contest):
@@ -241,6 +271,36 @@ class Withheld:
             self._schedule()
         return sorted(done)
 
+    def _unused(self, set_id: int, pasids: Sequence[int], devices: Sequence[str]) -> bool:
+        """The proof that a gone set's PASIDs are detached, once the broker has no DETACH
+        to retry (its holder exited; after a restart its copies of the fds are gone):
+        no other process has any of its devices open. The holder's exit alone is not:
+        a child that inherited its device fd, or one it was passed to, keeps the device
+        bound, and the PASIDs attached. Until then they stay withheld, said once at
+        ERROR, and the devices are looked for again every RESCAN_SECONDS."""
+        when, said = self._rescan.get(set_id, (0.0, ""))
+        if time.monotonic() < when:
+            return False
+        if self._devices is None:
+            why: str | None = "this backend has no devices to look for"
+        else:
+            why = self._devices.still_open(devices)
+        if why is None:
+            self._rescan.pop(set_id, None)
+            return True
+        self._rescan[set_id] = (time.monotonic() + RESCAN_SECONDS, why)
+        if why != said:
+            log.error(
+                "set %d: %d PASIDs stay withheld: its holder has exited, but %s; they go"
+                " back once no process has the device open, or when the operator releases"
+                " them (pasid-broker withheld; docs/runbook.md)",
+                set_id,
+                len(pasids),
+                why,
+                extra={"session": set_id, "pasids": list(pasids)[:32], "devices": devices},
+            )
+        return False
+
     def _store(self, touched: Sequence[int]) -> None:
         """What retry() changed, for the store: those no longer withheld lose their rows
         (or become quarantine rows); the others' rows say what keeps them now."""
@@ -261,31 +321,34 @@ class Withheld:
         `gone_set` if known; "contested": only a witness's claim), and `claimant` is the
         witness's set that claims it, whatever the kind. A restart reads both back
         (recovery._restore_withheld). PASIDs that nothing keeps get no row."""
-        waits: dict[int, tuple[int, Holder | None]] = {}  # pasid -> gone set, its holder
+        # pasid -> its gone set, that set's holder and devices
+        waits: dict[int, tuple[int, Holder | None, str | None]] = {}
         if self._devices is not None:
             for sid, ps in self._devices.stuck().items():
+                devices = ",".join(self._devices.stuck_devices(sid)) or None
                 for p in ps:
-                    waits[p] = (sid, self._holders.get(sid))
-        for sid, (holder, ps) in self._restored.items():
-            for p in ps:
-                waits[p] = (sid, holder)
+                    waits[p] = (sid, self._holders.get(sid), devices)
+        for sid, wait in self._restored.items():
+            for p in wait.pasids:
+                waits[p] = (sid, wait.holder, ",".join(wait.devices) or None)
         rows: dict[_RowKey, list[int]] = {}
         for p in sorted(set(pasids)):
             claimant = self._claimed_by.get(p)
             key: _RowKey
             if p in waits:
-                sid, holder = waits[p]
+                sid, holder, devices = waits[p]
                 key = (
                     "detach",
                     sid,
                     holder.pid if holder is not None else None,
                     holder.start_time if holder is not None else None,
                     claimant,
+                    devices,
                 )
             elif p in self._unfreed:
-                key = ("free", gone_set, None, None, claimant)
+                key = ("free", gone_set, None, None, claimant, None)
             elif claimant is not None:
-                key = ("contested", claimant, None, None, claimant)
+                key = ("contested", claimant, None, None, claimant, None)
             else:
                 continue
             rows.setdefault(key, []).append(p)

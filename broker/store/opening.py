@@ -312,14 +312,14 @@ def load_snapshot(conn: sqlite3.Connection) -> Snapshot:
         (rev,) = conn.execute("SELECT COALESCE(MAX(revision), 0) FROM events").fetchone()
         quarantine: dict[int, float] = {}
         withheld: dict[int, WithheldRow] = {}
-        for p, until, kind, sid, hpid, hstart, claimant in conn.execute(
+        for p, until, kind, sid, hpid, hstart, claimant, devices in conn.execute(
             "SELECT pasid, release_unix, kind, set_id, holder_pid, holder_start_time,"
-            " claimant FROM quarantine"
+            " claimant, devices FROM quarantine"
         ):
             if kind == "time":
                 quarantine[p] = until
             else:
-                withheld[p] = WithheldRow(kind, sid, hpid, hstart, claimant)
+                withheld[p] = WithheldRow(kind, sid, hpid, hstart, claimant, devices)
         q = conn.execute(
             "SELECT per_set, per_client, global_ FROM quotas WHERE scope = 'default'"
         ).fetchone()

@@ -127,6 +127,7 @@ class Withhold:
     holder_pid: int | None = None
     holder_start_time: int | None = None
     claimant: int | None = None
+    devices: str | None = None  # a "detach" row's devices (comma-separated keys)
 
 
 @dataclass(frozen=True)
@@ -219,6 +220,7 @@ class WithheldRow(NamedTuple):
     holder_pid: int | None = None
     holder_start_time: int | None = None
     claimant: int | None = None
+    devices: str | None = None
 
 
 @dataclass

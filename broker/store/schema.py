@@ -79,6 +79,9 @@ quarantine = Table(
     Column("holder_pid", Integer, nullable=True),
     Column("holder_start_time", Integer, nullable=True),
     Column("claimant", Integer, nullable=True),
+    # A "detach" row's devices (migration 0010; iommufd_checks.device_key, comma-separated):
+    # after a restart, its PASIDs are released once no process has any of them open.
+    Column("devices", String, nullable=True),
 )
 
 # The PASID is the primary key: the database itself refuses a PASID in two sets. No

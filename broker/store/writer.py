@@ -445,7 +445,8 @@ class Writer:
         withheld for another reason, before)."""
         conn.executemany(
             "INSERT OR REPLACE INTO quarantine (pasid, release_unix, kind, set_id,"
-            " holder_pid, holder_start_time, claimant) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            " holder_pid, holder_start_time, claimant, devices)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (
                     p,
@@ -455,6 +456,7 @@ class Writer:
                     rec.holder_pid,
                     rec.holder_start_time,
                     rec.claimant,
+                    rec.devices,
                 )
                 for p in rec.pasids
             ],
@@ -471,7 +473,7 @@ class Writer:
             return
         conn.executemany(
             "UPDATE quarantine SET kind = 'time', release_unix = ?, set_id = NULL,"
-            " holder_pid = NULL, holder_start_time = NULL, claimant = NULL"
+            " holder_pid = NULL, holder_start_time = NULL, claimant = NULL, devices = NULL"
             " WHERE pasid = ? AND kind != 'time'",
             [(rec.quarantine_until, p) for p in rec.pasids],
         ).close()

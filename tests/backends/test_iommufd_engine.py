@@ -19,12 +19,14 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from broker.backends.iommufd import DeviceHandle, IommufdBackend
+from broker.backends.iommufd_checks import device_key
 from broker.core import (
     BackendError,
     Conflict,
@@ -78,11 +80,22 @@ def real_fd() -> int:
     return os.open(os.devnull, os.O_RDONLY)
 
 
-def delegate(be: IommufdBackend, kernel: KernelModel, sess: Session, bits: int = 20) -> int:
+def delegate(
+    be: IommufdBackend, kernel: KernelModel, sess: Session, bits: int = 20, path: str = ""
+) -> int:
     """What adopt_device() leaves behind once the kernel has checked the device; returns
-    the device fd (a real one, see real_fd; the iommufd is -1, which no close touches)."""
-    fd = real_fd()
-    h = DeviceHandle("dev", sess.session_id, -1, fd, 1, 2, bits, "intel-vtd", 0, "/sys/x")
+    the device fd (the iommufd is -1, which no close touches). The device is a stand-in
+    file (`path`, else a new one, unlinked at once) whose key (device_key) no other
+    process has open unless a test opens `path` in one."""
+    if path:
+        fd = os.open(path, os.O_RDONLY)
+    else:
+        fd, tmp = tempfile.mkstemp(prefix="pasid-dev-")
+        os.unlink(tmp)
+    h = DeviceHandle(
+        "dev", sess.session_id, -1, fd, 1, 2, bits, "intel-vtd", 0, "/sys/x",
+        key=device_key(fd),
+    )  # fmt: skip
     be._devices.setdefault(sess.session_id, {})["dev"] = h
     kernel.fd_set[fd] = sess.session_id
     return fd
@@ -388,13 +401,24 @@ class RefusingKernel(KernelModel):
         super().detach(fd, pasid)
 
 
+def device_user(path: Path) -> subprocess.Popen[bytes]:
+    """A process that has the stand-in device `path` open (as a set's client has its
+    device): while it runs, the device is open elsewhere."""
+    with open(path, "rb") as f:
+        return subprocess.Popen(["sleep", "60"], stdin=f)
+
+
 def test_a_failed_detach_at_destroy_withholds_the_pasid_until_a_retry_succeeds(
     tmp_path: Path,
 ) -> None:
+    dev = tmp_path / "dev-a"
+    dev.write_bytes(b"")
+    user = device_user(dev)  # an anonymous set's client: it has the device open
+
     async def scenario(broker: Broker, be: IommufdBackend, kernel: RefusingKernel) -> None:
         a = await opened(broker, "vm-a")
         b = await opened(broker, "vm-b")
-        fa, fb = delegate(be, kernel, a), delegate(be, kernel, b)
+        fa, fb = delegate(be, kernel, a, path=str(dev)), delegate(be, kernel, b)
         assert await broker.alloc(a, 1, 100, 2, "dev") == [1, 2]
         kernel.refuse = {1}
         broker.end_session(a, "test")
@@ -421,7 +445,11 @@ def test_a_failed_detach_at_destroy_withholds_the_pasid_until_a_retry_succeeds(
         broker.allocator.check()
         check_invariant(broker, kernel)
 
-    run(tmp_path, scenario, kernel=RefusingKernel())
+    try:
+        run(tmp_path, scenario, kernel=RefusingKernel())
+    finally:
+        user.kill()
+        user.wait()
 
 
 def test_a_failed_detach_is_let_go_when_the_holder_exits(tmp_path: Path) -> None:
@@ -463,7 +491,7 @@ def test_a_failed_detach_is_let_go_when_the_holder_exits(tmp_path: Path) -> None
 # -- withheld across a restart (issue 22, point 7; the store keeps it) -------------------
 
 
-def _withhold_then_stop(db: str, sysfs: str, holder_pid: int, how: str) -> None:
+def _withhold_then_stop(db: str, sysfs: str, holder_pid: int, how: str, dev: str = "") -> None:
     """A broker (in a child process: tests below) whose set's DETACH of PASID 1 fails at
     its revoke; once that is durable, it stops: `how` "sigterm" (the graceful stop
     SIGTERM runs) or "kill9" (SIGKILL to itself: no shutdown path runs)."""
@@ -477,7 +505,7 @@ def _withhold_then_stop(db: str, sysfs: str, holder_pid: int, how: str) -> None:
         await broker.start()
         ident = identity_of(holder_pid)
         a = await opened(broker, "vm-a", ticket=book.issue(ident), peer="unix:")
-        delegate(be, kernel, a)
+        delegate(be, kernel, a, path=dev)
         assert await broker.alloc(a, 1, 100, 2, "dev") == [1, 2]
         kernel.refuse = {1}
         assert await broker.revoke(a.session_id, "test") == 2
@@ -660,3 +688,158 @@ def test_a_contested_pasid_whose_late_free_fails_keeps_its_claim_across_a_restar
     assert _claimed_rows(db) == [(1, "free", witness)]  # the wait and the claim
     asyncio.run(after(witness))
     assert _claimed_rows(db) == []
+
+
+# -- the proof, once no DETACH is left to retry: the device is open nowhere -------------
+
+FORKING_HOLDER = """
+import os, sys, time
+f = open(sys.argv[1], "rb")  # the device, as a VMM has it open
+pid = os.fork()  # a child inherits the fd: the device stays bound while it lives
+if pid:
+    print(pid, flush=True)
+time.sleep(120)
+"""
+
+
+def forking_holder(dev: Path) -> tuple[subprocess.Popen[str], int]:
+    """A holder with the stand-in device open, and its child that inherited the fd."""
+    import sys
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", FORKING_HOLDER, str(dev)], stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout is not None
+    return holder, int(holder.stdout.readline())
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, 9)
+
+
+def test_the_holders_exit_is_no_proof_while_its_child_has_the_device(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The DETACH keeps failing; the set's holder exits, but a child that inherited its
+    device fd keeps the device bound (and the PASID attached). The broker must not close
+    its copies and release the PASID then: only once no process has the device open."""
+    monkeypatch.setattr(stuck, "RESCAN_SECONDS", 0.3)
+    dev = tmp_path / "vfio0"
+    dev.write_bytes(b"")
+    holder, child = forking_holder(dev)
+
+    async def main() -> None:
+        kernel = RefusingKernel()
+        be = make_backend(tmp_path, kernel)
+        book = TicketBook(30)
+        broker = Broker(be, SqliteStore(tmp_path / "b.db"), devices=be, tickets=book)
+        await broker.start()
+        try:
+            ident = identity_of(holder.pid)
+            a = await opened(broker, "vm-a", ticket=book.issue(ident), peer="unix:")
+            fa = delegate(be, kernel, a, path=str(dev))
+            assert await broker.alloc(a, 1, 100, 1, "dev") == [1]
+            kernel.refuse = {1}
+            assert await broker.revoke(a.session_id, "test") == 1
+            holder.kill()
+            holder.wait()
+            await settle(lambda: f"device open in pid {child}" in caplog.text, 10)
+            assert f"device open in pid {child}" in caplog.text
+            await asyncio.sleep(stuck.RETRY_SECONDS * 2.5)
+            assert broker.info().quarantined == 1  # the child has it: still withheld
+            os.fstat(fa)  # and the broker keeps its copy, to retry the DETACH on
+            b = await opened(broker, "vm-b")
+            assert await broker.alloc(b, 1, 100, 1) == [2]
+            _kill(child)
+            await settle(lambda: broker.info().quarantined == 0, 10)
+            assert broker.info().quarantined == 0
+            with pytest.raises(OSError):
+                os.fstat(fa)  # closed: the last fd of the device
+            assert await broker.alloc(b, 1, 1, 1) == [1]
+            broker.allocator.check()
+        finally:
+            await broker.stop()
+
+    try:
+        asyncio.run(main())
+    finally:
+        holder.kill()
+        holder.wait()
+        _kill(child)
+
+
+def test_after_a_restart_a_detach_waits_until_the_device_is_open_nowhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The broker that withheld PASID 1 (a failed DETACH) is killed (-9); its holder dies
+    while it is down, but the holder's child keeps the device open. The restarted broker
+    has no fd to retry the DETACH on: it knows the device from the stored row, and
+    keeps 1 withheld until no process has the device open."""
+    import sys
+
+    monkeypatch.setattr(stuck, "RESCAN_SECONDS", 0.3)
+    dev = tmp_path / "vfio0"
+    dev.write_bytes(b"")
+    holder, child = forking_holder(dev)
+    db = tmp_path / "b.db"
+    (tmp_path / "k1").mkdir()
+    code = (
+        "import sys; from tests.backends.test_iommufd_engine import _withhold_then_stop;"
+        " _withhold_then_stop(*sys.argv[1:3], int(sys.argv[3]), *sys.argv[4:6])"
+    )
+    try:
+        ran = subprocess.run(
+            [sys.executable, "-c", code, str(db), str(tmp_path / "k1"), str(holder.pid),
+             "kill9", str(dev)],
+            cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
+            timeout=120,
+        )  # fmt: skip
+        assert ran.returncode == -9, ran.stderr
+        holder.kill()
+        holder.wait()
+        rows = _detach_rows(db)
+        assert rows == [(1, "detach", device_key_of(dev))]
+
+        async def main() -> None:
+            (tmp_path / "k2").mkdir()
+            be = make_backend(tmp_path / "k2", RefusingKernel())
+            broker = Broker(be, SqliteStore(db), devices=be)
+            await broker.start()
+            try:
+                assert broker.info().quarantined == 1
+                await settle(lambda: f"device open in pid {child}" in caplog.text, 10)
+                assert f"device open in pid {child}" in caplog.text
+                await asyncio.sleep(stuck.RETRY_SECONDS * 2.5)
+                assert broker.info().quarantined == 1  # the holder is gone, its child not
+                b = await opened(broker, "vm-b")
+                assert await broker.alloc(b, 1, 100, 1) == [2]
+                _kill(child)
+                await settle(lambda: broker.info().quarantined == 0, 10)
+                assert broker.info().quarantined == 0
+                assert await broker.alloc(b, 1, 1, 1) == [1]
+                broker.allocator.check()
+            finally:
+                await broker.stop()
+
+        asyncio.run(main())
+        assert _detach_rows(db) == []
+    finally:
+        holder.kill()
+        holder.wait()
+        _kill(child)
+
+
+def device_key_of(path: Path) -> str:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return device_key(fd)
+    finally:
+        os.close(fd)
+
+
+def _detach_rows(db: Path) -> list[tuple[int, str, str | None]]:
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(db)) as c:
+        return c.execute("SELECT pasid, kind, devices FROM quarantine ORDER BY pasid").fetchall()

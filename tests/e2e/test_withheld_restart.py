@@ -1,20 +1,28 @@
-"""A contested PASID whose backend free fails at its set's end (issue 22, points 2 and 7),
-on a real broker (simulator backend behind the test launcher's failing free,
-tests/faults): the free is retried, and its stored row keeps both the wait and the
-witness's claim, so that neither the retry nor a restart puts it back in the pool while
-the witness's set lives; once that set is gone it goes back, and the backend agrees.
+"""Withheld PASIDs across restarts, on a real broker (issue 22, points 2 and 7).
+
+- A contested PASID whose backend free fails at its set's end (simulator backend behind
+  the test launcher's failing free, tests/faults): the free is retried, and its stored
+  row keeps both the wait and the witness's claim, so that neither the retry nor a
+  restart puts it back in the pool while the witness's set lives; once that set is gone
+  it goes back, and the backend agrees.
+- A failed DETACH the broker cannot prove over (no device recorded): withheld until the
+  operator releases it (`pasid-broker withheld`).
 """
 
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from pasid_client import Client, ResourceExhausted
 
+from broker.store import SqliteStore, Withhold
 from tests.e2e.test_witness import _pasids, _restored, witnessed_resume
-from tests.harness import open_db, wait_until
+from tests.harness import LAUNCHER, ROOT, BrokerProcess, open_db, wait_until
 
 
 @pytest.mark.parametrize("restart", [None, signal.SIGKILL], ids=["running", "kill9"])
@@ -59,4 +67,52 @@ def test_a_contested_pasid_whose_free_fails_stays_claimed(
             assert third.alloc(5, 6, count=2) == [5, 6]
     finally:
         holder.close()
+        b.cleanup()
+
+
+def _withheld_cli(b: BrokerProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", LAUNCHER, "withheld", "--db", b.db, "--socket", b.socket, *args],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+
+
+def test_a_detach_without_proof_stays_withheld_until_the_operator_releases_it(
+    tmp_path: Path,
+) -> None:
+    """A stored "detach" row that names no device (written before migration 0010, or by
+    an iommufd broker restarted on another backend) cannot be proven free by this
+    broker: it stays withheld across restarts, says why at ERROR, and goes back only
+    when the operator releases it with `pasid-broker withheld --release` (refused while
+    the broker runs: it holds the PASID in memory and the file exclusively)."""
+    b = BrokerProcess()
+    st = SqliteStore(b.db)
+    st.open()
+    st.commit([Withhold((7,), "detach", 9, None, None)])  # no holder, no devices
+    st.close()
+    try:
+        b.start()
+        with Client(b.address) as c, c.session("vm") as s:
+            assert c.info().quarantined == 1
+            time.sleep(2.5)  # retried every second: no proof comes
+            assert c.info().quarantined == 1
+            with pytest.raises(ResourceExhausted):
+                s.alloc(7, 7)
+        assert "PASIDs stay withheld" in b.read_log()
+        running = _withheld_cli(b)
+        assert running.returncode == 1 and "stop the broker first" in running.stderr, running
+        assert b.stop() == 0
+        listed = _withheld_cli(b)
+        assert listed.returncode == 0, listed.stderr
+        assert "7 detach: DETACH failed at set 9's end" in listed.stdout
+        assert "devices not recorded" in listed.stdout
+        bad = _withheld_cli(b, "--release", "8")
+        assert bad.returncode == 1 and "not withheld" in bad.stderr, bad
+        done = _withheld_cli(b, "--release", "7")
+        assert done.returncode == 0 and "released 1" in done.stdout, done
+        b.start()
+        with Client(b.address) as c, c.session("vm") as s:
+            assert c.info().quarantined == 0
+            assert s.alloc(7, 7) == [7]
+    finally:
         b.cleanup()

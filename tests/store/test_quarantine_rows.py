@@ -75,7 +75,7 @@ def test_withheld_rows_outlive_time_and_a_later_quarantine(tmp_path: Path) -> No
     st = _store_with_set(db)
     st.commit(
         [
-            Withhold((10, 11), "detach", 7, 4242, 99),
+            Withhold((10, 11), "detach", 7, 4242, 99, devices="c:511:0,c:511:1"),
             Withhold((12,), "free", 7),
             Withhold((2,), "contested"),  # set 1 still holds it
             Withhold((13,), "free", 7, claimant=5),  # a witness's set claims it too
@@ -86,8 +86,8 @@ def test_withheld_rows_outlive_time_and_a_later_quarantine(tmp_path: Path) -> No
     st.close()
     snap = SqliteStore(db).open()
     assert snap.withheld == {
-        10: WithheldRow("detach", 7, 4242, 99),
-        11: WithheldRow("detach", 7, 4242, 99),
+        10: WithheldRow("detach", 7, 4242, 99, devices="c:511:0,c:511:1"),
+        11: WithheldRow("detach", 7, 4242, 99, devices="c:511:0,c:511:1"),
         12: WithheldRow("free", 7),
         13: WithheldRow("free", 7, claimant=5),
         2: WithheldRow("contested"),

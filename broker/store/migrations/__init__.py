@@ -6,7 +6,8 @@ append-only event log; 0003 the kernel-verified holder of each set; 0004 the own
 release times; 0006 drops the allocations' set_id index (each commit paid for it); 0007
 the withheld and contested PASIDs (quarantine.kind) and sets.detached_unix; 0008 the
 claimant of a withheld PASID whatever its kind (quarantine.claimant); 0009 each set's
-witness epoch (sets.witness_epoch: when a complete witness is honoured). A
+witness epoch (sets.witness_epoch: when a complete witness is honoured); 0010 the
+devices of a "detach" row (quarantine.devices). A
 database made before Alembic (no alembic_version table) is stamped with the revision its
 tables show, then upgraded.
 
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 HERE = Path(__file__).resolve().parent
 
 # The newest revision in versions/; a database at it needs no migration.
-HEAD = "0009"
+HEAD = "0010"
 
 
 class SchemaError(Exception):
