@@ -24,6 +24,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 from pasid_client import Client, OutcomeUnknown
 from pasid_client.reconnect import SessionState, StateChange
 
@@ -49,9 +50,13 @@ def _metric(b: BrokerProcess, name: str) -> float:
     return float(m.group(1))
 
 
+@pytest.mark.parametrize("how", ["token", "reattach"])
 def test_a_restored_backup_loses_frees_and_the_live_clients_witness_undoes_them(
-    tmp_path: Path,
+    tmp_path: Path, how: str
 ) -> None:
+    """`token`: a session opened by the library resumes with its token. `reattach`: the
+    set was taken back by hand without its token (verified re-attach: a restarted
+    sidecar's way), so the library lists it whole first, and its reconnects re-attach."""
     b = BrokerProcess("--restart-grace", "300")
     b.start()
     changes: list[StateChange] = []
@@ -59,8 +64,15 @@ def test_a_restored_backup_loses_frees_and_the_live_clients_witness_undoes_them(
     holder = Client(b.address)  # this process holds the set: it lives across the restore
     try:
         a = holder.session("vm-a", grace_seconds=300, on_state_change=changes.append)
-        assert ledger.alloc(a, 1, 100, count=6) == [1, 2, 3, 4, 5, 6]
+        assert ledger.alloc(a, 1, 100, count=5) == [1, 2, 3, 4, 5]
         assert a.witness_complete  # a new set, every change answered
+        if how == "reattach":
+            set_id = a.set_id
+            a.detach()  # the verified set lives on, detached, with its holder (us)
+            a = holder.session("vm-a", reattach_set_id=set_id, on_state_change=changes.append)
+            assert a.set_id == set_id and not a.token
+            assert a.witness_complete  # by hand, then listed whole
+        assert ledger.alloc(a, 1, 100) == [6]
         backup = tmp_path / "backup.db"
         r = _pb("backup", "--db", b.db, str(backup))
         assert r.returncode == 0, r.stderr

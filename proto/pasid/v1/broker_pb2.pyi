@@ -780,7 +780,10 @@ class WatchEvent(_message.Message):
     """
     set_id: _builtins.int
     reason: _builtins.str
-    """For set_created the client's name; for set_destroyed/set_reclaimed why."""
+    """For set_created the client's name; for set_destroyed/set_reclaimed why; for a free
+    that a complete witness made (OpenSession.witness_complete: the client's own free,
+    acknowledged, that the store lost) "witness: a free acknowledged to the set's client".
+    """
     verified: _builtins.bool
     """set_created with a verified holder: its pid (broker's namespace), uid and ns_pid."""
     pid: _builtins.int
