@@ -13,6 +13,11 @@ kept is audited against the acknowledgements *before* any client re-attaches (a
 re-attaching client's witness would otherwise hide a loss); then the broker is
 restarted and the live clients' sessions resume by themselves.
 
+Transient write errors (a full tmpfs that then grows; EIO injected by strace into the
+WAL's writes for a while) are made under the same kind of clients, patient ones that
+take a store's refusal as an answer and go on: readiness, as a real gRPC health probe
+sees it, follows the fault down and back up, and the ledgers audit clean.
+
 Skipped, with the reason, where the machine cannot make such a device (no root, no loop
 devices, no e2fsprogs).
 """
@@ -29,7 +34,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +42,8 @@ import pytest
 from pasid_client import Client, PasidClientError, ResourceExhausted
 from pasid_client.reconnect import SessionState, StateChange
 
-from tests.e2e.filesystems import ext4_on_tmpfs, failing_device_unavailable
+from tests.e2e.filesystems import ext4_on_tmpfs, failing_device_unavailable, fill, tmpfs
+from tests.e2e.test_disk_faults import needs_strace, strace_inject
 from tests.e2e.test_sessions import spawn_holder
 from tests.faults.ledger import Audit, Ledger
 from tests.harness import (
@@ -156,6 +162,34 @@ class HealthWatch:
         self._thread.join(10)
 
 
+@dataclass
+class PatientWorker(Worker):
+    """A Worker that takes a store's refusal (UNAVAILABLE, reason STORE: the batch was
+    undone, nothing changed) as an answer, and tries again a little later; any other
+    error stops it, its outcome unknown."""
+
+    refused: int = 0
+
+    def _run(self, stop: threading.Event) -> None:
+        rng = random.Random(self.seed)
+        s, ledger = self.session, self.ledger
+        while not stop.is_set():
+            mine = ledger.held.get(s.set_id, set())
+            try:
+                if mine and rng.random() < 0.3:
+                    p = rng.choice(sorted(mine))
+                    ledger.free(s, p, p)
+                else:
+                    ledger.alloc(s, *SPACE, count=rng.randint(1, 4))
+            except PasidClientError as exc:
+                if exc.reason != "STORE":
+                    self.error = f"{type(exc).__name__}: {exc}"
+                    return
+                self.refused += 1
+                self.error = str(exc)  # the last refusal, for the report
+                time.sleep(0.02)
+
+
 def merged(workers: list[Worker]) -> Ledger:
     out = Ledger()
     for w in workers:
@@ -166,9 +200,11 @@ def merged(workers: list[Worker]) -> Ledger:
 
 
 @contextlib.contextmanager
-def clients(address: str, n: int) -> Iterator[tuple[list[Worker], threading.Event]]:
+def clients(
+    address: str, n: int, kind: type[Worker] = Worker
+) -> Iterator[tuple[list[Worker], threading.Event]]:
     stop = threading.Event()
-    workers = [Worker(address, f"vm-{i}", seed=i) for i in range(n)]
+    workers = [kind(address, f"vm-{i}", seed=i) for i in range(n)]
     try:
         for w in workers:
             w.start(stop)
@@ -663,3 +699,166 @@ def test_page_cache_durability_loses_acks_to_a_device_error_and_the_witnesses_re
                 b.proc.send_signal(signal.SIGKILL)
                 b.proc.wait(10)
             b.cleanup()
+
+
+def _transient_write_errors(
+    b: BrokerProcess,
+    fault: contextlib.AbstractContextManager[object],
+    clear: Callable[[], None],
+    code: str,
+) -> str:
+    """Three patient clients allocate and free; `fault` (entered, then `clear` called
+    and the block left) makes the broker's writes fail with SQLite's `code` for a
+    while. A readiness probe must see NOT_SERVING while they fail (liveness SERVING,
+    the process alive: the fault lasts longer than --store-error-exit-seconds only where
+    the broker must wait), then SERVING again without anything else done; the clients
+    go on, and what the broker serves and what its file holds equal their ledgers: every
+    refusal changed nothing, 0 acknowledged operations lost, 0 PASIDs held twice, and a
+    holder killed during the fault has its set released. Returns the figures."""
+    b.start()
+    assert b.proc is not None
+    holder, held = spawn_holder(b, 4)  # a verified holder, grace 0
+    watch = HealthWatch(b)
+    try:
+        with clients(b.address, 3, PatientWorker) as (workers, stop):
+            patient = [w for w in workers if isinstance(w, PatientWorker)]
+            try:
+                wait_until(lambda: _held_acks(workers) >= 200, 60, 0.05, "traffic")
+            except AssertionError as exc:
+                why = [(w.ledger.acks, w.error) for w in workers]
+                raise AssertionError(f"{exc}: {why}; {b.read_log()[-2000:]}") from None
+            assert watch.states() == [("SERVING", "SERVING")], watch.seen
+            with fault:
+                t_fault = time.monotonic()
+                wait_until(lambda: all(w.refused for w in patient), 60, 0.02, "refusals")
+                refused_at = time.monotonic() - t_fault
+                wait_until(
+                    lambda: watch.first("NOT_SERVING", "SERVING", t_fault) is not None,
+                    10, 0.02, "readiness NOT_SERVING",
+                )  # fmt: skip
+                holder.send_signal(signal.SIGKILL)  # its release cannot land now
+                holder.wait(10)
+                time.sleep(2.0)  # failing meanwhile, past the probes' and retries' rounds
+                assert b.proc.poll() is None, b.read_log()[-3000:]
+                assert watch.states()[-1] == ("NOT_SERVING", "SERVING"), watch.seen
+                assert held["session_id"] in db_holdings(b.db)  # not released yet
+                acks_in_fault = _held_acks(workers)
+                errors = sorted({w.error for w in patient})
+                assert all(code in e for e in errors), errors
+                clear()
+                t_clear = time.monotonic()
+            wait_until(
+                lambda: watch.first("SERVING", "SERVING", t_clear) is not None,
+                10, 0.02, "readiness SERVING again",
+            )  # fmt: skip
+            t_back = watch.first("SERVING", "SERVING", t_clear)
+            assert t_back is not None
+            after = _held_acks(workers)
+            wait_until(lambda: _held_acks(workers) >= after + 100, 60, 0.05, "traffic again")
+            wait_until(
+                lambda: held["session_id"] not in db_holdings(b.db), 10, 0.1, "release retry"
+            )
+            stop.set()
+            for w in workers:
+                w.thread.join(30)
+            assert not [w.error for w in workers if not isinstance(w, PatientWorker)]
+            assert all(w.session.state == SessionState.CONNECTED for w in workers)
+            served = api_holdings(b.address)
+            ledger = merged(workers)
+            ledger.audit(served).assert_clean()
+            ledger.audit(db_holdings(b.db)).assert_clean()
+            for w in workers:  # every refusal changed nothing: exactly what was acked
+                assert sorted(served.get(w.session.set_id, [])) == sorted(
+                    ledger.held.get(w.session.set_id, set())
+                ), w.name
+            # Released: its PASIDs went back to the pool (the clients may hold them now:
+            # the audit says none is held twice).
+            assert held["session_id"] not in served
+            states = watch.states()
+            assert b.proc.poll() is None
+            log = b.read_log()
+            assert "commits are failing: health NOT_SERVING" in log
+            assert "commits land again" in log
+            return (
+                f"first refusals {refused_at:.2f} s into the fault; health seen {states};"
+                f" SERVING again {t_back - t_clear:.2f} s after the fault ended;"
+                f" {acks_in_fault} acks before the fault's end, {_held_acks(workers)} in"
+                f" all; {sum(w.refused for w in patient)} refusals ({errors[0][:90]});"
+                f" the dead holder's set released after the fault"
+            )
+    finally:
+        watch.stop()
+        if holder.poll() is None:
+            holder.send_signal(signal.SIGKILL)
+            holder.wait(10)
+
+
+def test_a_full_disk_that_grows_again_makes_the_broker_unready_then_ready(
+    tmp_path: Path,
+) -> None:
+    """ENOSPC: the database's tmpfs fills while three clients allocate and free (every
+    change refused, SQLITE_FULL), then the volume grows (remount with a larger size, as
+    an operator extends one). A full disk never ends the broker, even past
+    --store-error-exit-seconds; readiness follows it down and back up."""
+    with tmpfs(16 << 10) as fs:
+        # The database on the tmpfs; the log beside the test (it must not fill up).
+        b = BrokerProcess("--store-error-exit-seconds", "1", workdir=str(tmp_path / "w"))
+        b.dir.mkdir()
+        b.db = str(fs / "broker.db")
+        try:
+
+            @contextlib.contextmanager
+            def full() -> Iterator[None]:
+                # The WAL keeps its file between checkpoints: commits overwrite blocks it
+                # has until it grows past its longest run. Large commits get it there.
+                # (Its session ends once there is room again.)
+                with Client(b.address) as c, c.session("pusher") as s:
+                    fill(fs)
+                    for _ in range(2000):
+                        try:
+                            got = s.alloc(*SPACE, count=500)
+                            s.free(got[0], got[-1])
+                        except PasidClientError as exc:
+                            assert exc.reason == "STORE", exc
+                            break
+                    else:
+                        raise AssertionError("the disk never refused a commit")
+                    yield
+
+            def grow() -> None:
+                subprocess.run(["mount", "-o", "remount,size=64m", str(fs)], check=True)
+
+            print(_transient_write_errors(b, full(), grow, "SQLITE_FULL"))
+        finally:
+            if b.proc is not None and b.proc.poll() is None:
+                b.proc.send_signal(signal.SIGKILL)
+                b.proc.wait(10)
+            b.cleanup()
+
+
+@needs_strace
+def test_a_device_that_fails_writes_for_a_while_makes_the_broker_unready_then_ready(
+    tmp_path: Path,
+) -> None:
+    """EIO from every write to the WAL (strace's injection, on that file only: a device
+    failing the writes of the database's log), for less than
+    --store-error-exit-seconds (30 s by default): every change is refused
+    (SQLITE_IOERR_WRITE), readiness is NOT_SERVING, and once the writes work again the
+    broker's own probe write lands and it is SERVING again, with no restart."""
+    b = BrokerProcess(workdir=str(tmp_path / "w"))
+    b.dir.mkdir()
+    try:
+
+        @contextlib.contextmanager
+        def failing() -> Iterator[None]:
+            assert b.proc is not None
+            wal = f"{b.db}-wal"
+            with strace_inject(b.proc.pid, "inject=pwrite64:error=EIO", paths=[wal]):
+                yield
+
+        print(_transient_write_errors(b, failing(), lambda: None, "SQLITE_IOERR_WRITE"))
+    finally:
+        if b.proc is not None and b.proc.poll() is None:
+            b.proc.send_signal(signal.SIGKILL)
+            b.proc.wait(10)
+        b.cleanup()

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -59,12 +59,17 @@ needs_strace = pytest.mark.skipif(bool(_NO_STRACE), reason=_NO_STRACE or "strace
 
 
 @contextlib.contextmanager
-def strace_inject(pid: int, *exprs: str) -> Iterator[subprocess.Popen[bytes]]:
-    """strace attached to every thread of `pid` with these -e expressions; detached
-    (the process runs on unharmed) when the block ends."""
+def strace_inject(
+    pid: int, *exprs: str, paths: Sequence[str] = ()
+) -> Iterator[subprocess.Popen[bytes]]:
+    """strace attached to every thread of `pid` with these -e expressions (only on the
+    system calls that touch `paths`, if given: -P); detached (the process runs on
+    unharmed) when the block ends."""
     cmd = ["strace", "-qq", "-f", "-o", "/dev/null", "-p", str(pid)]
     for e in exprs:
         cmd += ["-e", e]
+    for path in paths:
+        cmd += ["-P", path]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
     try:
         # Attached once the tracee shows a TracerPid.
