@@ -105,6 +105,11 @@ class Devices(Protocol):
         """Keys of the gone set's devices that still have a PASID attached (stored)."""
         ...
 
+    def detach_on(self, key: str, pasids: Sequence[int]) -> bool:
+        """After a restart: DETACH these through the device `key` names, if a live set has
+        delegated it again; True when all succeeded (none is attached on it now)."""
+        ...
+
     def still_open(self, keys: Sequence[str]) -> str | None:
         """None if no other process has any of these devices open (nothing can be
         attached through them any more); else why not."""

@@ -479,6 +479,25 @@ class IommufdBackend:
             return "no device was recorded for them"
         return open_elsewhere(keys)
 
+    def detach_on(self, key: str, pasids: Sequence[int]) -> bool:
+        """After a restart: DETACH `pasids` through a device a live set delegated that is
+        the device `key` names; True if every DETACH succeeded. That device's fd is its
+        one bound file (a VFIO cdev is bound through one open file at a time), so a
+        success means none of them is attached on it any more (a DETACH of one never
+        attached there is a no-op). False when no such device is delegated now, or the
+        kernel refused; a PASID some set has attached is never touched (none should be:
+        they are withheld)."""
+        handle = next((h for h in self.devices() if h.key == key), None)
+        if handle is None or any(p in self._owner for p in pasids):
+            return False
+        for p in pasids:
+            try:
+                self._detach(handle.device_fd, p)
+            except PasidError as exc:
+                log.debug("iommufd: retried DETACH of %d on %s failed: %s", p, key, exc)
+                return False
+        return True
+
     def retry_detach(self) -> list[int]:
         """Try the failed DETACHes again; returns the PASIDs now detached everywhere (a
         device with nothing left attached has its fds closed)."""

@@ -18,8 +18,10 @@ It is stored too (a quarantine row of kind "detach" or "free", in the commit of 
 set's destroy; broker/store/schema.py), so that a restart, even a kill -9, does not
 hand it out: recovery withholds it again (recovery.py) and restore() takes up the wait.
 After a restart the broker's copies of the device fds are gone (the kernel closed them
-with the old process), so no DETACH can be retried. A "free" PASID was replayed into
-the backend, and its free is retried.
+with the old process), so no DETACH can be retried until a live set delegates the same
+device again (its key, stored in the "detach" row): that fd is the device's one bound
+file, and the DETACH is retried on it (Devices.detach_on). A "free" PASID was replayed
+into the backend, and its free is retried.
 
 The rule for a failed DETACH, once no DETACH is left to retry (the holder exited, or a
 restart closed the broker's fds): a VFIO cdev is bound to an iommufd through one open
@@ -238,9 +240,7 @@ class Withheld:
                     done += self._devices.let_go(set_id)
                     del self._holders[set_id]
         for set_id, wait in list(self._restored.items()):
-            if (wait.holder is None or not _alive(wait.holder)) and self._unused(
-                set_id, wait.pasids, wait.devices
-            ):
+            if self._restored_detached(set_id, wait):
                 done += wait.pasids
                 del self._restored[set_id]
         if done:
@@ -270,6 +270,26 @@ class Withheld:
         if self._unfreed or self._restored or (self._devices is not None and self._devices.stuck()):
             self._schedule()
         return sorted(done)
+
+    def _restored_detached(self, set_id: int, wait: DetachWait) -> bool:
+        """After a restart: a device of the gone set that a live set has delegated again
+        (the same device, so the same bound file) gets the DETACH retried on it; success
+        clears it. The others are cleared by the rule of _unused once the holder is
+        gone. True when every device is cleared."""
+        if wait.devices and self._devices is not None:
+            left = tuple(k for k in wait.devices if not self._devices.detach_on(k, wait.pasids))
+            if left != wait.devices:
+                wait = self._restored[set_id] = wait._replace(devices=left)
+                if not left:
+                    log.info(
+                        "set %d: the DETACH retried on its device, delegated again, succeeded",
+                        set_id,
+                        extra={"session": set_id, "pasids": wait.pasids[:32]},
+                    )
+                    return True
+        if wait.holder is not None and _alive(wait.holder):
+            return False
+        return self._unused(set_id, wait.pasids, wait.devices)
 
     def _unused(self, set_id: int, pasids: Sequence[int], devices: Sequence[str]) -> bool:
         """The proof that a gone set's PASIDs are detached, once the broker has no DETACH

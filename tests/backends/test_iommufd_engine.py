@@ -843,3 +843,63 @@ def _detach_rows(db: Path) -> list[tuple[int, str, str | None]]:
 
     with contextlib.closing(sqlite3.connect(db)) as c:
         return c.execute("SELECT pasid, kind, devices FROM quarantine ORDER BY pasid").fetchall()
+
+
+def test_after_a_restart_the_detach_is_retried_on_the_device_delegated_again(
+    tmp_path: Path,
+) -> None:
+    """The broker that withheld PASID 1 (a failed DETACH) is killed (-9); its holder lives
+    on and delegates the same device again for a new set. That fd is the device's one
+    bound file: the restarted broker retries the DETACH on it, and a success releases 1
+    while the holder still runs (a refusal keeps it withheld)."""
+    dev = tmp_path / "vfio0"
+    dev.write_bytes(b"")
+    holder, child = forking_holder(dev)
+    db = tmp_path / "b.db"
+    (tmp_path / "k1").mkdir()
+    code = (
+        "import sys; from tests.backends.test_iommufd_engine import _withhold_then_stop;"
+        " _withhold_then_stop(*sys.argv[1:3], int(sys.argv[3]), *sys.argv[4:6])"
+    )
+    try:
+        ran = subprocess.run(
+            [sys.executable, "-c", code, str(db), str(tmp_path / "k1"), str(holder.pid),
+             "kill9", str(dev)],
+            cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
+            timeout=120,
+        )  # fmt: skip
+        assert ran.returncode == -9, ran.stderr
+
+        async def main() -> None:
+            (tmp_path / "k2").mkdir()
+            kernel = RefusingKernel()
+            be = make_backend(tmp_path / "k2", kernel)
+            book = TicketBook(30)
+            broker = Broker(be, SqliteStore(db), devices=be, tickets=book)
+            await broker.start()
+            try:
+                assert broker.info().quarantined == 1
+                ident = identity_of(holder.pid)
+                a2 = await opened(broker, "vm-a2", ticket=book.issue(ident), peer="unix:")
+                kernel.refuse = {1}
+                fd = delegate(be, kernel, a2, path=str(dev))  # the same device, again
+                await settle(lambda: ("detach-failed", fd, 1) in kernel.log, 5)
+                assert ("detach-failed", fd, 1) in kernel.log
+                await asyncio.sleep(stuck.RETRY_SECONDS * 1.5)
+                assert broker.info().quarantined == 1  # refused: still withheld
+                kernel.refuse.clear()
+                await settle(lambda: broker.info().quarantined == 0, 5)
+                assert broker.info().quarantined == 0  # the holder still runs
+                assert ("detach", fd, 1) in kernel.log
+                assert await broker.alloc(a2, 1, 1, 1, "dev") == [1]
+                broker.allocator.check()
+                check_invariant(broker, kernel)
+            finally:
+                await broker.stop()
+
+        asyncio.run(main())
+        assert _detach_rows(db) == []
+    finally:
+        holder.kill()
+        holder.wait()
+        _kill(child)
