@@ -81,6 +81,15 @@ class NotFound(PasidError):
     reason = "NOT_FOUND"
 
 
+class Revoked(NotFound):
+    """A resume or re-attach of a set an admin revoked: NOT_FOUND (the set is gone, as for
+    any ended set), with reason REVOKED and the revoke's own words, so that a client whose
+    stream's ABORTED never reached it (grpc reports a write that raced the stream's end as
+    INTERNAL "Internal error from Core") still learns that the broker took its set."""
+
+    reason = "REVOKED"
+
+
 class Conflict(PasidError):
     """The request clashes with the object's state, e.g. resuming an attached session."""
 

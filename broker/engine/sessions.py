@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import logging
 import secrets
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,7 @@ from broker.core import (
     NotReady,
     PasidError,
     PermissionDenied,
+    Revoked,
     StoreError,
     Unauthenticated,
     Unsupported,
@@ -61,6 +63,8 @@ log = logging.getLogger("pasid_broker")
 
 # A release (set destroy) that failed is tried again this often until it lands.
 RELEASE_RETRY_SECONDS = 1.0
+# Revoked sets remembered for a late resume's answer (Sessions._revoked).
+REVOKED_KEPT = 1024
 
 
 def hash_token(token: str) -> str:
@@ -163,6 +167,11 @@ class Sessions:
         self._timers: dict[int, asyncio.TimerHandle] = {}
         self._restart_grace = 0
         self.next_set_id = 1
+        # The last REVOKED_KEPT revoked sets, by set id: (token hash, holder, why). A
+        # resume or re-attach that comes after a revoke is told so (Revoked), not only
+        # "no such set": grpc can hide the stream's ABORTED from a client whose write
+        # raced the stream's end, and its reconnect then asks. Memory only.
+        self._revoked: OrderedDict[int, tuple[str, tuple[int, float] | None, str]] = OrderedDict()
 
     # -- lookups ------------------------------------------------------------------------
 
@@ -447,8 +456,12 @@ class Sessions:
             if not credentials.pidfd_alive(identity.pidfd):
                 raise Conflict(f"holder process {identity.pid} has already exited")
         if resume_token:
-            sess = self._by_token.get(hash_token(resume_token))
+            th = hash_token(resume_token)
+            sess = self._by_token.get(th)
             if sess is None:
+                why = next((w for t, _, w in self._revoked.values() if t == th), None)
+                if why is not None:
+                    raise Revoked(why)
                 raise NotFound(
                     "resume token matches no session (expired, reclaimed or never issued)"
                 )
@@ -540,6 +553,9 @@ class Sessions:
         start time). Anything else is NotFound and changes nothing; attached elsewhere
         is Conflict. The answer carries no token (the broker keeps only its hash)."""
         sess = self._sessions.get(set_id)
+        gone = self._revoked.get(set_id)
+        if sess is None and gone and identity and gone[1] == (identity.pid, identity.start_time):
+            raise Revoked(gone[2])  # told only to its holder, as the set itself would be
         if sess is None or not self.holds(sess, identity):
             raise NotFound(
                 f"no set {set_id} held by this process (re-attach needs a ticket of the"
@@ -734,7 +750,16 @@ class Sessions:
         if sess is None:
             raise NotFound(f"no set {set_id}")
         held = len(sess.set)
-        fut = self.apply(sess, SetEvent.REVOKE, f"revoked: {reason or 'by admin'}")
+        why = f"revoked: {reason or 'by admin'}"
+        h = sess.holder
+        self._revoked[set_id] = (
+            sess.token_hash,
+            (h.pid, h.start_time) if h is not None else None,
+            f"set {set_id} reclaimed: {why}",  # the words of the stream's own ABORTED
+        )
+        while len(self._revoked) > REVOKED_KEPT:
+            self._revoked.popitem(last=False)
+        fut = self.apply(sess, SetEvent.REVOKE, why)
         if fut is not None:
             await fut
         return held

@@ -8,6 +8,7 @@
 | QuotaExceeded   | EDQUOT               | RESOURCE_EXHAUSTED   |
 | LimitExceeded   | EAGAIN               | RESOURCE_EXHAUSTED   |
 | NotFound        | ENOENT               | NOT_FOUND            |
+| Revoked         | ENOENT               | NOT_FOUND (REVOKED)  |
 | Conflict        | EBUSY                | FAILED_PRECONDITION  |
 | Unsupported     | EOPNOTSUPP / ENOTTY  | FAILED_PRECONDITION  |
 | BackendError    | other errno          | UNAVAILABLE          |

@@ -30,10 +30,12 @@ from pasid.v1 import broker_pb2_grpc as pb_grpc
 from pasid_client import access
 from pasid_client import address as _address
 from pasid_client.errors import (
+    Aborted,
     NotFound,
     OutcomeUnknown,
     PasidClientError,
     PermissionDenied,
+    Revoked,
     SessionLost,
     Unavailable,
     from_admin_rpc_error,
@@ -307,6 +309,9 @@ class AsyncSession:
                 )
             except PasidClientError as exc:
                 last = exc
+                if isinstance(exc, Revoked):  # the stream's ABORTED, had it arrived
+                    self._end(SessionState.LOST, Aborted(grpc.StatusCode.ABORTED, exc.message))
+                    return False
                 if not open_retryable(exc, resuming=True, own_ticket=True):
                     why = "the broker no longer has its set" if isinstance(exc, NotFound) else exc
                     self._end(

@@ -60,6 +60,12 @@ class NotFound(PasidClientError):
     """NOT_FOUND: unknown session, wrong token, or an expired resume token."""
 
 
+class Revoked(NotFound):
+    """NOT_FOUND with reason REVOKED: the set was revoked by an admin (the message says
+    why). A session's reconnect that meets it ends as Aborted, as if the stream's own
+    ABORTED had arrived (grpc can lose that one to a write racing the stream's end)."""
+
+
 class FailedPrecondition(PasidClientError):
     """FAILED_PRECONDITION: unsupported by the backend, or a conflicting state."""
 
@@ -110,6 +116,7 @@ _BY_REASON: dict[str, type[PasidClientError]] = {
     "INVALID_RANGE": InvalidRange,
     "INVALID_ARGUMENT": InvalidArgument,
     "EXHAUSTED": ResourceExhausted,
+    "REVOKED": Revoked,
 }
 _BY_CODE: dict[grpc.StatusCode, type[PasidClientError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,

@@ -21,8 +21,10 @@ from pasid_client import (
     Client,
     InvalidArgument,
     NotFound,
+    OutcomeUnknown,
     PasidClientError,
     PermissionDenied,
+    Revoked,
     Unavailable,
 )
 
@@ -151,6 +153,10 @@ def test_resume_while_attached_is_refused(client: Client) -> None:
 
 
 def test_revoke_ends_the_holders_stream(broker: BrokerProcess, admin: Client) -> None:
+    """The stream ends ABORTED with the revoke's words. An alloc whose write races that
+    end may see grpc's INTERNAL "Internal error from Core" instead (its outcome then
+    unknown); the session's reconnect is then told Revoked, and the session ends Aborted
+    all the same. A late resume or re-attach is told Revoked, not only "no such set"."""
     with Client(broker.address) as c:
         s = c.session("vmm", grace_seconds=60)
         s.alloc(1, 100, count=4)
@@ -158,10 +164,27 @@ def test_revoke_ends_the_holders_stream(broker: BrokerProcess, admin: Client) ->
             c.revoke(s.session_id)  # not on the clients' socket
         assert admin.revoke(s.session_id, "maintenance") == 4
         assert c.info().in_use == 0
+        with pytest.raises((Aborted, OutcomeUnknown)):
+            s.alloc(1, 100)
+        ended = s.wait_ended()
+        assert isinstance(ended, Aborted) and "revoked: maintenance" in ended.message, ended
         with pytest.raises(Aborted, match="revoked: maintenance"):
             s.alloc(1, 100)
-        with pytest.raises(NotFound):
+        with pytest.raises(Revoked, match="revoked: maintenance"):
             c.session(resume_token=s.token)  # revoked whatever its grace
+        with pytest.raises(Revoked, match="revoked: maintenance"):
+            c.session(reattach_set_id=s.set_id)  # its verified holder: this process
+        vmm = subprocess.Popen(["sleep", "60"])
+        try:  # a set held for another process: this one is not told why it went
+            theirs = c.session("theirs", delegate_pid=vmm.pid)
+            theirs.detach()
+            admin.revoke(theirs.set_id, "maintenance")
+            with pytest.raises(NotFound) as not_told:
+                c.session(reattach_set_id=theirs.set_id)
+            assert not isinstance(not_told.value, Revoked), not_told.value
+        finally:
+            vmm.kill()
+            vmm.wait()
         with pytest.raises(NotFound):
             admin.revoke(s.session_id)
 
