@@ -1,20 +1,23 @@
 """sd_notify over a real datagram socket standing in for systemd's NOTIFY_SOCKET: the
 broker says STATUS while starting, READY=1 only after recovery, pings WATCHDOG=1 at half
-WATCHDOG_USEC, and STOPPING=1 when it drains."""
+WATCHDOG_USEC, STOPPING=1 when it drains, and "not ready" while its commits fail."""
 
 from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pasid_client import Client, Unavailable
 
 from broker.systemd import Notifier
-from tests.harness import BrokerProcess, wait_until
+from tests.harness import LAUNCHER, ROOT, BrokerProcess, wait_until
 
 
 @pytest.fixture
@@ -63,6 +66,63 @@ def test_ready_after_recovery_watchdog_and_stopping(
         assert any(m.startswith("STOPPING=1\nSTATUS=draining") for m in after), after
     finally:
         b.cleanup()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chattr)")
+def test_status_and_readiness_while_commits_fail(
+    notify_socket: tuple[socket.socket, str],
+) -> None:
+    """Commits failing (the database and its WAL made immutable: every write EPERM,
+    SQLITE_IOERR_WRITE): STATUS says so and `pasid-broker health` exits 1 NOT_SERVING
+    (its --service liveness 0 SERVING); writable again, the broker's probe write lands
+    and both say it serves again, with no request."""
+    sock, path = notify_socket
+    b = BrokerProcess(env={"NOTIFY_SOCKET": path})
+    try:
+        b.start()
+        got: list[str] = []
+        wait_until(lambda: any("READY=1" in m for m in _drain(sock, got)), 30, 0.01, "READY=1")
+        assert _health(b) == (0, f"unix:{b.socket}: SERVING")
+        files = [b.db, b.db + "-wal"]
+        subprocess.run(["chattr", "+i", *files], check=True)
+        try:
+            with (
+                Client(b.address, reconnect_deadline_seconds=0) as c,
+                pytest.raises(Unavailable, match="SQLITE_IOERR"),
+            ):
+                c.session("vm")
+
+            def failing() -> bool:
+                return any(
+                    m.startswith(
+                        "STATUS=not ready: commits are failing (store commit failed:"
+                        " SQLITE_IOERR_WRITE"
+                    )
+                    for m in _drain(sock, got)
+                )
+
+            wait_until(failing, 10, 0.01, "STATUS not ready")
+            assert _health(b) == (1, f"unix:{b.socket}: NOT_SERVING")
+            assert _health(b, "--service", "liveness") == (0, f"unix:{b.socket}: SERVING")
+        finally:
+            subprocess.run(["chattr", "-i", *files], check=True)
+        n = len(got)
+        wait_until(
+            lambda: any(m.startswith("STATUS=serving on unix:") for m in _drain(sock, got)[n:]),
+            10, 0.01, "STATUS serving again",
+        )  # fmt: skip
+        assert _health(b) == (0, f"unix:{b.socket}: SERVING")
+    finally:
+        b.cleanup()
+
+
+def _health(b: BrokerProcess, *args: str) -> tuple[int, str]:
+    """`pasid-broker health` (through the test launcher) on `b`: exit status, output."""
+    r = subprocess.run(
+        [sys.executable, "-m", LAUNCHER, "health", "--address", b.address, *args],
+        capture_output=True, text=True, cwd=ROOT, timeout=60,
+    )  # fmt: skip
+    return r.returncode, r.stdout.strip()
 
 
 def test_refused_start_says_why_in_status(notify_socket: tuple[socket.socket, str]) -> None:
