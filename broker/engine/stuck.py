@@ -281,6 +281,7 @@ class Withheld:
             if left != wait.devices:
                 wait = self._restored[set_id] = wait._replace(devices=left)
                 if not left:
+                    self._rescan.pop(set_id, None)
                     log.info(
                         "set %d: the DETACH retried on its device, delegated again, succeeded",
                         set_id,
@@ -311,9 +312,10 @@ class Withheld:
         self._rescan[set_id] = (time.monotonic() + RESCAN_SECONDS, why)
         if why != said:
             log.error(
-                "set %d: %d PASIDs stay withheld: its holder has exited, but %s; they go"
-                " back once no process has the device open, or when the operator releases"
-                " them (pasid-broker withheld; docs/runbook.md)",
+                "set %d: %d PASIDs stay withheld (their DETACH failed; no holder is left to"
+                " wait for), as %s; they go back once a DETACH succeeds or no process has"
+                " the device open, or when the operator releases them (pasid-broker"
+                " withheld; docs/runbook.md)",
                 set_id,
                 len(pasids),
                 why,
