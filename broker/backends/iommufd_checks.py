@@ -156,5 +156,6 @@ def open_elsewhere(keys: Iterable[str], proc: str = "/proc") -> str | None:
     if holding:
         return f"device open in pid {', '.join(sorted(holding, key=int)[:8])}"
     if unreadable:
-        return f"cannot read the fds of pid {', '.join(sorted(unreadable, key=int)[:8])}"
+        pids = ", ".join(sorted(unreadable, key=int)[:8])
+        return f"cannot read the fds of pid {pids} (another user's: needs CAP_SYS_PTRACE)"
     return None

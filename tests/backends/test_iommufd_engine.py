@@ -903,3 +903,31 @@ def test_after_a_restart_the_detach_is_retried_on_the_device_delegated_again(
         holder.kill()
         holder.wait()
         _kill(child)
+
+
+def test_the_look_for_a_device_counts_an_unreadable_process_as_holding_it(
+    tmp_path: Path,
+) -> None:
+    """open_elsewhere over a made-up /proc: a process with the device among its fds holds
+    it; one whose fds cannot be read proves nothing (it may hold it); one gone meanwhile
+    does not count. (A made-up /proc: as root this test cannot be refused a real one.)"""
+    from broker.backends.iommufd_checks import open_elsewhere
+
+    dev = tmp_path / "vfio0"
+    dev.write_bytes(b"")
+    other = tmp_path / "other"
+    other.write_bytes(b"")
+    key = device_key_of(dev)
+    proc = tmp_path / "proc"
+    for pid, target in (("10", other), ("11", dev)):
+        (proc / pid / "fd").mkdir(parents=True)
+        (proc / pid / "fd" / "3").symlink_to(target)
+    (proc / "12").mkdir()  # exited between listdir and its fd dir: no fd dir
+    (proc / "self").mkdir()
+    assert open_elsewhere([key], str(proc)) == "device open in pid 11"
+    (proc / "11" / "fd" / "3").unlink()
+    assert open_elsewhere([key], str(proc)) is None
+    (proc / "13").mkdir()
+    (proc / "13" / "fd").write_text("")  # listdir fails: its fds cannot be read
+    why = open_elsewhere([key], str(proc))
+    assert why is not None and why.startswith("cannot read the fds of pid 13 ("), why
