@@ -159,3 +159,89 @@ def test_anything_short_of_a_complete_current_witness_frees_nothing(tmp_path: Pa
             await broker.stop()
 
     asyncio.run(scenario())
+
+
+def _unclean_restart_db(tmp_path: Path) -> tuple[Path, int, str, int, int, str]:
+    """A store where set S holds 1-3 and set T holds 4, left by a run that ended without
+    a clean stop: (db, S, S's token, S's epoch, T, T's token)."""
+    db = tmp_path / "b.db"
+
+    async def before() -> tuple[int, str, int, int, str]:
+        broker = Broker(SimulatorBackend(pasid_bits=8), SqliteStore(db))
+        await broker.start()
+        try:
+            s, s_token = await _opened(broker, "s", grace=300)
+            t, t_token = await _opened(broker, "t", grace=300)
+            assert await broker.alloc(s, 1, 3, 3) == [1, 2, 3]
+            assert await broker.alloc(t, 4, 4) == [4]
+            return s.session_id, s_token, s.tell_witness_epoch(), t.session_id, t_token
+        finally:
+            await broker.stop()
+
+    out = asyncio.run(before())
+    Path(f"{db}.clean-stop").unlink()  # as after a kill -9: the next start is unclean
+    return (db, *out)
+
+
+def test_after_a_loss_a_refree_waits_for_the_other_sets_and_hands_over_what_they_claim(
+    tmp_path: Path,
+) -> None:
+    """S's client freed 2 and T's client was given 2; the store lost both (it shows 2 in
+    S, which freed it). S resumes first with a complete witness: 2 is not freed while T,
+    which may hold it, has not resumed (it could otherwise go to a third set first). T
+    resumes claiming 2: it is freed from S and claimed for T, no conflict."""
+    db, s_id, s_token, s_epoch, t_id, t_token = _unclean_restart_db(tmp_path)
+
+    async def after() -> None:
+        broker = Broker(SimulatorBackend(pasid_bits=8), SqliteStore(db), restart_grace=60)
+        await broker.start()
+        try:
+            s, t = broker.session_of(s_id), broker.session_of(t_id)
+            assert s is not None and t is not None
+            await _resume_detached(broker, s_token, [1, 3], s_epoch)
+            assert s.witness_complete and s.refreed == []  # deferred
+            assert list(s.set.pasids) == [1, 2, 3]
+            await _resume_detached(broker, t_token, [2, 4])
+            assert t.reclaimed == [2] and t.conflicts == []
+            await broker.journal.drain()
+            assert list(s.set.pasids) == [1, 3] and list(t.set.pasids) == [2, 4]
+            assert s.witness_epoch != s_epoch  # S's client did not see it: a new epoch
+            broker.allocator.check()
+        finally:
+            await broker.stop()
+        assert _rows(db, s_id) == [1, 3] and _rows(db, t_id) == [2, 4]
+
+    asyncio.run(after())
+
+
+def test_a_deferred_refree_lands_once_the_other_sets_are_gone(tmp_path: Path) -> None:
+    db, s_id, s_token, s_epoch, t_id, _t_token = _unclean_restart_db(tmp_path)
+
+    async def after() -> None:
+        broker = Broker(SimulatorBackend(pasid_bits=8), SqliteStore(db), restart_grace=60)
+        await broker.start()
+        try:
+            s = broker.session_of(s_id)
+            assert s is not None
+            await _resume_detached(broker, s_token, [1, 3], s_epoch)
+            assert list(s.set.pasids) == [1, 2, 3]  # T has not resumed: 2 waits
+            await broker.revoke(t_id, "test")
+            await asyncio.sleep(0)  # the deferred free runs after T's destroy
+            await broker.journal.drain()
+            assert list(s.set.pasids) == [1, 3]
+            other, _ = await _opened(broker, "other")
+            assert await broker.alloc(other, 1, 255, 2) == [2, 4]
+        finally:
+            await broker.stop()
+
+    asyncio.run(after())
+
+
+async def _resume_detached(broker: Broker, token: str, held: list[int], epoch: int = 0) -> Session:
+    """A recovered (detached) set's client resumes, stating `held`."""
+    sess, _, resumed, done = broker.open_session(
+        "vm", resume_token=token, held=held, complete_epoch=epoch
+    )
+    assert resumed
+    await done
+    return sess

@@ -61,6 +61,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pasid_broker")
 
+# The free event's reason for what a complete witness freed (docs/durability.md).
+REFREE_REASON = "witness: a free acknowledged to the set's client"
+
 # A release (set destroy) that failed is tried again this often until it lands.
 RELEASE_RETRY_SECONDS = 1.0
 # Revoked sets remembered for a late resume's answer (Sessions._revoked).
@@ -280,7 +283,7 @@ class Sessions:
         sess.reclaimed, sess.conflicts, sess.refreed = [], [], []
         sess.witness_complete = False
         if resumed:
-            self._engine.witness_seen(sess.session_id)
+            self._engine.witness_seen(sess.session_id, resumed=True)
         if resumed and held is not None:
             return sess, token, resumed, self.reconcile(sess, held, complete_epoch)
         if resumed:
@@ -320,9 +323,24 @@ class Sessions:
         e = self._engine
         set_id = sess.session_id
         mine = set(sess.set.pasids)
+        # What another set's complete witness let go of, deferred, that this one claims.
+        e.hand_over_deferred([p for p in held if p not in mine])
         if complete_epoch and complete_epoch == sess.witness_epoch:
             sess.witness_complete = True
             sess.refreed = sorted(mine.difference(held))
+            others = e.unreconciled_besides(set_id)
+            if sess.refreed and others:
+                # After a loss, a PASID this client freed may since have gone to a set
+                # whose alloc of it was lost too, and whose client has not resumed yet:
+                # freed now, it could go to a third set first. The free waits for them.
+                e.defer_refree(set_id, sess.refreed)
+                log.warning(
+                    "witness: PASIDs the set's client no longer holds are freed once the"
+                    " %d other stored sets are reconciled",
+                    others,
+                    extra={"session": set_id, "deferred": sess.refreed[:32]},
+                )
+                sess.refreed = []
         elif complete_epoch:
             log.info(
                 "witness: a complete witness states an old epoch (the set changed where"
@@ -407,7 +425,7 @@ class Sessions:
         set_id = sess.session_id
         ps = sess.refreed
         try:
-            freed = e.free_pasids(sess, ps, "witness: a free acknowledged to the set's client")
+            freed = e.free_pasids(sess, ps, REFREE_REASON)
         except BaseException:
             sess.refreed = []
             raise
