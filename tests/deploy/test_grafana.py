@@ -70,7 +70,7 @@ def test_dashboard_and_rules_use_only_exported_metrics(
         for e in exprs:
             for name in metric_names(e):
                 used.setdefault(name, set()).add(where)
-    assert len(rule_exprs()) == 12
+    assert len(rule_exprs()) == 13
     missing = {n: sorted(w) for n, w in used.items() if n not in exported}
     assert not missing, f"not exported by the broker: {missing}"
     assert "pasid_broker_pasids_in_use" in used and "up" in used

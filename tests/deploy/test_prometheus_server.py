@@ -176,7 +176,7 @@ def test_rules_and_dashboard_queries_evaluate_on_real_data(
         return rules if done else None
 
     rules = wait_until(evaluated, timeout=30, interval=0.2, what="rules to be evaluated")
-    assert len(rules) == len(rule_exprs()) == 12
+    assert len(rules) == len(rule_exprs()) == 13
     for r in rules:
         assert r["health"] == "ok", r
 
