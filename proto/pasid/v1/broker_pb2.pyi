@@ -234,7 +234,10 @@ class SessionOpened(_message.Message):
     def refreed(self) -> _containers.RepeatedCompositeFieldContainer[Global___PasidRange]:
         """A complete witness honoured (OpenSession.witness_complete): the set's PASIDs the
         client no longer holds (a free it was acknowledged, that the store lost), freed now
-        as a free is (backend, devices, quarantine), durably before this answer.
+        as a free is (backend, devices, quarantine), durably before this answer. After a
+        restore or an unclean start, while other stored sets have not resumed, such frees
+        wait (another set's client may hold the PASID) and are not listed here: they land
+        later, and the set's witness epoch then changes.
         """
 
     def __init__(
