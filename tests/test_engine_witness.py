@@ -245,3 +245,33 @@ async def _resume_detached(broker: Broker, token: str, held: list[int], epoch: i
     assert resumed
     await done
     return sess
+
+
+def test_a_refree_the_backend_refuses_leaves_the_set_whole_and_the_open_served(
+    tmp_path: Path,
+) -> None:
+    """The backend's free fails (the simulator's own fault injection): the free undoes
+    itself, the set keeps the PASIDs, the resume is still served (its set is attached),
+    and the next complete witness frees them."""
+
+    async def scenario() -> None:
+        backend = SimulatorBackend(pasid_bits=8)
+        broker = Broker(backend, SqliteStore(tmp_path / "b.db"))
+        await broker.start()
+        try:
+            sess, token = await _opened(broker, "vm", grace=300)
+            assert await broker.alloc(sess, 1, 255, 3) == [1, 2, 3]
+            epoch = sess.tell_witness_epoch()
+            backend.fail_next = 1
+            await _resumed(broker, sess, token, [1, 3], epoch)
+            assert sess.attached and sess.witness_complete and sess.refreed == []
+            assert list(sess.set.pasids) == [1, 2, 3]
+            await _resumed(broker, sess, token, [1, 3], epoch)
+            assert sess.refreed == [2] and list(sess.set.pasids) == [1, 3]
+            other, _ = await _opened(broker, "other")
+            assert await broker.alloc(other, 1, 255) == [2]  # the backend agrees
+            broker.allocator.check()
+        finally:
+            await broker.stop()
+
+    asyncio.run(scenario())

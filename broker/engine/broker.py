@@ -34,6 +34,7 @@ from broker.core import (
     StoreError,
     StoreFailed,
     Unsupported,
+    describe_error,
     runs,
 )
 from broker.core.errors import DetachFailed
@@ -364,10 +365,10 @@ class Broker:
         self.sets.new_witness_epoch(sess)
         try:
             fut = self._refree_now(sess, still)
-        except PasidError as exc:
+        except Exception as exc:
             log.error(
                 "witness: a deferred free failed; the set keeps the PASIDs",
-                extra={"session": set_id, "error": exc.message},
+                extra={"session": set_id, "error": describe_error(exc)},
             )
             return
         fut.add_done_callback(_log_refree_failure)

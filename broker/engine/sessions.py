@@ -419,16 +419,23 @@ class Sessions:
     def _refree(self, sess: Session, before: asyncio.Future[None]) -> asyncio.Future[None]:
         """Free sess.refreed as the client's own free would (Broker.free_pasids: devices
         detached, backend, quarantine, a free event), logged at WARNING; the future
-        resolves once this and `before` are durable. If the free is refused, nothing is
-        freed (the set keeps them, as a partial witness would) and the open fails."""
+        resolves once this and `before` are durable. If the free fails before its commit (a
+        backend error), it undid itself: the set keeps them, as after a partial witness,
+        the open goes on (its set is attached already), and the next complete witness
+        tries again."""
         e = self._engine
         set_id = sess.session_id
         ps = sess.refreed
         try:
             freed = e.free_pasids(sess, ps, REFREE_REASON)
-        except BaseException:
+        except Exception as exc:
             sess.refreed = []
-            raise
+            log.error(
+                "witness: freeing PASIDs the set's client no longer holds failed; the set"
+                " keeps them",
+                extra={"session": set_id, "pasids": ps[:32], "error": describe_error(exc)},
+            )
+            return before
         log.warning(
             "witness: PASIDs the set's client no longer holds freed again (their"
             " acknowledged free was lost by the store)",
