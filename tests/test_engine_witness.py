@@ -15,8 +15,10 @@ import contextlib
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from broker.backends.simulator import SimulatorBackend
-from broker.core import Quarantine
+from broker.core import PasidError, Quarantine
 from broker.engine import Broker, Session
 from broker.engine.lifecycle import SetEvent
 from broker.store import SqliteStore
@@ -271,6 +273,33 @@ def test_a_refree_the_backend_refuses_leaves_the_set_whole_and_the_open_served(
             other, _ = await _opened(broker, "other")
             assert await broker.alloc(other, 1, 255) == [2]  # the backend agrees
             broker.allocator.check()
+        finally:
+            await broker.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_resume_whose_reclaim_fails_leaves_the_set_detached_for_the_next(
+    tmp_path: Path,
+) -> None:
+    """The backend refuses a witness's reclaim: the resume fails, and the set is detached
+    again (not left attached to a stream that never was), so the next resume works."""
+
+    async def scenario() -> None:
+        backend = SimulatorBackend(pasid_bits=8)
+        broker = Broker(backend, SqliteStore(tmp_path / "b.db"))
+        await broker.start()
+        try:
+            sess, token = await _opened(broker, "vm", grace=300)
+            assert await broker.alloc(sess, 1, 255, 2) == [1, 2]
+            broker.end_session(sess, "test: stream broke", SetEvent.STREAM_BROKEN)
+            backend.fail_next = 1
+            with pytest.raises(PasidError):
+                broker.open_session("vm", resume_token=token, held=[1, 2, 3])
+            assert not sess.attached and broker.session_of(sess.session_id) is sess
+            again, _, resumed, done = broker.open_session("vm", resume_token=token, held=[1, 2, 3])
+            await done
+            assert resumed and again is sess and sess.reclaimed == [3]
         finally:
             await broker.stop()
 

@@ -282,15 +282,19 @@ class Sessions:
         sess, token, resumed, _ = out
         sess.reclaimed, sess.conflicts, sess.refreed = [], [], []
         sess.witness_complete = False
-        if resumed:
-            self._engine.witness_seen(sess.session_id, resumed=True)
-        if resumed and held is not None:
-            return sess, token, resumed, self.reconcile(sess, held, complete_epoch)
-        if resumed:
+        if not resumed:
+            return out
+        self._engine.witness_seen(sess.session_id, resumed=True)
+        try:
+            if held is not None:
+                return sess, token, resumed, self.reconcile(sess, held, complete_epoch)
             # Taken back by hand (no witness): what an earlier client of the set knew is
             # no longer the whole set; this one learns it from a listing.
             return sess, token, resumed, self.new_witness_epoch(sess)
-        return out
+        except BaseException:
+            # The set was attached for this open, which no stream will carry now.
+            self.apply(sess, SetEvent.STREAM_BROKEN, "its resume failed")
+            raise
 
     def new_witness_epoch(self, sess: Session) -> asyncio.Future[None]:
         """Something `sess`'s stream client cannot see changes its set (a unary call by
