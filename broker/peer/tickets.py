@@ -14,11 +14,12 @@ import contextlib
 import hashlib
 import os
 import secrets
-import select
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from broker.peer.credentials import pidfd_alive
 
 TICKET_BYTES = 32
 # Each outstanding ticket holds an fd: bound them so a loop of handshakes cannot exhaust
@@ -82,7 +83,10 @@ class PeerIdentity:
         if self._closed:
             return True
         try:
-            return bool(select.select([self.pidfd], [], [], 0)[0])
+            # poll(2), not select(2): a broker with many holders has pidfds past
+            # FD_SETSIZE (1024), which select refuses (ValueError); taking that for an exit
+            # destroyed a live holder's set when its stream broke.
+            return not pidfd_alive(self.pidfd)
         except (OSError, ValueError):
             return True
 

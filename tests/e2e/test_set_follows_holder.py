@@ -380,3 +380,37 @@ def test_a_killed_holder_is_its_exit_not_a_detach(
         ev = event_of(b, "set_reclaimed", ans["session_id"])
         assert ev.reason == f"holder process {p.pid} exited"
     assert_memory_matches_disk(b)
+
+
+FILL_FDS = (
+    "import sys\n"
+    "from pasid_client.handshake import obtain_ticket\n"
+    "tickets = [obtain_ticket(sys.argv[1]) for _ in range(int(sys.argv[2]))]\n"
+    "print('{}', flush=True)\n"
+    "sys.stdin.read()\n"
+)
+
+
+def test_a_live_holder_is_told_from_a_dead_one_past_1024_fds(
+    b: BrokerProcess, procs: list[subprocess.Popen[str]]
+) -> None:
+    """A busy broker holds a pidfd per holder and per ticket, so new ones are numbered
+    past FD_SETSIZE (1024), where select(2) fails: that failure was taken for the
+    holder's exit, and a live VMM's set was destroyed when its sidecar was killed."""
+    # A live process holding 1000 unused tickets (under the uid's 1024): each keeps a
+    # pidfd open in the broker, so the sidecar's handshake gets a pidfd past 1024.
+    read(start(procs, [sys.executable, "-c", FILL_FDS, peer_sock(b), "1000"]))
+    assert b.proc is not None
+    assert max(int(fd) for fd in os.listdir(f"/proc/{b.proc.pid}/fd")) >= 1024
+    vmm = start(procs, ["sleep", "120"])
+    ans, sidecar = holder(procs, b.address, "--delegate-pid", str(vmm.pid))
+    set_id = ans["session_id"]
+    sidecar.kill()
+    sidecar.wait()
+    wait_until(lambda: set_id not in sets(b) or sets(b)[set_id].state == "detached")
+    view = sets(b).get(set_id)
+    assert view is not None and view.state == "detached", "a live VMM's set was destroyed"
+    assert db_holdings(b.db)[set_id] == ans["pasids"]
+    vmm.kill()
+    wait_until(lambda: set_id not in sets(b), 5, 0.01, "the set gone with the VMM")
+    assert event_of(b, "set_reclaimed", set_id).reason == f"holder process {vmm.pid} exited"
