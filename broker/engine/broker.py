@@ -59,6 +59,7 @@ from broker.store import (
     SaveSetQuota,
     Snapshot,
     SqliteStore,
+    Withhold,
 )
 
 log = logging.getLogger("pasid_broker")
@@ -832,6 +833,11 @@ class Broker:
     def sessions(self) -> list[Session]:
         self.require_ready()
         return self.sets.all()
+
+    def withheld(self) -> list[Withhold]:
+        """The withheld PASIDs and what keeps each (stuck.py), as their store rows."""
+        self.require_ready()
+        return self.stuck.rows()
 
     def info(self) -> Info:
         self.require_ready()

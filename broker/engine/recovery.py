@@ -35,7 +35,7 @@ class Recovered:
     # Withheld PASIDs taken up again (stuck.Withheld.restore): "detach" ones by gone set
     # (its holder and devices: see stuck.py), "free" ones (their free is retried).
     withheld_detach: dict[int, DetachWait] = field(default_factory=dict)
-    withheld_unfreed: list[int] = field(default_factory=list)
+    withheld_unfreed: dict[int, int | None] = field(default_factory=dict)  # -> gone set
     # Stored withheld rows that no longer mean anything (a set holds the PASID): deleted.
     stale_withheld: list[int] = field(default_factory=list)
     # Contested PASID -> the witness's set that claims it.
@@ -48,7 +48,7 @@ class _Restored:
 
     in_backend: list[int] = field(default_factory=list)  # to replay
     detach: dict[int, DetachWait] = field(default_factory=dict)
-    unfreed: list[int] = field(default_factory=list)
+    unfreed: dict[int, int | None] = field(default_factory=dict)
     stale: list[int] = field(default_factory=list)
     claimed_by: dict[int, int] = field(default_factory=dict)
     withheld: int = 0
@@ -86,7 +86,7 @@ def _restore_withheld(allocator: Allocator, snap: Snapshot) -> _Restored:
             devices = tuple(filter(None, (row.devices or "").split(",")))
             out.detach.setdefault(row.set_id or 0, DetachWait(holder, [], devices)).pasids.append(p)
         elif row.kind == "free":
-            out.unfreed.append(p)
+            out.unfreed[p] = row.set_id
     return out
 
 

@@ -47,7 +47,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 from broker.backends.base import Devices
@@ -115,6 +115,7 @@ class Withheld:
         # Gone set -> when its devices may be looked for again, and what was last said.
         self._rescan: dict[int, tuple[float, str]] = {}
         self._unfreed: set[int] = set()  # the backend's free failed
+        self._freed_by: dict[int, int] = {}  # an unfreed PASID -> its gone set (its row)
         # Contested PASIDs -> the witness's set that claims them (Sessions.reconcile).
         self._claimed_by: dict[int, int] = {}
         self._timer: asyncio.TimerHandle | None = None
@@ -122,7 +123,7 @@ class Withheld:
     def restore(
         self,
         detach: dict[int, DetachWait],
-        unfreed: Sequence[int],
+        unfreed: Mapping[int, int | None],
         claimed_by: dict[int, int] | None = None,
     ) -> None:
         """After recovery withheld the stored PASIDs again: wait for each "detach" set's
@@ -130,6 +131,7 @@ class Withheld:
         replayed), and know again which witness's set claims each contested one."""
         self._restored.update(detach)
         self._unfreed.update(unfreed)
+        self._freed_by.update((p, s) for p, s in unfreed.items() if s is not None)
         self._claimed_by.update(claimed_by or {})
         if detach or unfreed:
             self._schedule()
@@ -208,7 +210,8 @@ class Withheld:
         # too, and its row keeps its claimant.
         kept = [p for p in sorted(pasids) if a.is_withheld(p)]
         self._unfreed.update(kept)
-        self._persist_rows(kept, set_id)
+        self._freed_by.update((p, set_id) for p in kept)
+        self._persist_rows(kept)
         log.error(
             "set %d: the backend's free failed for %d PASIDs; withheld from the pool until"
             " a retried free succeeds",
@@ -264,6 +267,8 @@ class Withheld:
                 p for p in range(lo, hi + 1) if p not in self._claimed_by
             )
             done.extend(range(lo, hi + 1))
+        for p in [p for p in self._freed_by if p not in self._unfreed]:
+            del self._freed_by[p]
         if done:
             self._store(done)
             log.info("withheld PASIDs released", extra={"pasids": sorted(done)[:32]})
@@ -323,6 +328,10 @@ class Withheld:
             )
         return False
 
+    def rows(self) -> list[Withhold]:
+        """Every withheld PASID's row as the store has it now (PasidAdmin.ListWithheld)."""
+        return self._rows(self._allocator().withheld)
+
     def _store(self, touched: Sequence[int]) -> None:
         """What retry() changed, for the store: those no longer withheld lose their rows
         (or become quarantine rows); the others' rows say what keeps them now."""
@@ -332,17 +341,18 @@ class Withheld:
             self._persist(ReleaseWithheld(gone, self._quarantine_until()))
         self._persist_rows(still)
 
-    def _persist_rows(self, pasids: Iterable[int], gone_set: int | None = None) -> None:
-        for rec in self._rows(pasids, gone_set):
+    def _persist_rows(self, pasids: Iterable[int]) -> None:
+        for rec in self._rows(pasids):
             self._persist(rec)
 
-    def _rows(self, pasids: Iterable[int], gone_set: int | None = None) -> list[Withhold]:
+    def _rows(self, pasids: Iterable[int]) -> list[Withhold]:
         """THE place a withheld or contested PASID's stored row is made, from what keeps
-        it now: the kind is what the broker waits for ("detach": a gone set's DETACH or
-        its holder's exit, with that set and holder; "free": the backend's free, of
-        `gone_set` if known; "contested": only a witness's claim), and `claimant` is the
-        witness's set that claims it, whatever the kind. A restart reads both back
-        (recovery._restore_withheld). PASIDs that nothing keeps get no row."""
+        it now: the kind is what the broker waits for ("detach": a gone set's DETACH, or
+        its devices open nowhere, with that set, its holder and devices; "free": the
+        backend's free, with the gone set; "contested": only a witness's claim), and
+        `claimant` is the witness's set that claims it, whatever the kind. A restart
+        reads both back (recovery._restore_withheld). PASIDs that nothing keeps get no
+        row."""
         # pasid -> its gone set, that set's holder and devices
         waits: dict[int, tuple[int, Holder | None, str | None]] = {}
         if self._devices is not None:
@@ -368,7 +378,7 @@ class Withheld:
                     devices,
                 )
             elif p in self._unfreed:
-                key = ("free", gone_set, None, None, claimant, None)
+                key = ("free", self._freed_by.get(p), None, None, claimant, None)
             elif claimant is not None:
                 key = ("contested", claimant, None, None, claimant, None)
             else:

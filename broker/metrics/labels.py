@@ -59,6 +59,7 @@ UNARY_RPCS = (
     "ListSets",
     "RevokeSet",
     "SetQuotas",
+    "ListWithheld",
 )
 
 

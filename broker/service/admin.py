@@ -1,4 +1,5 @@
-"""PasidAdmin: the operators' calls (list every set, revoke one, set quotas, backup).
+"""PasidAdmin: the operators' calls (list every set, revoke one, set quotas, backup, list
+the withheld PASIDs).
 
 Registered only on the admin socket (and over TCP for admin certificates); its errors
 go through the same boundary as PasidBroker's.
@@ -81,6 +82,23 @@ class PasidAdminServicer(pb_grpc.PasidAdminServicer):
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(copy)
+
+    @boundary
+    async def ListWithheld(
+        self, request: pb.ListWithheldRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListWithheldResponse:
+        out = pb.ListWithheldResponse()
+        for row in self.broker.withheld():
+            for p in row.pasids:
+                out.pasids.add(
+                    pasid=p,
+                    kind=row.kind,
+                    set_id=row.set_id or 0,
+                    holder_pid=row.holder_pid or 0,
+                    claimant=row.claimant or 0,
+                    devices=[d for d in (row.devices or "").split(",") if d],
+                )
+        return out
 
 
 # A chunk of a Backup stream: well under grpc's default 4 MiB message limit.

@@ -28,7 +28,7 @@ from pasid_client.errors import (
 from pasid_client.handshake import Ticket, obtain_ticket
 from pasid_client.reconnect import SessionState, StateChange
 from pasid_client.sync import Client, Session
-from pasid_client.types import ALL, Event, Info, Quotas, SetView
+from pasid_client.types import ALL, Event, Info, Quotas, SetView, WithheldView
 
 __all__ = [
     "ALL",
@@ -59,5 +59,6 @@ __all__ = [
     "Tls",
     "Unauthenticated",
     "Unavailable",
+    "WithheldView",
     "obtain_ticket",
 ]

@@ -68,7 +68,15 @@ from pasid_client.reconnect import (
     ranges_of,
     stream_end_resumable,
 )
-from pasid_client.types import ALL, LIST_PAGE_SIZE, Event, Info, SetView, join_pages
+from pasid_client.types import (
+    ALL,
+    LIST_PAGE_SIZE,
+    Event,
+    Info,
+    SetView,
+    WithheldView,
+    join_pages,
+)
 
 # VFIO_IOMMU_FLAG_ALLOC_PASID / _FREE_PASID: how a pasid_request's reply changes the set.
 _FLAG_ALLOC, _FLAG_FREE = 1 << 0, 1 << 1
@@ -957,6 +965,12 @@ class AsyncClient:
             return await self._admin_unary(self._admin.ListSets, req)  # type: ignore[no-any-return]
 
         return join_pages(await _pages(page))
+
+    async def list_withheld(self) -> list[WithheldView]:
+        """The PASIDs the broker withholds (a failed kernel call at a set's end, a
+        witness's claim) and what keeps each. Admin socket; else PermissionDenied."""
+        resp = await self._admin_unary(self._admin.ListWithheld, pb.ListWithheldRequest())
+        return [WithheldView.from_pb(m) for m in resp.pasids]
 
     async def revoke(self, set_id: int, reason: str = "") -> int:
         """Destroy a set now; returns how many PASIDs it held. Raises NotFound,

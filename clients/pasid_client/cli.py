@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ from pasid_client import address, bench, top
 from pasid_client.errors import FailedPrecondition, PasidClientError, Unavailable
 from pasid_client.reconnect import Backoff, SessionState, StateChange
 from pasid_client.sync import Client
-from pasid_client.types import ALL, Event, SetView
+from pasid_client.types import ALL, Event, SetView, WithheldView
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -228,6 +229,28 @@ def cmd_sets(c: Client, args: argparse.Namespace) -> int:
     with _admin(args) as a:
         sets = sorted(a.list_sets(), key=lambda v: -v.count)
     _emit(args, {"sets": [_set_dict(s) for s in sets]}, lambda: _sets_table(sets))
+    return 0
+
+
+def _withheld_line(w: WithheldView) -> str:
+    why = {
+        "detach": f"DETACH failed at set {w.set_id}'s end; holder pid {w.holder_pid or '-'},"
+        f" devices {','.join(w.devices) or 'not recorded'}",
+        "free": f"the backend's free failed (set {w.set_id})",
+        "contested": "claimed by a witness",
+    }.get(w.kind, w.kind)
+    claim = f"; claimed by set {w.claimant}" if w.claimant else ""
+    return f"{w.pasid:>8} {w.kind:<9} {why}{claim}"
+
+
+def cmd_withheld(c: Client, args: argparse.Namespace) -> int:
+    with _admin(args) as a:
+        rows = a.list_withheld()
+    _emit(
+        args,
+        {"withheld": [dataclasses.asdict(w) for w in rows]},
+        lambda: "\n".join([f"{len(rows)} withheld", *map(_withheld_line, rows)]),
+    )
     return 0
 
 
@@ -653,6 +676,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "sets", parents=[common], help="every set with owner, pid, peer and counts (admin socket)"
     )
+    sub.add_parser(
+        "withheld",
+        parents=[common],
+        help="the PASIDs a failed kernel call or a witness's claim keeps from the pool, and"
+        " what each waits for (admin socket; docs/runbook.md)",
+    )
     r = sub.add_parser(
         "revoke",
         parents=[common],
@@ -791,6 +820,7 @@ COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "watch": cmd_watch,
     "sets": cmd_sets,
     "revoke": cmd_revoke,
+    "withheld": cmd_withheld,
     "quota": cmd_quota,
     "request": cmd_request,
     "top": cmd_top,

@@ -31,7 +31,15 @@ from pasid_client.errors import (
 )
 from pasid_client.handshake import holder_ticket, identity_metadata
 from pasid_client.reconnect import RECONNECT_DEADLINE_SECONDS, SessionState, StateCallback
-from pasid_client.types import ALL, LIST_PAGE_SIZE, Event, Info, SetView, join_pages
+from pasid_client.types import (
+    ALL,
+    LIST_PAGE_SIZE,
+    Event,
+    Info,
+    SetView,
+    WithheldView,
+    join_pages,
+)
 
 T = TypeVar("T")
 
@@ -460,6 +468,13 @@ class Client:
             return self._admin_unary(self._admin.ListSets, req)  # type: ignore[no-any-return]
 
         return join_pages(_pages(page))
+
+    def list_withheld(self) -> list[WithheldView]:
+        """The PASIDs the broker withholds (a failed kernel call at a set's end, a
+        witness's claim) and what keeps each (admin socket). Raises PermissionDenied
+        elsewhere."""
+        resp = self._admin_unary(self._admin.ListWithheld, pb.ListWithheldRequest())
+        return [WithheldView.from_pb(m) for m in resp.pasids]
 
     def revoke(self, set_id: int, reason: str = "") -> int:
         """Destroy a set now (admin socket); returns how many PASIDs it held. Raises

@@ -71,6 +71,26 @@ class Info:
 
 
 @dataclass(frozen=True)
+class WithheldView:
+    """A PASID in no set that the broker keeps from the pool (PasidAdmin.ListWithheld):
+    `kind` "detach" (its DETACH failed), "free" (the backend's free failed) or
+    "contested" (only a witness's claim keeps it); `set_id` the gone set (the claimant
+    for "contested"); `holder_pid`, `devices` what a "detach" one waits for; `claimant`
+    the witness's set that claims it. Zeros: none."""
+
+    pasid: int
+    kind: str
+    set_id: int = 0
+    holder_pid: int = 0
+    claimant: int = 0
+    devices: tuple[str, ...] = ()
+
+    @classmethod
+    def from_pb(cls, m: pb.WithheldPasid) -> WithheldView:
+        return cls(m.pasid, m.kind, m.set_id, m.holder_pid, m.claimant, tuple(m.devices))
+
+
+@dataclass(frozen=True)
 class SetView:
     set_id: int
     session_id: int

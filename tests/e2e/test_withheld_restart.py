@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from pasid_client import Client, ResourceExhausted
+from pasid_client import Client, ResourceExhausted, WithheldView
 
 from broker.store import SqliteStore, Withhold
 from tests.e2e.test_witness import _pasids, _restored, witnessed_resume
@@ -44,6 +45,9 @@ def test_a_contested_pasid_whose_free_fails_stays_claimed(
             fail.write_text("")  # every backend free fails from now on
             assert admin.revoke(other_id, "test") == 2  # 5, 6: contested, free failed
             assert c.info().quarantined == 2
+            assert admin.list_withheld() == [
+                WithheldView(p, "free", other_id, claimant=set_a) for p in (5, 6)
+            ]
         if restart is not None:
             b.kill(restart)
             with open_db(b.db) as con:
@@ -68,6 +72,13 @@ def test_a_contested_pasid_whose_free_fails_stays_claimed(
     finally:
         holder.close()
         b.cleanup()
+
+
+def _pasidctl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pasid_client.cli", *args],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )  # fmt: skip
 
 
 def _withheld_cli(b: BrokerProcess, *args: str) -> subprocess.CompletedProcess[str]:
@@ -99,6 +110,15 @@ def test_a_detach_without_proof_stays_withheld_until_the_operator_releases_it(
             with pytest.raises(ResourceExhausted):
                 s.alloc(7, 7)
         assert "PASIDs stay withheld" in b.read_log()
+        # While it runs, the operator sees it and why (PasidAdmin.ListWithheld).
+        ctl = _pasidctl("withheld", "--socket", b.socket, "--json")
+        assert ctl.returncode == 0, ctl.stderr
+        assert json.loads(ctl.stdout)["withheld"] == [
+            {"pasid": 7, "kind": "detach", "set_id": 9, "holder_pid": 0, "claimant": 0,
+             "devices": []}
+        ]  # fmt: skip
+        ctl = _pasidctl("withheld", "--socket", b.socket)
+        assert "devices not recorded" in ctl.stdout, ctl
         running = _withheld_cli(b)
         assert running.returncode == 1 and "stop the broker first" in running.stderr, running
         assert b.stop() == 0

@@ -47,6 +47,7 @@ METHODS: tuple[tuple[str, str, type, str], ...] = (
     ("PasidAdmin", "ListSets", pb.ListSetsRequest, "unary_unary"),
     ("PasidAdmin", "RevokeSet", pb.RevokeSetRequest, "unary_unary"),
     ("PasidAdmin", "SetQuotas", pb.SetQuotasRequest, "unary_unary"),
+    ("PasidAdmin", "ListWithheld", pb.ListWithheldRequest, "unary_unary"),
 )
 
 

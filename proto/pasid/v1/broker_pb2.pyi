@@ -24,6 +24,86 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class ListWithheldRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWithheldRequest: _TypeAlias = ListWithheldRequest  # noqa: Y015
+
+@_typing.final
+class WithheldPasid(_message.Message):
+    """WithheldPasid: one withheld PASID, as its store row says (broker/store/schema.py)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PASID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    SET_ID_FIELD_NUMBER: _builtins.int
+    HOLDER_PID_FIELD_NUMBER: _builtins.int
+    CLAIMANT_FIELD_NUMBER: _builtins.int
+    DEVICES_FIELD_NUMBER: _builtins.int
+    pasid: _builtins.int
+    kind: _builtins.str
+    """"detach" (its DETACH failed), "free" (the backend's free failed), "contested" (only
+    a witness's claim keeps it).
+    """
+    set_id: _builtins.int
+    """detach, free: the gone set; contested: the claimant. 0: none."""
+    holder_pid: _builtins.int
+    """detach: the gone set's verified holder (0: none), whose exit the broker waits for."""
+    claimant: _builtins.int
+    """The witness's set that claims it, whatever the kind (0: none)."""
+    @_builtins.property
+    def devices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """detach: its devices ("c:MAJOR:MINOR"), which no process may have open any more."""
+
+    def __init__(
+        self,
+        *,
+        pasid: _builtins.int = ...,
+        kind: _builtins.str = ...,
+        set_id: _builtins.int = ...,
+        holder_pid: _builtins.int = ...,
+        claimant: _builtins.int = ...,
+        devices: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["claimant", b"claimant", "devices", b"devices", "holder_pid", b"holder_pid", "kind", b"kind", "pasid", b"pasid", "set_id", b"set_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WithheldPasid: _TypeAlias = WithheldPasid  # noqa: Y015
+
+@_typing.final
+class ListWithheldResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PASIDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def pasids(self) -> _containers.RepeatedCompositeFieldContainer[Global___WithheldPasid]: ...
+    def __init__(
+        self,
+        *,
+        pasids: _abc.Iterable[Global___WithheldPasid] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pasids", b"pasids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWithheldResponse: _TypeAlias = ListWithheldResponse  # noqa: Y015
+
+@_typing.final
 class BackupRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -422,6 +422,11 @@ class PasidAdminStub:
                 request_serializer=pasid_dot_v1_dot_broker__pb2.BackupRequest.SerializeToString,
                 response_deserializer=pasid_dot_v1_dot_broker__pb2.BackupChunk.FromString,
                 _registered_method=True)
+        self.ListWithheld = channel.unary_unary(
+                '/pasid.v1.PasidAdmin/ListWithheld',
+                request_serializer=pasid_dot_v1_dot_broker__pb2.ListWithheldRequest.SerializeToString,
+                response_deserializer=pasid_dot_v1_dot_broker__pb2.ListWithheldResponse.FromString,
+                _registered_method=True)
 
 
 class PasidAdminServicer:
@@ -466,6 +471,16 @@ class PasidAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListWithheld(self, request, context):
+        """ListWithheld lists the PASIDs in no set that the broker keeps from the pool whatever
+        the clock (a failed DETACH or backend free at a set's end, a witness's claim), with
+        what each waits for (docs/quarantine.md). `pasid-broker withheld --release` releases
+        one by hand, with the broker stopped (docs/runbook.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PasidAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -488,6 +503,11 @@ def add_PasidAdminServicer_to_server(servicer, server):
                     servicer.Backup,
                     request_deserializer=pasid_dot_v1_dot_broker__pb2.BackupRequest.FromString,
                     response_serializer=pasid_dot_v1_dot_broker__pb2.BackupChunk.SerializeToString,
+            ),
+            'ListWithheld': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWithheld,
+                    request_deserializer=pasid_dot_v1_dot_broker__pb2.ListWithheldRequest.FromString,
+                    response_serializer=pasid_dot_v1_dot_broker__pb2.ListWithheldResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -603,6 +623,33 @@ class PasidAdmin:
             '/pasid.v1.PasidAdmin/Backup',
             pasid_dot_v1_dot_broker__pb2.BackupRequest.SerializeToString,
             pasid_dot_v1_dot_broker__pb2.BackupChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWithheld(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pasid.v1.PasidAdmin/ListWithheld',
+            pasid_dot_v1_dot_broker__pb2.ListWithheldRequest.SerializeToString,
+            pasid_dot_v1_dot_broker__pb2.ListWithheldResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -238,6 +238,12 @@ class PasidAdminStub:
     (no shared-memory WAL index to fault on a full disk), so no other process can read
     it while it runs. `pasid-broker backup DEST` calls it (docs/install.md).
     """
+    ListWithheld: _grpc.UnaryUnaryMultiCallable[_broker_pb2.ListWithheldRequest, _broker_pb2.ListWithheldResponse]
+    """ListWithheld lists the PASIDs in no set that the broker keeps from the pool whatever
+    the clock (a failed DETACH or backend free at a set's end, a witness's claim), with
+    what each waits for (docs/quarantine.md). `pasid-broker withheld --release` releases
+    one by hand, with the broker stopped (docs/runbook.md).
+    """
 
 @_typing.type_check_only
 class PasidAdminAsyncStub(PasidAdminStub):
@@ -265,6 +271,12 @@ class PasidAdminAsyncStub(PasidAdminStub):
     SQLite's backup API on its own connection: the broker holds the file exclusively
     (no shared-memory WAL index to fault on a full disk), so no other process can read
     it while it runs. `pasid-broker backup DEST` calls it (docs/install.md).
+    """
+    ListWithheld: _aio.UnaryUnaryMultiCallable[_broker_pb2.ListWithheldRequest, _broker_pb2.ListWithheldResponse]  # type: ignore[assignment]
+    """ListWithheld lists the PASIDs in no set that the broker keeps from the pool whatever
+    the clock (a failed DETACH or backend free at a set's end, a witness's claim), with
+    what each waits for (docs/quarantine.md). `pasid-broker withheld --release` releases
+    one by hand, with the broker stopped (docs/runbook.md).
     """
 
 class PasidAdminServicer(metaclass=_abc_1.ABCMeta):
@@ -314,6 +326,18 @@ class PasidAdminServicer(metaclass=_abc_1.ABCMeta):
         SQLite's backup API on its own connection: the broker holds the file exclusively
         (no shared-memory WAL index to fault on a full disk), so no other process can read
         it while it runs. `pasid-broker backup DEST` calls it (docs/install.md).
+        """
+
+    @_abc_1.abstractmethod
+    def ListWithheld(
+        self,
+        request: _broker_pb2.ListWithheldRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.ListWithheldResponse, _abc.Awaitable[_broker_pb2.ListWithheldResponse]]:
+        """ListWithheld lists the PASIDs in no set that the broker keeps from the pool whatever
+        the clock (a failed DETACH or backend free at a set's end, a witness's claim), with
+        what each waits for (docs/quarantine.md). `pasid-broker withheld --release` releases
+        one by hand, with the broker stopped (docs/runbook.md).
         """
 
 def add_PasidAdminServicer_to_server(servicer: PasidAdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
