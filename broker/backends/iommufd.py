@@ -470,13 +470,16 @@ class IommufdBackend:
         attached, for the store: what a restarted broker looks for (still_open)."""
         return sorted({h.key for h in self._stuck.get(set_id, []) if h.key and h.attached})
 
-    @staticmethod
-    def still_open(keys: Sequence[str]) -> str | None:
-        """None if no other process has any of these devices open: then no binding of
-        them is left, and nothing is attached through one (iommufd_checks.open_elsewhere);
-        else why not. No keys: nothing to look for, no proof."""
+    def still_open(self, keys: Sequence[str]) -> str | None:
+        """None if no other process has any of these devices open, nor a live set of
+        ours (its fd may be the same bound file): then no binding of them is left, and
+        nothing is attached through one (iommufd_checks.open_elsewhere); else why not.
+        No keys: nothing to look for, no proof."""
         if not keys:
             return "no device was recorded for them"
+        live = sorted({h.set_id for h in self.devices() if h.key in keys})
+        if live:
+            return f"device delegated to set {', '.join(map(str, live))}"
         return open_elsewhere(keys)
 
     def detach_on(self, key: str, pasids: Sequence[int]) -> bool:

@@ -931,3 +931,42 @@ def test_the_look_for_a_device_counts_an_unreadable_process_as_holding_it(
     (proc / "13" / "fd").write_text("")  # listdir fails: its fds cannot be read
     why = open_elsewhere([key], str(proc))
     assert why is not None and why.startswith("cannot read the fds of pid 13 ("), why
+
+
+def test_a_device_a_live_set_delegated_is_no_proof_either(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The DETACH keeps failing and the gone set's holder exits, but another (live) set
+    has the same device delegated: the broker's own fd of it may be the same bound file,
+    so the PASID stays withheld until that set lets go of the device too."""
+    monkeypatch.setattr(stuck, "RESCAN_SECONDS", 0.3)
+
+    async def main(holder: subprocess.Popen[bytes]) -> None:
+        dev = tmp_path / "vfio0"
+        dev.write_bytes(b"")
+        kernel = RefusingKernel()
+        be = make_backend(tmp_path, kernel)
+        book = TicketBook(30)
+        broker = Broker(be, SqliteStore(tmp_path / "b.db"), devices=be, tickets=book)
+        await broker.start()
+        try:
+            ident = identity_of(holder.pid)
+            a = await opened(broker, "vm-a", ticket=book.issue(ident), peer="unix:")
+            delegate(be, kernel, a, path=str(dev))
+            b = await opened(broker, "vm-b")
+            delegate(be, kernel, b, path=str(dev))
+            assert await broker.alloc(a, 1, 100, 1, "dev") == [1]
+            kernel.refuse = {1}
+            assert await broker.revoke(a.session_id, "test") == 1
+            holder.kill()
+            holder.wait()
+            await asyncio.sleep(stuck.RETRY_SECONDS * 2.5)
+            assert broker.info().quarantined == 1  # set b has the device
+            await broker.revoke(b.session_id, "test")
+            await settle(lambda: broker.info().quarantined == 0, 10)
+            assert broker.info().quarantined == 0
+        finally:
+            await broker.stop()
+
+    with live_holder() as holder:
+        asyncio.run(main(holder))
