@@ -130,10 +130,11 @@ def open_elsewhere(keys: Iterable[str], proc: str = "/proc") -> str | None:
     attached through it any more. Open somewhere (a VMM, a child that inherited its fd,
     one it was passed to, or a new user of the device), it may be. Reads /proc: the
     processes of this pid namespace, whose fds this process may read; one it may not
-    read counts as holding it. An fd in flight (SCM_RIGHTS not yet received) is not seen."""
+    read counts as holding it. An fd in flight (SCM_RIGHTS not yet received) is not seen.
+    Stops at the first process found with it: the look runs on the event loop (about 6
+    us per fd on the test VM), and only a look that finds nothing must read them all."""
     want = set(keys)
     me = str(os.getpid())
-    holding: list[str] = []
     unreadable: list[str] = []
     for pid in os.listdir(proc):
         if not pid.isdigit() or pid == me:
@@ -151,10 +152,7 @@ def open_elsewhere(keys: Iterable[str], proc: str = "/proc") -> str | None:
             except OSError:
                 continue  # closed meanwhile, or not a file to stat (an anon inode's fd)
             if _key(st) in want:
-                holding.append(pid)
-                break
-    if holding:
-        return f"device open in pid {', '.join(sorted(holding, key=int)[:8])}"
+                return f"device open in pid {pid}"
     if unreadable:
         pids = ", ".join(sorted(unreadable, key=int)[:8])
         return f"cannot read the fds of pid {pids} (another user's: needs CAP_SYS_PTRACE)"

@@ -85,7 +85,8 @@ def delegate(
 ) -> int:
     """What adopt_device() leaves behind once the kernel has checked the device; returns
     the device fd (the iommufd is -1, which no close touches). The device is a stand-in
-    file (`path`, else a new one, unlinked at once) whose key (device_key) no other
+    file (`path`, else a new one, unlinked at once: for a broker in this process only,
+    as its inode may be reused once the fd closes) whose key (device_key) no other
     process has open unless a test opens `path` in one."""
     if path:
         fd = os.open(path, os.O_RDONLY)
@@ -538,12 +539,25 @@ def _withheld_across_a_restart(
 ) -> None:
     db = tmp_path / "b.db"
     (tmp_path / "k1").mkdir()
+    # The stand-in device outlives the first broker: an unlinked one's inode could be
+    # reused by another file meanwhile, which the look for its key would then find.
+    dev = tmp_path / "vfio0"
+    dev.write_bytes(b"")
     code = (
         "import sys; from tests.backends.test_iommufd_engine import _withhold_then_stop;"
-        " _withhold_then_stop(*sys.argv[1:3], int(sys.argv[3]), sys.argv[4])"
+        " _withhold_then_stop(*sys.argv[1:3], int(sys.argv[3]), *sys.argv[4:6])"
     )
     child = subprocess.run(
-        [sys.executable, "-c", code, str(db), str(tmp_path / "k1"), str(holder.pid), how],
+        [
+            sys.executable,
+            "-c",
+            code,
+            str(db),
+            str(tmp_path / "k1"),
+            str(holder.pid),
+            how,
+            str(dev),
+        ],
         cwd=Path(__file__).resolve().parents[2],
         capture_output=True,
         text=True,
