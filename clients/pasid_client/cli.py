@@ -25,9 +25,9 @@ import grpc
 
 from pasid_client import address, bench, top
 from pasid_client.errors import FailedPrecondition, PasidClientError, Unavailable
-from pasid_client.reconnect import Backoff, SessionState, StateChange
+from pasid_client.reconnect import SessionState, StateChange, when_ready
 from pasid_client.sync import Client
-from pasid_client.types import ALL, Event, SetView, WithheldView
+from pasid_client.types import ALL, Event, Info, SetView, WithheldView
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -308,11 +308,14 @@ def cmd_watch(c: Client, args: argparse.Namespace) -> int:
 
 
 def _watch(c: Client, args: argparse.Namespace, sid: int, token: str) -> int:
-    """Print events; when the broker goes away, Watch again from the revision after the
-    last one printed (no gap, no duplicate), within --reconnect-deadline."""
+    """Print events. First wait (within --reconnect-deadline) for a broker that is not
+    there yet, starting or recovering, as hold's open does; when the broker goes away,
+    Watch again from the revision after the last one printed (no gap, no duplicate),
+    within the same bound."""
     n = 0
-    after = args.from_revision - 1 if args.from_revision else c.info().revision
     try:
+        now = _when_ready(c, args, "watch")
+        after = args.from_revision - 1 if args.from_revision else now.revision
         while True:
             try:
                 for ev in c.watch(after + 1, session_id=sid, token=token):
@@ -324,27 +327,30 @@ def _watch(c: Client, args: argparse.Namespace, sid: int, token: str) -> int:
                 raise Unavailable(grpc.StatusCode.UNAVAILABLE, "watch ended")
             except Unavailable as exc:
                 _say(f"watch: broker went away ({exc.message}); reconnecting")
-                _wait_for_broker(c, args.reconnect_deadline, exc)
+                when_ready(c.info, args.reconnect_deadline)
                 _say(f"watch: reconnected; following from revision {after + 1}")
     except KeyboardInterrupt:
         pass
     return 0
 
 
-def _wait_for_broker(c: Client, deadline_seconds: float, why: PasidClientError) -> None:
-    """Back off until the broker answers GetInfo; raises `why` after the deadline."""
-    deadline = time.monotonic() + deadline_seconds
-    backoff = Backoff()
-    while True:
-        try:
-            c.info()
-            return
-        except Unavailable as exc:
-            why = exc
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise why
-        time.sleep(min(backoff.next(), left))
+def _when_ready(c: Client, args: argparse.Namespace, command: str) -> Info:
+    """The broker's GetInfo, waiting (when_ready, within --reconnect-deadline) for a
+    broker that is not there yet, starting or recovering: one line on stderr as the wait
+    starts, one as it ends. A refusal (SOCKET_ACCESS) fails at once."""
+    waited: list[PasidClientError] = []
+
+    def waiting(exc: PasidClientError) -> None:
+        waited.append(exc)
+        _say(
+            f"{command}: waiting for the broker ({exc.message}),"
+            f" up to {args.reconnect_deadline:g} s"
+        )
+
+    info = when_ready(c.info, args.reconnect_deadline, waiting=waiting)
+    if waited:
+        _say(f"{command}: the broker answers")
+    return info
 
 
 def _print_event(args: argparse.Namespace, ev: Event) -> None:
@@ -582,8 +588,9 @@ def _common_options(suppress: bool) -> _Parser:
         type=float,
         default=d(60.0),
         metavar="SECONDS",
-        help="how long hold, watch and top reconnect after the broker went away, and hold"
-        " waits for a broker that is starting (default 60; 0: never)",
+        help="how long hold, watch and top (--once too) wait for a broker that is not there"
+        " yet, starting or recovering, and reconnect after it went away (default 60; 0:"
+        " never); a socket that refuses this user fails at once",
     )
     return common
 
@@ -663,7 +670,8 @@ def build_parser() -> argparse.ArgumentParser:
         "watch",
         parents=[common, sess],
         help="follow the event log (alloc, free, sets created and destroyed): a session's "
-        "own set, or every set on the admin socket (the default without a session)",
+        "own set, or every set on the admin socket (the default without a session); waits "
+        "for a broker that is starting and follows on through its restart",
     )
     w.add_argument(
         "--from",

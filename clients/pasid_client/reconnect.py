@@ -13,8 +13,10 @@ from __future__ import annotations
 import enum
 import logging
 import random
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 from pasid.v1 import broker_pb2 as pb
@@ -29,6 +31,8 @@ from pasid_client.errors import (
 )
 
 log = logging.getLogger("pasid_client")
+
+T = TypeVar("T")
 
 # The default bound on reconnecting (and on an open waiting for a starting broker): a
 # broker restart with 1 M PASIDs serves within 2 s; 60 s also covers a slow service
@@ -141,6 +145,38 @@ def open_retryable(err: PasidClientError, *, resuming: bool, own_ticket: bool) -
     if isinstance(err, Unauthenticated) and err.reason == "TICKET":
         return own_ticket
     return resuming and isinstance(err, FailedPrecondition) and err.reason == "CONFLICT"
+
+
+def when_ready(
+    call: Callable[[], T],
+    deadline_seconds: float,
+    *,
+    waiting: Callable[[PasidClientError], object] | None = None,
+    sleep: Callable[[float], object] = time.sleep,
+) -> T:
+    """`call()`, tried again with backoff while it fails as a first open may be retried
+    (open_retryable: no socket yet, a broker starting or recovering, a restart under it),
+    within `deadline_seconds` (0: one try). The wait a session's open does (gRPC
+    wait-for-ready), for what starts with a unary call instead: pasidctl's watch and top,
+    and their waits for a restarted broker. `waiting` hears the first failure waited out
+    (said once). Raises the last error at the deadline; any other error (SOCKET_ACCESS, a
+    bad argument, a compacted revision) at once."""
+    deadline = time.monotonic() + deadline_seconds
+    backoff = Backoff()
+    told = False
+    while True:
+        try:
+            return call()
+        except PasidClientError as exc:
+            if (
+                not open_retryable(exc, resuming=False, own_ticket=True)
+                or time.monotonic() >= deadline
+            ):
+                raise
+            if waiting is not None and not told:
+                told = True
+                waiting(exc)
+        sleep(min(backoff.next(), max(deadline - time.monotonic(), 0)))
 
 
 class HeldPasids:

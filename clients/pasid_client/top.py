@@ -4,6 +4,10 @@ Rates come from the difference between two refreshes, set by set: PASIDs a set g
 count as allocated, PASIDs it lost (or a set that vanished) as released. An alloc and a
 free of the same set within one refresh cancel out, so these are net rates, a lower bound
 on the traffic; the broker's metrics (pasid_broker_pasids_*_total) count every one.
+
+Started (`--once` too) while the broker is not there yet, starting or recovering, it
+waits for it, and lives through its restart, within --reconnect-deadline (60 s; 0: ask
+once), saying so on stderr; a socket that refuses this user fails at once.
 """
 
 from __future__ import annotations
@@ -15,8 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from pasid_client.errors import Unavailable
-from pasid_client.reconnect import Backoff
+from pasid_client.errors import PasidClientError
+from pasid_client.reconnect import when_ready
 from pasid_client.sync import Client
 from pasid_client.types import Info, SetView
 
@@ -128,23 +132,37 @@ def run(
     say: Callable[[str], None] | None = None,
 ) -> int:
     """Refresh every `interval` seconds, `count` frames (0: until interrupted). `once`:
-    one frame from two samples `interval` apart, so that it has rates. A broker that goes
-    away after the first screen is waited for up to `reconnect_deadline` seconds (its
-    restart), said once each way through `say`; rates then span the gap. Raises
-    PasidClientError subclasses when the broker cannot be asked."""
+    one frame from two samples `interval` apart, so that it has rates. A broker that is
+    not there yet, starting or recovering is waited for up to `reconnect_deadline` seconds
+    before the first sample, as a session's open waits; one that goes away later (its
+    restart) as long again. Each wait is said once each way through `say`; rates then
+    span the gap. Raises PasidClientError subclasses when the broker cannot be asked
+    (at once for a refusal such as SOCKET_ACCESS)."""
     clear = not as_json and not once and out.isatty()
-    prev = sample(client)
-    if once:
-        time.sleep(interval)
-        count = 1
-    shown = 0
     try:
+        prev = _sample_when_ready(
+            client,
+            reconnect_deadline,
+            say,
+            lambda e: f"waiting for the broker ({e.message}), up to {reconnect_deadline:g} s",
+            "the broker answers",
+        )
+        if once:
+            time.sleep(interval)
+            count = 1
+        shown = 0
         while True:
             if not once and shown == 0:
                 cur = prev  # the first screen at once, without rates
                 prev_for_frame = None
             else:
-                cur = _sample_through_restarts(client, reconnect_deadline, say)
+                cur = _sample_when_ready(
+                    client,
+                    reconnect_deadline,
+                    say,
+                    lambda e: f"broker went away ({e.message}); reconnecting",
+                    "reconnected",
+                )
                 prev_for_frame = prev
             f = frame(prev_for_frame, cur, top)
             if as_json:
@@ -161,27 +179,24 @@ def run(
         return 0
 
 
-def _sample_through_restarts(
-    client: Client, deadline_seconds: float, say: Callable[[str], None] | None
+def _sample_when_ready(
+    client: Client,
+    deadline_seconds: float,
+    say: Callable[[str], None] | None,
+    why: Callable[[PasidClientError], str],
+    back: str,
 ) -> Sample:
-    """A sample, waiting out a broker restart (backoff, within the deadline)."""
-    try:
-        return sample(client)
-    except Unavailable as exc:
-        if deadline_seconds <= 0:
-            raise
+    """A sample, waiting out a broker that is not there yet or restarting (when_ready:
+    backoff, within the deadline), said once as the wait starts (`why` the first error)
+    and once as it ends (`back`)."""
+    waited: list[PasidClientError] = []
+
+    def waiting(exc: PasidClientError) -> None:
+        waited.append(exc)
         if say is not None:
-            say(f"top: broker went away ({exc.message}); reconnecting")
-        deadline = time.monotonic() + deadline_seconds
-        backoff = Backoff()
-        while True:
-            time.sleep(min(backoff.next(), max(deadline - time.monotonic(), 0)))
-            try:
-                cur = sample(client)
-            except Unavailable:
-                if time.monotonic() >= deadline:
-                    raise
-                continue
-            if say is not None:
-                say("top: reconnected")
-            return cur
+            say(f"top: {why(exc)}")
+
+    cur = when_ready(lambda: sample(client), deadline_seconds, waiting=waiting)
+    if waited and say is not None:
+        say(f"top: {back}")
+    return cur

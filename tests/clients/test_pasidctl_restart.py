@@ -4,7 +4,8 @@ processes, the broker killed with SIGKILL under them and started again.
 Each says so on stderr, one line as the broker goes and one as it is back; stdout keeps
 its own output (valid JSON with --json). `hold` keeps the same set and PASIDs, attached;
 `watch` goes on from the revision after the last it printed, without gap or duplicate;
-an open started before the broker exists waits for it.
+an open started before the broker exists waits for it, and so do `watch` and `top`
+started while it is absent or stopped (one line on stderr each way).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from pasid_client import Client
 
 from tests.harness import ROOT, BrokerProcess, wait_until
@@ -180,3 +182,52 @@ def test_top_keeps_refreshing_through_a_broker_kill(make_broker: Make) -> None:
         assert all("in_use" in f for f in frames) and len(top.err) == 2, top.err
     finally:
         top.kill()
+
+
+@pytest.mark.parametrize("broker_was", ["never started", "stopped by SIGTERM"])
+def test_watch_and_top_started_without_a_broker_wait_for_it(
+    make_broker: Make, broker_was: str
+) -> None:
+    """Issue 19 point 4: watch and top used to exit 1 within half a second when their
+    first call (GetInfo, the first sample) found no broker. Started before the broker
+    exists, or after a SIGTERM took it (and its sockets) away, they wait, say so once,
+    and once it is back print its events and samples as they would have."""
+    b = make_broker(start=broker_was != "never started")
+    if broker_was == "stopped by SIGTERM":
+        assert b.stop() == 0
+    watch = Command("watch", "--json", "--count", "2", "--socket", b.socket)
+    top = Command("top", "--json", "--once", "--interval", "0.2", "--socket", b.socket)
+    try:
+        for cmd, name in ((watch, "watch"), (top, "top")):
+            wait_until(lambda c=cmd: c.said("waiting for the broker"), 30, 0.02, name)
+        time.sleep(3)  # a restart a few seconds later: both still waiting, not failed
+        assert watch.proc.poll() is None and top.proc.poll() is None, (watch.err, top.err)
+        b.start(wait=False)
+        assert top.proc.wait(60) == 0, top.err
+        (frame,) = [json.loads(x) for x in top.out]
+        assert frame["in_use"] == 0 and frame["interval_seconds"] is not None, frame
+        assert top.err[1:] == ["pasidctl: top: the broker answers"], top.err
+        wait_until(lambda: watch.said("the broker answers"), 60, 0.02, "watch to start")
+        with Client(b.address) as c, c.session("watched") as s:
+            s.alloc(1, 100)
+        assert watch.proc.wait(30) == 0, watch.err
+        kinds = [json.loads(x)["kind"] for x in watch.out]
+        assert kinds == ["set_created", "alloc"], watch.out
+        assert len(watch.err) == 2 and "up to 60 s" in watch.err[0], watch.err
+    finally:
+        watch.kill()
+        top.kill()
+
+
+def test_watch_and_top_with_no_reconnect_deadline_fail_at_once(make_broker: Make) -> None:
+    """--reconnect-deadline 0 is "never wait": exit 1 on the first UNAVAILABLE."""
+    b = make_broker(start=False)
+    for argv in (["watch"], ["top", "--once"]):
+        cmd = Command(*argv, "--reconnect-deadline", "0", "--socket", b.socket)
+        try:
+            assert cmd.proc.wait(30) == 1
+            wait_until(lambda c=cmd: c.err, 5, 0.02, "the error")
+            assert cmd.err[-1].startswith("pasidctl: UNAVAILABLE: "), cmd.err
+            assert not cmd.said("waiting"), cmd.err
+        finally:
+            cmd.kill()

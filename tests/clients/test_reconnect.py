@@ -23,6 +23,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import pytest
 from pasid.v1 import broker_pb2 as pb
 from pasid_client import (
@@ -35,7 +36,8 @@ from pasid_client import (
     StateChange,
     Unavailable,
 )
-from pasid_client.reconnect import Backoff, HeldPasids
+from pasid_client.errors import InvalidArgument, OutOfRange, PasidClientError, PermissionDenied
+from pasid_client.reconnect import Backoff, HeldPasids, when_ready
 
 from tests.harness import ROOT, BrokerProcess, wait_until
 
@@ -181,6 +183,53 @@ def test_an_open_gives_up_at_the_deadline(tmp_path: object) -> None:
         with pytest.raises(Exception, match="UNAVAILABLE"):
             c.session("nobody")
         assert time.monotonic() - t0 >= 1.0
+
+
+def test_when_ready_waits_for_a_starting_broker_and_says_so_once(make_broker: Make) -> None:
+    """The wait pasidctl's watch and top start with: GetInfo before the broker's socket
+    exists, retried (missing socket, then UNAVAILABLE while it recovers) until it answers;
+    `waiting` hears the first failure only."""
+    b = make_broker(start=False)
+    heard: list[PasidClientError] = []
+    with Client(b.address) as c, ThreadPoolExecutor(1) as pool:
+        asking = pool.submit(when_ready, c.info, 60, waiting=heard.append)
+        time.sleep(1.0)
+        assert not asking.done()
+        b.start(wait=False)
+        assert asking.result(60).backend
+    assert len(heard) == 1 and isinstance(heard[0], Unavailable), heard
+
+
+@pytest.mark.parametrize(
+    "final",
+    [
+        PermissionDenied(grpc.StatusCode.PERMISSION_DENIED, "not in its group", "SOCKET_ACCESS"),
+        OutOfRange(grpc.StatusCode.OUT_OF_RANGE, "revision 3 compacted"),
+        InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT, "bad"),
+    ],
+)
+def test_when_ready_raises_a_refusal_at_once(final: PasidClientError) -> None:
+    """Only "not there yet" is waited for: a call that no retry can help fails on its
+    first try, without a sleep. (The call is a stand-in raising a typed error: which
+    errors are final is the rule tested here, the real refusals in test_other_uid.)"""
+    calls: list[int] = []
+    slept: list[float] = []
+
+    def call() -> None:
+        calls.append(1)
+        raise final
+
+    with pytest.raises(type(final)):
+        when_ready(call, 60, sleep=slept.append)
+    assert (len(calls), slept) == (1, [])
+
+
+def test_when_ready_with_no_deadline_tries_once(tmp_path: object) -> None:
+    with Client(socket=f"{tmp_path}/none.sock") as c:
+        heard: list[PasidClientError] = []
+        with pytest.raises(Unavailable):
+            when_ready(c.info, 0, waiting=heard.append)
+        assert heard == []
 
 
 def test_leaving_the_client_releases_its_sessions(make_broker: Make) -> None:

@@ -89,7 +89,9 @@ def test_pasidctl_top_once_json_and_text(broker: BrokerProcess, client: Client) 
         assert "\x1b[" not in r.stdout  # no screen clearing into a pipe
 
 
-def test_pasidctl_top_without_a_broker_fails_clearly(tmp_path: object) -> None:
+def test_pasidctl_top_without_a_broker_waits_then_fails_clearly(tmp_path: object) -> None:
+    """No broker within --reconnect-deadline: top (--once too) waited for one, said so,
+    and then fails with the last UNAVAILABLE."""
     sock = f"{tmp_path}/none.sock"
     r = subprocess.run(
         [
@@ -100,6 +102,8 @@ def test_pasidctl_top_without_a_broker_fails_clearly(tmp_path: object) -> None:
             "--once",
             "--timeout",
             "2",
+            "--reconnect-deadline",
+            "1",
             "--socket",
             sock,
         ],
@@ -109,6 +113,8 @@ def test_pasidctl_top_without_a_broker_fails_clearly(tmp_path: object) -> None:
         timeout=60,
     )
     assert r.returncode == 1 and "UNAVAILABLE" in r.stderr
+    assert r.stderr.startswith("pasidctl: top: waiting for the broker ("), r.stderr
+    assert r.stderr.count("waiting") == 1, r.stderr
     h = subprocess.run(
         [sys.executable, "-m", "pasid_client.cli", "top", "--help"],
         capture_output=True,

@@ -294,10 +294,12 @@ def test_another_uid_waits_for_a_broker_that_is_restarting() -> None:
 
 def test_pasidctl_as_another_uid_says_it_may_not_connect() -> None:
     """pasidctl as a user outside the socket's group: exit 1 at once, PERMISSION_DENIED
-    naming the socket and the cause, in text on stderr and with --json on stdout."""
+    naming the socket and the cause, in text on stderr and with --json on stdout; also
+    watch and top, which wait for a broker that is not there yet (issue 19), but not for
+    one that refuses them."""
     with open_to_nobody() as b:
         b.start()
-        for argv in (["info"], ["hold", "--count", "1"]):
+        for argv in (["info"], ["hold", "--count", "1"], ["watch"], ["top", "--once"]):
             p = as_nobody(
                 [sys.executable, "-m", "pasid_client.cli", "--socket", b.socket, *argv],
                 stdout=-1,
@@ -306,11 +308,15 @@ def test_pasidctl_as_another_uid_says_it_may_not_connect() -> None:
             )
             out, err = p.communicate(timeout=RETRIED_SECONDS)
             assert p.returncode == 1, (argv, out, err)
-            sock = b.socket if argv == ["info"] else f"{b.dir}/peer.sock"
+            # watch and top without a session read the admin socket (mode 0600).
+            sock, mode = {"info": (b.socket, "0660"), "hold": (f"{b.dir}/peer.sock", "0660")}.get(
+                argv[0], (b.admin_socket, "0600")
+            )
             assert err.startswith(
                 f"pasidctl: PERMISSION_DENIED: permission denied connecting to {sock}: this"
-                " user (uid 65534) is not in its group 'root' (mode 0660)"
+                f" user (uid 65534) is not in its group 'root' (mode {mode})"
             ), err
+            assert "waiting" not in err, err
             p = as_nobody(
                 [sys.executable, "-m", "pasid_client.cli", "--socket", b.socket, "--json", *argv],
                 stdout=-1,
