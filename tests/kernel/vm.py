@@ -79,6 +79,9 @@ mount -t tmpfs scratch "/host$SCRATCH"
 chroot /host /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME="$SCRATCH" \
   TMPDIR="$SCRATCH" PYTHONDONTWRITEBYTECODE=1 PBK_SCRATCH="$SCRATCH" "$PY" "$SCRIPT"
 echo "PBK {\"event\": \"guest done\", \"status\": $?}"
+# The console's UART sends what the echo queued after the echo returns: powering off at
+# once cut that line in two under load (the host then had no "guest done").
+sleep 2
 echo o > /proc/sysrq-trigger
 sleep 30
 """
