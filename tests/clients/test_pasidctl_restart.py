@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,6 +29,16 @@ from tests.harness import ROOT, BrokerProcess, wait_until
 Make = Callable[..., BrokerProcess]
 
 
+# grpc's C core writes its own log lines to fd 2 (at ERROR by default), e.g. "E1206
+# 14:22:30.758056   19157 ev_epoll1_linux.cc:373] ... epoll_wait ..." seen once as the
+# broker died under top: not pasidctl's words, which these tests count.
+_CORE_LOG = re.compile(r"^[DIWEF]\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ \S+:\d+\] ")
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Command:
     """A pasidctl process whose stdout and stderr lines are collected as they come."""
 
@@ -40,16 +51,22 @@ class Command:
             text=True,
             cwd=ROOT,
             env=env,
+            # Ctrl-C as a terminal sends it: a run started in the background of a
+            # non-interactive shell (nohup, `&`) ignores SIGINT, the child inherits
+            # that, and Python then installs no KeyboardInterrupt: watch and top went
+            # on through the test's SIGINT (a TimeoutExpired in every such run).
+            preexec_fn=_default_sigint,
         )
         self.out: list[str] = []
-        self.err: list[str] = []
+        self.err: list[str] = []  # pasidctl's own lines
+        self.core_log: list[str] = []  # grpc's C core's, on the same fd 2
         for stream, lines in ((self.proc.stdout, self.out), (self.proc.stderr, self.err)):
             threading.Thread(target=self._collect, args=(stream, lines), daemon=True).start()
 
-    @staticmethod
-    def _collect(stream: Any, lines: list[str]) -> None:
+    def _collect(self, stream: Any, lines: list[str]) -> None:
         for line in stream:
-            lines.append(line.rstrip("\n"))
+            line = line.rstrip("\n")
+            (self.core_log if _CORE_LOG.match(line) else lines).append(line)
 
     def said(self, text: str) -> bool:
         return any(text in line for line in self.err)
