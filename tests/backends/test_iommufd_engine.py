@@ -519,6 +519,24 @@ def _withhold_then_stop(db: str, sysfs: str, holder_pid: int, how: str, dev: str
     asyncio.run(main())
 
 
+def _withhold_in_a_child(
+    db: Path, sysfs: Path, holder_pid: int, how: str, dev: Path
+) -> subprocess.CompletedProcess[str]:
+    """_withhold_then_stop in a child process: its "kill9" must not take the test down."""
+    sysfs.mkdir()
+    code = (
+        "import sys; from tests.backends.test_iommufd_engine import _withhold_then_stop;"
+        " _withhold_then_stop(*sys.argv[1:3], int(sys.argv[3]), *sys.argv[4:6])"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code, str(db), str(sysfs), str(holder_pid), how, str(dev)],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 @pytest.mark.parametrize(
     ("how", "holder_dies_while_down"),
     [("sigterm", False), ("kill9", False), ("kill9", True)],
@@ -538,31 +556,11 @@ def _withheld_across_a_restart(
     tmp_path: Path, holder: subprocess.Popen[bytes], how: str, holder_dies_while_down: bool
 ) -> None:
     db = tmp_path / "b.db"
-    (tmp_path / "k1").mkdir()
     # The stand-in device outlives the first broker: an unlinked one's inode could be
     # reused by another file meanwhile, which the look for its key would then find.
     dev = tmp_path / "vfio0"
     dev.write_bytes(b"")
-    code = (
-        "import sys; from tests.backends.test_iommufd_engine import _withhold_then_stop;"
-        " _withhold_then_stop(*sys.argv[1:3], int(sys.argv[3]), *sys.argv[4:6])"
-    )
-    child = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            code,
-            str(db),
-            str(tmp_path / "k1"),
-            str(holder.pid),
-            how,
-            str(dev),
-        ],
-        cwd=Path(__file__).resolve().parents[2],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    child = _withhold_in_a_child(db, tmp_path / "k1", holder.pid, how, dev)
     assert child.returncode == (-9 if how == "kill9" else 0), child.stderr
     if holder_dies_while_down:
         holder.kill()
@@ -790,25 +788,13 @@ def test_after_a_restart_a_detach_waits_until_the_device_is_open_nowhere(
     while it is down, but the holder's child keeps the device open. The restarted broker
     has no fd to retry the DETACH on: it knows the device from the stored row, and
     keeps 1 withheld until no process has the device open."""
-    import sys
-
     monkeypatch.setattr(stuck, "RESCAN_SECONDS", 0.3)
     dev = tmp_path / "vfio0"
     dev.write_bytes(b"")
     holder, child = forking_holder(dev)
     db = tmp_path / "b.db"
-    (tmp_path / "k1").mkdir()
-    code = (
-        "import sys; from tests.backends.test_iommufd_engine import _withhold_then_stop;"
-        " _withhold_then_stop(*sys.argv[1:3], int(sys.argv[3]), *sys.argv[4:6])"
-    )
     try:
-        ran = subprocess.run(
-            [sys.executable, "-c", code, str(db), str(tmp_path / "k1"), str(holder.pid),
-             "kill9", str(dev)],
-            cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
-            timeout=120,
-        )  # fmt: skip
+        ran = _withhold_in_a_child(db, tmp_path / "k1", holder.pid, "kill9", dev)
         assert ran.returncode == -9, ran.stderr
         holder.kill()
         holder.wait()
@@ -870,18 +856,8 @@ def test_after_a_restart_the_detach_is_retried_on_the_device_delegated_again(
     dev.write_bytes(b"")
     holder, child = forking_holder(dev)
     db = tmp_path / "b.db"
-    (tmp_path / "k1").mkdir()
-    code = (
-        "import sys; from tests.backends.test_iommufd_engine import _withhold_then_stop;"
-        " _withhold_then_stop(*sys.argv[1:3], int(sys.argv[3]), *sys.argv[4:6])"
-    )
     try:
-        ran = subprocess.run(
-            [sys.executable, "-c", code, str(db), str(tmp_path / "k1"), str(holder.pid),
-             "kill9", str(dev)],
-            cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
-            timeout=120,
-        )  # fmt: skip
+        ran = _withhold_in_a_child(db, tmp_path / "k1", holder.pid, "kill9", dev)
         assert ran.returncode == -9, ran.stderr
 
         async def main() -> None:
