@@ -15,6 +15,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -50,10 +51,12 @@ def listening() -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def info_as_nobody(path: Path, groups: str = "--clear-groups") -> list[str]:
+def run_as_nobody(code: str, path: Path, groups: str = "--clear-groups") -> list[Any]:
+    """What `code` (given the socket's path) prints, as JSON, run by uid 65534 with
+    `groups` (setpriv's option: no supplementary groups unless asked)."""
     prefix = [g if g != "--clear-groups" else groups for g in setpriv()]
     r = subprocess.run(
-        [*prefix, sys.executable, "-c", CALL, str(path)],
+        [*prefix, sys.executable, "-c", code, str(path)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -61,6 +64,10 @@ def info_as_nobody(path: Path, groups: str = "--clear-groups") -> list[str]:
     )
     assert r.returncode == 0, r.stderr
     return list(json.loads(r.stdout))
+
+
+def info_as_nobody(path: Path, groups: str = "--clear-groups") -> list[str]:
+    return run_as_nobody(CALL, path, groups)
 
 
 @pytest.mark.parametrize(
@@ -123,15 +130,7 @@ def test_grpc_text_is_only_a_hint_our_own_connect_decides(listening: Path) -> No
     )
 
     def paths_as_nobody() -> list[str | None]:
-        r = subprocess.run(
-            [*setpriv(), sys.executable, "-c", code, str(listening)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=ROOT,
-        )
-        assert r.returncode == 0, r.stderr
-        return list(json.loads(r.stdout))
+        return run_as_nobody(code, listening)
 
     assert paths_as_nobody() == [str(listening), str(listening), None]
     os.chmod(listening, 0o666)  # the same text, but this user may connect: not refused
