@@ -61,6 +61,16 @@ def quick_probes(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(journal_mod, "PROBE_SECONDS", 0.1)
 
 
+async def started(
+    db: Path, code: str, text: str, store_error_exit: float
+) -> tuple[RefusingDisk, Broker]:
+    """A started broker (simulator) over a disk that, once told to, refuses with `code`."""
+    store = RefusingDisk(db, code, text)
+    broker = Broker(SimulatorBackend(pasid_bits=8), store, store_error_exit=store_error_exit)
+    await broker.start()
+    return store, broker
+
+
 def test_commits_failing_until_a_probe_lands_without_any_request(tmp_path: Path) -> None:
     """A full disk: the failed alloc starts the clock; while it fails the journal probes
     (no request comes: an unready broker is sent none); once there is room the probe
@@ -70,9 +80,7 @@ def test_commits_failing_until_a_probe_lands_without_any_request(tmp_path: Path)
     failures: list[StoreFailed] = []
 
     async def scenario() -> None:
-        store = RefusingDisk(db, "SQLITE_FULL", "database or disk is full")
-        broker = Broker(SimulatorBackend(pasid_bits=8), store, store_error_exit=0.3)
-        await broker.start()
+        store, broker = await started(db, "SQLITE_FULL", "database or disk is full", 0.3)
         broker.journal._on_failure = failures.append
         try:
             s1, _, _, created = broker.open_session("vm1")
@@ -109,9 +117,7 @@ def test_a_landed_commit_ends_the_failing_state_too(tmp_path: Path) -> None:
     db = tmp_path / "b.db"
 
     async def scenario() -> None:
-        store = RefusingDisk(db, "SQLITE_IOERR_WRITE", "disk I/O error")
-        broker = Broker(SimulatorBackend(pasid_bits=8), store, store_error_exit=60)
-        await broker.start()
+        store, broker = await started(db, "SQLITE_IOERR_WRITE", "disk I/O error", 60)
         try:
             s1, _, _, created = broker.open_session("vm1")
             await created
@@ -138,9 +144,7 @@ def test_an_io_error_that_lasts_gives_up_like_a_failed_fsync(tmp_path: Path) -> 
     failures: list[StoreFailed] = []
 
     async def scenario() -> None:
-        store = RefusingDisk(db, "SQLITE_IOERR_WRITE", "disk I/O error")
-        broker = Broker(SimulatorBackend(pasid_bits=8), store, store_error_exit=0.5)
-        await broker.start()
+        store, broker = await started(db, "SQLITE_IOERR_WRITE", "disk I/O error", 0.5)
         on_failure = broker.journal._on_failure
         assert on_failure is not None
 
