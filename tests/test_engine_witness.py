@@ -249,6 +249,15 @@ async def _resume_detached(broker: Broker, token: str, held: list[int], epoch: i
     return sess
 
 
+async def _started_on_a_failable_backend(db: Path) -> tuple[SimulatorBackend, Broker]:
+    """A started broker, and its simulator backend, whose next operations the test can
+    make fail (fail_next: the simulator's own fault injection)."""
+    backend = SimulatorBackend(pasid_bits=8)
+    broker = Broker(backend, SqliteStore(db))
+    await broker.start()
+    return backend, broker
+
+
 def test_a_refree_the_backend_refuses_leaves_the_set_whole_and_the_open_served(
     tmp_path: Path,
 ) -> None:
@@ -257,9 +266,7 @@ def test_a_refree_the_backend_refuses_leaves_the_set_whole_and_the_open_served(
     and the next complete witness frees them."""
 
     async def scenario() -> None:
-        backend = SimulatorBackend(pasid_bits=8)
-        broker = Broker(backend, SqliteStore(tmp_path / "b.db"))
-        await broker.start()
+        backend, broker = await _started_on_a_failable_backend(tmp_path / "b.db")
         try:
             sess, token = await _opened(broker, "vm", grace=300)
             assert await broker.alloc(sess, 1, 255, 3) == [1, 2, 3]
@@ -286,9 +293,7 @@ def test_a_resume_whose_reclaim_fails_leaves_the_set_detached_for_the_next(
     again (not left attached to a stream that never was), so the next resume works."""
 
     async def scenario() -> None:
-        backend = SimulatorBackend(pasid_bits=8)
-        broker = Broker(backend, SqliteStore(tmp_path / "b.db"))
-        await broker.start()
+        backend, broker = await _started_on_a_failable_backend(tmp_path / "b.db")
         try:
             sess, token = await _opened(broker, "vm", grace=300)
             assert await broker.alloc(sess, 1, 255, 2) == [1, 2]
