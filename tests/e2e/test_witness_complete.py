@@ -15,6 +15,7 @@ witness (nothing freed on it) until a listing settles the doubt.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import subprocess
@@ -22,10 +23,11 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pasid_client import Client, OutcomeUnknown
+from pasid_client import Client, OutcomeUnknown, Session
 from pasid_client.reconnect import SessionState, StateChange
 
 from tests.faults.ledger import Ledger
@@ -48,6 +50,23 @@ def _metric(b: BrokerProcess, name: str) -> float:
     m = re.search(rf"^{name} (\S+)$", text, re.M)
     assert m, name
     return float(m.group(1))
+
+
+@contextlib.contextmanager
+def _a_session_holding_1_and_2() -> Iterator[tuple[BrokerProcess, Session, list[StateChange]]]:
+    """A broker that keeps a lost set 300 s, and a library session of this process that
+    holds PASIDs 1 and 2 and records its state changes; both closed at the end."""
+    b = BrokerProcess("--restart-grace", "300")
+    b.start()
+    changes: list[StateChange] = []
+    holder = Client(b.address)
+    try:
+        a = holder.session("vm-a", grace_seconds=300, on_state_change=changes.append)
+        assert a.alloc(1, 100, count=2) == [1, 2]
+        yield b, a, changes
+    finally:
+        holder.close()
+        b.cleanup()
 
 
 @pytest.mark.parametrize("how", ["token", "reattach"])
@@ -119,13 +138,7 @@ def test_an_outcome_never_heard_makes_the_witness_partial_until_a_listing(
     outcome is unknown to the client, whose next witness is partial (nothing freed on
     it, whatever the set holds); the listing the library takes once resumed makes it
     complete again, and the next restart's resume is complete."""
-    b = BrokerProcess("--restart-grace", "300")
-    b.start()
-    changes: list[StateChange] = []
-    holder = Client(b.address)
-    try:
-        a = holder.session("vm-a", grace_seconds=300, on_state_change=changes.append)
-        assert a.alloc(1, 100, count=2) == [1, 2]
+    with _a_session_holding_1_and_2() as (b, a, changes):
         assert b.proc is not None
         b.proc.send_signal(signal.SIGSTOP)
         outcome: list[BaseException] = []
@@ -154,9 +167,6 @@ def test_an_outcome_never_heard_makes_the_witness_partial_until_a_listing(
         second = _resumes(changes)[1]
         assert second.witness_complete and second.refreed == ()
         assert api_holdings(b.address)[a.set_id] == [1, 2]
-    finally:
-        holder.close()
-        b.cleanup()
 
 
 def test_a_change_by_token_makes_the_sessions_witness_partial() -> None:
@@ -164,13 +174,7 @@ def test_a_change_by_token_makes_the_sessions_witness_partial() -> None:
     sees): the session's next witness states an old epoch, so the broker frees nothing
     on it (the tool's PASID stays), and the session learns the whole set again.
     (A resume by hand changes the epoch too: tests/test_engine_witness.py.)"""
-    b = BrokerProcess("--restart-grace", "300")
-    b.start()
-    changes: list[StateChange] = []
-    holder = Client(b.address)
-    try:
-        a = holder.session("vm-a", grace_seconds=300, on_state_change=changes.append)
-        assert a.alloc(1, 100, count=2) == [1, 2]
+    with _a_session_holding_1_and_2() as (b, a, changes):
         with Client(b.address) as tool:
             assert tool.alloc(a.session_id, a.token, 1, 100) == [3]
         assert a.witness_complete and a.held == [(1, 2)]  # it cannot know
@@ -183,6 +187,3 @@ def test_a_change_by_token_makes_the_sessions_witness_partial() -> None:
         wait_until(lambda: a.witness_complete, 30, 0.05, "the listing after the resume")
         assert a.held == [(1, 3)]
         assert "a complete witness states an old epoch" in b.read_log()
-    finally:
-        holder.close()
-        b.cleanup()
