@@ -54,6 +54,15 @@ def test_backend_holds_quarantined_pasids_until_they_leave(tmp_path: Path) -> No
     asyncio.run(scenario())
 
 
+async def _retried_free_lets_go(broker: Broker) -> None:
+    """Gives the retried free (every stuck.RETRY_SECONDS) 3 s to empty the quarantine;
+    the test then asserts what it let go."""
+    for _ in range(60):
+        if broker.info().quarantined == 0:
+            return
+        await asyncio.sleep(0.05)
+
+
 def test_recovery_withholds_stored_pasids_and_drops_stale_rows(tmp_path: Path) -> None:
     """What a restart finds in the store (issue 22, point 7): a "free" row for a PASID no
     set holds is withheld again, held in the backend, and let go once the retried free
@@ -82,10 +91,7 @@ def test_recovery_withholds_stored_pasids_and_drops_stale_rows(tmp_path: Path) -
             assert broker.info().quarantined == 1  # 7
             assert backend_holds(backend) == [5, 6, 7]
             assert broker.allocator.withheld == [7]
-            for _ in range(60):  # the retried free (every stuck.RETRY_SECONDS) lets go
-                if broker.info().quarantined == 0:
-                    break
-                await asyncio.sleep(0.05)
+            await _retried_free_lets_go(broker)
             assert broker.info().quarantined == 0
             assert backend_holds(backend) == [5, 6]
             (sess,) = broker.sessions()
@@ -123,10 +129,7 @@ def test_claims_of_a_witness_set_that_is_gone_end_at_the_start(tmp_path: Path) -
         await broker.start()
         try:
             assert broker.allocator.withheld == [7]  # 6 is free at once
-            for _ in range(60):  # the retried free lets go of 7
-                if broker.info().quarantined == 0:
-                    break
-                await asyncio.sleep(0.05)
+            await _retried_free_lets_go(broker)  # of 7
             assert broker.allocator.withheld == []
             (sess,) = broker.sessions()
             await broker.revoke(sess.session_id, "test")
