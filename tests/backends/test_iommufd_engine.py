@@ -597,14 +597,15 @@ def _withheld_across_a_restart(
 
     asyncio.run(main())
     # The release was stored too: a third start does not withhold 1 again.
-    assert _withheld_rows(db) == []
+    assert _quarantine_rows(db, "pasid, kind") == []
 
 
-def _withheld_rows(db: Path) -> list[tuple[int, str]]:
+def _quarantine_rows(db: Path, columns: str) -> list[tuple[object, ...]]:
+    """The stored quarantine's `columns`, in PASID order: what a restart finds withheld."""
     import sqlite3
 
     with contextlib.closing(sqlite3.connect(db)) as c:
-        return c.execute("SELECT pasid, kind FROM quarantine").fetchall()
+        return c.execute(f"SELECT {columns} FROM quarantine ORDER BY pasid").fetchall()
 
 
 # -- a contested PASID whose kernel calls fail: the claim outlives a restart ------------
@@ -632,13 +633,6 @@ def _free_failing(tmp_path: Path, kernel: KernelModel) -> FreeFailingBackend:
         detach=kernel.detach,
     )  # fmt: skip
     return out
-
-
-def _claimed_rows(db: Path) -> list[tuple[int, str, int | None]]:
-    import sqlite3
-
-    with contextlib.closing(sqlite3.connect(db)) as c:
-        return c.execute("SELECT pasid, kind, claimant FROM quarantine ORDER BY pasid").fetchall()
 
 
 def test_a_contested_pasid_whose_late_free_fails_keeps_its_claim_across_a_restart(
@@ -697,9 +691,10 @@ def test_a_contested_pasid_whose_late_free_fails_keeps_its_claim_across_a_restar
             await broker.stop()
 
     witness = asyncio.run(before())
-    assert _claimed_rows(db) == [(1, "free", witness)]  # the wait and the claim
+    # The wait and the claim.
+    assert _quarantine_rows(db, "pasid, kind, claimant") == [(1, "free", witness)]
     asyncio.run(after(witness))
-    assert _claimed_rows(db) == []
+    assert _quarantine_rows(db, "pasid, kind, claimant") == []
 
 
 # -- the proof, once no DETACH is left to retry: the device is open nowhere -------------
@@ -798,7 +793,7 @@ def test_after_a_restart_a_detach_waits_until_the_device_is_open_nowhere(
         assert ran.returncode == -9, ran.stderr
         holder.kill()
         holder.wait()
-        rows = _detach_rows(db)
+        rows = _quarantine_rows(db, "pasid, kind, devices")
         assert rows == [(1, "detach", device_key_of(dev))]
 
         async def main() -> None:
@@ -823,7 +818,7 @@ def test_after_a_restart_a_detach_waits_until_the_device_is_open_nowhere(
                 await broker.stop()
 
         asyncio.run(main())
-        assert _detach_rows(db) == []
+        assert _quarantine_rows(db, "pasid, kind, devices") == []
     finally:
         holder.kill()
         holder.wait()
@@ -836,13 +831,6 @@ def device_key_of(path: Path) -> str:
         return device_key(fd)
     finally:
         os.close(fd)
-
-
-def _detach_rows(db: Path) -> list[tuple[int, str, str | None]]:
-    import sqlite3
-
-    with contextlib.closing(sqlite3.connect(db)) as c:
-        return c.execute("SELECT pasid, kind, devices FROM quarantine ORDER BY pasid").fetchall()
 
 
 def test_after_a_restart_the_detach_is_retried_on_the_device_delegated_again(
@@ -888,7 +876,7 @@ def test_after_a_restart_the_detach_is_retried_on_the_device_delegated_again(
                 await broker.stop()
 
         asyncio.run(main())
-        assert _detach_rows(db) == []
+        assert _quarantine_rows(db, "pasid, kind, devices") == []
     finally:
         holder.kill()
         holder.wait()
