@@ -35,27 +35,25 @@ Make = Callable[..., BrokerProcess]
 _CORE_LOG = re.compile(r"^[DIWEF]\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ \S+:\d+\] ")
 
 
-def _default_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 class Command:
     """A pasidctl process whose stdout and stderr lines are collected as they come."""
 
     def __init__(self, *args: str) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PASID_")}
+        # Ctrl-C as a terminal sends it: a run started in the background of a
+        # non-interactive shell (nohup, `&`) ignores SIGINT, the child inherits that, and
+        # Python then installs no KeyboardInterrupt: watch and top went on through the
+        # test's SIGINT. env(1) execs pasidctl with SIGINT at its default. (Not a
+        # preexec_fn: it makes subprocess fork this grpc-using process and run Python in
+        # the child, where grpc's restarted poller met its closed epoll fd and aborted
+        # the child before exec: "epoll_wait error: Bad file descriptor", status -6.)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pasid_client.cli", *args],
+            ["env", "--default-signal=INT", sys.executable, "-m", "pasid_client.cli", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             cwd=ROOT,
             env=env,
-            # Ctrl-C as a terminal sends it: a run started in the background of a
-            # non-interactive shell (nohup, `&`) ignores SIGINT, the child inherits
-            # that, and Python then installs no KeyboardInterrupt: watch and top went
-            # on through the test's SIGINT (a TimeoutExpired in every such run).
-            preexec_fn=_default_sigint,
         )
         self.out: list[str] = []
         self.err: list[str] = []  # pasidctl's own lines
