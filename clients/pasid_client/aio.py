@@ -559,8 +559,11 @@ class AsyncSession:
             if self.state in (SessionState.CONNECTED, SessionState.RESUMED):
                 self._closing = True
                 try:
-                    await self._call.done_writing()
-                    await asyncio.wait_for(asyncio.shield(self._supervisor), self._client.timeout)
+                    # Both bounded: a half-close that grpc cannot send (a stalled
+                    # transport) must not keep the caller, e.g. a Ctrl-C'd pasidctl.
+                    async with asyncio.timeout(self._client.timeout):
+                        await self._call.done_writing()
+                        await asyncio.shield(self._supervisor)
                 except (
                     grpc.RpcError,
                     TimeoutError,

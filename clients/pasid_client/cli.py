@@ -469,7 +469,10 @@ def cmd_hold(c: Client, args: argparse.Namespace) -> int:
             stop.set()
 
         threading.Thread(target=watch_end, daemon=True).start()
-        stop.wait()
+        # Waking each second: a signal the kernel gives one of grpc's threads runs our
+        # handler only when the main thread next runs Python, which a bare wait never does.
+        while not stop.wait(1.0):
+            pass
         if ended:
             print(f"pasidctl: session ended by the broker: {ended[0]}", file=sys.stderr)
             return 1

@@ -10,6 +10,7 @@ started while it is absent or stopped (one line on stderr each way).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -40,6 +41,9 @@ class Command:
 
     def __init__(self, *args: str) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PASID_")}
+        # A pasidctl that does not exit is made to say where it stands: SIGABRT then
+        # dumps every thread's Python stack to stderr (interrupt()).
+        env["PYTHONFAULTHANDLER"] = "1"
         # Ctrl-C as a terminal sends it: a run started in the background of a
         # non-interactive shell (nohup, `&`) ignores SIGINT, the child inherits that, and
         # Python then installs no KeyboardInterrupt: watch and top went on through the
@@ -81,8 +85,22 @@ class Command:
         return any(text in line for line in self.err)
 
     def interrupt(self) -> int:
+        """Ctrl-C; the exit status. One that does not exit within 30 s fails with its
+        threads' stacks (faulthandler on SIGABRT) and its stderr."""
         self.proc.send_signal(signal.SIGINT)
-        return self.proc.wait(30)
+        try:
+            return self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGABRT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(10)
+            time.sleep(0.5)  # the collector threads read the dump
+            raise AssertionError(
+                f"pasidctl did not exit within 30 s of SIGINT; status {self.proc.poll()},"
+                " its stderr (with the stacks of its threads at SIGABRT):\n"
+                + "\n".join(self.err + self.core_log)
+                + f"\nlast output {self.out[-3:]}"
+            ) from None
 
     def kill(self) -> None:
         if self.proc.poll() is None:
