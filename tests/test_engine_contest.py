@@ -3,7 +3,7 @@ is withheld when its set gives it up, across restarts, until the witness's set i
 
 In process, with the real simulator backend and a real SQLite file: the backend's
 holdings (that a released PASID can really be allocated again) are not visible over the
-wire. The witness's claim is made by calling Sessions.reconcile directly, as a resume
+wire. The witness's claim is made by calling Witnesses.reconcile directly, as a resume
 with OpenSession.witness does (tests/e2e/test_witness.py sends it over the wire).
 """
 
@@ -33,7 +33,7 @@ def test_the_witness_sets_end_lets_go_of_its_contest(tmp_path: Path) -> None:
             owner = await _opened(broker, "owner")
             witness = await _opened(broker, "witness")
             assert await broker.alloc(owner, 1, 255, 2) == [1, 2]
-            await broker.sets.reconcile(witness, [1, 2])
+            await broker.witnesses.reconcile(witness, [1, 2])
             assert witness.conflicts == [1, 2]
             assert await broker.free(owner, 1, 1) == 1
             assert broker.allocator.withheld == [1]  # contested: not back in the pool
@@ -60,7 +60,7 @@ def test_the_contest_and_its_claimant_outlive_a_restart(tmp_path: Path) -> None:
             owner = await _opened(broker, "owner")
             witness = await _opened(broker, "witness")
             assert await broker.alloc(owner, 1, 255, 2) == [1, 2]
-            await broker.sets.reconcile(witness, [1, 2])
+            await broker.witnesses.reconcile(witness, [1, 2])
             assert await broker.free(owner, 1, 1) == 1
             return owner.session_id, witness.session_id
         finally:
@@ -105,7 +105,7 @@ def test_a_witness_claim_on_a_withheld_pasid_outlasts_the_retried_free(tmp_path:
             backend.fail_next = 2  # free_many, then the run-by-run free
             await broker.revoke(owner.session_id, "test")
             assert broker.allocator.withheld == [1, 2]
-            await broker.sets.reconcile(witness, [1])
+            await broker.witnesses.reconcile(witness, [1])
             assert witness.conflicts == [1]
             # The retry (every second) frees both in the backend; only 2 goes back.
             await asyncio.sleep(2.5)

@@ -7,6 +7,8 @@ One job per module:
 - sessions.py      Session, Sessions: open, resume/re-attach; Sessions.apply, the one
                    function that applies the lifecycle table; Sessions.destroy_set, the
                    one function through which every set dies
+- witness.py       Witnesses: clients are witnesses; a resume's stated PASIDs reconciled
+                   with the store, witness epochs, refrees held back after a loss
 - holders.py       Holder, Holders: the holder process's identity (a ticket's) and its
                    liveness (its pidfd watched; reopened after a restart)
 - journal.py       Journal: group commit with exact undo; `then`, `done_future`

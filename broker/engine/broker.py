@@ -5,8 +5,9 @@ the backend agrees (backend_calls.py), the journal makes it durable (journal.py)
 is sent only after its commit (acknowledged = durable). If a step fails, the earlier ones
 are undone in reverse, so memory, backend and disk never disagree.
 
-Sessions and the end of sets are in sessions.py, Watch in events.py, start-up in
-recovery.py; what the engine reports to metrics goes through observers.py.
+Sessions and the end of sets are in sessions.py, the clients' witnesses in witness.py,
+Watch in events.py, start-up in recovery.py; what the engine reports to metrics goes
+through observers.py.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from broker.core import (
     StoreError,
     StoreFailed,
     Unsupported,
-    describe_error,
     runs,
 )
 from broker.core.errors import DetachFailed
@@ -46,8 +46,9 @@ from broker.engine.journal import Journal, done_future, then
 from broker.engine.lifecycle import SetEvent
 from broker.engine.observers import Observers
 from broker.engine.recovery import recover
-from broker.engine.sessions import REFREE_REASON, Session, Sessions
+from broker.engine.sessions import Session, Sessions
 from broker.engine.stuck import Withheld
+from broker.engine.witness import REFREE_REASON, Witnesses
 from broker.peer.tickets import TicketBook
 from broker.store import (
     AddPasids,
@@ -140,19 +141,14 @@ class Broker:
         )
         # tickets: the peer socket's handshakes (broker/peer); anonymous: --anonymous.
         self.sets = Sessions(self, tickets, anonymous)
+        # What resuming clients state they hold, against the store (issue 22).
+        self.witnesses = Witnesses(self)
         self.events = EventFanout(store, watch_buffer)
         self.stopping = False
         self.ready = False
         # After a restore or an unclean start: allocations wait for these sets' holders
         # (witness_seen); `_waiting_after` names which, for the logs.
-        self._witnesses: set[int] | None = None
-        # After a restore or an unclean start: every stored set not yet resumed,
-        # re-attached or gone, kept after the wait's bound too. While any is, a PASID a
-        # complete witness no longer claims may still be one that set's client was given
-        # (its alloc lost too): its free waits (defer_refree), so that it cannot go to a
-        # third set before that client could claim it back.
-        self._unreconciled: set[int] = set()
-        self._deferred_refrees: dict[int, list[int]] = {}
+        self._awaited_holders: set[int] | None = None
         self._witness_gate: asyncio.Event | None = None
         self._waiting_after = ""
         # The revision the last clean stop recorded (its marker, taken at open), and
@@ -260,7 +256,7 @@ class Broker:
         marker = self._clean_stop
         if restored:
             log.warning("start after a restore", extra={"start": "restored"})
-            self._unreconciled = {s.session_id for s in self.sets.all()}
+            self.witnesses.expect(s.session_id for s in self.sets.all())
             self._hold_allocs_for_witnesses("restore", "store restored")
         elif marker is None and revision == 0 and not len(self.sets):
             # Nothing was ever committed: no client can have been told anything.
@@ -278,7 +274,7 @@ class Broker:
                 else f"the clean-stop marker names revision {marker}, the store {revision}"
             )
             log.warning("unclean start: %s", why, extra={"start": "unclean"})
-            self._unreconciled = {s.session_id for s in self.sets.all()}
+            self.witnesses.expect(s.session_id for s in self.sets.all())
             self._hold_allocs_for_witnesses("unclean start", "unclean start")
         self._store_whole = self._witness_gate is None
 
@@ -291,7 +287,7 @@ class Broker:
         waiting = {s.session_id for s in self.sets.all() if s.holder is not None}
         if not waiting:
             return
-        self._witnesses = waiting
+        self._awaited_holders = waiting
         self._witness_gate = asyncio.Event()
         self._waiting_after = after
         bound = min(WITNESS_WAIT_SECONDS, max(self.restart_grace, 1.0))
@@ -306,85 +302,16 @@ class Broker:
 
     def witness_seen(self, set_id: int, resumed: bool = False) -> None:
         """A set awaited after a restore or an unclean start resumed, re-attached or went."""
-        if set_id in self._unreconciled:
-            self._unreconciled.discard(set_id)
-            if not self._unreconciled and self._deferred_refrees:
-                if resumed:
-                    # Before the resume's reconcile: what they free may be what that
-                    # witness claims.
-                    self._run_deferred_refrees()
-                else:  # a set's end: not in the middle of its destroy
-                    asyncio.get_running_loop().call_soon(self._run_deferred_refrees)
-        if self._witnesses is not None:
-            self._witnesses.discard(set_id)
-            if not self._witnesses:
+        self.witnesses.seen(set_id, resumed)
+        if self._awaited_holders is not None:
+            self._awaited_holders.discard(set_id)
+            if not self._awaited_holders:
                 self._open_alloc_gate("every live holder re-attached")
-
-    def unreconciled_besides(self, set_id: int) -> int:
-        """How many stored sets other than `set_id` have not resumed, re-attached or gone
-        since a restore or an unclean start."""
-        return len(self._unreconciled - {set_id})
-
-    def defer_refree(self, set_id: int, pasids: Sequence[int]) -> None:
-        """A complete witness's frees, held until every other stored set is reconciled
-        (Sessions.reconcile): until then the set keeps them."""
-        self._deferred_refrees[set_id] = list(pasids)
-
-    def hand_over_deferred(self, claimed: Sequence[int]) -> None:
-        """A resuming witness claims PASIDs whose free another set's complete witness
-        deferred: that set's client no longer holds them, this one does. They are freed
-        now (Sessions.reconcile then claims them for the claimant, if free)."""
-        if not self._deferred_refrees:
-            return
-        want = set(claimed)
-        for set_id, pasids in list(self._deferred_refrees.items()):
-            mine = [p for p in pasids if p in want]
-            if mine:
-                rest = [p for p in pasids if p not in want]
-                if rest:
-                    self._deferred_refrees[set_id] = rest
-                else:
-                    del self._deferred_refrees[set_id]
-                self._refree_deferred(set_id, mine, "claimed by another set's witness")
-
-    def _run_deferred_refrees(self) -> None:
-        """Every stored set is reconciled: the deferred frees happen now."""
-        deferred, self._deferred_refrees = self._deferred_refrees, {}
-        for set_id, pasids in deferred.items():
-            self._refree_deferred(set_id, pasids, "every stored set reconciled")
-
-    def _refree_deferred(self, set_id: int, pasids: Sequence[int], why: str) -> None:
-        """A deferred complete witness's free, as it would have been (those its set still
-        holds). Its client is not told: the set's witness epoch changes instead, so that
-        its next witness relies on a listing."""
-        sess = self.sets.get(set_id)
-        if sess is None or self.stopping:
-            return
-        still = [p for p in pasids if p in sess.set.pasids]
-        if not still:
-            return
-        self.sets.new_witness_epoch(sess)
-        try:
-            fut = self._refree_now(sess, still)
-        except Exception as exc:
-            log.error(
-                "witness: a deferred free failed; the set keeps the PASIDs",
-                extra={"session": set_id, "error": describe_error(exc)},
-            )
-            return
-        fut.add_done_callback(_log_refree_failure)
-        log.warning(
-            "witness: PASIDs the set's client no longer holds freed again (their"
-            " acknowledged free was lost by the store): %s",
-            why,
-            extra={"session": set_id, "refreed": still[:32], "count": len(still)},
-        )
-        self.observers.pasids_refreed(set_id, len(still))
 
     def _open_alloc_gate(self, why: str) -> None:
         gate, self._witness_gate = self._witness_gate, None
         if gate is not None and not gate.is_set():
-            left = sorted(self._witnesses or ())
+            left = sorted(self._awaited_holders or ())
             log.info(
                 "allocations open after the %s: %s",
                 self._waiting_after,
@@ -392,7 +319,7 @@ class Broker:
                 extra={"waiting": left[:32]},
             )
             gate.set()
-        self._witnesses = None
+        self._awaited_holders = None
         self._store_whole = True
 
     def _starting_quotas(self, saved: tuple[int, int, int] | None, capacity: int) -> Quotas:
@@ -517,7 +444,7 @@ class Broker:
         the ticket's holder is the set's verified holder (NotFound otherwise).
 
         `held` (a resume or re-attach with OpenSession.witness): the PASIDs the client
-        holds in the set; the store is reconciled with them (Sessions.reconcile), and
+        holds in the set; the store is reconciled with them (Witnesses.reconcile), and
         `created` resolves once the reclaimed ones are durable. `complete_epoch` (a
         complete witness, OpenSession.witness_complete, with the epoch it states): when
         it is the set's, the set's PASIDs `held` omits are freed too, durably before
@@ -550,7 +477,7 @@ class Broker:
         its stream client will not see it, so its complete witnesses stating the current
         witness epoch are partial from now on (docs/durability.md)."""
         self.sets.require_attached(sess)
-        self.sets.new_witness_epoch(sess)
+        self.witnesses.new_witness_epoch(sess)
 
     def held_sets(self, ticket: str, peer: str) -> list[Session]:
         """The sets whose verified holder is the ticket's holder process (the ticket is
@@ -698,12 +625,12 @@ class Broker:
 
     def free_pasids(self, sess: Session, pasids: Sequence[int], reason: str) -> asyncio.Future[int]:
         """Free exactly these PASIDs of the session's set (each held by it), as a client's
-        free does; `reason` goes in the free event. For a complete witness (Sessions.
+        free does; `reason` goes in the free event. For a complete witness (Witnesses.
         reconcile): what its client no longer holds. Resolves to the count once durable."""
         self.sets.require_attached(sess)
         return self._free_exact(sess, pasids, reason)
 
-    def _refree_now(self, sess: Session, pasids: Sequence[int]) -> asyncio.Future[int]:
+    def refree(self, sess: Session, pasids: Sequence[int]) -> asyncio.Future[int]:
         """A deferred complete witness's free: attached or not (the client's word stands)."""
         return self._free_exact(sess, pasids, REFREE_REASON)
 
@@ -861,11 +788,6 @@ class Broker:
 
 def _nothing() -> None:
     """Broker.persist's undo: the record changed no state of its own."""
-
-
-def _log_refree_failure(fut: asyncio.Future[int]) -> None:
-    if not fut.cancelled() and (exc := fut.exception()) is not None:
-        log.error("witness: a deferred free was not stored; the set keeps the PASIDs: %s", exc)
 
 
 def _log_persist_failure(fut: asyncio.Future[None]) -> None:

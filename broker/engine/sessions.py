@@ -16,14 +16,13 @@ holder is and whether it still runs are holders.py's.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import secrets
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from broker.core import (
     ANONYMOUS,
@@ -43,26 +42,21 @@ from broker.core import (
 )
 from broker.engine.holders import Holder, Holders, reopen_holder
 from broker.engine.lifecycle import Action, SetEvent, action_for
+from broker.engine.witness import new_epoch
 from broker.peer import credentials
 from broker.peer.tickets import PeerIdentity, TicketBook
 from broker.store import (
-    AddPasids,
     CreateSet,
     DestroySet,
-    LogConflict,
     MarkDetached,
     NoteSetState,
     SetRow,
-    SetWitnessEpoch,
 )
 
 if TYPE_CHECKING:
     from broker.engine.broker import Broker
 
 log = logging.getLogger("pasid_broker")
-
-# The free event's reason for what a complete witness freed (docs/durability.md).
-REFREE_REASON = "witness: a free acknowledged to the set's client"
 
 # A release (set destroy) that failed is tried again this often until it lands.
 RELEASE_RETRY_SECONDS = 1.0
@@ -72,12 +66,6 @@ REVOKED_KEPT = 1024
 
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
-
-
-def new_epoch() -> int:
-    """A witness epoch: random, never 0 (no epoch), so that a store rolled back to an
-    older one cannot match an epoch a client learnt on a branch the store lost."""
-    return secrets.randbits(63) | 1
 
 
 @dataclass(eq=False)
@@ -98,7 +86,7 @@ class Session:
     on_revoke: Callable[[str], None] | None = None
     # A failed destroy's undo did not complete: the next try deletes what the store has.
     release_partial: bool = False
-    # The last witnessed resume's outcome (Sessions.reconcile): for SessionOpened.
+    # The last witnessed resume's outcome (Witnesses.reconcile): for SessionOpened.
     reclaimed: list[int] = field(default_factory=list)
     conflicts: list[int] = field(default_factory=list)
     # ... and what a complete witness freed (frees whose acknowledgement the store lost),
@@ -106,7 +94,8 @@ class Session:
     refreed: list[int] = field(default_factory=list)
     witness_complete: bool = False
     # A complete witness is honoured only when it states this epoch: it changes when
-    # something the set's stream client cannot see changes the set (new_witness_epoch).
+    # something the set's stream client cannot see changes the set
+    # (Witnesses.new_witness_epoch).
     witness_epoch: int = 0
     # The epoch was told to a client (a new set's open, a listing) since it last changed:
     # the next unseen change needs a new one (else the current one stays unknown).
@@ -285,185 +274,17 @@ class Sessions:
         if not resumed:
             return out
         self._engine.witness_seen(sess.session_id, resumed=True)
+        witnesses = self._engine.witnesses  # witness.py: the client's word against the store
         try:
             if held is not None:
-                return sess, token, resumed, self.reconcile(sess, held, complete_epoch)
+                return sess, token, resumed, witnesses.reconcile(sess, held, complete_epoch)
             # Taken back by hand (no witness): what an earlier client of the set knew is
             # no longer the whole set; this one learns it from a listing.
-            return sess, token, resumed, self.new_witness_epoch(sess)
+            return sess, token, resumed, witnesses.new_witness_epoch(sess)
         except BaseException:
             # The set was attached for this open, which no stream will carry now.
             self.apply(sess, SetEvent.STREAM_BROKEN, "its resume failed")
             raise
-
-    def new_witness_epoch(self, sess: Session) -> asyncio.Future[None]:
-        """Something `sess`'s stream client cannot see changes its set (a unary call by
-        token, a resume or re-attach by hand): complete witnesses stating the old epoch
-        are partial from now on. Stored in the journal before the change's own records,
-        so never behind them. Resolves once durable (at once when no new one was due)."""
-        if not sess.epoch_told:
-            return _done()
-        sess.witness_epoch = new_epoch()
-        sess.epoch_told = False
-        return self._engine.journal.submit(
-            SetWitnessEpoch(sess.session_id, sess.witness_epoch), _nothing, None
-        )
-
-    def reconcile(
-        self, sess: Session, held: Sequence[int], complete_epoch: int = 0
-    ) -> asyncio.Future[None]:
-        """The client as witness (issue 22): `held` is what it holds in `sess`'s set, as it
-        last heard. A PASID the store lost that is still free is claimed for the set again
-        (durably: the returned future resolves once it is); one the store gives to another
-        set, or holds back, is a conflict: logged at ERROR, a pasid_conflict event on both
-        sets, and contested in the allocator (when its holder gives it up it is withheld,
-        never back in the pool silently). Results in sess.reclaimed / sess.conflicts.
-
-        A complete witness (`complete_epoch`, the set's current epoch: the client saw
-        every change of the set) also frees the set's PASIDs it does not state: frees the
-        client was acknowledged that the store lost (sess.refreed). Anything else (a
-        partial witness, a stale or zero epoch) leaves them as they are: a PASID is freed
-        only on its own set's client's word that it no longer holds it."""
-        e = self._engine
-        set_id = sess.session_id
-        mine = set(sess.set.pasids)
-        # What another set's complete witness let go of, deferred, that this one claims.
-        e.hand_over_deferred([p for p in held if p not in mine])
-        if complete_epoch and complete_epoch == sess.witness_epoch:
-            sess.witness_complete = True
-            sess.refreed = sorted(mine.difference(held))
-            others = e.unreconciled_besides(set_id)
-            if sess.refreed and others:
-                # After a loss, a PASID this client freed may since have gone to a set
-                # whose alloc of it was lost too, and whose client has not resumed yet:
-                # freed now, it could go to a third set first. The free waits for them.
-                e.defer_refree(set_id, sess.refreed)
-                log.warning(
-                    "witness: PASIDs the set's client no longer holds are freed once the"
-                    " %d other stored sets are reconciled",
-                    others,
-                    extra={"session": set_id, "deferred": sess.refreed[:32]},
-                )
-                sess.refreed = []
-        elif complete_epoch:
-            log.info(
-                "witness: a complete witness states an old epoch (the set changed where"
-                " its client could not see it); taken as partial",
-                extra={"session": set_id},
-            )
-        want = sorted({p for p in held if p not in mine and 0 < p < e.allocator.namespace.size})
-        owners = e.allocator.owners(want)
-        free = [p for p in want if p not in owners]
-        clash = dict(owners)  # another set's (or quarantined, withheld, reserved: 0)
-        sess.reclaimed, sess.conflicts = free, sorted(clash)
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        done.set_result(None)
-        if clash:
-            contested = [p for p, o in clash.items() if o]
-            e.allocator.contest(contested)
-            for p, o in clash.items():
-                if not o:  # quarantined: withheld instead, so that no expiry reissues it
-                    with contextlib.suppress(ValueError):  # reserved: never reissued
-                        e.allocator.withhold([p])
-                    # Withheld already (a failed kernel call) counts too: a later DETACH
-                    # or free must not put it back in the pool while the witness holds it.
-                    if e.allocator.is_withheld(p):
-                        contested.append(p)
-            # Stored, with this set as the claimant: a restart keeps the contest, and this
-            # set's end lets go of it (stuck.Withheld.claimant_gone).
-            e.stuck.contested(set_id, contested)
-            by_owner: dict[int, list[int]] = {}
-            for p, o in clash.items():
-                by_owner.setdefault(o, []).append(p)
-            log.error(
-                "pasid conflict: a resuming client holds PASIDs the store gives to another"
-                " set or holds back; they are contested, never reissued silently",
-                extra={
-                    "session": set_id,
-                    "conflicts": sorted(clash)[:32],
-                    "owners": sorted(by_owner),
-                },
-            )
-            e.observers.pasid_conflict(set_id, len(clash))
-            for o, ps in sorted(by_owner.items()):
-                ps_t = tuple(sorted(ps))
-                e.journal.submit(
-                    LogConflict(set_id, ps_t, f"held by set {o}" if o else "held back"),
-                    _nothing,
-                    None,
-                )
-                if o:
-                    e.journal.submit(
-                        LogConflict(o, ps_t, f"claimed by set {set_id}'s client"),
-                        _nothing,
-                        None,
-                    )
-        if free:
-            got = e.allocator.claim(set_id, free)
-            try:
-                e.backend_calls.alloc_exact(got)
-            except BaseException:
-                e.allocator.release(set_id, free)
-                sess.reclaimed = []
-                raise
-
-            def undo() -> None:
-                e.backend_calls.free(got)
-                e.allocator.release(set_id, free)
-
-            log.warning(
-                "witness: PASIDs the store had lost claimed for their set again",
-                extra={"session": set_id, "reclaimed": free[:32], "count": len(free)},
-            )
-            done = e.journal.submit(AddPasids(set_id, tuple(free)), undo, None)
-        if sess.refreed:
-            done = self._refree(sess, done)
-        return done
-
-    def _refree(self, sess: Session, before: asyncio.Future[None]) -> asyncio.Future[None]:
-        """Free sess.refreed as the client's own free would (Broker.free_pasids: devices
-        detached, backend, quarantine, a free event), logged at WARNING; the future
-        resolves once this and `before` are durable. If the free fails before its commit (a
-        backend error), it undid itself: the set keeps them, as after a partial witness,
-        the open goes on (its set is attached already), and the next complete witness
-        tries again."""
-        e = self._engine
-        set_id = sess.session_id
-        ps = sess.refreed
-        try:
-            freed = e.free_pasids(sess, ps, REFREE_REASON)
-        except Exception as exc:
-            sess.refreed = []
-            log.error(
-                "witness: freeing PASIDs the set's client no longer holds failed; the set"
-                " keeps them",
-                extra={"session": set_id, "pasids": ps[:32], "error": describe_error(exc)},
-            )
-            return before
-        log.warning(
-            "witness: PASIDs the set's client no longer holds freed again (their"
-            " acknowledged free was lost by the store)",
-            extra={"session": set_id, "refreed": ps[:32], "count": len(ps)},
-        )
-        e.observers.pasids_refreed(set_id, len(ps))
-        loop = asyncio.get_running_loop()
-        out: asyncio.Future[None] = loop.create_future()
-
-        def both(_f: asyncio.Future[Any]) -> None:
-            if out.done() or not (before.done() and freed.done()):
-                return
-            for f in (before, freed):
-                if f.cancelled():
-                    out.cancel()
-                    return
-                if (exc := f.exception()) is not None:
-                    out.set_exception(exc)
-                    return
-            out.set_result(None)
-
-        before.add_done_callback(both)
-        freed.add_done_callback(both)
-        return out
 
     def _open(
         self,
@@ -916,9 +737,3 @@ class Sessions:
 
 def _nothing() -> None:
     """A note's undo: it changed no state."""
-
-
-def _done() -> asyncio.Future[None]:
-    fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    fut.set_result(None)
-    return fut

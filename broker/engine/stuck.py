@@ -35,7 +35,7 @@ open). A row without devices (written before migration 0010), or a device open
 elsewhere for good, stays withheld, said at ERROR, until the operator releases it
 (`pasid-broker withheld --release`, docs/runbook.md, "Withheld PASIDs").
 
-A witness may claim a withheld PASID too (Sessions.reconcile; `_claimed_by`): when the
+A witness may claim a withheld PASID too (Witnesses.reconcile; `_claimed_by`): when the
 kernel lets go it stays withheld until the witness's set is gone (claimant_gone). Its
 row keeps both the wait and the claimant (`_rows`, the one place rows are made), so a
 restart keeps both.
@@ -116,7 +116,7 @@ class Withheld:
         self._rescan: dict[int, tuple[float, str]] = {}
         self._unfreed: set[int] = set()  # the backend's free failed
         self._freed_by: dict[int, int] = {}  # an unfreed PASID -> its gone set (its row)
-        # Contested PASIDs -> the witness's set that claims them (Sessions.reconcile).
+        # Contested PASIDs -> the witness's set that claims them (Witnesses.reconcile).
         self._claimed_by: dict[int, int] = {}
         self._timer: asyncio.TimerHandle | None = None
 

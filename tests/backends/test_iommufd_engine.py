@@ -654,7 +654,7 @@ def test_a_contested_pasid_whose_late_free_fails_keeps_its_claim_across_a_restar
             w = await opened(broker, "witness")
             delegate(be, kernel, a)
             assert await broker.alloc(a, 1, 100, 2, "dev") == [1, 2]
-            await broker.sets.reconcile(w, [1])
+            await broker.witnesses.reconcile(w, [1])
             assert w.conflicts == [1]
             kernel.refuse = {1}
             broker.end_session(a, "test")

@@ -1,6 +1,6 @@
 """A withheld PASID keeps its claimant, whatever keeps it from the pool.
 
-A witness may claim a PASID (Sessions.reconcile) that a failed kernel call also
+A witness may claim a PASID (Witnesses.reconcile) that a failed kernel call also
 withholds: a DETACH or a backend free that failed at its set's end. The row's `kind`
 says what the broker waits for (a DETACH, a free, or only the claim: "contested"), and
 `set_id` names that kind's set (the gone set of a "detach" or "free" row, the claimant
