@@ -5,7 +5,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 VAR     ?= var
 
-.PHONY: run test fuzz kernel-test image-test lint fmt proto lock bench bench-core profile crash-test clean
+.PHONY: run test fuzz kernel-test image-test lint fmt proto schema lock bench bench-core profile crash-test clean
 
 $(STAMP): pyproject.toml clients/pyproject.toml constraints-dev.txt
 	@python3 -m venv --help >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq python3-venv)
@@ -65,6 +65,11 @@ fmt: $(STAMP)
 
 proto: $(STAMP)
 	$(PY) tools/genproto.py
+
+# After adding a migration: the statements a new database is made from (head_schema.py).
+schema: $(STAMP)
+	$(PY) tools/genschema.py
+	$(VENV)/bin/ruff format broker/store/migrations/head_schema.py
 
 # Re-resolve the development and test environment into constraints-dev.txt (tools/lock.py),
 # after changing a dependency; the next `make test` installs exactly that.

@@ -1,9 +1,10 @@
-"""Opening the database file: create it 0600, migrate its schema, check it, load it.
+"""Opening the database file: create it 0600, create or migrate its schema, check it,
+load it.
 
 A file that cannot be trusted is refused (StoreError), never repaired
 (docs/durability.md). Alembic (with SQLAlchemy) owns the schema, but is imported only
 when a migration is due (broker/store/migrations): a restart on an up-to-date file does
-not pay for its import.
+not pay for its import, nor does a new one (made from the schema the migrations leave).
 """
 
 from __future__ import annotations
@@ -101,7 +102,12 @@ def open_database(
         conn = _connect_private(path, synchronous)
         restrict_files(path)
         if snapshot is None:  # a new database, or one a migration changes: read it now
-            if not migrations.is_current(conn):
+            if migrations.is_new(conn):
+                log.info(
+                    "store schema migrated",
+                    extra={"from": "empty", "to": migrations.create(conn)},
+                )
+            elif not migrations.is_current(conn):
                 # Alembic opens a connection of its own, which this one's exclusive lock
                 # would refuse: close it for the migration, then open it again.
                 conn.close()

@@ -13,6 +13,7 @@ import pytest
 from pasid_client import Client, InvalidRange, NotFound, QuotaExceeded
 
 from broker.engine import hash_token
+from broker.store import migrations
 from tests.harness import ROOT, BrokerProcess, run_broker_once, wait_until
 
 LIFECYCLE = ("session opened", "session resumed", "session detached", "set destroyed")
@@ -203,13 +204,26 @@ def test_grpc_core_lines_become_json_in_json_mode() -> None:
 
 
 def test_the_start_log_has_no_alembic_chatter_unless_debug() -> None:
-    """A first start migrates an empty store: the broker says so once ("store schema
-    migrated"); alembic's own INFO lines ("Context impl SQLiteImpl.", "Will assume
-    transactional DDL.", "Running upgrade ...") appear only at --log-level DEBUG."""
+    """A start that migrates a store says so once ("store schema migrated", from and to);
+    alembic's own INFO lines ("Context impl SQLiteImpl.", "Will assume transactional
+    DDL.", "Running upgrade ...") appear only at --log-level DEBUG. The store migrated
+    is the first release's (a new one is made without Alembic, from head_schema.py), and
+    a new store's first start says the same line, from "empty"."""
+    from tests.store.test_migrations import make_v1_db
+
+    b = BrokerProcess()
+    try:
+        b.start()
+        assert b.stop() == 0
+        [created] = [e for e in _json_lines(b.read_log()) if e["msg"] == "store schema migrated"]
+        assert (created["from"], created["to"]) == ("empty", migrations.HEAD)
+    finally:
+        b.cleanup()
     logs = {}
     for level in ("INFO", "DEBUG"):
         b = BrokerProcess("--log-level", level)
         try:
+            make_v1_db(Path(b.db))
             b.start()
             assert b.stop() == 0
             logs[level] = _json_lines(b.read_log())
@@ -221,6 +235,6 @@ def test_the_start_log_has_no_alembic_chatter_unless_debug() -> None:
         "SQLiteImpl" in str(e["msg"]) or "transactional DDL" in str(e["msg"]) for e in info
     )
     [migrated] = [e for e in info if e["msg"] == "store schema migrated"]
-    assert migrated["from"] == "empty"
+    assert (migrated["from"], migrated["to"]) == ("0001", migrations.HEAD)
     chatter = {str(e["msg"]) for e in logs["DEBUG"] if str(e["logger"]).startswith("alembic")}
     assert "Context impl SQLiteImpl." in chatter, chatter

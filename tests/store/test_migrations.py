@@ -154,12 +154,7 @@ def test_head_names_the_newest_migration() -> None:
     assert migrations.head() == migrations.HEAD
 
 
-def test_an_up_to_date_store_opens_without_alembic(tmp_path: Path) -> None:
-    """Alembic and SQLAlchemy are a third of the daemon's start: loaded only to migrate."""
-    db = tmp_path / "b.db"
-    st = SqliteStore(db)
-    st.open()  # creates (and migrates) the database
-    st.close()
+def _opens_without_alembic(db: Path) -> None:
     code = (
         "import sys\n"
         "from broker.store import SqliteStore\n"
@@ -170,6 +165,66 @@ def test_an_up_to_date_store_opens_without_alembic(tmp_path: Path) -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "[]"
+
+
+def test_an_up_to_date_store_opens_without_alembic(tmp_path: Path) -> None:
+    """Alembic and SQLAlchemy are a third of the daemon's start: loaded only to migrate."""
+    db = tmp_path / "b.db"
+    st = SqliteStore(db)
+    st.open()  # creates the database
+    st.close()
+    _opens_without_alembic(db)
+
+
+def test_a_new_store_is_created_without_alembic(tmp_path: Path) -> None:
+    """A new database gets the schema the migrations leave (head_schema.py) without
+    replaying them, so without importing Alembic either."""
+    _opens_without_alembic(tmp_path / "b.db")
+
+
+def _statements(db: Path) -> list[str]:
+    c = sqlite3.connect(db)
+    try:
+        return list(c.iterdump())
+    finally:
+        c.close()
+
+
+def test_head_schema_is_what_the_migrations_leave(tmp_path: Path) -> None:
+    """head_schema.py (tools/genschema.py) against a run of every migration on an empty
+    database: a migration added without regenerating it fails here. And a store created
+    from it holds exactly those statements (before the store's own first rows)."""
+    from broker.store.migrations import head_schema
+    from broker.store.opening import migrate
+
+    replayed = tmp_path / "replayed.db"
+    migrate(replayed, "FULL")
+    assert (head_schema.REVISION, list(head_schema.STATEMENTS)) == (
+        migrations.head(),
+        _statements(replayed),
+    ), "stale broker/store/migrations/head_schema.py: run tools/genschema.py"
+    created = tmp_path / "created.db"
+    c = sqlite3.connect(created, isolation_level=None)
+    assert migrations.is_new(c)
+    assert migrations.create(c) == migrations.HEAD
+    assert not migrations.is_new(c) and migrations.is_current(c)
+    c.close()
+    assert _statements(created) == _statements(replayed)
+
+
+def test_a_failed_create_leaves_nothing(tmp_path: Path) -> None:
+    """create is one transaction: a database that refuses it mid-way (a read-only
+    connection here) is left with no table, and the next open starts again."""
+    db = tmp_path / "b.db"
+    sqlite3.connect(db).close()
+    c = sqlite3.connect(f"file:{db}?mode=ro", uri=True, isolation_level=None)
+    with pytest.raises(sqlite3.OperationalError):
+        migrations.create(c)
+    assert not c.in_transaction
+    c.close()
+    c = sqlite3.connect(db)
+    assert migrations.is_new(c)
+    c.close()
 
 
 def test_0007_keeps_a_0006_quarantine_and_round_trips(tmp_path: Path) -> None:
