@@ -146,6 +146,10 @@ class Broker:
         self.events = EventFanout(store, watch_buffer)
         self.stopping = False
         self.ready = False
+        # Readiness as the daemon decided it (broker/service/server.py `set_ready`): False
+        # while recovering, draining, or while commits fail or are slow. The health
+        # service's readiness and the pasid_broker_ready gauge both say this one value.
+        self.serving = False
         # After a restore or an unclean start: allocations wait for these sets' holders
         # (witness_seen); `_waiting_after` names which, for the logs.
         self._awaited_holders: set[int] | None = None

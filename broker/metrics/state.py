@@ -82,7 +82,7 @@ def take_state(broker: Broker, top: int = TOP_CLIENTS) -> State | None:
     rest = sum(n for _, n in ranked[top:])
     q = i.quotas
     return State(
-        ready=broker.ready and not broker.stopping,  # draining is not serving
+        ready=broker.serving,  # what the health service's readiness says
         backend=i.backend,
         pasid_bits=i.pasid_bits,
         capacity=i.capacity,
@@ -149,7 +149,10 @@ class StateCollector(Collector):
         yield info
         st = self._snapshot()
         ready = GaugeMetricFamily(
-            "pasid_broker_ready", "1 once recovery is done and requests are served, else 0."
+            "pasid_broker_ready",
+            "1 while readiness (the health services '' and pasid.v1.PasidBroker) is SERVING;"
+            " 0 while recovering, draining, or while commits fail or are slower than"
+            " --slow-commit-seconds.",
         )
         ready.add_metric([], 1.0 if st is not None and st.ready else 0.0)
         yield ready

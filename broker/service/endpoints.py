@@ -217,7 +217,8 @@ class Endpoints:
     health_address: str = "off"
 
     async def set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
-        """Readiness: "" and SERVICE_NAME (recovering, slow commits, a failed store)."""
+        """Readiness: "" and SERVICE_NAME (recovering, slow commits, a failed store).
+        Set through server.set_ready only, which records it for pasid_broker_ready."""
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 

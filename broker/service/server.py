@@ -115,7 +115,7 @@ async def _run(
         policy,
     )
     peer = build_peer_server(config, engine)
-    await endpoints.set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+    await set_ready(engine, endpoints, False)
 
     peer_started = store_open = False
     recovery: asyncio.Task[None] | None = None
@@ -143,7 +143,7 @@ async def _run(
         stop_on_signals(stop)
         # 6. ready: recovery done, health SERVING, READY to systemd.
         await recovery
-        await endpoints.set_health(health_pb2.HealthCheckResponse.SERVING)
+        await set_ready(engine, endpoints, True)
         serving = announce(config, engine, endpoints, notifier, tls, metrics_url, nofile)
         readiness = asyncio.create_task(
             follow_commits(config, engine, endpoints, notifier, serving)
@@ -405,11 +405,10 @@ async def follow_commits(
     and while a commit takes longer than --slow-commit-seconds; SERVING again once commits
     land and are quick. The event loop never waits on a commit (the journal's writer
     thread does), so health, GetInfo and releases keep answering meanwhile, and so does
-    the 'liveness' service. systemd's STATUS says the same (`serving`: the text for
-    when all is well)."""
+    the 'liveness' service. pasid_broker_ready (set_ready) and systemd's STATUS say the
+    same (`serving`: the text for when all is well)."""
     bound = config.slow_commit_seconds
     journal = engine.broker.journal
-    status = health_pb2.HealthCheckResponse
     slow = failing = False
     while True:
         await asyncio.sleep(min(bound / 4, 0.25) if bound > 0 else 0.25)
@@ -438,13 +437,23 @@ async def follow_commits(
                 extra={"last_commit_seconds": round(journal.last_commit_seconds, 6)},
             )
         slow, failing = now_slow, now_failing
-        await endpoints.set_health(status.NOT_SERVING if slow or failing else status.SERVING)
+        await set_ready(engine, endpoints, not (slow or failing))
         if failing:
             notifier.status(f"not ready: commits are failing ({error}); every change refused")
         elif slow:
             notifier.status(f"not ready: commits are slower than {bound:g} s")
         else:
             notifier.status(serving)
+
+
+async def set_ready(engine: Engine, endpoints: Endpoints, ready: bool) -> None:
+    """Readiness, decided by the start-up, follow_commits, the drain and a failed
+    store, and said here only: recorded as Broker.serving, which the health service's
+    readiness ("" and SERVICE_NAME) is set from and pasid_broker_ready reads, so that the
+    probe and the gauge (its alert, PasidBrokerNotReady) never disagree."""
+    engine.broker.serving = ready
+    status = health_pb2.HealthCheckResponse
+    await endpoints.set_health(status.SERVING if engine.broker.serving else status.NOT_SERVING)
 
 
 def stop_on_store_failure(engine: Engine, stop: asyncio.Event) -> None:
@@ -461,7 +470,7 @@ async def store_failed(
     acknowledged any more) nor a checkpoint (Broker.stop)."""
     failure = engine.broker.failure
     assert failure is not None
-    await endpoints.set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+    await set_ready(engine, endpoints, False)
     await endpoints.set_liveness(health_pb2.HealthCheckResponse.NOT_SERVING)
     notifier.status(f"store failed: {failure.message}; exiting for a restart")
     log.critical(
@@ -489,6 +498,7 @@ async def drain(
     engine.broker.stopping = True
     peer.refuse_all(PEER_SHUTTING_DOWN)
     engine.broker.end_watches()
+    await set_ready(engine, endpoints, False)  # then every health service, by the drain
     await endpoints.drain(config.drain_seconds)
 
 

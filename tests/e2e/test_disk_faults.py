@@ -38,6 +38,7 @@ from tests.harness import (
     db_holdings,
     wait_until,
 )
+from tests.metrics.scrape import scrape
 
 EXIT_STORE_FAILED = 3  # broker.service.server.EXIT_STORE_FAILED
 
@@ -164,7 +165,8 @@ def test_slow_writes_do_not_stall_probes_and_readiness_follows_them() -> None:
     """Every pwrite64 of the broker takes 200 ms (strace delay). Commits run on the
     writer thread, so health, GetInfo and a dead holder's release are answered at once
     meanwhile; readiness turns NOT_SERVING (commits slower than the bound) while the
-    'liveness' service stays SERVING, and readiness comes back once the disk is quick."""
+    'liveness' service stays SERVING, and readiness comes back once the disk is quick.
+    pasid_broker_ready, scraped over HTTP, says the same."""
     b = BrokerProcess("--slow-commit-seconds", "0.5")
     holder: subprocess.Popen[str] | None = None
     try:
@@ -195,6 +197,7 @@ def test_slow_writes_do_not_stall_probes_and_readiness_follows_them() -> None:
                 load = threading.Thread(target=write_load, daemon=True)
                 load.start()
                 wait_until(lambda: b.health(timeout=5.0) == "NOT_SERVING", 15, 0.05, "not ready")
+                assert scrape(b.metrics_url).value("pasid_broker_ready") == 0
                 probes = [_timed(lambda: b.health("liveness", timeout=5.0)) for _ in range(10)]
                 infos = [_timed(c.info) for _ in range(10)]
                 assert b.health("liveness", timeout=5.0) == "SERVING"
@@ -211,6 +214,7 @@ def test_slow_writes_do_not_stall_probes_and_readiness_follows_them() -> None:
             slow_acks = list(acks)
             # Quick again: readiness returns (after the slow commits' hold).
             wait_until(lambda: b.health(timeout=5.0) == "SERVING", 20, 0.1, "ready again")
+            assert scrape(b.metrics_url).value("pasid_broker_ready") == 1
             s.alloc(1, 1 << 19, 1)
             for service in ("", "liveness"):  # as an operator's probe asks
                 r = subprocess.run(

@@ -196,13 +196,15 @@ def test_disk_full_then_recovers() -> None:
     liveness and reads answer, and for longer than --store-error-exit-seconds (a full
     disk is waited for, never a reason to exit). Room again: the broker's own probe write
     lands, readiness is SERVING again without any request, and the reclaim of a session
-    that ended meanwhile lands (retried every second)."""
+    that ended meanwhile lands (retried every second). pasid_broker_ready, scraped over
+    HTTP, says what readiness says throughout (its alert is PasidBrokerNotReady)."""
     with tmpfs(1024) as fs:
         b = BrokerProcess(
             "--restart-grace", "1", "--store-error-exit-seconds", "1", workdir=str(fs)
         )
         try:
             b.start()
+            assert _metric(b, "pasid_broker_ready") == 1
             with Client(b.address) as c:
                 keep = c.session("keeper", grace_seconds=60)
                 kept = keep.alloc(1, 1000, 10)
@@ -218,6 +220,7 @@ def test_disk_full_then_recovers() -> None:
                 assert b.health("liveness") == "SERVING"
                 assert b.health(SERVICE_NAME) == "NOT_SERVING"
                 assert _metric(b, "pasid_broker_store_failing_seconds") > 0
+                assert _metric(b, "pasid_broker_ready") == 0
                 state = assert_memory_matches_disk(b)
                 assert state[keep.session_id][:10] == kept
                 # A session's end cannot be committed either: its set stays, detached,
@@ -231,6 +234,7 @@ def test_disk_full_then_recovers() -> None:
                 assert {doomed.session_id, held["session_id"]} <= set(state), state
                 assert b.proc is not None and b.proc.poll() is None  # past the exit time
                 assert b.health() == "NOT_SERVING"
+                assert _metric(b, "pasid_broker_ready") == 0
                 filler.unlink()
                 wait_until(lambda: b.health() == "SERVING", 10, 0.05, "SERVING again")
                 wait_until(
@@ -240,6 +244,8 @@ def test_disk_full_then_recovers() -> None:
                     "reclaim retries",
                 )
                 assert _metric(b, "pasid_broker_store_failing_seconds") == 0
+                assert b.health() == "SERVING"
+                assert _metric(b, "pasid_broker_ready") == 1
                 assert keep.alloc(1, 1000, 1) == [11]
                 state = assert_memory_matches_disk(b)
                 assert set(state) == {keep.session_id}

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from pasid_client import Client, QuotaExceeded
+from pasid_client import Client, QuotaExceeded, Session
 
 from broker.metrics import LATENCY_BUCKETS, RECLAIM_REASONS, TOP_CLIENTS, reclaim_reason
 from tests.harness import ROOT, BrokerProcess, run_broker_once, wait_until
@@ -334,12 +334,15 @@ def test_metrics_off_and_taken_port(
 
 def test_ready_drops_while_draining() -> None:
     """A request in flight at SIGTERM keeps the broker draining (its commit is slowed by
-    the test-only fault hook); meanwhile the scrape says ready 0."""
+    the test-only fault hook); meanwhile the scrape says ready 0. Slow commits alone do
+    not make it 0 here (--slow-commit-seconds 0: off): only the drain does."""
     b = BrokerProcess(
         "--drain-seconds",
         "20",
         "--metrics-address",
         "127.0.0.1:0",
+        "--slow-commit-seconds",
+        "0",
         env={"PASID_BROKER_TEST_FAULTS": "commit_delay_ms=1500"},
     )
     try:
@@ -359,5 +362,36 @@ def test_ready_drops_while_draining() -> None:
             t.join(30)
             assert done and done[0] == [1]  # answered before the broker went
         assert b.proc.wait(30) == 0
+    finally:
+        b.cleanup()
+
+
+def test_ready_follows_readiness_while_commits_are_slow() -> None:
+    """Every commit takes 1.5 s (the test-only fault hook), over --slow-commit-seconds
+    0.5: while a session's open is on the writer thread readiness is NOT_SERVING, and the
+    scrape says ready 0 with it (PasidBrokerNotReady watches this gauge); once commits
+    have been quick for a while (the journal's SLOW_HOLD), both say ready again."""
+    b = BrokerProcess(
+        "--slow-commit-seconds",
+        "0.5",
+        env={"PASID_BROKER_TEST_FAULTS": "commit_delay_ms=1500"},
+    )
+    try:
+        b.start()
+        url = b.metrics_url
+        wait_until(lambda: b.health() == "SERVING", 20, 0.1, "ready")
+        assert scrape(url).value("pasid_broker_ready") == 1
+        with Client(b.address) as c:
+            opened: list[Session] = []
+            t = threading.Thread(target=lambda: opened.append(c.session("vm")), daemon=True)
+            t.start()  # its open commits, slowly
+            wait_until(lambda: b.health() == "NOT_SERVING", 10, 0.02, "not ready: slow")
+            assert scrape(url).value("pasid_broker_ready") == 0
+            assert b.health("liveness") == "SERVING"
+            t.join(30)
+            assert opened, "the open was not answered"
+            wait_until(lambda: b.health() == "SERVING", 20, 0.1, "ready again")
+            assert scrape(url).value("pasid_broker_ready") == 1
+            opened[0].close()
     finally:
         b.cleanup()
