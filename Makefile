@@ -51,6 +51,7 @@ kernel-test: $(STAMP)
 # The container images built (buildah, from a Debian base made by mmdebstrap) and run as
 # containers: the broker as PID 1, its HEALTHCHECK, a client through the mounted socket,
 # SIGTERM. Installs buildah and mmdebstrap if missing; caches in /var/cache/pasid-broker/.
+# `make test` runs the same tier once this has cached the base (skipping it before).
 image-test: $(STAMP)
 	PASID_IMAGE_TEST=1 $(PY) -m pytest -v -s tests/deploy/test_image_build.py
 
