@@ -8,12 +8,17 @@ and cache, as `pip install pasid-client` would.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import subprocess
 import sys
+import tempfile
 import tomllib
 import venv
 import zipfile
+from collections.abc import Iterator
 from email.parser import Parser
 from pathlib import Path
 
@@ -29,16 +34,33 @@ def _norm(name: str) -> str:
     return name.lower().replace("_", "-").replace(".", "-")
 
 
+# setuptools builds in the project's own build/ and *.egg-info: two builds of this
+# checkout at once (these tests run on several workers) collided there once, "[Errno 17]
+# File exists: 'build/bdist.linux-x86_64/wheel/pasid_broker-0.1.0.dist-info'".
+_BUILD_LOCK = Path(tempfile.gettempdir()) / (
+    f"pasid-checkout-build-{hashlib.sha256(str(ROOT).encode()).hexdigest()[:12]}.lock"
+)
+
+
+@contextlib.contextmanager
+def _building_in_checkout() -> Iterator[None]:
+    """One build (or metadata preparation) in this checkout at a time."""
+    with open(_BUILD_LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def _build_wheel(project: Path, out: Path) -> Path:
-    r = subprocess.run(
-        [
-            *(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"),
-            *("-w", str(out), str(project)),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    with _building_in_checkout():
+        r = subprocess.run(
+            [
+                *(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"),
+                *("-w", str(out), str(project)),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert r.returncode == 0, r.stderr
     (wheel,) = out.glob("*.whl")
     return wheel
@@ -167,9 +189,13 @@ def _fake_index(into: Path) -> Path:
 
 
 def _pip(*args: str, python: str = sys.executable) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [python, "-m", "pip", *args], capture_output=True, text=True, timeout=300, cwd=ROOT
-    )
+    """pip in the checkout; one naming its projects ("." or "./clients") builds their
+    metadata there, so it takes the build lock."""
+    local = {".", "./clients"}.intersection(args)
+    with _building_in_checkout() if local else contextlib.nullcontext():
+        return subprocess.run(
+            [python, "-m", "pip", *args], capture_output=True, text=True, timeout=300, cwd=ROOT
+        )
 
 
 def _resolved(report: Path) -> dict[str, dict[str, str]]:
