@@ -42,7 +42,7 @@ from broker.core.ioctl import PasidOp, check_pasid_request
 from broker.engine.backend_calls import BackendCalls
 from broker.engine.events import WATCH_BUFFER, EventFanout
 from broker.engine.holders import Holder
-from broker.engine.journal import Journal, done_future, then
+from broker.engine.journal import Journal, done_future, no_undo, then
 from broker.engine.lifecycle import SetEvent
 from broker.engine.observers import Observers
 from broker.engine.recovery import recover
@@ -402,7 +402,7 @@ class Broker:
         withheld or contested PASID's row, a detach time. It commits in order with every
         other change; a failure is logged (the store then keeps the more cautious state,
         or the set's destroy in the same batch is undone and retried)."""
-        fut = self.journal.submit(record, _nothing, None)
+        fut = self.journal.submit(record, no_undo, None)
         fut.add_done_callback(_log_persist_failure)
 
     # -- events (events.py) ---------------------------------------------------------------
@@ -788,10 +788,6 @@ class Broker:
             quarantined=a.quarantined,
             widths=tuple(self.devices.widths()) if self.devices is not None else (),
         )
-
-
-def _nothing() -> None:
-    """Broker.persist's undo: the record changed no state of its own."""
 
 
 def _log_persist_failure(fut: asyncio.Future[None]) -> None:

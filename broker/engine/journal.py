@@ -496,6 +496,11 @@ def then(fut: asyncio.Future[T], fn: Callable[[T], U]) -> asyncio.Future[U]:
     return out
 
 
+def no_undo() -> None:
+    """The undo of a record that changed no state of its own (a note, an epoch, a log
+    line): Journal.submit's `undo` for it."""
+
+
 def done_future(value: T) -> asyncio.Future[T]:
     fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
     fut.set_result(value)

@@ -41,6 +41,7 @@ from broker.core import (
     uid_identity,
 )
 from broker.engine.holders import Holder, Holders, reopen_holder
+from broker.engine.journal import no_undo
 from broker.engine.lifecycle import Action, SetEvent, action_for
 from broker.engine.witness import new_epoch
 from broker.peer import credentials
@@ -557,7 +558,7 @@ class Sessions:
     def _note(self, sess: Session, kind: str, reason: str, at: float | None = None) -> None:
         """set_detached / set_reattached into the event log (Watch), and to observers;
         the store keeps the detach time `at` (sets.detached_unix) for a restart."""
-        self._engine.journal.submit(NoteSetState(sess.session_id, kind, reason, at), _nothing, None)
+        self._engine.journal.submit(NoteSetState(sess.session_id, kind, reason, at), no_undo, None)
         self._engine.observers.set_state_changed(sess.session_id, kind)
 
     def release(self, sess: Session) -> asyncio.Future[int]:
@@ -733,7 +734,3 @@ class Sessions:
         self._sessions.pop(sess.session_id, None)
         self._by_token.pop(sess.token_hash, None)
         self._engine.witness_seen(sess.session_id)  # a set gone is awaited no more
-
-
-def _nothing() -> None:
-    """A note's undo: it changed no state."""

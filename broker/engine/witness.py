@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from broker.core import describe_error
-from broker.engine.journal import done_future
+from broker.engine.journal import done_future, no_undo
 from broker.store import AddPasids, LogConflict, SetWitnessEpoch
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ class Witnesses:
         sess.witness_epoch = new_epoch()
         sess.epoch_told = False
         return self._engine.journal.submit(
-            SetWitnessEpoch(sess.session_id, sess.witness_epoch), _nothing, None
+            SetWitnessEpoch(sess.session_id, sess.witness_epoch), no_undo, None
         )
 
     def reconcile(
@@ -162,13 +162,13 @@ class Witnesses:
                 ps_t = tuple(sorted(ps))
                 e.journal.submit(
                     LogConflict(set_id, ps_t, f"held by set {o}" if o else "held back"),
-                    _nothing,
+                    no_undo,
                     None,
                 )
                 if o:
                     e.journal.submit(
                         LogConflict(o, ps_t, f"claimed by set {set_id}'s client"),
-                        _nothing,
+                        no_undo,
                         None,
                     )
         if free:
@@ -289,10 +289,6 @@ class Witnesses:
             extra={"session": set_id, "refreed": still[:32], "count": len(still)},
         )
         e.observers.pasids_refreed(set_id, len(still))
-
-
-def _nothing() -> None:
-    """A record's undo: it changed no state of its own."""
 
 
 def _log_refree_failure(fut: asyncio.Future[int]) -> None:
