@@ -110,9 +110,17 @@ class Devices(Protocol):
         delegated it again; True when all succeeded (none is attached on it now)."""
         ...
 
-    def still_open(self, keys: Sequence[str]) -> str | None:
+    def still_delegated(self, keys: Sequence[str]) -> str | None:
+        """Why these devices may still be bound as the broker's own state says (no keys,
+        a live set has one delegated); None if only open_elsewhere can tell. On the
+        event loop."""
+        ...
+
+    def open_elsewhere(self, keys: Sequence[str], give_up_after: float) -> str | None:
         """None if no other process has any of these devices open (nothing can be
-        attached through them any more); else why not."""
+        attached through them any more); else why not. Reads /proc only, not the
+        broker's state: called on a thread of its own (a look stats every fd on the
+        host), and proves nothing after `give_up_after` seconds."""
         ...
 
     def adopt_delegated(

@@ -467,20 +467,28 @@ class IommufdBackend:
 
     def stuck_devices(self, set_id: int) -> list[str]:
         """The keys (DeviceHandle.key) of the gone set's devices with a PASID still
-        attached, for the store: what a restarted broker looks for (still_open)."""
+        attached, for the store: what a restarted broker looks for (open_elsewhere)."""
         return sorted({h.key for h in self._stuck.get(set_id, []) if h.key and h.attached})
 
-    def still_open(self, keys: Sequence[str]) -> str | None:
-        """None if no other process has any of these devices open, nor a live set of
-        ours (its fd may be the same bound file): then no binding of them is left, and
-        nothing is attached through one (iommufd_checks.open_elsewhere); else why not.
-        No keys: nothing to look for, no proof."""
+    def still_delegated(self, keys: Sequence[str]) -> str | None:
+        """Why these devices may still be bound, as far as the broker's own state says
+        (on the event loop): no keys (nothing to look for, no proof), or a live set of
+        ours has one delegated (its fd may be the same bound file). None: only a look
+        through /proc (open_elsewhere) can tell."""
         if not keys:
             return "no device was recorded for them"
         live = sorted({h.set_id for h in self.devices() if h.key in keys})
         if live:
             return f"device delegated to set {', '.join(map(str, live))}"
-        return open_elsewhere(keys)
+        return None
+
+    def open_elsewhere(self, keys: Sequence[str], give_up_after: float) -> str | None:
+        """None if no other process has any of these devices open: then no binding of
+        them is left, and nothing is attached through one; else why not
+        (iommufd_checks.open_elsewhere). Reads /proc and nothing of the broker's state,
+        so it may run on a thread of its own; a look longer than `give_up_after`
+        seconds proves nothing."""
+        return open_elsewhere(keys, give_up_after=give_up_after)
 
     def detach_on(self, key: str, pasids: Sequence[int]) -> bool:
         """After a restart: DETACH `pasids` through a device a live set delegated that is
@@ -519,7 +527,7 @@ class IommufdBackend:
 
     def let_go(self, set_id: int) -> list[int]:
         """The gone set's holder has exited and no other process has its devices open
-        (still_open): close the broker's copies of its device fds, the last ones (the
+        (open_elsewhere): close the broker's copies of its device fds, the last ones (the
         kernel detaches at a device fd's last close); returns the PASIDs."""
         before = set(self.stuck().get(set_id, ()))
         for handle in self._stuck.get(set_id, []):

@@ -27,8 +27,10 @@ The rule for a failed DETACH, once no DETACH is left to retry (the holder exited
 restart closed the broker's fds): a VFIO cdev is bound to an iommufd through one open
 file at a time, and the kernel detaches every PASID attached through it when that
 file's last fd closes. So the PASIDs are proven free when no process (but the broker)
-has the device open any more: `Devices.still_open` reads /proc for the device (its
-key, stored in the "detach" row). The holder's exit is proof only together with that:
+has the device open any more: `Devices.open_elsewhere` reads /proc for the device (its
+key, stored in the "detach" row), on a thread of its own (`_Look`): it stats every fd
+on the host, 0.3 s with 50k fds, which on the event loop stalled health, GetInfo and
+releases. The holder's exit is proof only together with that:
 a child that inherited the device fd, or a process it was passed to, keeps the binding
 and the attachment. While the holder lives, the broker waits for it (it has the device
 open). A row without devices (written before migration 0010), or a device open
@@ -44,8 +46,10 @@ restart keeps both.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import NamedTuple
@@ -62,6 +66,19 @@ RETRY_SECONDS = 1.0
 # A gone set's devices found open elsewhere are looked for again after this long: the
 # look reads every process's fds in /proc.
 RESCAN_SECONDS = 10.0
+# A look through /proc still going after this long stops, proving nothing (looked for
+# again after RESCAN_SECONDS): the one look thread is never held for good.
+LOOK_SECONDS = 30.0
+
+
+class _Look:
+    """One look through /proc for a gone set's devices, on a thread of its own: its
+    answer (Devices.open_elsewhere) arrives on the event loop, which retries at once."""
+
+    def __init__(self, devices: tuple[str, ...]) -> None:
+        self.devices = devices
+        self.done = False
+        self.why: str | None = None
 
 
 class DetachWait(NamedTuple):
@@ -114,6 +131,9 @@ class Withheld:
         self._restored: dict[int, DetachWait] = {}
         # Gone set -> when its devices may be looked for again, and what was last said.
         self._rescan: dict[int, tuple[float, str]] = {}
+        # Gone set -> its look through /proc, running (one at a time) or answered.
+        self._looks: dict[int, _Look] = {}
+        self._looking = False
         self._unfreed: set[int] = set()  # the backend's free failed
         self._freed_by: dict[int, int] = {}  # an unfreed PASID -> its gone set (its row)
         # Contested PASIDs -> the witness's set that claims them (Witnesses.reconcile).
@@ -225,6 +245,13 @@ class Withheld:
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(RETRY_SECONDS, self.retry)
 
+    def _retry_now(self) -> None:
+        """A look answered: retry at once rather than at the next tick, so that the
+        answer is used while it is fresh."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(0, self.retry)
+
     def retry(self) -> list[int]:
         """Retry the kernel calls; let go of the sets whose holder exited; release what
         the kernel no longer uses. Returns those PASIDs."""
@@ -272,6 +299,9 @@ class Withheld:
         if done:
             self._store(done)
             log.info("withheld PASIDs released", extra={"pasids": sorted(done)[:32]})
+        waiting = self._holders.keys() | self._restored.keys()
+        for set_id in [s for s in self._looks if s not in waiting]:
+            del self._looks[set_id]  # its wait ended otherwise: its answer is not needed
         if self._unfreed or self._restored or (self._devices is not None and self._devices.stuck()):
             self._schedule()
         return sorted(done)
@@ -310,7 +340,16 @@ class Withheld:
         if self._devices is None:
             why: str | None = "this backend has no devices to look for"
         else:
-            why = self._devices.still_open(devices)
+            why = self._devices.still_delegated(devices)
+        if why is None:
+            look = self._looks.get(set_id)
+            if look is None or look.devices != tuple(devices):
+                self._look(set_id, tuple(devices))
+                return False
+            if not look.done:
+                return False
+            del self._looks[set_id]
+            why = look.why
         if why is None:
             self._rescan.pop(set_id, None)
             return True
@@ -327,6 +366,32 @@ class Withheld:
                 extra={"session": set_id, "pasids": list(pasids)[:32], "devices": devices},
             )
         return False
+
+    def _look(self, set_id: int, devices: tuple[str, ...]) -> None:
+        """Start the look through /proc for the set's devices on a thread, unless one
+        runs already (one at a time: the next set's waits for the next retry)."""
+        if self._looking or self._devices is None:
+            return
+        look = self._looks[set_id] = _Look(devices)
+        self._looking = True
+        loop = asyncio.get_running_loop()
+        find = self._devices.open_elsewhere
+
+        def answered(why: str | None) -> None:
+            self._looking = False
+            if self._looks.get(set_id) is look:
+                look.why, look.done = why, True
+                self._retry_now()
+
+        def run() -> None:
+            try:
+                why = find(devices, LOOK_SECONDS)
+            except Exception as exc:  # a look that fails proves nothing
+                why = f"the look through /proc failed: {type(exc).__name__}: {exc}"
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(answered, why)
+
+        threading.Thread(target=run, name="pasid-proc-look", daemon=True).start()
 
     def rows(self) -> list[Withhold]:
         """Every withheld PASID's row as the store has it now (PasidAdmin.ListWithheld)."""
@@ -387,6 +452,7 @@ class Withheld:
         return [Withhold(tuple(ps), *key) for key, ps in sorted(rows.items(), key=_by_first)]
 
     def close(self) -> None:
+        self._looks.clear()  # a look's late answer finds nothing to retry for
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -20,6 +20,7 @@ import random
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -948,3 +949,91 @@ def test_a_device_a_live_set_delegated_is_no_proof_either(
 
     with live_holder() as holder:
         asyncio.run(main(holder))
+
+
+FD_HOARDER = """
+import os, resource, sys
+n = min(int(sys.argv[1]), resource.getrlimit(resource.RLIMIT_NOFILE)[1] - 64)
+resource.setrlimit(resource.RLIMIT_NOFILE, (n + 64, n + 64))
+fd = os.open(os.devnull, os.O_RDONLY)
+for _ in range(n):
+    os.dup(fd)
+print(n, flush=True)
+sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def fd_hoarders(n: int) -> Iterator[None]:
+    """Processes with `n` open fds between them (each as many as its hard limit allows),
+    as a host with many VMMs has: every look for a device in /proc stats each one."""
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        while n > 0 and len(procs) < 64:
+            p = subprocess.Popen(
+                [sys.executable, "-c", FD_HOARDER, str(n)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            procs.append(p)
+            assert p.stdout is not None
+            n -= int(p.stdout.readline())
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def test_the_look_through_proc_does_not_stall_the_event_loop(tmp_path: Path) -> None:
+    """The proof that a withheld PASID's device is open nowhere reads every process's fds
+    in /proc (about 6 us each: 0.3 s on a host with 50k fds). It must run off the event
+    loop, which meanwhile answers health, GetInfo and releases: here a ticker on the loop
+    measures the longest the loop was away while the look ran, against the look's own
+    duration in the same run (processes with 60k fds make it long)."""
+    from broker.backends.iommufd_checks import open_elsewhere
+
+    with fd_hoarders(60_000), live_holder() as holder:
+        dev = tmp_path / "vfio0"
+        dev.write_bytes(b"")
+        key = device_key_of(dev)
+        looks = []
+        for _ in range(3):
+            t0 = time.monotonic()
+            assert open_elsewhere([key]) is None
+            looks.append(time.monotonic() - t0)
+        look = min(looks)
+        if look < 0.05:
+            pytest.skip(f"a look through /proc takes {look * 1000:.0f} ms here: no stall to see")
+
+        async def main() -> float:
+            kernel = RefusingKernel()
+            be = make_backend(tmp_path, kernel)
+            book = TicketBook(30)
+            broker = Broker(be, SqliteStore(tmp_path / "b.db"), devices=be, tickets=book)
+            await broker.start()
+            try:
+                ident = identity_of(holder.pid)
+                a = await opened(broker, "vm-a", ticket=book.issue(ident), peer="unix:")
+                delegate(be, kernel, a, path=str(dev))
+                assert await broker.alloc(a, 1, 100, 1, "dev") == [1]
+                kernel.refuse = {1}
+                assert await broker.revoke(a.session_id, "test") == 1
+                assert broker.info().quarantined == 1
+                holder.kill()
+                holder.wait()
+                # The next retry looks through /proc (the holder is gone), finds the
+                # device open nowhere, and releases PASID 1; meanwhile the loop ticks.
+                longest = 0.0
+                deadline = time.monotonic() + 30
+                while broker.info().quarantined and time.monotonic() < deadline:
+                    t = time.monotonic()
+                    await asyncio.sleep(0.002)
+                    longest = max(longest, time.monotonic() - t)
+                assert broker.info().quarantined == 0
+                return longest
+            finally:
+                await broker.stop()
+
+        longest = asyncio.run(main())
+    print(f"look through /proc {look * 1000:.0f} ms; the loop's longest gap {longest * 1e3:.1f} ms")
+    assert longest < look / 3, (longest, look)
