@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from pasid_client import Client, PasidClientError
 
 from tests.faults.ledger import Ledger
@@ -179,3 +180,85 @@ def test_memory_limit_kill_loses_no_ack(tmp_path: Path) -> None:
             subprocess.run(["kill", "-9", pid], check=False)
         d.rmdir()
     assert killed or ledger.acks, "neither killed nor allocated: the limit tested nothing"
+
+
+def _shipped_row() -> str:
+    """The sizing table's row that the shipped unit and DaemonSet follow."""
+    sizing = (ROOT / "docs/sizing.md").read_text().splitlines()
+    (row,) = [ln for ln in sizing if "(shipped)" in ln]
+    return row
+
+
+def _shipped_limit_mb() -> int:
+    """The memory limit the shipped unit and DaemonSet set, which must be the sizing
+    table's shipped row (docs/sizing.md): all three say the same number of MB."""
+    unit = (ROOT / "deploy/systemd/pasid-broker.service").read_text()
+    (unit_mb,) = re.findall(r"^MemoryMax=(\d+)M$", unit, re.M)
+    ds = yaml.safe_load((ROOT / "deploy/kubernetes/daemonset.yaml").read_text())
+    (broker,) = [c for c in ds["spec"]["template"]["spec"]["containers"] if c["name"] == "broker"]
+    (ds_mb,) = re.findall(r"^(\d+)Mi$", broker["resources"]["limits"]["memory"])
+    row = _shipped_row()
+    (table_mb,) = re.findall(r"\*\*(\d+) MB\*\* \(shipped\)", row)
+    assert unit_mb == ds_mb == table_mb, (unit_mb, ds_mb, row)
+    return int(unit_mb)
+
+
+def _fill_whole_namespace(db: Path, holder: int) -> tuple[int, int]:
+    """The shipped row's database: every PASID of the 20-bit namespace in 10,000 sets,
+    each held by the live process `holder` (recovery keeps and watches every set)."""
+    from broker.peer import credentials
+    from broker.store import AddPasids, CreateSet, SqliteStore
+    from broker.store.records import SetRow
+
+    held, sets = (1 << 20) - 1, 10_000  # PASID 0 is never handed out
+    per = held // sets
+    started = credentials.start_time(holder)
+    records: list[object] = []
+    for i in range(sets):
+        lo, hi = 1 + i * per, (1 + (i + 1) * per if i < sets - 1 else held + 1)
+        row = SetRow(i + 1, f"vm{i}", holder, 0, 60, f"{i:064x}", 0.0, started, 0, holder)
+        records += [CreateSet(row), AddPasids(i + 1, tuple(range(lo, hi)))]
+    st = SqliteStore(str(db))
+    st.open()
+    st.commit(records)  # type: ignore[arg-type]
+    st.close()
+    return held, sets
+
+
+@pytest.mark.backend_pinned  # the limit is the broker's, whichever backend
+def test_the_shipped_memory_limit_admits_a_recovery_of_the_whole_namespace() -> None:
+    """Issue 22: under a limit below what recovery needs, the broker is OOM-killed in
+    every recovery and its supervisor restarts it in a loop. The shipped limit is the
+    sizing table's row for the whole default namespace (1,048,575 PASIDs, 10,000 sets):
+    a broker started on such a database inside a memory cgroup with that limit recovers
+    every PASID and serves, and its peak is within the table's."""
+    limit_mb = _shipped_limit_mb()
+    cg = _memory_cgroup()
+    if isinstance(cg, str):
+        print(f"SKIP: {cg}")
+        pytest.skip(cg)
+    d, limit = cg
+    holder = subprocess.Popen(["sleep", "600"])
+    b = InCgroup(d, "--quota-per-set", "0", "--restart-grace", "600", "--log-level", "WARNING")
+    try:
+        held, sets = _fill_whole_namespace(Path(b.db), holder.pid)
+        (d / limit).write_text(str(limit_mb << 20))
+        b.start(timeout=120)
+        assert b.proc is not None
+        with Client(b.address) as c:
+            info = c.info()
+        assert (info.in_use, info.sets) == (held, sets), info
+        with open(f"/proc/{b.proc.pid}/status") as f:
+            hwm = next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")) >> 10
+        table_peak = int(re.findall(r"\| (\d+) MB \|", _shipped_row())[0])
+        print(f"{held:,} PASIDs in {sets:,} sets recovered under MemoryMax={limit_mb}M:"
+              f" peak {hwm} MB (the table's: {table_peak} MB)")  # fmt: skip
+        assert b.proc.poll() is None
+        assert hwm <= table_peak * 1.1, (hwm, table_peak)
+    finally:
+        holder.kill()
+        holder.wait()
+        b.cleanup()
+        for pid in (d / "cgroup.procs").read_text().split():
+            subprocess.run(["kill", "-9", pid], check=False)
+        d.rmdir()
