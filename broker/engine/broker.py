@@ -796,9 +796,18 @@ def _log_persist_failure(fut: asyncio.Future[None]) -> None:
 
 
 def _backup_beside(store: SqliteStore) -> tuple[Path | bytes, int, int]:
-    """Broker.backup's work, off the loop: (the copy, its pages, its bytes)."""
+    """Broker.backup's work, off the loop: (the copy, its pages, its bytes). In memory
+    when no file can be made beside the database (out of blocks or inodes, read-only)."""
     db = store.path
-    fd, name = tempfile.mkstemp(prefix=f".{db.name}.backup-", dir=db.parent)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{db.name}.backup-", dir=db.parent)
+    except OSError as exc:
+        log.warning(
+            "backup: no file can be made beside the database; made in memory",
+            extra={"error": f"{exc.strerror} ({exc.filename})"},
+        )
+        pages, data = store.backup(None)
+        return data, pages, len(data)
     os.close(fd)  # 0600 (mkstemp); SQLite writes the copy into it
     path = Path(name)
     try:

@@ -4,6 +4,7 @@ a broker started on the restored file serves exactly what the backup held."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 from pasid_client import Client
 
+from tests.e2e.filesystems import fill, tmpfs
 from tests.e2e.other_uid import NOBODY, SYSTEM_PYTHON, open_for_nobody, setpriv
 from tests.harness import ROOT, BrokerProcess, db_holdings, run_broker_once
 
@@ -225,3 +227,41 @@ def test_restore_when_the_socket_directory_is_gone(tmp_path: Path) -> None:
             assert sorted(again.list().pasids()) == held
     finally:
         b.cleanup()
+
+
+def _no_room(fs: Path, what: str) -> None:
+    """The filesystem has no room left: no block (a file written until it fails), or no
+    inode (empty files made until it fails, `df -i` at 100 %)."""
+    if what == "blocks":
+        fill(fs)
+        return
+    n = 0
+    with contextlib.suppress(OSError):
+        while True:
+            (fs / f"inode-{n}").touch()
+            n += 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (a tmpfs mount)")
+@pytest.mark.parametrize("what", ["blocks", "inodes"])
+def test_backup_while_the_databases_filesystem_is_full(tmp_path: Path, what: str) -> None:
+    """A full filesystem is when a backup matters most (docs/runbook.md, "A full
+    filesystem": take one before cleaning up). The broker cannot make its copy beside
+    the database then, out of blocks or out of inodes: it makes it in memory, and the
+    backup holds every PASID the broker had acknowledged."""
+    with tmpfs(1024, "nr_inodes=16") as fs:
+        b = BrokerProcess(workdir=str(tmp_path))
+        b.db = str(fs / "broker.db")  # only the database on the small filesystem
+        try:
+            b.start()
+            with Client(b.address) as c, c.session("vm", grace_seconds=60) as s:
+                held = s.alloc(1, 1000, count=50)
+                _no_room(fs, what)
+                dest = tmp_path / "backup.db"
+                r = _pb("backup", "--db", b.db, "--socket", b.socket, str(dest))
+                assert r.returncode == 0, r.stderr
+                assert "integrity ok" in r.stdout
+                assert sorted(db_holdings(dest)[s.set_id]) == held
+                assert not list(fs.glob(".broker.db.backup-*"))  # no half copy left there
+        finally:
+            b.cleanup()

@@ -15,9 +15,10 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def tmpfs(size_kb: int) -> Iterator[Path]:
+def tmpfs(size_kb: int, options: str = "") -> Iterator[Path]:
     d = Path(tempfile.mkdtemp(prefix="pbfs-", dir="/tmp"))
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(d)], check=True)
+    opts = f"size={size_kb}k" + (f",{options}" if options else "")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(d)], check=True)
     try:
         yield d
     finally:
