@@ -74,7 +74,14 @@ def test_the_sections_refusals_name_exist() -> None:
         "Acknowledgements lost with page-cache durability",
         "A full filesystem",
         "A slow disk (readiness NOT_SERVING)",
+        "A frozen broker (SIGSTOP, a debugger, a stalled host)",
+        "A memory limit (OOM kills, a restart loop)",
     } <= set(faults)
+    # Every section the daemon's own messages name is there, under that exact name.
+    named = set()
+    for src in (ROOT / "broker").rglob("*.py"):
+        named |= set(re.findall(r'docs/runbook\.md, section "([^"]+)"', src.read_text()))
+    assert named and named <= set(faults), named - set(faults)
 
 
 def test_an_absent_rule_watches_for_the_target_itself() -> None:
