@@ -199,6 +199,8 @@ def test_slow_writes_do_not_stall_probes_and_readiness_follows_them() -> None:
                 wait_until(lambda: b.health(timeout=5.0) == "NOT_SERVING", 15, 0.05, "not ready")
                 assert scrape(b.metrics_url).value("pasid_broker_ready") == 0
                 probes = [_timed(lambda: b.health("liveness", timeout=5.0)) for _ in range(10)]
+                # Readiness is answered as promptly: it says NOT_SERVING, it does not wait.
+                readies = [_timed(lambda: b.health(timeout=5.0)) for _ in range(10)]
                 infos = [_timed(c.info) for _ in range(10)]
                 assert b.health("liveness", timeout=5.0) == "SERVING"
                 # A holder dies: its PASIDs are free in memory at once, the disk or not.
@@ -237,6 +239,7 @@ def test_slow_writes_do_not_stall_probes_and_readiness_follows_them() -> None:
         print(
             f"with 200 ms per pwrite64: health(liveness) median "
             f"{statistics.median(probes) * 1000:.1f} ms max {max(probes) * 1000:.1f} ms; "
+            f"health(readiness) median {statistics.median(readies) * 1000:.1f} ms; "
             f"GetInfo median {statistics.median(infos) * 1000:.1f} ms max "
             f"{max(infos) * 1000:.1f} ms; dead holder's PASIDs free in memory after "
             f"{release * 1000:.0f} ms; {len(slow_acks)} allocs acknowledged meanwhile, "
@@ -245,6 +248,7 @@ def test_slow_writes_do_not_stall_probes_and_readiness_follows_them() -> None:
         # The bound is 100 ms; strace stops the broker at every syscall while
         # attached and the machine is shared, so the median carries it, the max gets room.
         assert statistics.median(probes) < 0.1 and statistics.median(infos) < 0.1
+        assert statistics.median(readies) < 0.1 and max(readies) < 1.0
         assert max(probes) < 1.0 and max(infos) < 1.0 and release < 1.0
         assert slow_acks and statistics.median(slow_acks) >= 0.2  # the disk was slow
         # The session's end is durable once its commit lands: then memory equals disk.
