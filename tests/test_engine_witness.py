@@ -309,3 +309,115 @@ def test_a_resume_whose_reclaim_fails_leaves_the_set_detached_for_the_next(
             await broker.stop()
 
     asyncio.run(scenario())
+
+
+def _deferred_rows(db: Path) -> list[tuple[int, int]]:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return [
+            (p, s)
+            for p, s in conn.execute("SELECT pasid, set_id FROM deferred_refrees ORDER BY pasid")
+        ]
+
+
+def _deferred_then_restart(tmp_path: Path, clean: bool) -> tuple[Path, int, str, int, int, str]:
+    """_unclean_restart_db, then a run where S resumes first with a complete witness
+    omitting 2 (deferred: T has not resumed), ended by a clean stop or (not `clean`) as a
+    kill -9 would (no clean-stop marker)."""
+    db, s_id, s_token, s_epoch, t_id, t_token = _unclean_restart_db(tmp_path)
+
+    async def run() -> None:
+        broker = Broker(SimulatorBackend(pasid_bits=8), SqliteStore(db), restart_grace=60)
+        await broker.start()
+        try:
+            s = await _resume_detached(broker, s_token, [1, 3], s_epoch)
+            assert s.witness_complete and s.refreed == [] and list(s.set.pasids) == [1, 2, 3]
+        finally:
+            await broker.stop()
+
+    asyncio.run(run())
+    assert _deferred_rows(db) == [(2, s_id)]
+    if not clean:
+        Path(f"{db}.clean-stop").unlink()
+    return db, s_id, s_token, s_epoch, t_id, t_token
+
+
+def test_a_deferred_refree_and_its_wait_outlive_a_clean_restart(tmp_path: Path) -> None:
+    """A clean restart keeps both the deferred free and the sets it waits for: S's
+    complete witness again, after the restart, still frees nothing while T is awaited,
+    and no other set can have 2 meanwhile; once T has resumed, the free lands."""
+    db, s_id, s_token, s_epoch, _t_id, t_token = _deferred_then_restart(tmp_path, clean=True)
+
+    async def after() -> None:
+        broker = Broker(SimulatorBackend(pasid_bits=8), SqliteStore(db), restart_grace=60)
+        await broker.start()
+        try:
+            s = await _resume_detached(broker, s_token, [1, 3], s_epoch)
+            assert s.witness_complete and s.refreed == [] and list(s.set.pasids) == [1, 2, 3]
+            other, _ = await _opened(broker, "other")
+            assert await broker.alloc(other, 1, 255) == [5]  # not 2: T may hold it
+            await _resume_detached(broker, t_token, [4])
+            await broker.journal.drain()
+            assert list(s.set.pasids) == [1, 3]
+            assert await broker.alloc(other, 1, 255) == [2]
+            broker.allocator.check()
+        finally:
+            await broker.stop()
+        assert _rows(db, s_id) == [1, 3] and _deferred_rows(db) == []
+
+    asyncio.run(after())
+
+
+def test_a_deferred_refree_outlives_a_kill_and_lands_without_a_new_witness(tmp_path: Path) -> None:
+    """After a kill -9 every set is awaited again; the stored free lands once they have
+    resumed, though S's client now states only a partial witness (which frees nothing
+    by itself): its earlier complete word stands."""
+    db, s_id, s_token, _s_epoch, _t_id, t_token = _deferred_then_restart(tmp_path, clean=False)
+
+    async def after() -> None:
+        broker = Broker(SimulatorBackend(pasid_bits=8), SqliteStore(db), restart_grace=60)
+        await broker.start()
+        try:
+            s = await _resume_detached(broker, s_token, [1, 3])  # partial
+            assert not s.witness_complete and list(s.set.pasids) == [1, 2, 3]
+            await _resume_detached(broker, t_token, [4])
+            await broker.journal.drain()
+            assert list(s.set.pasids) == [1, 3]
+            broker.allocator.check()
+        finally:
+            await broker.stop()
+        assert _rows(db, s_id) == [1, 3] and _deferred_rows(db) == []
+
+    asyncio.run(after())
+
+
+@pytest.mark.parametrize("s_first", [True, False], ids=["s-first", "s-last"])
+def test_a_witness_that_states_a_deferred_pasid_withdraws_its_free(
+    tmp_path: Path, s_first: bool
+) -> None:
+    """A stored deferral is an older word: if S's client states 2 again (after a restore
+    or a loss, it may hold it again), the free is withdrawn, whether S resumes before T
+    or last (when the wait ends with S's own resume): 2 never leaves S."""
+    db, s_id, s_token, _s_epoch, _t_id, t_token = _deferred_then_restart(tmp_path, clean=False)
+
+    async def after() -> None:
+        broker = Broker(SimulatorBackend(pasid_bits=8), SqliteStore(db), restart_grace=60)
+        await broker.start()
+        try:
+            if not s_first:
+                await _resume_detached(broker, t_token, [4])
+            s = await _resume_detached(broker, s_token, [1, 2])  # partial, states 2
+            if s_first:
+                await _resume_detached(broker, t_token, [4])
+            await asyncio.sleep(0)
+            await broker.journal.drain()
+            assert list(s.set.pasids) == [1, 2, 3] and s.reclaimed == []
+        finally:
+            await broker.stop()
+        assert _rows(db, s_id) == [1, 2, 3] and _deferred_rows(db) == []
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            frees = conn.execute(
+                "SELECT pasids FROM events WHERE kind = 'free' AND set_id = ?", (s_id,)
+            ).fetchall()
+        assert frees == []
+
+    asyncio.run(after())

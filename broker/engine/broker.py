@@ -52,6 +52,7 @@ from broker.engine.witness import REFREE_REASON, Witnesses
 from broker.peer.tickets import TicketBook
 from broker.store import (
     AddPasids,
+    DeferRefrees,
     Event,
     Record,
     ReleaseWithheld,
@@ -236,6 +237,7 @@ class Broker:
         # (a crash between the two commits): its claims end now.
         for set_id in sorted(set(r.claimed_by.values()) - {s.set_id for s in r.snapshot.sets}):
             self.stuck.claimant_gone(set_id)
+        self._restore_witness_wait(r.snapshot)
         self.sets.recover_holders(self.restart_grace)
         if r.stale_withheld:
             self.persist(ReleaseWithheld(tuple(r.stale_withheld)))
@@ -252,6 +254,21 @@ class Broker:
             took,
             extra={"sets": sets, "replayed": r.replayed, "seconds": round(took, 6)},
         )
+
+    def _restore_witness_wait(self, snap: Snapshot) -> None:
+        """Before the holders (a set found gone is awaited no more): the sets whose
+        witness the last run still awaited, and the frees complete witnesses deferred
+        until then, each kept only for PASIDs its set still holds (a free that landed
+        before its row was cleared: the row goes now)."""
+        deferred: dict[int, list[int]] = {}
+        for set_id, pasids in snap.deferred_refrees.items():
+            sess = self.sets.get(set_id)
+            keep = [p for p in pasids if sess is not None and p in sess.set.pasids]
+            if keep:
+                deferred[set_id] = keep
+            if len(keep) != len(pasids):
+                self.persist(DeferRefrees(set_id, tuple(keep)))
+        self.witnesses.restore((row.set_id for row in snap.sets if row.witness_wait), deferred)
 
     def _log_start_kind(self, restored: bool, revision: int) -> None:
         """Say once which kind of start this is; after a restore or an unclean start (no
@@ -304,9 +321,9 @@ class Broker:
             extra={"sets": sorted(waiting)[:32]},
         )
 
-    def witness_seen(self, set_id: int, resumed: bool = False) -> None:
+    def witness_seen(self, set_id: int) -> None:
         """A set awaited after a restore or an unclean start resumed, re-attached or went."""
-        self.witnesses.seen(set_id, resumed)
+        self.witnesses.seen(set_id)
         if self._awaited_holders is not None:
             self._awaited_holders.discard(set_id)
             if not self._awaited_holders:

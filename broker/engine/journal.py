@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from broker.core import StoreError, StoreFailed, describe_error
 from broker.engine.observers import Observer
 from broker.store import (
+    AwaitWitnesses,
     CreateSet,
     Event,
     MarkDetached,
@@ -470,10 +471,10 @@ def _timed_commit(
 
 def set_of(rec: Record) -> int:
     """The set a record is about; 0 for broker-wide ones (the default quotas, withheld
-    PASIDs' rows, detach times)."""
+    PASIDs' rows, detach times, awaited witnesses)."""
     if isinstance(rec, CreateSet):
         return rec.row.set_id
-    if isinstance(rec, (SaveQuotas, MarkDetached, ReleaseWithheld)):
+    if isinstance(rec, (SaveQuotas, MarkDetached, ReleaseWithheld, AwaitWitnesses)):
         return 0
     if isinstance(rec, Withhold):
         return rec.set_id or 0

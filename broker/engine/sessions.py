@@ -274,7 +274,7 @@ class Sessions:
         sess.witness_complete = False
         if not resumed:
             return out
-        self._engine.witness_seen(sess.session_id, resumed=True)
+        self._engine.witness_seen(sess.session_id)
         witnesses = self._engine.witnesses  # witness.py: the client's word against the store
         try:
             if held is not None:

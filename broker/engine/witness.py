@@ -16,12 +16,12 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from broker.core import describe_error
 from broker.engine.journal import done_future, no_undo
-from broker.store import AddPasids, LogConflict, SetWitnessEpoch
+from broker.store import AddPasids, AwaitWitnesses, DeferRefrees, LogConflict, SetWitnessEpoch
 
 if TYPE_CHECKING:
     from broker.engine.broker import Broker
@@ -48,26 +48,55 @@ class Witnesses:
         # re-attached or gone, kept after the allocation wait's bound too. While any is,
         # a PASID a complete witness no longer claims may still be one that set's client
         # was given (its alloc lost too): its free waits (_deferred_refrees), so that it
-        # cannot go to a third set before that client could claim it back.
+        # cannot go to a third set before that client could claim it back. Both are
+        # stored (sets.witness_wait, deferred_refrees): a restart, clean or not, keeps
+        # the frees and what they wait for.
         self._unreconciled: set[int] = set()
         self._deferred_refrees: dict[int, list[int]] = {}
 
+    def restore(self, awaited: Iterable[int], deferred: Mapping[int, Sequence[int]]) -> None:
+        """At start, before the holders are recovered: the sets still awaited and the
+        deferred frees as the last run stored them (recovery kept only the PASIDs each
+        set still holds). With none awaited, the frees land once the loop runs."""
+        self._unreconciled = set(awaited)
+        self._deferred_refrees = {s: list(ps) for s, ps in deferred.items() if ps}
+        if self._deferred_refrees:
+            log.warning(
+                "witness: frees deferred by the last run restored; they wait for %d stored sets",
+                len(self._unreconciled),
+                extra={"deferred": sorted(self._deferred_refrees)[:32]},
+            )
+            if not self._unreconciled:
+                asyncio.get_running_loop().call_soon(self._run_deferred_refrees)
+
     def expect(self, set_ids: Iterable[int]) -> None:
         """After a restore or an unclean start: these stored sets are to be reconciled
-        (or gone) before a complete witness's free may land."""
-        self._unreconciled = set(set_ids)
+        (or gone) before a complete witness's free may land; stored, so that a clean
+        restart before then keeps the wait."""
+        self._unreconciled.update(set_ids)
+        if self._unreconciled:
+            self._engine.persist(AwaitWitnesses(tuple(sorted(self._unreconciled)), True))
 
-    def seen(self, set_id: int, resumed: bool = False) -> None:
+    def seen(self, set_id: int) -> None:
         """A set resumed, re-attached or went (Broker.witness_seen)."""
         if set_id in self._unreconciled:
             self._unreconciled.discard(set_id)
+            self._engine.persist(AwaitWitnesses((set_id,), False))
             if not self._unreconciled and self._deferred_refrees:
-                if resumed:
-                    # Before the resume's reconcile: what they free may be what that
-                    # witness claims.
-                    self._run_deferred_refrees()
-                else:  # a set's end: not in the middle of its destroy
-                    asyncio.get_running_loop().call_soon(self._run_deferred_refrees)
+                # Once the resume's reconcile has run (in this turn: the open is
+                # synchronous): a witness claiming one has it handed over, and the set's
+                # own witness may withdraw or replace its deferral. A set's end: not in
+                # the middle of its destroy. Later is safe: the set still holds them.
+                asyncio.get_running_loop().call_soon(self._run_deferred_refrees)
+
+    def _defer(self, set_id: int, pasids: Sequence[int]) -> asyncio.Future[None]:
+        """The set's deferred frees are now `pasids` (none: forgotten), in memory and in
+        the store; resolves once durable."""
+        if pasids:
+            self._deferred_refrees[set_id] = list(pasids)
+        elif self._deferred_refrees.pop(set_id, None) is None:
+            return done_future(None)
+        return self._engine.journal.submit(DeferRefrees(set_id, tuple(pasids)), no_undo, None)
 
     def new_witness_epoch(self, sess: Session) -> asyncio.Future[None]:
         """Something `sess`'s stream client cannot see changes its set (a unary call by
@@ -102,15 +131,20 @@ class Witnesses:
         mine = set(sess.set.pasids)
         # What another set's complete witness let go of, deferred, that this one claims.
         self._hand_over_deferred([p for p in held if p not in mine])
+        # What this set's deferred frees become (None: as they are), stored at the end,
+        # after the frees this witness makes.
+        deferred: list[int] | None = None
         if complete_epoch and complete_epoch == sess.witness_epoch:
             sess.witness_complete = True
             sess.refreed = sorted(mine.difference(held))
+            # This witness's word replaces whatever an earlier one deferred.
+            deferred = []
             others = len(self._unreconciled - {set_id})
             if sess.refreed and others:
                 # After a loss, a PASID this client freed may since have gone to a set
                 # whose alloc of it was lost too, and whose client has not resumed yet:
                 # freed now, it could go to a third set first. The free waits for them.
-                self._deferred_refrees[set_id] = list(sess.refreed)
+                deferred = list(sess.refreed)
                 log.warning(
                     "witness: PASIDs the set's client no longer holds are freed once the"
                     " %d other stored sets are reconciled",
@@ -118,12 +152,20 @@ class Witnesses:
                     extra={"session": set_id, "deferred": sess.refreed[:32]},
                 )
                 sess.refreed = []
-        elif complete_epoch:
-            log.info(
-                "witness: a complete witness states an old epoch (the set changed where"
-                " its client could not see it); taken as partial",
-                extra={"session": set_id},
-            )
+        else:
+            if complete_epoch:
+                log.info(
+                    "witness: a complete witness states an old epoch (the set changed where"
+                    " its client could not see it); taken as partial",
+                    extra={"session": set_id},
+                )
+            # A partial witness still states what its client holds: a deferred free of
+            # one of those (an older word, from before a restore or a loss) is withdrawn.
+            earlier = self._deferred_refrees.get(set_id, [])
+            if earlier:
+                stated = set(held)
+                if any(p in stated for p in earlier):
+                    deferred = [p for p in earlier if p not in stated]
         want = sorted({p for p in held if p not in mine and 0 < p < e.allocator.namespace.size})
         owners = e.allocator.owners(want)
         free = [p for p in want if p not in owners]
@@ -191,6 +233,8 @@ class Witnesses:
             done = e.journal.submit(AddPasids(set_id, tuple(free)), undo, None)
         if sess.refreed:
             done = self._refree(sess, done)
+        if deferred is not None:
+            done = _join(done, self._defer(set_id, deferred))
         return done
 
     def _refree(self, sess: Session, before: asyncio.Future[None]) -> asyncio.Future[None]:
@@ -219,24 +263,7 @@ class Witnesses:
             extra={"session": set_id, "refreed": ps[:32], "count": len(ps)},
         )
         e.observers.pasids_refreed(set_id, len(ps))
-        loop = asyncio.get_running_loop()
-        out: asyncio.Future[None] = loop.create_future()
-
-        def both(_f: asyncio.Future[Any]) -> None:
-            if out.done() or not (before.done() and freed.done()):
-                return
-            for f in (before, freed):
-                if f.cancelled():
-                    out.cancel()
-                    return
-                if (exc := f.exception()) is not None:
-                    out.set_exception(exc)
-                    return
-            out.set_result(None)
-
-        before.add_done_callback(both)
-        freed.add_done_callback(both)
-        return out
+        return _join(before, freed)
 
     def _hand_over_deferred(self, claimed: Sequence[int]) -> None:
         """A resuming witness claims PASIDs whose free another set's complete witness
@@ -247,40 +274,39 @@ class Witnesses:
         want = set(claimed)
         for set_id, pasids in list(self._deferred_refrees.items()):
             mine = [p for p in pasids if p in want]
-            if mine:
-                rest = [p for p in pasids if p not in want]
-                if rest:
-                    self._deferred_refrees[set_id] = rest
-                else:
-                    del self._deferred_refrees[set_id]
-                self._refree_deferred(set_id, mine, "claimed by another set's witness")
+            if mine and self._refree_deferred(set_id, mine, "claimed by another set's witness"):
+                self._defer(set_id, [p for p in pasids if p not in want])
 
     def _run_deferred_refrees(self) -> None:
         """Every stored set is reconciled: the deferred frees happen now."""
-        deferred, self._deferred_refrees = self._deferred_refrees, {}
-        for set_id, pasids in deferred.items():
-            self._refree_deferred(set_id, pasids, "every stored set reconciled")
+        for set_id, pasids in list(self._deferred_refrees.items()):
+            if self._refree_deferred(set_id, pasids, "every stored set reconciled"):
+                self._defer(set_id, [])
 
-    def _refree_deferred(self, set_id: int, pasids: Sequence[int], why: str) -> None:
+    def _refree_deferred(self, set_id: int, pasids: Sequence[int], why: str) -> bool:
         """A deferred complete witness's free, as it would have been (those its set still
         holds). Its client is not told: the set's witness epoch changes instead, so that
-        its next witness relies on a listing."""
+        its next witness relies on a listing. False when it stays deferred (stored): the
+        broker is stopping, or the free failed (the next start tries again)."""
         e = self._engine
         sess = e.sets.get(set_id)
-        if sess is None or e.stopping:
-            return
+        if e.stopping:
+            return False
+        if sess is None:
+            return True  # gone, and its rows with it
         still = [p for p in pasids if p in sess.set.pasids]
         if not still:
-            return
+            return True
         self.new_witness_epoch(sess)
         try:
             fut = e.refree(sess, still)
         except Exception as exc:
             log.error(
-                "witness: a deferred free failed; the set keeps the PASIDs",
+                "witness: a deferred free failed; the set keeps the PASIDs, still deferred"
+                " (the next start tries again)",
                 extra={"session": set_id, "error": describe_error(exc)},
             )
-            return
+            return False
         fut.add_done_callback(_log_refree_failure)
         log.warning(
             "witness: PASIDs the set's client no longer holds freed again (their"
@@ -289,6 +315,28 @@ class Witnesses:
             extra={"session": set_id, "refreed": still[:32], "count": len(still)},
         )
         e.observers.pasids_refreed(set_id, len(still))
+        return True
+
+
+def _join(a: asyncio.Future[Any], b: asyncio.Future[Any]) -> asyncio.Future[None]:
+    """Resolves once both have: with the first failure (or cancellation) found, else None."""
+    out: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def both(_f: asyncio.Future[Any]) -> None:
+        if out.done() or not (a.done() and b.done()):
+            return
+        for f in (a, b):
+            if f.cancelled():
+                out.cancel()
+                return
+            if (exc := f.exception()) is not None:
+                out.set_exception(exc)
+                return
+        out.set_result(None)
+
+    a.add_done_callback(both)
+    b.add_done_callback(both)
+    return out
 
 
 def _log_refree_failure(fut: asyncio.Future[int]) -> None:

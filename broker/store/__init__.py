@@ -2,7 +2,9 @@
 
 from broker.store.records import (
     AddPasids,
+    AwaitWitnesses,
     CreateSet,
+    DeferRefrees,
     DestroySet,
     Event,
     LogConflict,
@@ -23,7 +25,9 @@ from broker.store.sqlite import SqliteStore
 
 __all__ = [
     "AddPasids",
+    "AwaitWitnesses",
     "CreateSet",
+    "DeferRefrees",
     "DestroySet",
     "Event",
     "LogConflict",

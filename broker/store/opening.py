@@ -292,7 +292,7 @@ def load_snapshot(conn: sqlite3.Connection) -> Snapshot:
             for r in conn.execute(
                 "SELECT set_id, client, pid, quota, grace_seconds, token_hash,"
                 " created_unix, holder_start_time, holder_uid, holder_ns_pid,"
-                " delegated_by_pid, owner, detached_unix, witness_epoch FROM sets"
+                " delegated_by_pid, owner, detached_unix, witness_epoch, witness_wait FROM sets"
                 " ORDER BY set_id"
             )
         ]
@@ -326,10 +326,15 @@ def load_snapshot(conn: sqlite3.Connection) -> Snapshot:
                 quarantine[p] = until
             else:
                 withheld[p] = WithheldRow(kind, sid, hpid, hstart, claimant, devices)
+        deferred: dict[int, list[int]] = {}
+        for p, sid in conn.execute("SELECT pasid, set_id FROM deferred_refrees ORDER BY pasid"):
+            deferred.setdefault(sid, []).append(p)
         q = conn.execute(
             "SELECT per_set, per_client, global_ FROM quotas WHERE scope = 'default'"
         ).fetchone()
     finally:
         conn.execute("COMMIT")
     saved = (int(q[0]), int(q[1]), int(q[2])) if q is not None else None
-    return Snapshot(rows, holdings, m, int(rev or 0), saved, quarantine, withheld)
+    return Snapshot(
+        rows, holdings, m, int(rev or 0), saved, quarantine, withheld, deferred_refrees=deferred
+    )

@@ -34,6 +34,8 @@ class SetRow:
     detached_unix: float | None = None
     # A complete witness is honoured only when it states this (docs/durability.md).
     witness_epoch: int = 0
+    # Its witness is awaited after a restore or an unclean start (AwaitWitnesses).
+    witness_wait: bool = False
 
     @property
     def verified(self) -> bool:
@@ -70,6 +72,27 @@ class SetWitnessEpoch:
 
     set_id: int
     epoch: int
+
+
+@dataclass(frozen=True)
+class AwaitWitnesses:
+    """After a restore or an unclean start (`waiting`): these sets' witnesses are awaited
+    before a complete witness's free may land; or (not `waiting`) this set resumed,
+    re-attached or went: it is awaited no more. Stored so that a clean restart keeps
+    the wait (broker/engine/witness.py). No event."""
+
+    set_ids: tuple[int, ...]
+    waiting: bool
+
+
+@dataclass(frozen=True)
+class DeferRefrees:
+    """The set's deferred frees are now exactly `pasids`: PASIDs its client's complete
+    witness no longer holds, whose free waits for the awaited sets (AwaitWitnesses).
+    Replaces the set's earlier ones; empty: none. No event (the free has its own)."""
+
+    set_id: int
+    pasids: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -177,6 +200,8 @@ Record = (
     | LogConflict
     | MarkDetached
     | SetWitnessEpoch
+    | AwaitWitnesses
+    | DeferRefrees
     | Withhold
     | ReleaseWithheld
 )
@@ -240,6 +265,8 @@ class Snapshot:
     withheld: dict[int, WithheldRow] = field(default_factory=dict)
     # The first start after `pasid-broker restore`: acknowledged changes were rolled back.
     restored: bool = False
+    # A complete witness's deferred frees: set -> PASIDs (DeferRefrees), as stored.
+    deferred_refrees: dict[int, list[int]] = field(default_factory=dict)
 
     @property
     def next_set_id(self) -> int:

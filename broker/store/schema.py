@@ -43,6 +43,9 @@ sets = Table(
     # Changes (a new random value) when something its stream client cannot see changes
     # the set: a complete witness is honoured only with the current one (migration 0009).
     Column("witness_epoch", Integer, nullable=False, server_default="0"),
+    # 1 while its witness is awaited after a restore or an unclean start (migration
+    # 0011): a deferred free (deferred_refrees) waits for every such set.
+    Column("witness_wait", Integer, nullable=False, server_default="0"),
 )
 
 # Quotas set at run time by SetQuotas (scope "default": the broker-wide ones). A row
@@ -82,6 +85,17 @@ quarantine = Table(
     # A "detach" row's devices (migration 0010; iommufd_checks.device_key, comma-separated):
     # after a restart, its PASIDs are released once no process has any of them open.
     Column("devices", String, nullable=True),
+)
+
+# A complete witness's free that waits for the other awaited sets (migration 0011;
+# broker/engine/witness.py): the PASID is still in `set_id`'s allocations, its client no
+# longer holds it. No foreign key (load_snapshot checks only allocations'): a destroy
+# deletes its set's rows, and a row whose PASID the set no longer holds is ignored.
+deferred_refrees = Table(
+    "deferred_refrees",
+    metadata,
+    Column("pasid", Integer, primary_key=True, autoincrement=False),
+    Column("set_id", Integer, nullable=False),
 )
 
 # The PASID is the primary key: the database itself refuses a PASID in two sets. No

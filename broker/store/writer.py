@@ -36,7 +36,9 @@ from broker.store.event_log import encode_runs
 from broker.store.opening import WAL_BYTES, describe
 from broker.store.records import (
     AddPasids,
+    AwaitWitnesses,
     CreateSet,
+    DeferRefrees,
     DestroySet,
     Event,
     LogConflict,
@@ -517,6 +519,19 @@ class Writer:
                 "UPDATE sets SET witness_epoch = ? WHERE set_id = ?", (rec.epoch, rec.set_id)
             ).close()
             return None
+        if isinstance(rec, AwaitWitnesses):
+            conn.executemany(
+                "UPDATE sets SET witness_wait = ? WHERE set_id = ?",
+                [(int(rec.waiting), sid) for sid in rec.set_ids],
+            ).close()
+            return None
+        if isinstance(rec, DeferRefrees):
+            conn.execute("DELETE FROM deferred_refrees WHERE set_id = ?", (rec.set_id,)).close()
+            conn.executemany(
+                "INSERT OR REPLACE INTO deferred_refrees (pasid, set_id) VALUES (?, ?)",
+                [(p, rec.set_id) for p in rec.pasids],
+            ).close()
+            return None
         if isinstance(rec, MarkDetached):
             conn.executemany(
                 "UPDATE sets SET detached_unix = ? WHERE set_id = ?",
@@ -568,6 +583,8 @@ class Writer:
                 self._removed(rec.set_id, held, len(held))
             # foreign_keys is off in this batch (commit()): no scan for children here.
             conn.execute("DELETE FROM sets WHERE set_id = ?", (rec.set_id,)).close()
+            # Its deferred frees went with its PASIDs (a small table: the scan is cheap).
+            conn.execute("DELETE FROM deferred_refrees WHERE set_id = ?", (rec.set_id,)).close()
             if rec.quarantine_until is not None and held:
                 self._quarantine(conn, held, rec.quarantine_until)
             return (rec.kind, rec.set_id, held, rec.reason)

@@ -26,7 +26,9 @@ from tests.e2e.test_witness import _pasids, _restored, witnessed_resume
 from tests.harness import LAUNCHER, ROOT, BrokerProcess, open_db, wait_until
 
 
-@pytest.mark.parametrize("restart", [None, signal.SIGKILL], ids=["running", "kill9"])
+@pytest.mark.parametrize(
+    "restart", [None, signal.SIGKILL, signal.SIGTERM], ids=["running", "kill9", "sigterm"]
+)
 def test_a_contested_pasid_whose_free_fails_stays_claimed(
     tmp_path: Path, restart: signal.Signals | None
 ) -> None:

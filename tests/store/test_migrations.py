@@ -326,3 +326,43 @@ def test_0009_gives_existing_sets_a_witness_epoch_and_round_trips(tmp_path: Path
         cols = [r[1] for r in conn.exec_driver_sql("PRAGMA table_info(sets)")]
         assert "witness_epoch" not in cols and "detached_unix" in cols
     engine.dispose()
+
+
+def test_0011_adds_the_deferred_frees_and_the_witness_wait_and_round_trips(
+    tmp_path: Path,
+) -> None:
+    """0010 -> 0011: existing sets are awaited by nobody (witness_wait 0) and nothing is
+    deferred; the store writes and reads both back; the downgrade gives back 0010."""
+    from alembic import command
+
+    from broker.store import AwaitWitnesses, DeferRefrees
+
+    db = tmp_path / "b.db"
+    engine = create_engine(f"sqlite:///{db}")
+    with engine.begin() as conn:
+        command.upgrade(migrations._config(conn), "0010")
+        for set_id in (1, 2):
+            conn.exec_driver_sql(
+                "INSERT INTO sets (set_id, client, pid, quota, grace_seconds, token_hash,"
+                f" created_unix) VALUES ({set_id}, 'vm', 0, 1000, 0, 'h{set_id}', 1.0)"
+            )
+    engine.dispose()
+    st = SqliteStore(db)
+    snap = st.open()
+    assert [r.witness_wait for r in snap.sets] == [0, 0] and snap.deferred_refrees == {}
+    st.commit([AddPasids(1, (3, 4, 5)), AwaitWitnesses((1, 2), True)])
+    st.commit([DeferRefrees(1, (3, 4)), AwaitWitnesses((1,), False)])
+    st.close()
+    st = SqliteStore(db)
+    snap = st.open()
+    st.close()
+    assert [bool(r.witness_wait) for r in snap.sets] == [False, True]
+    assert snap.deferred_refrees == {1: [3, 4]}
+    engine = create_engine(f"sqlite:///{db}")
+    with engine.begin() as conn:
+        command.downgrade(migrations._config(conn), "0010")
+        cols = [r[1] for r in conn.exec_driver_sql("PRAGMA table_info(sets)")]
+        assert "witness_wait" not in cols and "witness_epoch" in cols
+        tables = [r[0] for r in conn.exec_driver_sql("SELECT name FROM sqlite_master")]
+        assert "deferred_refrees" not in tables
+    engine.dispose()

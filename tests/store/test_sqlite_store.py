@@ -10,7 +10,9 @@ import pytest
 from broker.core import StoreError
 from broker.store import (
     AddPasids,
+    AwaitWitnesses,
     CreateSet,
+    DeferRefrees,
     DestroySet,
     RemovePasids,
     SetRow,
@@ -194,3 +196,28 @@ def test_an_orphan_allocation_is_refused_at_open(tmp_path: Path) -> None:
     msg = "foreign key check failed: allocations rowid 3 -> sets, allocations rowid 9 -> sets"
     with pytest.raises(StoreError, match=msg):
         SqliteStore(db).open()
+
+
+def test_deferred_frees_are_replaced_per_set_and_go_with_their_set(tmp_path: Path) -> None:
+    """DeferRefrees replaces the set's deferred frees (none: forgets them); a set's
+    destroy deletes its own, and only its own; the witness wait goes with its row."""
+    st = SqliteStore(tmp_path / "b.db")
+    st.open()
+    st.commit([CreateSet(row(1)), CreateSet(row(2)), AddPasids(1, (1, 2, 3)), AddPasids(2, (4,))])
+    st.commit([DeferRefrees(1, (1, 2)), DeferRefrees(2, (4,)), AwaitWitnesses((1, 2), True)])
+    st.commit([DeferRefrees(1, (2, 3))])
+    st.close()
+    st = SqliteStore(tmp_path / "b.db")
+    snap = st.open()
+    assert snap.deferred_refrees == {1: [2, 3], 2: [4]}
+    assert [bool(r.witness_wait) for r in snap.sets] == [True, True]
+    st.commit([DestroySet(2, "gone", pasids=(4,))])
+    st.close()
+    st = SqliteStore(tmp_path / "b.db")
+    snap = st.open()
+    assert snap.deferred_refrees == {1: [2, 3]} and [r.set_id for r in snap.sets] == [1]
+    st.commit([DeferRefrees(1, ())])
+    st.close()
+    st = SqliteStore(tmp_path / "b.db")
+    assert st.open().deferred_refrees == {}
+    st.close()

@@ -1,0 +1,182 @@
+"""A complete witness's deferred free outlives a broker restart (issue 22, point 2), on a
+real broker restored from a backup.
+
+Before the backup set A holds 1-3 and set B holds 4. After it A frees 2 and B is given 2
+(both acknowledged); the restore loses both, so the store gives 2 to A again. A resumes
+first with a complete witness that omits 2: its free waits, because B, which may hold
+2, has not resumed. Then the broker restarts (kill -9, or SIGTERM once the allocation
+wait is over, which records a clean stop) before B resumes. The deferred free and the
+wait are stored: after the restart 2 stays out of every other set's reach, and B's
+witness, claiming 2, has it handed over (reclaimed, no conflict). Without the stored
+wait, a clean start forgot it and 2 became a conflict.
+
+The sets are opened and resumed with the raw stub (as tests/e2e/test_witness.py), so
+that nothing resumes them behind the test's back after the restart.
+"""
+
+from __future__ import annotations
+
+import queue
+import re
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pasid.v1 import broker_pb2 as pb
+from pasid_client import Client
+from pasid_client.handshake import open_request, ticket_for
+
+from broker.core import runs
+from tests.harness import (
+    LAUNCHER,
+    ROOT,
+    BrokerProcess,
+    api_holdings,
+    db_holdings,
+    open_db,
+    wait_until,
+)
+
+
+def _pb(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", LAUNCHER, *args], capture_output=True, text=True, cwd=ROOT,
+        timeout=120,
+    )  # fmt: skip
+
+
+def _pasids(ranges: Any) -> list[int]:
+    return [p for r in ranges for p in range(r.min, r.max + 1)]
+
+
+class _RawSession:
+    """A Session stream driven by hand: opened (new, or resumed stating `held`), then
+    requests one at a time. Cancelled, the stream breaks and the verified set lives on,
+    detached (no half-close: that would release it)."""
+
+    def __init__(
+        self,
+        c: Client,
+        client: str,
+        token: str = "",
+        held: list[int] | None = None,
+        epoch: int = 0,
+    ) -> None:
+        req = open_request(client, None, 300, token, ticket_for(c.target, timeout=5))
+        if held is not None:
+            req.held.extend(pb.PasidRange(min=lo, max=hi) for lo, hi in runs(held))
+            req.witness = True
+            if epoch:
+                req.witness_complete = True
+                req.witness_epoch = epoch
+        self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._q.put(pb.SessionRequest(tag=0, open=req))
+        self._call = c._stub.Session(iter(self._q.get, None))
+        resp = next(self._call)
+        assert resp.WhichOneof("result") == "opened", resp
+        self.opened = resp.opened
+        self._tag = 0
+
+    def _ask(self, **op: Any) -> Any:
+        self._tag += 1
+        self._q.put(pb.SessionRequest(tag=self._tag, **op))
+        resp = next(self._call)
+        assert resp.tag == self._tag and resp.WhichOneof("result") != "error", resp
+        return resp
+
+    def alloc(self, lo: int, hi: int, count: int = 1) -> list[int]:
+        return list(self._ask(alloc=pb.AllocRequest(min=lo, max=hi, count=count)).alloc.pasids)
+
+    def free(self, lo: int, hi: int) -> int:
+        return int(self._ask(free=pb.FreeRequest(min=lo, max=hi)).free.freed)
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+def _metric(b: BrokerProcess, name: str) -> float:
+    text = urllib.request.urlopen(b.metrics_url, timeout=5).read().decode()
+    m = re.search(rf"^{name} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def _stored_wait(db: str) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(deferred_refrees rows, (set, witness_wait) of each set)."""
+    with open_db(db) as con:
+        deferred = con.execute("SELECT pasid, set_id FROM deferred_refrees ORDER BY pasid")
+        waits = con.execute("SELECT set_id, witness_wait FROM sets ORDER BY set_id")
+        return [tuple(r) for r in deferred], [tuple(r) for r in waits]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill9", "sigterm"])
+def test_a_deferred_refree_and_its_wait_outlive_a_restart(tmp_path: Path, sig: int) -> None:
+    # --restart-grace 2: the allocation wait after the restore ends within 2 s (its
+    # bound), so that a SIGTERM then records a clean stop. The sets' holder (this
+    # process) lives: they are kept whatever the grace.
+    b = BrokerProcess("--restart-grace", "2")
+    b.start()
+    holder = Client(b.address)  # open throughout: the sets' verified holder
+    try:
+        a = _RawSession(holder, "vm-a")
+        set_a, token_a, epoch_a = a.opened.set_id, a.opened.token, a.opened.witness_epoch
+        assert epoch_a
+        assert a.alloc(1, 100, 3) == [1, 2, 3]
+        bb = _RawSession(holder, "vm-b")
+        set_b, token_b = bb.opened.set_id, bb.opened.token
+        assert bb.alloc(1, 100) == [4]
+        backup = tmp_path / "backup.db"
+        r = _pb("backup", "--db", b.db, str(backup))
+        assert r.returncode == 0, r.stderr
+        assert a.free(2, 2) == 1  # acknowledged, then lost by the restore
+        assert bb.alloc(1, 100) == [2]  # B's now: acknowledged, lost too
+        a.cancel()
+        bb.cancel()
+        assert b.stop() == 0
+        r = _pb("restore", "--db", b.db, "--socket", b.socket, str(backup))
+        assert r.returncode == 0, r.stderr
+        b.start()
+        assert db_holdings(b.db) == {set_a: [1, 2, 3], set_b: [4]}
+
+        # A resumes first, complete: its free of 2 waits for B, stored with the wait.
+        a = _RawSession(holder, "vm-a", token_a, [1, 3], epoch_a)
+        assert a.opened.witness_complete and _pasids(a.opened.refreed) == []
+        assert _stored_wait(b.db) == ([(2, set_a)], [(set_a, 0), (set_b, 1)])
+        a.cancel()
+        wait_until(lambda: "allocations open after the restore" in b.read_log(), 30, 0.05)
+        b.kill(sig)
+        assert _stored_wait(b.db)[0] == [(2, set_a)]
+        b.start()
+        kind = "unclean start" if sig == signal.SIGKILL else "clean start"
+        assert kind in b.read_log()
+        if sig == signal.SIGTERM:  # the stored wait, not a new one, keeps the free back
+            assert _stored_wait(b.db) == ([(2, set_a)], [(set_a, 0), (set_b, 1)])
+
+        # Meanwhile 2 goes to nobody else (after an unclean start the alloc first waits
+        # for the live holders, at most 2 s).
+        c = _RawSession(holder, "vm-c")
+        assert c.alloc(1, 100) == [5]
+        assert db_holdings(b.db)[set_a] == [1, 2, 3]
+
+        # B resumes claiming 2: handed over from A, no conflict.
+        bb = _RawSession(holder, "vm-b", token_b, [2, 4])
+        assert _pasids(bb.opened.reclaimed) == [2]
+        assert _pasids(bb.opened.conflicts) == []
+        served = api_holdings(b.address)
+        assert served[set_a] == [1, 3] and served[set_b] == [2, 4]
+        assert served[c.opened.set_id] == [5]
+        assert db_holdings(b.db) == served  # durable before the answer
+        held = [p for ps in served.values() for p in ps]
+        assert len(held) == len(set(held))  # 0 PASIDs held twice
+        assert _stored_wait(b.db)[0] == []
+        assert _metric(b, "pasid_broker_pasid_conflicts_total") == 0.0
+        assert "pasid conflict" not in b.read_log()
+        assert "frees deferred by the last run restored" in b.read_log()
+        bb.cancel()
+        c.cancel()
+    finally:
+        holder.close()
+        b.cleanup()
