@@ -16,6 +16,7 @@ import os
 import sqlite3
 import stat
 from pathlib import Path
+from typing import Any
 
 from broker.core.errors import StoreError, describe_error
 from broker.store import checks, migrations
@@ -188,10 +189,22 @@ def _check_before_writing(path: Path) -> tuple[Snapshot | None, checks.Digest | 
             stored, snapshot.meta, snapshot.holdings, snapshot.revision, witness
         )
     except sqlite3.Error as exc:
-        if exc.sqlite_errorcode & 0xFF not in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code is None:
+            # Raised by the sqlite3 module itself while converting a value the file holds:
+            # text that is not UTF-8 (a flipped bit), which the broker never writes.
+            why = f"SQLITE_CORRUPT: a text value is not UTF-8: {str(exc)[:200]}"
+            raise StoreError(f"cannot open store {path}: {_refuse(path, shm, why)}") from exc
+        if code & 0xFF not in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
             # Not what the file says (I/O, permissions, a lock): it may pass once fixed.
             raise StoreError(f"cannot open store {path}: {describe(exc)}") from exc
         raise StoreError(f"cannot open store {path}: {_refuse(path, shm, describe(exc))}") from exc
+    except UnicodeDecodeError as exc:
+        # SQLite's own message names something the file holds (a schema object's name)
+        # whose bytes are not UTF-8: the file is damaged.
+        said = exc.object.decode("utf-8", "replace") if isinstance(exc.object, bytes) else ""
+        why = f"SQLITE_CORRUPT: {said[:200]}"
+        raise StoreError(f"cannot open store {path}: {_refuse(path, shm, why)}") from exc
     except StoreError as exc:
         raise StoreError(f"cannot open store {path}: {_refuse(path, shm, str(exc))}") from exc
 
@@ -281,21 +294,62 @@ def check_writable(conn: sqlite3.Connection) -> None:
         conn.execute("ROLLBACK")
 
 
+# The Python types each loaded column may have, as the broker writes them (schema.py:
+# Integer -> int, Float -> float (or int), String -> str; None where nullable). SQLite
+# keeps whatever a record's header says, and integrity_check does not look at column
+# types: one flipped bit there turns a quota into text or a blob, which must be refused
+# as corruption, not served or left to crash the start.
+_I, _F, _S, _N = (int,), (float, int), (str,), (type(None),)
+_SETS = (
+    ("set_id", _I), ("client", _S), ("pid", _I), ("quota", _I), ("grace_seconds", _I),
+    ("token_hash", _S), ("created_unix", _F), ("holder_start_time", _I + _N),
+    ("holder_uid", _I + _N), ("holder_ns_pid", _I + _N), ("delegated_by_pid", _I + _N),
+    ("owner", _S), ("detached_unix", _F + _N), ("witness_epoch", _I), ("witness_wait", _I),
+)  # fmt: skip
+_QUARANTINE = (
+    ("pasid", _I), ("release_unix", _F), ("kind", _S), ("set_id", _I + _N),
+    ("holder_pid", _I + _N), ("holder_start_time", _I + _N), ("claimant", _I + _N),
+    ("devices", _S + _N),
+)  # fmt: skip
+_QUOTAS = (("scope", _S), ("per_set", _I), ("per_client", _I), ("global_", _I))
+_META = (("key", _S), ("value", _S))
+_DEFERRED = (("pasid", _I), ("set_id", _I))
+_SQL_TYPE = {int: "an integer", float: "a real", str: "a text", bytes: "a blob"}
+
+
+def _typed(
+    table: str, columns: tuple[tuple[str, tuple[type, ...]], ...], row: tuple[Any, ...]
+) -> None:
+    """StoreError (corruption) unless each value of `row` has its column's type; the
+    row is named by its first column (each table's key)."""
+    for (name, types), value in zip(columns, row, strict=True):
+        if type(value) not in types:
+            got = _SQL_TYPE.get(type(value), type(value).__name__)
+            shown = f" ({value!r:.40})" if isinstance(value, (str, int, float)) else ""
+            raise StoreError(
+                f"SQLITE_CORRUPT: {table}.{name} of row {row[0]!r:.40} is {got}{shown},"
+                " which the broker never writes there"
+            )
+
+
 def load_snapshot(conn: sqlite3.Connection) -> Snapshot:
     """Everything the engine rebuilds its state from, in one consistent read; checks
-    the foreign key allocations.set_id -> sets on the way."""
+    the foreign key allocations.set_id -> sets, and each value's type, on the way."""
     conn.execute("BEGIN")  # one consistent read of all the tables
     try:
-        m = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-        rows = [
-            SetRow(*r)
-            for r in conn.execute(
-                "SELECT set_id, client, pid, quota, grace_seconds, token_hash,"
-                " created_unix, holder_start_time, holder_uid, holder_ns_pid,"
-                " delegated_by_pid, owner, detached_unix, witness_epoch, witness_wait FROM sets"
-                " ORDER BY set_id"
-            )
-        ]
+        meta_rows = conn.execute("SELECT key, value FROM meta").fetchall()
+        for r in meta_rows:
+            _typed("meta", _META, r)
+        m = dict(meta_rows)
+        rows: list[SetRow] = []
+        for r in conn.execute(
+            "SELECT set_id, client, pid, quota, grace_seconds, token_hash,"
+            " created_unix, holder_start_time, holder_uid, holder_ns_pid,"
+            " delegated_by_pid, owner, detached_unix, witness_epoch, witness_wait FROM sets"
+            " ORDER BY set_id"
+        ):
+            _typed("sets", _SETS, r)
+            rows.append(SetRow(*r))
         holdings: dict[int, list[int]] = {r.set_id: [] for r in rows}
         orphans: list[int] = []
         # One row per set, its PASIDs joined by SQLite as a JSON array, which
@@ -318,23 +372,29 @@ def load_snapshot(conn: sqlite3.Connection) -> Snapshot:
         (rev,) = conn.execute("SELECT COALESCE(MAX(revision), 0) FROM events").fetchone()
         quarantine: dict[int, float] = {}
         withheld: dict[int, WithheldRow] = {}
-        for p, until, kind, sid, hpid, hstart, claimant, devices in conn.execute(
+        for row in conn.execute(
             "SELECT pasid, release_unix, kind, set_id, holder_pid, holder_start_time,"
             " claimant, devices FROM quarantine"
         ):
+            _typed("quarantine", _QUARANTINE, row)
+            p, until, kind, sid, hpid, hstart, claimant, devices = row
             if kind == "time":
                 quarantine[p] = until
             else:
                 withheld[p] = WithheldRow(kind, sid, hpid, hstart, claimant, devices)
         deferred: dict[int, list[int]] = {}
-        for p, sid in conn.execute("SELECT pasid, set_id FROM deferred_refrees ORDER BY pasid"):
+        for row in conn.execute("SELECT pasid, set_id FROM deferred_refrees ORDER BY pasid"):
+            _typed("deferred_refrees", _DEFERRED, row)
+            p, sid = row
             deferred.setdefault(sid, []).append(p)
         q = conn.execute(
-            "SELECT per_set, per_client, global_ FROM quotas WHERE scope = 'default'"
+            "SELECT scope, per_set, per_client, global_ FROM quotas WHERE scope = 'default'"
         ).fetchone()
+        if q is not None:
+            _typed("quotas", _QUOTAS, q)
     finally:
         conn.execute("COMMIT")
-    saved = (int(q[0]), int(q[1]), int(q[2])) if q is not None else None
+    saved = (int(q[1]), int(q[2]), int(q[3])) if q is not None else None
     return Snapshot(
         rows, holdings, m, int(rev or 0), saved, quarantine, withheld, deferred_refrees=deferred
     )
