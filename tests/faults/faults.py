@@ -14,6 +14,9 @@ warns on stderr naming every active fault. Comma-separated items:
                            multi-PASID request fails in its middle). Free is not failed:
                            the undo of a failed request must be able to give PASIDs back
   backend_free_fail_file=PATH  the same for backend free (alloc then still works)
+  recovery_delay_ms=N      the broker's recovery (Broker.start) waits N ms first, its
+                           sockets already listening: a broker that is recovering, which
+                           clients must wait for (issue 19), for as long as a test needs
   store_writes_nothing     every commit succeeds without touching SQLite (nothing is
                            durable): only for bench.rpc's account of what the store
                            costs; a restart loses everything
@@ -36,6 +39,7 @@ ENV = "PASID_BROKER_TEST_FAULTS"
 class TestFaults:
     ack_before_commit: bool = False
     commit_delay_ms: int = 0
+    recovery_delay_ms: int = 0
     backend_fail_file: str = ""
     backend_free_fail_file: str = ""
     store_writes_nothing: bool = False
@@ -52,7 +56,7 @@ def load(environ: dict[str, str] | None = None) -> TestFaults:
         key, _, value = item.partition("=")
         if key in ("ack_before_commit", "store_writes_nothing"):
             kw[key] = True
-        elif key == "commit_delay_ms":
+        elif key in ("commit_delay_ms", "recovery_delay_ms"):
             kw[key] = int(value)
         elif key in ("backend_fail_file", "backend_free_fail_file"):
             kw[key] = value

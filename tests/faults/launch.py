@@ -6,7 +6,8 @@ daemon's code, flags and --help stay free of test hooks:
 - the `vfio-fake` backend: the real VfioBackend over the fake patched kernel
   (tests/faults/vfio_fake_kernel.py), registered with broker.backends.register_backend;
 - the faults named by PASID_BROKER_TEST_FAULTS (tests/faults/faults.py): a failing
-  backend (every registered factory wrapped), a slow store (its commit delayed), and
+  backend (every registered factory wrapped), a slow store (its commit delayed), a slow
+  recovery (the broker listens, and answers UNAVAILABLE, for as long as asked), and
   ack_before_commit, the deliberate bug the crash test must catch (the journal resolves
   each change's future as soon as it is queued), and a store that writes nothing (for
   bench.rpc's account of what SQLite costs).
@@ -16,6 +17,7 @@ tests/harness.py starts every daemon under test this way.
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -65,6 +67,18 @@ def _slow_commit(delay: float) -> None:
     SqliteStore.commit = slow  # type: ignore[method-assign]
 
 
+def _slow_recovery(delay: float) -> None:
+    from broker.engine.broker import Broker
+
+    start = Broker.start
+
+    async def slow(self: Broker) -> None:
+        await asyncio.sleep(delay)  # on the loop: health answers NOT_SERVING meanwhile
+        await start(self)
+
+    Broker.start = slow  # type: ignore[method-assign]
+
+
 def _store_writes_nothing() -> None:
     def nothing(self: SqliteStore, records: Sequence[Record]) -> list[Event]:
         return []  # no events either: nobody watches a bench
@@ -97,6 +111,8 @@ def install(faults: TestFaults) -> None:
             backends.register_backend(name, _failing(backends.factory_of(name), faults))
     if faults.commit_delay_ms:
         _slow_commit(faults.commit_delay_ms / 1000)
+    if faults.recovery_delay_ms:
+        _slow_recovery(faults.recovery_delay_ms / 1000)
     if faults.ack_before_commit:
         _ack_before_commit()
     if faults.store_writes_nothing:
