@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml clients/pyproject.toml constraints-dev.txt
 run: $(STAMP)
 	@mkdir -p $(VAR)
 	@echo "pasid-broker: simulator backend, database $(VAR)/broker.db"
-	@echo "listening on unix:$(CURDIR)/$(VAR)/broker.sock  (Ctrl-C stops it; PASIDs held with grace survive a restart)"
+	@echo "listening on unix:$(CURDIR)/$(VAR)/broker.sock  (Ctrl-C stops it; a restart keeps every set: a verified holder's while it runs, an anonymous one for its grace)"
 	@echo "try:   $(VENV)/bin/pasidctl --socket $(VAR)/broker.sock info"
 	@exec $(VENV)/bin/pasid-broker --backend simulator --db $(VAR)/broker.db --socket $(VAR)/broker.sock
 

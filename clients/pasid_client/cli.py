@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, fields
 from typing import Any, NoReturn
 
@@ -102,15 +102,26 @@ def _session_ref(args: argparse.Namespace) -> tuple[int, str]:
         raise UsageError(f"pasidctl: the session id must be an integer, not {sid!r}") from None
 
 
-def _set_dict(v: SetView) -> dict[str, Any]:
+def _set_dict(v: SetView, now: float | None = None) -> dict[str, Any]:
     # Not asdict(): it deep-copies every range tuple, seconds for a million of them.
     d = {f.name: getattr(v, f.name) for f in fields(v)}
     d["ranges"] = [list(r) for r in v.ranges]
+    # How long it has been detached, as the DETACHED column says it (0 while attached):
+    # a script should not have to subtract detached_unix from its own clock.
+    d["detached_seconds"] = _detached_seconds(v, now)
     return d
 
 
+def _detached_seconds(s: SetView, now: float | None = None) -> float:
+    """Seconds since the set was detached (stored by the broker, so a restart does not
+    reset it); 0.0 while a stream holds it."""
+    if s.state != "detached" or not s.detached_unix:
+        return 0.0
+    return round(max((time.time() if now is None else now) - s.detached_unix, 0.0), 3)
+
+
 def cmd_info(c: Client, args: argparse.Namespace) -> int:
-    i = c.info()
+    i = _when_ready(c, args, "info")
     d = asdict(i)
     d["quotas"] = {
         "per_set": i.quotas.per_set,
@@ -145,7 +156,8 @@ def cmd_info(c: Client, args: argparse.Namespace) -> int:
 
 def cmd_alloc(c: Client, args: argparse.Namespace) -> int:
     sid, token = _session_ref(args)
-    hi = args.max if args.max is not None else (1 << c.info().pasid_bits) - 1
+    info = _when_ready(c, args, "alloc")  # then the alloc goes once: it is no read
+    hi = args.max if args.max is not None else (1 << info.pasid_bits) - 1
     got = c.alloc(sid, token, args.min, hi, args.count)
     _emit(args, {"session_id": sid, "pasids": got}, lambda: " ".join(map(str, got)))
     return 0
@@ -153,6 +165,7 @@ def cmd_alloc(c: Client, args: argparse.Namespace) -> int:
 
 def cmd_free(c: Client, args: argparse.Namespace) -> int:
     sid, token = _session_ref(args)
+    _when_ready(c, args, "free")
     n = c.free(sid, token, args.min, args.max)
     _emit(args, {"session_id": sid, "freed": n}, lambda: f"freed {n}")
     return 0
@@ -166,6 +179,15 @@ def _admin(args: argparse.Namespace) -> Client:
     )
 
 
+@contextlib.contextmanager
+def _admin_ready(args: argparse.Namespace, command: str) -> Iterator[Client]:
+    """The admin socket's client, once the broker answers there (_when_ready: a broker
+    not there yet, starting or recovering, is waited for within --reconnect-deadline)."""
+    with _admin(args) as a:
+        _when_ready(a, args, command)
+        yield a
+
+
 def _say(message: str) -> None:
     """One line on stderr: what the command lives through (stdout stays its output)."""
     print(f"pasidctl: {message}", file=sys.stderr, flush=True)
@@ -173,10 +195,11 @@ def _say(message: str) -> None:
 
 def cmd_list(c: Client, args: argparse.Namespace) -> int:
     if args.all or not (args.session or os.environ.get("PASID_SESSION_ID")):
-        with _admin(args) as a:
+        with _admin_ready(args, "list") as a:
             sets = a.list_sets()
     else:
         sid, token = _session_ref(args)
+        _when_ready(c, args, "list")
         sets = [c.list_session(sid, token)]
 
     def text() -> str:
@@ -206,7 +229,7 @@ def _detached_for(s: SetView, now: float | None = None) -> str:
     """How long the set has been detached ("-" while attached), e.g. "3m07s"."""
     if s.state != "detached" or not s.detached_unix:
         return "-"
-    secs = max(int((time.time() if now is None else now) - s.detached_unix), 0)
+    secs = int(_detached_seconds(s, now))
     h, rest = divmod(secs, 3600)
     m, sec = divmod(rest, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s" if m else f"{sec}s"
@@ -226,7 +249,7 @@ def _sets_table(sets: Sequence[SetView]) -> str:
 
 
 def cmd_sets(c: Client, args: argparse.Namespace) -> int:
-    with _admin(args) as a:
+    with _admin_ready(args, "sets") as a:
         sets = sorted(a.list_sets(), key=lambda v: -v.count)
     _emit(args, {"sets": [_set_dict(s) for s in sets]}, lambda: _sets_table(sets))
     return 0
@@ -244,7 +267,7 @@ def _withheld_line(w: WithheldView) -> str:
 
 
 def cmd_withheld(c: Client, args: argparse.Namespace) -> int:
-    with _admin(args) as a:
+    with _admin_ready(args, "withheld") as a:
         rows = a.list_withheld()
     _emit(
         args,
@@ -255,7 +278,7 @@ def cmd_withheld(c: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_revoke(c: Client, args: argparse.Namespace) -> int:
-    with _admin(args) as a:
+    with _admin_ready(args, "revoke") as a:
         n = a.revoke(args.set_id, args.reason)
     _emit(
         args,
@@ -266,8 +289,8 @@ def cmd_revoke(c: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_quota(c: Client, args: argparse.Namespace) -> int:
-    with _admin(args) as a:
-        cur = c.info().quotas if args.set_id == 0 else None
+    with _admin_ready(args, "quota") as a:
+        cur = a.info().quotas if args.set_id == 0 else None
         per_client = (
             args.per_client if args.per_client is not None else (cur.per_client if cur else 0)
         )
@@ -292,6 +315,7 @@ def cmd_quota(c: Client, args: argparse.Namespace) -> int:
 
 def cmd_request(c: Client, args: argparse.Namespace) -> int:
     sid, token = _session_ref(args)
+    _when_ready(c, args, "request")
     ret = c.pasid_request(sid, token, args.argsz, args.flags, args.min, args.max)
     _emit(args, {"ret": ret}, lambda: str(ret))
     return 0
@@ -404,6 +428,10 @@ def cmd_hold(c: Client, args: argparse.Namespace) -> int:
         signal.signal(sig, on_signal)
     if args.token_out and os.path.lexists(args.token_out):
         raise UsageError(f"pasidctl: the token file {args.token_out} exists already")
+    # A broker not there yet, starting or recovering is waited for (said on stderr), before
+    # looking for a detached set to take back: asked too early, that look found no peer
+    # socket, or NOT_READY, and a restarted sidecar opened a second set or exited 1.
+    _when_ready(c, args, "hold")
     reattach = _detached_set_to_reattach(c, args)
 
     def told(change: StateChange) -> None:
@@ -591,9 +619,9 @@ def _common_options(suppress: bool) -> _Parser:
         type=float,
         default=d(60.0),
         metavar="SECONDS",
-        help="how long hold, watch and top (--once too) wait for a broker that is not there"
-        " yet, starting or recovering, and reconnect after it went away (default 60; 0:"
-        " never); a socket that refuses this user fails at once",
+        help="how long a command waits for a broker that is not there yet, starting or"
+        " recovering, and hold, watch and top reconnect after it went away (default 60;"
+        " 0: never); a socket that refuses this user fails at once",
     )
     return common
 
@@ -746,7 +774,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--grace",
         type=int,
         default=0,
-        help="seconds the set outlives this process (0: freed at once)",
+        help="for an anonymous session (a TCP address) only: seconds its set waits for a"
+        " resume by token after its stream ends (0: freed at once). A verified set (Unix"
+        " socket) follows its holder process instead: it ends at Ctrl-C or when the holder"
+        " exits, whatever its grace",
     )
     h.add_argument(
         "--delegate-pid",

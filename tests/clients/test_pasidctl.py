@@ -84,9 +84,13 @@ def test_usage_errors_exit_2_in_text_and_json(argv: list[str], says: str) -> Non
 
 
 def test_broker_refusals_still_exit_1_with_json(tmp_path: Path) -> None:
-    r = pasidctl("info", "--json", "--timeout", "1", "--socket", str(tmp_path / "none.sock"))
+    """No broker at all: `info` waits --reconnect-deadline for one to start (saying so on
+    stderr), then exits 1 with the error as JSON on stdout."""
+    sock = str(tmp_path / "none.sock")
+    r = pasidctl("info", "--json", "--timeout", "1", "--reconnect-deadline", "1", "--socket", sock)
     assert r.returncode == 1
     assert json.loads(r.stdout)["error"]["code"] == "UNAVAILABLE"
+    assert "info: waiting for the broker" in r.stderr and "up to 1 s" in r.stderr, r.stderr
 
 
 def test_token_from_environment_or_file_never_the_command_line(

@@ -113,7 +113,9 @@ def sets(b: BrokerProcess) -> dict[int, tuple[str, tuple[tuple[int, int], ...], 
         return {s.set_id: (s.state, s.ranges, s.pid) for s in a.list_sets()}
 
 
-def test_hold_stays_attached_through_a_broker_kill(make_broker: Make) -> None:
+@pytest.mark.parametrize("how", ["kill -9", "SIGTERM"])
+def test_hold_stays_attached_through_a_broker_restart(make_broker: Make, how: str) -> None:
+    """Issue 19: hold exited 1 on UNAVAILABLE, after a clean SIGTERM restart too."""
     b = make_broker()
     hold = Command("hold", "--count", "3", "--json", "--socket", b.socket)
     try:
@@ -121,7 +123,10 @@ def test_hold_stays_attached_through_a_broker_kill(make_broker: Make) -> None:
         doc = json.loads(hold.out[0])
         sid, pasids = doc["session_id"], doc["pasids"]
         assert doc["verified"] and pasids == [1, 2, 3]
-        b.kill(signal.SIGKILL)
+        if how == "kill -9":
+            b.kill(signal.SIGKILL)
+        else:
+            assert b.stop() == 0
         b.start()
         hold.wait(lambda: hold.said("resumed set"), 30, "hold to resume")
         assert hold.proc.poll() is None
@@ -174,9 +179,68 @@ def test_hold_started_before_the_broker_waits_for_it(make_broker: Make) -> None:
         hold.wait(lambda: hold.out or hold.proc.poll() is not None, 60, "hold's JSON")
         doc = json.loads(hold.out[0])
         assert doc["verified"] and doc["pasids"] == [1, 2], hold.err
+        assert hold.err and "hold: waiting for the broker" in hold.err[0], hold.err
+        assert hold.said("hold: the broker answers"), hold.err
         assert hold.interrupt() == 0
     finally:
         hold.kill()
+
+
+def test_commands_started_while_the_broker_recovers_wait_for_it(make_broker: Make) -> None:
+    """Issue 19 point 4: a script that starts the broker and then runs pasidctl. Every
+    command started while the broker is recovering (its sockets there, every call
+    UNAVAILABLE "broker is recovering its store") waits for it, says so once on stderr,
+    and then does what it would have done: `info`, `list`, `sets` print, and a restarted
+    sidecar's `hold --delegate-pid` takes the VMM's detached set back instead of exiting
+    1 (or, had its look for the set failed quietly, opening a second set)."""
+    b = make_broker()
+    vmm = subprocess.Popen(["sleep", "300"])
+    hold_argv = ["hold", "--json", "--count", "2", "--delegate-pid", str(vmm.pid)]
+    cmds: list[Command] = []
+    try:
+        first = Command(*hold_argv, "--socket", b.socket)
+        cmds.append(first)
+        first.wait(lambda: first.out or first.proc.poll() is not None, 60, "hold's JSON")
+        held = json.loads(first.out[0])
+        first.proc.send_signal(signal.SIGTERM)  # the sidecar stops: the set is detached
+        assert first.proc.wait(30) == 0, first.err
+        assert b.stop() == 0
+        # The recovery is held back (a test fault) long enough for every command to
+        # start, under load too, while the broker listens and answers NOT_READY.
+        b.env["PASID_BROKER_TEST_FAULTS"] = "recovery_delay_ms=15000"
+        b.start(wait=False)
+        wait_until(lambda: os.path.exists(b.socket), 30, 0.02, "the broker's socket")
+        argvs = [["info", "--json"], ["sets", "--json"], ["list", "--all", "--json"], hold_argv]
+        waiting = [Command(*argv, "--socket", b.socket) for argv in argvs]
+        cmds += waiting
+        for cmd in waiting:
+            cmd.wait(lambda c=cmd: c.err or c.proc.poll() is not None, 60, "the wait said")
+        assert b.health() == "NOT_SERVING", "the commands did not meet the recovery"
+        for cmd in waiting:
+            assert cmd.proc.poll() is None, (cmd.proc.args, cmd.err, cmd.out)
+            assert "waiting for the broker" in cmd.err[0], cmd.err
+            assert "broker is recovering its store" in cmd.err[0], cmd.err
+        info, sets_, listed, hold = waiting
+        for cmd in (info, sets_, listed):
+            assert cmd.proc.wait(60) == 0, cmd.err
+            cmd.wait(lambda c=cmd: c.out and len(c.err) >= 2, 5, "its output")
+            assert len(cmd.err) == 2 and cmd.err[1].endswith("the broker answers"), cmd.err
+        assert json.loads(info.out[0])["in_use"] == 2
+        for cmd in (sets_, listed):
+            (view,) = json.loads(cmd.out[0])["sets"]
+            assert (view["set_id"], view["pid"]) == (held["session_id"], vmm.pid)
+        hold.wait(lambda: hold.out or hold.proc.poll() is not None, 60, "hold's JSON")
+        again = json.loads(hold.out[0])
+        assert (again["session_id"], again["pasids"]) == (held["session_id"], held["pasids"])
+        assert hold.said("re-attached detached set"), hold.err
+        assert sets(b) == {held["session_id"]: ("attached", ((1, 2),), vmm.pid)}
+        assert hold.interrupt() == 0  # Ctrl-C releases
+        assert sets(b) == {}
+    finally:
+        for cmd in cmds:
+            cmd.kill()
+        vmm.kill()
+        vmm.wait()
 
 
 def test_watch_goes_on_without_gap_or_duplicate(make_broker: Make) -> None:
@@ -263,10 +327,10 @@ def test_watch_and_top_started_without_a_broker_wait_for_it(
         top.kill()
 
 
-def test_watch_and_top_with_no_reconnect_deadline_fail_at_once(make_broker: Make) -> None:
+def test_commands_with_no_reconnect_deadline_fail_at_once(make_broker: Make) -> None:
     """--reconnect-deadline 0 is "never wait": exit 1 on the first UNAVAILABLE."""
     b = make_broker(start=False)
-    for argv in (["watch"], ["top", "--once"]):
+    for argv in (["watch"], ["top", "--once"], ["info"], ["sets"], ["hold"]):
         cmd = Command(*argv, "--reconnect-deadline", "0", "--socket", b.socket)
         try:
             assert cmd.proc.wait(30) == 1

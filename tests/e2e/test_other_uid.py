@@ -308,8 +308,9 @@ def test_pasidctl_as_another_uid_says_it_may_not_connect() -> None:
             )
             out, err = p.communicate(timeout=RETRIED_SECONDS)
             assert p.returncode == 1, (argv, out, err)
-            # watch and top without a session read the admin socket (mode 0600).
-            sock, mode = {"info": (b.socket, "0660"), "hold": (f"{b.dir}/peer.sock", "0660")}.get(
+            # watch and top without a session read the admin socket (mode 0600); info and
+            # hold (which first waits for the broker to answer there) the clients' one.
+            sock, mode = {"info": (b.socket, "0660"), "hold": (b.socket, "0660")}.get(
                 argv[0], (b.admin_socket, "0600")
             )
             assert err.startswith(
