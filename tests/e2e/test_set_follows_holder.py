@@ -5,6 +5,7 @@ some dying while the broker is down. The rule is broker/engine/lifecycle.py's ta
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -22,6 +23,11 @@ from pasid_client.handshake import obtain_ticket
 from tests.e2e.test_peer_sessions import event_of, holder, read, sets, start
 from tests.harness import BrokerProcess, assert_memory_matches_disk, db_holdings, wait_until
 from tests.metrics.scrape import scrape
+
+PASIDCTL = [sys.executable, "-m", "pasid_client.cli"]
+
+# A pasidctl run to its end: its output as text, failing the test on a non-zero exit.
+RUN: dict[str, Any] = {"capture_output": True, "text": True, "timeout": 60, "check": True}
 
 # The longest grace any set may have on these brokers: a detached verified set must
 # outlive it (no timer applies to it at all).
@@ -192,6 +198,11 @@ def test_restart_keeps_every_live_holders_set_and_only_those(
     want: dict[int, list[int]] = {v["set_id"]: v["pasids"] for v in delegated.values()}
     want |= {ans["session_id"]: ans["pasids"] for ans, _ in own}
     assert len(want) == 50 and db_holdings(b.db) == want
+    # and a running `pasidctl hold` (its own holder): still running, and attached again
+    # by itself, after the restart
+    ctl = start(procs, [*PASIDCTL, "--socket", b.socket, "hold", "--json", "--count", "2"])
+    ctl_held = read(ctl)
+    ctl_set, ctl_pasids = ctl_held["session_id"], ctl_held["pasids"]
 
     frozen = [*vmms[:5], *(p for _, p in own[:3])]
     for p in frozen:
@@ -213,8 +224,13 @@ def test_restart_keeps_every_live_holders_set_and_only_those(
     def check() -> None:
         # The dead holders' sets leave memory at recovery; their destroys are durable a
         # moment later (the commit is asynchronous): wait for the file to say so too.
-        wait_until(lambda: db_holdings(b.db) == live, 10, 0.05, "the dead holders' sets gone")
+        everyone = live | {ctl_set: ctl_pasids}
+        wait_until(lambda: db_holdings(b.db) == everyone, 10, 0.05, "the dead holders' sets gone")
+        wait_until(lambda: sets(b)[ctl_set].state == "attached", 30, 0.05, "pasidctl hold back")
+        assert ctl.poll() is None, "pasidctl hold exited"
         views = sets(b)
+        mine = views.pop(ctl_set)
+        assert (sorted(mine.pasids()), mine.pid) == (ctl_pasids, ctl.pid)
         assert {k: sorted(v.pasids()) for k, v in views.items()} == live
         holders = {v.set_id: v.pid for v in views.values()}
         for pid, d in delegated.items():
@@ -223,7 +239,8 @@ def test_restart_keeps_every_live_holders_set_and_only_those(
         assert all(v.state == "detached" for v in views.values())
         everything = [p for v in views.values() for p in v.pasids()]
         assert len(everything) == len(set(everything)) == 80, "a PASID in two sets"
-        assert assert_memory_matches_disk(b) == live
+        assert not set(everything) & set(ctl_pasids), "a PASID in two sets"
+        assert assert_memory_matches_disk(b) == everyone
 
     check()
     time.sleep(LONGEST + 1.5)  # no restart grace applies to a live verified holder
@@ -234,7 +251,7 @@ def test_restart_keeps_every_live_holders_set_and_only_those(
         if v.poll() is None:
             v.kill()
     wait_until(
-        lambda: set(sets(b)) == {ans["session_id"] for ans, _ in own[:3] + own[6:]},
+        lambda: set(sets(b)) == {ans["session_id"] for ans, _ in own[:3] + own[6:]} | {ctl_set},
         5,
         0.02,
         "the VMMs' sets gone with them",
@@ -414,3 +431,44 @@ def test_a_live_holder_is_told_from_a_dead_one_past_1024_fds(
     vmm.kill()
     wait_until(lambda: set_id not in sets(b), 5, 0.01, "the set gone with the VMM")
     assert event_of(b, "set_reclaimed", set_id).reason == f"holder process {vmm.pid} exited"
+
+
+# -- what users see: sets, list and the metrics show detached sets and for how long --------
+
+
+def test_sets_and_list_show_detached_sets_and_for_how_long(
+    b: BrokerProcess, procs: list[subprocess.Popen[str]]
+) -> None:
+    """`pasidctl sets` and `list --all`, as text and --json, show a detached set's state
+    and how long it has been detached (docs/observability.md): the DETACHED column, and
+    `detached_unix` with `detached_seconds` in JSON; an attached one shows "-" and 0.
+    The age is the stored one, so it goes on counting across a broker restart."""
+    vmm = start(procs, ["sleep", "120"])
+    ans, sidecar = holder(procs, b.address, "--delegate-pid", str(vmm.pid))
+    detached = ans["session_id"]
+    sidecar.kill()
+    sidecar.wait()
+    wait_until(lambda: sets(b)[detached].state == "detached", what="the set detached")
+    time.sleep(1.5)
+    b.kill()
+    b.start()
+    attached = holder(procs, b.address)[0]["session_id"]
+    ctl = [sys.executable, "-m", "pasid_client.cli", "--socket", b.socket]
+    for argv in (["sets"], ["list", "--all"]):
+        doc = json.loads(subprocess.run([*ctl, *argv, "--json"], **RUN).stdout)
+        views = {v["set_id"]: v for v in doc["sets"]}
+        d, a = views[detached], views[attached]
+        assert (d["state"], d["pid"], d["count"]) == ("detached", vmm.pid, 3), d
+        assert d["detached_unix"] > 0 and 1.5 <= d["detached_seconds"] < 120, d
+        assert (a["state"], a["detached_unix"], a["detached_seconds"]) == ("attached", 0, 0), a
+        text = subprocess.run([*ctl, *argv], **RUN).stdout.splitlines()
+        assert text[0].split()[-2:] == ["DETACHED", "PASIDS"], text
+        # DETACHED is the column before PASIDS (an empty PEER shifts the ones before)
+        rows = {int(line.split()[0]): line.split()[-2] for line in text[1:]}
+        age = rows[detached]  # e.g. "2s", "3m07s"
+        assert age.endswith("s") and age[:-1].isdigit() and int(age[:-1]) >= 1, text
+        assert rows[attached] == "-", text
+    m = scrape(b.metrics_url)
+    assert m.value("pasid_broker_sets", state="detached") == 1
+    assert m.value("pasid_broker_detached_verified_sets") == 1
+    assert m.value("pasid_broker_detached_oldest_seconds") >= 1.5
