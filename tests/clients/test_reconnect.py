@@ -177,6 +177,52 @@ def test_an_open_waits_for_a_broker_that_is_starting(make_broker: Make) -> None:
         s.close()
 
 
+@pytest.mark.parametrize("api", ["sync", "async"])
+def test_an_open_waits_for_a_broker_that_is_recovering(make_broker: Make, api: str) -> None:
+    """Opened while the broker listens but still recovers (every call UNAVAILABLE,
+    NOT_READY; held there by a test fault): the open, blocking and asyncio alike, waits
+    for the recovery within the deadline instead of failing, and is verified."""
+    b = make_broker(start=False)
+    b.env["PASID_BROKER_TEST_FAULTS"] = "recovery_delay_ms=4000"
+    b.start(wait=False)
+    wait_until(lambda: b.health() == "NOT_SERVING", 30, 0.02, "the broker to recover")
+
+    async def open_async() -> tuple[bool, list[int], str]:
+        async with AsyncClient(b.address) as c, c.session("early-async") as s:
+            state = b.health()  # what the broker said as the open returned
+            return s.verified, await s.alloc(1, 10), state
+
+    def open_sync() -> tuple[bool, list[int], str]:
+        with Client(b.address) as c, c.session("early") as s:
+            return s.verified, s.alloc(1, 10), b.health()
+
+    verified, got, health = open_sync() if api == "sync" else asyncio.run(open_async())
+    assert verified and got == [1] and health == "SERVING"
+
+
+def test_an_async_session_is_lost_after_the_deadline(make_broker: Make) -> None:
+    """AsyncSession gives up as Session does: LOST after reconnect_deadline_seconds,
+    heard by on_state_change, and every later call raises SessionLost."""
+    b = make_broker()
+    changes = Changes()
+
+    async def run() -> float:
+        async with AsyncClient(b.address, reconnect_deadline_seconds=2) as c:
+            s = await c.session("vmm-async", on_state_change=changes)
+            await s.alloc(1, 100)
+            t0 = time.monotonic()
+            b.kill(signal.SIGKILL)
+            ended = await asyncio.wait_for(s.wait_ended(), 30)
+            waited = time.monotonic() - t0
+            assert isinstance(ended, SessionLost) and s.state is SessionState.LOST
+            with pytest.raises(SessionLost):
+                await s.alloc(1, 100)
+            return waited
+
+    assert asyncio.run(run()) >= 2.0
+    assert changes.states() == [SessionState.RECONNECTING, SessionState.LOST]
+
+
 def test_an_open_gives_up_at_the_deadline(tmp_path: object) -> None:
     with Client(socket=f"{tmp_path}/none.sock", reconnect_deadline_seconds=1) as c:
         t0 = time.monotonic()
