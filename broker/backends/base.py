@@ -132,7 +132,7 @@ class Devices(Protocol):
         holder_pid: int | None,
         held: Iterable[int] = (),
     ) -> Sequence[DeviceHandleLike]:
-        """Adopt what a ticket delegated (HANDSHAKE.md roles), all or none."""
+        """Adopt what a ticket delegated (docs/peer-identity.md roles), all or none."""
         ...
 
     def widths(self) -> list[tuple[str, str, int, int]]:

@@ -313,7 +313,7 @@ class IommufdBackend:
         holder_pid: int | None,
         held: Iterable[int] = (),
     ) -> list[DeviceHandle]:
-        """What a ticket delegated (HANDSHAKE.md roles, in order): one "iommufd" fd and
+        """What a ticket delegated (docs/peer-identity.md roles, in order): one "iommufd" fd and
         one "device" fd per entry of `devices` ({"name", "dev_id", "pt_id"}). All or none:
         on any refusal the devices adopted so far are dropped. The caller keeps its fds
         (they are dup'ed here)."""

@@ -6,7 +6,7 @@ everyone else is still served. No grpc here: the servicer hands in identity keys
 
 Identity: per-identity limits count under an identity key, a string: the kernel-verified
 uid of the peer handshake's ticket ("uid:N"), or the one shared ANONYMOUS for callers
-without one (HANDSHAKE.md). Sets recovered at a restart count against their stored
+without one (docs/peer-identity.md). Sets recovered at a restart count against their stored
 holder's uid, or ANONYMOUS.
 """
 

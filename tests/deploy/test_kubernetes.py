@@ -280,9 +280,13 @@ def test_restarted_sidecar_takes_the_vmms_set_back(broker: BrokerProcess, tmp_pa
                 p.wait()
 
 
-def test_sidecar_lives_through_a_broker_restart(broker: BrokerProcess, tmp_path: Path) -> None:
-    """The broker is killed (a DaemonSet update, a crash) under a running sidecar: the
-    sidecar says so, resumes the same set for the same VMM, and keeps running."""
+@pytest.mark.parametrize("how", ["kill -9", "SIGTERM"])
+def test_sidecar_lives_through_a_broker_restart(
+    broker: BrokerProcess, tmp_path: Path, how: str
+) -> None:
+    """The broker is killed (a crash) or stopped (a DaemonSet update) under a running
+    sidecar: the sidecar says so, resumes the same set for the same VMM, and keeps
+    running."""
     import signal
     import threading
 
@@ -298,7 +302,10 @@ def test_sidecar_lives_through_a_broker_restart(broker: BrokerProcess, tmp_path:
         assert out.exists(), said
         with Client(broker.admin_address) as admin:
             (before,) = admin.list_sets()
-        broker.kill(signal.SIGKILL)
+        if how == "kill -9":
+            broker.kill(signal.SIGKILL)
+        else:
+            assert broker.stop() == 0
         broker.start()
         wait_until(lambda: any("resumed set" in x for x in said), 30, 0.05, "the resume")
         assert any("broker went away" in x for x in said) and sidecar.poll() is None
@@ -316,5 +323,52 @@ def test_sidecar_lives_through_a_broker_restart(broker: BrokerProcess, tmp_path:
     finally:
         for p in (vmm, sidecar):
             if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_sidecar_restarted_while_the_broker_recovers_waits_and_reattaches(
+    make_broker: Any, tmp_path: Path
+) -> None:
+    """The node's broker and the VMM pod's sidecar restart together: the sidecar starts
+    while the broker recovers (it listens, every call is UNAVAILABLE; held there by a
+    test fault). The sidecar waits, says so, then takes the VMM's detached set back:
+    the same set and PASIDs, not a second set and not an exit."""
+    import json
+    import threading
+
+    from pasid_client import Client
+
+    b = make_broker()
+    name, vmm = start_fake_vmm(tmp_path, 120)
+    out = tmp_path / "pasids.json"
+    first = start_sidecar(b, name, out, 2)
+    second = None
+    said: list[str] = []
+    try:
+        wait_until(lambda: out.exists() or first.poll() is not None, 30, 0.05, "PASIDs")
+        held = json.loads(out.read_text())
+        first.send_signal(signal.SIGTERM)  # the kubelet stops it: the set is detached
+        assert first.wait(30) == 0
+        assert b.stop() == 0
+        out.unlink()
+        b.env["PASID_BROKER_TEST_FAULTS"] = "recovery_delay_ms=8000"
+        b.start(wait=False)
+        wait_until(lambda: os.path.exists(b.socket), 30, 0.02, "the broker's socket")
+        second = start_sidecar(b, name, out, 2)
+        threading.Thread(target=lambda: said.extend(second.stdout or ()), daemon=True).start()
+        wait_until(lambda: said or second.poll() is not None, 60, 0.05, "the sidecar's word")
+        assert b.health() == "NOT_SERVING", "the sidecar did not meet the recovery"
+        assert said[0].startswith("pasid-sidecar: waiting for the broker"), said
+        wait_until(lambda: out.exists() or second.poll() is not None, 60, 0.05, "PASIDs")
+        assert second.poll() is None, said
+        assert json.loads(out.read_text())["pasids"] == held["pasids"]
+        assert any("re-attached" in line for line in said), said
+        with Client(b.admin_address) as admin:
+            (s,) = admin.list_sets()
+        assert (s.state, s.pid, s.count) == ("attached", vmm.pid, 2)
+    finally:
+        for p in (vmm, first, second):
+            if p is not None and p.poll() is None:
                 p.kill()
                 p.wait()

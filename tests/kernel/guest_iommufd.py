@@ -169,7 +169,7 @@ def main() -> int:
     # -- set 2 (client B on device b): the same number, now for another set --------------
     pid_b, sock_b = client(str(devs[b]["cdev"]))
     msg_b, fds_b = recv_fds(sock_b)
-    # As the handshake hands a ticket's fds over (HANDSHAKE.md roles, in order).
+    # As the handshake hands a ticket's fds over (docs/peer-identity.md roles, in order).
     be.adopt_delegated(
         2,
         [("iommufd", fds_b[0]), ("device", fds_b[1])],

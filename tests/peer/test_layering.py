@@ -1,4 +1,4 @@
-"""broker/peer reads the kernel and keeps tickets; it knows no gRPC (HANDSHAKE.md)."""
+"""broker/peer reads the kernel and keeps tickets; it knows no gRPC (docs/peer-identity.md)."""
 
 from __future__ import annotations
 

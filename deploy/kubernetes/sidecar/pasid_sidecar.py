@@ -2,12 +2,13 @@
 
 The pod runs with shareProcessNamespace: true (and no hostPID), so this sidecar sees the
 VMM's process. It opens a pidfd on it and hands that pidfd to the broker on its peer
-socket (the verified-peer handshake with delegation, HANDSHAKE.md): the broker checks
-from the kernel that this sidecar may signal the VMM (same uid, here the pod's
-runAsUser) and makes the VMM the holder of the set. When the VMM exits, the broker
+socket (the verified-peer handshake with delegation, docs/peer-identity.md): the broker
+checks from the kernel that the VMM holds no uid this sidecar lacks (same uid, here the
+pod's runAsUser) and makes the VMM the holder of the set. When the VMM exits, the broker
 destroys the set at once, whether this sidecar is still there or not; when this sidecar
 stops (SIGTERM) or dies while the VMM runs, the set stays, and the restarted sidecar
-re-attaches it.
+re-attaches it. A broker that is not serving yet (starting, recovering) is waited for,
+and a broker restart is lived through; both are said on stderr.
 
 Settings (environment): VMM_COMMAND (the VMM's executable name), PASID_COUNT,
 PASID_BROKER_SOCKET, PASID_FILE (where the PASIDs are written for the VMM to read),
@@ -51,6 +52,11 @@ def wait_for_vmm(command: str, seconds: float) -> int:
     return pid
 
 
+def say(what: str) -> None:
+    """One line on stderr: what the sidecar waits for or lives through."""
+    print(f"pasid-sidecar: {what}", file=sys.stderr, flush=True)
+
+
 def main() -> int:
     command = os.environ.get("VMM_COMMAND", "qemu-system-x86_64")
     count = int(os.environ.get("PASID_COUNT", "1"))
@@ -60,7 +66,7 @@ def main() -> int:
     # A pidfd, never the number: the broker must not adopt a recycled pid.
     pidfd = os.pidfd_open(pid)
 
-    from pasid_client import Client, SessionState, StateChange
+    from pasid_client import Client, SessionState, StateChange, Unavailable
 
     stop = False
 
@@ -76,14 +82,20 @@ def main() -> int:
             SessionState.LOST: f"set {change.set_id} lost: {change.error}",
         }.get(change.state)
         if what:
-            print(f"pasid-sidecar: {what}", file=sys.stderr, flush=True)
+            say(what)
 
     signal.signal(signal.SIGTERM, on_term)
     # The library handshakes on peer.sock beside the socket, sending the VMM's pidfd
-    # (HANDSHAKE.md, delegation): the broker makes the VMM the holder of the set. The
-    # session reconnects by itself when the broker restarts, proving the VMM again.
+    # (docs/peer-identity.md, delegation): the broker makes the VMM the holder of the
+    # set. The session reconnects by itself when the broker restarts, proving the VMM
+    # again.
     with Client(socket=socket) as client:
-        client.wait_ready(60)
+        try:
+            client.wait_ready(0)
+        except Unavailable:  # starting or recovering (a refusal, SOCKET_ACCESS, is final)
+            say("waiting for the broker to serve, up to 60 s")
+            client.wait_ready(60)
+            say("the broker serves")
         name = f"vmm-{pid}"
         # Restarted (the kubelet, an OOM kill)? The VMM's set outlived us, detached:
         # take it back instead of opening a second one (docs/peer-identity.md).
