@@ -471,8 +471,10 @@ def cmd_hold(c: Client, args: argparse.Namespace) -> int:
                 f" {args.delegate_pid} ({had} PASIDs)",
                 file=sys.stderr,
             )
-        if args.token_out:
+        if args.token_out and s.token:
             _write_token(args.token_out, s.token)
+        elif args.token_out:
+            _say(f"re-attached without a token: nothing written to {args.token_out}")
         data = {
             "session_id": s.session_id,
             "token": s.token,
@@ -482,11 +484,17 @@ def cmd_hold(c: Client, args: argparse.Namespace) -> int:
         }
 
         def text() -> str:
+            how = (
+                f"  export PASID_SESSION_ID={s.session_id} PASID_SESSION_TOKEN={s.token}\n"
+                if s.token
+                # A re-attach carries no token (the broker keeps only its hash): an export
+                # with an empty one would only lead to "no token" errors elsewhere.
+                else "  (re-attached: no token, so no other command can name this session;"
+                " running this command again takes the set back)\n"
+            )
             return (
                 f"holding {len(got)} PASIDs in session {s.session_id}:"
-                f" {_fmt_ranges(s.list().ranges)}\n"
-                f"  export PASID_SESSION_ID={s.session_id} PASID_SESSION_TOKEN={s.token}\n"
-                "Ctrl-C releases them."
+                f" {_fmt_ranges(s.list().ranges)}\n{how}Ctrl-C releases them."
             )
 
         _emit(args, data, text)

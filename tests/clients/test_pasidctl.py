@@ -238,3 +238,43 @@ def test_bench_duration_text_with_a_progress_bar_on_a_terminal(broker: BrokerPro
     summary = text.rsplit("\x1b[2K", 1)[1]
     for line in ("bench ", "requests ", "throughput ", "latency ", "p50 ", "p99 ", "max "):
         assert line in summary
+
+
+def test_a_reattached_hold_offers_no_empty_token(broker: BrokerProcess, tmp_path: Path) -> None:
+    """A re-attach carries no token. `hold` run again for the same VMM (a restarted
+    sidecar) used to print `export ... PASID_SESSION_TOKEN=` with nothing after it, and
+    to write an empty --token-out file that `--token-file` then refused: it says what
+    holds instead, and writes no file."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PASID_SESSION_")}
+    vmm = subprocess.Popen(["sleep", "120"])
+    token_file = tmp_path / "vm.token"
+    argv = [sys.executable, "-m", "pasid_client.cli", "hold", "--socket", broker.socket]
+    argv += ["--count", "2", "--delegate-pid", str(vmm.pid), "--token-out", str(token_file)]
+    holds: list[subprocess.Popen[str]] = []
+
+    def hold() -> tuple[subprocess.Popen[str], list[str]]:
+        p = subprocess.Popen(argv, stdout=-1, stderr=-1, text=True, cwd=ROOT, env=env)
+        holds.append(p)
+        assert p.stdout is not None
+        lines = [p.stdout.readline() for _ in range(3)]
+        return p, lines
+
+    try:
+        first, said = hold()
+        assert "PASID_SESSION_TOKEN=" in said[1] and token_file.read_text().strip()
+        first.send_signal(signal.SIGTERM)  # detaches (a sidecar stopped): the file stays
+        assert first.wait(30) == 0
+        token_file.unlink()
+        again, said = hold()
+        assert said[0].startswith("holding 2 PASIDs"), said
+        assert "PASID_SESSION_TOKEN" not in "".join(said) and "re-attached" in said[1], said
+        assert not token_file.exists()
+        again.send_signal(signal.SIGINT)
+        assert again.wait(30) == 0
+        assert again.stderr is not None
+        assert "nothing written to" in again.stderr.read()
+    finally:
+        for p in (*holds, vmm):
+            if p.poll() is None:
+                p.kill()
+            p.wait()
