@@ -50,15 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pasid-broker",
         allow_abbrev=False,
         description=(
-            "Arbitrate this host's system-wide PCIe PASID namespace over gRPC. Each client "
-            "session owns one ioasid_set; PASIDs it did not free are freed when its holder "
-            "process exits or releases it (set-destroy-on-exit); a kernel-verified holder's "
-            "set outlives a broken connection and a broker restart. Every allocation is "
-            "durable in SQLite before it is acknowledged. Every setting is a flag, a PASID_BROKER_* environment variable "
+            "Arbitrate this host's system-wide PCIe PASID namespace over gRPC. Each client session "
+            "owns one ioasid_set; PASIDs it did not free are freed when its holder process exits "
+            "or releases it (set-destroy-on-exit); a kernel-verified holder's set outlives a "
+            "broken connection and a broker restart. Every allocation is durable in SQLite before "
+            "it is acknowledged. Every setting is a flag, a PASID_BROKER_* environment variable "
             "(shown in brackets) and a key of the --config TOML file; precedence: flag > "
-            "environment > file > default. Subcommands: 'pasid-broker backup DEST' (online "
-            "copy of the database), 'pasid-broker restore SOURCE' (while stopped), "
-            "'pasid-broker health' (exit 0 when SERVING)."
+            "environment > file > default. Subcommands: 'pasid-broker backup DEST' (online copy of "
+            "the database), 'pasid-broker restore SOURCE' (while stopped), 'pasid-broker health' "
+            "(exit 0 when SERVING)."
         ),
         epilog="Exit status: 0 after a clean stop, 2 if it cannot start (one line on stderr).",
     )
