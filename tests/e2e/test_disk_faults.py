@@ -18,15 +18,19 @@ import json
 import os
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pasid_client import Client, PasidClientError
 
 from tests.e2e.filesystems import NO_LOOP, fill, small_ext4
@@ -95,11 +99,18 @@ def _traced(pid: int) -> bool:
 def test_a_failed_fsync_stops_acknowledgements_and_the_broker_exits() -> None:
     """fsync EIO from the writer thread's 5th fsync on: the batch fails, nothing more is
     acknowledged, the broker exits 3 (systemd restarts it), and after the restart every
-    PASID the client saw acknowledged is held by its set, none twice."""
-    b = BrokerProcess("--restart-grace", "120")
+    PASID the client saw acknowledged is held by its set, none twice. Before it exits it
+    reports NOT_SERVING: to a health Watch on readiness and on liveness, and to systemd
+    (STATUS= on a stand-in NOTIFY_SOCKET)."""
+    notify_dir = Path(tempfile.mkdtemp(prefix="pbn-", dir="/tmp"))
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_dir / "notify"))
+    b = BrokerProcess("--restart-grace", "120", env={"NOTIFY_SOCKET": str(notify_dir / "notify")})
+    watches: list[HealthWatch] = []
     try:
         b.start()
         assert b.proc is not None
+        watches = [HealthWatch(b.address, service) for service in ("", "liveness")]
         acked: list[int] = []
         after_failure: list[int] = []
         first_error = ""
@@ -129,6 +140,11 @@ def test_a_failed_fsync_stops_acknowledgements_and_the_broker_exits() -> None:
         log = b.read_log()
         print(f"acked {len(acked)} allocs; first error: {first_error}; exit {rc}")
         assert rc == EXIT_STORE_FAILED, log[-3000:]
+        for w in watches:
+            w.join()
+            assert w.seen[-1:] == ["NOT_SERVING"], (w.service, w.seen)
+        statuses = _notified(notify)
+        assert any(m.startswith("STATUS=store failed: ") for m in statuses), statuses
         assert after_failure == [], "acknowledged after the store failed"
         assert "SQLITE_IOERR_FSYNC" in first_error or "store failed" in first_error, first_error
         crit = [json.loads(line) for line in log.splitlines() if '"critical"' in line]
@@ -150,7 +166,48 @@ def test_a_failed_fsync_stops_acknowledgements_and_the_broker_exits() -> None:
         assert len(set(held) - set(acked)) <= 1
         assert_memory_matches_disk(b)
     finally:
+        for w in watches:
+            w.cancel()
         b.cleanup()
+        notify.close()
+        shutil.rmtree(notify_dir, ignore_errors=True)
+
+
+class HealthWatch:
+    """grpc.health.v1 Watch of one service on a thread: every status it is sent, in order,
+    until the stream ends (the broker's exit ends it)."""
+
+    def __init__(self, address: str, service: str) -> None:
+        self.service = service
+        self.seen: list[str] = []
+        self._channel = grpc.insecure_channel(address)
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        self._call = stub.Watch(health_pb2.HealthCheckRequest(service=service))
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        wait_until(lambda: self.seen == ["SERVING"], 10, 0.01, f"health Watch {service!r}")
+
+    def _run(self) -> None:
+        with contextlib.suppress(grpc.RpcError):
+            for resp in self._call:
+                self.seen.append(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
+
+    def join(self) -> None:
+        self._thread.join(10)
+
+    def cancel(self) -> None:
+        self._call.cancel()
+        self._channel.close()
+
+
+def _notified(sock: socket.socket) -> list[str]:
+    """What the broker sent to its stand-in NOTIFY_SOCKET, oldest first."""
+    sock.setblocking(False)
+    got: list[str] = []
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            got.extend(sock.recv(4096).decode().splitlines())
+    return got
 
 
 def _timed(fn: object) -> float:
