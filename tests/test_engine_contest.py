@@ -14,9 +14,22 @@ import contextlib
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from broker.backends.simulator import SimulatorBackend
 from broker.engine import Broker, Session
+from broker.engine.observers import Observer
 from broker.store import SqliteStore
+
+
+class _Resolved(Observer):
+    """Records each resolved conflict (claimant set, PASIDs), as the metrics see it."""
+
+    def __init__(self, out: list[tuple[int, int]]) -> None:
+        self.out = out
+
+    def pasid_conflict_resolved(self, set_id: int, pasids: int) -> None:
+        self.out.append((set_id, pasids))
 
 
 async def _opened(broker: Broker, client: str) -> Session:
@@ -136,3 +149,126 @@ def test_a_witness_claim_on_a_withheld_pasid_outlasts_the_retried_free(tmp_path:
         rows = conn.execute("SELECT pasid, kind, set_id FROM quarantine").fetchall()
     assert rows == [(1, "contested", witness_id)]
     asyncio.run(after(witness_id))
+
+
+def _lost_free_and_alloc_db(tmp_path: Path) -> tuple[Path, dict[str, tuple[int, str, int]]]:
+    """A store left by a run without a clean stop where set S holds 1-3, T holds 4 and U
+    holds 5: as if S's client had freed 2 and T's client had then been given it, both
+    acknowledged and both lost. Returns the db and, by name, (set, token, epoch)."""
+    db = tmp_path / "b.db"
+
+    async def before() -> dict[str, tuple[int, str, int]]:
+        broker = Broker(SimulatorBackend(pasid_bits=8), SqliteStore(db))
+        await broker.start()
+        try:
+            out = {}
+            for name, (lo, hi) in {"s": (1, 3), "t": (4, 4), "u": (5, 5)}.items():
+                sess, token, _, created = broker.open_session(name, grace_seconds=300)
+                await created
+                assert await broker.alloc(sess, lo, hi, hi - lo + 1) == list(range(lo, hi + 1))
+                out[name] = (sess.session_id, token, sess.tell_witness_epoch())
+            return out
+        finally:
+            await broker.stop()
+
+    sets = asyncio.run(before())
+    Path(f"{db}.clean-stop").unlink()  # as after a kill -9: the next start is unclean
+    return db, sets
+
+
+async def _resume(broker: Broker, token: str, held: list[int], epoch: int = 0) -> Session:
+    sess, _, resumed, done = broker.open_session(
+        "vm", resume_token=token, held=held, complete_epoch=epoch
+    )
+    assert resumed
+    await done
+    return sess
+
+
+def _events(db: Path, kind: str) -> list[tuple[int, str]]:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return conn.execute(
+            "SELECT set_id, pasids FROM events WHERE kind = ? ORDER BY set_id", (kind,)
+        ).fetchall()
+
+
+@pytest.mark.parametrize("u_last", [False, True], ids=["at-once", "deferred"])
+def test_the_freers_complete_witness_hands_a_contested_pasid_to_its_claimant(
+    tmp_path: Path, u_last: bool
+) -> None:
+    """T resumes first claiming 2, which the store gives to S: a conflict. Then S's
+    complete witness omits 2: its client let go of it, so it is T's (whose client holds
+    it), straight from S to T, and the conflict is resolved (reported: an event on both
+    sets and the observer's count). `deferred`: U has not resumed when S does, so S's
+    free waits; it lands as the hand-over once U resumes. 2 is never free meanwhile."""
+    db, sets = _lost_free_and_alloc_db(tmp_path)
+    (s_id, s_token, s_epoch), (t_id, t_token, _), (u_id, u_token, _) = (
+        sets["s"], sets["t"], sets["u"],
+    )  # fmt: skip
+    resolved: list[tuple[int, int]] = []
+
+    async def after() -> None:
+        broker = Broker(SimulatorBackend(pasid_bits=8), SqliteStore(db), restart_grace=60)
+        broker.observers.subscribe(_Resolved(resolved))
+        await broker.start()
+        try:
+            if not u_last:
+                await _resume(broker, u_token, [5])
+            t = await _resume(broker, t_token, [2, 4])
+            assert t.conflicts == [2] and list(t.set.pasids) == [4]
+            t_epoch = t.tell_witness_epoch()
+            s = await _resume(broker, s_token, [1, 3], s_epoch)
+            assert s.witness_complete
+            other, _, _, created = broker.open_session("other")
+            await created
+            if u_last:
+                assert list(s.set.pasids) == [1, 2, 3]  # waits for U
+                assert await broker.alloc(other, 1, 255) == [6]  # not 2
+                await _resume(broker, u_token, [5])
+                await asyncio.sleep(0)
+            await broker.journal.drain()
+            assert list(s.set.pasids) == [1, 3] and list(t.set.pasids) == [2, 4]
+            # T's client was told 2 was not its own: its next witness relies on a listing.
+            assert t.witness_epoch != t_epoch
+            assert broker.allocator.withheld == []
+            assert 2 not in await broker.alloc(other, 1, 255, 2)
+            broker.allocator.check()
+        finally:
+            await broker.stop()
+        assert resolved == [(t_id, 1)]
+        assert _events(db, "pasid_conflict_resolved") == sorted([(s_id, "2"), (t_id, "2")])
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            assert conn.execute("SELECT pasid FROM quarantine").fetchall() == []
+            rows = conn.execute("SELECT pasid, set_id FROM allocations WHERE pasid = 2")
+            assert rows.fetchall() == [(2, t_id)]
+        assert u_id not in (s_id, t_id)
+
+    asyncio.run(after())
+
+
+def test_a_pasid_two_witnesses_claim_goes_to_neither(tmp_path: Path) -> None:
+    """T and U both claim 2 (one of them from a stale, partial witness), which the store
+    gives to S; S's complete witness then omits it. Nobody's word settles whose it is:
+    it is withheld, handed to neither."""
+    db, sets = _lost_free_and_alloc_db(tmp_path)
+    (_s_id, s_token, s_epoch), (_t_id, t_token, _), (_u_id, u_token, _) = (
+        sets["s"], sets["t"], sets["u"],
+    )  # fmt: skip
+
+    async def after() -> None:
+        broker = Broker(SimulatorBackend(pasid_bits=8), SqliteStore(db), restart_grace=60)
+        await broker.start()
+        try:
+            t = await _resume(broker, t_token, [2, 4])
+            u = await _resume(broker, u_token, [2, 5])
+            assert t.conflicts == [2] and u.conflicts == [2]
+            s = await _resume(broker, s_token, [1, 3], s_epoch)
+            await broker.journal.drain()
+            assert list(s.set.pasids) == [1, 3]
+            assert list(t.set.pasids) == [4] and list(u.set.pasids) == [5]
+            assert broker.allocator.withheld == [2]
+            broker.allocator.check()
+        finally:
+            await broker.stop()
+
+    asyncio.run(after())

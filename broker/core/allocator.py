@@ -271,6 +271,21 @@ class Allocator:
         self._held -= len(gone)
         self._charge(s.quota_key, -len(gone))
 
+    def move(self, src: int, dst: int, pasids: Iterable[int]) -> None:
+        """Hand exact PASIDs of set `src` to set `dst`, never through the pool: a contest
+        resolved (the witness's set claims what `src`'s client no longer holds). Quotas
+        are not checked: `dst`'s client holds them already. Each must be held by `src`;
+        raises ValueError before anything changes otherwise."""
+        a, b = self.get_set(src), self.get_set(dst)
+        ps = sorted(set(pasids))
+        if missing := [p for p in ps if p not in a.pasids]:
+            raise ValueError(f"PASIDs {missing[:8]} are not held by set {src}")
+        for p in ps:
+            a.pasids.remove(p)
+        b.pasids.update(ps)
+        self._charge(a.quota_key, -len(ps))
+        self._charge(b.quota_key, len(ps))
+
     def claim(self, set_id: int, pasids: Iterable[int]) -> list[int]:
         """Give the set these exact PASIDs (recovery, and undoing a free or a destroy).
 

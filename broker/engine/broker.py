@@ -54,6 +54,7 @@ from broker.store import (
     AddPasids,
     DeferRefrees,
     Event,
+    LogConflict,
     Record,
     ReleaseWithheld,
     RemovePasids,
@@ -654,6 +655,49 @@ class Broker:
     def refree(self, sess: Session, pasids: Sequence[int]) -> asyncio.Future[int]:
         """A deferred complete witness's free: attached or not (the client's word stands)."""
         return self._free_exact(sess, pasids, REFREE_REASON)
+
+    def hand_over(self, src: Session, dst: Session, pasids: Sequence[int]) -> asyncio.Future[None]:
+        """A conflict resolved: contested PASIDs that `src`'s client no longer holds (its
+        complete witness) go to `dst`, whose witness claimed them, straight from set to
+        set (never through the pool; the backend holds them throughout, and `dst`'s
+        client uses them already). Detached from `src`'s devices first. Logged as a free
+        on `src` and an alloc on `dst`, with a pasid_conflict_resolved event on both;
+        the contest's rows go in the same batch. Resolves once durable; a failed commit
+        puts them back in `src`, contested again."""
+        ps = sorted(pasids)
+        a, b = src.session_id, dst.session_id
+        if self.devices is not None:
+            self.devices.release(a, ps)
+        self.allocator.move(a, b, ps)
+        self.stuck.resolved(ps)
+        # dst's client was told they were no longer its own (SessionOpened.conflicts):
+        # its set changed where it could not see, so its next witness is partial and
+        # its library lists the set again, rather than freeing them on a stale view.
+        self.witnesses.new_witness_epoch(dst)
+
+        def undo() -> None:
+            self.allocator.move(b, a, ps)
+            self.allocator.contest(ps)
+            self.stuck.contested(b, ps, store=False)
+
+        runs_text = ", ".join(f"{lo}-{hi}" if lo != hi else str(lo) for lo, hi in runs(ps))
+        log.warning(
+            "pasid conflict resolved: set %d's client no longer holds PASIDs %s; handed to"
+            " set %d, whose client claimed them",
+            a,
+            runs_text,
+            b,
+            extra={"session": a, "set": b, "pasids": ps[:32], "count": len(ps)},
+        )
+        self.observers.pasid_conflict_resolved(b, len(ps))
+        t = tuple(ps)
+        done = self.journal.submit(
+            RemovePasids(a, t, None, f"{REFREE_REASON}; to set {b}"), undo, None
+        )
+        self.journal.submit(AddPasids(b, t), no_undo, None)
+        for sid, why in ((a, f"handed to set {b}, whose client holds them"), (b, f"from set {a}")):
+            self.journal.submit(LogConflict(sid, t, why, "pasid_conflict_resolved"), no_undo, None)
+        return done
 
     def _free_exact(self, sess: Session, pasids: Sequence[int], reason: str) -> asyncio.Future[int]:
         set_id = sess.session_id

@@ -48,6 +48,10 @@ class Observer:
     def pasid_conflict(self, set_id: int, pasids: int) -> None:
         """A resuming client (a witness) holds `pasids` PASIDs the store gives elsewhere."""
 
+    def pasid_conflict_resolved(self, set_id: int, pasids: int) -> None:
+        """`pasids` contested PASIDs went to set `set_id`, whose witness claimed them, once
+        the set the store gave them to had its client's word that it no longer holds them."""
+
     def pasids_refreed(self, set_id: int, pasids: int) -> None:
         """A complete witness freed `pasids` PASIDs its set held that its client no longer
         holds (acknowledged frees the store lost)."""
@@ -103,6 +107,10 @@ class Observers(Observer):
     def pasid_conflict(self, set_id: int, pasids: int) -> None:
         for o in self._subs:
             o.pasid_conflict(set_id, pasids)
+
+    def pasid_conflict_resolved(self, set_id: int, pasids: int) -> None:
+        for o in self._subs:
+            o.pasid_conflict_resolved(set_id, pasids)
 
     def pasids_refreed(self, set_id: int, pasids: int) -> None:
         for o in self._subs:

@@ -138,6 +138,9 @@ class Withheld:
         self._freed_by: dict[int, int] = {}  # an unfreed PASID -> its gone set (its row)
         # Contested PASIDs -> the witness's set that claims them (Witnesses.reconcile).
         self._claimed_by: dict[int, int] = {}
+        # Contested PASIDs two witnesses' sets claimed (the row names the last): none of
+        # them may be handed one (resolved) on its word. In memory only.
+        self._disputed: set[int] = set()
         self._timer: asyncio.TimerHandle | None = None
 
     def restore(
@@ -156,13 +159,37 @@ class Withheld:
         if detach or unfreed:
             self._schedule()
 
-    def contested(self, witness_set: int, pasids: Sequence[int]) -> None:
+    def contested(self, witness_set: int, pasids: Sequence[int], *, store: bool = True) -> None:
         """A witness's set claims these while the store gives them to another set (or
         holds them back); the allocator contests them: stored, with the claimant (and
-        whatever kernel call a withheld one still waits for)."""
+        whatever kernel call a withheld one still waits for). Not `store`: the rows are
+        there still (a hand-over's batch failed, and its deletion of them with it)."""
         for p in pasids:
+            if self._claimed_by.get(p, witness_set) != witness_set:
+                self._disputed.add(p)
             self._claimed_by[p] = witness_set
-        self._persist_rows(pasids)
+        if store:
+            self._persist_rows(pasids)
+
+    def dispute(self, pasids: Iterable[int]) -> None:
+        """More than one witness's set claims these (or may): no claimant is handed one."""
+        self._disputed.update(pasids)
+
+    def sole_claimant(self, pasid: int) -> int | None:
+        """The one witness's set that claims a contested PASID; None if none or several."""
+        if pasid in self._disputed:
+            return None
+        return self._claimed_by.get(pasid)
+
+    def resolved(self, pasids: Sequence[int]) -> None:
+        """Contested PASIDs that their set's client let go of went to their claimant's set
+        (Broker.hand_over): nobody contests them any more; their rows go, in the
+        hand-over's batch."""
+        for p in pasids:
+            self._claimed_by.pop(p, None)
+            self._disputed.discard(p)
+        self._allocator().uncontest(pasids)
+        self._persist(ReleaseWithheld(tuple(pasids)))
 
     def claimant_gone(self, set_id: int) -> list[int]:
         """The witness's set `set_id` is gone (durably): nobody claims its contested PASIDs
@@ -175,6 +202,7 @@ class Withheld:
             return []
         for p in mine:
             del self._claimed_by[p]
+            self._disputed.discard(p)
         a = self._allocator()
         withheld = set(a.withheld)
         busy = set(self._unfreed)

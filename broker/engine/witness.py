@@ -128,9 +128,9 @@ class Witnesses:
         only on its own set's client's word that it no longer holds it."""
         e = self._engine
         set_id = sess.session_id
-        mine = set(sess.set.pasids)
         # What another set's complete witness let go of, deferred, that this one claims.
-        self._hand_over_deferred([p for p in held if p not in mine])
+        self._hand_over_deferred(set_id, [p for p in held if p not in sess.set.pasids])
+        mine = set(sess.set.pasids)  # with what was handed over to it just now
         # What this set's deferred frees become (None: as they are), stored at the end,
         # after the frees this witness makes.
         deferred: list[int] | None = None
@@ -246,16 +246,22 @@ class Witnesses:
         tries again."""
         e = self._engine
         set_id = sess.session_id
-        ps = sess.refreed
+        ps, claimed = self._claimed(set_id, sess.refreed)
+        freed: asyncio.Future[Any] = done_future(0)
         try:
-            freed = e.free_pasids(sess, ps, REFREE_REASON)
+            if ps:
+                freed = e.free_pasids(sess, ps, REFREE_REASON)
         except Exception as exc:
-            sess.refreed = []
+            sess.refreed = sorted(p for _c, handed in claimed for p in handed)
             log.error(
                 "witness: freeing PASIDs the set's client no longer holds failed; the set"
                 " keeps them",
                 extra={"session": set_id, "pasids": ps[:32], "error": describe_error(exc)},
             )
+        for claimant, handed in claimed:
+            freed = _join(freed, e.hand_over(sess, claimant, handed))
+        ps = sess.refreed
+        if not ps:
             return before
         log.warning(
             "witness: PASIDs the set's client no longer holds freed again (their"
@@ -265,16 +271,45 @@ class Witnesses:
         e.observers.pasids_refreed(set_id, len(ps))
         return _join(before, freed)
 
-    def _hand_over_deferred(self, claimed: Sequence[int]) -> None:
+    def _claimed(
+        self, set_id: int, pasids: Sequence[int]
+    ) -> tuple[list[int], list[tuple[Session, list[int]]]]:
+        """Split what set `set_id`'s client no longer holds: those to free, and the
+        contested ones that exactly one other live set's witness claims, to hand over
+        to it (the conflict resolved: Broker.hand_over). A PASID two witnesses claimed
+        is freed, and so withheld, as any contested one: nobody's word settles it."""
+        e = self._engine
+        free: list[int] = []
+        by_id: dict[int, list[int]] = {}
+        for p in pasids:
+            c = e.stuck.sole_claimant(p)
+            if c is not None and c != set_id and e.sets.get(c) is not None:
+                by_id.setdefault(c, []).append(p)
+            else:
+                free.append(p)
+        claimed: list[tuple[Session, list[int]]] = []
+        for c, ps in sorted(by_id.items()):
+            sess = e.sets.get(c)
+            assert sess is not None
+            claimed.append((sess, ps))
+        return free, claimed
+
+    def _hand_over_deferred(self, claimant: int, claimed: Sequence[int]) -> None:
         """A resuming witness claims PASIDs whose free another set's complete witness
         deferred: that set's client no longer holds them, this one does. They are freed
-        now (reconcile then claims them for the claimant, if free)."""
+        now (reconcile then claims them for the claimant, if free), or handed over if
+        the claimant contested them already. One that another set's witness contests is
+        claimed twice now: nobody is handed it."""
         if not self._deferred_refrees:
             return
         want = set(claimed)
         for set_id, pasids in list(self._deferred_refrees.items()):
             mine = [p for p in pasids if p in want]
-            if mine and self._refree_deferred(set_id, mine, "claimed by another set's witness"):
+            if not mine:
+                continue
+            stuck = self._engine.stuck
+            stuck.dispute(p for p in mine if stuck.sole_claimant(p) not in (None, claimant))
+            if self._refree_deferred(set_id, mine, "claimed by another set's witness"):
                 self._defer(set_id, [p for p in pasids if p not in want])
 
     def _run_deferred_refrees(self) -> None:
@@ -298,6 +333,11 @@ class Witnesses:
         if not still:
             return True
         self.new_witness_epoch(sess)
+        still, claimed = self._claimed(set_id, still)
+        for claimant, handed in claimed:
+            e.hand_over(sess, claimant, handed).add_done_callback(_log_refree_failure)
+        if not still:
+            return True
         try:
             fut = e.refree(sess, still)
         except Exception as exc:
@@ -339,6 +379,6 @@ def _join(a: asyncio.Future[Any], b: asyncio.Future[Any]) -> asyncio.Future[None
     return out
 
 
-def _log_refree_failure(fut: asyncio.Future[int]) -> None:
+def _log_refree_failure(fut: asyncio.Future[Any]) -> None:
     if not fut.cancelled() and (exc := fut.exception()) is not None:
         log.error("witness: a deferred free was not stored; the set keeps the PASIDs: %s", exc)

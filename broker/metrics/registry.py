@@ -148,6 +148,14 @@ class Metrics(Observer):
             " back): two holders for one PASID, contested, never reissued silently.",
             registry=r,
         )
+        # A conflict's end: the contested PASIDs went to the witness's set that claimed
+        # them, once the other set's client had let go of them (its complete witness).
+        self._conflicts_resolved = Counter(
+            "pasid_broker_pasid_conflicts_resolved",
+            "Contested PASIDs handed to the set whose resuming client claimed them, once the"
+            " set the store gave them to had its client's complete witness without them.",
+            registry=r,
+        )
         # A complete witness's frees (issue 22): acknowledged frees the store had lost.
         self._refreed = Counter(
             "pasid_broker_pasids_refreed",
@@ -284,6 +292,9 @@ class Metrics(Observer):
 
     def pasid_conflict(self, set_id: int, pasids: int) -> None:
         self._conflicts.inc(pasids)
+
+    def pasid_conflict_resolved(self, set_id: int, pasids: int) -> None:
+        self._conflicts_resolved.inc(pasids)
 
     def pasids_refreed(self, set_id: int, pasids: int) -> None:
         self._refreed.inc(pasids)

@@ -182,11 +182,13 @@ class SaveSetQuota:
 @dataclass(frozen=True)
 class LogConflict:
     """A witness (a resuming client) claimed PASIDs the store gives to another set, or
-    holds back: logged as a pasid_conflict event on `set_id`; changes no holdings."""
+    holds back: logged as a pasid_conflict event on `set_id`; changes no holdings. Kind
+    "pasid_conflict_resolved": the contest ended, the PASIDs handed to the claimant."""
 
     set_id: int
     pasids: tuple[int, ...]
     reason: str
+    kind: str = "pasid_conflict"
 
 
 Record = (
@@ -216,6 +218,7 @@ EVENT_KINDS = (
     "set_detached",
     "set_reattached",
     "pasid_conflict",
+    "pasid_conflict_resolved",
 )
 
 

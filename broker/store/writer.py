@@ -495,7 +495,7 @@ class Writer:
             ).close()
             return None
         if isinstance(rec, LogConflict):
-            return ("pasid_conflict", rec.set_id, rec.pasids, rec.reason)
+            return (rec.kind, rec.set_id, rec.pasids, rec.reason)
         if isinstance(rec, SaveSetQuota):
             conn.execute(
                 "UPDATE sets SET quota = ? WHERE set_id = ?", (rec.quota, rec.set_id)

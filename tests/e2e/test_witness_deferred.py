@@ -180,3 +180,91 @@ def test_a_deferred_refree_and_its_wait_outlive_a_restart(tmp_path: Path, sig: i
     finally:
         holder.close()
         b.cleanup()
+
+
+def _lost_free_and_alloc(tmp_path: Path, b: BrokerProcess, holder: Client) -> dict[str, Any]:
+    """A holds 1-3 and B holds 4 at a backup; then A frees 2 and B is given 2 (both
+    acknowledged), and the backup is restored: the store gives 2 to A. The broker is
+    started again; returns each set's (set, token, epoch) by name."""
+    a = _RawSession(holder, "vm-a")
+    assert a.alloc(1, 100, 3) == [1, 2, 3]
+    bb = _RawSession(holder, "vm-b")
+    assert bb.alloc(1, 100) == [4]
+    backup = tmp_path / "backup.db"
+    r = _pb("backup", "--db", b.db, str(backup))
+    assert r.returncode == 0, r.stderr
+    assert a.free(2, 2) == 1
+    assert bb.alloc(1, 100) == [2]
+    a.cancel()
+    bb.cancel()
+    assert b.stop() == 0
+    r = _pb("restore", "--db", b.db, "--socket", b.socket, str(backup))
+    assert r.returncode == 0, r.stderr
+    b.start()
+    return {
+        n: (s.opened.set_id, s.opened.token, s.opened.witness_epoch)
+        for n, s in (("a", a), ("b", bb))
+    }
+
+
+@pytest.mark.parametrize(
+    "sig", [None, signal.SIGKILL, signal.SIGTERM], ids=["running", "kill9", "sigterm"]
+)
+def test_a_conflict_ends_when_the_freers_complete_witness_lets_go(
+    tmp_path: Path, sig: int | None
+) -> None:
+    """B resumes before A: its witness claims 2, which the store gives to A, a conflict.
+    When A's complete witness then omits 2 (its client freed it), 2 is B's: handed
+    over, the contest's row gone, pasid_conflict_resolved on both sets and
+    pasid_broker_pasid_conflicts_resolved_total. With a restart (kill -9, or SIGTERM
+    once the allocation wait is over) between the conflict and A's resume, the stored
+    contest names B all the same. 2 goes to nobody else meanwhile."""
+    b = BrokerProcess("--restart-grace", "2")
+    b.start()
+    holder = Client(b.address)
+    try:
+        sets = _lost_free_and_alloc(tmp_path, b, holder)
+        (set_a, token_a, epoch_a), (set_b, token_b, _) = sets["a"], sets["b"]
+        bb = _RawSession(holder, "vm-b", token_b, [2, 4])
+        assert _pasids(bb.opened.conflicts) == [2]
+        assert _metric(b, "pasid_broker_pasid_conflicts_total") == 1.0
+        bb.cancel()
+        with open_db(b.db) as con:
+            rows = con.execute("SELECT pasid, kind, claimant FROM quarantine").fetchall()
+        assert rows == [(2, "contested", set_b)]
+        if sig is not None:
+            wait_until(lambda: "allocations open after the restore" in b.read_log(), 30, 0.05)
+            b.kill(sig)
+            b.start()
+            if sig == signal.SIGKILL:  # unclean: every set is awaited again; B resumes
+                bb = _RawSession(holder, "vm-b", token_b, [2, 4])
+                assert _pasids(bb.opened.conflicts) == [2]
+                bb.cancel()
+        c = _RawSession(holder, "vm-c")
+        assert c.alloc(1, 100, 2) == [5, 6]  # not 2
+
+        a = _RawSession(holder, "vm-a", token_a, [1, 3], epoch_a)
+        assert a.opened.witness_complete
+        assert _pasids(a.opened.refreed) == [2]  # its free landed: as B's now
+        served = api_holdings(b.address)
+        assert served[set_a] == [1, 3] and served[set_b] == [2, 4]
+        assert db_holdings(b.db) == served  # durable before A's answer
+        held = [p for ps in served.values() for p in ps]
+        assert len(held) == len(set(held))  # 0 PASIDs held twice
+        with Client(b.address) as info:
+            assert info.info().quarantined == 0
+        with open_db(b.db) as con:
+            assert con.execute("SELECT * FROM quarantine").fetchall() == []
+            events = con.execute(
+                "SELECT set_id, pasids FROM events WHERE kind = 'pasid_conflict_resolved'"
+                " ORDER BY set_id"
+            ).fetchall()
+        assert events == sorted([(set_a, "2"), (set_b, "2")])
+        assert _metric(b, "pasid_broker_pasid_conflicts_resolved_total") == 1.0
+        assert "pasid conflict resolved" in b.read_log()
+        assert 2 not in c.alloc(1, 100, 2)
+        a.cancel()
+        c.cancel()
+    finally:
+        holder.close()
+        b.cleanup()

@@ -858,8 +858,10 @@ class WatchEvent(_message.Message):
     kind: _builtins.str
     """set_created, alloc, free, set_destroyed (its client ended it), set_reclaimed (the
     broker took it: grace expired, revoked, client process gone, restart), set_detached
-    (its stream ended without a release; the set lives on), set_reattached, and
-    pasid_conflict (a witness claimed a PASID the store gives to another set).
+    (its stream ended without a release; the set lives on), set_reattached,
+    pasid_conflict (a witness claimed a PASID the store gives to another set) and
+    pasid_conflict_resolved (the set the store gave it to let go of it, by its client's
+    complete witness: it went to the witness's set; on both sets).
     """
     set_id: _builtins.int
     reason: _builtins.str
