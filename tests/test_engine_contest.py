@@ -18,6 +18,7 @@ import pytest
 
 from broker.backends.simulator import SimulatorBackend
 from broker.engine import Broker, Session
+from broker.engine.lifecycle import SetEvent
 from broker.engine.observers import Observer
 from broker.store import SqliteStore
 
@@ -270,5 +271,51 @@ def test_a_pasid_two_witnesses_claim_goes_to_neither(tmp_path: Path) -> None:
             broker.allocator.check()
         finally:
             await broker.stop()
+
+    asyncio.run(after())
+
+
+def test_a_hand_over_whose_commit_fails_leaves_the_contest_as_it_was(tmp_path: Path) -> None:
+    """The hand-over's batch fails (a full disk: injected at the store's boundary, as in
+    test_engine_commits_failing): 2 is back in S's set, contested, T still its claimant,
+    and nobody can be given it; once the disk has room, S's next complete witness hands
+    it over."""
+    from broker.core import StoreError
+    from tests.test_engine_commits_failing import RefusingDisk
+
+    db, sets = _lost_free_and_alloc_db(tmp_path)
+    (_s_id, s_token, s_epoch), (t_id, t_token, _), (_u_id, u_token, _) = (
+        sets["s"], sets["t"], sets["u"],
+    )  # fmt: skip
+
+    async def after() -> None:
+        store = RefusingDisk(db, "SQLITE_FULL", "database or disk is full")
+        broker = Broker(SimulatorBackend(pasid_bits=8), store, restart_grace=60)
+        await broker.start()
+        try:
+            await _resume(broker, u_token, [5])
+            t = await _resume(broker, t_token, [2, 4])
+            assert t.conflicts == [2]
+            store.refusing = True
+            with pytest.raises(StoreError):
+                await _resume(broker, s_token, [1, 3], s_epoch)
+            s = broker.session_of(sets["s"][0])
+            assert s is not None and list(s.set.pasids) == [1, 2, 3]
+            assert list(t.set.pasids) == [4]
+            assert broker.stuck.sole_claimant(2) == t_id
+            broker.allocator.check()
+            store.refusing = False
+            # The open's stream ends on its failure (session_stream does this).
+            broker.end_session(s, "test: its open failed", SetEvent.STREAM_BROKEN)
+            await _resume(broker, s_token, [1, 3], s_epoch)
+            await broker.journal.drain()
+            assert list(s.set.pasids) == [1, 3] and list(t.set.pasids) == [2, 4]
+            broker.allocator.check()
+        finally:
+            await broker.stop()
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            rows = conn.execute("SELECT pasid, set_id FROM allocations WHERE pasid = 2")
+            assert rows.fetchall() == [(2, t_id)]
+            assert conn.execute("SELECT pasid FROM quarantine").fetchall() == []
 
     asyncio.run(after())
