@@ -250,7 +250,8 @@ def test_the_freers_complete_witness_hands_a_contested_pasid_to_its_claimant(
 def test_a_pasid_two_witnesses_claim_goes_to_neither(tmp_path: Path) -> None:
     """T and U both claim 2 (one of them from a stale, partial witness), which the store
     gives to S; S's complete witness then omits it. Nobody's word settles whose it is:
-    it is withheld, handed to neither."""
+    it is withheld, handed to neither; and it stays withheld until both claimants' sets
+    are gone (the first one's end passes the claim on), then it is free."""
     db, sets = _lost_free_and_alloc_db(tmp_path)
     (_s_id, s_token, s_epoch), (_t_id, t_token, _), (_u_id, u_token, _) = (
         sets["s"], sets["t"], sets["u"],
@@ -268,6 +269,47 @@ def test_a_pasid_two_witnesses_claim_goes_to_neither(tmp_path: Path) -> None:
             assert list(s.set.pasids) == [1, 3]
             assert list(t.set.pasids) == [4] and list(u.set.pasids) == [5]
             assert broker.allocator.withheld == [2]
+            broker.allocator.check()
+            await broker.revoke(u.session_id, "test")  # the claimant the row names
+            await broker.journal.drain()
+            assert broker.allocator.withheld == [2]  # T still claims it
+            assert broker.stuck.sole_claimant(2) == t.session_id
+            await broker.revoke(t.session_id, "test")
+            await broker.journal.drain()
+            assert broker.allocator.withheld == []
+            other, _, _, created = broker.open_session("other")
+            await created
+            assert await broker.alloc(other, 2, 2) == [2]
+            broker.allocator.check()
+        finally:
+            await broker.stop()
+
+    asyncio.run(after())
+
+
+def test_once_one_of_two_claimants_is_gone_the_other_is_handed_the_pasid(
+    tmp_path: Path,
+) -> None:
+    """T and U both claim 2 while S holds it; U's set ends (its claim passes to T, the
+    only claimant left); then S's complete witness omits 2: it is T's."""
+    db, sets = _lost_free_and_alloc_db(tmp_path)
+    (_s_id, s_token, s_epoch), (_t_id, t_token, _), (_u_id, u_token, _) = (
+        sets["s"], sets["t"], sets["u"],
+    )  # fmt: skip
+
+    async def after() -> None:
+        broker = Broker(SimulatorBackend(pasid_bits=8), SqliteStore(db), restart_grace=60)
+        await broker.start()
+        try:
+            u = await _resume(broker, u_token, [2, 5])
+            t = await _resume(broker, t_token, [2, 4])
+            await broker.revoke(u.session_id, "test")
+            await broker.journal.drain()
+            assert broker.stuck.sole_claimant(2) == t.session_id
+            s = await _resume(broker, s_token, [1, 3], s_epoch)
+            await broker.journal.drain()
+            assert list(s.set.pasids) == [1, 3] and list(t.set.pasids) == [2, 4]
+            assert broker.allocator.withheld == []
             broker.allocator.check()
         finally:
             await broker.stop()

@@ -138,9 +138,11 @@ class Withheld:
         self._freed_by: dict[int, int] = {}  # an unfreed PASID -> its gone set (its row)
         # Contested PASIDs -> the witness's set that claims them (Witnesses.reconcile).
         self._claimed_by: dict[int, int] = {}
-        # Contested PASIDs two witnesses' sets claimed (the row names the last): none of
-        # them may be handed one (resolved) on its word. In memory only.
-        self._disputed: set[int] = set()
+        # A contested PASID's further claimants: the sets of witnesses that claimed it
+        # before (or besides) the one the row names. While any is left, none of them is
+        # handed it, and the row's claimant's end passes the claim on to one of them
+        # instead of letting the PASID go. In memory only: a restart keeps the row's.
+        self._also_claimed: dict[int, set[int]] = {}
         self._timer: asyncio.TimerHandle | None = None
 
     def restore(
@@ -165,19 +167,25 @@ class Withheld:
         whatever kernel call a withheld one still waits for). Not `store`: the rows are
         there still (a hand-over's batch failed, and its deletion of them with it)."""
         for p in pasids:
-            if self._claimed_by.get(p, witness_set) != witness_set:
-                self._disputed.add(p)
+            prev = self._claimed_by.get(p)
+            if prev is not None and prev != witness_set:
+                self._also_claimed.setdefault(p, set()).add(prev)
+            if p in self._also_claimed:
+                self._also_claimed[p].discard(witness_set)
             self._claimed_by[p] = witness_set
         if store:
             self._persist_rows(pasids)
 
-    def dispute(self, pasids: Iterable[int]) -> None:
-        """More than one witness's set claims these (or may): no claimant is handed one."""
-        self._disputed.update(pasids)
+    def also_claimed(self, witness_set: int, pasids: Iterable[int]) -> None:
+        """Another witness's set claims these contested PASIDs too (before its own contest
+        is recorded): while both do, neither is handed one."""
+        for p in pasids:
+            if self._claimed_by.get(p, witness_set) != witness_set:
+                self._also_claimed.setdefault(p, set()).add(witness_set)
 
     def sole_claimant(self, pasid: int) -> int | None:
         """The one witness's set that claims a contested PASID; None if none or several."""
-        if pasid in self._disputed:
+        if self._also_claimed.get(pasid):
             return None
         return self._claimed_by.get(pasid)
 
@@ -187,7 +195,7 @@ class Withheld:
         hand-over's batch."""
         for p in pasids:
             self._claimed_by.pop(p, None)
-            self._disputed.discard(p)
+            self._also_claimed.pop(p, None)
         self._allocator().uncontest(pasids)
         self._persist(ReleaseWithheld(tuple(pasids)))
 
@@ -196,13 +204,33 @@ class Withheld:
         besides the set the store gave them to. One that set still holds is no longer
         contested; one it gave up (withheld) goes back to the pool, or to the time
         quarantine, unless a failed kernel call withholds it too. Returns the PASIDs let
-        go of."""
+        go of. One that another witness's set claims too stays contested, the claim
+        passed on to that set (its row names it)."""
+        for p in [p for p, sets in self._also_claimed.items() if set_id in sets]:
+            self._also_claimed[p].discard(set_id)
+            if not self._also_claimed[p]:
+                del self._also_claimed[p]
         mine = sorted(p for p, s in self._claimed_by.items() if s == set_id)
+        passed = [p for p in mine if self._also_claimed.get(p)]
+        for p in passed:
+            others = self._also_claimed[p]
+            self._claimed_by[p] = min(others)
+            others.discard(self._claimed_by[p])
+            if not others:
+                del self._also_claimed[p]
+        if passed:
+            self._persist_rows(passed)
+            log.warning(
+                "contested PASIDs stay withheld: the witness's set %d is gone, but another"
+                " witness's set claims them too",
+                set_id,
+                extra={"session": set_id, "pasids": passed[:32]},
+            )
+        mine = [p for p in mine if p not in passed]
         if not mine:
             return []
         for p in mine:
             del self._claimed_by[p]
-            self._disputed.discard(p)
         a = self._allocator()
         withheld = set(a.withheld)
         busy = set(self._unfreed)

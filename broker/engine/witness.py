@@ -307,8 +307,7 @@ class Witnesses:
             mine = [p for p in pasids if p in want]
             if not mine:
                 continue
-            stuck = self._engine.stuck
-            stuck.dispute(p for p in mine if stuck.sole_claimant(p) not in (None, claimant))
+            self._engine.stuck.also_claimed(claimant, mine)
             if self._refree_deferred(set_id, mine, "claimed by another set's witness"):
                 self._defer(set_id, [p for p in pasids if p not in want])
 
