@@ -10,8 +10,14 @@ wait are stored: after the restart 2 stays out of every other set's reach, and B
 witness, claiming 2, has it handed over (reclaimed, no conflict). Without the stored
 wait, a clean start forgot it and 2 became a conflict.
 
+And the other order: B resumes first and meets a conflict (the store gives 2 to A);
+A's complete witness then lets go of 2, which goes to B (the conflict resolved), with or
+without a restart in between; a library session as B finds 2 in its set again and
+never frees it on its stale view.
+
 The sets are opened and resumed with the raw stub (as tests/e2e/test_witness.py), so
-that nothing resumes them behind the test's back after the restart.
+that nothing resumes them behind the test's back after the restart; the last test's B
+is a client library session.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import pytest
 from pasid.v1 import broker_pb2 as pb
 from pasid_client import Client
 from pasid_client.handshake import open_request, ticket_for
+from pasid_client.reconnect import SessionState, StateChange
 
 from broker.core import runs
 from tests.harness import (
@@ -268,3 +275,63 @@ def test_a_conflict_ends_when_the_freers_complete_witness_lets_go(
     finally:
         holder.close()
         b.cleanup()
+
+
+def test_the_claimants_library_finds_the_handed_pasid_and_never_frees_it_on_a_stale_view(
+    tmp_path: Path,
+) -> None:
+    """B is a client library session: its resume after the restore meets the conflict,
+    and the library drops 2 (told it is no longer its own). Once A's complete witness
+    hands 2 to B's set, B's view is stale: the set's witness epoch changed, so B's next
+    resume (after a kill -9 here) is taken as partial and frees nothing; the library
+    lists the set and holds 2 again. 2 is never in two sets, nor free."""
+    b = BrokerProcess("--restart-grace", "2")
+    b.start()
+    holder = Client(b.address)  # B's library session and the raw A: this process holds both
+    changes: list[StateChange] = []
+    try:
+        a = _RawSession(holder, "vm-a")
+        set_a, token_a, epoch_a = a.opened.set_id, a.opened.token, a.opened.witness_epoch
+        assert a.alloc(1, 100, 3) == [1, 2, 3]
+        lib = holder.session("vm-b", grace_seconds=300, on_state_change=changes.append)
+        set_b = lib.set_id
+        assert lib.alloc(1, 100) == [4]
+        backup = tmp_path / "backup.db"
+        r = _pb("backup", "--db", b.db, str(backup))
+        assert r.returncode == 0, r.stderr
+        assert a.free(2, 2) == 1
+        assert lib.alloc(1, 100) == [2]
+        a.cancel()
+        assert b.stop() == 0
+        r = _pb("restore", "--db", b.db, "--socket", b.socket, str(backup))
+        assert r.returncode == 0, r.stderr
+        b.start()
+        wait_until(lambda: _resumed(changes) >= 1, 60, 0.05, "B's library to resume")
+        assert [c.conflicts for c in changes if c.state is SessionState.RESUMED] == [((2, 2),)]
+        assert lib.held == [(4, 4)]  # dropped, as told
+
+        a = _RawSession(holder, "vm-a", token_a, [1, 3], epoch_a)
+        assert _pasids(a.opened.refreed) == [2]
+        a.cancel()
+        assert api_holdings(b.address)[set_b] == [2, 4]
+
+        b.kill(signal.SIGKILL)
+        b.start()
+        wait_until(lambda: _resumed(changes) >= 2, 60, 0.05, "B's library to resume again")
+        last = [c for c in changes if c.state is SessionState.RESUMED][-1]
+        assert not last.witness_complete and last.refreed == ()  # its view was stale
+        wait_until(lambda: lib.held == [(2, 2), (4, 4)], 30, 0.05, "the library's listing")
+        served = api_holdings(b.address)
+        assert served[set_b] == [2, 4] and served[set_a] == [1, 3]
+        held = [p for ps in served.values() for p in ps]
+        assert len(held) == len(set(held))  # 0 PASIDs held twice
+        with Client(b.address) as c, c.session("vm-c") as other:
+            got = other.alloc(1, 100, 2)
+            assert 2 not in got, got
+    finally:
+        holder.close()
+        b.cleanup()
+
+
+def _resumed(changes: list[StateChange]) -> int:
+    return sum(1 for c in changes if c.state is SessionState.RESUMED)
