@@ -4,7 +4,7 @@ SQLite's own checks (integrity_check) find a damaged file, but not a *consistent
 is not the one the broker wrote. A WAL cut short, or one flipped bit in it, makes SQLite stop
 reading at the first frame whose checksum fails and serve the older state that frame leads
 to; a deleted WAL serves whatever was checkpointed (nothing, below the checkpoint size); a
-row edited by hand moves a PASID to another set. Two records of the broker's own catch those
+row edited by hand moves a PASID to another set. Records of the broker's own catch those
 (docs/durability.md, "Start-up checks"):
 
 - the witness, `<db>.revision` beside the database: the event log's last revision,
@@ -19,6 +19,13 @@ row edited by hand moves a PASID to another set. Two records of the broker's own
   that logs an event writes anyway (the events' AUTOINCREMENT counter): a row of `meta`
   would add a page to each commit's WAL frames (+4 KiB, +6 µs per commit, measured).
 
+- the sets' digest: the sum of a hash of each set's row as it was created (its holder's
+  pid and start time, uid, namespace pid, delegating pid, owner, client, grace, token
+  hash, creation time: the columns no commit changes afterwards) modulo the same prime,
+  kept the same way (SETS_DIGEST_ROW). One flipped bit in a holder's start time passes
+  every check of SQLite's and the allocations' digest, and recovery would then take a
+  live holder for a gone one and hand its PASIDs out again.
+
 The checks run on a read-only connection (vfs unix-none in exclusive locking mode: no -shm,
 no lock, nothing written) before anything opens the file for writing; on any doubt the
 files are copied aside (`<db>.corrupt-<UTC time>/`) and the broker refuses to start.
@@ -27,6 +34,7 @@ files are copied aside (`<db>.corrupt-<UTC time>/`) and the broker refuses to st
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -34,16 +42,24 @@ import shutil
 import sqlite3
 import time
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from broker.core.errors import StoreError
+from broker.store.records import SetRow
 
 log = logging.getLogger("pasid_broker")
 
 WITNESS_SUFFIX = ".revision"
 # A name no table can have (a dot): SQLite's AUTOINCREMENT looks up only its tables' rows.
 DIGEST_ROW = "pasid_broker.digest"
+SETS_DIGEST_ROW = "pasid_broker.sets_digest"
+# The sets' columns the sets' digest covers: those written once, at the set's creation.
+SET_IDENTITY = (
+    "set_id, client, pid, grace_seconds, token_hash, created_unix, holder_start_time,"
+    " holder_uid, holder_ns_pid, delegated_by_pid, owner"
+)
 # Set by `pasid-broker restore` in the copy it installs; reported once by the next start.
 RESTORED_KEY = "restored"
 RUNBOOK = 'docs/runbook.md, section "Corruption"'
@@ -61,16 +77,46 @@ def weight(set_id: int) -> int:
     return (set_id % _M) * _A % _M + 1
 
 
+def set_weight(identity: Sequence[Any]) -> int:
+    """A set's share of the sets' digest, from its SET_IDENTITY values (as SetRow holds
+    them, or as `SELECT SET_IDENTITY` reads them back: the same once created_unix, in a
+    REAL column, is a float either way)."""
+    values = list(identity)
+    values[5] = float(values[5])
+    h = hashlib.blake2b(repr(tuple(values)).encode("utf-8", "surrogatepass"), digest_size=8)
+    return int.from_bytes(h.digest(), "big") % P
+
+
+def row_identity(r: SetRow) -> tuple[Any, ...]:
+    """A stored set's SET_IDENTITY values."""
+    return (
+        r.set_id, r.client, r.pid, r.grace_seconds, r.token_hash, r.created_unix,
+        r.start_time, r.uid, r.ns_pid, r.delegated_by_pid, r.owner,
+    )  # fmt: skip
+
+
+def sets_digest(rows: Iterable[SetRow]) -> int:
+    """The sets' digest of these rows."""
+    return sum(set_weight(row_identity(r)) for r in rows) % P
+
+
+def count_sets_digest(conn: sqlite3.Connection) -> int:
+    """The sets' digest counted from the table (opening seals it; tests that edit a set
+    by hand, as a broker's own bug would leave it, reseal with it)."""
+    return sum(set_weight(r) for r in conn.execute(f"SELECT {SET_IDENTITY} FROM sets")) % P
+
+
 class Digest:
     """SUM of pasid * weight(set_id) modulo P over the allocations (and their count, for
     the messages); the writer keeps it current by deltas (add/remove), opening computes
     it from what it loaded. A row added, deleted or moved changes the sum."""
 
-    __slots__ = ("count", "total")
+    __slots__ = ("count", "sets", "total")
 
-    def __init__(self, count: int = 0, total: int = 0) -> None:
+    def __init__(self, count: int = 0, total: int = 0, sets: int = 0) -> None:
         self.count = count
         self.total = total
+        self.sets = sets  # the sets' digest (set_weight), kept beside the allocations'
 
     @classmethod
     def of(cls, holdings: Mapping[int, Sequence[int]]) -> Digest:
@@ -258,6 +304,36 @@ def store_digest(conn: sqlite3.Connection, d: Digest) -> None:
     """(Re)write the digest's row (inside the caller's transaction)."""
     conn.execute("DELETE FROM sqlite_sequence WHERE name = ?", (DIGEST_ROW,))
     conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)", (DIGEST_ROW, d.total))
+
+
+def read_sets_digest(conn: sqlite3.Connection) -> int | None:
+    """The sets' digest as the last commit stored it; None in a store that has none yet."""
+    try:
+        row = conn.execute(
+            "SELECT seq FROM sqlite_sequence WHERE name = ?", (SETS_DIGEST_ROW,)
+        ).fetchone()
+    except sqlite3.OperationalError:
+        return None
+    return None if row is None else int(row[0])
+
+
+def store_sets_digest(conn: sqlite3.Connection, total: int) -> None:
+    """(Re)write the sets' digest's row (inside the caller's transaction)."""
+    conn.execute("DELETE FROM sqlite_sequence WHERE name = ?", (SETS_DIGEST_ROW,))
+    conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)", (SETS_DIGEST_ROW, total))
+
+
+def verify_sets(stored: int | None, rows: Sequence[SetRow]) -> int:
+    """The sets' digest of the loaded rows; StoreError if a stored one differs. None (a
+    store written before the sets' digest existed) is accepted: opening stores it."""
+    have = sets_digest(rows)
+    if stored is not None and stored != have:
+        raise StoreError(
+            f"the sets do not match their digest: {len(rows)} sets sum {have}, the last commit"
+            f" recorded sum {stored} (a set's holder, owner, client or token changed outside"
+            " the broker)"
+        )
+    return have
 
 
 def verify(

@@ -124,6 +124,7 @@ def open_database(
                     snapshot.revision,
                     checks.read_witness(path),
                 )
+                digest.sets = checks.verify_sets(checks.read_sets_digest(conn), snapshot.sets)
             except StoreError as exc:
                 raise _refuse(path, checks.read_shm(path), str(exc)) from exc
         check_writable(conn)
@@ -183,11 +184,12 @@ def _check_before_writing(path: Path) -> tuple[Snapshot | None, checks.Digest | 
                 return None, None
             snapshot = load_snapshot(conn)
             stored = checks.read_digest(conn)
+            stored_sets = checks.read_sets_digest(conn)
         finally:
             conn.close()
-        return snapshot, checks.verify(
-            stored, snapshot.meta, snapshot.holdings, snapshot.revision, witness
-        )
+        digest = checks.verify(stored, snapshot.meta, snapshot.holdings, snapshot.revision, witness)
+        digest.sets = checks.verify_sets(stored_sets, snapshot.sets)
+        return snapshot, digest
     except sqlite3.Error as exc:
         code = getattr(exc, "sqlite_errorcode", None)
         if code is None:
@@ -236,13 +238,17 @@ def _refuse(path: Path, shm: bytes | None, why: str) -> StoreError:
 
 
 def _seal(conn: sqlite3.Connection, path: Path, snapshot: Snapshot, digest: checks.Digest) -> None:
-    """After the checks pass: store the digest if the file has none yet (a new or migrated
-    store), report a restore once, and bring the witness up to the store's revision."""
+    """After the checks pass: store the digests if the file has none yet (a new or migrated
+    store, or one from before the sets' digest), report a restore once, and bring the
+    witness up to the store's revision."""
     restored = snapshot.meta.pop(checks.RESTORED_KEY, None)
-    if checks.read_digest(conn) != digest.total or restored is not None:
+    stale = checks.read_digest(conn) != digest.total
+    stale_sets = checks.read_sets_digest(conn) != digest.sets
+    if stale or stale_sets or restored is not None:
         conn.execute("BEGIN IMMEDIATE")
         try:
             checks.store_digest(conn, digest)
+            checks.store_sets_digest(conn, digest.sets)
             conn.execute("DELETE FROM meta WHERE key = ?", (checks.RESTORED_KEY,))
         except BaseException:
             conn.execute("ROLLBACK")

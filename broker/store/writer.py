@@ -31,7 +31,18 @@ from pathlib import Path
 
 from broker.core.errors import StoreError, StoreFailed
 from broker.core.namespace import runs
-from broker.store.checks import DIGEST_ROW, SET_DIGEST, Digest, P, Witness, weight
+from broker.store.checks import (
+    DIGEST_ROW,
+    SET_DIGEST,
+    SET_IDENTITY,
+    SETS_DIGEST_ROW,
+    Digest,
+    P,
+    Witness,
+    row_identity,
+    set_weight,
+    weight,
+)
 from broker.store.event_log import encode_runs
 from broker.store.opening import WAL_BYTES, describe
 from broker.store.records import (
@@ -206,6 +217,7 @@ class Writer:
         self._digest = digest
         self._dcount = 0
         self._dtotal = 0
+        self._dsets = 0  # the batch's change to the sets' digest
         self._recount = False
         (rev,) = conn.execute("SELECT COALESCE(MAX(revision), 0) FROM events").fetchone()
         self._witness = Witness(path, int(rev or 0))
@@ -286,7 +298,7 @@ class Writer:
                 conn.execute(f"PRAGMA foreign_keys={'ON' if fk else 'OFF'}")
                 self._fk = fk
             conn.execute("BEGIN IMMEDIATE")
-            self._dcount = self._dtotal = 0
+            self._dcount = self._dtotal = self._dsets = 0
             self._recount = False
             try:
                 rows, logged = self._write(conn, records, now)
@@ -296,6 +308,9 @@ class Writer:
                     count, total = _count_digest(conn)
                 if total != d.total:
                     conn.execute(SET_DIGEST, (total, DIGEST_ROW)).close()
+                sets = (d.sets + self._dsets) % P
+                if sets != d.sets:
+                    conn.execute(SET_DIGEST, (sets, SETS_DIGEST_ROW)).close()
                 if self._quarantined:
                     # Rows written by earlier commits that are past their time: the
                     # table stays as small as the quarantine. Only when something went
@@ -320,7 +335,7 @@ class Writer:
                 raise
         except sqlite3.Error as exc:
             raise _commit_error("store commit failed", exc) from exc
-        self._digest = Digest(count, total)
+        self._digest = Digest(count, total, sets)
         self._witness.advance(int(last or 0))
         self._commits += 1
         if self.checkpoint_due():  # off the loop already: do it here
@@ -566,6 +581,7 @@ class Writer:
                     r.witness_epoch,
                 ),
             ).close()
+            self._dsets += set_weight(row_identity(r))
             return ("set_created", r.set_id, (), r.client)
         if isinstance(rec, DestroySet):
             if rec.pasids is not None:  # what the engine knew it held: no query
@@ -581,6 +597,11 @@ class Writer:
                 ]
                 conn.execute("DELETE FROM allocations WHERE set_id = ?", (rec.set_id,)).close()
                 self._removed(rec.set_id, held, len(held))
+            gone = conn.execute(
+                f"SELECT {SET_IDENTITY} FROM sets WHERE set_id = ?", (rec.set_id,)
+            ).fetchone()
+            if gone is not None:
+                self._dsets -= set_weight(gone)
             # foreign_keys is off in this batch (commit()): no scan for children here.
             conn.execute("DELETE FROM sets WHERE set_id = ?", (rec.set_id,)).close()
             # Its deferred frees went with its PASIDs (a small table: the scan is cheap).

@@ -177,15 +177,18 @@ def test_corrupt_page_refused_at_start(tmp_path: Path) -> None:
             "INSERT INTO quarantine (pasid, release_unix, kind) VALUES (77, 'soon', 'time')",
             "quarantine.release_unix of row 77 is a text ('soon')",
         ),
+        ("UPDATE sets SET pid = 77", "the sets do not match their digest"),
     ],
-    ids=["text-not-utf8", "blob-for-integer", "text-for-integer", "text-for-real"],
+    ids=["text-not-utf8", "blob-for-integer", "text-for-integer", "text-for-real", "pid"],
 )
 def test_a_damaged_value_is_refused_not_served(tmp_path: Path, sql: str, message: str) -> None:
     """One flipped bit in a row's text or in its record header (which says each value's
-    type) passes integrity_check, and the digest covers allocations only: found by
-    flipping bits of a real store. Before, such a value crashed the start with a
-    traceback (exit 1, restarted by systemd in a loop, nothing copied aside), or was
-    served (a quota of 'many'). Now it is corruption: refused in one line, kept aside."""
+    type) passes integrity_check, and the allocations' digest covers allocations only:
+    found by flipping bits of a real store; so does a valid value changed in a set's
+    row (a holder's pid), which the sets' digest catches. Before, such a value crashed
+    the start with a traceback (exit 1, restarted by systemd in a loop, nothing copied
+    aside), or was served (a quota of 'many'). Now it is corruption: refused in one
+    line, kept aside."""
     db = tmp_path / "b.db"
     _wal_store(db)
     con = sqlite3.connect(db, isolation_level=None)

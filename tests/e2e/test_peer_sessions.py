@@ -22,6 +22,7 @@ from pasid.v1 import broker_pb2_grpc as pb_grpc
 from pasid_client import Client, SetView, Unauthenticated
 from pasid_client.handshake import obtain_ticket
 
+from broker.store import checks
 from tests.harness import (
     ROOT,
     BrokerProcess,
@@ -357,12 +358,15 @@ def test_restart_recognises_the_holder_by_pid_and_start_time(
     ans, p = holder(procs, broker.address, "--grace", "60")
     ans2, p2 = holder(procs, broker.address, "--grace", "60")
     broker.kill()
-    # A reused pid would have another start time: make set 2's stored one disagree.
+    # A reused pid would have another start time: make set 2's stored one disagree. As
+    # the broker would have stored it (a pid reused by another process), with the sets'
+    # digest to match (an edit that does not match is refused: test_store_checks.py).
     with sqlite3.connect(broker.db) as con:
         con.execute(
             "UPDATE sets SET holder_start_time = holder_start_time - 1 WHERE set_id = ?",
             (ans2["session_id"],),
         )
+        checks.store_sets_digest(con, checks.count_sets_digest(con))
     con.close()
     broker.start()
     left = sets(broker)

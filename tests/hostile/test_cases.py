@@ -21,7 +21,7 @@ from pasid.v1 import broker_pb2_grpc as pb_grpc
 from pasid_client import Client, FailedPrecondition, NotFound, PermissionDenied, QuotaExceeded
 
 from broker.logs import TextFormatter
-from broker.store.checks import Digest, store_digest
+from broker.store.checks import Digest, count_sets_digest, store_digest, store_sets_digest
 from tests.harness import BrokerProcess, wait_until
 from tests.hostile.common import assert_no_traceback, check_invariants, raw_call, rss_bytes, tenants
 from tests.metrics.scrape import scrape
@@ -78,6 +78,7 @@ def test_pid_beyond_pid_max_is_refused_and_a_stored_one_does_not_stop_recovery(
             for set_id, pasid in con.execute("SELECT set_id, pasid FROM allocations"):
                 held.setdefault(set_id, []).append(pasid)
             store_digest(con, Digest.of(held))
+            store_sets_digest(con, count_sets_digest(con))
         con.close()
         b.start()  # recovery must not raise OverflowError
         t.resume(c)

@@ -185,3 +185,78 @@ def test_a_cant_open_is_not_called_corruption(tmp_path: Path) -> None:
         SqliteStore(db).open()
     assert "cannot be trusted" not in str(err.value)
     assert not list(tmp_path.glob("b.db.corrupt-*"))
+
+
+def _verified(set_id: int) -> SetRow:
+    """A set with a kernel-verified holder, as the broker stores one."""
+    return SetRow(set_id, f"vm{set_id}", 4242, 100, 0, "h", 1.5, 987654, 0, 4242, 0, "uid:0")
+
+
+def test_the_sets_digest_follows_creates_and_destroys(tmp_path: Path) -> None:
+    """Each set's created row counts in the sets' digest until the set is destroyed;
+    the updates a set's row gets later (quota, detach time, witness epoch) do not."""
+    db = tmp_path / "b.db"
+    st = SqliteStore(db)
+    st.open()
+    st.commit([CreateSet(_verified(1)), CreateSet(_row(2)), AddPasids(1, (1, 2))])
+    st.commit([CreateSet(_row(3)), DestroySet(2, "gone", pasids=None)])
+    st.commit([DestroySet(3, "gone", pasids=()), CreateSet(_verified(4))])
+    st.close()
+    con = sqlite3.connect(db)
+    assert checks.read_sets_digest(con) == checks.count_sets_digest(con) != 0
+    con.close()
+    st = SqliteStore(db)
+    assert sorted(r.set_id for r in st.open().sets) == [1, 4]
+    st.close()
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        "UPDATE sets SET holder_start_time = holder_start_time + 1 WHERE set_id = 1",
+        "UPDATE sets SET pid = 4243, holder_ns_pid = 4243 WHERE set_id = 1",
+        "UPDATE sets SET owner = 'uid:1000' WHERE set_id = 1",
+        "DELETE FROM sets WHERE set_id = 4",
+    ],
+    ids=["holder-start-time", "holder-pid", "owner", "set-deleted"],
+)
+def test_a_set_changed_outside_the_broker_is_refused(tmp_path: Path, edit: str) -> None:
+    """One flipped bit in a holder's start time (or pid) passes SQLite's checks and the
+    allocations' digest; recovery would take the live holder for a gone one and hand
+    its PASIDs out again. The sets' digest refuses it, the files kept aside."""
+    db = tmp_path / "b.db"
+    st = SqliteStore(db)
+    st.open()
+    st.commit([CreateSet(_verified(1)), AddPasids(1, (1, 2)), CreateSet(_verified(4))])
+    st.close()
+    con = sqlite3.connect(db)
+    con.execute(edit)
+    con.commit()
+    con.close()
+    with pytest.raises(StoreError, match="the sets do not match their digest"):
+        SqliteStore(db).open()
+    assert len(list(tmp_path.glob("b.db.corrupt-*"))) == 1
+
+
+def test_a_store_from_before_the_sets_digest_is_sealed(tmp_path: Path) -> None:
+    """A store written before the sets' digest existed has no row for it: accepted as
+    it is, and the digest stored, so that the next start checks it."""
+    db = tmp_path / "b.db"
+    st = SqliteStore(db)
+    st.open()
+    st.commit([CreateSet(_verified(1)), AddPasids(1, (1, 2))])
+    st.close()
+    con = sqlite3.connect(db)
+    con.execute("DELETE FROM sqlite_sequence WHERE name = ?", (checks.SETS_DIGEST_ROW,))
+    con.commit()
+    con.close()
+    st = SqliteStore(db)
+    assert [r.set_id for r in st.open().sets] == [1]
+    st.close()
+    con = sqlite3.connect(db)
+    assert checks.read_sets_digest(con) == checks.count_sets_digest(con)
+    con.execute("UPDATE sets SET holder_start_time = 1 WHERE set_id = 1")
+    con.commit()
+    con.close()
+    with pytest.raises(StoreError, match="the sets do not match their digest"):
+        SqliteStore(db).open()
