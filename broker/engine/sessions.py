@@ -49,7 +49,6 @@ from broker.peer.tickets import PeerIdentity, TicketBook
 from broker.store import (
     CreateSet,
     DestroySet,
-    MarkDetached,
     NoteSetState,
     SetRow,
 )
@@ -210,12 +209,9 @@ class Sessions:
         (at least `restart_grace`) to resume."""
         self._restart_grace = restart_grace
         now = self._engine.clock()
-        # Attached when the last run ended: detached from now on, stored so that the
-        # next restart does not reset the age again.
-        since_now = tuple(s.session_id for s in self._sessions.values() if not s.detached_unix)
-        if since_now:
-            self._engine.persist(MarkDetached(since_now, now))
         for sess in list(self._sessions.values()):
+            # Attached when the last run ended: the restart detached it.
+            was_attached = not sess.detached_unix
             sess.detached_unix = sess.detached_unix or now
             h = sess.holder
             fd = reopen_holder(h) if h is not None else None
@@ -224,6 +220,11 @@ class Sessions:
                     sess, SetEvent.RECOVERED_GONE, f"holder process {h.pid} exited before restart"
                 )
                 continue
+            if was_attached:
+                # Said as any detach is (Watch sees set_detached, then set_reattached when
+                # its client is back), and its time stored so that the next restart does
+                # not reset the age.
+                self._note(sess, "set_detached", "broker restarted", now)
             if h is not None and fd is not None:
                 self._watch(sess, PeerIdentity(h.pid, h.uid, -1, h.ns_pid, h.start_time, fd))
             self.apply(sess, SetEvent.RECOVERED_LIVE, "recovered after restart")
@@ -539,7 +540,7 @@ class Sessions:
         """No stream holds the set any more; it lives on (until its holder exits, a
         re-attach, or its grace)."""
         if not sess.attached:
-            return  # recovered sets are detached already (a restart is not news)
+            return  # recovered sets are detached already (recover_holders said so)
         sess.attached = False
         sess.detached_unix = self._engine.clock()
         self._note(sess, "set_detached", reason, sess.detached_unix)

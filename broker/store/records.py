@@ -125,8 +125,8 @@ class NoteSetState:
 
 @dataclass(frozen=True)
 class MarkDetached:
-    """After a restart, sets that were attached when the last run ended are detached
-    from `at` on (sets.detached_unix); no event (a restart is not news to Watch)."""
+    """Sets detached from `at` on (sets.detached_unix), with no event. (Recovery uses
+    NoteSetState instead, so that Watch sees the detach a restart makes.)"""
 
     set_ids: tuple[int, ...]
     at: float

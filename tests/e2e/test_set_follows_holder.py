@@ -20,7 +20,7 @@ from pasid.v1 import broker_pb2_grpc as pb_grpc
 from pasid_client import Client, FailedPrecondition, NotFound
 from pasid_client.handshake import obtain_ticket
 
-from tests.e2e.test_peer_sessions import event_of, holder, read, sets, start
+from tests.e2e.test_peer_sessions import event_of, events, holder, read, sets, start
 from tests.harness import BrokerProcess, assert_memory_matches_disk, db_holdings, wait_until
 from tests.metrics.scrape import scrape
 
@@ -472,3 +472,30 @@ def test_sets_and_list_show_detached_sets_and_for_how_long(
     assert m.value("pasid_broker_sets", state="detached") == 1
     assert m.value("pasid_broker_detached_verified_sets") == 1
     assert m.value("pasid_broker_detached_oldest_seconds") >= 1.5
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill9", "sigterm"])
+def test_watch_sees_a_restart_detach_and_the_reattach(
+    b: BrokerProcess, procs: list[subprocess.Popen[str]], sig: int
+) -> None:
+    """A broker restart detaches every set (point 1): Watch says so as it says any
+    detach, set_detached ("broker restarted"), before the set_reattached of the client
+    that comes back; it used to show only the set_reattached of a set it never saw go.
+    A set detached before the restart is not said to detach again."""
+    vmm = start(procs, ["sleep", "120"])
+    gone, sidecar = holder(procs, b.address, "--delegate-pid", str(vmm.pid))
+    sidecar.kill()  # detached before the restart
+    sidecar.wait()
+    wait_until(lambda: sets(b)[gone["session_id"]].state == "detached", what="detached")
+    hold = start(procs, [*PASIDCTL, "--socket", b.socket, "hold", "--json", "--count", "2"])
+    back = read(hold)["session_id"]  # attached when the broker goes; pasidctl comes back
+    b.kill(sig)
+    b.start()
+    wait_until(lambda: sets(b)[back].state == "attached", 30, 0.05, "pasidctl hold back")
+    detached = event_of(b, "set_detached", back)
+    reattached = event_of(b, "set_reattached", back)
+    assert detached.reason == "broker restarted" and detached.revision < reattached.revision
+    assert [e.reason for e in events(b, "set_detached") if e.set_id == gone["session_id"]] == [
+        "client disconnected"
+    ]
+    assert sets(b)[gone["session_id"]].state == "detached"
