@@ -20,7 +20,7 @@ from typing import Any
 
 from broker.core.errors import StoreError, describe_error
 from broker.store import checks, migrations
-from broker.store.records import SetRow, Snapshot, WithheldRow
+from broker.store.records import WITHHELD_KINDS, SetRow, Snapshot, WithheldRow
 
 log = logging.getLogger("pasid_broker")
 
@@ -384,6 +384,11 @@ def load_snapshot(conn: sqlite3.Connection) -> Snapshot:
         ):
             _typed("quarantine", _QUARANTINE, row)
             p, until, kind, sid, hpid, hstart, claimant, devices = row
+            if kind != "time" and kind not in WITHHELD_KINDS:
+                raise StoreError(
+                    f"SQLITE_CORRUPT: quarantine.kind of row {p} is {kind[:40]!r}, which the"
+                    " broker never writes"
+                )
             if kind == "time":
                 quarantine[p] = until
             else:

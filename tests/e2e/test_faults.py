@@ -178,8 +178,12 @@ def test_corrupt_page_refused_at_start(tmp_path: Path) -> None:
             "quarantine.release_unix of row 77 is a text ('soon')",
         ),
         ("UPDATE sets SET pid = 77", "the sets do not match their digest"),
+        (
+            "INSERT INTO quarantine (pasid, release_unix, kind) VALUES (77, 0, 'dftach')",
+            "quarantine.kind of row 77 is 'dftach', which the broker never writes",
+        ),
     ],
-    ids=["text-not-utf8", "blob-for-integer", "text-for-integer", "text-for-real", "pid"],
+    ids=["text-not-utf8", "blob-for-integer", "text-for-integer", "text-for-real", "pid", "kind"],
 )
 def test_a_damaged_value_is_refused_not_served(tmp_path: Path, sql: str, message: str) -> None:
     """One flipped bit in a row's text or in its record header (which says each value's
