@@ -910,6 +910,10 @@ def test_the_look_for_a_device_counts_an_unreadable_process_as_holding_it(
     (proc / "13" / "fd").write_text("")  # listdir fails: its fds cannot be read
     why = open_elsewhere([key], str(proc))
     assert why is not None and why.startswith("cannot read the fds of pid 13 ("), why
+    # A look that runs out of time proves nothing (it runs on a thread of its own, which
+    # a look must not hold for good: stuck.LOOK_SECONDS).
+    why = open_elsewhere([key], str(proc), give_up_after=-1)
+    assert why is not None and why.startswith(f"the look through {proc} took over -1 s"), why
 
 
 def test_a_device_a_live_set_delegated_is_no_proof_either(
