@@ -361,3 +361,59 @@ def test_a_hand_over_whose_commit_fails_leaves_the_contest_as_it_was(tmp_path: P
             assert conn.execute("SELECT pasid FROM quarantine").fetchall() == []
 
     asyncio.run(after())
+
+
+def test_both_claimants_outlive_a_clean_restart(tmp_path: Path) -> None:
+    """As above, with a clean restart once 2 is withheld for both claimants: the row
+    names U and keeps T too (quarantine.also_claimed), so U's end after the restart
+    passes the claim on to T instead of letting 2 go."""
+    db, sets = _lost_free_and_alloc_db(tmp_path)
+    (_s_id, s_token, s_epoch), (t_id, t_token, _), (u_id, u_token, _) = (
+        sets["s"], sets["t"], sets["u"],
+    )  # fmt: skip
+
+    async def before() -> None:
+        broker = Broker(SimulatorBackend(pasid_bits=8), SqliteStore(db), restart_grace=60)
+        await broker.start()
+        try:
+            await _resume(broker, t_token, [2, 4])
+            await _resume(broker, u_token, [2, 5])
+            await _resume(broker, s_token, [1, 3], s_epoch)
+            assert broker.allocator.withheld == [2]
+        finally:
+            await broker.stop()
+
+    async def after() -> None:
+        broker = Broker(SimulatorBackend(pasid_bits=8), SqliteStore(db), restart_grace=60)
+        await broker.start()
+        try:
+            assert broker.allocator.withheld == [2]
+            assert broker.stuck.sole_claimant(2) is None  # two claim it
+            await broker.revoke(u_id, "test")
+            await broker.journal.drain()
+            assert broker.allocator.withheld == [2]
+            assert broker.stuck.sole_claimant(2) == t_id
+        finally:
+            await broker.stop()
+
+    async def last() -> None:
+        broker = Broker(SimulatorBackend(pasid_bits=8), SqliteStore(db), restart_grace=60)
+        await broker.start()
+        try:
+            assert broker.allocator.withheld == [2]  # T's claim, stored alone now
+            await broker.revoke(t_id, "test")
+            await broker.journal.drain()
+            assert broker.allocator.withheld == []
+            broker.allocator.check()
+        finally:
+            await broker.stop()
+
+    asyncio.run(before())
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        rows = conn.execute("SELECT pasid, kind, claimant, also_claimed FROM quarantine")
+        assert rows.fetchall() == [(2, "contested", u_id, str(t_id))]
+    asyncio.run(after())
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        rows = conn.execute("SELECT pasid, kind, claimant, also_claimed FROM quarantine")
+        assert rows.fetchall() == [(2, "contested", t_id, None)]
+    asyncio.run(last())

@@ -233,10 +233,16 @@ class Broker:
             give_up_after=self.store_error_exit,
         )
         # Before the holders: a witness's set reclaimed now lets go of its contest.
-        self.stuck.restore(r.withheld_detach, r.withheld_unfreed, r.claimed_by)
+        also = {
+            p: [int(s) for s in row.also_claimed.split(",")]
+            for p, row in r.snapshot.withheld.items()
+            if row.also_claimed
+        }
+        self.stuck.restore(r.withheld_detach, r.withheld_unfreed, r.claimed_by, also)
         # A claimant whose set's destroy was durable but the end of its claims was not
         # (a crash between the two commits): its claims end now.
-        for set_id in sorted(set(r.claimed_by.values()) - {s.set_id for s in r.snapshot.sets}):
+        claimants = set(r.claimed_by.values()).union(*also.values())
+        for set_id in sorted(claimants - {s.set_id for s in r.snapshot.sets}):
             self.stuck.claimant_gone(set_id)
         self._restore_witness_wait(r.snapshot)
         self.sets.recover_holders(self.restart_grace)

@@ -99,7 +99,7 @@ def _alive(holder: Holder) -> bool:
 
 # A row's fields besides its PASIDs: kind, set_id, holder pid, holder start, claimant,
 # devices.
-_RowKey = tuple[str, int | None, int | None, int | None, int | None, str | None]
+_RowKey = tuple[str, int | None, int | None, int | None, int | None, str | None, str | None]
 
 
 def _by_first(item: tuple[_RowKey, list[int]]) -> int:
@@ -150,6 +150,7 @@ class Withheld:
         detach: dict[int, DetachWait],
         unfreed: Mapping[int, int | None],
         claimed_by: dict[int, int] | None = None,
+        also_claimed: Mapping[int, Iterable[int]] | None = None,
     ) -> None:
         """After recovery withheld the stored PASIDs again: wait for each "detach" set's
         devices to be open nowhere, retry each "free" (the backend holds it again:
@@ -158,6 +159,9 @@ class Withheld:
         self._unfreed.update(unfreed)
         self._freed_by.update((p, s) for p, s in unfreed.items() if s is not None)
         self._claimed_by.update(claimed_by or {})
+        for p, sets in (also_claimed or {}).items():
+            if p in self._claimed_by and (others := set(sets) - {self._claimed_by[p]}):
+                self._also_claimed[p] = others
         if detach or unfreed:
             self._schedule()
 
@@ -178,10 +182,13 @@ class Withheld:
 
     def also_claimed(self, witness_set: int, pasids: Iterable[int]) -> None:
         """Another witness's set claims these contested PASIDs too (before its own contest
-        is recorded): while both do, neither is handed one."""
+        is recorded): while both do, neither is handed one. Stored with its rows."""
+        added = []
         for p in pasids:
             if self._claimed_by.get(p, witness_set) != witness_set:
                 self._also_claimed.setdefault(p, set()).add(witness_set)
+                added.append(p)
+        self._persist_rows(added)
 
     def sole_claimant(self, pasid: int) -> int | None:
         """The one witness's set that claims a contested PASID; None if none or several."""
@@ -206,11 +213,14 @@ class Withheld:
         quarantine, unless a failed kernel call withholds it too. Returns the PASIDs let
         go of. One that another witness's set claims too stays contested, the claim
         passed on to that set (its row names it)."""
-        for p in [p for p, sets in self._also_claimed.items() if set_id in sets]:
+        others_gone = [p for p, sets in self._also_claimed.items() if set_id in sets]
+        for p in others_gone:
             self._also_claimed[p].discard(set_id)
             if not self._also_claimed[p]:
                 del self._also_claimed[p]
         mine = sorted(p for p, s in self._claimed_by.items() if s == set_id)
+        # Rows that named it among the others (and still have a claimant) lose it.
+        self._persist_rows(p for p in others_gone if p not in mine)
         passed = [p for p in mine if self._also_claimed.get(p)]
         for p in passed:
             others = self._also_claimed[p]
@@ -487,6 +497,7 @@ class Withheld:
         rows: dict[_RowKey, list[int]] = {}
         for p in sorted(set(pasids)):
             claimant = self._claimed_by.get(p)
+            also = ",".join(map(str, sorted(self._also_claimed.get(p, ())))) or None
             key: _RowKey
             if p in waits:
                 sid, holder, devices = waits[p]
@@ -497,11 +508,12 @@ class Withheld:
                     holder.start_time if holder is not None else None,
                     claimant,
                     devices,
+                    also,
                 )
             elif p in self._unfreed:
-                key = ("free", self._freed_by.get(p), None, None, claimant, None)
+                key = ("free", self._freed_by.get(p), None, None, claimant, None, also)
             elif claimant is not None:
-                key = ("contested", claimant, None, None, claimant, None)
+                key = ("contested", claimant, None, None, claimant, None, also)
             else:
                 continue
             rows.setdefault(key, []).append(p)

@@ -315,7 +315,7 @@ _SETS = (
 _QUARANTINE = (
     ("pasid", _I), ("release_unix", _F), ("kind", _S), ("set_id", _I + _N),
     ("holder_pid", _I + _N), ("holder_start_time", _I + _N), ("claimant", _I + _N),
-    ("devices", _S + _N),
+    ("devices", _S + _N), ("also_claimed", _S + _N),
 )  # fmt: skip
 _QUOTAS = (("scope", _S), ("per_set", _I), ("per_client", _I), ("global_", _I))
 _META = (("key", _S), ("value", _S))
@@ -380,10 +380,15 @@ def load_snapshot(conn: sqlite3.Connection) -> Snapshot:
         withheld: dict[int, WithheldRow] = {}
         for row in conn.execute(
             "SELECT pasid, release_unix, kind, set_id, holder_pid, holder_start_time,"
-            " claimant, devices FROM quarantine"
+            " claimant, devices, also_claimed FROM quarantine"
         ):
             _typed("quarantine", _QUARANTINE, row)
-            p, until, kind, sid, hpid, hstart, claimant, devices = row
+            p, until, kind, sid, hpid, hstart, claimant, devices, also = row
+            if also is not None and not all(s.isascii() and s.isdigit() for s in also.split(",")):
+                raise StoreError(
+                    f"SQLITE_CORRUPT: quarantine.also_claimed of row {p} is {also[:40]!r},"
+                    " not the set ids the broker writes"
+                )
             if kind != "time" and kind not in WITHHELD_KINDS:
                 raise StoreError(
                     f"SQLITE_CORRUPT: quarantine.kind of row {p} is {kind[:40]!r}, which the"
@@ -392,7 +397,7 @@ def load_snapshot(conn: sqlite3.Connection) -> Snapshot:
             if kind == "time":
                 quarantine[p] = until
             else:
-                withheld[p] = WithheldRow(kind, sid, hpid, hstart, claimant, devices)
+                withheld[p] = WithheldRow(kind, sid, hpid, hstart, claimant, devices, also)
         deferred: dict[int, list[int]] = {}
         for row in conn.execute("SELECT pasid, set_id FROM deferred_refrees ORDER BY pasid"):
             _typed("deferred_refrees", _DEFERRED, row)

@@ -151,6 +151,7 @@ class Withhold:
     holder_start_time: int | None = None
     claimant: int | None = None
     devices: str | None = None  # a "detach" row's devices (comma-separated keys)
+    also_claimed: str | None = None  # further claimants' sets (comma-separated ids)
 
 
 @dataclass(frozen=True)
@@ -249,6 +250,7 @@ class WithheldRow(NamedTuple):
     holder_start_time: int | None = None
     claimant: int | None = None
     devices: str | None = None
+    also_claimed: str | None = None
 
 
 @dataclass

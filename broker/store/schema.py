@@ -85,6 +85,9 @@ quarantine = Table(
     # A "detach" row's devices (migration 0010; iommufd_checks.device_key, comma-separated):
     # after a restart, its PASIDs are released once no process has any of them open.
     Column("devices", String, nullable=True),
+    # The other witnesses' sets that claim it too, besides `claimant` (migration 0012;
+    # comma-separated set ids): none is handed it, and it stays withheld until all are gone.
+    Column("also_claimed", String, nullable=True),
 )
 
 # A complete witness's free that waits for the other awaited sets (migration 0011;

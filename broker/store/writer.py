@@ -462,8 +462,8 @@ class Writer:
         withheld for another reason, before)."""
         conn.executemany(
             "INSERT OR REPLACE INTO quarantine (pasid, release_unix, kind, set_id,"
-            " holder_pid, holder_start_time, claimant, devices)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            " holder_pid, holder_start_time, claimant, devices, also_claimed)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (
                     p,
@@ -474,6 +474,7 @@ class Writer:
                     rec.holder_start_time,
                     rec.claimant,
                     rec.devices,
+                    rec.also_claimed,
                 )
                 for p in rec.pasids
             ],
@@ -490,8 +491,8 @@ class Writer:
             return
         conn.executemany(
             "UPDATE quarantine SET kind = 'time', release_unix = ?, set_id = NULL,"
-            " holder_pid = NULL, holder_start_time = NULL, claimant = NULL, devices = NULL"
-            " WHERE pasid = ? AND kind != 'time'",
+            " holder_pid = NULL, holder_start_time = NULL, claimant = NULL, devices = NULL,"
+            " also_claimed = NULL WHERE pasid = ? AND kind != 'time'",
             [(rec.quarantine_until, p) for p in rec.pasids],
         ).close()
         self._quarantined = True

@@ -373,3 +373,52 @@ def test_0011_adds_the_deferred_frees_and_the_witness_wait_and_round_trips(
         tables = [r[0] for r in conn.exec_driver_sql("SELECT name FROM sqlite_master")]
         assert "deferred_refrees" not in tables
     engine.dispose()
+
+
+def test_0012_adds_the_further_claimants_and_round_trips(tmp_path: Path) -> None:
+    """0011 -> 0012: existing rows have no further claimant; the store writes and reads
+    them back; a value that is not set ids is refused as corruption; the downgrade gives
+    back 0011's quarantine table."""
+    from alembic import command
+
+    from broker.store import Withhold
+
+    db = tmp_path / "b.db"
+    engine = create_engine(f"sqlite:///{db}")
+    with engine.begin() as conn:
+        command.upgrade(migrations._config(conn), "0011")
+        conn.exec_driver_sql(
+            "INSERT INTO quarantine (pasid, release_unix, kind, set_id, claimant)"
+            " VALUES (5, 1e999, 'contested', 3, 3)"
+        )
+    engine.dispose()
+    st = SqliteStore(db)
+    snap = st.open()
+    assert snap.withheld == {5: WithheldRow("contested", 3, claimant=3)}
+    st.commit([Withhold((5,), "contested", 3, claimant=3, also_claimed="4,7")])
+    st.close()
+    st = SqliteStore(db)
+    snap = st.open()
+    st.close()
+    assert snap.withheld == {5: WithheldRow("contested", 3, claimant=3, also_claimed="4,7")}
+    engine = create_engine(f"sqlite:///{db}")
+    with engine.begin() as conn:
+        command.downgrade(migrations._config(conn), "0011")
+        cols = [r[1] for r in conn.exec_driver_sql("PRAGMA table_info(quarantine)")]
+        assert "also_claimed" not in cols and "devices" in cols
+    engine.dispose()
+
+
+def test_further_claimants_that_are_not_set_ids_are_refused(tmp_path: Path) -> None:
+    from broker.store import Withhold
+
+    db = tmp_path / "b.db"
+    st = SqliteStore(db)
+    st.open()
+    st.commit([Withhold((5,), "contested", 3, claimant=3, also_claimed="4")])
+    st.close()
+    with sqlite3.connect(db) as c:
+        c.execute("UPDATE quarantine SET also_claimed = '4,x'")
+    c.close()
+    with pytest.raises(StoreError, match="also_claimed"):
+        SqliteStore(db).open()

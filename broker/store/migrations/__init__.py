@@ -8,7 +8,8 @@ the withheld and contested PASIDs (quarantine.kind) and sets.detached_unix; 0008
 claimant of a withheld PASID whatever its kind (quarantine.claimant); 0009 each set's
 witness epoch (sets.witness_epoch: when a complete witness is honoured); 0010 the
 devices of a "detach" row (quarantine.devices); 0011 a complete witness's deferred frees
-(deferred_refrees) and the sets whose witness is awaited (sets.witness_wait). A
+(deferred_refrees) and the sets whose witness is awaited (sets.witness_wait); 0012 a
+contested PASID's further claimants (quarantine.also_claimed). A
 database made before Alembic (no alembic_version table) is stamped with the revision its
 tables show, then upgraded.
 
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 HERE = Path(__file__).resolve().parent
 
 # The newest revision in versions/; a database at it needs no migration.
-HEAD = "0011"
+HEAD = "0012"
 
 
 class SchemaError(Exception):

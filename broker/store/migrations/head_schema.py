@@ -5,18 +5,18 @@ one transaction (sqlite3's iterdump). The store creates a new database from it i
 of replaying every migration (broker/store/migrations: create).
 """
 
-REVISION = "0011"
+REVISION = "0012"
 
 STATEMENTS = (
     "BEGIN TRANSACTION;",
     "CREATE TABLE alembic_version (\n\tversion_num VARCHAR(32) NOT NULL, \n\tCONSTRAINT alembic_version_pkc PRIMARY KEY (version_num)\n);",
-    "INSERT INTO \"alembic_version\" VALUES('0011');",
+    "INSERT INTO \"alembic_version\" VALUES('0012');",
     "CREATE TABLE allocations (\n\tpasid INTEGER NOT NULL, \n\tset_id INTEGER NOT NULL, \n\tPRIMARY KEY (pasid), \n\tFOREIGN KEY(set_id) REFERENCES sets (set_id) ON DELETE CASCADE\n);",
     "CREATE TABLE deferred_refrees (\n\tpasid INTEGER NOT NULL, \n\tset_id INTEGER NOT NULL, \n\tPRIMARY KEY (pasid)\n);",
     "CREATE TABLE events (\n\trevision INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT, \n\tts FLOAT NOT NULL, \n\tkind VARCHAR NOT NULL, \n\tset_id INTEGER NOT NULL, \n\tpasids VARCHAR NOT NULL, \n\treason VARCHAR NOT NULL\n, holder_pid INTEGER, holder_uid INTEGER, holder_ns_pid INTEGER);",
     'CREATE TABLE meta (\n\t"key" VARCHAR NOT NULL, \n\tvalue VARCHAR NOT NULL, \n\tPRIMARY KEY ("key")\n);',
-    "INSERT INTO \"meta\" VALUES('schema_version','11');",
-    "CREATE TABLE quarantine (\n\tpasid INTEGER NOT NULL, \n\trelease_unix FLOAT NOT NULL, kind VARCHAR DEFAULT 'time' NOT NULL, set_id INTEGER, holder_pid INTEGER, holder_start_time INTEGER, claimant INTEGER, devices VARCHAR, \n\tPRIMARY KEY (pasid)\n);",
+    "INSERT INTO \"meta\" VALUES('schema_version','12');",
+    "CREATE TABLE quarantine (\n\tpasid INTEGER NOT NULL, \n\trelease_unix FLOAT NOT NULL, kind VARCHAR DEFAULT 'time' NOT NULL, set_id INTEGER, holder_pid INTEGER, holder_start_time INTEGER, claimant INTEGER, devices VARCHAR, also_claimed VARCHAR, \n\tPRIMARY KEY (pasid)\n);",
     "CREATE TABLE quotas (\n\tscope VARCHAR NOT NULL, \n\tper_set INTEGER NOT NULL, \n\tper_client INTEGER NOT NULL, \n\tglobal_ INTEGER NOT NULL, \n\tupdated_unix FLOAT NOT NULL, \n\tPRIMARY KEY (scope)\n);",
     "CREATE TABLE sets (\n\tset_id INTEGER NOT NULL, \n\tclient VARCHAR NOT NULL, \n\tpid INTEGER NOT NULL, \n\tquota INTEGER NOT NULL, \n\tgrace_seconds INTEGER NOT NULL, \n\ttoken_hash VARCHAR NOT NULL, \n\tcreated_unix FLOAT NOT NULL, holder_start_time INTEGER, holder_uid INTEGER, holder_ns_pid INTEGER, delegated_by_pid INTEGER, owner VARCHAR DEFAULT 'anonymous' NOT NULL, detached_unix FLOAT, witness_epoch INTEGER DEFAULT '0' NOT NULL, witness_wait INTEGER DEFAULT '0' NOT NULL, \n\tPRIMARY KEY (set_id)\n);",
     "CREATE INDEX ix_quarantine_release_unix ON quarantine (release_unix);",
