@@ -19,6 +19,11 @@ committing) leaves nothing: nobody knows the set exists, so there is nothing to 
 (the atomic open). Once the reply is handed to grpc the client may know it, so a broken
 stream detaches it: whether a reply in flight arrived cannot be known, and destroying a
 set its client knows is the error that must not happen.
+
+While the broker stops (SIGTERM) every event is its stop, which keeps the set for the
+restart, except an explicit release that destroys the set (action_while_stopping): a
+drain refuses new work, not a client's end of its set. One that reaches no draining
+stream is made again by the client library after the restart (aio.AsyncSession.close).
 """
 
 from __future__ import annotations
@@ -77,6 +82,11 @@ _ANONYMOUS: dict[SetEvent, Action] = {
     SetEvent.RECOVERED_GONE: Action.RECLAIM,
 }
 
+# Its owner's own end of the set. A draining broker (SIGTERM) still honours it where it
+# destroys the set: a drain refuses new work, and a release it dropped would leave the
+# set to its holder's exit although its client was told, or will be told, it is gone.
+EXPLICIT_ENDS = frozenset({SetEvent.RELEASE, SetEvent.HALF_CLOSE})
+
 # The whole rule, one screen: (verified holder?, event) -> action.
 LIFECYCLE: dict[tuple[bool, SetEvent], Action] = {
     **{(True, ev): a for ev, a in _VERIFIED.items()},
@@ -87,3 +97,12 @@ LIFECYCLE: dict[tuple[bool, SetEvent], Action] = {
 def action_for(verified: bool, event: SetEvent) -> Action:
     """What `event` does to a set with (verified) or without a kernel-verified holder."""
     return LIFECYCLE[(verified, event)]
+
+
+def action_while_stopping(verified: bool, event: SetEvent) -> Action:
+    """What `event` does while the broker stops: the stop keeps every set for the
+    restart, except that an explicit release that destroys the set is honoured."""
+    action = action_for(verified, event)
+    if event in EXPLICIT_ENDS and action is Action.DESTROY:
+        return action
+    return action_for(verified, SetEvent.BROKER_STOP)

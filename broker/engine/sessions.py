@@ -42,7 +42,7 @@ from broker.core import (
 )
 from broker.engine.holders import Holder, Holders, reopen_holder
 from broker.engine.journal import no_undo
-from broker.engine.lifecycle import Action, SetEvent, action_for
+from broker.engine.lifecycle import Action, SetEvent, action_for, action_while_stopping
 from broker.engine.witness import new_epoch
 from broker.peer import credentials
 from broker.peer.tickets import PeerIdentity, TicketBook
@@ -505,17 +505,20 @@ class Sessions:
         lifecycle.py's table says what that does. Returns the destroy's future (durable
         when it resolves) if the set is destroyed, else None.
 
-        While the broker is stopping every event is its stop: sets are kept (a broker
-        restart is not the client's exit) and recovery applies the restart to them."""
+        While the broker is stopping every event but an explicit release is its stop:
+        sets are kept (a broker restart is not the client's exit) and recovery applies
+        the restart to them (lifecycle.action_while_stopping)."""
         if self._sessions.get(sess.session_id) is not sess:
             return None  # already destroyed, or its creation was undone (failed commit)
+        verified = sess.holder is not None
         if self._engine.stopping:
-            event = SetEvent.BROKER_STOP
-        elif event is SetEvent.STREAM_BROKEN and self.holders.exited(sess.session_id):
-            # A killed holder's stream often ends before its pidfd's callback runs: its
-            # exit it is, now (no detach to note, no wait for the watch).
-            event, reason = SetEvent.HOLDER_EXIT, f"holder process {sess.pid} exited"
-        action = action_for(sess.holder is not None, event)
+            action = action_while_stopping(verified, event)
+        else:
+            if event is SetEvent.STREAM_BROKEN and self.holders.exited(sess.session_id):
+                # A killed holder's stream often ends before its pidfd's callback runs:
+                # its exit it is, now (no detach to note, no wait for the watch).
+                event, reason = SetEvent.HOLDER_EXIT, f"holder process {sess.pid} exited"
+            action = action_for(verified, event)
         if action is Action.KEEP:
             return None
         if action is Action.DESTROY:
@@ -564,8 +567,10 @@ class Sessions:
 
     def release(self, sess: Session) -> asyncio.Future[int]:
         """Its owner ends the set now, whatever its grace (ReleaseRequest); resolves to
-        how many PASIDs it freed, once durable."""
-        self.require_attached(sess)
+        how many PASIDs it freed, once durable. Taken while the broker drains too (a
+        drain refuses new work, not its client's end of the set: apply honours it)."""
+        if self._sessions.get(sess.session_id) is not sess:
+            raise NotFound(f"session {sess.session_id} has ended")
         held = len(sess.set)
         fut = self.apply(sess, SetEvent.RELEASE, "released by its client")
         loop = asyncio.get_running_loop()

@@ -266,7 +266,11 @@ class SessionStreamServicer(pb_grpc.PasidBrokerServicer):
                     end = item
                     if end.code is grpc.StatusCode.ABORTED:
                         break
-                    reader.cancel()  # shutdown: answer what was asked, then end
+                    # Shutdown: answer what was asked, then end. Reading goes on while
+                    # replies are owed, so that a release or a half-close sent meanwhile
+                    # is honoured (the engine refuses any other request while stopping).
+                    if replies.empty():
+                        reader.cancel()
                     continue
                 tag, fut, reply, op, t0 = item
                 try:
@@ -286,8 +290,12 @@ class SessionStreamServicer(pb_grpc.PasidBrokerServicer):
                 resp.tag = tag
                 yield resp
                 inflight.release()
+                if end is not None and replies.empty():
+                    reader.cancel()  # shutdown, and nothing more owed
             explicit = ending.released
-            if end is None and ending.eof and not ending.released and self._half_close_ends(sess):
+            shutdown = end is not None and end.code is grpc.StatusCode.UNAVAILABLE
+            ended = (end is None or shutdown) and ending.eof and not ending.released
+            if ended and self._half_close_ends(sess):
                 # A half-close, or a broken stream that grpc reported as one: the answer's
                 # write tells them apart (on a broken stream it fails, and this generator
                 # is closed at the yield).
@@ -299,6 +307,8 @@ class SessionStreamServicer(pb_grpc.PasidBrokerServicer):
                 )
                 if done is not None:
                     await done  # durable before the stream ends OK
+            if explicit and shutdown:
+                end = None  # its client ended it: OK, not "resume after the restart"
         finally:
             if reader is not None:
                 reader.cancel()
