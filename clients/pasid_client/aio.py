@@ -128,7 +128,8 @@ class AsyncSession:
     stream broke fails with OutcomeUnknown if it may have changed the set (never sent
     again: an alloc may have committed before a crash); `list()` is asked again. After
     the deadline, or when the broker no longer knows the set, the session is LOST and
-    every call raises SessionLost.
+    every call raises SessionLost. close() carries its release through such a break
+    (its docstring); `kept` says when it could not.
     """
 
     def __init__(
@@ -171,6 +172,12 @@ class AsyncSession:
         self._ended = asyncio.Event()
         self._closed = False  # no new requests
         self._closing = False  # the stream's end is ours (close, release): not resumed
+        # close() carries its release through a broken stream (a broker restarting or
+        # draining): reconnect, re-attach or resume, release; within the deadline.
+        self._releasing = False
+        self._clean_end = False  # the last stream ended with the broker's OK
+        # close() returned without the broker taking the release: it keeps the set.
+        self.kept = False
         self._how_closed = "session closed"  # or released, detached: what later calls say
         self._resync = False  # re-read the set once resumed: an outcome is unknown
         self._supervisor = asyncio.create_task(self._supervise())
@@ -192,16 +199,19 @@ class AsyncSession:
     # -- the stream, and what happens when it breaks ------------------------------------
 
     async def _supervise(self) -> None:
-        """Read the stream; when it breaks, resume, until the session ends."""
+        """Read the stream; when it breaks, resume, until the session ends. Closing, a
+        stream that ends without the broker's OK to the half-close did not carry the
+        release (the broker drained it, or died): resumed, and released again."""
         while True:
             err = await self._read()
-            if self._closing:
+            carry = self._releasing and not self._clean_end and stream_end_resumable(err)
+            if self._closing and not carry:
                 self._end(
                     SessionState.CLOSED, Unavailable(grpc.StatusCode.CANCELLED, self._how_closed)
                 )
                 return
             if not stream_end_resumable(err) or self._spec.deadline <= 0:
-                self._end(SessionState.LOST, err)
+                self._lost(err)
                 return
             self._ready.clear()
             self._fail_in_flight(err)
@@ -212,15 +222,22 @@ class AsyncSession:
                 self.set_id,
                 err,
             )
-            notify(self._spec.on_state_change, StateChange(self.state, self.set_id, err))
+            notify(
+                self._spec.on_state_change,
+                StateChange(self.state, self.set_id, err, releasing=self._releasing),
+            )
             if not await self._resume(err):
                 return
+            if self._releasing:
+                await self._half_close()
 
     async def _read(self) -> PasidClientError:
         """Route replies by tag until the stream ends; how it ended. The iterator, not
         call.read(): read() on a call whose status has arrived raises at once and drops
         replies still buffered (grpc.aio _call.py), so a request the broker answered just
-        before ending the stream (SIGTERM drain) would look failed although committed."""
+        before ending the stream (SIGTERM drain) would look failed although committed.
+        A call cancelled here (close()'s half-close unanswered) ends like a broken one."""
+        self._clean_end = False
         try:
             async for resp in self._responses:
                 entry = self._waiting.pop(resp.tag, None)
@@ -230,7 +247,14 @@ class AsyncSession:
                 self._track(req, resp)
                 if not fut.done():
                     fut.set_result(resp)
+            self._clean_end = True
             return Unavailable(grpc.StatusCode.UNAVAILABLE, "session stream ended")
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the supervisor itself is cancelled
+            # grpc.aio raises CancelledError from a call we cancelled (_call.py).
+            return Unavailable(grpc.StatusCode.CANCELLED, "session stream cancelled")
         except grpc.RpcError as exc:
             err = from_rpc_error(exc)
             if err.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
@@ -318,22 +342,22 @@ class AsyncSession:
             except PasidClientError as exc:
                 last = exc
                 if isinstance(exc, Revoked):  # the stream's ABORTED, had it arrived
-                    self._end(SessionState.LOST, Aborted(grpc.StatusCode.ABORTED, exc.message))
+                    self._lost(Aborted(grpc.StatusCode.ABORTED, exc.message), gone=True)
                     return False
                 if not open_retryable(exc, resuming=True, own_ticket=True):
-                    why = "the broker no longer has its set" if isinstance(exc, NotFound) else exc
-                    self._end(
-                        SessionState.LOST,
+                    gone = isinstance(exc, NotFound)
+                    why = "the broker no longer has its set" if gone else exc
+                    self._lost(
                         SessionLost(f"session {self.session_id} not resumed: {why}", exc),
                         attempts,
+                        gone=gone,
                     )
                     return False
                 await asyncio.sleep(min(backoff.next(), max(deadline - time.monotonic(), 0)))
                 continue
             self._resumed(stream, opened, attempts)
             return True
-        self._end(
-            SessionState.LOST,
+        self._lost(
             SessionLost(
                 f"session {self.session_id} not resumed within {self._spec.deadline:g} s"
                 f" (reconnect_deadline_seconds): {last.message}",
@@ -386,7 +410,7 @@ class AsyncSession:
                 conflicts,
             )
         self.state = SessionState.RESUMED
-        if self._resync:
+        if self._resync and not self._releasing:
             # Before the application's requests (which wait for _ready): the listing is
             # asked with nothing of ours in flight, so it is the whole set as it is.
             self._resync = False
@@ -409,6 +433,7 @@ class AsyncSession:
                 conflicts,
                 refreed,
                 complete,
+                self._releasing,
             ),
         )
 
@@ -418,6 +443,33 @@ class AsyncSession:
         witness, _track; asked with nothing of ours in flight, it makes it complete)."""
         with contextlib.suppress(PasidClientError):
             await self.list()
+
+    def _lost(self, err: PasidClientError, attempts: int = 0, *, gone: bool = False) -> None:
+        """The set cannot be resumed (`err`; `gone`: the broker has it no more). The
+        session is LOST; or, being closed, CLOSED, with the release either done already
+        (gone) or not delivered: then the broker keeps the set (`kept`), says the log."""
+        if not self._releasing:
+            self._end(SessionState.LOST, err, attempts)
+            return
+        if not gone:
+            self._keep(err.message)
+        self._end(SessionState.CLOSED, Unavailable(grpc.StatusCode.CANCELLED, self._how_closed))
+
+    def _keep(self, why: str) -> None:
+        """close() gives up on its release: the broker keeps the set as after any broken
+        stream (a verified holder's until it exits; an anonymous one for its grace)."""
+        if self.kept:
+            return
+        self.kept = True
+        until = "its holder process exits" if self.verified else "its grace ends"
+        log.warning(
+            "pasid session %d (set %d): closed, but its release did not reach the broker"
+            " (%s); the broker keeps the set until %s",
+            self.session_id,
+            self.set_id,
+            why,
+            until,
+        )
 
     def _end(self, state: SessionState, err: PasidClientError, attempts: int = 0) -> None:
         """The session's last state: fail what waits, wake what waits for a resume."""
@@ -443,6 +495,8 @@ class AsyncSession:
     # -- requests -------------------------------------------------------------------------
 
     async def _request(self, **op: Any) -> pb.SessionResponse:
+        if self._closed:
+            raise self._final or Unavailable(grpc.StatusCode.UNAVAILABLE, "session is closed")
         if not self._ready.is_set():
             await self._ready.wait()  # a reconnect: bounded by its deadline
         if self._closed:
@@ -546,43 +600,63 @@ class AsyncSession:
         return self._final
 
     async def close(self) -> None:
-        """Release the session: half-close its stream and wait (the client's timeout at
-        most) for the broker to end it. The broker then ends the set: the seed's close of
-        the fd (a set with a grace may wait for a resume, docs/peer-identity.md). Closed
-        while reconnecting, it stops reconnecting at once: no stream can carry the
-        release, and the broker keeps the set as it keeps any whose stream broke. Raises
-        nothing."""
-        if self._closed and self.state in (SessionState.LOST, SessionState.CLOSED):
+        """Release the session: half-close its stream and wait for the broker to end it.
+        The broker then ends the set: the seed's close of the fd (a set with a grace may
+        wait for a resume, docs/peer-identity.md). The release is not lost to a broker
+        that is restarting or draining: closed while reconnecting, or when the stream
+        ends without the broker's OK (a drain, a crash), the session goes on
+        reconnecting, resumes or re-attaches its set as a reconnect does, and releases
+        it then. It gives up after `reconnect_deadline_seconds` (plus the client's
+        timeout for the broker's answer): then `kept` is True and a warning says that
+        the broker keeps the set until its holder exits (an anonymous set: its grace).
+        Raises nothing."""
+        if self.state in (SessionState.LOST, SessionState.CLOSED):
+            return
+        bound = self._client.timeout + max(self._spec.deadline, 0.0)
+        if self._releasing:  # closed already (the session's, then its client's close)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ended.wait(), bound)
             return
         self._closed = True
+        self._closing = True
+        self._releasing = True
+        self._ready.set()  # what waits for a resume raises now: the session is closed
+        if self.state is SessionState.RECONNECTING:
+            log.info(
+                "pasid session %d (set %d): closed while reconnecting; releasing the set"
+                " once the broker is back (within %g s)",
+                self.session_id,
+                self.set_id,
+                self._spec.deadline,
+            )
         try:
-            if self.state in (SessionState.CONNECTED, SessionState.RESUMED):
-                self._closing = True
-                try:
-                    # Both bounded: a half-close that grpc cannot send (a stalled
-                    # transport) must not keep the caller, e.g. a Ctrl-C'd pasidctl.
-                    async with asyncio.timeout(self._client.timeout):
-                        await self._call.done_writing()
-                        await asyncio.shield(self._supervisor)
-                except (
-                    grpc.RpcError,
-                    TimeoutError,
-                    asyncio.InvalidStateError,
-                    grpc.aio.UsageError,
-                ):
-                    self._call.cancel()
-            elif self.state is SessionState.RECONNECTING:
-                log.warning(
-                    "pasid session %d (set %d): closed while reconnecting; the broker keeps"
-                    " the set as after any broken stream",
-                    self.session_id,
-                    self.set_id,
-                )
+            async with asyncio.timeout(bound):
+                if self.state in (SessionState.CONNECTED, SessionState.RESUMED):
+                    await self._half_close()
+                await asyncio.shield(self._supervisor)
+        except TimeoutError:
+            self._keep(f"no broker to take it within {bound:g} s")
         finally:
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
+            if not self._clean_end:
+                self._call.cancel()
             self._end(SessionState.CLOSED, Unavailable(grpc.StatusCode.CANCELLED, self._how_closed))
+
+    async def _half_close(self) -> None:
+        """Send the release: half-close the stream; the broker's end of it is its answer
+        (read by the supervisor). A half-close grpc cannot send, or one the broker does
+        not answer within the client's timeout (a stalled transport, a frozen broker),
+        cancels the stream: a broken one, which the supervisor resumes and releases."""
+        call = self._call
+        try:
+            async with asyncio.timeout(self._client.timeout):
+                await call.done_writing()
+        except (grpc.RpcError, TimeoutError, asyncio.InvalidStateError, grpc.aio.UsageError):
+            call.cancel()
+            return
+        asyncio.get_running_loop().call_later(self._client.timeout, call.cancel)
 
     async def __aenter__(self) -> AsyncSession:
         return self

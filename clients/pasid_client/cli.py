@@ -433,10 +433,17 @@ def cmd_hold(c: Client, args: argparse.Namespace) -> int:
     # socket, or NOT_READY, and a restarted sidecar opened a second set or exited 1.
     _when_ready(c, args, "hold")
     reattach = _detached_set_to_reattach(c, args)
+    carried: list[int] = []  # the release waited for the broker's return
 
     def told(change: StateChange) -> None:
         """One line when the broker goes away, one when the set is back (issue 19)."""
-        if change.state is SessionState.RECONNECTING:
+        if change.releasing:  # Ctrl-C'd: the release waits for the broker
+            if change.state is SessionState.RECONNECTING:
+                _say(f"broker went away ({change.error}) before it took the release")
+            elif change.state is SessionState.RESUMED:
+                carried.append(change.set_id)
+                _say(f"broker is back: releasing set {change.set_id}")
+        elif change.state is SessionState.RECONNECTING:
             _say(f"broker went away ({change.error}); reconnecting to resume set {change.set_id}")
         elif change.state is SessionState.RESUMED:
             _say(f"resumed set {change.set_id} after {change.attempts} attempt(s)")
@@ -523,6 +530,20 @@ def cmd_hold(c: Client, args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 0
+        if s.state is SessionState.RECONNECTING:
+            _say(
+                f"releasing set {s.set_id} once the broker is back"
+                f" (up to {args.reconnect_deadline:g} s)"
+            )
+    if s.kept:
+        _say(
+            f"set {s.set_id} not released: no broker took the release within"
+            f" {args.reconnect_deadline:g} s; it keeps the set until its holder exits"
+            + ("" if s.verified else " (or its grace ends)")
+        )
+        return 1
+    if carried:
+        _say(f"released set {s.set_id} after the broker came back")
     if args.token_out and args.grace == 0:
         # The set is gone with the session, and its token with it. (With a grace the
         # token still resumes the set, so the file stays.)

@@ -64,7 +64,9 @@ class StateChange:
     the free of and still gave to the set: freed again on its complete witness (nothing
     to do for the application: it freed them already). `witness_complete`: whether the
     broker took the witness as everything the session holds (only then is anything
-    refreed; a session with an outcome it never heard states a partial one)."""
+    refreed; a session with an outcome it never heard states a partial one).
+    `releasing`: the session is being closed, and this reconnect carries its release (the
+    broker was restarting or draining when it was closed)."""
 
     state: SessionState
     set_id: int
@@ -74,6 +76,7 @@ class StateChange:
     conflicts: tuple[tuple[int, int], ...] = ()
     refreed: tuple[tuple[int, int], ...] = ()
     witness_complete: bool = False
+    releasing: bool = False
 
 
 StateCallback = Callable[[StateChange], object]

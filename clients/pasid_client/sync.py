@@ -141,6 +141,13 @@ class Session:
         """Whether a resume now states a complete witness (AsyncSession's)."""
         return self._s.witness_complete
 
+    @property
+    def kept(self) -> bool:
+        """True once close() gave up on its release (no broker took it within the
+        reconnect deadline): the broker keeps the set until its holder exits (an
+        anonymous one: its grace)."""
+        return self._s.kept
+
     def alloc(
         self, min: int = 1, max: int | None = None, count: int = 1, device: str = ""
     ) -> list[int]:
@@ -187,7 +194,9 @@ class Session:
 
     def close(self) -> None:
         """As AsyncSession.close: release the set (half-close the stream) and wait for the
-        broker's end of it. Raises nothing."""
+        broker's end of it; a broker restarting or draining meanwhile is waited for,
+        reconnected to and released on, within `reconnect_deadline_seconds` (plus the
+        client's timeout), else `kept`. Raises nothing."""
         with contextlib.suppress(Unavailable):  # the client is closed: so is the session
             self._loop.run(self._s.close())
 

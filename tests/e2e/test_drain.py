@@ -83,12 +83,15 @@ def test_resume_and_reattach_are_refused_while_draining() -> None:
     try:
         b.start()
         anon_id, token = open_detached(b.address)
-        with Client(b.address) as c:
+        # `busy` does not reconnect: closed (leaving the block) while the broker is gone,
+        # its close would carry its release through, waiting for a restart that this
+        # test makes only afterwards.
+        with Client(b.address) as c, Client(b.address, reconnect_deadline_seconds=0) as c0:
             vm = c.session("vm", grace_seconds=120)
             assert vm.verified
             vm_id = vm.set_id
             vm.detach()
-            busy = c.session("busy")
+            busy = c0.session("busy")
             pending = [PendingOpen(b.address) for _ in range(3)]
             done: list[object] = []
             t = threading.Thread(target=lambda: done.append(busy.alloc()), daemon=True)

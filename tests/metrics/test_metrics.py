@@ -242,7 +242,7 @@ def test_reclaims_by_grace_and_restart_and_recovery_figures(
         held = c.session("held", grace_seconds=2)
         held.alloc(count=3)
         b.kill()  # its client is alive: after the restart the set waits, then is reclaimed
-        held.close()
+        held.detach()  # and does not come back (a close would release it after the restart)
     b.start()
     m = scrape(b.metrics_url)
     assert m.value("pasid_broker_recovery_sets") == 1
@@ -349,7 +349,9 @@ def test_ready_drops_while_draining() -> None:
         b.start()
         url = b.metrics_url
         assert scrape(url).value("pasid_broker_ready") == 1
-        with Client(b.address) as c, c.session("vm") as s:
+        # No reconnect: this broker is not started again, and a close whose stream the
+        # drain ended would wait out the deadline to carry its release to the restart.
+        with Client(b.address, reconnect_deadline_seconds=0) as c, c.session("vm") as s:
             done: list[object] = []
             t = threading.Thread(target=lambda: done.append(s.alloc()), daemon=True)
             t.start()
