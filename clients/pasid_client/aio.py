@@ -31,6 +31,7 @@ from pasid_client import access
 from pasid_client import address as _address
 from pasid_client.errors import (
     Aborted,
+    FailedPrecondition,
     NotFound,
     OutcomeUnknown,
     PasidClientError,
@@ -927,13 +928,22 @@ class AsyncClient:
                 raise Unavailable(
                     grpc.StatusCode.UNAVAILABLE, f"broker at {self.target} not serving yet"
                 )
-        t = await asyncio.to_thread(
-            ticket_for,
-            self.target,
-            peer_socket=self.peer_socket,
-            delegate_pidfd=spec.delegate_pidfd,
-            timeout=self.timeout,
-        )
+        try:
+            t = await asyncio.to_thread(
+                ticket_for,
+                self.target,
+                peer_socket=self.peer_socket,
+                delegate_pidfd=spec.delegate_pidfd,
+                timeout=self.timeout,
+            )
+        except FailedPrecondition:
+            if not verified or _missing_socket(self.target, self.peer_socket) is None:
+                raise
+            # A delegated resume found no peer socket: it went between the two looks (a
+            # broker stopping after SIGTERM removes it), a broker to wait for, as above.
+            raise Unavailable(
+                grpc.StatusCode.UNAVAILABLE, "no peer socket to handshake on yet"
+            ) from None
         if t is None and verified:
             # The peer socket went between the two looks (a broker replacing it as it
             # starts): without a ticket the resume would be anonymous, and refused.
