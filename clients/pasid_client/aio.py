@@ -464,8 +464,8 @@ class AsyncSession:
         self.kept = True
         until = "its holder process exits" if self.verified else "its grace ends"
         log.warning(
-            "pasid session %d (set %d): closed, but its release did not reach the broker"
-            " (%s); the broker keeps the set until %s",
+            "pasid session %d (set %d): closed without the broker confirming its release"
+            " (%s); unless the release landed, the broker keeps the set until %s",
             self.session_id,
             self.set_id,
             why,

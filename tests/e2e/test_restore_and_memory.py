@@ -148,7 +148,9 @@ def test_memory_limit_kill_loses_no_ack(tmp_path: Path) -> None:
         # Room for the broker as it stands and 8 MiB: a million PASIDs need about 40 MiB
         # (docs/performance.md).
         (d / limit).write_text(str(base + (8 << 20)))
-        with Client(b.address) as c:
+        # No reconnect: a broker the limit killed is started again only after this block,
+        # and its set must be there then (a close would carry its release to it).
+        with Client(b.address, reconnect_deadline_seconds=0) as c:
             s = c.session("big", grace_seconds=300)
             try:
                 while True:
