@@ -57,21 +57,37 @@ def reconnecting(s: Session) -> None:
     wait_until(lambda: s.state is SessionState.RECONNECTING, 30, 0.02, "the stream to break")
 
 
-@pytest.mark.parametrize("closed_by", ["session.close()", "leaving the client's with"])
+@pytest.mark.parametrize(
+    "closed_by",
+    [
+        "session.close()",
+        "leaving the client's with",
+        "a re-attached session (no token)",
+        "an anonymous session (token)",
+    ],
+)
 def test_a_set_closed_while_the_broker_is_down_is_released_after_its_restart(
     make_broker: Make, closed_by: str
 ) -> None:
-    b = make_broker()
-    c = Client(b.address)
+    """Each way back to the set: the token, the holder's ticket for a session that was
+    re-attached (it has no token), and the token of an anonymous session (no peer
+    socket), whose set would otherwise wait out --restart-grace (120 s here)."""
+    b = make_broker("--restart-grace", "120")
+    anonymous = closed_by.startswith("an anonymous")
+    c = Client(b.address, peer_socket="/nonexistent/peer.sock" if anonymous else None)
     try:
         s = c.session("vmm")
-        assert s.verified
+        assert s.verified is not anonymous
         pasids = s.alloc(1, 100, count=3)
+        if closed_by.startswith("a re-attached"):
+            s.detach()
+            s = c.session("vmm", reattach_set_id=s.set_id)
+            assert not s.token and s.verified
         set_id = s.set_id
         b.kill(signal.SIGKILL)
         reconnecting(s)
         with ThreadPoolExecutor(1) as pool:
-            closing = pool.submit(s.close if closed_by == "session.close()" else c.close)
+            closing = pool.submit(s.close if closed_by != "leaving the client's with" else c.close)
             time.sleep(1.0)
             assert not closing.done(), "close() gave up on the release while the broker was down"
             b.start()
