@@ -177,6 +177,7 @@ class AsyncSession:
         # draining): reconnect, re-attach or resume, release; within the deadline.
         self._releasing = False
         self._clean_end = False  # the last stream ended with the broker's OK
+        self._release_answered = False  # ... after the broker answered our half-close
         # close() returned without the broker taking the release: it keeps the set.
         self.kept = False
         self._how_closed = "session closed"  # or released, detached: what later calls say
@@ -206,6 +207,17 @@ class AsyncSession:
         while True:
             err = await self._read()
             carry = self._releasing and not self._clean_end and stream_end_resumable(err)
+            if carry and self._release_answered and err.reason == "STORE":
+                # The broker took the release and could not commit it (a full disk): it
+                # retries the destroy itself while it runs. Coming back would only race it.
+                carry = False
+                log.warning(
+                    "pasid session %d (set %d): closed; the broker took the release but"
+                    " could not commit it yet (%s): it retries it while it runs",
+                    self.session_id,
+                    self.set_id,
+                    err.message,
+                )
             if self._closing and not carry:
                 self._end(
                     SessionState.CLOSED, Unavailable(grpc.StatusCode.CANCELLED, self._how_closed)
@@ -239,10 +251,13 @@ class AsyncSession:
         before ending the stream (SIGTERM drain) would look failed although committed.
         A call cancelled here (close()'s half-close unanswered) ends like a broken one."""
         self._clean_end = False
+        self._release_answered = False
         try:
             async for resp in self._responses:
                 entry = self._waiting.pop(resp.tag, None)
                 if entry is None:
+                    # Tag 0 `release`: the broker's answer to our half-close.
+                    self._release_answered = resp.WhichOneof("result") == "release"
                     continue
                 fut, req = entry
                 self._track(req, resp)
