@@ -26,6 +26,7 @@ from broker.engine.lifecycle import LIFECYCLE, Action, SetEvent
 from broker.engine.observers import Observer, Observers
 from broker.engine.recovery import RecoveryError
 from broker.engine.sessions import Session, Sessions, hash_token
+from broker.engine.witness import SetNotice
 
 __all__ = [
     "LIFECYCLE",
@@ -41,6 +42,7 @@ __all__ = [
     "Session",
     "Sessions",
     "SetEvent",
+    "SetNotice",
     "done_future",
     "hash_token",
     "then",

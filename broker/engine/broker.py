@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from broker.backends.base import Backend, Capabilities, Devices
 from broker.core import (
@@ -48,7 +49,7 @@ from broker.engine.observers import Observers
 from broker.engine.recovery import recover
 from broker.engine.sessions import Session, Sessions
 from broker.engine.stuck import Withheld
-from broker.engine.witness import REFREE_REASON, Witnesses
+from broker.engine.witness import REFREE_REASON, SetNotice, Witnesses
 from broker.peer.tickets import TicketBook
 from broker.store import (
     AddPasids,
@@ -701,9 +702,34 @@ class Broker:
             RemovePasids(a, t, None, f"{REFREE_REASON}; to set {b}"), undo, None
         )
         self.journal.submit(AddPasids(b, t), no_undo, None)
-        for sid, why in ((a, f"handed to set {b}, whose client holds them"), (b, f"from set {a}")):
+        for sid, other, why, received in (
+            (a, b, f"handed to set {b}, whose client holds them", False),
+            (b, a, f"from set {a}", True),
+        ):
             self.journal.submit(LogConflict(sid, t, why, "pasid_conflict_resolved"), no_undo, None)
+            # Both clients are told (the same batch: once `done` is durable).
+            notice = SetNotice("pasid_conflict_resolved", t, other, why, received)
+            self.tell(sid, notice, done)
         return done
+
+    def tell(self, set_id: int, notice: SetNotice, after: asyncio.Future[Any]) -> None:
+        """Tell set `set_id`'s client `notice` on its stream once `after` is durable
+        (never what a failed commit undid). A set no stream holds then learns of a
+        contest at its resume or re-attach (contested_in), or from Watch."""
+
+        def durable(f: asyncio.Future[Any]) -> None:
+            if f.cancelled() or f.exception() is not None:
+                return
+            sess = self.sets.get(set_id)
+            if sess is not None and sess.on_notice is not None:
+                sess.on_notice(notice)
+
+        after.add_done_callback(durable)
+
+    def contested_in(self, sess: Session) -> list[int]:
+        """The set's PASIDs that another set's witness claims (SessionOpened.contested)."""
+        mine, set_id = sess.set.pasids, sess.session_id
+        return sorted(p for p, c in self.stuck.claimants().items() if c != set_id and p in mine)
 
     def _free_exact(self, sess: Session, pasids: Sequence[int], reason: str) -> asyncio.Future[int]:
         set_id = sess.session_id

@@ -43,7 +43,7 @@ from broker.core import (
 from broker.engine.holders import Holder, Holders, reopen_holder
 from broker.engine.journal import no_undo
 from broker.engine.lifecycle import Action, SetEvent, action_for, action_while_stopping
-from broker.engine.witness import new_epoch
+from broker.engine.witness import SetNotice, new_epoch
 from broker.peer import credentials
 from broker.peer.tickets import PeerIdentity, TicketBook
 from broker.store import (
@@ -84,6 +84,8 @@ class Session:
     # Set by the stream that holds the session: ends it with the given message when the
     # broker takes the set (revoke, the holder process exited).
     on_revoke: Callable[[str], None] | None = None
+    # Set by the stream that holds the session: tells its client a SetNotice.
+    on_notice: Callable[[SetNotice], None] | None = None
     # A failed destroy's undo did not complete: the next try deletes what the store has.
     release_partial: bool = False
     # The last witnessed resume's outcome (Witnesses.reconcile): for SessionOpened.

@@ -196,6 +196,10 @@ class Withheld:
             return None
         return self._claimed_by.get(pasid)
 
+    def claimants(self) -> Mapping[int, int]:
+        """Each contested PASID and the witness's set its row names (read only)."""
+        return self._claimed_by
+
     def resolved(self, pasids: Sequence[int]) -> None:
         """Contested PASIDs that their set's client let go of went to their claimant's set
         (Broker.hand_over): nobody contests them any more; their rows go, in the

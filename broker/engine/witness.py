@@ -17,6 +17,7 @@ import contextlib
 import logging
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from broker.core import describe_error
@@ -31,6 +32,20 @@ log = logging.getLogger("pasid_broker")
 
 # The free event's reason for what a complete witness freed (docs/durability.md).
 REFREE_REASON = "witness: a free acknowledged to the set's client"
+
+
+@dataclass(frozen=True)
+class SetNotice:
+    """What a set's client is told unprompted on its stream (SessionResponse.notice),
+    once durable: another set's client claims `pasids` of this set ("pasid_contested"),
+    or a contest ended by a hand-over between this set and `other_set`
+    ("pasid_conflict_resolved"). The engine says it; the service adapter sends it."""
+
+    kind: str
+    pasids: tuple[int, ...]
+    other_set: int
+    reason: str
+    received: bool = False  # a hand-over: to this set (else from it)
 
 
 def new_epoch() -> int:
@@ -208,11 +223,10 @@ class Witnesses:
                     None,
                 )
                 if o:
-                    e.journal.submit(
-                        LogConflict(o, ps_t, f"claimed by set {set_id}'s client"),
-                        no_undo,
-                        None,
-                    )
+                    why = f"claimed by set {set_id}'s client"
+                    logged = e.journal.submit(LogConflict(o, ps_t, why), no_undo, None)
+                    # Its client is told too (issue 22: a status to both clients).
+                    e.tell(o, SetNotice("pasid_contested", ps_t, set_id, why), logged)
         if free:
             got = e.allocator.claim(set_id, free)
             try:

@@ -41,7 +41,7 @@ from broker.core import (
     runs,
     uid_identity,
 )
-from broker.engine import Broker, SetEvent, done_future
+from broker.engine import Broker, SetEvent, SetNotice, done_future
 from broker.engine import Session as BrokerSession
 from broker.engine.lifecycle import action_for
 from broker.service import wire
@@ -69,7 +69,14 @@ class _End:
     message: str
 
 
-_Item = _Pending | _End | None
+@dataclass(frozen=True)
+class _Notice:
+    """Something the engine tells the session's client unprompted (tag 0)."""
+
+    resp: pb.SessionResponse
+
+
+_Item = _Pending | _End | _Notice | None
 
 
 @dataclass
@@ -103,6 +110,21 @@ def _request_reply(ret: int) -> pb.SessionResponse:
 
 def _release_reply(freed: int) -> pb.SessionResponse:
     return pb.SessionResponse(release=pb.ReleaseResponse(freed=freed))
+
+
+def _notice(n: SetNotice) -> _Notice:
+    return _Notice(
+        pb.SessionResponse(
+            tag=0,
+            notice=pb.Notice(
+                kind=n.kind,
+                pasids=ranges(list(n.pasids)),
+                other_set_id=n.other_set,
+                reason=n.reason,
+                received=n.received,
+            ),
+        )
+    )
 
 
 def _as_is(resp: pb.SessionResponse) -> pb.SessionResponse:
@@ -215,6 +237,8 @@ class SessionStreamServicer(pb_grpc.PasidBrokerServicer):
         replies: asyncio.Queue[_Item] = asyncio.Queue()
         inflight = asyncio.Semaphore(self.limits.max_inflight_per_stream or 2**31)
         sess.on_revoke = lambda why: replies.put_nowait(_End(grpc.StatusCode.ABORTED, why))
+        # Told between replies, in the order it happens (after the open's answer).
+        sess.on_notice = lambda n: replies.put_nowait(_notice(n))
         self._streams.add(replies)
         reader: asyncio.Task[None] | None = None
         end: _End | None = None
@@ -254,6 +278,7 @@ class SessionStreamServicer(pb_grpc.PasidBrokerServicer):
                     conflicts=ranges(sess.conflicts) if resumed else [],
                     refreed=ranges(sess.refreed) if resumed else [],
                     witness_complete=resumed and sess.witness_complete,
+                    contested=ranges(self.broker.contested_in(sess)) if resumed else [],
                     # A new set's epoch, or the one a complete witness stated: the client
                     # knows the whole set with it. Otherwise it learns it from a listing.
                     witness_epoch=sess.tell_witness_epoch()
@@ -262,6 +287,11 @@ class SessionStreamServicer(pb_grpc.PasidBrokerServicer):
                 ),
             )
             while (item := await replies.get()) is not None:
+                if isinstance(item, _Notice):
+                    yield item.resp
+                    if end is not None and replies.empty():
+                        reader.cancel()  # shutdown, and nothing more owed
+                    continue
                 if isinstance(item, _End):
                     end = item
                     if end.code is grpc.StatusCode.ABORTED:
@@ -302,6 +332,7 @@ class SessionStreamServicer(pb_grpc.PasidBrokerServicer):
                 yield _release_reply(len(sess.set))
                 explicit = True
                 sess.on_revoke = None
+                sess.on_notice = None
                 done = self.broker.end_session(
                     sess, "client released the set (half-closed its stream)", SetEvent.HALF_CLOSE
                 )
@@ -314,6 +345,7 @@ class SessionStreamServicer(pb_grpc.PasidBrokerServicer):
                 reader.cancel()
             self._streams.discard(replies)
             sess.on_revoke = None
+            sess.on_notice = None
             if not explicit:
                 if answered or resumed:
                     self.broker.end_session(sess, "client disconnected", SetEvent.STREAM_BROKEN)

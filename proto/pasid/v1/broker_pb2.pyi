@@ -278,6 +278,7 @@ class SessionOpened(_message.Message):
     REFREED_FIELD_NUMBER: _builtins.int
     WITNESS_EPOCH_FIELD_NUMBER: _builtins.int
     WITNESS_COMPLETE_FIELD_NUMBER: _builtins.int
+    CONTESTED_FIELD_NUMBER: _builtins.int
     session_id: _builtins.int
     set_id: _builtins.int
     token: _builtins.str
@@ -320,6 +321,14 @@ class SessionOpened(_message.Message):
         later, and the set's witness epoch then changes.
         """
 
+    @_builtins.property
+    def contested(self) -> _containers.RepeatedCompositeFieldContainer[Global___PasidRange]:
+        """A resume or re-attach: this set's PASIDs that another set's client claims as its
+        own (its witness: a conflict, docs/durability.md), as the broker knows them now. The
+        client keeps them (its device may use them still); the same as Notice tells a
+        connected client when the conflict is recorded.
+        """
+
     def __init__(
         self,
         *,
@@ -336,14 +345,63 @@ class SessionOpened(_message.Message):
         refreed: _abc.Iterable[Global___PasidRange] | None = ...,
         witness_epoch: _builtins.int = ...,
         witness_complete: _builtins.bool = ...,
+        contested: _abc.Iterable[Global___PasidRange] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conflicts", b"conflicts", "grace_seconds", b"grace_seconds", "pasid_bits", b"pasid_bits", "quota", b"quota", "reclaimed", b"reclaimed", "refreed", b"refreed", "resumed", b"resumed", "session_id", b"session_id", "set_id", b"set_id", "token", b"token", "verified", b"verified", "witness_complete", b"witness_complete", "witness_epoch", b"witness_epoch"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conflicts", b"conflicts", "contested", b"contested", "grace_seconds", b"grace_seconds", "pasid_bits", b"pasid_bits", "quota", b"quota", "reclaimed", b"reclaimed", "refreed", b"refreed", "resumed", b"resumed", "session_id", b"session_id", "set_id", b"set_id", "token", b"token", "verified", b"verified", "witness_complete", b"witness_complete", "witness_epoch", b"witness_epoch"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SessionOpened: _TypeAlias = SessionOpened  # noqa: Y015
+
+@_typing.final
+class Notice(_message.Message):
+    """Notice: the broker tells the session's client something unprompted, on its Session
+    stream (SessionResponse tag 0: no request of the client's has tag 0 but the open,
+    answered first; an older client drops a reply whose tag it does not wait for).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    PASIDS_FIELD_NUMBER: _builtins.int
+    OTHER_SET_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    RECEIVED_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """"pasid_contested": another set's client claims `pasids` of this set as its own (its
+    witness on a resume or re-attach: a conflict, docs/durability.md). The set keeps
+    them; when it lets go of one, it is withheld, never reissued silently.
+    "pasid_conflict_resolved": a contest ended by a hand-over: `pasids` went from this
+    set to `other_set_id` (its client no longer held them), or came to this set from it
+    (this set's client claimed them). Both are told once the change is durable.
+    """
+    other_set_id: _builtins.int
+    """The set on the other side of the conflict."""
+    reason: _builtins.str
+    received: _builtins.bool
+    """pasid_conflict_resolved: true when `pasids` came to this set (they are its own
+    now), false when they left it.
+    """
+    @_builtins.property
+    def pasids(self) -> _containers.RepeatedCompositeFieldContainer[Global___PasidRange]: ...
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        pasids: _abc.Iterable[Global___PasidRange] | None = ...,
+        other_set_id: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        received: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "other_set_id", b"other_set_id", "pasids", b"pasids", "reason", b"reason", "received", b"received"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Notice: _TypeAlias = Notice  # noqa: Y015
 
 @_typing.final
 class ReleaseRequest(_message.Message):
@@ -1160,6 +1218,7 @@ class SessionResponse(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     REQUEST_FIELD_NUMBER: _builtins.int
     RELEASE_FIELD_NUMBER: _builtins.int
+    NOTICE_FIELD_NUMBER: _builtins.int
     tag: _builtins.int
     @_builtins.property
     def opened(self) -> Global___SessionOpened: ...
@@ -1175,6 +1234,10 @@ class SessionResponse(_message.Message):
     def request(self) -> Global___PasidRequestReply: ...
     @_builtins.property
     def release(self) -> Global___ReleaseResponse: ...
+    @_builtins.property
+    def notice(self) -> Global___Notice:
+        """Unprompted, with tag 0 (see Notice)."""
+
     def __init__(
         self,
         *,
@@ -1186,12 +1249,13 @@ class SessionResponse(_message.Message):
         error: Global___Error | None = ...,
         request: Global___PasidRequestReply | None = ...,
         release: Global___ReleaseResponse | None = ...,
+        notice: Global___Notice | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["alloc", b"alloc", "error", b"error", "free", b"free", "list", b"list", "opened", b"opened", "release", b"release", "request", b"request", "result", b"result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["alloc", b"alloc", "error", b"error", "free", b"free", "list", b"list", "notice", b"notice", "opened", b"opened", "release", b"release", "request", b"request", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alloc", b"alloc", "error", b"error", "free", b"free", "list", b"list", "opened", b"opened", "release", b"release", "request", b"request", "result", b"result", "tag", b"tag"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alloc", b"alloc", "error", b"error", "free", b"free", "list", b"list", "notice", b"notice", "opened", b"opened", "release", b"release", "request", b"request", "result", b"result", "tag", b"tag"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["opened", "alloc", "free", "list", "error", "request", "release"]  # noqa: Y015
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["opened", "alloc", "free", "list", "error", "request", "release", "notice"]  # noqa: Y015
     _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
 
