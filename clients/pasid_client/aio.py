@@ -67,6 +67,7 @@ from pasid_client.reconnect import (
     notify,
     open_retryable,
     ranges_of,
+    runs_of,
     stream_end_resumable,
 )
 from pasid_client.types import (
@@ -160,6 +161,10 @@ class AsyncSession:
         self._held = HeldPasids()
         if not opened.resumed:  # a new set: empty, and we know it whole
             self._held.epoch = opened.witness_epoch
+        # This set's PASIDs that another set's client claims (a conflict): kept, never
+        # dropped from _held (our device may still use them).
+        self._contested: set[int] = set()
+        self._contest_told(ranges_of(opened.contested))
         # Listings asked while no change of ours was in flight: their reply is the whole
         # set as it is, with its witness epoch (HeldPasids.learn).
         self._clean_lists: set[int] = set()
@@ -189,6 +194,15 @@ class AsyncSession:
         """The PASIDs this session holds as it last heard from the broker (the witness it
         states on a resume), as inclusive ranges."""
         return self._held.ranges()
+
+    @property
+    def contested(self) -> list[tuple[int, int]]:
+        """This set's PASIDs that another set's client claims as its own (a conflict the
+        broker reported: SessionOpened.contested, or a notice on the stream), as
+        inclusive ranges. Still held: the broker withholds one once this set lets go of
+        it, and hands it to the claimant only when this session's complete witness no
+        longer states it (docs/durability.md)."""
+        return runs_of(self._contested)
 
     @property
     def witness_complete(self) -> bool:
@@ -254,6 +268,9 @@ class AsyncSession:
         self._release_answered = False
         try:
             async for resp in self._responses:
+                if resp.tag == 0 and resp.WhichOneof("result") == "notice":
+                    self._noticed(resp.notice)
+                    continue
                 entry = self._waiting.pop(resp.tag, None)
                 if entry is None:
                     # Tag 0 `release`: the broker's answer to our half-close.
@@ -279,6 +296,67 @@ class AsyncSession:
                 err = Unavailable(grpc.StatusCode.UNAVAILABLE, f"session stream ended ({err})")
             return err
 
+    def _contest_told(self, contested: tuple[tuple[int, int], ...]) -> None:
+        """An open's word on this set's contested PASIDs (a resume or re-attach: the
+        broker's whole list now; a new set has none)."""
+        self._contested = {p for lo, hi in contested for p in range(lo, hi + 1)}
+        if contested:
+            log.warning(
+                "pasid session %d (set %d): PASIDs %s of this set are claimed by another"
+                " set's client (a conflict); kept, and withheld by the broker once let go",
+                self.session_id,
+                self.set_id,
+                list(contested),
+            )
+
+    def _noticed(self, n: pb.Notice) -> None:
+        """The broker told us something unprompted (SessionResponse.notice, tag 0)."""
+        ps = ranges_of(n.pasids)
+        some = {p for lo, hi in ps for p in range(lo, hi + 1)}
+        if n.kind == "pasid_contested":
+            # Never dropped from _held, the witness unchanged: our device may use them.
+            self._contested |= some
+            log.warning(
+                "pasid session %d (set %d): set %d's client claims PASIDs %s of this set as"
+                " its own (a conflict: %s); kept, and withheld by the broker once let go",
+                self.session_id,
+                self.set_id,
+                n.other_set_id,
+                list(ps),
+                n.reason,
+            )
+            change = StateChange(
+                self.state, self.set_id, contested=ps, notice=n.kind, other_set_id=n.other_set_id
+            )
+        elif n.kind == "pasid_conflict_resolved":
+            self._contested -= some
+            if n.received:
+                # Ours again; the set changed where we could not see (its witness epoch
+                # with it): list it whole before stating a complete witness.
+                self._held.add(some)
+                self._held.doubt()
+                asyncio.get_running_loop().create_task(self._relist())
+            log.warning(
+                "pasid session %d (set %d): conflict resolved: PASIDs %s %s set %d",
+                self.session_id,
+                self.set_id,
+                list(ps),
+                "handed to this set from" if n.received else "handed from this set to",
+                n.other_set_id,
+            )
+            change = StateChange(
+                self.state,
+                self.set_id,
+                notice=n.kind,
+                other_set_id=n.other_set_id,
+                handed_over=ps,
+                received=n.received,
+            )
+        else:
+            log.info("pasid session %d: notice %r ignored", self.session_id, n.kind)
+            return
+        notify(self._spec.on_state_change, change)
+
     def _track(self, req: pb.SessionRequest, resp: pb.SessionResponse) -> None:
         """What an answered request did to the set, for the witness; in reply order, so
         a listing replaces exactly what the requests before it made."""
@@ -286,13 +364,13 @@ class AsyncSession:
         if kind == "alloc":
             self._held.add(resp.alloc.pasids)
         elif kind == "free":
-            self._held.free(req.free.min, req.free.max)
+            self._freed(req.free.min, req.free.max)
         elif kind == "request":
             r = req.request
             if r.flags == _FLAG_ALLOC:
                 self._held.add((resp.request.ret,))
             elif r.flags == _FLAG_FREE:
-                self._held.free(r.min, r.max)
+                self._freed(r.min, r.max)
         elif kind == "list":
             clean = resp.tag in self._clean_lists
             self._clean_lists.discard(resp.tag)
@@ -301,8 +379,14 @@ class AsyncSession:
                 self._listed(resp.list, clean)
         elif kind == "release":
             self._held.replace(())
+            self._contested.clear()
             self._closing = True  # the broker ends the stream next: not a break
             self._how_closed = "session released"
+
+    def _freed(self, lo: int, hi: int) -> None:
+        self._held.free(lo, hi)
+        if self._contested:  # not this set's any more: the broker withholds them
+            self._contested = {p for p in self._contested if not lo <= p <= hi}
 
     def _listed(self, page: pb.ListResponse, clean: bool) -> None:
         """A listing of the whole set. Asked while nothing of ours was in flight it is the
@@ -395,6 +479,7 @@ class AsyncSession:
             self._held.add(range(lo, hi + 1))
         self._held.drop(conflicts)
         self._held.drop(refreed)  # not ours already: the broker agrees again
+        self._contest_told(contested := ranges_of(opened.contested))
         complete = opened.witness_complete and opened.witness_epoch == self._held.epoch != 0
         if not complete:
             # Partial (in doubt, an older broker, or the set changed where we could not
@@ -450,6 +535,7 @@ class AsyncSession:
                 refreed,
                 complete,
                 self._releasing,
+                contested=contested,
             ),
         )
 

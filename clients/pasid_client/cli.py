@@ -436,8 +436,24 @@ def cmd_hold(c: Client, args: argparse.Namespace) -> int:
     carried: list[int] = []  # the release waited for the broker's return
 
     def told(change: StateChange) -> None:
-        """One line when the broker goes away, one when the set is back (issue 19)."""
-        if change.releasing:  # Ctrl-C'd: the release waits for the broker
+        """One line when the broker goes away, one when the set is back (issue 19), one
+        for what the broker tells unprompted (a conflict on the set, issue 22)."""
+        if change.notice == "pasid_contested":
+            _say(
+                f"set {change.other_set_id}'s client claims PASIDs"
+                f" {_fmt_ranges(change.contested)} of set {change.set_id} (a conflict):"
+                " still held; see the runbook's PasidConflict"
+            )
+        elif change.notice == "pasid_conflict_resolved":
+            _say(
+                f"conflict resolved: PASIDs {_fmt_ranges(change.handed_over)} handed"
+                + (
+                    f" to set {change.set_id} from set {change.other_set_id}"
+                    if change.received
+                    else f" from set {change.set_id} to set {change.other_set_id}"
+                )
+            )
+        elif change.releasing:  # Ctrl-C'd: the release waits for the broker
             if change.state is SessionState.RECONNECTING:
                 _say(f"broker went away ({change.error}) before it took the release")
             elif change.state is SessionState.RESUMED:
@@ -459,6 +475,11 @@ def cmd_hold(c: Client, args: argparse.Namespace) -> int:
                     f"the broker had lost the frees of PASIDs {_fmt_ranges(change.refreed)}:"
                     " freed again"
                 )
+            if change.contested:
+                _say(
+                    f"PASIDs {_fmt_ranges(change.contested)} of this set are claimed by"
+                    " another set's client (a conflict): still held"
+                )
 
     with c.session(
         args.client,
@@ -477,6 +498,11 @@ def cmd_hold(c: Client, args: argparse.Namespace) -> int:
                 f"pasidctl: re-attached detached set {reattach} of process"
                 f" {args.delegate_pid} ({had} PASIDs)",
                 file=sys.stderr,
+            )
+        if s.contested:  # re-attached to a set with a conflict
+            _say(
+                f"PASIDs {_fmt_ranges(s.contested)} of set {s.set_id} are claimed by another"
+                " set's client (a conflict): still held; see the runbook's PasidConflict"
             )
         if args.token_out and s.token:
             _write_token(args.token_out, s.token)

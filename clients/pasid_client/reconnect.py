@@ -66,7 +66,18 @@ class StateChange:
     broker took the witness as everything the session holds (only then is anything
     refreed; a session with an outcome it never heard states a partial one).
     `releasing`: the session is being closed, and this reconnect carries its release (the
-    broker was restarting or draining when it was closed)."""
+    broker was restarting or draining when it was closed).
+
+    `contested` (on RESUMED, and with `notice` "pasid_contested"): PASIDs of this set
+    that another set's client claims as its own (a conflict after the broker lost
+    state). The session keeps them (its device may still use them) and the broker
+    withholds them once this set lets go: an operator settles it (docs/runbook.md).
+
+    `notice`: set when the broker told the session something unprompted; `state` is
+    then the session's state, unchanged. "pasid_contested": as above, claimed by set
+    `other_set_id`. "pasid_conflict_resolved": `handed_over` PASIDs went from set
+    `other_set_id` to this one (`received`: this session's claim won, it holds them
+    again), or from this set to it (its client had let go of them)."""
 
     state: SessionState
     set_id: int
@@ -77,6 +88,11 @@ class StateChange:
     refreed: tuple[tuple[int, int], ...] = ()
     witness_complete: bool = False
     releasing: bool = False
+    contested: tuple[tuple[int, int], ...] = ()
+    notice: str = ""
+    other_set_id: int = 0
+    handed_over: tuple[tuple[int, int], ...] = ()
+    received: bool = False
 
 
 StateCallback = Callable[[StateChange], object]
@@ -227,13 +243,7 @@ class HeldPasids:
 
     def ranges(self) -> list[tuple[int, int]]:
         """Inclusive runs, ascending, as listings show them."""
-        out: list[tuple[int, int]] = []
-        for p in sorted(self._held):
-            if out and out[-1][1] == p - 1:
-                out[-1] = (out[-1][0], p)
-            else:
-                out.append((p, p))
-        return out
+        return runs_of(self._held)
 
     def witness(self, req: pb.OpenSession) -> pb.OpenSession:
         """`req` stating what we hold (OpenSession.held, witness): complete, with its
@@ -244,6 +254,17 @@ class HeldPasids:
             req.witness_complete = True
             req.witness_epoch = self.epoch
         return req
+
+
+def runs_of(pasids: Iterable[int]) -> list[tuple[int, int]]:
+    """Inclusive runs, ascending, as listings show them."""
+    out: list[tuple[int, int]] = []
+    for p in sorted(pasids):
+        if out and out[-1][1] == p - 1:
+            out[-1] = (out[-1][0], p)
+        else:
+            out.append((p, p))
+    return out
 
 
 def ranges_of(m: Iterable[pb.PasidRange]) -> tuple[tuple[int, int], ...]:

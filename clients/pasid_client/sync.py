@@ -137,6 +137,12 @@ class Session:
         return self._s.held
 
     @property
+    def contested(self) -> list[tuple[int, int]]:
+        """This set's PASIDs that another set's client claims (a conflict; still held):
+        AsyncSession.contested."""
+        return self._s.contested
+
+    @property
     def witness_complete(self) -> bool:
         """Whether a resume now states a complete witness (AsyncSession's)."""
         return self._s.witness_complete

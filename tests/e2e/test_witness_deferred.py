@@ -282,9 +282,10 @@ def test_the_claimants_library_finds_the_handed_pasid_and_never_frees_it_on_a_st
 ) -> None:
     """B is a client library session: its resume after the restore meets the conflict,
     and the library drops 2 (told it is no longer its own). Once A's complete witness
-    hands 2 to B's set, B's view is stale: the set's witness epoch changed, so B's next
-    resume (after a kill -9 here) is taken as partial and frees nothing; the library
-    lists the set and holds 2 again. 2 is never in two sets, nor free."""
+    hands 2 to B's set, B's library is told on its stream (a notice: the conflict
+    resolved, 2 received from A): it holds 2 again and lists the set, since the set's
+    witness epoch changed where it could not see. Its next resume (after a kill -9
+    here) frees nothing. 2 is never in two sets, nor free."""
     b = BrokerProcess("--restart-grace", "2")
     b.start()
     holder = Client(b.address)  # B's library session and the raw A: this process holds both
@@ -314,13 +315,27 @@ def test_the_claimants_library_finds_the_handed_pasid_and_never_frees_it_on_a_st
         assert _pasids(a.opened.refreed) == [2]
         a.cancel()
         assert api_holdings(b.address)[set_b] == [2, 4]
+        told = wait_until(
+            lambda: [c for c in changes if c.notice == "pasid_conflict_resolved"],
+            30,
+            0.02,
+            "B's library to be told of the hand-over",
+        )
+        assert [(c.handed_over, c.received, c.other_set_id) for c in told] == [
+            (((2, 2),), True, set_a)
+        ]
+        assert lib.held == [(2, 2), (4, 4)]  # ours again, at once
+        assert lib.contested == []
+        # The set's epoch changed with the hand-over: the library lists it whole again.
+        wait_until(lambda: lib.witness_complete, 30, 0.02, "the library's listing")
 
         b.kill(signal.SIGKILL)
         b.start()
         wait_until(lambda: _resumed(changes) >= 2, 60, 0.05, "B's library to resume again")
-        last = [c for c in changes if c.state is SessionState.RESUMED][-1]
-        assert not last.witness_complete and last.refreed == ()  # its view was stale
-        wait_until(lambda: lib.held == [(2, 2), (4, 4)], 30, 0.05, "the library's listing")
+        last = [c for c in changes if c.state is SessionState.RESUMED and not c.notice][-1]
+        assert last.refreed == () and last.conflicts == ()  # it stated 2: nothing freed
+        assert last.witness_complete  # told, and listed: its view was not stale
+        assert lib.held == [(2, 2), (4, 4)]
         served = api_holdings(b.address)
         assert served[set_b] == [2, 4] and served[set_a] == [1, 3]
         held = [p for ps in served.values() for p in ps]
@@ -334,4 +349,4 @@ def test_the_claimants_library_finds_the_handed_pasid_and_never_frees_it_on_a_st
 
 
 def _resumed(changes: list[StateChange]) -> int:
-    return sum(1 for c in changes if c.state is SessionState.RESUMED)
+    return sum(1 for c in changes if c.state is SessionState.RESUMED and not c.notice)
