@@ -313,6 +313,16 @@ def test_the_claimants_library_finds_the_handed_pasid_and_never_frees_it_on_a_st
 
         a = _RawSession(holder, "vm-a", token_a, [1, 3], epoch_a)
         assert _pasids(a.opened.refreed) == [2]
+        # A's stream is told too, once the hand-over is durable (unprompted: tag 0).
+        notice = next(a._call)  # none: pytest-timeout (120 s) fails the test
+        assert notice.tag == 0 and notice.WhichOneof("result") == "notice", notice
+        n = notice.notice
+        assert (n.kind, _pasids(n.pasids), n.other_set_id, n.received) == (
+            "pasid_conflict_resolved",
+            [2],
+            set_b,
+            False,
+        )
         a.cancel()
         assert api_holdings(b.address)[set_b] == [2, 4]
         told = wait_until(
