@@ -26,7 +26,7 @@ import grpc
 from pasid_client import address, bench, top
 from pasid_client.errors import FailedPrecondition, PasidClientError, Unavailable
 from pasid_client.reconnect import SessionState, StateChange, when_ready
-from pasid_client.sync import Client
+from pasid_client.sync import Client, Session
 from pasid_client.types import ALL, Event, Info, SetView, WithheldView
 
 EXIT_ERROR = 1
@@ -420,7 +420,19 @@ def cmd_hold(c: Client, args: argparse.Namespace) -> int:
     stop = threading.Event()
     signalled: list[int] = []
 
+    held: list[Session] = []  # the open session, once there is one
+
     def on_signal(signum: int, _frame: object) -> None:
+        if signalled and signum == signal.SIGINT and held:
+            # A second Ctrl-C: the user will not wait for the release (it may wait up to
+            # --reconnect-deadline for a broker that is away). Said plainly, since the
+            # set then stays: until its holder exits (this process, unless it delegates).
+            s = held[0]
+            _say(
+                f"second Ctrl-C: not waiting for the release; set {s.set_id} stays until"
+                " its holder exits" + ("" if s.verified else " or its grace ends")
+            )
+            os._exit(130)
         signalled.append(signum)
         stop.set()
 
@@ -488,6 +500,7 @@ def cmd_hold(c: Client, args: argparse.Namespace) -> int:
         reattach_set_id=reattach,
         on_state_change=told,
     ) as s:
+        held.append(s)
         hi = args.max if args.max is not None else (1 << s.pasid_bits) - 1
         had = s.list().count if reattach else 0
         need = max(args.count - had, 0)  # re-attached: top up to --count, no more
@@ -559,7 +572,7 @@ def cmd_hold(c: Client, args: argparse.Namespace) -> int:
         if s.state is SessionState.RECONNECTING:
             _say(
                 f"releasing set {s.set_id} once the broker is back"
-                f" (up to {args.reconnect_deadline:g} s)"
+                f" (up to {args.reconnect_deadline:g} s; Ctrl-C again stops waiting)"
             )
     if s.kept:
         _say(

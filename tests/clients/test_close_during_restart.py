@@ -178,6 +178,40 @@ def test_hold_ctrl_c_while_the_broker_is_down_releases_the_delegated_set(
         vmm.wait()
 
 
+def test_a_second_ctrl_c_stops_waiting_and_says_the_set_stays(make_broker: Make) -> None:
+    """The release of a Ctrl-C'd hold may wait up to --reconnect-deadline for a broker
+    that is away; a second Ctrl-C gives up on it at once (exit 130), saying that the
+    VMM's set stays: after the restart it is detached, held while the VMM lives, and
+    goes with the VMM's exit."""
+    b = make_broker()
+    vmm = subprocess.Popen(["sleep", "300"])
+    hold = Command(
+        "hold", "--count", "2", "--json", "--delegate-pid", str(vmm.pid), "--socket", b.socket
+    )
+    try:
+        hold.wait(lambda: hold.out or hold.proc.poll() is not None, 60, "hold's JSON")
+        sid = json.loads(hold.out[0])["session_id"]
+        b.kill(signal.SIGKILL)
+        hold.wait(lambda: hold.said("broker went away"), 30, "hold to notice")
+        hold.proc.send_signal(signal.SIGINT)
+        hold.wait(lambda: hold.said(f"releasing set {sid} once the broker is back"), 30, "hold")
+        hold.proc.send_signal(signal.SIGINT)
+        assert hold.proc.wait(30) == 130, hold.err
+        assert hold.said(f"second Ctrl-C: not waiting for the release; set {sid} stays"), (
+            hold.err
+        )
+        b.start()
+        [kept] = sets_json(b)
+        assert (kept["set_id"], kept["pid"], kept["state"]) == (sid, vmm.pid, "detached")
+        vmm.kill()
+        vmm.wait()
+        wait_until(lambda: sets_json(b) == [], 10, 0.05, "the set to go with the VMM")
+    finally:
+        hold.kill()
+        vmm.kill()
+        vmm.wait()
+
+
 @pytest.mark.parametrize("broker", ["killed", "frozen"])
 def test_a_close_whose_broker_never_comes_back_returns_within_the_bound(
     make_broker: Make, broker: str, caplog: pytest.LogCaptureFixture
