@@ -197,9 +197,7 @@ def test_a_second_ctrl_c_stops_waiting_and_says_the_set_stays(make_broker: Make)
         hold.wait(lambda: hold.said(f"releasing set {sid} once the broker is back"), 30, "hold")
         hold.proc.send_signal(signal.SIGINT)
         assert hold.proc.wait(30) == 130, hold.err
-        assert hold.said(f"second Ctrl-C: not waiting for the release; set {sid} stays"), (
-            hold.err
-        )
+        assert hold.said(f"second Ctrl-C: not waiting for the release; set {sid} stays"), hold.err
         b.start()
         [kept] = sets_json(b)
         assert (kept["set_id"], kept["pid"], kept["state"]) == (sid, vmm.pid, "detached")
