@@ -107,9 +107,9 @@ def test_a_set_closed_during_a_sigterm_drain_is_released(tmp_path: object) -> No
     alloc is owed a reply): the draining broker reads its half-close and honours it,
     durably, before it exits; that session may not reconnect at all (deadline 0), so only
     the broker can have released it."""
-    b = BrokerProcess(
-        "--drain-seconds", "30", env={"PASID_BROKER_TEST_FAULTS": "commit_delay_ms=4000"}
-    )
+    b = BrokerProcess("--drain-seconds", "30")
+    slow = b.dir / "slow-commits"  # commits take 4 s while it exists (tests/faults)
+    b.env["PASID_BROKER_TEST_FAULTS"] = f"commit_delay_ms=4000,commit_delay_file={slow}"
     try:
         b.start()
         with Client(b.address) as c, Client(b.address, reconnect_deadline_seconds=0) as c0:
@@ -119,6 +119,7 @@ def test_a_set_closed_during_a_sigterm_drain_is_released(tmp_path: object) -> No
             assert idle.verified and busy.verified
             done: list[object] = []
             t = threading.Thread(target=lambda: done.append(busy.alloc(1, 100)), daemon=True)
+            slow.touch()
             t.start()
             time.sleep(1.0)  # the alloc now waits for its slow commit (4 s)
             assert b.proc is not None
@@ -133,7 +134,7 @@ def test_a_set_closed_during_a_sigterm_drain_is_released(tmp_path: object) -> No
                 closing = pool.submit(idle.close)
                 assert b.proc.wait(40) == 0
                 assert not closing.done()
-                b.env.pop("PASID_BROKER_TEST_FAULTS")  # the restarted broker commits at speed
+                slow.unlink()  # the restarted broker commits at speed
                 b.start()
                 closing.result(60)
             assert idle.state is SessionState.CLOSED and not idle.kept

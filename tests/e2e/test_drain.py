@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -71,15 +72,23 @@ class PendingOpen:
             self._channel.close()
 
 
+def _slowed_broker() -> tuple[BrokerProcess, Path]:
+    """A broker whose commits take 4 s while the returned file exists: the test creates
+    it just before the alloc it keeps in flight across SIGTERM (the drain then waits for
+    it), so that the start, the opens and the restart around it commit at speed."""
+    b = BrokerProcess("--drain-seconds", "30")
+    slow = b.dir / "slow-commits"
+    b.env["PASID_BROKER_TEST_FAULTS"] = f"commit_delay_ms=4000,commit_delay_file={slow}"
+    return b, slow
+
+
 def test_resume_and_reattach_are_refused_while_draining() -> None:
     """An alloc in flight (its commit slowed by the test-only fault hook) keeps the broker
     draining after SIGTERM. Streams that began before it then send their opens: a token
     resume, a ticketed re-attach and a new session are refused UNAVAILABLE saying why (the
     library's reconnect retries on it); after the restart the resume and the re-attach
     succeed: both sets were kept."""
-    b = BrokerProcess(
-        "--drain-seconds", "30", env={"PASID_BROKER_TEST_FAULTS": "commit_delay_ms=4000"}
-    )
+    b, slow = _slowed_broker()
     try:
         b.start()
         anon_id, token = open_detached(b.address)
@@ -95,6 +104,7 @@ def test_resume_and_reattach_are_refused_while_draining() -> None:
             pending = [PendingOpen(b.address) for _ in range(3)]
             done: list[object] = []
             t = threading.Thread(target=lambda: done.append(busy.alloc()), daemon=True)
+            slow.touch()
             t.start()
             time.sleep(1.0)  # the alloc is now waiting for its slow commit (4 s)
             # Before SIGTERM: a draining broker's peer socket issues no ticket.
@@ -109,6 +119,7 @@ def test_resume_and_reattach_are_refused_while_draining() -> None:
             t.join(30)
             assert done, "the in-flight alloc was answered before the broker went"
         assert b.proc.wait(40) == 0
+        slow.unlink()  # the restarted broker commits at speed
         for got, says in (
             (resumed, SHUTTING_DOWN),
             (reattached, SHUTTING_DOWN),
@@ -133,9 +144,7 @@ def test_the_peer_socket_refuses_handshakes_while_draining() -> None:
     restart". The client library takes it as it takes the gRPC socket's refusal: an open
     made during the drain waits and opens, verified, on the restarted broker, and a
     session whose stream the drain ended resumes its set there."""
-    b = BrokerProcess(
-        "--drain-seconds", "30", env={"PASID_BROKER_TEST_FAULTS": "commit_delay_ms=4000"}
-    )
+    b, slow = _slowed_broker()
     try:
         b.start()
         with Client(b.address) as c, ThreadPoolExecutor(1) as pool:
@@ -145,6 +154,7 @@ def test_the_peer_socket_refuses_handshakes_while_draining() -> None:
             busy = c.session("busy")
             done: list[object] = []
             t = threading.Thread(target=lambda: done.append(busy.alloc()), daemon=True)
+            slow.touch()
             t.start()
             time.sleep(1.0)  # the alloc is now waiting for its slow commit (4 s)
             assert b.proc is not None
@@ -162,7 +172,7 @@ def test_the_peer_socket_refuses_handshakes_while_draining() -> None:
             assert done, "the in-flight alloc was answered before the broker went"
             assert b.proc.wait(40) == 0
             assert not late.done(), f"the open did not wait for the restart: {late.result()}"
-            b.env.pop("PASID_BROKER_TEST_FAULTS")  # the restarted broker commits at speed
+            slow.unlink()  # the restarted broker commits at speed
             b.start()
             opened = late.result(60)
             assert opened.verified and len(opened.alloc(1, 1000)) == 1

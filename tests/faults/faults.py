@@ -9,6 +9,9 @@ warns on stderr naming every active fault. Comma-separated items:
                            acknowledged as soon as it is queued, before its commit
   commit_delay_ms=N        sleep N ms inside every store commit (a slow disk; widens the
                            window in which a crash meets queued work)
+  commit_delay_file=PATH   with commit_delay_ms: sleep only while PATH exists, so that a
+                           test slows the one commit it means to (an alloc in flight at a
+                           SIGTERM) and not the start, the opens and the restart around it
   backend_fail_file=PATH   while PATH exists, backend alloc fails with EIO; if PATH
                            holds a number N, the next N allocs succeed first (so that a
                            multi-PASID request fails in its middle). Free is not failed:
@@ -42,6 +45,7 @@ class TestFaults:
     recovery_delay_ms: int = 0
     backend_fail_file: str = ""
     backend_free_fail_file: str = ""
+    commit_delay_file: str = ""
     store_writes_nothing: bool = False
 
     @property
@@ -58,7 +62,7 @@ def load(environ: dict[str, str] | None = None) -> TestFaults:
             kw[key] = True
         elif key in ("commit_delay_ms", "recovery_delay_ms"):
             kw[key] = int(value)
-        elif key in ("backend_fail_file", "backend_free_fail_file"):
+        elif key in ("backend_fail_file", "backend_free_fail_file", "commit_delay_file"):
             kw[key] = value
         else:
             raise ValueError(f"{ENV}: unknown fault {key!r}")

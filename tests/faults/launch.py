@@ -18,6 +18,7 @@ tests/harness.py starts every daemon under test this way.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -57,11 +58,12 @@ def _failing(factory: backends.BackendFactory, faults: TestFaults) -> backends.B
     return build
 
 
-def _slow_commit(delay: float) -> None:
+def _slow_commit(delay: float, gate: str) -> None:
     commit = SqliteStore.commit
 
     def slow(self: SqliteStore, records: Sequence[Record]) -> list[Event]:
-        time.sleep(delay)  # on the journal's writer thread, as a slow disk's fsync
+        if not gate or os.path.exists(gate):
+            time.sleep(delay)  # on the journal's writer thread, as a slow disk's fsync
         return commit(self, records)
 
     SqliteStore.commit = slow  # type: ignore[method-assign]
@@ -110,7 +112,7 @@ def install(faults: TestFaults) -> None:
         for name in backends.names():
             backends.register_backend(name, _failing(backends.factory_of(name), faults))
     if faults.commit_delay_ms:
-        _slow_commit(faults.commit_delay_ms / 1000)
+        _slow_commit(faults.commit_delay_ms / 1000, faults.commit_delay_file)
     if faults.recovery_delay_ms:
         _slow_recovery(faults.recovery_delay_ms / 1000)
     if faults.ack_before_commit:
