@@ -205,9 +205,11 @@ def test_commands_started_while_the_broker_recovers_wait_for_it(make_broker: Mak
         first.proc.send_signal(signal.SIGTERM)  # the sidecar stops: the set is detached
         assert first.proc.wait(30) == 0, first.err
         assert b.stop() == 0
-        # The recovery is held back (a test fault) long enough for every command to
-        # start, under load too, while the broker listens and answers NOT_READY.
-        b.env["PASID_BROKER_TEST_FAULTS"] = "recovery_delay_ms=15000"
+        # The recovery is held back (a test fault) until every command has said that it
+        # waits, under load too, while the broker listens and answers NOT_READY.
+        gate = b.dir / "recovering"
+        gate.touch()
+        b.env["PASID_BROKER_TEST_FAULTS"] = f"recovery_delay_ms=60000,recovery_delay_file={gate}"
         b.start(wait=False)
         wait_until(lambda: os.path.exists(b.socket), 30, 0.02, "the broker's socket")
         argvs = [["info", "--json"], ["sets", "--json"], ["list", "--all", "--json"], hold_argv]
@@ -220,6 +222,7 @@ def test_commands_started_while_the_broker_recovers_wait_for_it(make_broker: Mak
             assert cmd.proc.poll() is None, (cmd.proc.args, cmd.err, cmd.out)
             assert "waiting for the broker" in cmd.err[0], cmd.err
             assert "broker is recovering its store" in cmd.err[0], cmd.err
+        gate.unlink()  # the recovery goes on
         info, sets_, listed, hold = waiting
         for cmd in (info, sets_, listed):
             assert cmd.proc.wait(60) == 0, cmd.err

@@ -352,7 +352,9 @@ def test_sidecar_restarted_while_the_broker_recovers_waits_and_reattaches(
         assert first.wait(30) == 0
         assert b.stop() == 0
         out.unlink()
-        b.env["PASID_BROKER_TEST_FAULTS"] = "recovery_delay_ms=8000"
+        gate = tmp_path / "recovering"  # the recovery waits while it exists (tests/faults)
+        gate.touch()
+        b.env["PASID_BROKER_TEST_FAULTS"] = f"recovery_delay_ms=60000,recovery_delay_file={gate}"
         b.start(wait=False)
         wait_until(lambda: os.path.exists(b.socket), 30, 0.02, "the broker's socket")
         second = start_sidecar(b, name, out, 2)
@@ -360,6 +362,7 @@ def test_sidecar_restarted_while_the_broker_recovers_waits_and_reattaches(
         wait_until(lambda: said or second.poll() is not None, 60, 0.05, "the sidecar's word")
         assert b.health() == "NOT_SERVING", "the sidecar did not meet the recovery"
         assert said[0].startswith("pasid-sidecar: waiting for the broker"), said
+        gate.unlink()  # the recovery goes on
         wait_until(lambda: out.exists() or second.poll() is not None, 60, 0.05, "PASIDs")
         assert second.poll() is None, said
         assert json.loads(out.read_text())["pasids"] == held["pasids"]

@@ -20,6 +20,9 @@ warns on stderr naming every active fault. Comma-separated items:
   recovery_delay_ms=N      the broker's recovery (Broker.start) waits N ms first, its
                            sockets already listening: a broker that is recovering, which
                            clients must wait for (issue 19), for as long as a test needs
+  recovery_delay_file=PATH with recovery_delay_ms: the recovery waits only while PATH
+                           exists (N ms at most), so that a test lets it go as soon as what
+                           it checks during the recovery is seen
   store_writes_nothing     every commit succeeds without touching SQLite (nothing is
                            durable): only for bench.rpc's account of what the store
                            costs; a restart loses everything
@@ -46,6 +49,7 @@ class TestFaults:
     backend_fail_file: str = ""
     backend_free_fail_file: str = ""
     commit_delay_file: str = ""
+    recovery_delay_file: str = ""
     store_writes_nothing: bool = False
 
     @property
@@ -62,7 +66,12 @@ def load(environ: dict[str, str] | None = None) -> TestFaults:
             kw[key] = True
         elif key in ("commit_delay_ms", "recovery_delay_ms"):
             kw[key] = int(value)
-        elif key in ("backend_fail_file", "backend_free_fail_file", "commit_delay_file"):
+        elif key in (
+            "backend_fail_file",
+            "backend_free_fail_file",
+            "commit_delay_file",
+            "recovery_delay_file",
+        ):
             kw[key] = value
         else:
             raise ValueError(f"{ENV}: unknown fault {key!r}")

@@ -69,13 +69,21 @@ def _slow_commit(delay: float, gate: str) -> None:
     SqliteStore.commit = slow  # type: ignore[method-assign]
 
 
-def _slow_recovery(delay: float) -> None:
+def _slow_recovery(delay: float, gate: str) -> None:
     from broker.engine.broker import Broker
 
     start = Broker.start
 
+    def gate_open(end: float) -> None:
+        while os.path.exists(gate) and time.monotonic() < end:
+            time.sleep(0.05)
+
     async def slow(self: Broker) -> None:
-        await asyncio.sleep(delay)  # on the loop: health answers NOT_SERVING meanwhile
+        # Awaited on the loop: health answers NOT_SERVING meanwhile.
+        if gate:
+            await asyncio.to_thread(gate_open, time.monotonic() + delay)
+        else:
+            await asyncio.sleep(delay)
         await start(self)
 
     Broker.start = slow  # type: ignore[method-assign]
@@ -114,7 +122,7 @@ def install(faults: TestFaults) -> None:
     if faults.commit_delay_ms:
         _slow_commit(faults.commit_delay_ms / 1000, faults.commit_delay_file)
     if faults.recovery_delay_ms:
-        _slow_recovery(faults.recovery_delay_ms / 1000)
+        _slow_recovery(faults.recovery_delay_ms / 1000, faults.recovery_delay_file)
     if faults.ack_before_commit:
         _ack_before_commit()
     if faults.store_writes_nothing:
