@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -81,9 +82,7 @@ def test_the_contest_and_its_claimant_outlive_a_restart(tmp_path: Path) -> None:
             await broker.stop()  # keeps both sets (a restart is not their end)
 
     async def after(owner_id: int, witness_id: int) -> None:
-        broker = Broker(SimulatorBackend(pasid_bits=8), SqliteStore(db), restart_grace=60)
-        await broker.start()
-        try:
+        async with _restarted(db) as broker:
             assert broker.allocator.withheld == [1]
             await broker.revoke(owner_id, "test")  # 2 leaves its set: contested, withheld
             assert broker.allocator.withheld == [1, 2]
@@ -94,8 +93,6 @@ def test_the_contest_and_its_claimant_outlive_a_restart(tmp_path: Path) -> None:
             assert broker.allocator.withheld == []
             assert await broker.alloc(other, 1, 2, 2) == [1, 2]  # the backend agrees
             broker.allocator.check()
-        finally:
-            await broker.stop()
 
     ids = asyncio.run(before())
     asyncio.run(after(*ids))
@@ -131,9 +128,7 @@ def test_a_witness_claim_on_a_withheld_pasid_outlasts_the_retried_free(tmp_path:
             await broker.stop()
 
     async def after(witness_id: int) -> None:
-        broker = Broker(SimulatorBackend(pasid_bits=8), SqliteStore(db), restart_grace=60)
-        await broker.start()
-        try:
+        async with _restarted(db) as broker:
             assert broker.allocator.withheld == [1]  # stored as the witness's contest
             other = await _opened(broker, "other2")
             assert await broker.alloc(other, 1, 255) == [4]
@@ -142,8 +137,6 @@ def test_a_witness_claim_on_a_withheld_pasid_outlasts_the_retried_free(tmp_path:
             assert broker.allocator.withheld == []
             assert await broker.alloc(other, 1, 255) == [1]  # the backend agrees
             broker.allocator.check()
-        finally:
-            await broker.stop()
 
     witness_id = asyncio.run(before())
     with contextlib.closing(sqlite3.connect(db)) as conn:
@@ -152,10 +145,13 @@ def test_a_witness_claim_on_a_withheld_pasid_outlasts_the_retried_free(tmp_path:
     asyncio.run(after(witness_id))
 
 
-def _lost_free_and_alloc_db(tmp_path: Path) -> tuple[Path, dict[str, tuple[int, str, int]]]:
+_Set = tuple[int, str, int]  # (set, resume token, witness epoch)
+
+
+def _lost_free_and_alloc_db(tmp_path: Path) -> tuple[Path, _Set, _Set, _Set]:
     """A store left by a run without a clean stop where set S holds 1-3, T holds 4 and U
     holds 5: as if S's client had freed 2 and T's client had then been given it, both
-    acknowledged and both lost. Returns the db and, by name, (set, token, epoch)."""
+    acknowledged and both lost. Returns the db and S's, T's and U's (set, token, epoch)."""
     db = tmp_path / "b.db"
 
     async def before() -> dict[str, tuple[int, str, int]]:
@@ -174,7 +170,7 @@ def _lost_free_and_alloc_db(tmp_path: Path) -> tuple[Path, dict[str, tuple[int, 
 
     sets = asyncio.run(before())
     Path(f"{db}.clean-stop").unlink()  # as after a kill -9: the next start is unclean
-    return db, sets
+    return db, sets["s"], sets["t"], sets["u"]
 
 
 async def _resume(broker: Broker, token: str, held: list[int], epoch: int = 0) -> Session:
@@ -184,6 +180,25 @@ async def _resume(broker: Broker, token: str, held: list[int], epoch: int = 0) -
     assert resumed
     await done
     return sess
+
+
+@contextlib.asynccontextmanager
+async def _restarted(
+    store: Path | SqliteStore, observer: Observer | None = None
+) -> AsyncIterator[Broker]:
+    """The broker started again on a store a previous run left (a db path, or a store
+    the test injects faults into), with the restart grace these tests wait within;
+    stopped on the way out, whatever the test asserted."""
+    if isinstance(store, Path):
+        store = SqliteStore(store)
+    broker = Broker(SimulatorBackend(pasid_bits=8), store, restart_grace=60)
+    if observer is not None:
+        broker.observers.subscribe(observer)
+    await broker.start()
+    try:
+        yield broker
+    finally:
+        await broker.stop()
 
 
 def _events(db: Path, kind: str) -> list[tuple[int, str]]:
@@ -202,17 +217,13 @@ def test_the_freers_complete_witness_hands_a_contested_pasid_to_its_claimant(
     it), straight from S to T, and the conflict is resolved (reported: an event on both
     sets and the observer's count). `deferred`: U has not resumed when S does, so S's
     free waits; it lands as the hand-over once U resumes. 2 is never free meanwhile."""
-    db, sets = _lost_free_and_alloc_db(tmp_path)
-    (s_id, s_token, s_epoch), (t_id, t_token, _), (u_id, u_token, _) = (
-        sets["s"], sets["t"], sets["u"],
-    )  # fmt: skip
+    db, (s_id, s_token, s_epoch), (t_id, t_token, _), (u_id, u_token, _) = _lost_free_and_alloc_db(
+        tmp_path
+    )
     resolved: list[tuple[int, int]] = []
 
     async def after() -> None:
-        broker = Broker(SimulatorBackend(pasid_bits=8), SqliteStore(db), restart_grace=60)
-        broker.observers.subscribe(_Resolved(resolved))
-        await broker.start()
-        try:
+        async with _restarted(db, observer=_Resolved(resolved)) as broker:
             if not u_last:
                 await _resume(broker, u_token, [5])
             t = await _resume(broker, t_token, [2, 4])
@@ -234,8 +245,6 @@ def test_the_freers_complete_witness_hands_a_contested_pasid_to_its_claimant(
             assert broker.allocator.withheld == []
             assert 2 not in await broker.alloc(other, 1, 255, 2)
             broker.allocator.check()
-        finally:
-            await broker.stop()
         assert resolved == [(t_id, 1)]
         assert _events(db, "pasid_conflict_resolved") == sorted([(s_id, "2"), (t_id, "2")])
         with contextlib.closing(sqlite3.connect(db)) as conn:
@@ -252,15 +261,12 @@ def test_a_pasid_two_witnesses_claim_goes_to_neither(tmp_path: Path) -> None:
     gives to S; S's complete witness then omits it. Nobody's word settles whose it is:
     it is withheld, handed to neither; and it stays withheld until both claimants' sets
     are gone (the first one's end passes the claim on), then it is free."""
-    db, sets = _lost_free_and_alloc_db(tmp_path)
-    (_s_id, s_token, s_epoch), (_t_id, t_token, _), (_u_id, u_token, _) = (
-        sets["s"], sets["t"], sets["u"],
-    )  # fmt: skip
+    db, (_s_id, s_token, s_epoch), (_t_id, t_token, _), (_u_id, u_token, _) = (
+        _lost_free_and_alloc_db(tmp_path)
+    )
 
     async def after() -> None:
-        broker = Broker(SimulatorBackend(pasid_bits=8), SqliteStore(db), restart_grace=60)
-        await broker.start()
-        try:
+        async with _restarted(db) as broker:
             t = await _resume(broker, t_token, [2, 4])
             u = await _resume(broker, u_token, [2, 5])
             assert t.conflicts == [2] and u.conflicts == [2]
@@ -281,8 +287,6 @@ def test_a_pasid_two_witnesses_claim_goes_to_neither(tmp_path: Path) -> None:
             await created
             assert await broker.alloc(other, 2, 2) == [2]
             broker.allocator.check()
-        finally:
-            await broker.stop()
 
     asyncio.run(after())
 
@@ -292,15 +296,12 @@ def test_once_one_of_two_claimants_is_gone_the_other_is_handed_the_pasid(
 ) -> None:
     """T and U both claim 2 while S holds it; U's set ends (its claim passes to T, the
     only claimant left); then S's complete witness omits 2: it is T's."""
-    db, sets = _lost_free_and_alloc_db(tmp_path)
-    (_s_id, s_token, s_epoch), (_t_id, t_token, _), (_u_id, u_token, _) = (
-        sets["s"], sets["t"], sets["u"],
-    )  # fmt: skip
+    db, (_s_id, s_token, s_epoch), (_t_id, t_token, _), (_u_id, u_token, _) = (
+        _lost_free_and_alloc_db(tmp_path)
+    )
 
     async def after() -> None:
-        broker = Broker(SimulatorBackend(pasid_bits=8), SqliteStore(db), restart_grace=60)
-        await broker.start()
-        try:
+        async with _restarted(db) as broker:
             u = await _resume(broker, u_token, [2, 5])
             t = await _resume(broker, t_token, [2, 4])
             await broker.revoke(u.session_id, "test")
@@ -311,8 +312,6 @@ def test_once_one_of_two_claimants_is_gone_the_other_is_handed_the_pasid(
             assert list(s.set.pasids) == [1, 3] and list(t.set.pasids) == [2, 4]
             assert broker.allocator.withheld == []
             broker.allocator.check()
-        finally:
-            await broker.stop()
 
     asyncio.run(after())
 
@@ -325,23 +324,20 @@ def test_a_hand_over_whose_commit_fails_leaves_the_contest_as_it_was(tmp_path: P
     from broker.core import StoreError
     from tests.test_engine_commits_failing import RefusingDisk
 
-    db, sets = _lost_free_and_alloc_db(tmp_path)
-    (_s_id, s_token, s_epoch), (t_id, t_token, _), (_u_id, u_token, _) = (
-        sets["s"], sets["t"], sets["u"],
-    )  # fmt: skip
+    db, (s_id, s_token, s_epoch), (t_id, t_token, _), (_u_id, u_token, _) = _lost_free_and_alloc_db(
+        tmp_path
+    )
 
     async def after() -> None:
         store = RefusingDisk(db, "SQLITE_FULL", "database or disk is full")
-        broker = Broker(SimulatorBackend(pasid_bits=8), store, restart_grace=60)
-        await broker.start()
-        try:
+        async with _restarted(store) as broker:
             await _resume(broker, u_token, [5])
             t = await _resume(broker, t_token, [2, 4])
             assert t.conflicts == [2]
             store.refusing = True
             with pytest.raises(StoreError):
                 await _resume(broker, s_token, [1, 3], s_epoch)
-            s = broker.session_of(sets["s"][0])
+            s = broker.session_of(s_id)
             assert s is not None and list(s.set.pasids) == [1, 2, 3]
             assert list(t.set.pasids) == [4]
             assert broker.stuck.sole_claimant(2) == t_id
@@ -353,8 +349,6 @@ def test_a_hand_over_whose_commit_fails_leaves_the_contest_as_it_was(tmp_path: P
             await broker.journal.drain()
             assert list(s.set.pasids) == [1, 3] and list(t.set.pasids) == [2, 4]
             broker.allocator.check()
-        finally:
-            await broker.stop()
         with contextlib.closing(sqlite3.connect(db)) as conn:
             rows = conn.execute("SELECT pasid, set_id FROM allocations WHERE pasid = 2")
             assert rows.fetchall() == [(2, t_id)]
@@ -367,46 +361,33 @@ def test_both_claimants_outlive_a_clean_restart(tmp_path: Path) -> None:
     """As above, with a clean restart once 2 is withheld for both claimants: the row
     names U and keeps T too (quarantine.also_claimed), so U's end after the restart
     passes the claim on to T instead of letting 2 go."""
-    db, sets = _lost_free_and_alloc_db(tmp_path)
-    (_s_id, s_token, s_epoch), (t_id, t_token, _), (u_id, u_token, _) = (
-        sets["s"], sets["t"], sets["u"],
-    )  # fmt: skip
+    db, (_s_id, s_token, s_epoch), (t_id, t_token, _), (u_id, u_token, _) = _lost_free_and_alloc_db(
+        tmp_path
+    )
 
     async def before() -> None:
-        broker = Broker(SimulatorBackend(pasid_bits=8), SqliteStore(db), restart_grace=60)
-        await broker.start()
-        try:
+        async with _restarted(db) as broker:
             await _resume(broker, t_token, [2, 4])
             await _resume(broker, u_token, [2, 5])
             await _resume(broker, s_token, [1, 3], s_epoch)
             assert broker.allocator.withheld == [2]
-        finally:
-            await broker.stop()
 
     async def after() -> None:
-        broker = Broker(SimulatorBackend(pasid_bits=8), SqliteStore(db), restart_grace=60)
-        await broker.start()
-        try:
+        async with _restarted(db) as broker:
             assert broker.allocator.withheld == [2]
             assert broker.stuck.sole_claimant(2) is None  # two claim it
             await broker.revoke(u_id, "test")
             await broker.journal.drain()
             assert broker.allocator.withheld == [2]
             assert broker.stuck.sole_claimant(2) == t_id
-        finally:
-            await broker.stop()
 
     async def last() -> None:
-        broker = Broker(SimulatorBackend(pasid_bits=8), SqliteStore(db), restart_grace=60)
-        await broker.start()
-        try:
+        async with _restarted(db) as broker:
             assert broker.allocator.withheld == [2]  # T's claim, stored alone now
             await broker.revoke(t_id, "test")
             await broker.journal.drain()
             assert broker.allocator.withheld == []
             broker.allocator.check()
-        finally:
-            await broker.stop()
 
     asyncio.run(before())
     with contextlib.closing(sqlite3.connect(db)) as conn:
