@@ -31,36 +31,17 @@ from typing import Any
 import pytest
 from pasid.v1 import broker_pb2 as pb
 from pasid_client import Client
-from pasid_client.handshake import open_request, ticket_for
 from pasid_client.reconnect import SessionState, StateChange
 
-from broker.core import runs
-from tests.harness import LAUNCHER, ROOT, BrokerProcess, api_holdings, wait_until
-
-
-def _pb(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", LAUNCHER, *args], capture_output=True, text=True, cwd=ROOT,
-        timeout=120,
-    )  # fmt: skip
-
-
-def _pasids(ranges: Any) -> list[int]:
-    return [p for r in ranges for p in range(r.min, r.max + 1)]
+from tests.e2e.test_witness import _pasids, _pb, witnessed_resume
+from tests.harness import ROOT, BrokerProcess, api_holdings, wait_until
 
 
 def _resume_stating(c: Client, token: str, held: list[int]) -> tuple[pb.SessionOpened, Any]:
     """Resume `token`'s session stating `held` (a partial witness): (SessionOpened, call).
     Cancelling the call breaks the stream: the verified set lives on, detached."""
-    req = open_request("vm-a", None, 300, token, ticket_for(c.target, timeout=5))
-    req.held.extend(pb.PasidRange(min=lo, max=hi) for lo, hi in runs(held))
-    req.witness = True
-    q: queue.SimpleQueue[Any] = queue.SimpleQueue()
-    q.put(pb.SessionRequest(tag=0, open=req))
-    call = c._stub.Session(iter(q.get, None))
-    resp = next(call)
-    assert resp.WhichOneof("result") == "opened", resp
-    return resp.opened, call
+    opened, _, call = witnessed_resume(c, token, held)
+    return opened, call
 
 
 def _restored(tmp_path: Path) -> tuple[BrokerProcess, str, int]:
