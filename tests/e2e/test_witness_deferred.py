@@ -25,8 +25,6 @@ from __future__ import annotations
 import queue
 import re
 import signal
-import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -38,26 +36,14 @@ from pasid_client.handshake import open_request, ticket_for
 from pasid_client.reconnect import SessionState, StateChange
 
 from broker.core import runs
+from tests.e2e.test_witness import _pasids, _pb
 from tests.harness import (
-    LAUNCHER,
-    ROOT,
     BrokerProcess,
     api_holdings,
     db_holdings,
     open_db,
     wait_until,
 )
-
-
-def _pb(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", LAUNCHER, *args], capture_output=True, text=True, cwd=ROOT,
-        timeout=120,
-    )  # fmt: skip
-
-
-def _pasids(ranges: Any) -> list[int]:
-    return [p for r in ranges for p in range(r.min, r.max + 1)]
 
 
 class _RawSession:
@@ -128,24 +114,9 @@ def test_a_deferred_refree_and_its_wait_outlive_a_restart(tmp_path: Path, sig: i
     b.start()
     holder = Client(b.address)  # open throughout: the sets' verified holder
     try:
-        a = _RawSession(holder, "vm-a")
-        set_a, token_a, epoch_a = a.opened.set_id, a.opened.token, a.opened.witness_epoch
+        sets = _lost_free_and_alloc(tmp_path, b, holder)
+        (set_a, token_a, epoch_a), (set_b, token_b, _) = sets["a"], sets["b"]
         assert epoch_a
-        assert a.alloc(1, 100, 3) == [1, 2, 3]
-        bb = _RawSession(holder, "vm-b")
-        set_b, token_b = bb.opened.set_id, bb.opened.token
-        assert bb.alloc(1, 100) == [4]
-        backup = tmp_path / "backup.db"
-        r = _pb("backup", "--db", b.db, str(backup))
-        assert r.returncode == 0, r.stderr
-        assert a.free(2, 2) == 1  # acknowledged, then lost by the restore
-        assert bb.alloc(1, 100) == [2]  # B's now: acknowledged, lost too
-        a.cancel()
-        bb.cancel()
-        assert b.stop() == 0
-        r = _pb("restore", "--db", b.db, "--socket", b.socket, str(backup))
-        assert r.returncode == 0, r.stderr
-        b.start()
         assert db_holdings(b.db) == {set_a: [1, 2, 3], set_b: [4]}
 
         # A resumes first, complete: its free of 2 waits for B, stored with the wait.
@@ -189,6 +160,23 @@ def test_a_deferred_refree_and_its_wait_outlive_a_restart(tmp_path: Path, sig: i
         b.cleanup()
 
 
+def _backed_up(tmp_path: Path, b: BrokerProcess) -> Path:
+    """A backup of b's store as it is now (pasid-broker backup, while b runs)."""
+    backup = tmp_path / "backup.db"
+    r = _pb("backup", "--db", b.db, str(backup))
+    assert r.returncode == 0, r.stderr
+    return backup
+
+
+def _restore(b: BrokerProcess, backup: Path) -> None:
+    """b stopped cleanly, its store restored from `backup`, and b started again: what it
+    was told since the backup is lost."""
+    assert b.stop() == 0
+    r = _pb("restore", "--db", b.db, "--socket", b.socket, str(backup))
+    assert r.returncode == 0, r.stderr
+    b.start()
+
+
 def _lost_free_and_alloc(tmp_path: Path, b: BrokerProcess, holder: Client) -> dict[str, Any]:
     """A holds 1-3 and B holds 4 at a backup; then A frees 2 and B is given 2 (both
     acknowledged), and the backup is restored: the store gives 2 to A. The broker is
@@ -197,17 +185,12 @@ def _lost_free_and_alloc(tmp_path: Path, b: BrokerProcess, holder: Client) -> di
     assert a.alloc(1, 100, 3) == [1, 2, 3]
     bb = _RawSession(holder, "vm-b")
     assert bb.alloc(1, 100) == [4]
-    backup = tmp_path / "backup.db"
-    r = _pb("backup", "--db", b.db, str(backup))
-    assert r.returncode == 0, r.stderr
-    assert a.free(2, 2) == 1
-    assert bb.alloc(1, 100) == [2]
+    backup = _backed_up(tmp_path, b)
+    assert a.free(2, 2) == 1  # acknowledged, then lost by the restore
+    assert bb.alloc(1, 100) == [2]  # B's now: acknowledged, lost too
     a.cancel()
     bb.cancel()
-    assert b.stop() == 0
-    r = _pb("restore", "--db", b.db, "--socket", b.socket, str(backup))
-    assert r.returncode == 0, r.stderr
-    b.start()
+    _restore(b, backup)
     return {
         n: (s.opened.set_id, s.opened.token, s.opened.witness_epoch)
         for n, s in (("a", a), ("b", bb))
@@ -297,16 +280,11 @@ def test_the_claimants_library_finds_the_handed_pasid_and_never_frees_it_on_a_st
         lib = holder.session("vm-b", grace_seconds=300, on_state_change=changes.append)
         set_b = lib.set_id
         assert lib.alloc(1, 100) == [4]
-        backup = tmp_path / "backup.db"
-        r = _pb("backup", "--db", b.db, str(backup))
-        assert r.returncode == 0, r.stderr
+        backup = _backed_up(tmp_path, b)
         assert a.free(2, 2) == 1
         assert lib.alloc(1, 100) == [2]
         a.cancel()
-        assert b.stop() == 0
-        r = _pb("restore", "--db", b.db, "--socket", b.socket, str(backup))
-        assert r.returncode == 0, r.stderr
-        b.start()
+        _restore(b, backup)
         wait_until(lambda: _resumed(changes) >= 1, 60, 0.05, "B's library to resume")
         assert [c.conflicts for c in changes if c.state is SessionState.RESUMED] == [((2, 2),)]
         assert lib.held == [(4, 4)]  # dropped, as told
