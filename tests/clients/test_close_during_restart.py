@@ -13,6 +13,7 @@ release can have freed the sets.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,8 +22,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 from pasid_client import Client, Session, SessionState
@@ -144,6 +146,32 @@ def test_a_set_closed_during_a_sigterm_drain_is_released(tmp_path: object) -> No
         b.cleanup()
 
 
+@contextlib.contextmanager
+def _hold_for_a_vmm(b: BrokerProcess) -> Iterator[tuple[subprocess.Popen[bytes], Command, Any]]:
+    """pasidctl hold --delegate-pid of a live VMM (a sleep), once hold has printed its
+    JSON: (the VMM, hold, the JSON). Both are killed on the way out, whatever happened."""
+    vmm = subprocess.Popen(["sleep", "300"])
+    hold = Command(
+        "hold", "--count", "2", "--json", "--delegate-pid", str(vmm.pid), "--socket", b.socket
+    )
+    try:
+        hold.wait(lambda: hold.out or hold.proc.poll() is not None, 60, "hold's JSON")
+        yield vmm, hold, json.loads(hold.out[0])
+    finally:
+        hold.kill()
+        vmm.kill()
+        vmm.wait()
+
+
+def _ctrl_c_while_the_broker_is_down(b: BrokerProcess, hold: Command, sid: int) -> None:
+    """The broker is killed (SIGKILL); once hold has noticed, it is Ctrl-C'd and says it
+    will release set `sid` when the broker is back."""
+    b.kill(signal.SIGKILL)
+    hold.wait(lambda: hold.said("broker went away"), 30, "hold to notice")
+    hold.proc.send_signal(signal.SIGINT)
+    hold.wait(lambda: hold.said(f"releasing set {sid} once the broker is back"), 30, "hold")
+
+
 def test_hold_ctrl_c_while_the_broker_is_down_releases_the_delegated_set(
     make_broker: Make,
 ) -> None:
@@ -151,19 +179,10 @@ def test_hold_ctrl_c_while_the_broker_is_down_releases_the_delegated_set(
     down: hold says it releases once the broker is back, does so after the restart, and
     exits 0; the VMM's set is gone while the VMM runs on."""
     b = make_broker()
-    vmm = subprocess.Popen(["sleep", "300"])
-    hold = Command(
-        "hold", "--count", "2", "--json", "--delegate-pid", str(vmm.pid), "--socket", b.socket
-    )
-    try:
-        hold.wait(lambda: hold.out or hold.proc.poll() is not None, 60, "hold's JSON")
-        doc = json.loads(hold.out[0])
+    with _hold_for_a_vmm(b) as (vmm, hold, doc):
         sid = doc["session_id"]
         assert doc["verified"] and [s["pid"] for s in sets_json(b)] == [vmm.pid]
-        b.kill(signal.SIGKILL)
-        hold.wait(lambda: hold.said("broker went away"), 30, "hold to notice")
-        hold.proc.send_signal(signal.SIGINT)
-        hold.wait(lambda: hold.said(f"releasing set {sid} once the broker is back"), 30, "hold")
+        _ctrl_c_while_the_broker_is_down(b, hold, sid)
         time.sleep(1.0)
         assert hold.proc.poll() is None, "hold gave up on the release while the broker was down"
         b.start()
@@ -173,10 +192,6 @@ def test_hold_ctrl_c_while_the_broker_is_down_releases_the_delegated_set(
         assert sets_json(b) == []
         with Client(b.address) as c, c.session("next") as n:
             assert n.alloc(1, 100, count=2) == doc["pasids"]
-    finally:
-        hold.kill()
-        vmm.kill()
-        vmm.wait()
 
 
 def test_a_second_ctrl_c_stops_waiting_and_says_the_set_stays(make_broker: Make) -> None:
@@ -185,17 +200,9 @@ def test_a_second_ctrl_c_stops_waiting_and_says_the_set_stays(make_broker: Make)
     VMM's set stays: after the restart it is detached, held while the VMM lives, and
     goes with the VMM's exit."""
     b = make_broker()
-    vmm = subprocess.Popen(["sleep", "300"])
-    hold = Command(
-        "hold", "--count", "2", "--json", "--delegate-pid", str(vmm.pid), "--socket", b.socket
-    )
-    try:
-        hold.wait(lambda: hold.out or hold.proc.poll() is not None, 60, "hold's JSON")
-        sid = json.loads(hold.out[0])["session_id"]
-        b.kill(signal.SIGKILL)
-        hold.wait(lambda: hold.said("broker went away"), 30, "hold to notice")
-        hold.proc.send_signal(signal.SIGINT)
-        hold.wait(lambda: hold.said(f"releasing set {sid} once the broker is back"), 30, "hold")
+    with _hold_for_a_vmm(b) as (vmm, hold, doc):
+        sid = doc["session_id"]
+        _ctrl_c_while_the_broker_is_down(b, hold, sid)
         hold.proc.send_signal(signal.SIGINT)
         assert hold.proc.wait(30) == 130, hold.err
         assert hold.said(f"second Ctrl-C: not waiting for the release; set {sid} stays"), hold.err
@@ -205,10 +212,6 @@ def test_a_second_ctrl_c_stops_waiting_and_says_the_set_stays(make_broker: Make)
         vmm.kill()
         vmm.wait()
         wait_until(lambda: sets_json(b) == [], 10, 0.05, "the set to go with the VMM")
-    finally:
-        hold.kill()
-        vmm.kill()
-        vmm.wait()
 
 
 @pytest.mark.parametrize("broker", ["killed", "frozen"])
