@@ -22,6 +22,7 @@ from broker.engine import Broker, Session
 from broker.engine.lifecycle import SetEvent
 from broker.engine.observers import Observer
 from broker.store import SqliteStore
+from tests.test_engine_witness import _resume_detached
 
 
 class _Resolved(Observer):
@@ -173,15 +174,6 @@ def _lost_free_and_alloc_db(tmp_path: Path) -> tuple[Path, _Set, _Set, _Set]:
     return db, sets["s"], sets["t"], sets["u"]
 
 
-async def _resume(broker: Broker, token: str, held: list[int], epoch: int = 0) -> Session:
-    sess, _, resumed, done = broker.open_session(
-        "vm", resume_token=token, held=held, complete_epoch=epoch
-    )
-    assert resumed
-    await done
-    return sess
-
-
 @contextlib.asynccontextmanager
 async def _restarted(
     store: Path | SqliteStore, observer: Observer | None = None
@@ -225,18 +217,18 @@ def test_the_freers_complete_witness_hands_a_contested_pasid_to_its_claimant(
     async def after() -> None:
         async with _restarted(db, observer=_Resolved(resolved)) as broker:
             if not u_last:
-                await _resume(broker, u_token, [5])
-            t = await _resume(broker, t_token, [2, 4])
+                await _resume_detached(broker, u_token, [5])
+            t = await _resume_detached(broker, t_token, [2, 4])
             assert t.conflicts == [2] and list(t.set.pasids) == [4]
             t_epoch = t.tell_witness_epoch()
-            s = await _resume(broker, s_token, [1, 3], s_epoch)
+            s = await _resume_detached(broker, s_token, [1, 3], s_epoch)
             assert s.witness_complete
             other, _, _, created = broker.open_session("other")
             await created
             if u_last:
                 assert list(s.set.pasids) == [1, 2, 3]  # waits for U
                 assert await broker.alloc(other, 1, 255) == [6]  # not 2
-                await _resume(broker, u_token, [5])
+                await _resume_detached(broker, u_token, [5])
                 await asyncio.sleep(0)
             await broker.journal.drain()
             assert list(s.set.pasids) == [1, 3] and list(t.set.pasids) == [2, 4]
@@ -267,10 +259,10 @@ def test_a_pasid_two_witnesses_claim_goes_to_neither(tmp_path: Path) -> None:
 
     async def after() -> None:
         async with _restarted(db) as broker:
-            t = await _resume(broker, t_token, [2, 4])
-            u = await _resume(broker, u_token, [2, 5])
+            t = await _resume_detached(broker, t_token, [2, 4])
+            u = await _resume_detached(broker, u_token, [2, 5])
             assert t.conflicts == [2] and u.conflicts == [2]
-            s = await _resume(broker, s_token, [1, 3], s_epoch)
+            s = await _resume_detached(broker, s_token, [1, 3], s_epoch)
             await broker.journal.drain()
             assert list(s.set.pasids) == [1, 3]
             assert list(t.set.pasids) == [4] and list(u.set.pasids) == [5]
@@ -302,12 +294,12 @@ def test_once_one_of_two_claimants_is_gone_the_other_is_handed_the_pasid(
 
     async def after() -> None:
         async with _restarted(db) as broker:
-            u = await _resume(broker, u_token, [2, 5])
-            t = await _resume(broker, t_token, [2, 4])
+            u = await _resume_detached(broker, u_token, [2, 5])
+            t = await _resume_detached(broker, t_token, [2, 4])
             await broker.revoke(u.session_id, "test")
             await broker.journal.drain()
             assert broker.stuck.sole_claimant(2) == t.session_id
-            s = await _resume(broker, s_token, [1, 3], s_epoch)
+            s = await _resume_detached(broker, s_token, [1, 3], s_epoch)
             await broker.journal.drain()
             assert list(s.set.pasids) == [1, 3] and list(t.set.pasids) == [2, 4]
             assert broker.allocator.withheld == []
@@ -331,12 +323,12 @@ def test_a_hand_over_whose_commit_fails_leaves_the_contest_as_it_was(tmp_path: P
     async def after() -> None:
         store = RefusingDisk(db, "SQLITE_FULL", "database or disk is full")
         async with _restarted(store) as broker:
-            await _resume(broker, u_token, [5])
-            t = await _resume(broker, t_token, [2, 4])
+            await _resume_detached(broker, u_token, [5])
+            t = await _resume_detached(broker, t_token, [2, 4])
             assert t.conflicts == [2]
             store.refusing = True
             with pytest.raises(StoreError):
-                await _resume(broker, s_token, [1, 3], s_epoch)
+                await _resume_detached(broker, s_token, [1, 3], s_epoch)
             s = broker.session_of(s_id)
             assert s is not None and list(s.set.pasids) == [1, 2, 3]
             assert list(t.set.pasids) == [4]
@@ -345,7 +337,7 @@ def test_a_hand_over_whose_commit_fails_leaves_the_contest_as_it_was(tmp_path: P
             store.refusing = False
             # The open's stream ends on its failure (session_stream does this).
             broker.end_session(s, "test: its open failed", SetEvent.STREAM_BROKEN)
-            await _resume(broker, s_token, [1, 3], s_epoch)
+            await _resume_detached(broker, s_token, [1, 3], s_epoch)
             await broker.journal.drain()
             assert list(s.set.pasids) == [1, 3] and list(t.set.pasids) == [2, 4]
             broker.allocator.check()
@@ -367,9 +359,9 @@ def test_both_claimants_outlive_a_clean_restart(tmp_path: Path) -> None:
 
     async def before() -> None:
         async with _restarted(db) as broker:
-            await _resume(broker, t_token, [2, 4])
-            await _resume(broker, u_token, [2, 5])
-            await _resume(broker, s_token, [1, 3], s_epoch)
+            await _resume_detached(broker, t_token, [2, 4])
+            await _resume_detached(broker, u_token, [2, 5])
+            await _resume_detached(broker, s_token, [1, 3], s_epoch)
             assert broker.allocator.withheld == [2]
 
     async def after() -> None:
