@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from pasid_client import Client
-from sqlalchemy import create_engine
+from sqlalchemy import Connection, create_engine
 
 from broker.core import StoreError
 from broker.store import AddPasids, SqliteStore, WithheldRow, migrations
@@ -234,33 +236,61 @@ def test_a_failed_create_leaves_nothing(tmp_path: Path) -> None:
     c.close()
 
 
+@contextlib.contextmanager
+def _upgraded(db: Path, revision: str) -> Iterator[Connection]:
+    """A connection (in one transaction) to `db` just upgraded to `revision`, to fill in
+    what an older broker would have left there."""
+    from alembic import command
+
+    engine = create_engine(f"sqlite:///{db}")
+    with engine.begin() as conn:
+        command.upgrade(migrations._config(conn), revision)
+        yield conn
+    engine.dispose()
+
+
+@contextlib.contextmanager
+def _downgraded(db: Path, revision: str) -> Iterator[Connection]:
+    """A connection (in one transaction) to `db` just downgraded to `revision`, to check
+    what the downgrade gave back."""
+    from alembic import command
+
+    engine = create_engine(f"sqlite:///{db}")
+    with engine.begin() as conn:
+        command.downgrade(migrations._config(conn), revision)
+        yield conn
+    engine.dispose()
+
+
+def _insert_two_sets(conn: Connection) -> None:
+    """Sets 1 and 2, as a broker before the migration under test stored them."""
+    for set_id in (1, 2):
+        conn.exec_driver_sql(
+            "INSERT INTO sets (set_id, client, pid, quota, grace_seconds, token_hash,"
+            f" created_unix) VALUES ({set_id}, 'vm', 0, 1000, 0, 'h{set_id}', 1.0)"
+        )
+
+
 def test_0007_keeps_a_0006_quarantine_and_round_trips(tmp_path: Path) -> None:
     """0006 -> 0007: existing quarantine rows become kind "time" (nothing else changes
     meaning), sets get no detach time; and 0007's downgrade gives back 0006's tables."""
-    from alembic import command
 
     db = tmp_path / "b.db"
-    engine = create_engine(f"sqlite:///{db}")
-    with engine.begin() as conn:
-        command.upgrade(migrations._config(conn), "0006")
+    with _upgraded(db, "0006") as conn:
         conn.exec_driver_sql(
             "INSERT INTO sets (set_id, client, pid, quota, grace_seconds, token_hash,"
             " created_unix) VALUES (1, 'vm', 0, 1000, 0, 'h', 1.0)"
         )
         conn.exec_driver_sql("INSERT INTO quarantine VALUES (9, 4000000000.0)")
-    engine.dispose()
     st = SqliteStore(db)
     snap = st.open()
     st.close()
     assert snap.quarantine == {9: 4_000_000_000.0} and snap.withheld == {}
     assert [r.detached_unix for r in snap.sets] == [None]
-    engine = create_engine(f"sqlite:///{db}")
-    with engine.begin() as conn:
-        command.downgrade(migrations._config(conn), "0006")
+    with _downgraded(db, "0006") as conn:
         cols = [r[1] for r in conn.exec_driver_sql("PRAGMA table_info(quarantine)")]
         assert cols == ["pasid", "release_unix"]
         assert conn.exec_driver_sql("SELECT * FROM quarantine").fetchall() == [(9, 4_000_000_000.0)]
-    engine.dispose()
 
 
 def test_0008_names_the_claimant_of_0007_contests_and_round_trips(tmp_path: Path) -> None:
@@ -270,15 +300,12 @@ def test_0008_names_the_claimant_of_0007_contests_and_round_trips(tmp_path: Path
     from alembic import command
 
     db = tmp_path / "b.db"
-    engine = create_engine(f"sqlite:///{db}")
-    with engine.begin() as conn:
-        command.upgrade(migrations._config(conn), "0007")
+    with _upgraded(db, "0007") as conn:
         conn.exec_driver_sql(
             "INSERT INTO quarantine (pasid, release_unix, kind, set_id, holder_pid,"
             " holder_start_time) VALUES (5, 1e999, 'contested', 3, NULL, NULL),"
             " (6, 1e999, 'detach', 9, 42, 7), (7, 4000000000.0, 'time', NULL, NULL, NULL)"
         )
-    engine.dispose()
     st = SqliteStore(db)
     snap = st.open()
     st.close()
@@ -310,29 +337,18 @@ def test_0009_gives_existing_sets_a_witness_epoch_and_round_trips(tmp_path: Path
     """0008 -> 0009: each existing set gets a random, non-zero witness epoch that no
     client knows yet (so no client's complete witness is honoured on it until a listing
     tells it); 0009's downgrade gives back 0008's sets table."""
-    from alembic import command
 
     db = tmp_path / "b.db"
-    engine = create_engine(f"sqlite:///{db}")
-    with engine.begin() as conn:
-        command.upgrade(migrations._config(conn), "0008")
-        for set_id in (1, 2):
-            conn.exec_driver_sql(
-                "INSERT INTO sets (set_id, client, pid, quota, grace_seconds, token_hash,"
-                f" created_unix) VALUES ({set_id}, 'vm', 0, 1000, 0, 'h{set_id}', 1.0)"
-            )
-    engine.dispose()
+    with _upgraded(db, "0008") as conn:
+        _insert_two_sets(conn)
     st = SqliteStore(db)
     snap = st.open()
     st.close()
     epochs = [r.witness_epoch for r in snap.sets]
     assert all(0 < e < 2**63 for e in epochs) and len(set(epochs)) == 2, epochs
-    engine = create_engine(f"sqlite:///{db}")
-    with engine.begin() as conn:
-        command.downgrade(migrations._config(conn), "0008")
+    with _downgraded(db, "0008") as conn:
         cols = [r[1] for r in conn.exec_driver_sql("PRAGMA table_info(sets)")]
         assert "witness_epoch" not in cols and "detached_unix" in cols
-    engine.dispose()
 
 
 def test_0011_adds_the_deferred_frees_and_the_witness_wait_and_round_trips(
@@ -340,20 +356,12 @@ def test_0011_adds_the_deferred_frees_and_the_witness_wait_and_round_trips(
 ) -> None:
     """0010 -> 0011: existing sets are awaited by nobody (witness_wait 0) and nothing is
     deferred; the store writes and reads both back; the downgrade gives back 0010."""
-    from alembic import command
 
     from broker.store import AwaitWitnesses, DeferRefrees
 
     db = tmp_path / "b.db"
-    engine = create_engine(f"sqlite:///{db}")
-    with engine.begin() as conn:
-        command.upgrade(migrations._config(conn), "0010")
-        for set_id in (1, 2):
-            conn.exec_driver_sql(
-                "INSERT INTO sets (set_id, client, pid, quota, grace_seconds, token_hash,"
-                f" created_unix) VALUES ({set_id}, 'vm', 0, 1000, 0, 'h{set_id}', 1.0)"
-            )
-    engine.dispose()
+    with _upgraded(db, "0010") as conn:
+        _insert_two_sets(conn)
     st = SqliteStore(db)
     snap = st.open()
     assert [r.witness_wait for r in snap.sets] == [0, 0] and snap.deferred_refrees == {}
@@ -365,33 +373,26 @@ def test_0011_adds_the_deferred_frees_and_the_witness_wait_and_round_trips(
     st.close()
     assert [bool(r.witness_wait) for r in snap.sets] == [False, True]
     assert snap.deferred_refrees == {1: [3, 4]}
-    engine = create_engine(f"sqlite:///{db}")
-    with engine.begin() as conn:
-        command.downgrade(migrations._config(conn), "0010")
+    with _downgraded(db, "0010") as conn:
         cols = [r[1] for r in conn.exec_driver_sql("PRAGMA table_info(sets)")]
         assert "witness_wait" not in cols and "witness_epoch" in cols
         tables = [r[0] for r in conn.exec_driver_sql("SELECT name FROM sqlite_master")]
         assert "deferred_refrees" not in tables
-    engine.dispose()
 
 
 def test_0012_adds_the_further_claimants_and_round_trips(tmp_path: Path) -> None:
     """0011 -> 0012: existing rows have no further claimant; the store writes and reads
     them back; a value that is not set ids is refused as corruption; the downgrade gives
     back 0011's quarantine table."""
-    from alembic import command
 
     from broker.store import Withhold
 
     db = tmp_path / "b.db"
-    engine = create_engine(f"sqlite:///{db}")
-    with engine.begin() as conn:
-        command.upgrade(migrations._config(conn), "0011")
+    with _upgraded(db, "0011") as conn:
         conn.exec_driver_sql(
             "INSERT INTO quarantine (pasid, release_unix, kind, set_id, claimant)"
             " VALUES (5, 1e999, 'contested', 3, 3)"
         )
-    engine.dispose()
     st = SqliteStore(db)
     snap = st.open()
     assert snap.withheld == {5: WithheldRow("contested", 3, claimant=3)}
@@ -401,12 +402,9 @@ def test_0012_adds_the_further_claimants_and_round_trips(tmp_path: Path) -> None
     snap = st.open()
     st.close()
     assert snap.withheld == {5: WithheldRow("contested", 3, claimant=3, also_claimed="4,7")}
-    engine = create_engine(f"sqlite:///{db}")
-    with engine.begin() as conn:
-        command.downgrade(migrations._config(conn), "0011")
+    with _downgraded(db, "0011") as conn:
         cols = [r[1] for r in conn.exec_driver_sql("PRAGMA table_info(quarantine)")]
         assert "also_claimed" not in cols and "devices" in cols
-    engine.dispose()
 
 
 def test_further_claimants_that_are_not_set_ids_are_refused(tmp_path: Path) -> None:
