@@ -258,18 +258,28 @@ def test_restart_keeps_every_live_holders_set_and_only_those(
     )
 
 
+def _detached_delegated_set(
+    b: BrokerProcess, procs: list[subprocess.Popen[str]]
+) -> tuple[subprocess.Popen[str], int]:
+    """A set held by a sidecar for a live VMM (a sleep), detached by the sidecar's
+    SIGKILL (no release: the connection just breaks), once `pasidctl sets` shows it
+    detached: (the VMM, which lives on in `procs`, the set's id)."""
+    vmm = start(procs, ["sleep", "120"])
+    ans, sidecar = holder(procs, b.address, "--delegate-pid", str(vmm.pid))
+    set_id: int = ans["session_id"]
+    sidecar.kill()
+    sidecar.wait()
+    wait_until(lambda: sets(b)[set_id].state == "detached", what="the set detached")
+    return vmm, set_id
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill9", "sigterm"])
 def test_a_detached_sets_age_outlives_broker_restarts(
     b: BrokerProcess, procs: list[subprocess.Popen[str]], sig: int
 ) -> None:
     """sets.detached_unix is stored: `pasidctl sets` and the PasidSetDetachedLong alert
     see how long a set has really been detached, not the time since the last restart."""
-    vmm = start(procs, ["sleep", "120"])
-    ans, sidecar = holder(procs, b.address, "--delegate-pid", str(vmm.pid))
-    set_id = ans["session_id"]
-    sidecar.kill()
-    sidecar.wait()
-    wait_until(lambda: sets(b)[set_id].state == "detached", what="the set detached")
+    _, set_id = _detached_delegated_set(b, procs)
     since = sets(b)[set_id].detached_unix
     assert 0 < since <= time.time()
     for _ in range(2):  # a second restart must not reset it either
@@ -443,12 +453,7 @@ def test_sets_and_list_show_detached_sets_and_for_how_long(
     and how long it has been detached (docs/observability.md): the DETACHED column, and
     `detached_unix` with `detached_seconds` in JSON; an attached one shows "-" and 0.
     The age is the stored one, so it goes on counting across a broker restart."""
-    vmm = start(procs, ["sleep", "120"])
-    ans, sidecar = holder(procs, b.address, "--delegate-pid", str(vmm.pid))
-    detached = ans["session_id"]
-    sidecar.kill()
-    sidecar.wait()
-    wait_until(lambda: sets(b)[detached].state == "detached", what="the set detached")
+    vmm, detached = _detached_delegated_set(b, procs)
     time.sleep(1.5)
     b.kill()
     b.start()
