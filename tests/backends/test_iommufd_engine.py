@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -454,23 +454,37 @@ def test_a_failed_detach_at_destroy_withholds_the_pasid_until_a_retry_succeeds(
         user.wait()
 
 
+@contextlib.asynccontextmanager
+async def _a_refused_detach(
+    tmp_path: Path, holder_pid: int, path: str = ""
+) -> AsyncIterator[tuple[Broker, int]]:
+    """A started broker whose set vm-a, held by `holder_pid` with a device delegated
+    (`path`: see delegate), got PASID 1; the kernel then refuses its DETACH and the set
+    is revoked, so 1 is withheld: (the broker, its fd of the device). Stopped on the way
+    out, whatever the test asserted."""
+    kernel = RefusingKernel()
+    be = make_backend(tmp_path, kernel)
+    book = TicketBook(30)
+    broker = Broker(be, SqliteStore(tmp_path / "b.db"), devices=be, tickets=book)
+    await broker.start()
+    try:
+        ident = identity_of(holder_pid)
+        a = await opened(broker, "vm-a", ticket=book.issue(ident), peer="unix:")
+        fa = delegate(be, kernel, a, path=path)
+        assert await broker.alloc(a, 1, 100, 1, "dev") == [1]
+        kernel.refuse = {1}
+        assert await broker.revoke(a.session_id, "test") == 1
+        yield broker, fa
+    finally:
+        await broker.stop()
+
+
 def test_a_failed_detach_is_let_go_when_the_holder_exits(tmp_path: Path) -> None:
     """A DETACH that keeps failing: the holder's exit proves the PASID free once the broker
     closes its own copy of the device fd (the kernel detaches at the last close)."""
 
     async def main(holder: subprocess.Popen[bytes]) -> None:
-        kernel = RefusingKernel()
-        be = make_backend(tmp_path, kernel)
-        book = TicketBook(30)
-        broker = Broker(be, SqliteStore(tmp_path / "b.db"), devices=be, tickets=book)
-        await broker.start()
-        try:
-            ident = identity_of(holder.pid)
-            a = await opened(broker, "vm-a", ticket=book.issue(ident), peer="unix:")
-            fa = delegate(be, kernel, a)
-            assert await broker.alloc(a, 1, 100, 1, "dev") == [1]
-            kernel.refuse = {1}
-            assert await broker.revoke(a.session_id, "test") == 1
+        async with _a_refused_detach(tmp_path, holder.pid) as (broker, fa):
             await asyncio.sleep(stuck.RETRY_SECONDS * 2.5)
             assert broker.info().quarantined == 1  # the holder lives: still withheld
             os.fstat(fa)  # and the broker still holds the device open
@@ -483,8 +497,6 @@ def test_a_failed_detach_is_let_go_when_the_holder_exits(tmp_path: Path) -> None
             b = await opened(broker, "vm-b")
             assert await broker.alloc(b, 1, 100, 1) == [1]
             broker.allocator.check()
-        finally:
-            await broker.stop()
 
     with live_holder() as holder:
         asyncio.run(main(holder))
@@ -738,18 +750,7 @@ def test_the_holders_exit_is_no_proof_while_its_child_has_the_device(
     holder, child = forking_holder(dev)
 
     async def main() -> None:
-        kernel = RefusingKernel()
-        be = make_backend(tmp_path, kernel)
-        book = TicketBook(30)
-        broker = Broker(be, SqliteStore(tmp_path / "b.db"), devices=be, tickets=book)
-        await broker.start()
-        try:
-            ident = identity_of(holder.pid)
-            a = await opened(broker, "vm-a", ticket=book.issue(ident), peer="unix:")
-            fa = delegate(be, kernel, a, path=str(dev))
-            assert await broker.alloc(a, 1, 100, 1, "dev") == [1]
-            kernel.refuse = {1}
-            assert await broker.revoke(a.session_id, "test") == 1
+        async with _a_refused_detach(tmp_path, holder.pid, str(dev)) as (broker, fa):
             holder.kill()
             holder.wait()
             await settle(lambda: f"device open in pid {child}" in caplog.text, 10)
@@ -766,8 +767,6 @@ def test_the_holders_exit_is_no_proof_while_its_child_has_the_device(
                 os.fstat(fa)  # closed: the last fd of the device
             assert await broker.alloc(b, 1, 1, 1) == [1]
             broker.allocator.check()
-        finally:
-            await broker.stop()
 
     try:
         asyncio.run(main())
@@ -1013,18 +1012,7 @@ def test_the_look_through_proc_does_not_stall_the_event_loop(tmp_path: Path) -> 
             pytest.skip(f"a look through /proc takes {look * 1000:.0f} ms here: no stall to see")
 
         async def main() -> float:
-            kernel = RefusingKernel()
-            be = make_backend(tmp_path, kernel)
-            book = TicketBook(30)
-            broker = Broker(be, SqliteStore(tmp_path / "b.db"), devices=be, tickets=book)
-            await broker.start()
-            try:
-                ident = identity_of(holder.pid)
-                a = await opened(broker, "vm-a", ticket=book.issue(ident), peer="unix:")
-                delegate(be, kernel, a, path=str(dev))
-                assert await broker.alloc(a, 1, 100, 1, "dev") == [1]
-                kernel.refuse = {1}
-                assert await broker.revoke(a.session_id, "test") == 1
+            async with _a_refused_detach(tmp_path, holder.pid, str(dev)) as (broker, _):
                 assert broker.info().quarantined == 1
                 holder.kill()
                 holder.wait()
@@ -1038,8 +1026,6 @@ def test_the_look_through_proc_does_not_stall_the_event_loop(tmp_path: Path) -> 
                     longest = max(longest, time.monotonic() - t)
                 assert broker.info().quarantined == 0
                 return longest
-            finally:
-                await broker.stop()
 
         longest = asyncio.run(main())
     print(f"look through /proc {look * 1000:.0f} ms; the loop's longest gap {longest * 1e3:.1f} ms")
