@@ -25,7 +25,6 @@ from broker.store import (
     AwaitWitnesses,
     CreateSet,
     Event,
-    MarkDetached,
     Record,
     ReleaseWithheld,
     SaveQuotas,
@@ -471,10 +470,10 @@ def _timed_commit(
 
 def set_of(rec: Record) -> int:
     """The set a record is about; 0 for broker-wide ones (the default quotas, withheld
-    PASIDs' rows, detach times, awaited witnesses)."""
+    PASIDs' rows, awaited witnesses)."""
     if isinstance(rec, CreateSet):
         return rec.row.set_id
-    if isinstance(rec, (SaveQuotas, MarkDetached, ReleaseWithheld, AwaitWitnesses)):
+    if isinstance(rec, (SaveQuotas, ReleaseWithheld, AwaitWitnesses)):
         return 0
     if isinstance(rec, Withhold):
         return rec.set_id or 0

@@ -123,15 +123,6 @@ class NoteSetState:
     at: float | None = None
 
 
-@dataclass(frozen=True)
-class MarkDetached:
-    """Sets detached from `at` on (sets.detached_unix), with no event. (Recovery uses
-    NoteSetState instead, so that Watch sees the detach a restart makes.)"""
-
-    set_ids: tuple[int, ...]
-    at: float
-
-
 WITHHELD_KINDS = ("detach", "free", "contested")
 
 
@@ -201,7 +192,6 @@ Record = (
     | SaveQuotas
     | SaveSetQuota
     | LogConflict
-    | MarkDetached
     | SetWitnessEpoch
     | AwaitWitnesses
     | DeferRefrees

@@ -53,7 +53,6 @@ from broker.store.records import (
     DestroySet,
     Event,
     LogConflict,
-    MarkDetached,
     NoteSetState,
     Record,
     ReleaseWithheld,
@@ -546,12 +545,6 @@ class Writer:
             conn.executemany(
                 "INSERT OR REPLACE INTO deferred_refrees (pasid, set_id) VALUES (?, ?)",
                 [(p, rec.set_id) for p in rec.pasids],
-            ).close()
-            return None
-        if isinstance(rec, MarkDetached):
-            conn.executemany(
-                "UPDATE sets SET detached_unix = ? WHERE set_id = ?",
-                [(rec.at, sid) for sid in rec.set_ids],
             ).close()
             return None
         if isinstance(rec, RemovePasids):

@@ -11,7 +11,6 @@ from broker.store import (
     AddPasids,
     CreateSet,
     DestroySet,
-    MarkDetached,
     NoteSetState,
     ReleaseWithheld,
     RemovePasids,
@@ -112,7 +111,7 @@ def test_detach_times_are_stored(tmp_path: Path) -> None:
     st = _store_with_set(db)
     st.commit([CreateSet(SetRow(2, "vm2", 0, 1000, 0, "h2", 1.0))])
     st.commit([NoteSetState(1, "set_detached", "stream broken", 1234.5)])
-    st.commit([MarkDetached((2,), 99.0)])
+    st.commit([NoteSetState(2, "set_detached", "broker restarted", 99.0)])
     st.close()
     st = SqliteStore(db)
     assert [r.detached_unix for r in st.open().sets] == [1234.5, 99.0]
